@@ -1,0 +1,101 @@
+"""Frozen configuration and report dataclasses: :class:`RuntimeConfig` and :class:`AdapterInfo`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from .errors import HotswapError
+
+Tier = Literal["device", "host", "disk"]
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a :class:`~hotswap_rt.HotswapRuntime` injects and sizes its slots.
+
+    Args:
+        target_modules: which layers get a LoRA slot, by PEFT's rules: a list of names (a module
+            matches if its full name equals an entry or ends with ``"." + entry``), a regex string
+            (``re.fullmatch`` on the full name), or ``"all-linear"`` (every linear layer except the
+            output head).
+        max_rank: every slot is allocated at this rank; smaller adapters are zero-padded.
+        device_slots: adapters resident in the model's device memory at once.
+        host_slots: adapters held validated and padded in host memory (must be >= device_slots).
+        max_batch_size: the largest batch a forward may carry (rows of the selection tensors).
+        max_active_adapters: how many adapters one forward can combine (a weighted sum, or the
+            distinct adapters of an ``activate_rows`` batch). Each costs one rank-``max_rank``
+            LoRA product per layer whether used or not; ``None`` means ``device_slots``.
+        exclude_modules: names (same rules as ``target_modules``) never injected.
+    """
+
+    target_modules: Sequence[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
+    max_rank: int = 64
+    device_slots: int = 4
+    host_slots: int = 16
+    max_batch_size: int = 64
+    max_active_adapters: int | None = None
+    exclude_modules: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            if not self.target_modules:
+                raise HotswapError("RuntimeConfig.target_modules is an empty string")
+        else:
+            names = tuple(self.target_modules)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise HotswapError(
+                    f"RuntimeConfig.target_modules must be a non-empty list of names, a regex "
+                    f"string or 'all-linear'; got {self.target_modules!r}"
+                )
+            object.__setattr__(self, "target_modules", names)
+        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        for name in ("max_rank", "device_slots", "host_slots", "max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise HotswapError(f"RuntimeConfig.{name} must be a positive int, got {value!r}")
+        if self.host_slots < self.device_slots:
+            raise HotswapError(
+                f"RuntimeConfig.host_slots ({self.host_slots}) must be >= device_slots "
+                f"({self.device_slots}): every device-resident adapter keeps its host copy"
+            )
+        active = self.max_active_adapters
+        if active is None:
+            object.__setattr__(self, "max_active_adapters", self.device_slots)
+        elif not isinstance(active, int) or isinstance(active, bool) or not (
+            1 <= active <= self.device_slots
+        ):
+            raise HotswapError(
+                f"RuntimeConfig.max_active_adapters must be an int in 1..device_slots "
+                f"({self.device_slots}), got {active!r}"
+            )
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the runtime knows about one loaded adapter.
+
+    ``rank``/``alpha`` are the adapter's default ``r``/``lora_alpha``; per-module overrides are in
+    ``rank_pattern``/``alpha_pattern`` (module name -> value, only where they differ).
+    ``scaling`` is the default ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
+    ``bytes`` is the size of its padded slot row(s); ``version`` counts loads under this name.
+    """
+
+    name: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    scaling: float
+    targets: tuple[str, ...]
+    tier: Tier
+    bytes: int
+    version: int
+    source: str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank

@@ -1,0 +1,101 @@
+"""Find the layers to target (PEFT's matching rules) and swap them for LoRA slot layers.
+
+Rules, as in PEFT's ``check_target_module_exists``:
+- a list of names: a module matches when its full name equals an entry or ends with ``"." + entry``;
+- a string: ``re.fullmatch(pattern, full_name)``;
+- ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the model's output head.
+Only ``nn.Linear`` and transformers ``Conv1D`` layers are injected.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+from .errors import TargetNotFoundError
+from .layers import is_supported_layer
+
+ALL_LINEAR = "all-linear"
+
+
+def name_matches(patterns: Sequence[str] | str, name: str) -> bool:
+    """PEFT's rule: regex fullmatch for a string, exact-or-suffix match for a list."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return name in patterns or any(name.endswith("." + p) for p in patterns)
+
+
+def find_targets(
+    model: nn.Module, target_modules: Sequence[str] | str, exclude_modules: Sequence[str] = ()
+) -> list[str]:
+    """Names of the layers to inject, in ``named_modules`` order.
+
+    Raises:
+        TargetNotFoundError: nothing matched, or a named target is not a linear layer.
+    """
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    head = _output_head_name(model) if all_linear else None
+    matched: list[str] = []
+    unsupported: list[str] = []
+    for name, module in model.named_modules():
+        if not name or (exclude_modules and name_matches(exclude_modules, name)):
+            continue
+        if all_linear:
+            if is_supported_layer(module) and name != head:
+                matched.append(name)
+        elif name_matches(target_modules, name):
+            (matched if is_supported_layer(module) else unsupported).append(name)
+    if unsupported:
+        raise TargetNotFoundError(
+            f"target_modules={target_modules!r} matches layers that are not nn.Linear/Conv1D: "
+            f"{unsupported[:5]} ({type(model.get_submodule(unsupported[0])).__name__})"
+        )
+    if not matched:
+        raise TargetNotFoundError(
+            f"target_modules={target_modules!r} matches no nn.Linear/Conv1D layer of "
+            f"{type(model).__name__}; linear layers include {_some_linear_names(model)}"
+        )
+    return matched
+
+
+def _output_head_name(model: nn.Module) -> str | None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def _some_linear_names(model: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules() if n and is_supported_layer(m)]
+    return sorted({n.rsplit(".", 1)[-1] for n in names})[:12]
+
+
+@dataclass
+class Injection:
+    """What :func:`replace_modules` changed, so :meth:`undo` can put the originals back."""
+
+    model: nn.Module
+    originals: dict[str, nn.Module]
+
+    def undo(self) -> None:
+        for name, original in self.originals.items():
+            _set_submodule(self.model, name, original)
+        self.originals = {}
+
+
+def replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> Injection:
+    """Set each named submodule to its replacement; return how to undo it."""
+    originals = {name: model.get_submodule(name) for name in replacements}
+    for name, module in replacements.items():
+        _set_submodule(model, name, module)
+    return Injection(model=model, originals=originals)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

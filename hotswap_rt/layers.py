@@ -1,0 +1,103 @@
+"""The LoRA slot layer: a frozen base linear layer plus a read of the shared slot arena.
+
+One forward, for ``k`` active slots of rank ``R`` (``k = max_active_adapters``)::
+
+    x: [B, ..., d_in]
+    A_act = A_stack[active]            # [k, R, d_in]    -> [k*R, d_in]
+    B_act = B_stack[active]            # [k, d_out, R]   -> [d_out, k*R]  (scaling folded in)
+    h     = x @ A_act.T                # [B, ..., k*R]
+    h     = h * row_weights[:B]        # per-row, per-adapter weight (0 = adapter off)
+    y     = base(x) + h @ B_act.T      # [B, ..., d_out]
+
+The active set acts like one LoRA of rank ``k*R`` whose column groups are switched per row, so a
+uniform batch, a weighted sum and a mixed batch are the same two matmuls. Zero-padded rows of A and
+columns of B add exactly zero. Nothing here branches on Python state: the slot indices and weights
+are tensors that :mod:`hotswap_rt.selection` updates in place, so switching never recompiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .selection import Selection
+
+
+class LoraSlotLinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` or transformers ``Conv1D`` and adds the selected LoRA slots.
+
+    Args:
+        base: the original layer; its parameters are not modified.
+        arena: ``[device_slots, P]`` tensor shared by every layer of the same dtype.
+        offset: where this layer's ``A`` (``R*d_in`` values) then ``B`` (``d_out*R``) start in a
+            slot row.
+        max_rank: ``R``.
+        selection: the shared selection tensors.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        arena: torch.Tensor,
+        offset: int,
+        max_rank: int,
+        selection: Selection,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base_layer_shape(base)
+        self.max_rank = max_rank
+        self.offset = offset
+        # Plain attributes, not buffers: shared by all layers, kept out of the model's state_dict.
+        self._arena = arena
+        self._selection = selection
+
+    def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of every slot's factors: A ``[S, R, d_in]`` and B ``[S, d_out, R]`` (scaled)."""
+        rank, d_in, d_out = self.max_rank, self.in_features, self.out_features
+        a_size = rank * d_in
+        a_stack = self._arena.narrow(1, self.offset, a_size).unflatten(1, (rank, d_in))
+        b_stack = self._arena.narrow(1, self.offset + a_size, d_out * rank).unflatten(
+            1, (d_out, rank)
+        )
+        return a_stack, b_stack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [B, ..., d_out]
+        a_stack, b_stack = self.slot_views()
+        active = self._selection.active_slots  # [k]
+        k = active.shape[0]
+        a_act = a_stack.index_select(0, active).flatten(0, 1)  # [k*R, d_in]
+        b_act = b_stack.index_select(0, active).permute(1, 0, 2).flatten(1)  # [d_out, k*R]
+        h = F.linear(x.to(a_act.dtype), a_act)  # [B, ..., k*R]
+        weights = self._selection.row_weights[: x.shape[0]].to(h.dtype)  # [B, k]
+        weights = weights.view(x.shape[0], *([1] * (x.dim() - 2)), k, 1)
+        h = (h.unflatten(-1, (k, self.max_rank)) * weights).flatten(-2)
+        return y + F.linear(h, b_act).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}"
+
+
+def base_layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` (weight ``[out, in]``) or a ``Conv1D`` (``[in, out]``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if is_conv1d(layer):
+        d_in, d_out = layer.weight.shape
+        return int(d_in), int(d_out)
+    raise TypeError(f"unsupported layer type {type(layer).__name__}")
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` (a linear layer storing its weight transposed)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(layer, Conv1D)
+
+
+def is_supported_layer(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)

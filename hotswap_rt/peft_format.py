@@ -1,0 +1,415 @@
+"""Read and write PEFT's LoRA on-disk format without importing peft.
+
+A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys
+look like ``base_model.model.<module name>.lora_A.weight`` (A: ``[r, d_in]``) and
+``...lora_B.weight`` (B: ``[d_out, r]``). ``<module name>`` is the layer's name in the
+transformers model. Scaling is ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), where ``r`` and
+``lora_alpha`` may be overridden per module by ``rank_pattern`` / ``alpha_pattern``.
+
+This module only parses and validates the adapter in isolation; whether it fits a model is checked
+by :mod:`hotswap_rt.arena` against the injected layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .config import lora_scaling
+from .errors import AdapterFormatError
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+_KEY_PREFIXES = ("base_model.model.", "base_model.")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
+
+# Config fields naming PEFT features a LoRA slot cannot represent yet; refused when set.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA (use_dora)",
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "lora_bias": "LoRA bias (lora_bias)",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "megatron_config": "Megatron parallel layers (megatron_config)",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One layer's LoRA factors, unpadded and unscaled, as stored on disk.
+
+    Attributes:
+        lora_A: ``[rank, d_in]``.
+        lora_B: ``[d_out, rank]``.
+        rank: this module's rank (``lora_A.shape[0]``).
+        alpha: this module's ``lora_alpha`` after ``alpha_pattern``.
+        scaling: ``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA).
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    rank: int
+    alpha: float
+    scaling: float
+
+
+@dataclass(frozen=True)
+class ParsedAdapter:
+    """A validated PEFT LoRA adapter: its default hyper-parameters and per-module factors."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool
+    modules: dict[str, LoraModule]
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    source: str | None = None
+
+    @property
+    def max_module_rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+
+# ----------------------------------------------------------------------------------------- reading
+def resolve_source(source: str | os.PathLike[str]) -> Path:
+    """Find an adapter directory: a local path, else a Hugging Face Hub id via ``huggingface_hub``.
+
+    Hub ids resolve through the local HF cache only when ``HF_HUB_OFFLINE`` is set (as on machines
+    without network); otherwise ``huggingface_hub`` may download into the cache.
+
+    Raises:
+        AdapterFormatError: the path does not exist and the id is not in the cache / on the Hub.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists():
+        raise AdapterFormatError(f"adapter source {text!r} is a file; pass its directory")
+    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", text):
+        raise AdapterFormatError(f"adapter source {text!r} is neither a directory nor a Hub id")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        local = snapshot_download(
+            repo_id=text,
+            allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME],
+            local_files_only=bool(constants.HF_HUB_OFFLINE),
+        )
+    except Exception as exc:  # huggingface_hub raises many types; all mean "not found here"
+        raise AdapterFormatError(
+            f"adapter source {text!r} is not a local directory and could not be resolved as a "
+            f"Hugging Face Hub id ({type(exc).__name__}: {exc})"
+        ) from exc
+    return Path(local)
+
+
+def read_adapter_dir(
+    directory: str | os.PathLike[str], allow_bin: bool = False
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read ``adapter_config.json`` and the weights file of a PEFT adapter directory.
+
+    Args:
+        directory: the adapter directory.
+        allow_bin: also accept ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``)
+            when there is no safetensors file.
+
+    Returns:
+        The config as a dict and the state dict (CPU tensors).
+
+    Raises:
+        AdapterFormatError: a file is missing, unreadable, not JSON, or not a valid weights file.
+    """
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterFormatError(f"{config_path}: missing (not a PEFT adapter directory)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+
+    weights_path = directory / SAFETENSORS_NAME
+    if weights_path.is_file():
+        return config, _read_safetensors(weights_path)
+    bin_path = directory / BIN_NAME
+    if bin_path.is_file():
+        if not allow_bin:
+            raise AdapterFormatError(
+                f"{bin_path}: pickle weights are refused by default; pass allow_bin=True to read "
+                f"them with torch.load(weights_only=True), or convert to safetensors"
+            )
+        try:
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterFormatError(f"{bin_path}: unreadable ({exc})") from exc
+        if not isinstance(state, dict):
+            raise AdapterFormatError(f"{bin_path}: expected a state dict")
+        return config, state
+    raise AdapterFormatError(f"{weights_path}: missing (no adapter weights in {directory})")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError, OSError, ValueError on a corrupt header
+        raise AdapterFormatError(f"{path}: not a valid safetensors file ({exc})") from exc
+
+
+# ----------------------------------------------------------------------------------------- parsing
+def parse_adapter(
+    config: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    source: str | None = None,
+    allow_nonfinite: bool = False,
+) -> ParsedAdapter:
+    """Validate a PEFT LoRA config and state dict completely and group the factors by module.
+
+    Args:
+        config: the contents of ``adapter_config.json``.
+        state_dict: PEFT-style keys (``base_model.model.<module>.lora_A.weight``; the prefix is
+            optional) to tensors.
+        source: where it came from, quoted in error messages.
+        allow_nonfinite: accept NaN/Inf values in the weights.
+
+    Raises:
+        AdapterFormatError: anything PEFT would not load, or a feature we cannot represent.
+    """
+    where = source or "state_dict"
+    rank, alpha, use_rslora = _parse_hyperparameters(config, where)
+    rank_pattern = _parse_pattern(config, "rank_pattern", where, integer=True)
+    alpha_pattern = _parse_pattern(config, "alpha_pattern", where, integer=False)
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        module, which = _split_key(str(key), where)
+        pairs.setdefault(module, {})
+        if which in pairs[module]:
+            raise AdapterFormatError(f"{where}: duplicate lora_{which} for module {module!r}")
+        pairs[module][which] = _check_tensor(key, tensor, where, allow_nonfinite)
+    if not pairs:
+        raise AdapterFormatError(f"{where}: no LoRA weights (no '*.lora_A.weight' keys)")
+
+    modules: dict[str, LoraModule] = {}
+    for name, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise AdapterFormatError(f"{where}: module {name!r} has no {missing}.weight")
+        lora_A, lora_B = pair["A"], pair["B"]
+        module_rank = lora_A.shape[0]
+        if lora_B.shape[1] != module_rank:
+            raise AdapterFormatError(
+                f"{where}: module {name!r}: lora_A is {tuple(lora_A.shape)} (rank {module_rank}) "
+                f"but lora_B is {tuple(lora_B.shape)} (rank {lora_B.shape[1]})"
+            )
+        declared = rank_pattern.get(_pattern_key(rank_pattern, name), rank)
+        if declared != module_rank:
+            raise AdapterFormatError(
+                f"{where}: module {name!r} has rank {module_rank} in its weights but the config "
+                f"declares r={declared}"
+            )
+        module_alpha = alpha_pattern.get(_pattern_key(alpha_pattern, name), alpha)
+        modules[name] = LoraModule(
+            lora_A=lora_A,
+            lora_B=lora_B,
+            rank=module_rank,
+            alpha=module_alpha,
+            scaling=lora_scaling(module_rank, module_alpha, use_rslora),
+        )
+    return ParsedAdapter(
+        rank=rank,
+        alpha=alpha,
+        use_rslora=use_rslora,
+        modules=modules,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        task_type=config.get("task_type"),
+        source=source,
+    )
+
+
+def _parse_hyperparameters(config: Mapping[str, Any], where: str) -> tuple[int, float, bool]:
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterFormatError(f"{where}: peft_type {peft_type!r} is not supported (only 'LORA')")
+    for key, feature in _UNSUPPORTED_FIELDS.items():
+        if config.get(key):
+            raise AdapterFormatError(
+                f"{where}: {feature} is not supported ({key}={config[key]!r})"
+            )
+    if config.get("bias", "none") not in ("none", None):
+        raise AdapterFormatError(f"{where}: bias={config['bias']!r} is not supported (only 'none')")
+    if "r" not in config:
+        raise AdapterFormatError(f"{where}: adapter_config has no 'r'")
+    rank = config["r"]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise AdapterFormatError(f"{where}: 'r' must be a positive integer, got {rank!r}")
+    alpha = config.get("lora_alpha", 8)
+    if not _is_positive_number(alpha):
+        raise AdapterFormatError(f"{where}: 'lora_alpha' must be a positive number, got {alpha!r}")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise AdapterFormatError(f"{where}: 'use_rslora' must be a bool, got {use_rslora!r}")
+    return rank, float(alpha), use_rslora
+
+
+def _parse_pattern(config: Mapping[str, Any], key: str, where: str, integer: bool) -> dict:
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict):
+        raise AdapterFormatError(f"{where}: '{key}' must be an object, got {pattern!r}")
+    for name, value in pattern.items():
+        ok = (
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+            if integer
+            else _is_positive_number(value)
+        )
+        if not ok:
+            raise AdapterFormatError(f"{where}: {key}[{name!r}] = {value!r} is not positive")
+        try:
+            re.compile(name)
+        except re.error as exc:
+            raise AdapterFormatError(f"{where}: {key} key {name!r} is not a valid regex") from exc
+    return {name: (int(v) if integer else float(v)) for name, v in pattern.items()}
+
+
+def _is_positive_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _pattern_key(pattern: Mapping[str, Any], module_name: str) -> str:
+    """PEFT's ``get_pattern_key``: the first pattern key matching the end of the module name."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return module_name
+
+
+def _split_key(key: str, where: str) -> tuple[str, str]:
+    """``base_model.model.a.b.lora_A.weight`` -> (``a.b``, ``A``), or a clear error."""
+    for prefix in _KEY_PREFIXES:
+        if key.startswith(prefix):
+            key_body = key[len(prefix) :]
+            break
+    else:
+        key_body = key
+    match = _LORA_KEY.match(key_body)
+    if match:
+        return match.group("module"), match.group("which")
+    if "lora_embedding_" in key:
+        reason = "embedding LoRA (lora_embedding_A/B) is not supported"
+    elif "lora_magnitude_vector" in key:
+        reason = "DoRA (lora_magnitude_vector) is not supported"
+    elif re.search(r"\.lora_[AB]\.bias$", key):
+        reason = "LoRA bias is not supported"
+    elif "modules_to_save" in key:
+        reason = "modules_to_save weights are not supported"
+    else:
+        reason = "not a LoRA weight key ('<module>.lora_A.weight' / '<module>.lora_B.weight')"
+    raise AdapterFormatError(f"{where}: key {key!r}: {reason}")
+
+
+def _check_tensor(
+    key: str, tensor: Any, where: str, allow_nonfinite: bool
+) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise AdapterFormatError(f"{where}: key {key!r} is a {type(tensor).__name__}, not a tensor")
+    if not tensor.dtype.is_floating_point:
+        raise AdapterFormatError(
+            f"{where}: key {key!r} has dtype {tensor.dtype}; LoRA weights must be floating point"
+        )
+    if tensor.dim() != 2 or 0 in tensor.shape:
+        raise AdapterFormatError(
+            f"{where}: key {key!r} has shape {tuple(tensor.shape)}; expected a non-empty 2-D matrix"
+        )
+    if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
+        raise AdapterFormatError(
+            f"{where}: key {key!r} contains NaN or Inf values (pass allow_nonfinite=True to load)"
+        )
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------- writing
+def adapter_config_dict(adapter: ParsedAdapter) -> dict[str, Any]:
+    """The ``adapter_config.json`` PEFT expects for ``adapter`` (r is its true rank)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "r": adapter.rank,
+        "lora_alpha": adapter.alpha,
+        "use_rslora": adapter.use_rslora,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in adapter.modules}),
+        "rank_pattern": dict(adapter.rank_pattern),
+        "alpha_pattern": dict(adapter.alpha_pattern),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+
+
+def adapter_state_dict(adapter: ParsedAdapter) -> dict[str, torch.Tensor]:
+    """PEFT key names to unpadded, unscaled, contiguous CPU tensors."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in adapter.modules.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.detach().cpu().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.detach().cpu().contiguous()
+    return state
+
+
+def write_adapter_dir(
+    adapter: ParsedAdapter, directory: str | os.PathLike[str], overwrite: bool = False
+) -> Path:
+    """Write ``adapter`` in PEFT's format, atomically: into a temp dir, then renamed into place.
+
+    Raises:
+        AdapterFormatError: ``directory`` exists and is not empty, and ``overwrite`` is False.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise AdapterFormatError(f"{target}: exists and is not empty (pass overwrite=True)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (staging / CONFIG_NAME).write_text(
+            json.dumps(adapter_config_dict(adapter), indent=2, sort_keys=True), encoding="utf-8"
+        )
+        save_file(adapter_state_dict(adapter), str(staging / SAFETENSORS_NAME), {"format": "pt"})
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

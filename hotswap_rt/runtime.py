@@ -1,0 +1,458 @@
+"""``HotswapRuntime``: the public facade tying injection, arena, registry, selection and guard.
+
+::
+
+    load(name, dir)  -> parse + validate + stage (host row)  -> registry  -> free device slot?
+    activate(...)    -> ensure each adapter has a device slot (LRU)      -> write selection tensors
+    model(...)       -> lock, guard.call(compiled forward)               -> slot layers read arena
+
+Every mutation happens under one re-entrant lock that forwards also take, so a forward never sees
+a slot or the selection half-written. Slow work (reading files, validating, staging) runs outside
+the lock. Each method validates everything before it changes anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .arena import SlotArena, StagedAdapter
+from .config import AdapterInfo, RuntimeConfig, lora_scaling
+from .errors import HotswapError, SelectionError
+from .guard import GuardMode, RecompileGuard
+from .inject import find_targets, replace_modules
+from .layers import LoraSlotLinear, base_layer_shape
+from .peft_format import parse_adapter, read_adapter_dir, resolve_source, write_adapter_dir
+from .registry import AdapterRecord, AdapterRegistry
+from .selection import Selection
+from .stats import SwapStats
+
+Activation = str | Mapping[str, float] | None
+
+
+class HotswapRuntime:
+    """Serve many LoRA adapters from one (compiled) transformers model without recompiling.
+
+    Args:
+        model: any transformers model (or ``nn.Module`` whose forward takes ``input_ids``).
+            Modified in place: targeted layers become :class:`LoraSlotLinear`.
+        config: slot sizes and targets; defaults to :class:`RuntimeConfig()`.
+
+    Raises:
+        TargetNotFoundError: ``config.target_modules`` matches no linear layer.
+    """
+
+    def __init__(self, model: nn.Module, config: RuntimeConfig | None = None) -> None:
+        self.config = config = config or RuntimeConfig()
+        self.model = model
+        names = find_targets(model, config.target_modules, config.exclude_modules)
+        bases = {name: model.get_submodule(name) for name in names}
+        devices = {base.weight.device for base in bases.values()}
+        if len(devices) != 1:
+            raise HotswapError(f"targeted layers span several devices {devices}; not supported")
+        device = devices.pop()
+        layer_shapes = {
+            name: (*base_layer_shape(base), base.weight.dtype) for name, base in bases.items()
+        }
+        self.arena = SlotArena(layer_shapes, config.max_rank, config.device_slots, device)
+        self.selection = Selection(config.max_batch_size, config.max_active_adapters, device)
+        self._injection = replace_modules(model, {
+            name: LoraSlotLinear(
+                base,
+                self.arena.arenas[base.weight.dtype],
+                self.arena.layouts[name].offset,
+                config.max_rank,
+                self.selection,
+            )
+            for name, base in bases.items()
+        })
+        self.registry = AdapterRegistry(config.host_slots, config.device_slots)
+        self.guard = RecompileGuard()
+        self._stats = SwapStats()
+        self._lock = threading.RLock()
+        self._rows: list[dict[str, float]] = []  # the selection by name; [] = no adapter
+        self._per_row = False
+        self._enabled = True
+        self._executor: ThreadPoolExecutor | None = None
+        self._eager_forward = model.forward
+        self._forward_impl: Callable[..., Any] = self._eager_forward
+        self._forward_params = list(inspect.signature(self._eager_forward).parameters)
+        self.compiled = False
+        model.forward = self._forward  # instance attribute: model(...) and generate() use it
+
+    @property
+    def targets(self) -> list[str]:
+        """Names of the injected layers."""
+        return list(self.arena.layouts)
+
+    # -------------------------------------------------------------------- loading and saving
+    def load(
+        self,
+        name: str,
+        source: str | os.PathLike[str] | None = None,
+        *,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        config: Mapping[str, Any] | Any = None,
+        replace: bool = False,
+        allow_bin: bool = False,
+        allow_nonfinite: bool = False,
+    ) -> AdapterInfo:
+        """Load a PEFT LoRA adapter from a directory, a Hub id, or ``state_dict`` + ``config``.
+
+        The adapter is validated completely, zero-padded to ``max_rank``, scaled and staged in
+        host memory, then copied into a free device slot if there is one (else it waits on the
+        host until activated). ``replace=True`` swaps new weights in under an existing name
+        atomically: forwards see the old or the new adapter, never a mix.
+
+        Raises:
+            HotswapError: (a subclass) for any bad input; nothing changes.
+        """
+        self._check_name(name, replace)
+        staged = self._read_and_stage(source, state_dict, config, allow_bin, allow_nonfinite)
+        return self._commit(name, staged, replace, use_free_slot=True)
+
+    def prefetch(self, name: str, source: str | os.PathLike[str], **load_kwargs: Any) -> Future:
+        """Read, validate and stage an adapter on a background thread; returns a Future.
+
+        The Future's result is the :class:`AdapterInfo` (tier "host"); a failure raises the
+        same :class:`HotswapError` ``load`` would. Activation copies it into a device slot.
+        """
+        self._check_name(name, load_kwargs.get("replace", False))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hotswap-stage")
+        return self._executor.submit(self._prefetch_job, name, source, load_kwargs)
+
+    def _prefetch_job(self, name: str, source: Any, kwargs: dict[str, Any]) -> AdapterInfo:
+        replace = kwargs.pop("replace", False)
+        staged = self._read_and_stage(source, None, None, **kwargs)
+        return self._commit(name, staged, replace, use_free_slot=False)
+
+    def _commit(
+        self, name: str, staged: StagedAdapter, replace: bool, use_free_slot: bool
+    ) -> AdapterInfo:
+        """Register a staged adapter; copy it to a device slot when it replaces a resident one
+        (into a shadow slot when one can be freed) or, if ``use_free_slot``, when a slot is free."""
+        with self._lock:
+            self._check_name(name, replace)
+            self.registry.check_room(name)
+            slot = self._slot_for_load(self.registry.records.get(name), use_free_slot)
+            if slot is not None:
+                self._copy_to_slot(slot, staged)
+            record = self.registry.put(name, staged)
+            if slot is not None:
+                self.registry.assign(record, slot)
+                self._write_selection()  # a replaced adapter may now live in a new slot
+            self._stats.loads += 1
+            return self._info(record)
+
+    def save(self, name: str, directory: str | os.PathLike[str], overwrite: bool = False) -> str:
+        """Write adapter ``name`` in PEFT's format (true rank, unscaled), atomically.
+
+        Raises:
+            UnknownAdapterError, AdapterFormatError: unknown name; non-empty target directory.
+        """
+        with self._lock:
+            adapter = self.registry.get(name).staged.adapter
+        if adapter.base_model_name_or_path is None:
+            base = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
+            adapter = dataclasses.replace(adapter, base_model_name_or_path=base)
+        return str(write_adapter_dir(adapter, directory, overwrite=overwrite))
+
+    def unload(self, name: str, force: bool = False) -> None:
+        """Forget adapter ``name``, freeing its device slot and host entry.
+
+        Raises:
+            HotswapError: the adapter is part of the current selection (pass ``force=True`` to
+                drop it from the selection, its rows then use the base model).
+        """
+        with self._lock:
+            self.registry.get(name)
+            if any(name in row for row in self._rows):
+                if not force:
+                    raise HotswapError(
+                        f"adapter {name!r} is active; activate another selection first or pass "
+                        f"force=True"
+                    )
+                self._rows = [{n: w for n, w in row.items() if n != name} for row in self._rows]
+            self.registry.remove(name)
+            self._write_selection()
+
+    # -------------------------------------------------------------------------- selection
+    def activate(self, spec: Activation) -> None:
+        """Select adapters for every row: a name, ``{name: weight}`` (weighted sum), or None."""
+        if spec is None:
+            rows: list[dict[str, float]] = []
+        else:
+            rows = [self._row_spec(spec)]
+        self._select(rows, per_row=False)
+
+    def activate_rows(self, rows: Sequence[Activation]) -> None:
+        """Select per batch row: ``rows[b]`` is a name, ``{name: weight}`` or None (base model).
+
+        The next forwards must carry exactly ``len(rows)`` rows.
+        """
+        if isinstance(rows, (str, Mapping)) or not isinstance(rows, Sequence) or not rows:
+            raise SelectionError(f"activate_rows expects a non-empty list of rows, got {rows!r}")
+        self._select([self._row_spec(row) if row is not None else {} for row in rows], True)
+
+    def enable(self) -> None:
+        """Use the current selection again after :meth:`disable`."""
+        with self._lock:
+            self._enabled = True
+            self._write_selection()
+
+    def disable(self) -> None:
+        """Run the base model, keeping the selection for :meth:`enable`."""
+        with self._lock:
+            self._enabled = False
+            self._write_selection()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """``with rt.disabled():`` runs the base model inside the block."""
+        with self._lock:
+            was_enabled = self._enabled
+            self.disable()
+        try:
+            yield
+        finally:
+            if was_enabled:
+                self.enable()
+
+    @property
+    def active(self) -> list[dict[str, float]]:
+        """The current selection by name: one row spec (uniform) or one per row."""
+        return [dict(row) for row in self._rows]
+
+    def _row_spec(self, spec: Activation) -> dict[str, float]:
+        if isinstance(spec, str):
+            return {spec: 1.0}
+        if isinstance(spec, Mapping):
+            row: dict[str, float] = {}
+            for name, weight in spec.items():
+                if not isinstance(name, str):
+                    raise SelectionError(f"adapter names must be str, got {name!r}")
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                    math.isfinite(weight)
+                ):
+                    raise SelectionError(f"weight of {name!r} must be a finite number, got {weight!r}")
+                row[name] = float(weight)
+            return row
+        raise SelectionError(f"an activation is a name, a {{name: weight}} dict or None, got {spec!r}")
+
+    def _select(self, rows: list[dict[str, float]], per_row: bool) -> None:
+        with self._lock:
+            names = sorted({n for row in rows for n, w in row.items() if w != 0.0})
+            records = [self.registry.get(n) for n in names]  # unknown name: raise before change
+            if len(records) > self.config.max_active_adapters:
+                raise SelectionError(
+                    f"{len(records)} adapters {names} requested at once but "
+                    f"RuntimeConfig.max_active_adapters={self.config.max_active_adapters}"
+                )
+            if len(rows) > self.config.max_batch_size:
+                raise SelectionError(
+                    f"{len(rows)} rows exceed RuntimeConfig.max_batch_size="
+                    f"{self.config.max_batch_size}"
+                )
+            protected = {r.slot for r in records if r.slot is not None}
+            for record in records:
+                self.registry.touch(record)
+                if record.slot is not None:
+                    self._stats.hits["device"] += 1
+                    continue
+                slot = self.registry.pick_slot(protected)
+                assert slot is not None  # max_active_adapters <= device_slots guarantees room
+                self._copy_to_slot(slot, record.staged)
+                self.registry.assign(record, slot)
+                protected.add(slot)
+                self._stats.hits["host"] += 1
+            self._rows, self._per_row = rows, per_row
+            self._write_selection()
+
+    def _write_selection(self) -> None:
+        if not self._enabled or not self._rows:
+            self.selection.clear()
+            return
+        slot_rows = [
+            {self.registry.records[n].slot: w for n, w in row.items() if w != 0.0}
+            for row in self._rows
+        ]
+        self.selection.write(slot_rows)
+
+    # ------------------------------------------------------------------------ compile and run
+    def compile(
+        self,
+        example_inputs: torch.Tensor | Mapping[str, Any],
+        *,
+        warmup_inputs: Sequence[torch.Tensor | Mapping[str, Any]] = (),
+        warmup: Callable[[nn.Module], Any] | None = None,
+        fullgraph: bool = True,
+        dynamic: bool | None = None,
+        mode: str | None = None,
+        guard: GuardMode = "raise",
+        training: bool = False,
+    ) -> None:
+        """``torch.compile`` the model's forward in place, warm it up, then arm the guard.
+
+        Args:
+            example_inputs: an ``input_ids`` tensor or a dict of forward kwargs.
+            warmup_inputs: more inputs (other batch sizes / lengths) to compile for up front.
+            warmup: a callable run on the model during warm-up (e.g. a short ``generate``).
+            fullgraph: a graph break raises :class:`GraphBreakError`.
+            dynamic, mode: passed to ``torch.compile``.
+            guard: what a recompile after warm-up does: "raise", "warn" or "count".
+            training: warm up with autograd enabled (default: under ``torch.no_grad()``, as
+                inference serving runs; dynamo guards on grad mode).
+        """
+        if self.compiled:
+            raise HotswapError("the model is already compiled by this runtime")
+        self.guard.mode = guard
+        self.guard.install()
+        self._forward_impl = torch.compile(
+            self._eager_forward, fullgraph=fullgraph, dynamic=dynamic, mode=mode
+        )
+        grad = contextlib.nullcontext() if training else torch.no_grad()
+        try:
+            with grad:
+                for inputs in [example_inputs, *warmup_inputs]:
+                    self.model(**_as_kwargs(inputs))
+                if warmup is not None:
+                    warmup(self.model)
+        except BaseException:
+            self._forward_impl = self._eager_forward
+            raise
+        self.compiled = True
+        self.guard.arm()
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:  # one calling convention, so model(x) and model(input_ids=x) share a graph
+            kwargs = {**dict(zip(self._forward_params, args)), **kwargs}
+            args = ()
+        batch = _batch_size(args, kwargs)
+        with self._lock:
+            if batch is not None:
+                self._check_batch(batch)
+            return self.guard.call(self._forward_impl, *args, **kwargs)
+
+    def _check_batch(self, batch: int) -> None:
+        if batch > self.config.max_batch_size:
+            raise SelectionError(
+                f"batch of {batch} rows exceeds RuntimeConfig.max_batch_size="
+                f"{self.config.max_batch_size}"
+            )
+        if self._per_row and self._enabled and batch != len(self._rows):
+            raise SelectionError(
+                f"activate_rows set {len(self._rows)} rows but the batch has {batch}"
+            )
+
+    def eject(self) -> nn.Module:
+        """Undo injection: put the original layers and forward back; the runtime is then unusable."""
+        with self._lock:
+            self._injection.undo()
+            self.model.__dict__.pop("forward", None)
+            self.guard.uninstall()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            return self.model
+
+    # ------------------------------------------------------------------------------ reports
+    def adapters(self) -> list[AdapterInfo]:
+        """Every loaded adapter, least recently used first."""
+        with self._lock:
+            records = sorted(self.registry.records.values(), key=lambda r: r.last_used)
+            return [self._info(r) for r in records]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: loads, swaps, hits per tier, evictions, bytes copied, swap latency p50/p99."""
+        with self._lock:
+            return self._stats.as_dict(evictions=self.registry.evictions)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _check_name(self, name: Any, replace: bool) -> None:
+        if not isinstance(name, str) or not name:
+            raise HotswapError(f"adapter names are non-empty strings, got {name!r}")
+        if not replace and name in self.registry.records:
+            raise HotswapError(f"adapter {name!r} is already loaded (pass replace=True)")
+
+    def _read_and_stage(
+        self,
+        source: str | os.PathLike[str] | None,
+        state_dict: Mapping[str, torch.Tensor] | None,
+        config: Any,
+        allow_bin: bool = False,
+        allow_nonfinite: bool = False,
+    ) -> StagedAdapter:
+        if (source is None) == (state_dict is None):
+            raise HotswapError("pass exactly one of a source (directory or Hub id) or state_dict=")
+        if source is not None:
+            directory = resolve_source(source)
+            config_dict, state = read_adapter_dir(directory, allow_bin=allow_bin)
+            where = str(directory)
+        else:
+            if config is None:
+                raise HotswapError("state_dict= needs config= (the adapter_config as a dict)")
+            config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            config_dict = {k: getattr(v, "value", v) for k, v in config_dict.items()}  # enums
+            state, where = dict(state_dict), "state_dict"
+        adapter = parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite)
+        return self.arena.stage(adapter)
+
+    def _slot_for_load(self, old: AdapterRecord | None, use_free_slot: bool) -> int | None:
+        """Where a load copies to: for a replacement of a resident adapter a different (shadow)
+        slot if one can be freed, else its own slot; otherwise a free slot, if wanted."""
+        if old is None or old.slot is None:
+            owners = self.registry.slot_owner
+            return next((s for s, o in enumerate(owners) if o is None), None) if use_free_slot else None
+        protected = self._selected_slots() | {old.slot}
+        shadow = self.registry.pick_slot(protected)
+        return shadow if shadow is not None else old.slot
+
+    def _selected_slots(self) -> set[int]:
+        names = {n for row in self._rows for n in row}
+        return {s for n in names if (s := self.registry.records[n].slot) is not None}
+
+    def _copy_to_slot(self, slot: int, staged: StagedAdapter) -> None:
+        seconds = self.arena.write_slot(slot, staged)
+        self._stats.record_swap(staged.nbytes, seconds)
+
+    def _info(self, record: AdapterRecord) -> AdapterInfo:
+        adapter = record.staged.adapter
+        return AdapterInfo(
+            name=record.name,
+            rank=adapter.rank,
+            alpha=adapter.alpha,
+            use_rslora=adapter.use_rslora,
+            scaling=lora_scaling(adapter.rank, adapter.alpha, adapter.use_rslora),
+            targets=tuple(adapter.modules),
+            tier="device" if record.slot is not None else "host",
+            bytes=record.staged.nbytes,
+            version=record.version,
+            source=adapter.source,
+            rank_pattern=dict(adapter.rank_pattern),
+            alpha_pattern=dict(adapter.alpha_pattern),
+        )
+
+
+def _as_kwargs(inputs: torch.Tensor | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(inputs, torch.Tensor):
+        return {"input_ids": inputs}
+    if isinstance(inputs, Mapping):
+        return dict(inputs)
+    raise HotswapError(f"example inputs must be an input_ids tensor or a dict, got {type(inputs)}")
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
