@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny random models of three families, and adapters made with real PEFT.
+
+Everything is built from configs (no download). Adapters are created with
+``get_peft_model(..., init_lora_weights=False)`` (random A and B, so every adapter changes the
+output) and saved with ``save_pretrained``: exactly what users load.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 128
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
+    "qwen2": tiny_qwen2,
+}
+# Attention projections of each family (what a typical adapter targets).
+ATTENTION_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+class BaseModel:
+    """A tiny random base model that can be cloned with identical weights any number of times."""
+
+    def __init__(self, family: str, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.family = family
+        self.model = FAMILIES[family]().eval()
+
+    def clone(self) -> torch.nn.Module:
+        return copy.deepcopy(self.model).eval()
+
+    def make_adapter(
+        self, directory: Path, seed: int, **lora_kwargs: Any
+    ) -> Path:
+        """Create a random PEFT LoRA adapter on a clone of this model and save it."""
+        lora_kwargs.setdefault("target_modules", ATTENTION_TARGETS[self.family])
+        lora_kwargs.setdefault("init_lora_weights", False)
+        if self.family == "gpt2":
+            lora_kwargs.setdefault("fan_in_fan_out", True)
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(self.clone(), LoraConfig(**lora_kwargs))
+        peft_model.save_pretrained(str(directory))
+        return directory
+
+    def peft_reference(self, adapters: dict[str, Path]) -> PeftModel:
+        """A PeftModel on a clone of this model with every adapter loaded under its name."""
+        names = list(adapters)
+        reference = PeftModel.from_pretrained(self.clone(), str(adapters[names[0]]), names[0])
+        for name in names[1:]:
+            reference.load_adapter(str(adapters[name]), adapter_name=name)
+        return reference.eval()
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids, **kwargs).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="session")
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7))
