@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch._dynamo
 from torch import nn
 
 from .arena import SlotArena, StagedAdapter
@@ -318,6 +319,9 @@ class HotswapRuntime:
             raise HotswapError("the model is already compiled by this runtime")
         self.guard.mode = guard
         self.guard.install()
+        for tensor in [*self.arena.arenas.values(), self.selection.active_slots,
+                       self.selection.row_weights]:
+            torch._dynamo.mark_static(tensor)  # fixed for life; keep them out of dynamic shapes
         self._forward_impl = torch.compile(
             self._eager_forward, fullgraph=fullgraph, dynamic=dynamic, mode=mode
         )
@@ -325,7 +329,7 @@ class HotswapRuntime:
         try:
             with grad:
                 for inputs in [example_inputs, *warmup_inputs]:
-                    self.model(**_as_kwargs(inputs))
+                    self.model(**_unview(_as_kwargs(inputs)))
                 if warmup is not None:
                     warmup(self.model)
         except BaseException:
@@ -338,6 +342,8 @@ class HotswapRuntime:
         if args:  # one calling convention, so model(x) and model(input_ids=x) share a graph
             kwargs = {**dict(zip(self._forward_params, args)), **kwargs}
             args = ()
+        if self.compiled:
+            kwargs = _unview(kwargs)
         batch = _batch_size(args, kwargs)
         with self._lock:
             if batch is not None:
@@ -449,6 +455,19 @@ def _as_kwargs(inputs: torch.Tensor | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(inputs, Mapping):
         return dict(inputs)
     raise HotswapError(f"example inputs must be an input_ids tensor or a dict, got {type(inputs)}")
+
+
+def _unview(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Replace tensor views (``ids[:1]``) by copies: dynamo compiles views into a separate graph
+    guarded on their base, so a slice and a fresh tensor of one shape would recompile."""
+    if not any(isinstance(v, torch.Tensor) and v._is_view() for v in kwargs.values()):
+        return kwargs
+    return {
+        k: v.clone(memory_format=torch.contiguous_format)
+        if isinstance(v, torch.Tensor) and v._is_view()
+        else v
+        for k, v in kwargs.items()
+    }
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
