@@ -200,6 +200,7 @@ def parse_adapter(
     rank_pattern = _parse_pattern(config, "rank_pattern", where, integer=True)
     alpha_pattern = _parse_pattern(config, "alpha_pattern", where, integer=False)
 
+    _reject_unsupported_keys([str(key) for key in state_dict], where)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         module, which = _split_key(str(key), where)
@@ -310,6 +311,22 @@ def _pattern_key(pattern: Mapping[str, Any], module_name: str) -> str:
     return module_name
 
 
+_UNSUPPORTED_KEYS = (
+    (re.compile(r"lora_embedding_[AB]"), "embedding LoRA (lora_embedding_A/B) is not supported"),
+    (re.compile(r"lora_magnitude_vector"), "DoRA (lora_magnitude_vector) is not supported"),
+    (re.compile(r"\.lora_[AB]\.bias$"), "LoRA bias is not supported"),
+    (re.compile(r"modules_to_save"), "modules_to_save weights are not supported"),
+)
+
+
+def _reject_unsupported_keys(keys: list[str], where: str) -> None:
+    """Name a recognised unsupported feature before complaining about any unknown key."""
+    for pattern, reason in _UNSUPPORTED_KEYS:
+        for key in keys:
+            if pattern.search(key):
+                raise AdapterFormatError(f"{where}: key {key!r}: {reason}")
+
+
 def _split_key(key: str, where: str) -> tuple[str, str]:
     """``base_model.model.a.b.lora_A.weight`` -> (``a.b``, ``A``), or a clear error."""
     for prefix in _KEY_PREFIXES:
@@ -319,19 +336,12 @@ def _split_key(key: str, where: str) -> tuple[str, str]:
     else:
         key_body = key
     match = _LORA_KEY.match(key_body)
-    if match:
-        return match.group("module"), match.group("which")
-    if "lora_embedding_" in key:
-        reason = "embedding LoRA (lora_embedding_A/B) is not supported"
-    elif "lora_magnitude_vector" in key:
-        reason = "DoRA (lora_magnitude_vector) is not supported"
-    elif re.search(r"\.lora_[AB]\.bias$", key):
-        reason = "LoRA bias is not supported"
-    elif "modules_to_save" in key:
-        reason = "modules_to_save weights are not supported"
-    else:
-        reason = "not a LoRA weight key ('<module>.lora_A.weight' / '<module>.lora_B.weight')"
-    raise AdapterFormatError(f"{where}: key {key!r}: {reason}")
+    if not match:
+        raise AdapterFormatError(
+            f"{where}: key {key!r}: not a LoRA weight key ('<module>.lora_A.weight' / "
+            f"'<module>.lora_B.weight')"
+        )
+    return match.group("module"), match.group("which")
 
 
 def _check_tensor(

@@ -1,0 +1,260 @@
+"""Bad input raises a HotswapError subclass naming the problem, and changes nothing.
+
+Each case runs against one runtime holding a good adapter "good" (active, device slot) and "other"
+(loaded), and compares slots, selection tensors, registry state and logits before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hotswap_rt import (
+    AdapterFormatError,
+    HotswapError,
+    HotswapRuntime,
+    IncompatibleAdapterError,
+    RankTooLargeError,
+    RuntimeConfig,
+    SelectionError,
+    UnknownAdapterError,
+)
+
+from .conftest import BaseModel, logits
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = BaseModel("llama", seed=5)
+    root = tmp_path_factory.mktemp("bad")
+    good = base.make_adapter(root / "good", seed=1, r=4, lora_alpha=8)
+    other = base.make_adapter(root / "other", seed=2, r=8, lora_alpha=8)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(TARGETS, max_rank=16, device_slots=2, host_slots=4))
+    rt.load("good", good)
+    rt.load("other", other)
+    rt.activate("good")
+    return base, root, rt
+
+
+def _snapshot(rt: HotswapRuntime, ids: torch.Tensor) -> dict[str, Any]:
+    return {
+        "arena": {dtype: a.clone() for dtype, a in rt.arena.arenas.items()},
+        "active_slots": rt.selection.active_slots.clone(),
+        "row_weights": rt.selection.row_weights.clone(),
+        "registry": {n: (r.slot, r.version, id(r.staged)) for n, r in rt.registry.records.items()},
+        "slot_owner": list(rt.registry.slot_owner),
+        "rows": rt.active,
+        "logits": logits(rt.model, ids),
+    }
+
+
+def _assert_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
+    for dtype in before["arena"]:
+        assert torch.equal(before["arena"][dtype], after["arena"][dtype]), "slot contents changed"
+    for key in ("active_slots", "row_weights", "logits"):
+        assert torch.equal(before[key], after[key]), f"{key} changed"
+    for key in ("registry", "slot_owner", "rows"):
+        assert before[key] == after[key], f"{key} changed"
+
+
+def _write_dir(path: Path, config: dict | str | None, state: dict | bytes | None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        text = config if isinstance(config, str) else json.dumps(config)
+        (path / "adapter_config.json").write_text(text)
+    if isinstance(state, dict):
+        save_file(state, str(path / "adapter_model.safetensors"))
+    elif isinstance(state, bytes):
+        (path / "adapter_model.safetensors").write_bytes(state)
+    return path
+
+
+def _lora_state(rank: int = 4, d_in: int = HIDDEN, d_out: int = HIDDEN, module: str = "q_proj",
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    prefix = f"base_model.model.model.layers.0.self_attn.{module}"
+    return {
+        f"{prefix}.lora_A.weight": torch.randn(rank, d_in).to(dtype),
+        f"{prefix}.lora_B.weight": torch.randn(d_out, rank).to(dtype),
+    }
+
+
+GOOD_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+
+# name -> (builder(base, root) -> load kwargs, expected error type, message fragment)
+Case = tuple[Callable[[BaseModel, Path], dict[str, Any]], type, str]
+CASES: dict[str, Case] = {
+    "rank above max_rank": (
+        lambda b, r: {"source": b.make_adapter(r / "rank32", seed=3, r=32, lora_alpha=8)},
+        RankTooLargeError, "rank 32 > max_rank=16",
+    ),
+    "target not injected": (
+        lambda b, r: {"source": b.make_adapter(r / "mlp", seed=3, r=4, target_modules=["gate_proj"])},
+        IncompatibleAdapterError, "gate_proj' is not an injected layer",
+    ),
+    "shape mismatch": (
+        lambda b, r: {"source": _write_dir(r / "shape", GOOD_CONFIG, _lora_state(d_in=32))},
+        IncompatibleAdapterError, "do not fit the layer",
+    ),
+    "A/B rank mismatch": (
+        lambda b, r: {"source": _write_dir(r / "abrank", GOOD_CONFIG, {
+            **_lora_state(rank=4),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(HIDDEN, 3),
+        })},
+        AdapterFormatError, "rank 3",
+    ),
+    "missing safetensors": (
+        lambda b, r: {"source": _write_dir(r / "noweights", GOOD_CONFIG, None)},
+        AdapterFormatError, "adapter_model.safetensors: missing",
+    ),
+    "random-byte safetensors": (
+        lambda b, r: {"source": _write_dir(r / "garbage", GOOD_CONFIG, bytes(range(256)) * 8)},
+        AdapterFormatError, "not a valid safetensors file",
+    ),
+    "truncated safetensors": (
+        lambda b, r: {"source": _truncated(b, r)},
+        AdapterFormatError, "not a valid safetensors file",
+    ),
+    "missing config": (
+        lambda b, r: {"source": _write_dir(r / "noconfig", None, _lora_state())},
+        AdapterFormatError, "adapter_config.json: missing",
+    ),
+    "config not JSON": (
+        lambda b, r: {"source": _write_dir(r / "notjson", "{r: 4,", _lora_state())},
+        AdapterFormatError, "not valid JSON",
+    ),
+    "config without r": (
+        lambda b, r: {"source": _write_dir(r / "nor", {"lora_alpha": 8}, _lora_state())},
+        AdapterFormatError, "no 'r'",
+    ),
+    "r zero": (
+        lambda b, r: {"source": _write_dir(r / "r0", {**GOOD_CONFIG, "r": 0}, _lora_state())},
+        AdapterFormatError, "'r' must be a positive integer",
+    ),
+    "negative alpha": (
+        lambda b, r: {"source": _write_dir(r / "neg", {**GOOD_CONFIG, "lora_alpha": -2}, _lora_state())},
+        AdapterFormatError, "'lora_alpha' must be a positive number",
+    ),
+    "NaN alpha": (
+        lambda b, r: {"source": _write_dir(r / "nan", {**GOOD_CONFIG, "lora_alpha": math.nan}, _lora_state())},
+        AdapterFormatError, "lora_alpha",
+    ),
+    "unknown peft_type": (
+        lambda b, r: {"source": _write_dir(r / "ia3", {**GOOD_CONFIG, "peft_type": "IA3"}, _lora_state())},
+        AdapterFormatError, "peft_type 'IA3'",
+    ),
+    "NaN weights": (
+        lambda b, r: {"source": _write_dir(r / "nanw", GOOD_CONFIG, {
+            k: v.fill_(math.nan) for k, v in _lora_state().items()})},
+        AdapterFormatError, "NaN or Inf",
+    ),
+    "integer weights": (
+        lambda b, r: {"source": _write_dir(r / "intw", GOOD_CONFIG, _lora_state(dtype=torch.int32))},
+        AdapterFormatError, "must be floating point",
+    ),
+    "DoRA": (
+        lambda b, r: {"source": b.make_adapter(r / "dora", seed=3, r=4, use_dora=True)},
+        AdapterFormatError, "DoRA",
+    ),
+    "modules_to_save": (
+        lambda b, r: {"source": b.make_adapter(r / "mts", seed=3, r=4, modules_to_save=["lm_head"])},
+        AdapterFormatError, "modules_to_save",
+    ),
+    "lora bias": (
+        lambda b, r: {"source": b.make_adapter(r / "lbias", seed=3, r=4, lora_bias=True)},
+        AdapterFormatError, "LoRA bias",
+    ),
+    "embedding target": (
+        lambda b, r: {"source": b.make_adapter(r / "emb", seed=3, r=4, target_modules=["embed_tokens"])},
+        AdapterFormatError, "embedding",
+    ),
+    "not a directory or hub id": (
+        lambda b, r: {"source": str(r / "does" / "not" / "exist")},
+        AdapterFormatError, "neither a directory nor a Hub id",
+    ),
+    "state_dict without config": (
+        lambda b, r: {"state_dict": _lora_state()},
+        HotswapError, "needs config=",
+    ),
+}
+
+
+def _truncated(base: BaseModel, root: Path) -> Path:
+    path = root / "truncated"
+    if not path.exists():
+        shutil.copytree(base.make_adapter(root / "full", seed=4, r=4), path)
+        weights = path / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_adapter_refused_and_nothing_changes(env, input_ids, case: str) -> None:
+    base, root, rt = env
+    build, error, fragment = CASES[case]
+    kwargs = build(base, root)
+    before = _snapshot(rt, input_ids)
+    with pytest.raises(error) as info:
+        rt.load("bad", **kwargs)
+    assert fragment in str(info.value)
+    assert "bad" not in rt.registry.records
+    _assert_unchanged(before, _snapshot(rt, input_ids))
+
+
+@pytest.mark.parametrize(
+    "operation, error, fragment",
+    [
+        (lambda rt: rt.activate("nope"), UnknownAdapterError, "no adapter named 'nope'"),
+        (lambda rt: rt.activate({"good": 1.0, "nope": 1.0}), UnknownAdapterError, "'nope'"),
+        (lambda rt: rt.activate_rows(["good", "nope"]), UnknownAdapterError, "'nope'"),
+        (lambda rt: rt.activate({"good": math.inf}), SelectionError, "finite"),
+        (lambda rt: rt.activate(3), SelectionError, "an activation is"),
+        (lambda rt: rt.activate_rows([]), SelectionError, "non-empty list"),
+        (lambda rt: rt.activate_rows(["good"] * 65), SelectionError, "max_batch_size"),
+        (lambda rt: rt.activate({"good": 1.0, "other": 1.0, "x": 1.0}), UnknownAdapterError, "'x'"),
+        (lambda rt: rt.unload("nope"), UnknownAdapterError, "'nope'"),
+        (lambda rt: rt.unload("good"), HotswapError, "is active"),
+        (lambda rt: rt.save("nope", "/tmp/x"), UnknownAdapterError, "'nope'"),
+        (lambda rt: rt.load("good", state_dict={}, config={}), HotswapError, "already loaded"),
+        (lambda rt: rt.load("", state_dict={}, config={}), HotswapError, "non-empty strings"),
+        (lambda rt: rt.load(7, state_dict={}, config={}), HotswapError, "non-empty strings"),
+    ],
+)
+def test_bad_operation_refused_and_nothing_changes(env, input_ids, operation, error, fragment) -> None:
+    _, _, rt = env
+    before = _snapshot(rt, input_ids)
+    with pytest.raises(error) as info:
+        operation(rt)
+    assert fragment in str(info.value)
+    _assert_unchanged(before, _snapshot(rt, input_ids))
+
+
+def test_too_many_adapters_at_once(env, input_ids, tmp_path) -> None:
+    base, _, _ = env
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(TARGETS, max_rank=16, device_slots=2))
+    for i, name in enumerate("xyz"):
+        rt.load(name, base.make_adapter(tmp_path / name, seed=20 + i, r=2))
+    rt.activate("x")
+    before = _snapshot(rt, input_ids)
+    with pytest.raises(SelectionError, match="max_active_adapters=2"):
+        rt.activate_rows(["x", "y", "z", None])
+    _assert_unchanged(before, _snapshot(rt, input_ids))
+
+
+def test_batch_size_must_match_rows(env, input_ids) -> None:
+    _, _, rt = env
+    rt.activate_rows(["good", None])
+    try:
+        with pytest.raises(SelectionError, match="activate_rows set 2 rows but the batch has 4"):
+            logits(rt.model, input_ids)
+    finally:
+        rt.activate("good")

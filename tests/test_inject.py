@@ -1,0 +1,73 @@
+"""Target matching follows PEFT's rules; injection never touches base weights; eject undoes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hotswap_rt import HotswapRuntime, RuntimeConfig, TargetNotFoundError
+from hotswap_rt.inject import find_targets
+from hotswap_rt.layers import LoraSlotLinear
+
+from .conftest import BaseModel, logits
+
+
+@pytest.fixture(scope="module")
+def llama() -> BaseModel:
+    return BaseModel("llama")
+
+
+def test_suffix_and_exact_names(llama: BaseModel) -> None:
+    names = find_targets(llama.model, ["q_proj", "model.layers.1.mlp.down_proj"])
+    assert names == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+
+
+def test_suffix_needs_a_dot_boundary(llama: BaseModel) -> None:
+    with pytest.raises(TargetNotFoundError, match="matches no"):
+        find_targets(llama.model, ["proj"])  # "q_proj" ends with "proj" but not ".proj"
+
+
+def test_regex_is_fullmatch(llama: BaseModel) -> None:
+    names = find_targets(llama.model, r".*layers\.0\.self_attn\.(q|v)_proj")
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+
+
+def test_all_linear_excludes_output_head(llama: BaseModel) -> None:
+    names = find_targets(llama.model, "all-linear")
+    assert "lm_head" not in names and len(names) == 2 * 7
+
+
+def test_exclude_modules(llama: BaseModel) -> None:
+    names = find_targets(llama.model, "all-linear", exclude_modules=["o_proj", "mlp.up_proj"])
+    assert not any(n.endswith(("o_proj", "up_proj")) for n in names) and len(names) == 2 * 5
+
+
+def test_non_linear_target_is_refused(llama: BaseModel) -> None:
+    with pytest.raises(TargetNotFoundError, match="not nn.Linear/Conv1D"):
+        find_targets(llama.model, ["embed_tokens"])
+
+
+def test_gpt2_conv1d_layers_are_targets() -> None:
+    gpt2 = BaseModel("gpt2")
+    rt = HotswapRuntime(gpt2.clone(), RuntimeConfig(target_modules=["c_attn", "c_fc"]))
+    layer = rt.model.get_submodule("transformer.h.0.attn.c_attn")
+    assert isinstance(layer, LoraSlotLinear) and (layer.in_features, layer.out_features) == (64, 192)
+
+
+def test_injection_keeps_base_weights_and_eject_restores(llama: BaseModel, input_ids) -> None:
+    model = llama.clone()
+    originals = {k: v.clone() for k, v in model.state_dict().items()}
+    base_logits = logits(model, input_ids)
+    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=8))
+    injected = {k.replace(".base.", "."): v for k, v in model.state_dict().items()}
+    assert injected.keys() == originals.keys()  # slots are not in the state dict
+    assert all(torch.equal(originals[k], injected[k]) for k in originals)
+    assert torch.equal(logits(model, input_ids), base_logits)
+    rt.eject()
+    assert not any(isinstance(m, LoraSlotLinear) for m in model.modules())
+    assert "forward" not in model.__dict__
+    assert torch.equal(logits(model, input_ids), base_logits)

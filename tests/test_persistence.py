@@ -1,0 +1,107 @@
+"""Loading from the Hugging Face cache, saving in PEFT's format, and prefetching."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from hotswap_rt import AdapterFormatError, HotswapRuntime, RuntimeConfig
+
+from .conftest import ATTENTION_TARGETS, BaseModel, logits, max_diff
+
+
+@pytest.fixture(scope="module")
+def llama_and_adapter(tmp_path_factory):
+    base = BaseModel("llama", seed=11)
+    path = base.make_adapter(tmp_path_factory.mktemp("src") / "a", seed=3, r=4, lora_alpha=16,
+                             rank_pattern={"v_proj": 8})
+    return base, path
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, adapter_dir: Path) -> None:
+    """Lay out ``adapter_dir`` as huggingface_hub's cache does for a downloaded model repo."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(adapter_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_resolves_through_local_cache_offline(llama_and_adapter, tmp_path, monkeypatch,
+                                                     input_ids) -> None:
+    base, path = llama_and_adapter
+    _fake_hub_cache(tmp_path / "hub", "someone/tiny-lora", path)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=8))
+    info = rt.load("hub", "someone/tiny-lora")
+    assert info.source and "models--someone--tiny-lora" in info.source
+    rt.load("dir", path)
+    rt.activate("hub")
+    from_hub = logits(rt.model, input_ids)
+    rt.activate("dir")
+    assert torch.equal(from_hub, logits(rt.model, input_ids))
+    with pytest.raises(AdapterFormatError, match="could not be resolved as a Hugging Face Hub id"):
+        rt.load("missing", "someone/not-in-cache")
+
+
+def test_save_round_trips_through_peft(llama_and_adapter, tmp_path, input_ids) -> None:
+    base, path = llama_and_adapter
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16))
+    rt.load("a", path)
+    out = Path(rt.save("a", tmp_path / "saved"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["rank_pattern"] == {"v_proj": 8}  # true ranks, not max_rank
+    reloaded = PeftModel.from_pretrained(base.clone(), str(out)).eval()
+    original = PeftModel.from_pretrained(base.clone(), str(path)).eval()
+    assert max_diff(logits(reloaded, input_ids), logits(original, input_ids)) == 0.0
+    rt.activate("a")
+    assert max_diff(logits(rt.model, input_ids), logits(original, input_ids)) <= 1e-4
+    with pytest.raises(AdapterFormatError, match="exists and is not empty"):
+        rt.save("a", out)
+    rt.save("a", out, overwrite=True)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["saved"]  # no temp dir left
+
+
+def test_prefetch_stages_on_host_then_activate_copies(llama_and_adapter, input_ids) -> None:
+    base, path = llama_and_adapter
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=8))
+    info = rt.prefetch("p", path).result(timeout=60)
+    assert info.tier == "host" and rt.stats()["swaps"] == 0
+    rt.activate("p")
+    assert rt.adapters()[0].tier == "device" and rt.stats()["hits"]["host"] == 1
+    rt.load("d", path)
+    rt.activate("d")
+    assert torch.equal(logits(rt.model, input_ids), logits(rt.model, input_ids))
+    failed = rt.prefetch("bad", path.parent / "nope")
+    with pytest.raises(AdapterFormatError):
+        failed.result(timeout=60)
+    assert "bad" not in {i.name for i in rt.adapters()}
+
+
+def test_lru_eviction_and_host_capacity(llama_and_adapter, tmp_path, input_ids) -> None:
+    from hotswap_rt import SlotsBusyError
+
+    base, path = llama_and_adapter
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=8,
+                                                    device_slots=2, host_slots=3))
+    for name in "abc":
+        rt.load(name, path)
+    tiers = {i.name: i.tier for i in rt.adapters()}
+    assert tiers == {"a": "device", "b": "device", "c": "host"}
+    rt.activate("a")
+    rt.activate("c")  # evicts b (least recently used, not selected)
+    tiers = {i.name: i.tier for i in rt.adapters()}
+    assert tiers == {"a": "device", "b": "host", "c": "device"} and rt.stats()["evictions"] == 1
+    with pytest.raises(SlotsBusyError, match="host_slots=3"):
+        rt.load("d", path)
+    rt.unload("b")
+    rt.load("d", path)
+    assert {i.name for i in rt.adapters()} == {"a", "c", "d"}
