@@ -144,3 +144,24 @@ def test_varying_batch_and_length_no_recompile(compiled: Compiled) -> None:
         out = _run(rt, ids)
         assert out.shape == (batch, length, VOCAB)
     assert rt.guard.recompiles == 0
+
+
+def test_gpt2_conv1d_compiled_swaps_match_peft(tmp_path, input_ids) -> None:
+    base = BaseModel("gpt2", seed=4)
+    adapters = {
+        "x": base.make_adapter(tmp_path / "x", seed=1, r=4, lora_alpha=8),
+        "y": base.make_adapter(tmp_path / "y", seed=2, r=8, lora_alpha=4, use_rslora=True),
+    }
+    reference = base.peft_reference(adapters)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(["c_attn", "c_proj"], max_rank=8, device_slots=2))
+    for name, path in adapters.items():
+        rt.load(name, path)
+    rt.compile(input_ids, guard="raise")
+    for name in ["x", "y", "x"]:
+        rt.activate(name)
+        reference.set_adapter(name)
+        assert max_diff(_run(rt, input_ids), logits(reference, input_ids)) <= TOL
+    rt.activate_rows(["y", None, "x", "y"])
+    expected = logits(reference, input_ids, adapter_names=["y", "__base__", "x", "y"])
+    assert max_diff(_run(rt, input_ids), expected) <= TOL
+    assert rt.guard.recompiles == 0
