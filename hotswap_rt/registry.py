@@ -74,17 +74,28 @@ class AdapterRegistry:
         self._clock += 1
         record.last_used = self._clock
 
-    def pick_slot(self, protected: set[int]) -> int | None:
-        """A free slot, else the least-recently-used slot not in ``protected``, else None."""
+    def pick_slot(self, protected: set[int], avoid: set[int] = frozenset()) -> int | None:
+        """A free slot, else the least-recently-used slot outside ``protected`` (preferring one
+        outside ``avoid`` too), else None."""
         for slot, owner in enumerate(self.slot_owner):
             if owner is None:
                 return slot
-        candidates = [
-            (self.records[owner].last_used, slot)
-            for slot, owner in enumerate(self.slot_owner)
-            if slot not in protected and owner is not None
-        ]
-        return min(candidates)[1] if candidates else None
+        for excluded in (protected | avoid, protected):
+            candidates = [
+                (self.records[owner].last_used, slot)
+                for slot, owner in enumerate(self.slot_owner)
+                if slot not in excluded and owner is not None
+            ]
+            if candidates:
+                return min(candidates)[1]
+        return None
+
+    def vacate(self, slot: int) -> None:
+        """Forget whatever ``slot`` held (its contents are no longer that adapter's)."""
+        owner = self.slot_owner[slot]
+        if owner is not None:
+            self.records[owner].slot = None
+            self.slot_owner[slot] = None
 
     def assign(self, record: AdapterRecord, slot: int) -> None:
         """Record that ``record`` now lives in ``slot``, evicting the previous owner's claim."""

@@ -271,7 +271,9 @@ class HotswapRuntime:
                 if record.slot is not None:
                     self._stats.hits["device"] += 1
                     continue
-                slot = self.registry.pick_slot(protected)
+                # Prefer a slot the current selection does not read, so a failed copy leaves
+                # what is being served intact.
+                slot = self.registry.pick_slot(protected, avoid=self._selected_slots())
                 assert slot is not None  # max_active_adapters <= device_slots guarantees room
                 self._copy_to_slot(slot, record.staged)
                 self.registry.assign(record, slot)
@@ -428,8 +430,25 @@ class HotswapRuntime:
         return {s for n in names if (s := self.registry.records[n].slot) is not None}
 
     def _copy_to_slot(self, slot: int, staged: StagedAdapter) -> None:
-        seconds = self.arena.write_slot(slot, staged)
+        try:
+            seconds = self.arena.write_slot(slot, staged)
+        except BaseException:
+            self._recover_slot(slot)
+            raise
         self._stats.record_swap(staged.nbytes, seconds)
+
+    def _recover_slot(self, slot: int) -> None:
+        """After a failed copy into ``slot``: if the selection reads it, copy its owner back from
+        the host; otherwise (or if that fails too) the slot no longer holds its owner."""
+        owner = self.registry.slot_owner[slot]
+        if owner is not None and slot in self._selected_slots():
+            try:
+                self.arena.write_slot(slot, self.registry.records[owner].staged)
+                return
+            except Exception:
+                self._rows = [{n: w for n, w in row.items() if n != owner} for row in self._rows]
+        self.registry.vacate(slot)
+        self._write_selection()
 
     def _info(self, record: AdapterRecord) -> AdapterInfo:
         adapter = record.staged.adapter

@@ -105,3 +105,59 @@ def test_lru_eviction_and_host_capacity(llama_and_adapter, tmp_path, input_ids) 
     rt.unload("b")
     rt.load("d", path)
     assert {i.name for i in rt.adapters()} == {"a", "c", "d"}
+
+
+def test_failed_slot_copy_keeps_serving_previous_adapter(llama_and_adapter, tmp_path, input_ids,
+                                                        monkeypatch) -> None:
+    base, path = llama_and_adapter
+    other = base.make_adapter(tmp_path / "other", seed=9, r=4)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=8,
+                                                    device_slots=2, host_slots=3))
+    rt.load("a", path)
+    rt.activate("a")
+    rt.load("b", other)
+    rt.load("c", other)  # host only: both slots are taken
+    serving = logits(rt.model, input_ids)
+
+    def broken_copy(slot, staged):
+        rt.arena.arenas[torch.float32][slot].fill_(1e3)  # a half-done copy
+        raise RuntimeError("device fault")
+
+    monkeypatch.setattr(rt.arena, "write_slot", broken_copy)
+    with pytest.raises(RuntimeError, match="device fault"):
+        rt.activate("c")  # evicts b's slot, copy fails
+    assert torch.equal(logits(rt.model, input_ids), serving)
+    assert rt.active == [{"a": 1.0}]
+    assert {i.name: i.tier for i in rt.adapters()}["b"] == "host"  # its slot is no longer b
+    monkeypatch.undo()
+    rt.activate("b")  # copied again from the host
+    reference = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=8))
+    reference.load("b", other)
+    reference.activate("b")
+    assert torch.equal(logits(rt.model, input_ids), logits(reference.model, input_ids))
+
+
+def test_failed_copy_over_the_served_slot_restores_it(llama_and_adapter, tmp_path, input_ids,
+                                                      monkeypatch) -> None:
+    base, path = llama_and_adapter
+    other = base.make_adapter(tmp_path / "other", seed=9, r=4)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=8,
+                                                    device_slots=1, host_slots=2))
+    rt.load("a", path)
+    rt.load("b", other)
+    rt.activate("a")
+    serving = logits(rt.model, input_ids)
+    real_write = rt.arena.write_slot
+    b_staged = rt.registry.records["b"].staged
+
+    def fails_for_b(slot, staged):
+        if staged is b_staged:
+            rt.arena.arenas[torch.float32][slot].fill_(1e3)  # a half-done copy
+            raise RuntimeError("device fault")
+        return real_write(slot, staged)
+
+    monkeypatch.setattr(rt.arena, "write_slot", fails_for_b)
+    with pytest.raises(RuntimeError, match="device fault"):
+        rt.activate("b")  # the only slot is a's: copy fails, a is copied back
+    assert torch.equal(logits(rt.model, input_ids), serving)
+    assert rt.active == [{"a": 1.0}]
