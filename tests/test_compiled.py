@@ -18,6 +18,8 @@ from hotswap_rt import HotswapRuntime, RuntimeConfig
 
 from .conftest import VOCAB, BaseModel, logits, max_diff
 
+pytestmark = pytest.mark.slow  # compiles on CPU: seconds per graph
+
 TOL = 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SPECS = {

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from .conftest import BaseModel
+
+pytestmark = pytest.mark.slow  # compiles on CPU: seconds per graph
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
