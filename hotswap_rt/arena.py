@@ -151,7 +151,3 @@ class SlotArena:
         if self._pin:
             torch.accelerator.synchronize(self.device)
         return time.perf_counter() - start
-
-    def read_slot(self, slot: int) -> dict[torch.dtype, torch.Tensor]:
-        """A host copy of slot ``slot``'s rows (for tests and checks)."""
-        return {dtype: arena[slot].detach().cpu().clone() for dtype, arena in self.arenas.items()}

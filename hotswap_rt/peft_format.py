@@ -81,10 +81,6 @@ class ParsedAdapter:
     task_type: str | None = None
     source: str | None = None
 
-    @property
-    def max_module_rank(self) -> int:
-        return max(m.rank for m in self.modules.values())
-
 
 # ----------------------------------------------------------------------------------------- reading
 def resolve_source(source: str | os.PathLike[str]) -> Path:

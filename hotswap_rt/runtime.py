@@ -255,16 +255,7 @@ class HotswapRuntime:
         with self._lock:
             names = sorted({n for row in rows for n, w in row.items() if w != 0.0})
             records = [self.registry.get(n) for n in names]  # unknown name: raise before change
-            if len(records) > self.config.max_active_adapters:
-                raise SelectionError(
-                    f"{len(records)} adapters {names} requested at once but "
-                    f"RuntimeConfig.max_active_adapters={self.config.max_active_adapters}"
-                )
-            if len(rows) > self.config.max_batch_size:
-                raise SelectionError(
-                    f"{len(rows)} rows exceed RuntimeConfig.max_batch_size="
-                    f"{self.config.max_batch_size}"
-                )
+            self.selection.check(len(rows), names)  # before any copy
             protected = {r.slot for r in records if r.slot is not None}
             for record in records:
                 self.registry.touch(record)

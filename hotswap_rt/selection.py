@@ -30,6 +30,18 @@ class Selection:
         self.active_slots = torch.zeros(max_active, dtype=torch.int64, device=device)
         self.row_weights = torch.zeros(max_batch_size, max_active, dtype=torch.float32, device=device)
 
+    def check(self, num_rows: int, adapters: Sequence[object]) -> None:
+        """Raise unless ``num_rows`` rows over these distinct ``adapters`` fit the tensors."""
+        if num_rows > self.max_batch_size:
+            raise SelectionError(
+                f"{num_rows} rows exceed RuntimeConfig.max_batch_size={self.max_batch_size}"
+            )
+        if len(adapters) > self.max_active:
+            raise SelectionError(
+                f"{len(adapters)} adapters {list(adapters)} requested at once but "
+                f"RuntimeConfig.max_active_adapters={self.max_active}"
+            )
+
     @torch.no_grad()
     def write(self, rows: Sequence[RowSpec]) -> None:
         """Write a selection: ``rows[b]`` maps slot -> weight for batch row ``b``.
@@ -41,16 +53,8 @@ class Selection:
             SelectionError: more distinct slots than ``max_active``, more rows than
                 ``max_batch_size``.
         """
-        if len(rows) > self.max_batch_size:
-            raise SelectionError(
-                f"{len(rows)} rows exceed RuntimeConfig.max_batch_size={self.max_batch_size}"
-            )
         slots = sorted({slot for row in rows for slot, weight in row.items() if weight != 0.0})
-        if len(slots) > self.max_active:
-            raise SelectionError(
-                f"this selection needs {len(slots)} adapters at once but "
-                f"RuntimeConfig.max_active_adapters={self.max_active}"
-            )
+        self.check(len(rows), slots)
         position = {slot: j for j, slot in enumerate(slots)}
         active = torch.zeros(self.max_active, dtype=torch.int64)
         active[: len(slots)] = torch.tensor(slots, dtype=torch.int64)
@@ -68,8 +72,3 @@ class Selection:
     def clear(self) -> None:
         """No adapter on any row: the model computes exactly its base outputs."""
         self.row_weights.zero_()
-
-    def slots_in_use(self) -> set[int]:
-        """Slots with a non-zero weight on some row."""
-        used = self.row_weights.ne(0).any(dim=0).cpu()
-        return {int(s) for s, on in zip(self.active_slots.cpu().tolist(), used.tolist()) if on}
