@@ -19,7 +19,6 @@ import inspect
 import math
 import os
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -32,6 +31,7 @@ from .config import AdapterInfo, RuntimeConfig, lora_scaling
 from .errors import HotswapError, SelectionError
 from .guard import GuardMode, RecompileGuard
 from .inject import find_targets, replace_modules
+from .inputs import as_kwargs, batch_size, unview
 from .layers import LoraSlotLinear, base_layer_shape
 from .peft_format import parse_adapter, read_adapter_dir, resolve_source, write_adapter_dir
 from .registry import AdapterRecord, AdapterRegistry
@@ -322,7 +322,7 @@ class HotswapRuntime:
         try:
             with grad:
                 for inputs in [example_inputs, *warmup_inputs]:
-                    self.model(**_unview(_as_kwargs(inputs)))
+                    self.model(**unview(as_kwargs(inputs)))
                 if warmup is not None:
                     warmup(self.model)
         except BaseException:
@@ -336,8 +336,8 @@ class HotswapRuntime:
             kwargs = {**dict(zip(self._forward_params, args)), **kwargs}
             args = ()
         if self.compiled:
-            kwargs = _unview(kwargs)
-        batch = _batch_size(args, kwargs)
+            kwargs = unview(kwargs)
+        batch = batch_size(args, kwargs)
         with self._lock:
             if batch is not None:
                 self._check_batch(batch)
@@ -457,31 +457,3 @@ class HotswapRuntime:
             rank_pattern=dict(adapter.rank_pattern),
             alpha_pattern=dict(adapter.alpha_pattern),
         )
-
-
-def _as_kwargs(inputs: torch.Tensor | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(inputs, torch.Tensor):
-        return {"input_ids": inputs}
-    if isinstance(inputs, Mapping):
-        return dict(inputs)
-    raise HotswapError(f"example inputs must be an input_ids tensor or a dict, got {type(inputs)}")
-
-
-def _unview(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Replace tensor views (``ids[:1]``) by copies: dynamo compiles views into a separate graph
-    guarded on their base, so a slice and a fresh tensor of one shape would recompile."""
-    if not any(isinstance(v, torch.Tensor) and v._is_view() for v in kwargs.values()):
-        return kwargs
-    return {
-        k: v.clone(memory_format=torch.contiguous_format)
-        if isinstance(v, torch.Tensor) and v._is_view()
-        else v
-        for k, v in kwargs.items()
-    }
-
-
-def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
-    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return int(value.shape[0])
-    return None
