@@ -74,12 +74,16 @@ class AdapterRegistry:
         self._clock += 1
         record.last_used = self._clock
 
+    def free_slot(self) -> int | None:
+        """The first slot holding no adapter, or None."""
+        return next((slot for slot, owner in enumerate(self.slot_owner) if owner is None), None)
+
     def pick_slot(self, protected: set[int], avoid: set[int] = frozenset()) -> int | None:
         """A free slot, else the least-recently-used slot outside ``protected`` (preferring one
         outside ``avoid`` too), else None."""
-        for slot, owner in enumerate(self.slot_owner):
-            if owner is None:
-                return slot
+        free = self.free_slot()
+        if free is not None:
+            return free
         for excluded in (protected | avoid, protected):
             candidates = [
                 (self.records[owner].last_used, slot)

@@ -410,8 +410,7 @@ class HotswapRuntime:
         """Where a load copies to: for a replacement of a resident adapter a different (shadow)
         slot if one can be freed, else its own slot; otherwise a free slot, if wanted."""
         if old is None or old.slot is None:
-            owners = self.registry.slot_owner
-            return next((s for s, o in enumerate(owners) if o is None), None) if use_free_slot else None
+            return self.registry.free_slot() if use_free_slot else None
         protected = self._selected_slots() | {old.slot}
         shadow = self.registry.pick_slot(protected)
         return shadow if shadow is not None else old.slot
