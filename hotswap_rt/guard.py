@@ -6,9 +6,26 @@ that counts only while *this runtime's* forward is running in the current thread
 flag set around the call), so other compiled functions in the process are neither affected nor
 counted. Reasons come from dynamo's own guard-failure log (``torch._dynamo.utils.guard_failures``).
 
+What counts as what (dynamo tags each start event with a trigger):
+
+* ``DYNAMO`` / ``LAZY_BACKWARD`` inside a watched call: a compile (warm-up) or a recompile (armed).
+* ``CUDAGRAPH_RECORDING`` (``mode="reduce-overhead"``): a CUDA-graph recording during warm-up, a
+  *re-record* when armed (``error_on_recompile`` does not see these).
+* Autotuning events are part of a compile and are not counted.
+
+Independently of dynamo, the guard remembers the data pointers of the slot storage (arena and
+selection tensors) when armed and checks them before every watched call: a moved storage means
+a compiled graph (and any CUDA graph) would read stale memory, so it is reported like a recompile.
+
 Modes after :meth:`RecompileGuard.arm`: ``"raise"`` raises :class:`RecompileError` once the
-recompiling call returns (the compile has happened; the error makes it loud), ``"warn"`` logs a
-warning, ``"count"`` only counts. Cost per forward: two thread-local writes and an int compare.
+recompiling call returns (the compile has happened; the error makes it loud; a moved storage
+raises *before* the call), ``"warn"`` logs a warning, ``"count"`` only counts. Cost per forward:
+a few thread-local writes, one data-pointer read per watched tensor and an int compare.
+
+Limits: dynamo runs start callbacks only for the outermost of concurrent compiles in the process,
+so a recompile that overlaps another thread's compile can go unseen; ``torch._dynamo.reset()``
+drops every callback (the guard re-registers itself on its next call). Backward graphs compile
+lazily inside ``loss.backward()``, outside any watched call, and are not counted.
 """
 
 from __future__ import annotations
@@ -34,20 +51,26 @@ def _dynamo_utils() -> Any:
 
 
 class RecompileGuard:
-    """Counts compiles, recompiles and graph breaks of one runtime's compiled forward.
+    """Counts compiles, recompiles, CUDA-graph re-records and graph breaks of one runtime's forward.
 
     Attributes:
         mode: "raise" | "warn" | "count" (settable).
-        compiles: compiles during warm-up (expected).
-        recompiles: compiles after :meth:`arm` (each one a bug or an unexpected input).
+        compiles: dynamo compiles during warm-up (expected).
+        recordings: CUDA-graph recordings during warm-up (``mode="reduce-overhead"``).
+        recompiles: dynamo compiles after :meth:`arm` (each one a bug or an unexpected input).
+        rerecords: CUDA-graph recordings after :meth:`arm`.
+        storage_moves: watched calls that found the slot storage at a new address after arming.
         graph_breaks: graph breaks dynamo counted while compiling (0 with fullgraph=True).
-        reasons: guard-failure reasons of the recompiles, oldest first.
+        reasons: reasons of everything counted after arming, oldest first.
     """
 
     def __init__(self, mode: GuardMode = "raise") -> None:
         self.mode = mode
         self.compiles = 0
+        self.recordings = 0
         self.recompiles = 0
+        self.rerecords = 0
+        self.storage_moves = 0
         self.graph_breaks = 0
         self.reasons: list[str] = []
         self.armed = False
@@ -55,6 +78,8 @@ class RecompileGuard:
         self._lock = threading.Lock()
         self._seen_failures: dict[Any, int] = {}
         self._callback: Callable[..., None] | None = None
+        self._storage: dict[str, torch.Tensor] = {}
+        self._pointers: list[tuple[str, torch.Tensor, int]] = []
 
     @property
     def mode(self) -> GuardMode:
@@ -71,11 +96,20 @@ class RecompileGuard:
         """Start listening to dynamo's compile events (idempotent)."""
         if self._callback is not None:
             return
-        from torch._dynamo.callback import callback_handler
+        from torch._dynamo.callback import CallbackTrigger, callback_handler
 
-        def on_compile_start(*_args: Any) -> None:
-            if getattr(self._local, "watching", False):
-                self._local.events += 1
+        recording = CallbackTrigger.CUDAGRAPH_RECORDING
+        counted = {CallbackTrigger.DYNAMO, CallbackTrigger.LAZY_BACKWARD}
+
+        def on_compile_start(args: Any = None) -> None:
+            local = self._local
+            if not getattr(local, "watching", False):
+                return
+            trigger = getattr(args, "callback_trigger", CallbackTrigger.DYNAMO)
+            if trigger == recording:
+                local.recordings += 1
+            elif trigger in counted:
+                local.events += 1
 
         self._callback = callback_handler.register_start_callback(on_compile_start)
         self._snapshot_failures()
@@ -85,12 +119,18 @@ class RecompileGuard:
             return
         from torch._dynamo.callback import callback_handler
 
-        callback_handler.remove_start_callback(self._callback)
+        if self._callback in callback_handler.start_callbacks:
+            callback_handler.remove_start_callback(self._callback)
         self._callback = None
 
+    def watch_storage(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors whose storage must never move once armed (the slot arena, the selection)."""
+        self._storage = dict(tensors)
+
     def arm(self) -> None:
-        """From now on every compile of the watched forward is a recompile."""
+        """From now on every compile or recording of the watched forward is unexpected."""
         self._snapshot_failures()
+        self._pointers = [(name, t, t.data_ptr()) for name, t in self._storage.items()]
         self.armed = True
 
     def disarm(self) -> None:
@@ -100,35 +140,74 @@ class RecompileGuard:
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` (the compiled forward) and account for any compile it triggered."""
         local = self._local
-        outer = getattr(local, "watching", False)
-        if outer:  # re-entrant call (e.g. generate -> forward): the outer call accounts
+        if getattr(local, "watching", False):  # re-entrant (e.g. generate -> forward)
             return fn(*args, **kwargs)
-        breaks_before = self._graph_break_total() if not self.armed else 0
-        local.watching, local.events = True, 0
+        self._ensure_registered()
+        if self.armed:
+            self._check_storage()
+            breaks_before = 0
+        else:
+            breaks_before = self._graph_break_total()
+        local.watching, local.events, local.recordings = True, 0, 0
         try:
             out = fn(*args, **kwargs)
         except torch._dynamo.exc.Unsupported as exc:
             raise GraphBreakError(f"graph break while compiling the model: {exc}") from exc
         finally:
             local.watching = False
-        if local.events:
+        if local.events or local.recordings:
             if self.armed:
-                self._on_recompile(local.events)
+                self._on_recompile(local.events, local.recordings)
             else:
                 with self._lock:
                     self.compiles += local.events
+                    self.recordings += local.recordings
                     self.graph_breaks += self._graph_break_total() - breaks_before
         return out
 
+    def _ensure_registered(self) -> None:
+        """Re-register after ``torch._dynamo.reset()`` dropped the callback."""
+        if self._callback is None:
+            return
+        from torch._dynamo.callback import callback_handler
+
+        if self._callback not in callback_handler.start_callbacks:
+            callback_handler.register_start_callback(self._callback)
+
+    def _check_storage(self) -> None:
+        moved = [name for name, tensor, pointer in self._pointers if tensor.data_ptr() != pointer]
+        if not moved:
+            return
+        self._pointers = [(name, t, t.data_ptr()) for name, t, _ in self._pointers]
+        reason = (
+            f"slot storage moved to a new address ({', '.join(moved)}): compiled graphs and CUDA "
+            f"graphs captured the old one (was the model moved with .to() after injection?)"
+        )
+        with self._lock:
+            self.storage_moves += 1
+            self.reasons.append(reason)
+        self._report(reason)
+
     # -- reporting ----------------------------------------------------------------------------
-    def _on_recompile(self, events: int) -> None:
-        reasons = self._new_failures() or [
-            "no guard failure logged (a new frame or code path was compiled)"
-        ]
+    def _on_recompile(self, events: int, recordings: int) -> None:
+        reasons: list[str] = []
+        if events:
+            reasons += self._new_failures() or [
+                "no guard failure logged (a new frame or code path was compiled)"
+            ]
+        if recordings:
+            reasons.append(
+                f"CUDA graph re-recorded {recordings} time(s) (new shape, or an input whose "
+                f"address changed)"
+            )
         with self._lock:
             self.recompiles += events
+            self.rerecords += recordings
             self.reasons.extend(reasons)
-        message = f"hotswap_rt: the compiled model recompiled after rt.compile: {'; '.join(reasons)}"
+        self._report("; ".join(reasons))
+
+    def _report(self, reason: str) -> None:
+        message = f"hotswap_rt: the compiled model recompiled after rt.compile: {reason}"
         if self.mode == "raise":
             raise RecompileError(message)
         if self.mode == "warn":
@@ -156,9 +235,11 @@ class RecompileGuard:
     def report(self) -> str:
         lines = [
             f"mode={self.mode} armed={self.armed} compiles={self.compiles} "
-            f"recompiles={self.recompiles} graph_breaks={self.graph_breaks}"
+            f"recordings={self.recordings} recompiles={self.recompiles} "
+            f"rerecords={self.rerecords} storage_moves={self.storage_moves} "
+            f"graph_breaks={self.graph_breaks}"
         ]
-        lines += [f"  recompile reason: {reason}" for reason in self.reasons]
+        lines += [f"  after compile: {reason}" for reason in self.reasons]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

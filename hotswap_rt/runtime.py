@@ -89,6 +89,7 @@ class HotswapRuntime:
         self._forward_impl: Callable[..., Any] = self._eager_forward
         self._forward_params = list(inspect.signature(self._eager_forward).parameters)
         self.compiled = False
+        self._restore_on_eject: dict[str, Any] = {}
         model.forward = self._forward  # instance attribute: model(...) and generate() use it
 
     @property
@@ -286,7 +287,7 @@ class HotswapRuntime:
     # ------------------------------------------------------------------------ compile and run
     def compile(
         self,
-        example_inputs: torch.Tensor | Mapping[str, Any],
+        example_inputs: torch.Tensor | Mapping[str, Any] | None = None,
         *,
         warmup_inputs: Sequence[torch.Tensor | Mapping[str, Any]] = (),
         warmup: Callable[[nn.Module], Any] | None = None,
@@ -299,32 +300,51 @@ class HotswapRuntime:
         """``torch.compile`` the model's forward in place, warm it up, then arm the guard.
 
         Args:
-            example_inputs: an ``input_ids`` tensor or a dict of forward kwargs.
+            example_inputs: an ``input_ids`` tensor or a dict of forward kwargs (may be omitted
+                when ``warmup`` is given).
             warmup_inputs: more inputs (other batch sizes / lengths) to compile for up front.
-            warmup: a callable run on the model during warm-up (e.g. a short ``generate``).
+            warmup: a callable run on the model during warm-up (e.g. a short ``generate`` with
+                ``cache_implementation="static"``, so the prefill and decode graphs exist).
             fullgraph: a graph break raises :class:`GraphBreakError`.
-            dynamic, mode: passed to ``torch.compile``.
+            dynamic, mode: passed to ``torch.compile``. With ``mode="reduce-overhead"`` (CUDA
+                graphs) each warm-up runs three times so every graph is recorded before arming.
             guard: what a recompile after warm-up does: "raise", "warn" or "count".
             training: warm up with autograd enabled (default: under ``torch.no_grad()``, as
                 inference serving runs; dynamo guards on grad mode).
+
+        transformers' own auto-compile in ``generate`` (on accelerators with a static cache) is
+        switched off on this model (``generation_config.disable_compile``): the runtime's
+        compiled forward is what ``generate`` calls.
         """
         if self.compiled:
             raise HotswapError("the model is already compiled by this runtime")
+        if example_inputs is None and warmup is None:
+            raise HotswapError("rt.compile needs example_inputs, a warmup callable, or both")
         self.guard.mode = guard
         self.guard.install()
-        for tensor in [*self.arena.arenas.values(), self.selection.active_slots,
-                       self.selection.row_weights]:
+        storage = {f"arena[{dtype}]": arena for dtype, arena in self.arena.arenas.items()}
+        storage.update(active_slots=self.selection.active_slots, row_weights=self.selection.row_weights)
+        for tensor in storage.values():
             torch._dynamo.mark_static(tensor)  # fixed for life; keep them out of dynamic shapes
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs read them in place, no copy
+        self.guard.watch_storage(storage)
+        generation_config = getattr(self.model, "generation_config", None)
+        if generation_config is not None:
+            self._restore_on_eject["disable_compile"] = generation_config.disable_compile
+            generation_config.disable_compile = True
         self._forward_impl = torch.compile(
             self._eager_forward, fullgraph=fullgraph, dynamic=dynamic, mode=mode
         )
         grad = contextlib.nullcontext() if training else torch.no_grad()
+        passes = 3 if mode is not None and "reduce-overhead" in mode else 1
+        inputs = [example_inputs] if example_inputs is not None else []
         try:
             with grad:
-                for inputs in [example_inputs, *warmup_inputs]:
-                    self.model(**unview(as_kwargs(inputs)))
-                if warmup is not None:
-                    warmup(self.model)
+                for _ in range(passes):
+                    for each in [*inputs, *warmup_inputs]:
+                        self.model(**unview(as_kwargs(each)))
+                    if warmup is not None:
+                        warmup(self.model)
         except BaseException:
             self._forward_impl = self._eager_forward
             raise
@@ -359,6 +379,8 @@ class HotswapRuntime:
         with self._lock:
             self._injection.undo()
             self.model.__dict__.pop("forward", None)
+            if "disable_compile" in self._restore_on_eject:
+                self.model.generation_config.disable_compile = self._restore_on_eject["disable_compile"]
             self.guard.uninstall()
             if self._executor is not None:
                 self._executor.shutdown(wait=True)

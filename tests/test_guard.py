@@ -136,3 +136,86 @@ def test_invalid_guard_mode_rejected() -> None:
     rt = _runtime()
     with pytest.raises(HotswapError, match="guard mode"):
         rt.guard.mode = "explode"  # type: ignore[assignment]
+
+
+def test_cuda_graph_recordings_are_told_apart_from_compiles() -> None:
+    """CUDA-graph (re-)recordings arrive through dynamo's callbacks with their own trigger; the
+    guard counts them separately (control test on CPU with dynamo's real callback mechanism)."""
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    from hotswap_rt.guard import RecompileGuard
+
+    def records_a_cuda_graph() -> str:
+        with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "0/0"):
+            return "ran"
+
+    guard = RecompileGuard("count")
+    guard.install()
+    try:
+        assert guard.call(records_a_cuda_graph) == "ran"
+        assert (guard.recordings, guard.compiles, guard.rerecords) == (1, 0, 0)
+        guard.arm()
+        guard.call(records_a_cuda_graph)
+        assert (guard.rerecords, guard.recompiles) == (1, 0)
+        assert "CUDA graph re-recorded" in guard.reasons[-1]
+        guard.mode = "raise"
+        with pytest.raises(RecompileError, match="CUDA graph re-recorded"):
+            guard.call(records_a_cuda_graph)
+        records_a_cuda_graph()  # outside a watched call: not ours, not counted
+        assert guard.rerecords == 2
+    finally:
+        guard.uninstall()
+
+
+@pytest.mark.parametrize("mode", ["raise", "count"])
+def test_moved_slot_storage_is_caught_before_the_forward(mode: str) -> None:
+    rt = _runtime()
+    rt.compile(IDS, guard=mode)
+    arena = rt.arena.arenas[torch.float32]
+    arena.data = arena.data.clone()  # what `.data = new` or a device move would do
+    if mode == "raise":
+        with pytest.raises(RecompileError, match="slot storage moved"):
+            rt.model(IDS)
+    else:
+        rt.model(IDS)
+    assert rt.guard.storage_moves == 1
+    assert "arena" in rt.guard.reasons[0]
+    rt.guard.mode = "count"
+    rt.model(IDS)  # reported once, then the new address is the reference
+    assert rt.guard.storage_moves == 1
+
+
+def test_guard_survives_dynamo_reset() -> None:
+    rt = _runtime()
+    rt.compile(IDS, guard="count")
+    torch._dynamo.reset()  # drops compiled code *and* every compile callback
+    rt.model(IDS)  # compiles again: a recompile, and the guard must still see it
+    assert rt.guard.recompiles == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_reduce_overhead_cuda_graphs_switch_without_rerecord() -> None:
+    torch.manual_seed(0)
+    rt = HotswapRuntime(TinyLM().cuda(), RuntimeConfig(["up", "down"], max_rank=4))
+    rank, d = 2, 16
+    for name in ("x", "y"):
+        state = {}
+        for layer in ("up", "down"):
+            state[f"base_model.model.{layer}.lora_A.weight"] = torch.randn(rank, d)
+            state[f"base_model.model.{layer}.lora_B.weight"] = torch.randn(d, rank)
+        rt.load(name, state_dict=state, config={"r": rank, "lora_alpha": 4})
+    ids = IDS.cuda()
+    eager = {}
+    for name in ("x", "y", None):
+        rt.activate(name)
+        eager[name] = rt.model(ids).clone()
+    rt.compile(ids, mode="reduce-overhead", guard="raise")
+    assert rt.guard.recordings >= 1
+    for name in ("y", "x", None, "y"):
+        rt.activate(name)
+        torch.testing.assert_close(rt.model(ids).clone(), eager[name])
+    assert rt.guard.recompiles == 0 and rt.guard.rerecords == 0
+    arena = rt.arena.arenas[torch.float32]
+    arena.data = arena.data.clone()
+    with pytest.raises(RecompileError, match="slot storage moved"):
+        rt.model(ids)
