@@ -21,6 +21,8 @@ from hotswap_rt import HotswapRuntime, RuntimeConfig
 
 from .conftest import record
 
+GROUP = "swap latency, median (ratio to one copy_ of the same padded bytes)"
+
 RANK = 16
 
 
@@ -48,7 +50,7 @@ def test_memcpy_of_same_bytes(benchmark, setup) -> None:
     src = torch.randn(nbytes // 4)
     dst = torch.empty_like(src)
     benchmark(dst.copy_, src)
-    record("memcpy", benchmark)
+    record(GROUP, "memcpy", benchmark, reference=True)
 
 
 def test_hotswap_rt_slot_copy(benchmark, setup) -> None:
@@ -57,7 +59,7 @@ def test_hotswap_rt_slot_copy(benchmark, setup) -> None:
     staged = [rt.arena.stage(_parsed(p)) for p in paths]  # what a swap copies
     cycle = itertools.cycle(staged)
     benchmark(lambda: rt.arena.write_slot(0, next(cycle)))
-    record("hotswap_rt slot copy (arena.write_slot)", benchmark)
+    record(GROUP, "hotswap_rt slot copy (arena.write_slot)", benchmark)
 
 
 def test_hotswap_rt_activate_from_host(benchmark, setup) -> None:
@@ -69,7 +71,7 @@ def test_hotswap_rt_activate_from_host(benchmark, setup) -> None:
     cycle = itertools.cycle(["a", "b"])
     benchmark(lambda: rt.activate(next(cycle)))  # every call evicts and copies from host
     assert rt.stats()["evictions"] > 0
-    record("hotswap_rt activate (host->slot+select)", benchmark)
+    record(GROUP, "hotswap_rt activate (host->slot+select)", benchmark)
 
 
 def test_peft_hotswap_from_state_dict(benchmark, setup) -> None:
@@ -88,7 +90,7 @@ def test_peft_hotswap_from_state_dict(benchmark, setup) -> None:
     ]
     cycle = itertools.cycle(states)
     benchmark(lambda: hotswap_adapter_from_state_dict(model, next(cycle), "default", config))
-    record("peft hotswap_adapter_from_state_dict", benchmark)
+    record(GROUP, "peft hotswap_adapter_from_state_dict", benchmark)
 
 
 def _parsed(path):
