@@ -117,26 +117,45 @@ class SlotArena:
                 )
 
     @torch.no_grad()
-    def stage(self, adapter: ParsedAdapter) -> StagedAdapter:
-        """Check ``adapter``, then build its padded, scaled slot rows in host memory."""
+    def stage(self, adapter: ParsedAdapter, fold_scaling: bool = True) -> StagedAdapter:
+        """Check ``adapter``, then build its padded slot rows in host memory.
+
+        Args:
+            fold_scaling: multiply B by each module's scaling (inference). A trainable adapter
+                keeps B unscaled (its scaling is applied through the selection weights), so the
+                slot holds exactly the factors PEFT trains.
+        """
         self.check(adapter)
-        rank = self.max_rank
         rows = {
             dtype: torch.zeros(arena.shape[1], dtype=dtype, pin_memory=self._pin)
             for dtype, arena in self.arenas.items()
         }
         for name, module in adapter.modules.items():
             layout = self.layouts[name]
-            row = rows[layout.dtype]
-            a_size = rank * layout.d_in
-            a_view = row.narrow(0, layout.offset, a_size).view(rank, layout.d_in)
-            b_view = row.narrow(0, layout.offset + a_size, layout.d_out * rank).view(
-                layout.d_out, rank
-            )
+            a_view, b_view = self._factor_views(rows[layout.dtype], layout)
             a_view[: module.rank].copy_(module.lora_A)
             # Scale in fp32 before rounding to the slot dtype.
-            b_view[:, : module.rank].copy_(module.lora_B.float() * module.scaling)
+            scale = module.scaling if fold_scaling else 1.0
+            b_view[:, : module.rank].copy_(module.lora_B.float() * scale)
         return StagedAdapter(adapter=adapter, rows=rows)
+
+    def slot_factors(self, slot: int, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views into device slot ``slot`` of layer ``name``'s unpadded factors:
+        A ``[rank, d_in]`` (contiguous) and B ``[d_out, rank]`` (a column slice of ``[d_out, R]``)."""
+        layout = self.layouts[name]
+        a_view, b_view = self._factor_views(self.arenas[layout.dtype][slot], layout)
+        return a_view[:rank], b_view[:, :rank]
+
+    def _factor_views(
+        self, row: torch.Tensor, layout: LayerLayout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``[R, d_in]`` and B ``[d_out, R]`` views of one layer's part of a slot row ``[P]``."""
+        a_size = self.max_rank * layout.d_in
+        a_view = row.narrow(0, layout.offset, a_size).view(self.max_rank, layout.d_in)
+        b_view = row.narrow(0, layout.offset + a_size, layout.d_out * self.max_rank).view(
+            layout.d_out, self.max_rank
+        )
+        return a_view, b_view
 
     @torch.no_grad()
     def write_slot(self, slot: int, staged: StagedAdapter) -> float:

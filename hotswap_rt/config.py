@@ -94,6 +94,7 @@ class AdapterInfo:
     source: str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    trainable: bool = False
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:

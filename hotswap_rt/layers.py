@@ -11,8 +11,10 @@ One forward, for ``k`` active slots of rank ``R`` (``k = max_active_adapters``):
 
 The active set acts like one LoRA of rank ``k*R`` whose column groups are switched per row, so a
 uniform batch, a weighted sum and a mixed batch are the same two matmuls. Zero-padded rows of A and
-columns of B add exactly zero. Nothing here branches on Python state: the slot indices and weights
-are tensors that :mod:`hotswap_rt.selection` updates in place, so switching never recompiles.
+columns of B add exactly zero. With a trainable adapter (:mod:`hotswap_rt.training`) and autograd
+on, its parameters are attached to the gathered factors at its slot's positions. Nothing here
+branches on which adapters are selected: the slot indices and weights are tensors that
+:mod:`hotswap_rt.selection` updates in place, so switching never recompiles.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .selection import Selection
+from .training import LayerTrainState
 
 
 class LoraSlotLinear(nn.Module):
@@ -52,6 +55,7 @@ class LoraSlotLinear(nn.Module):
         # Plain attributes, not buffers: shared by all layers, kept out of the model's state_dict.
         self._arena = arena
         self._selection = selection
+        self._train: LayerTrainState | None = None  # set while a trainable adapter targets us
 
     def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of every slot's factors: A ``[S, R, d_in]`` and B ``[S, d_out, R]`` (scaled)."""
@@ -68,8 +72,13 @@ class LoraSlotLinear(nn.Module):
         a_stack, b_stack = self.slot_views()
         active = self._selection.active_slots  # [k]
         k = active.shape[0]
-        a_act = a_stack.index_select(0, active).flatten(0, 1)  # [k*R, d_in]
-        b_act = b_stack.index_select(0, active).permute(1, 0, 2).flatten(1)  # [d_out, k*R]
+        a_sel = a_stack.index_select(0, active)  # [k, R, d_in]
+        b_sel = b_stack.index_select(0, active)  # [k, d_out, R]
+        # Grad mode first: under no_grad dynamo never reads (nor guards on) _train.
+        if torch.is_grad_enabled() and self._train is not None:
+            a_sel, b_sel = self._train.attach(a_sel, b_sel, active)
+        a_act = a_sel.flatten(0, 1)  # [k*R, d_in]
+        b_act = b_sel.permute(1, 0, 2).flatten(1)  # [d_out, k*R]
         h = F.linear(x.to(a_act.dtype), a_act)  # [B, ..., k*R]
         weights = self._selection.row_weights[: x.shape[0]].to(h.dtype)  # [B, k]
         weights = weights.view(x.shape[0], *([1] * (x.dim() - 2)), k, 1)

@@ -117,13 +117,13 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
 
 
 def read_adapter_dir(
-    directory: str | os.PathLike[str], allow_bin: bool = False
+    directory: str | os.PathLike[str], allow_pickle: bool = False
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read ``adapter_config.json`` and the weights file of a PEFT adapter directory.
 
     Args:
         directory: the adapter directory.
-        allow_bin: also accept ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``)
+        allow_pickle: also accept ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``)
             when there is no safetensors file.
 
     Returns:
@@ -148,9 +148,9 @@ def read_adapter_dir(
         return config, _read_safetensors(weights_path)
     bin_path = directory / BIN_NAME
     if bin_path.is_file():
-        if not allow_bin:
+        if not allow_pickle:
             raise AdapterFormatError(
-                f"{bin_path}: pickle weights are refused by default; pass allow_bin=True to read "
+                f"{bin_path}: pickle weights are refused by default; pass allow_pickle=True to read "
                 f"them with torch.load(weights_only=True), or convert to safetensors"
             )
         try:

@@ -16,13 +16,19 @@ from .errors import SlotsBusyError, UnknownAdapterError
 
 @dataclass
 class AdapterRecord:
-    """One loaded adapter: its staged host copy, its device slot (if any), its version."""
+    """One loaded adapter: its staged host copy, its device slot (if any), its version.
+
+    ``weight_scale`` multiplies its selection weight (a trainable adapter's scaling, which its
+    slot does not fold into B; 1.0 otherwise). A ``pinned`` adapter's slot is never reused.
+    """
 
     name: str
     staged: StagedAdapter
     version: int
     slot: int | None = None
     last_used: int = 0
+    weight_scale: float = 1.0
+    pinned: bool = False
 
 
 class AdapterRegistry:
@@ -58,6 +64,7 @@ class AdapterRegistry:
             record = AdapterRecord(name=name, staged=staged, version=1)
         else:
             previous.staged, previous.version = staged, previous.version + 1
+            previous.weight_scale = 1.0
             record = previous
         self.records[name] = record
         self.touch(record)
@@ -79,8 +86,8 @@ class AdapterRegistry:
         return next((slot for slot, owner in enumerate(self.slot_owner) if owner is None), None)
 
     def pick_slot(self, protected: set[int], avoid: set[int] = frozenset()) -> int | None:
-        """A free slot, else the least-recently-used slot outside ``protected`` (preferring one
-        outside ``avoid`` too), else None."""
+        """A free slot, else the least-recently-used slot outside ``protected`` and not pinned
+        (preferring one outside ``avoid`` too), else None."""
         free = self.free_slot()
         if free is not None:
             return free
@@ -88,7 +95,7 @@ class AdapterRegistry:
             candidates = [
                 (self.records[owner].last_used, slot)
                 for slot, owner in enumerate(self.slot_owner)
-                if slot not in excluded and owner is not None
+                if slot not in excluded and owner is not None and not self.records[owner].pinned
             ]
             if candidates:
                 return min(candidates)[1]

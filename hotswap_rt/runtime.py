@@ -28,7 +28,7 @@ from torch import nn
 
 from .arena import SlotArena, StagedAdapter
 from .config import AdapterInfo, RuntimeConfig, lora_scaling
-from .errors import HotswapError, SelectionError
+from .errors import HotswapError, SelectionError, SlotsBusyError
 from .guard import GuardMode, RecompileGuard
 from .inject import find_targets, replace_modules
 from .inputs import as_kwargs, batch_size, unview
@@ -37,11 +37,13 @@ from .peft_format import parse_adapter, read_adapter_dir, resolve_source, write_
 from .registry import AdapterRecord, AdapterRegistry
 from .selection import Selection
 from .stats import SwapStats
+from .runtime_training import TrainingMixin
+from .training import TrainableAdapter, snapshot, uniform_scaling
 
 Activation = str | Mapping[str, float] | None
 
 
-class HotswapRuntime:
+class HotswapRuntime(TrainingMixin):
     """Serve many LoRA adapters from one (compiled) transformers model without recompiling.
 
     Args:
@@ -67,7 +69,7 @@ class HotswapRuntime:
         }
         self.arena = SlotArena(layer_shapes, config.max_rank, config.device_slots, device)
         self.selection = Selection(config.max_batch_size, config.max_active_adapters, device)
-        self._injection = replace_modules(model, {
+        self._layers = {
             name: LoraSlotLinear(
                 base,
                 self.arena.arenas[base.weight.dtype],
@@ -76,7 +78,8 @@ class HotswapRuntime:
                 self.selection,
             )
             for name, base in bases.items()
-        })
+        }
+        self._injection = replace_modules(model, self._layers)
         self.registry = AdapterRegistry(config.host_slots, config.device_slots)
         self.guard = RecompileGuard()
         self._stats = SwapStats()
@@ -89,6 +92,8 @@ class HotswapRuntime:
         self._forward_impl: Callable[..., Any] = self._eager_forward
         self._forward_params = list(inspect.signature(self._eager_forward).parameters)
         self.compiled = False
+        self._trainable: TrainableAdapter | None = None
+        self._frozen_base: list[nn.Parameter] = []  # base parameters we set requires_grad=False
         self._restore_on_eject: dict[str, Any] = {}
         model.forward = self._forward  # instance attribute: model(...) and generate() use it
 
@@ -106,8 +111,9 @@ class HotswapRuntime:
         state_dict: Mapping[str, torch.Tensor] | None = None,
         config: Mapping[str, Any] | Any = None,
         replace: bool = False,
-        allow_bin: bool = False,
+        allow_pickle: bool = False,
         allow_nonfinite: bool = False,
+        trainable: bool = False,
     ) -> AdapterInfo:
         """Load a PEFT LoRA adapter from a directory, a Hub id, or ``state_dict`` + ``config``.
 
@@ -116,12 +122,22 @@ class HotswapRuntime:
         host until activated). ``replace=True`` swaps new weights in under an existing name
         atomically: forwards see the old or the new adapter, never a mix.
 
+        ``allow_pickle=True`` also reads ``adapter_model.bin`` (``torch.load(weights_only=True)``).
+        ``trainable=True`` puts it in a device slot for continued training (see
+        :meth:`add_adapter`); it needs one scaling for all modules.
+
         Raises:
             HotswapError: (a subclass) for any bad input; nothing changes.
         """
         self._check_name(name, replace)
-        staged = self._read_and_stage(source, state_dict, config, allow_bin, allow_nonfinite)
-        return self._commit(name, staged, replace, use_free_slot=True)
+        if trainable:
+            self._check_can_train()
+        staged = self._read_and_stage(
+            source, state_dict, config, allow_pickle, allow_nonfinite, fold_scaling=not trainable
+        )
+        if trainable:
+            uniform_scaling(staged.adapter)
+        return self._commit(name, staged, replace, use_free_slot=True, trainable=trainable)
 
     def prefetch(self, name: str, source: str | os.PathLike[str], **load_kwargs: Any) -> Future:
         """Read, validate and stage an adapter on a background thread; returns a Future.
@@ -130,6 +146,12 @@ class HotswapRuntime:
         same :class:`HotswapError` ``load`` would. Activation copies it into a device slot.
         """
         self._check_name(name, load_kwargs.get("replace", False))
+        unknown = set(load_kwargs) - {"replace", "allow_pickle", "allow_nonfinite"}
+        if unknown:
+            raise HotswapError(
+                f"prefetch accepts replace/allow_pickle/allow_nonfinite, not {sorted(unknown)} "
+                f"(a trainable adapter needs a device slot: use load(..., trainable=True))"
+            )
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hotswap-stage")
         return self._executor.submit(self._prefetch_job, name, source, load_kwargs)
@@ -140,19 +162,38 @@ class HotswapRuntime:
         return self._commit(name, staged, replace, use_free_slot=False)
 
     def _commit(
-        self, name: str, staged: StagedAdapter, replace: bool, use_free_slot: bool
+        self,
+        name: str,
+        staged: StagedAdapter,
+        replace: bool,
+        use_free_slot: bool,
+        trainable: bool = False,
     ) -> AdapterInfo:
         """Register a staged adapter; copy it to a device slot when it replaces a resident one
-        (into a shadow slot when one can be freed) or, if ``use_free_slot``, when a slot is free."""
+        (into a shadow slot when one can be freed) or, if ``use_free_slot``, when a slot is free.
+        A trainable adapter always gets a slot (evicting one the selection does not read)."""
         with self._lock:
             self._check_name(name, replace)
+            if trainable:
+                self._check_can_train()
             self.registry.check_room(name)
-            slot = self._slot_for_load(self.registry.records.get(name), use_free_slot)
+            old = self.registry.records.get(name)
+            slot = self._slot_for_load(old, use_free_slot)
+            if trainable and slot is None:
+                slot = self.registry.pick_slot(self._selected_slots())
+                if slot is None:
+                    raise SlotsBusyError(
+                        f"no device slot can take trainable adapter {name!r}: every slot is read "
+                        f"by the current selection or pinned"
+                    )
             if slot is not None:
                 self._copy_to_slot(slot, staged)
             record = self.registry.put(name, staged)
             if slot is not None:
                 self.registry.assign(record, slot)
+            if trainable:
+                self._start_training(record)
+            if slot is not None:
                 self._write_selection()  # a replaced adapter may now live in a new slot
             self._stats.loads += 1
             return self._info(record)
@@ -165,6 +206,8 @@ class HotswapRuntime:
         """
         with self._lock:
             adapter = self.registry.get(name).staged.adapter
+            if self._trainable is not None and self._trainable.name == name:
+                adapter = snapshot(self._trainable, adapter)  # the trained values, now
         if adapter.base_model_name_or_path is None:
             base = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
             adapter = dataclasses.replace(adapter, base_model_name_or_path=base)
@@ -186,6 +229,8 @@ class HotswapRuntime:
                         f"force=True"
                     )
                 self._rows = [{n: w for n, w in row.items() if n != name} for row in self._rows]
+            if self._trainable is not None and self._trainable.name == name:
+                self._stop_training()
             self.registry.remove(name)
             self._write_selection()
 
@@ -278,8 +323,9 @@ class HotswapRuntime:
         if not self._enabled or not self._rows:
             self.selection.clear()
             return
+        records = self.registry.records
         slot_rows = [
-            {self.registry.records[n].slot: w for n, w in row.items() if w != 0.0}
+            {records[n].slot: w * records[n].weight_scale for n, w in row.items() if w != 0.0}
             for row in self._rows
         ]
         self.selection.write(slot_rows)
@@ -309,8 +355,10 @@ class HotswapRuntime:
             dynamic, mode: passed to ``torch.compile``. With ``mode="reduce-overhead"`` (CUDA
                 graphs) each warm-up runs three times so every graph is recorded before arming.
             guard: what a recompile after warm-up does: "raise", "warn" or "count".
-            training: warm up with autograd enabled (default: under ``torch.no_grad()``, as
-                inference serving runs; dynamo guards on grad mode).
+            training: warm up with autograd enabled *and* under ``torch.no_grad()`` (default:
+                only under ``no_grad``, as inference serving runs; dynamo guards on grad mode).
+                Add the trainable adapter before compiling: its gradient path is part of the
+                graph.
 
         transformers' own auto-compile in ``generate`` (on accelerators with a static cache) is
         switched off on this model (``generation_config.disable_compile``): the runtime's
@@ -335,16 +383,17 @@ class HotswapRuntime:
         self._forward_impl = torch.compile(
             self._eager_forward, fullgraph=fullgraph, dynamic=dynamic, mode=mode
         )
-        grad = contextlib.nullcontext() if training else torch.no_grad()
+        grad_modes = [True, False] if training else [False]
         passes = 3 if mode is not None and "reduce-overhead" in mode else 1
         inputs = [example_inputs] if example_inputs is not None else []
         try:
-            with grad:
-                for _ in range(passes):
-                    for each in [*inputs, *warmup_inputs]:
-                        self.model(**unview(as_kwargs(each)))
-                    if warmup is not None:
-                        warmup(self.model)
+            for grad_mode in grad_modes:
+                with torch.set_grad_enabled(grad_mode):
+                    for _ in range(passes):
+                        for each in [*inputs, *warmup_inputs]:
+                            self.model(**unview(as_kwargs(each)))
+                        if warmup is not None:
+                            warmup(self.model)
         except BaseException:
             self._forward_impl = self._eager_forward
             raise
@@ -377,6 +426,10 @@ class HotswapRuntime:
     def eject(self) -> nn.Module:
         """Undo injection: put the original layers and forward back; the runtime is then unusable."""
         with self._lock:
+            if self._trainable is not None:
+                self._stop_training()
+            for parameter in self._frozen_base:
+                parameter.requires_grad_(True)
             self._injection.undo()
             self.model.__dict__.pop("forward", None)
             if "disable_compile" in self._restore_on_eject:
@@ -404,20 +457,23 @@ class HotswapRuntime:
             raise HotswapError(f"adapter names are non-empty strings, got {name!r}")
         if not replace and name in self.registry.records:
             raise HotswapError(f"adapter {name!r} is already loaded (pass replace=True)")
+        if replace and self._trainable is not None and self._trainable.name == name:
+            raise HotswapError(f"adapter {name!r} is being trained; freeze or unload it first")
 
     def _read_and_stage(
         self,
         source: str | os.PathLike[str] | None,
         state_dict: Mapping[str, torch.Tensor] | None,
         config: Any,
-        allow_bin: bool = False,
+        allow_pickle: bool = False,
         allow_nonfinite: bool = False,
+        fold_scaling: bool = True,
     ) -> StagedAdapter:
         if (source is None) == (state_dict is None):
             raise HotswapError("pass exactly one of a source (directory or Hub id) or state_dict=")
         if source is not None:
             directory = resolve_source(source)
-            config_dict, state = read_adapter_dir(directory, allow_bin=allow_bin)
+            config_dict, state = read_adapter_dir(directory, allow_pickle=allow_pickle)
             where = str(directory)
         else:
             if config is None:
@@ -426,7 +482,7 @@ class HotswapRuntime:
             config_dict = {k: getattr(v, "value", v) for k, v in config_dict.items()}  # enums
             state, where = dict(state_dict), "state_dict"
         adapter = parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite)
-        return self.arena.stage(adapter)
+        return self.arena.stage(adapter, fold_scaling=fold_scaling)
 
     def _slot_for_load(self, old: AdapterRecord | None, use_free_slot: bool) -> int | None:
         """Where a load copies to: for a replacement of a resident adapter a different (shadow)
@@ -477,4 +533,5 @@ class HotswapRuntime:
             source=adapter.source,
             rank_pattern=dict(adapter.rank_pattern),
             alpha_pattern=dict(adapter.alpha_pattern),
+            trainable=self._trainable is not None and self._trainable.name == record.name,
         )

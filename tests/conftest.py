@@ -99,3 +99,25 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="session")
 def input_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7))
+
+
+def snapshot_state(rt: Any, ids: torch.Tensor) -> dict[str, Any]:
+    """Everything a failed operation must leave as it was: slots, selection, registry, logits."""
+    return {
+        "arena": {dtype: a.clone() for dtype, a in rt.arena.arenas.items()},
+        "active_slots": rt.selection.active_slots.clone(),
+        "row_weights": rt.selection.row_weights.clone(),
+        "registry": {n: (r.slot, r.version, id(r.staged)) for n, r in rt.registry.records.items()},
+        "slot_owner": list(rt.registry.slot_owner),
+        "rows": rt.active,
+        "logits": logits(rt.model, ids),
+    }
+
+
+def assert_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
+    for dtype in before["arena"]:
+        assert torch.equal(before["arena"][dtype], after["arena"][dtype]), "slot contents changed"
+    for key in ("active_slots", "row_weights", "logits"):
+        assert torch.equal(before[key], after[key]), f"{key} changed"
+    for key in ("registry", "slot_owner", "rows"):
+        assert before[key] == after[key], f"{key} changed"

@@ -27,7 +27,7 @@ from hotswap_rt import (
     UnknownAdapterError,
 )
 
-from .conftest import BaseModel, logits
+from .conftest import BaseModel, assert_unchanged, logits, snapshot_state
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 HIDDEN = 64
@@ -44,27 +44,6 @@ def env(tmp_path_factory):
     rt.load("other", other)
     rt.activate("good")
     return base, root, rt
-
-
-def _snapshot(rt: HotswapRuntime, ids: torch.Tensor) -> dict[str, Any]:
-    return {
-        "arena": {dtype: a.clone() for dtype, a in rt.arena.arenas.items()},
-        "active_slots": rt.selection.active_slots.clone(),
-        "row_weights": rt.selection.row_weights.clone(),
-        "registry": {n: (r.slot, r.version, id(r.staged)) for n, r in rt.registry.records.items()},
-        "slot_owner": list(rt.registry.slot_owner),
-        "rows": rt.active,
-        "logits": logits(rt.model, ids),
-    }
-
-
-def _assert_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
-    for dtype in before["arena"]:
-        assert torch.equal(before["arena"][dtype], after["arena"][dtype]), "slot contents changed"
-    for key in ("active_slots", "row_weights", "logits"):
-        assert torch.equal(before[key], after[key]), f"{key} changed"
-    for key in ("registry", "slot_owner", "rows"):
-        assert before[key] == after[key], f"{key} changed"
 
 
 def _write_dir(path: Path, config: dict | str | None, state: dict | bytes | None) -> Path:
@@ -202,12 +181,12 @@ def test_bad_adapter_refused_and_nothing_changes(env, input_ids, case: str) -> N
     base, root, rt = env
     build, error, fragment = CASES[case]
     kwargs = build(base, root)
-    before = _snapshot(rt, input_ids)
+    before = snapshot_state(rt, input_ids)
     with pytest.raises(error) as info:
         rt.load("bad", **kwargs)
     assert fragment in str(info.value)
     assert "bad" not in rt.registry.records
-    _assert_unchanged(before, _snapshot(rt, input_ids))
+    assert_unchanged(before, snapshot_state(rt, input_ids))
 
 
 @pytest.mark.parametrize(
@@ -231,11 +210,11 @@ def test_bad_adapter_refused_and_nothing_changes(env, input_ids, case: str) -> N
 )
 def test_bad_operation_refused_and_nothing_changes(env, input_ids, operation, error, fragment) -> None:
     _, _, rt = env
-    before = _snapshot(rt, input_ids)
+    before = snapshot_state(rt, input_ids)
     with pytest.raises(error) as info:
         operation(rt)
     assert fragment in str(info.value)
-    _assert_unchanged(before, _snapshot(rt, input_ids))
+    assert_unchanged(before, snapshot_state(rt, input_ids))
 
 
 def test_too_many_adapters_at_once(env, input_ids, tmp_path) -> None:
@@ -244,10 +223,10 @@ def test_too_many_adapters_at_once(env, input_ids, tmp_path) -> None:
     for i, name in enumerate("xyz"):
         rt.load(name, base.make_adapter(tmp_path / name, seed=20 + i, r=2))
     rt.activate("x")
-    before = _snapshot(rt, input_ids)
+    before = snapshot_state(rt, input_ids)
     with pytest.raises(SelectionError, match="max_active_adapters=2"):
         rt.activate_rows(["x", "y", "z", None])
-    _assert_unchanged(before, _snapshot(rt, input_ids))
+    assert_unchanged(before, snapshot_state(rt, input_ids))
 
 
 def test_batch_size_must_match_rows(env, input_ids) -> None:
