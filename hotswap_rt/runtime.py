@@ -211,6 +211,8 @@ class HotswapRuntime(TrainingMixin):
         if adapter.base_model_name_or_path is None:
             base = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
             adapter = dataclasses.replace(adapter, base_model_name_or_path=base)
+        if adapter.task_type is None:  # e.g. add_adapter: PEFT then builds the matching wrapper
+            adapter = dataclasses.replace(adapter, task_type=_task_type(self.model))
         return str(write_adapter_dir(adapter, directory, overwrite=overwrite))
 
     def unload(self, name: str, force: bool = False) -> None:
@@ -535,3 +537,15 @@ class HotswapRuntime(TrainingMixin):
             alpha_pattern=dict(adapter.alpha_pattern),
             trainable=self._trainable is not None and self._trainable.name == record.name,
         )
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model class, where the name says it."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None

@@ -185,10 +185,12 @@ def test_freeze_turns_it_into_an_inference_adapter(env, tmp_path) -> None:
     saved = Path(rt.save("new", tmp_path / "new"))
     config = json.loads((saved / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8.0, "LORA")
+    assert config["task_type"] == "CAUSAL_LM" and config["use_rslora"] is False
     with safe_open(str(saved / "adapter_model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert f.get_tensor(next(k for k in f.keys() if "lora_A" in k)).shape[0] == 4  # unpadded
     reloaded = PeftModel.from_pretrained(base.clone(), str(saved)).eval()
+    assert type(reloaded).__name__ == "PeftModelForCausalLM"
     assert max_diff(logits(reloaded, IDS), served) <= 1e-5
     # Its slot is an ordinary slot again: LRU may evict it.
     rt.load("other", adapters["other"])
