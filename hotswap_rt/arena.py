@@ -83,6 +83,7 @@ class SlotArena:
             for dtype, size in row_sizes.items()
         }
         self._pin = device.type != "cpu" and torch.accelerator.is_available()
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @property
     def slot_nbytes(self) -> int:
@@ -161,12 +162,28 @@ class SlotArena:
     def write_slot(self, slot: int, staged: StagedAdapter) -> float:
         """Copy a staged adapter into device slot ``slot``: one ``copy_`` per dtype.
 
+        On CUDA the copy runs on a side stream (``non_blocking`` from pinned memory) ordered
+        after the work already queued on the compute stream (which may still read the slot);
+        the compute stream waits on its event, and the host waits for the copy itself (not for
+        the whole device) so the staged row can be evicted or reused right after.
+
         Returns:
-            Seconds the copy took (synchronized on accelerators).
+            Seconds the copy took.
         """
         start = time.perf_counter()
-        for dtype, row in staged.rows.items():
-            self.arenas[dtype][slot].copy_(row, non_blocking=self._pin)
-        if self._pin:
-            torch.accelerator.synchronize(self.device)
+        if self._copy_stream is not None:
+            compute = torch.cuda.current_stream(self.device)
+            self._copy_stream.wait_stream(compute)
+            with torch.cuda.stream(self._copy_stream):
+                for dtype, row in staged.rows.items():
+                    self.arenas[dtype][slot].copy_(row, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._copy_stream)
+            compute.wait_event(done)
+            done.synchronize()
+        else:
+            for dtype, row in staged.rows.items():
+                self.arenas[dtype][slot].copy_(row, non_blocking=self._pin)
+            if self._pin:
+                torch.accelerator.synchronize(self.device)
         return time.perf_counter() - start

@@ -80,6 +80,7 @@ class AdapterInfo:
     ``rank_pattern``/``alpha_pattern`` (module name -> value, only where they differ).
     ``scaling`` is the default ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
     ``bytes`` is the size of its padded slot row(s); ``version`` counts loads under this name.
+    ``tier`` is "device", "host" (staged in the host ring) or "disk" (re-read on activation).
     """
 
     name: str
@@ -95,6 +96,8 @@ class AdapterInfo:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     trainable: bool = False
+    pinned: bool = False
+    leases: int = 0
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:

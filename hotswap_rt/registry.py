@@ -1,44 +1,81 @@
-"""Which adapters the runtime holds, and which of them sit in which device slot.
+"""Which adapters the runtime knows, in which tier each one is, and which device slot holds what.
 
-Two tiers: every loaded adapter keeps its staged host row (up to ``host_slots`` adapters); up to
-``device_slots`` of them also sit in a device slot. A slot is reused least-recently-used first,
-never while the current selection reads it. The registry is bookkeeping only; the runtime does the
-copies, under its lock.
+Three tiers per adapter::
+
+    disk    only its origin (directory + load options) is kept; activation reads it again
+    host    its staged slot row is in the host ring (at most ``host_slots`` adapters)
+    device  it also sits in a device slot (at most ``device_slots`` adapters)
+
+A device-resident adapter keeps its host row (a failed copy can always be repaired from it). Both
+tiers evict least-recently-used first, never a pinned or leased adapter, and the host ring only
+drops adapters it can read again (loaded from a directory or the Hub cache). The registry is
+bookkeeping only; the runtime does the copies and holds the lock.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .arena import StagedAdapter
+from .config import AdapterInfo
 from .errors import SlotsBusyError, UnknownAdapterError
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an adapter can be read again, and with which load options."""
+
+    directory: Path
+    allow_pickle: bool = False
+    allow_nonfinite: bool = False
 
 
 @dataclass
 class AdapterRecord:
-    """One loaded adapter: its staged host copy, its device slot (if any), its version.
+    """One known adapter.
 
-    ``weight_scale`` multiplies its selection weight (a trainable adapter's scaling, which its
-    slot does not fold into B; 1.0 otherwise). A ``pinned`` adapter's slot is never reused.
+    Attributes:
+        staged: its host ring entry, or None when only on disk.
+        info: its static description (tier, version and trainable are filled in on report).
+        origin: where to read it again; None for adapters without a file (state_dict, new).
+        weight_scale: multiplies its selection weight (a trainable adapter's scaling, which its
+            slot does not fold into B; 1.0 otherwise).
+        pinned: never evicted from its device slot (``rt.pin``).
+        leases: outstanding ``rt.lease`` handles; a leased adapter is never evicted.
+        training: it is the trainable adapter (its slot is its only up-to-date copy).
     """
 
     name: str
-    staged: StagedAdapter
+    staged: StagedAdapter | None
+    info: AdapterInfo
     version: int
+    origin: Origin | None = None
     slot: int | None = None
     last_used: int = 0
     weight_scale: float = 1.0
     pinned: bool = False
+    leases: int = 0
+    training: bool = False
+
+    @property
+    def tier(self) -> str:
+        return "device" if self.slot is not None else "host" if self.staged is not None else "disk"
+
+    @property
+    def evictable(self) -> bool:
+        return not self.pinned and self.leases == 0 and not self.training
 
 
 class AdapterRegistry:
-    """Host entries by name and the device slot table, with LRU bookkeeping."""
+    """Records by name, the device slot table, LRU bookkeeping for both tiers."""
 
     def __init__(self, host_slots: int, device_slots: int) -> None:
         self.host_slots = host_slots
         self.records: dict[str, AdapterRecord] = {}
         self.slot_owner: list[str | None] = [None] * device_slots
-        self.evictions = 0
+        self.evictions = 0  # device slot reuses
+        self.host_evictions = 0  # host ring entries dropped to the disk tier
         self._clock = 0
 
     def get(self, name: str) -> AdapterRecord:
@@ -48,24 +85,59 @@ class AdapterRegistry:
             raise UnknownAdapterError(f"no adapter named {name!r} is loaded (loaded: {known})")
         return record
 
-    def check_room(self, name: str) -> None:
-        """Raise unless ``name`` is already held or a host entry is free."""
-        if name not in self.records and len(self.records) >= self.host_slots:
-            raise SlotsBusyError(
-                f"cannot hold adapter {name!r}: all host_slots={self.host_slots} entries are in "
-                f"use ({sorted(self.records)}); unload one or raise RuntimeConfig.host_slots"
-            )
+    # -- host ring -----------------------------------------------------------------------------
+    def host_count(self) -> int:
+        return sum(1 for record in self.records.values() if record.staged is not None)
 
-    def put(self, name: str, staged: StagedAdapter) -> AdapterRecord:
-        """Insert or replace ``name``'s host entry; a replacement keeps its slot and bumps version."""
-        self.check_room(name)
+    def host_victim(self, keep: set[str]) -> AdapterRecord | None:
+        """The least-recently-used host entry that may drop to disk (not in a device slot, not
+        pinned or leased, readable again, not in ``keep``), or None."""
+        candidates = [
+            r for r in self.records.values()
+            if r.staged is not None and r.slot is None and r.evictable and r.origin is not None
+            and r.name not in keep
+        ]
+        return min(candidates, key=lambda r: r.last_used, default=None)
+
+    def check_room(self, name: str, keep: set[str] = frozenset()) -> None:
+        """Raise unless ``name`` already has a host entry, one is free, or one can be dropped."""
+        record = self.records.get(name)
+        if record is not None and record.staged is not None:
+            return
+        if self.host_count() < self.host_slots or self.host_victim(keep | {name}) is not None:
+            return
+        raise SlotsBusyError(
+            f"cannot stage adapter {name!r}: all host_slots={self.host_slots} entries hold "
+            f"adapters that are device-resident, pinned, leased or have no file to re-read "
+            f"({sorted(r.name for r in self.records.values() if r.staged is not None)}); "
+            f"unload one or raise RuntimeConfig.host_slots"
+        )
+
+    def make_room(self, name: str, keep: set[str] = frozenset()) -> None:
+        """Drop LRU host entries to the disk tier until ``name`` fits (after :meth:`check_room`)."""
+        record = self.records.get(name)
+        if record is not None and record.staged is not None:
+            return
+        while self.host_count() >= self.host_slots:
+            victim = self.host_victim(keep | {name})
+            if victim is None:
+                self.check_room(name, keep)  # raises with the explanation
+                return
+            victim.staged = None
+            self.host_evictions += 1
+
+    def put(self, name: str, staged: StagedAdapter, info: AdapterInfo,
+            origin: Origin | None) -> AdapterRecord:
+        """Insert or replace ``name``; a replacement keeps its slot and bumps its version."""
+        self.make_room(name)
         previous = self.records.get(name)
         if previous is None:
-            record = AdapterRecord(name=name, staged=staged, version=1)
+            record = AdapterRecord(name=name, staged=staged, info=info, version=1, origin=origin)
         else:
-            previous.staged, previous.version = staged, previous.version + 1
-            previous.weight_scale = 1.0
             record = previous
+            record.staged, record.info, record.origin = staged, info, origin
+            record.version += 1
+            record.weight_scale = 1.0
         self.records[name] = record
         self.touch(record)
         return record
@@ -81,12 +153,20 @@ class AdapterRegistry:
         self._clock += 1
         record.last_used = self._clock
 
+    # -- device slots --------------------------------------------------------------------------
     def free_slot(self) -> int | None:
         """The first slot holding no adapter, or None."""
         return next((slot for slot, owner in enumerate(self.slot_owner) if owner is None), None)
 
+    def reusable_slots(self, protected: set[int]) -> list[int]:
+        """Slots that are free or hold an evictable adapter, outside ``protected``."""
+        return [
+            slot for slot, owner in enumerate(self.slot_owner)
+            if slot not in protected and (owner is None or self.records[owner].evictable)
+        ]
+
     def pick_slot(self, protected: set[int], avoid: set[int] = frozenset()) -> int | None:
-        """A free slot, else the least-recently-used slot outside ``protected`` and not pinned
+        """A free slot, else the least-recently-used evictable slot outside ``protected``
         (preferring one outside ``avoid`` too), else None."""
         free = self.free_slot()
         if free is not None:
@@ -95,7 +175,7 @@ class AdapterRegistry:
             candidates = [
                 (self.records[owner].last_used, slot)
                 for slot, owner in enumerate(self.slot_owner)
-                if slot not in excluded and owner is not None and not self.records[owner].pinned
+                if slot not in excluded and owner is not None and self.records[owner].evictable
             ]
             if candidates:
                 return min(candidates)[1]

@@ -4,11 +4,14 @@
 
     load(name, dir)  -> parse + validate + stage (host row)  -> registry  -> free device slot?
     activate(...)    -> ensure each adapter has a device slot (LRU)      -> write selection tensors
-    model(...)       -> lock, guard.call(compiled forward)               -> slot layers read arena
+    model(...)       -> enter the forward gate, guard.call(compiled forward) -> slots read arena
 
-Every mutation happens under one re-entrant lock that forwards also take, so a forward never sees
-a slot or the selection half-written. Slow work (reading files, validating, staging) runs outside
-the lock. Each method validates everything before it changes anything.
+Bookkeeping and slot copies happen under one re-entrant lock. Forwards do not hold it while they
+run: they are readers of the forward gate (:mod:`hotswap_rt.gate`), so copies into slots they do
+not read proceed meanwhile, while a selection flip or a write into a slot they read waits for them.
+Slow work (reading files, validating, staging) runs outside the lock. Each method validates
+everything before it changes anything. Residency (tiers, pins, leases) lives in
+:mod:`hotswap_rt.runtime_residency`, training in :mod:`hotswap_rt.runtime_training`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -29,21 +33,23 @@ from torch import nn
 from .arena import SlotArena, StagedAdapter
 from .config import AdapterInfo, RuntimeConfig, lora_scaling
 from .errors import HotswapError, SelectionError, SlotsBusyError
+from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
 from .inject import find_targets, replace_modules
 from .inputs import as_kwargs, batch_size, unview
 from .layers import LoraSlotLinear, base_layer_shape
 from .peft_format import parse_adapter, read_adapter_dir, resolve_source, write_adapter_dir
-from .registry import AdapterRecord, AdapterRegistry
+from .registry import AdapterRecord, AdapterRegistry, Origin
+from .runtime_residency import ResidencyMixin
+from .runtime_training import TrainingMixin
 from .selection import Selection
 from .stats import SwapStats
-from .runtime_training import TrainingMixin
 from .training import TrainableAdapter, snapshot, uniform_scaling
 
 Activation = str | Mapping[str, float] | None
 
 
-class HotswapRuntime(TrainingMixin):
+class HotswapRuntime(ResidencyMixin, TrainingMixin):
     """Serve many LoRA adapters from one (compiled) transformers model without recompiling.
 
     Args:
@@ -84,6 +90,10 @@ class HotswapRuntime(TrainingMixin):
         self.guard = RecompileGuard()
         self._stats = SwapStats()
         self._lock = threading.RLock()
+        self._gate = ForwardGate(self._lock)
+        self._pending: dict[str, Future] = {}  # in-flight prefetches by name
+        self._failed: dict[str, HotswapError] = {}  # background failures not yet reported
+        self._written: list[dict[int, float]] | None = None  # what the selection tensors hold
         self._rows: list[dict[str, float]] = []  # the selection by name; [] = no adapter
         self._per_row = False
         self._enabled = True
@@ -137,43 +147,68 @@ class HotswapRuntime(TrainingMixin):
         )
         if trainable:
             uniform_scaling(staged.adapter)
-        return self._commit(name, staged, replace, use_free_slot=True, trainable=trainable)
+        origin = _origin(staged, allow_pickle, allow_nonfinite) if source is not None else None
+        return self._commit(name, staged, origin, replace, use_free_slot=True, trainable=trainable)
 
     def prefetch(self, name: str, source: str | os.PathLike[str], **load_kwargs: Any) -> Future:
-        """Read, validate and stage an adapter on a background thread; returns a Future.
+        """Read, validate and stage an adapter into the host ring on a background thread.
 
-        The Future's result is the :class:`AdapterInfo` (tier "host"); a failure raises the
-        same :class:`HotswapError` ``load`` would. Activation copies it into a device slot.
+        Returns a Future whose result is the :class:`AdapterInfo` (tier "host"). A failure
+        raises the same :class:`HotswapError` ``load`` would, from the Future *and* from the
+        next ``activate``/``lease``/``pin`` of that name; nothing half-staged is ever visible.
+        Activating a name whose prefetch is in flight waits for it.
         """
-        self._check_name(name, load_kwargs.get("replace", False))
         unknown = set(load_kwargs) - {"replace", "allow_pickle", "allow_nonfinite"}
         if unknown:
             raise HotswapError(
                 f"prefetch accepts replace/allow_pickle/allow_nonfinite, not {sorted(unknown)} "
                 f"(a trainable adapter needs a device slot: use load(..., trainable=True))"
             )
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hotswap-stage")
-        return self._executor.submit(self._prefetch_job, name, source, load_kwargs)
+        with self._lock:
+            self._check_name(name, load_kwargs.get("replace", False))
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hotswap-stage")
+            future = self._executor.submit(self._prefetch_job, name, source, dict(load_kwargs))
+            self._pending[name] = future
+            self._failed.pop(name, None)
+        future.add_done_callback(lambda done: self._prefetch_done(name, done))
+        return future
 
     def _prefetch_job(self, name: str, source: Any, kwargs: dict[str, Any]) -> AdapterInfo:
         replace = kwargs.pop("replace", False)
-        staged = self._read_and_stage(source, None, None, **kwargs)
-        return self._commit(name, staged, replace, use_free_slot=False)
+        try:
+            staged = self._read_and_stage(source, None, None, **kwargs)
+            origin = _origin(staged, kwargs.get("allow_pickle", False),
+                             kwargs.get("allow_nonfinite", False))
+            return self._commit(name, staged, origin, replace, use_free_slot=False, prefetched=True)
+        except HotswapError:
+            raise
+        except Exception as exc:  # an OSError mid-read, ...: still a HotswapError to callers
+            raise HotswapError(f"prefetch of {name!r} from {source!r} failed: {exc!r}") from exc
+
+    def _prefetch_done(self, name: str, future: Future) -> None:
+        with self._lock:
+            if self._pending.get(name) is future:
+                del self._pending[name]
+            error = None if future.cancelled() else future.exception()
+            if isinstance(error, HotswapError):
+                self._failed[name] = error
 
     def _commit(
         self,
         name: str,
         staged: StagedAdapter,
+        origin: Origin | None,
         replace: bool,
         use_free_slot: bool,
         trainable: bool = False,
+        prefetched: bool = False,
     ) -> AdapterInfo:
         """Register a staged adapter; copy it to a device slot when it replaces a resident one
         (into a shadow slot when one can be freed) or, if ``use_free_slot``, when a slot is free.
         A trainable adapter always gets a slot (evicting one the selection does not read)."""
         with self._lock:
-            self._check_name(name, replace)
+            self._check_name(name, replace, prefetched)
             if trainable:
                 self._check_can_train()
             self.registry.check_room(name)
@@ -188,7 +223,8 @@ class HotswapRuntime(TrainingMixin):
                     )
             if slot is not None:
                 self._copy_to_slot(slot, staged)
-            record = self.registry.put(name, staged)
+            record = self.registry.put(name, staged, self._describe(name, staged), origin)
+            self._failed.pop(name, None)
             if slot is not None:
                 self.registry.assign(record, slot)
             if trainable:
@@ -205,9 +241,15 @@ class HotswapRuntime(TrainingMixin):
             UnknownAdapterError, AdapterFormatError: unknown name; non-empty target directory.
         """
         with self._lock:
-            adapter = self.registry.get(name).staged.adapter
+            record = self.registry.get(name)
+            staged = record.staged
             if self._trainable is not None and self._trainable.name == name:
-                adapter = snapshot(self._trainable, adapter)  # the trained values, now
+                assert staged is not None
+                adapter = snapshot(self._trainable, staged.adapter)  # the trained values, now
+        if staged is None:  # disk tier: read it again (validated like any load)
+            staged, _ = self._restage(record)
+        if not (self._trainable is not None and self._trainable.name == name):
+            adapter = staged.adapter
         if adapter.base_model_name_or_path is None:
             base = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
             adapter = dataclasses.replace(adapter, base_model_name_or_path=base)
@@ -223,7 +265,12 @@ class HotswapRuntime(TrainingMixin):
                 drop it from the selection, its rows then use the base model).
         """
         with self._lock:
-            self.registry.get(name)
+            record = self.registry.get(name)
+            if record.leases and not force:
+                raise SlotsBusyError(
+                    f"adapter {name!r} has {record.leases} outstanding lease(s); release them "
+                    f"or pass force=True"
+                )
             if any(name in row for row in self._rows):
                 if not force:
                     raise HotswapError(
@@ -234,6 +281,7 @@ class HotswapRuntime(TrainingMixin):
             if self._trainable is not None and self._trainable.name == name:
                 self._stop_training()
             self.registry.remove(name)
+            self._failed.pop(name, None)
             self._write_selection()
 
     # -------------------------------------------------------------------------- selection
@@ -300,37 +348,48 @@ class HotswapRuntime(TrainingMixin):
         raise SelectionError(f"an activation is a name, a {{name: weight}} dict or None, got {spec!r}")
 
     def _select(self, rows: list[dict[str, float]], per_row: bool) -> None:
+        names = sorted({n for row in rows for n, w in row.items() if w != 0.0})
+        with self._lock:  # unknown names first: nothing is waited for or copied
+            for name in names:
+                if name not in self._pending and name not in self._failed:
+                    self.registry.get(name)
+        self.selection.check(len(rows), names)
+        prestaged = self._prepare(names)  # outside the lock: prefetches, disk reads
         with self._lock:
-            names = sorted({n for row in rows for n, w in row.items() if w != 0.0})
             records = [self.registry.get(n) for n in names]  # unknown name: raise before change
-            self.selection.check(len(rows), names)  # before any copy
-            protected = {r.slot for r in records if r.slot is not None}
-            for record in records:
-                self.registry.touch(record)
-                if record.slot is not None:
-                    self._stats.hits["device"] += 1
-                    continue
-                # Prefer a slot the current selection does not read, so a failed copy leaves
-                # what is being served intact.
-                slot = self.registry.pick_slot(protected, avoid=self._selected_slots())
-                assert slot is not None  # max_active_adapters <= device_slots guarantees room
-                self._copy_to_slot(slot, record.staged)
-                self.registry.assign(record, slot)
-                protected.add(slot)
-                self._stats.hits["host"] += 1
+            self._ensure_resident(records, prestaged)
             self._rows, self._per_row = rows, per_row
             self._write_selection()
 
     def _write_selection(self) -> None:
-        if not self._enabled or not self._rows:
-            self.selection.clear()
-            return
+        """Write the selection tensors for ``_rows`` (lock held), after running forwards end;
+        skipped when they already hold exactly that."""
         records = self.registry.records
-        slot_rows = [
+        slot_rows = [] if not self._enabled else [
             {records[n].slot: w * records[n].weight_scale for n, w in row.items() if w != 0.0}
             for row in self._rows
         ]
-        self.selection.write(slot_rows)
+        slot_rows = [row for row in slot_rows if row] if len(slot_rows) == 1 else slot_rows
+        if slot_rows == self._written:
+            return
+        self._gate.wait_idle()
+        if not slot_rows or not any(slot_rows):
+            self.selection.clear()
+        else:
+            self.selection.write(slot_rows)
+        self._written = slot_rows
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """``with rt.hold():`` keeps the selection (and the slots it reads) fixed for the block,
+        e.g. across the many forwards of one ``generate``. Other threads' changes wait; this
+        thread must not change the selection inside the block."""
+        with self._lock:
+            self._gate.enter()
+        try:
+            yield
+        finally:
+            self._gate.exit()
 
     # ------------------------------------------------------------------------ compile and run
     def compile(
@@ -410,9 +469,13 @@ class HotswapRuntime(TrainingMixin):
             kwargs = unview(kwargs)
         batch = batch_size(args, kwargs)
         with self._lock:
+            self._gate.enter()  # from here on the selection and its slots cannot change
+        try:
             if batch is not None:
                 self._check_batch(batch)
             return self.guard.call(self._forward_impl, *args, **kwargs)
+        finally:
+            self._gate.exit()
 
     def _check_batch(self, batch: int) -> None:
         if batch > self.config.max_batch_size:
@@ -451,12 +514,16 @@ class HotswapRuntime(TrainingMixin):
     def stats(self) -> dict[str, Any]:
         """Counters: loads, swaps, hits per tier, evictions, bytes copied, swap latency p50/p99."""
         with self._lock:
-            return self._stats.as_dict(evictions=self.registry.evictions)
+            return self._stats.as_dict(
+                evictions=self.registry.evictions, host_evictions=self.registry.host_evictions
+            )
 
     # ------------------------------------------------------------------------------ helpers
-    def _check_name(self, name: Any, replace: bool) -> None:
+    def _check_name(self, name: Any, replace: bool, prefetched: bool = False) -> None:
         if not isinstance(name, str) or not name:
             raise HotswapError(f"adapter names are non-empty strings, got {name!r}")
+        if name in self._pending and not prefetched:
+            raise HotswapError(f"a prefetch of {name!r} is in flight; wait for its Future first")
         if not replace and name in self.registry.records:
             raise HotswapError(f"adapter {name!r} is already loaded (pass replace=True)")
         if replace and self._trainable is not None and self._trainable.name == name:
@@ -486,56 +553,33 @@ class HotswapRuntime(TrainingMixin):
         adapter = parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite)
         return self.arena.stage(adapter, fold_scaling=fold_scaling)
 
-    def _slot_for_load(self, old: AdapterRecord | None, use_free_slot: bool) -> int | None:
-        """Where a load copies to: for a replacement of a resident adapter a different (shadow)
-        slot if one can be freed, else its own slot; otherwise a free slot, if wanted."""
-        if old is None or old.slot is None:
-            return self.registry.free_slot() if use_free_slot else None
-        protected = self._selected_slots() | {old.slot}
-        shadow = self.registry.pick_slot(protected)
-        return shadow if shadow is not None else old.slot
-
-    def _selected_slots(self) -> set[int]:
-        names = {n for row in self._rows for n in row}
-        return {s for n in names if (s := self.registry.records[n].slot) is not None}
-
-    def _copy_to_slot(self, slot: int, staged: StagedAdapter) -> None:
-        try:
-            seconds = self.arena.write_slot(slot, staged)
-        except BaseException:
-            self._recover_slot(slot)
-            raise
-        self._stats.record_swap(staged.nbytes, seconds)
-
-    def _recover_slot(self, slot: int) -> None:
-        """After a failed copy into ``slot``: if the selection reads it, copy its owner back from
-        the host; otherwise (or if that fails too) the slot no longer holds its owner."""
-        owner = self.registry.slot_owner[slot]
-        if owner is not None and slot in self._selected_slots():
-            try:
-                self.arena.write_slot(slot, self.registry.records[owner].staged)
-                return
-            except Exception:
-                self._rows = [{n: w for n, w in row.items() if n != owner} for row in self._rows]
-        self.registry.vacate(slot)
-        self._write_selection()
-
     def _info(self, record: AdapterRecord) -> AdapterInfo:
-        adapter = record.staged.adapter
+        return dataclasses.replace(
+            record.info,
+            tier=record.tier,
+            version=record.version,
+            trainable=self._trainable is not None and self._trainable.name == record.name,
+            pinned=record.pinned,
+            leases=record.leases,
+        )
+
+    @staticmethod
+    def _describe(name: str, staged: StagedAdapter) -> AdapterInfo:
+        """The static part of an adapter's :class:`AdapterInfo` (kept when it drops to disk)."""
+        adapter = staged.adapter
         return AdapterInfo(
-            name=record.name,
+            name=name,
             rank=adapter.rank,
             alpha=adapter.alpha,
             use_rslora=adapter.use_rslora,
             scaling=lora_scaling(adapter.rank, adapter.alpha, adapter.use_rslora),
             targets=tuple(adapter.modules),
-            tier="device" if record.slot is not None else "host",
-            bytes=record.staged.nbytes,
-            version=record.version,
+            tier="host",
+            bytes=staged.nbytes,
+            version=0,
             source=adapter.source,
             rank_pattern=dict(adapter.rank_pattern),
             alpha_pattern=dict(adapter.alpha_pattern),
-            trainable=self._trainable is not None and self._trainable.name == record.name,
         )
 
 
@@ -549,3 +593,9 @@ def _task_type(model: nn.Module) -> str | None:
     if name.endswith("ForTokenClassification"):
         return "TOKEN_CLS"
     return None
+
+
+def _origin(staged: StagedAdapter, allow_pickle: bool, allow_nonfinite: bool) -> Origin | None:
+    """Where a directory-loaded adapter can be read again (its source is the resolved dir)."""
+    source = staged.adapter.source
+    return None if source is None else Origin(Path(source), allow_pickle, allow_nonfinite)

@@ -64,7 +64,7 @@ class TrainingMixin:
                 )
         adapter = fresh_adapter(self.arena, layer_names, rank, float(alpha), use_rslora, init)
         staged = self.arena.stage(adapter, fold_scaling=not trainable)
-        return self._commit(name, staged, False, use_free_slot=True, trainable=trainable)
+        return self._commit(name, staged, None, False, use_free_slot=True, trainable=trainable)
 
     # ---------------------------------------------------------------------------- training
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -94,7 +94,7 @@ class TrainingMixin:
             staged = self.arena.stage(snapshot(self._trainable, record.staged.adapter))
             self._stop_training()
             record.staged, record.weight_scale = staged, 1.0
-            assert record.slot is not None  # a trainable adapter is pinned to its slot
+            assert record.slot is not None  # a trainable adapter never leaves its slot
             self._copy_to_slot(record.slot, staged)
             self._write_selection()
             return self._info(record)
@@ -109,7 +109,7 @@ class TrainingMixin:
     def _start_training(self, record: AdapterRecord) -> None:
         assert record.slot is not None
         trainable = make_trainable(self.arena, record.slot, record.name, record.staged.adapter)
-        record.weight_scale, record.pinned = trainable.scaling, True
+        record.weight_scale, record.training = trainable.scaling, True
         for layer_name, state in trainable.layers.items():
             self._layers[layer_name]._train = state
         for parameter in self.model.parameters():
@@ -128,6 +128,6 @@ class TrainingMixin:
                 parameter.data = parameter.data.clone()
         record = self.registry.records.get(self._trainable.name)
         if record is not None:
-            record.pinned = False
+            record.training = False
         self._trainable = None
 

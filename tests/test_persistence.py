@@ -86,7 +86,7 @@ def test_prefetch_stages_on_host_then_activate_copies(llama_and_adapter, input_i
     assert "bad" not in {i.name for i in rt.adapters()}
 
 
-def test_lru_eviction_and_host_capacity(llama_and_adapter, tmp_path, input_ids) -> None:
+def test_lru_eviction_across_tiers(llama_and_adapter, tmp_path, input_ids) -> None:
     from hotswap_rt import SlotsBusyError
 
     base, path = llama_and_adapter
@@ -97,14 +97,32 @@ def test_lru_eviction_and_host_capacity(llama_and_adapter, tmp_path, input_ids) 
     tiers = {i.name: i.tier for i in rt.adapters()}
     assert tiers == {"a": "device", "b": "device", "c": "host"}
     rt.activate("a")
+    expected = logits(rt.model, input_ids)
     rt.activate("c")  # evicts b (least recently used, not selected)
     tiers = {i.name: i.tier for i in rt.adapters()}
     assert tiers == {"a": "device", "b": "host", "c": "device"} and rt.stats()["evictions"] == 1
-    with pytest.raises(SlotsBusyError, match="host_slots=3"):
-        rt.load("d", path)
-    rt.unload("b")
-    rt.load("d", path)
-    assert {i.name for i in rt.adapters()} == {"a", "c", "d"}
+    rt.load("d", path)  # the host ring is full: b (host-only, least recently used) drops to disk
+    tiers = {i.name: i.tier for i in rt.adapters()}
+    assert tiers == {"a": "device", "b": "disk", "c": "device", "d": "host"}
+    assert rt.stats()["host_evictions"] == 1
+    rt.activate("b")  # read again from its directory, validated, staged, copied
+    stats = rt.stats()
+    assert rt.adapters()[-1].tier == "device" and stats["hits"]["disk"] == 1
+    assert stats["swap_latency_ms"]["disk"]["p50"] > 0
+    assert torch.equal(logits(rt.model, input_ids), expected)  # same weights as "a"
+    assert {i.name: i.tier for i in rt.adapters()}["d"] == "disk"  # made room for b
+    # Adapters without a file cannot drop to disk: a ring full of them refuses a new load.
+    rt2 = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=8,
+                                                     device_slots=1, host_slots=2))
+    state = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 64),
+             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 2)}
+    rt2.load("s1", state_dict=state, config={"r": 2, "lora_alpha": 2})
+    rt2.load("s2", state_dict=state, config={"r": 2, "lora_alpha": 2})
+    with pytest.raises(SlotsBusyError, match="host_slots=2"):
+        rt2.load("d", path)
+    rt2.unload("s2")
+    rt2.load("d", path)
+    assert {i.name for i in rt2.adapters()} == {"s1", "d"}
 
 
 def test_failed_slot_copy_keeps_serving_previous_adapter(llama_and_adapter, tmp_path, input_ids,
