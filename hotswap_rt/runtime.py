@@ -90,10 +90,11 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
         self.guard = RecompileGuard()
         self._stats = SwapStats()
         self._lock = threading.RLock()
-        self._gate = ForwardGate(self._lock)
+        self._gate = ForwardGate()
         self._pending: dict[str, Future] = {}  # in-flight prefetches by name
         self._failed: dict[str, HotswapError] = {}  # background failures not yet reported
         self._written: list[dict[int, float]] | None = None  # what the selection tensors hold
+        self._served_rows: int | None = None  # rows the tensors were written for (per-row)
         self._rows: list[dict[str, float]] = []  # the selection by name; [] = no adapter
         self._per_row = False
         self._enabled = True
@@ -207,7 +208,7 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
         """Register a staged adapter; copy it to a device slot when it replaces a resident one
         (into a shadow slot when one can be freed) or, if ``use_free_slot``, when a slot is free.
         A trainable adapter always gets a slot (evicting one the selection does not read)."""
-        with self._lock:
+        with self._mutation():
             self._check_name(name, replace, prefetched)
             if trainable:
                 self._check_can_train()
@@ -264,7 +265,7 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
             HotswapError: the adapter is part of the current selection (pass ``force=True`` to
                 drop it from the selection, its rows then use the base model).
         """
-        with self._lock:
+        with self._mutation():
             record = self.registry.get(name)
             if record.leases and not force:
                 raise SlotsBusyError(
@@ -304,20 +305,20 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
 
     def enable(self) -> None:
         """Use the current selection again after :meth:`disable`."""
-        with self._lock:
+        with self._mutation():
             self._enabled = True
             self._write_selection()
 
     def disable(self) -> None:
         """Run the base model, keeping the selection for :meth:`enable`."""
-        with self._lock:
+        with self._mutation():
             self._enabled = False
             self._write_selection()
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """``with rt.disabled():`` runs the base model inside the block."""
-        with self._lock:
+        with self._mutation():
             was_enabled = self._enabled
             self.disable()
         try:
@@ -355,7 +356,7 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
                     self.registry.get(name)
         self.selection.check(len(rows), names)
         prestaged = self._prepare(names)  # outside the lock: prefetches, disk reads
-        with self._lock:
+        with self._mutation():
             records = [self.registry.get(n) for n in names]  # unknown name: raise before change
             self._ensure_resident(records, prestaged)
             self._rows, self._per_row = rows, per_row
@@ -370,22 +371,30 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
             for row in self._rows
         ]
         slot_rows = [row for row in slot_rows if row] if len(slot_rows) == 1 else slot_rows
-        if slot_rows == self._written:
+        served_rows = len(self._rows) if self._per_row and self._enabled else None
+        if slot_rows == self._written and served_rows == self._served_rows:
             return
-        self._gate.wait_idle()
-        if not slot_rows or not any(slot_rows):
+        self.selection.check(len(slot_rows), sorted({s for row in slot_rows for s in row}))
+        if not any(slot_rows):
             self.selection.clear()
         else:
             self.selection.write(slot_rows)
-        self._written = slot_rows
+        self._written, self._served_rows = slot_rows, served_rows
+
+    @contextlib.contextmanager
+    def _mutation(self) -> Iterator[None]:
+        """Exclusive access for a change: wait until no forward runs (keeping new ones out),
+        *then* take the runtime lock. In that order a writer never holds the lock while it
+        waits for a forward, so a forwarding thread may still call read-only methods."""
+        with self._gate.writing(), self._lock:
+            yield
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """``with rt.hold():`` keeps the selection (and the slots it reads) fixed for the block,
         e.g. across the many forwards of one ``generate``. Other threads' changes wait; this
         thread must not change the selection inside the block."""
-        with self._lock:
-            self._gate.enter()
+        self._gate.enter()
         try:
             yield
         finally:
@@ -468,8 +477,7 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
         if self.compiled:
             kwargs = unview(kwargs)
         batch = batch_size(args, kwargs)
-        with self._lock:
-            self._gate.enter()  # from here on the selection and its slots cannot change
+        self._gate.enter()  # from here on the selection and the slots it reads cannot change
         try:
             if batch is not None:
                 self._check_batch(batch)
@@ -483,14 +491,13 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
                 f"batch of {batch} rows exceeds RuntimeConfig.max_batch_size="
                 f"{self.config.max_batch_size}"
             )
-        if self._per_row and self._enabled and batch != len(self._rows):
-            raise SelectionError(
-                f"activate_rows set {len(self._rows)} rows but the batch has {batch}"
-            )
+        rows = self._served_rows  # what the selection tensors were written for
+        if rows is not None and batch != rows:
+            raise SelectionError(f"activate_rows set {rows} rows but the batch has {batch}")
 
     def eject(self) -> nn.Module:
         """Undo injection: put the original layers and forward back; the runtime is then unusable."""
-        with self._lock:
+        with self._mutation():
             if self._trainable is not None:
                 self._stop_training()
             for parameter in self._frozen_base:
@@ -522,7 +529,8 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
     def _check_name(self, name: Any, replace: bool, prefetched: bool = False) -> None:
         if not isinstance(name, str) or not name:
             raise HotswapError(f"adapter names are non-empty strings, got {name!r}")
-        if name in self._pending and not prefetched:
+        pending = self._pending.get(name)
+        if pending is not None and not pending.done() and not prefetched:
             raise HotswapError(f"a prefetch of {name!r} is in flight; wait for its Future first")
         if not replace and name in self.registry.records:
             raise HotswapError(f"adapter {name!r} is already loaded (pass replace=True)")

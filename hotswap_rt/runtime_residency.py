@@ -6,8 +6,8 @@
 
 Activation, ``lease`` and ``pin`` bring adapters into device slots. Slow work (waiting for a
 prefetch, re-reading a disk-tier adapter) happens before the runtime lock is taken; the lock is
-held only for bookkeeping and the slot copies. A copy into a slot the running forwards read waits
-for them (the forward gate); copies into other slots run while forwards run.
+held only for bookkeeping and the slot copies, and every change waits for running forwards first
+(the forward gate), so a forward never sees a slot or the selection mid-change.
 
 A mixin so that ``runtime.py`` stays readable; it uses the runtime's registry, arena, gate,
 stats and lock.
@@ -81,7 +81,7 @@ class ResidencyMixin:
     def pin(self, name: str) -> AdapterInfo:
         """Bring ``name`` into a device slot and keep it there until :meth:`unpin`."""
         prestaged = self._prepare([name])
-        with self._lock:
+        with self._mutation():
             record = self.registry.get(name)
             self._ensure_resident([record], prestaged)
             record.pinned = True
@@ -101,7 +101,7 @@ class ResidencyMixin:
             SlotsBusyError: every slot is pinned, leased or read by the current selection.
         """
         prestaged = self._prepare([name])
-        with self._lock:
+        with self._mutation():
             record = self.registry.get(name)
             self._ensure_resident([record], prestaged)
             record.leases += 1
@@ -118,13 +118,13 @@ class ResidencyMixin:
         disk-tier adapters (staged row, seconds it took). Runs without the lock."""
         for name in names:
             future = self._pending.get(name)
-            if future is not None:
-                try:
-                    future.result()
-                except HotswapError:
-                    pass  # recorded in _failed by the done-callback; raised just below
+            error = future.exception() if future is not None else None  # waits for it
             with self._lock:
-                failure = self._failed.pop(name, None)
+                if future is not None and self._pending.get(name) is future:
+                    del self._pending[name]  # consumed here, before its done-callback ran
+                    failure = error if isinstance(error, HotswapError) else None
+                else:
+                    failure = self._failed.pop(name, None)
             if failure is not None:
                 raise HotswapError(f"background load of {name!r} failed: {failure}") from failure
         prestaged = {}
@@ -189,16 +189,13 @@ class ResidencyMixin:
         return shadow if shadow is not None else old.slot
 
     def _selected_slots(self) -> set[int]:
-        names = {n for row in self._rows for n in row}
-        return {s for n in names if (s := self.registry.records[n].slot) is not None}
+        """Slots the selection tensors currently give a non-zero weight: what forwards read."""
+        return {slot for row in self._written or [] for slot, weight in row.items() if weight}
 
     def _copy_to_slot(
         self, slot: int, staged: StagedAdapter, tier: str = "host", extra_seconds: float = 0.0
     ) -> None:
-        """Copy a staged row into ``slot`` (lock held), waiting for running forwards first if
-        the selection reads that slot; repair the slot if the copy fails."""
-        if slot in self._selected_slots():
-            self._gate.wait_idle()
+        """Copy a staged row into ``slot`` (inside a mutation); repair the slot if it fails."""
         try:
             seconds = self.arena.write_slot(slot, staged)
         except BaseException:

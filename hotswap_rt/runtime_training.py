@@ -87,7 +87,7 @@ class TrainingMixin:
         folded into B, the slot layers stop attaching its parameters, and its slot may be
         reused. The old parameters are detached from the slot (they keep a copy of the trained
         values), so an optimizer still holding them can no longer change what is served."""
-        with self._lock:
+        with self._mutation():
             record = self.registry.get(name)
             if self._trainable is None or self._trainable.name != name:
                 raise HotswapError(f"adapter {name!r} is not trainable")

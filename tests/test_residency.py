@@ -1,0 +1,276 @@
+"""Tiers, pins, leases, holds, background failures, and forwards running while other threads
+load, prefetch, replace and activate.
+
+The concurrency tests check every output against precomputed references: each forward must equal
+the output of exactly one adapter version (or the base model), never a mix.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig, SlotsBusyError
+
+from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, assert_unchanged, logits, snapshot_state
+
+IDS = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = BaseModel("llama", seed=31)
+    root = tmp_path_factory.mktemp("residency")
+    paths = {n: base.make_adapter(root / n, seed=50 + i, r=2 + 2 * i, lora_alpha=8)
+             for i, n in enumerate(NAMES)}
+    reference = base.peft_reference(paths)
+    expected = {}
+    for name in NAMES:
+        reference.set_adapter(name)
+        expected[name] = logits(reference, IDS)
+    expected[None] = logits(base.model, IDS)
+    return base, paths, expected
+
+
+def _runtime(base: BaseModel, device_slots: int = 2, host_slots: int = 4) -> HotswapRuntime:
+    return HotswapRuntime(base.clone(), RuntimeConfig(
+        ATTENTION_TARGETS["llama"], max_rank=16, device_slots=device_slots, host_slots=host_slots,
+        max_active_adapters=1))
+
+
+def _matches(output: torch.Tensor, expected: dict) -> list:
+    return [key for key, value in expected.items() if (output - value).abs().max().item() <= 1e-4]
+
+
+def test_pin_keeps_an_adapter_resident(env) -> None:
+    base, paths, expected = env
+    rt = _runtime(base)
+    for name in "abc":
+        rt.load(name, paths[name])
+    assert rt.pin("c").tier == "device"  # c was host-only: pinning copies it in
+    for name in ("a", "b", "a", "b"):
+        rt.activate(name)
+        assert torch.allclose(logits(rt.model, IDS), expected[name], atol=1e-4)
+        assert {i.name: i.tier for i in rt.adapters()}["c"] == "device"
+    rt.pin("a")  # both slots pinned now; b cannot come in
+    rt.activate("a")
+    before = snapshot_state(rt, IDS)
+    with pytest.raises(SlotsBusyError, match="pinned, leased"):
+        rt.activate("b")
+    assert_unchanged(before, snapshot_state(rt, IDS))
+    rt.unpin("c")
+    rt.activate("b")
+    assert {i.name: i.tier for i in rt.adapters()}["c"] == "host"
+
+
+def test_lease_is_idempotent_thread_safe_and_released_on_gc(env) -> None:
+    base, paths, _ = env
+    rt = _runtime(base)
+    for name in "abc":
+        rt.load(name, paths[name])
+    lease = rt.lease("c")
+    assert rt.registry.records["c"].leases == 1 and rt.adapters()[-1].leases == 1
+    second = rt.lease("c")
+    with pytest.raises(SlotsBusyError, match="lease"):
+        rt.unload("c")
+    barrier = threading.Barrier(8)
+
+    def release() -> None:
+        barrier.wait()
+        lease.release()
+
+    threads = [threading.Thread(target=release) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert lease.released and rt.registry.records["c"].leases == 1  # released exactly once
+    del second
+    gc.collect()
+    assert rt.registry.records["c"].leases == 0
+    with rt.lease("a") as held:
+        rt.activate("b")
+        rt.activate("c")  # a is leased: c takes b's slot, never a's
+        assert rt.registry.records["a"].slot is not None and rt.registry.records["b"].slot is None
+    assert held.released
+
+
+def test_forward_gate_hold_blocks_other_threads_changes(env) -> None:
+    base, paths, expected = env
+    rt = _runtime(base)
+    rt.load("a", paths["a"])
+    rt.load("b", paths["b"])
+    rt.activate("a")
+    flipped = threading.Event()
+
+    def flip() -> None:
+        rt.activate("b")
+        flipped.set()
+
+    with rt.hold():
+        thread = threading.Thread(target=flip)
+        thread.start()
+        time.sleep(0.2)
+        assert not flipped.is_set()  # waits for the hold to end
+        assert torch.allclose(logits(rt.model, IDS), expected["a"], atol=1e-4)
+        with pytest.raises(HotswapError, match="inside a forward or an rt.hold"):
+            rt.activate("b")  # this thread would wait for itself
+    thread.join(timeout=10)
+    assert flipped.is_set()
+    assert torch.allclose(logits(rt.model, IDS), expected["b"], atol=1e-4)
+
+
+def test_prefetch_failure_surfaces_from_future_and_next_activate(env, tmp_path) -> None:
+    base, paths, expected = env
+    rt = _runtime(base)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    future = rt.prefetch("x", broken)
+    with pytest.raises(HotswapError, match="not a valid safetensors"):
+        future.result(timeout=30)
+    with pytest.raises(HotswapError, match="background load of 'x' failed"):
+        rt.activate("x")
+    with pytest.raises(HotswapError, match="no adapter named 'x'"):
+        rt.activate("x")  # reported once; then it is simply unknown
+    assert rt.adapters() == []
+    # Activating right after prefetch waits for it (no sleep, no result()).
+    rt.prefetch("a", paths["a"])
+    rt.activate("a")
+    assert torch.allclose(logits(rt.model, IDS), expected["a"], atol=1e-4)
+
+
+def test_prefetch_of_a_file_that_disappears_fails_cleanly(env, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from hotswap_rt import peft_format
+
+    base, paths, _ = env
+    rt = _runtime(base)
+    copy = tmp_path / "vanishing"
+    shutil.copytree(paths["a"], copy)
+    real_read = peft_format.read_adapter_dir
+
+    def read_after_delete(directory, **kwargs):
+        shutil.rmtree(copy)
+        return real_read(directory, **kwargs)
+
+    monkeypatch.setattr("hotswap_rt.runtime.read_adapter_dir", read_after_delete)
+    with pytest.raises(HotswapError, match="missing"):
+        rt.prefetch("v", copy).result(timeout=30)
+    assert rt.adapters() == []
+
+
+def test_save_of_a_disk_tier_adapter_reads_it_again(env, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    base, paths, _ = env
+    rt = _runtime(base, device_slots=1, host_slots=2)
+    for name in "abc":
+        rt.load(name, paths[name])
+    assert {i.name: i.tier for i in rt.adapters()} == {"a": "device", "b": "disk", "c": "host"}
+    saved = Path(rt.save("b", tmp_path / "b"))
+    original = load_file(str(paths["b"] / "adapter_model.safetensors"))
+    written = load_file(str(saved / "adapter_model.safetensors"))
+    assert original.keys() == written.keys()
+    assert all(torch.equal(original[k], written[k]) for k in original)
+
+
+def _concurrent_run(rt: HotswapRuntime, paths: dict[str, Path], expected: dict,
+                    seconds: float = 3.0) -> dict[str, int]:
+    """Forwards in a loop on one thread; three threads activate, load/replace/unload and
+    prefetch. Returns counts; raises if any output is not exactly one reference."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    counts = {"forwards": 0, "activations": 0, "loads": 0, "prefetches": 0}
+    # Version 2 of each name carries another adapter's weights: outputs then match that one.
+    swap_for = {"a": "b", "b": "c", "c": "a"}
+
+    def forwards() -> None:
+        while not stop.is_set():
+            out = logits(rt.model, IDS)
+            matched = _matches(out, expected)
+            if len(matched) != 1:
+                errors.append(AssertionError(f"output matches {matched}, not exactly one"))
+                return
+            counts["forwards"] += 1
+
+    def activations(rng: random.Random) -> None:
+        while not stop.is_set():
+            name = rng.choice(["a", "b", "c", None])
+            try:
+                rt.activate(name)
+                counts["activations"] += 1
+            except (SlotsBusyError, HotswapError) as exc:
+                if "no adapter named" not in str(exc) and "in flight" not in str(exc):
+                    raise
+
+    def loads(rng: random.Random) -> None:
+        while not stop.is_set():
+            name = rng.choice(["a", "b", "c"])
+            source = paths[rng.choice([name, swap_for[name]])]
+            rt.load(name, source, replace=True)
+            counts["loads"] += 1
+
+    def prefetches(rng: random.Random) -> None:
+        while not stop.is_set():
+            rt.prefetch("d", paths["d"], replace=True).result()
+            try:
+                rt.unload("d", force=True)
+            except HotswapError:
+                pass
+            counts["prefetches"] += 1
+
+    def guarded(fn, *args):
+        def run():
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                stop.set()
+        return threading.Thread(target=run)
+
+    threads = [guarded(forwards), guarded(activations, random.Random(1)),
+               guarded(loads, random.Random(2)), guarded(prefetches, random.Random(3))]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return counts
+
+
+def test_forwards_while_other_threads_load_replace_prefetch_activate(env) -> None:
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=3, host_slots=6)
+    for name in "abc":
+        rt.load(name, paths[name])
+    counts = _concurrent_run(rt, paths, {k: expected[k] for k in ("a", "b", "c", None)})
+    print(counts)
+    assert counts["forwards"] > 20 and counts["activations"] > 20 and counts["loads"] > 5
+    assert counts["prefetches"] > 2
+
+
+@pytest.mark.slow
+def test_concurrent_operations_on_the_compiled_model_never_recompile(env) -> None:
+    base, paths, expected = env
+    torch._dynamo.reset()
+    rt = _runtime(base, device_slots=3, host_slots=6)
+    for name in "abc":
+        rt.load(name, paths[name])
+    rt.compile(IDS, guard="count")
+    counts = _concurrent_run(rt, paths, {k: expected[k] for k in ("a", "b", "c", None)})
+    print(counts)
+    assert counts["forwards"] > 20
+    assert rt.guard.recompiles == 0 and rt.guard.storage_moves == 0, rt.guard.report()
