@@ -7,6 +7,10 @@ counts) go through :func:`note` and are printed as they are.
 
 from __future__ import annotations
 
+import statistics
+import time
+from typing import Callable
+
 import pytest
 
 MEDIANS: dict[str, dict[str, float]] = {}  # group -> case -> median seconds
@@ -25,6 +29,25 @@ def record(group: str, name: str, benchmark, reference: bool = False) -> None:
 
 def note(group: str, line: str) -> None:
     NOTES.setdefault(group, []).append(line)
+
+
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each case, timed call by call in turn (case 1, case 2, ..., case 1,
+    ...), so drift in CPU frequency and caches hits every case alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def note_ratios(group: str, medians: dict[str, float], reference: str, label: str) -> None:
+    """Print ``medians`` as ratios to ``medians[reference]`` under ``group``."""
+    floor = medians[reference]
+    for name, median in medians.items():
+        note(group, f"{label} {name:<46} {median * 1e3:9.4f} ms  {median / floor:8.2f}x")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,6 @@ Model: a 2-layer hidden-256 Llama, attention adapters of rank 16, one adapter ac
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 
-from .conftest import note, record
+from .conftest import interleaved, note, note_ratios, record
 
 GROUP = "guard overhead per compiled forward (ratio to the unguarded compiled forward)"
 
@@ -76,17 +75,9 @@ def test_paired_ratio(compiled_rt) -> None:
         "guard.call": lambda: rt.guard.call(rt._forward_impl, input_ids=ids),
         "rt.model": lambda: rt.model(input_ids=ids),
     }
-    times: dict[str, list[float]] = {name: [] for name in paths}
     with torch.no_grad():
-        for _ in range(2000):
-            for name, fn in paths.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    floor = medians["unguarded"]
-    for name, median in medians.items():
-        note(GROUP, f"interleaved x2000  {name:<12} {median * 1e3:8.4f} ms  {median / floor:6.3f}x")
+        medians = interleaved(paths, rounds=2000)
+    note_ratios(GROUP, medians, "unguarded", "interleaved x2000")
     noop = lambda: None  # noqa: E731 - the guard's own cost, without any model
     start = time.perf_counter()
     for _ in range(100_000):

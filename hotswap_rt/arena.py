@@ -135,9 +135,14 @@ class SlotArena:
             layout = self.layouts[name]
             a_view, b_view = self._factor_views(rows[layout.dtype], layout)
             a_view[: module.rank].copy_(module.lora_A)
-            # Scale in fp32 before rounding to the slot dtype.
             scale = module.scaling if fold_scaling else 1.0
-            b_view[:, : module.rank].copy_(module.lora_B.float() * scale)
+            b_part = b_view[:, : module.rank]
+            if layout.dtype == torch.float32:
+                b_part.copy_(module.lora_B)
+                if scale != 1.0:
+                    b_part.mul_(scale)
+            else:  # scale in fp32 before rounding to the slot dtype
+                b_part.copy_(module.lora_B.float() * scale)
         return StagedAdapter(adapter=adapter, rows=rows)
 
     def slot_factors(self, slot: int, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
