@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -103,3 +104,10 @@ class AdapterInfo:
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def name_matches(patterns: Sequence[str] | str, name: str) -> bool:
+    """PEFT's rule: regex fullmatch for a string, exact-or-suffix match for a list."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return name in patterns or any(name.endswith("." + p) for p in patterns)

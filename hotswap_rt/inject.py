@@ -9,23 +9,16 @@ Only ``nn.Linear`` and transformers ``Conv1D`` layers are injected.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
 from torch import nn
 
+from .config import name_matches
 from .errors import TargetNotFoundError
 from .layers import is_supported_layer
 
 ALL_LINEAR = "all-linear"
-
-
-def name_matches(patterns: Sequence[str] | str, name: str) -> bool:
-    """PEFT's rule: regex fullmatch for a string, exact-or-suffix match for a list."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return name in patterns or any(name.endswith("." + p) for p in patterns)
 
 
 def find_targets(

@@ -18,13 +18,14 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from .config import lora_scaling
+from .config import lora_scaling, name_matches
 from .errors import AdapterFormatError
 
 CONFIG_NAME = "adapter_config.json"
@@ -166,10 +167,33 @@ def read_adapter_dir(
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    _check_header_keys(path)
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # SafetensorError, OSError, ValueError on a corrupt header
         raise AdapterFormatError(f"{path}: not a valid safetensors file ({exc})") from exc
+
+
+def _check_header_keys(path: Path) -> None:
+    """Refuse duplicate tensor names in the JSON header (safetensors keeps the last silently).
+    Other header problems are left to safetensors' own checks."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                return  # safetensors reports "header too small"
+            size = int.from_bytes(prefix, "little")
+            if size > 100_000_000:
+                return  # safetensors reports the bad header size
+            header = f.read(size)
+        pairs = json.loads(header, object_pairs_hook=lambda items: items)  # keeps duplicates
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # safetensors reports unreadable files and bad headers
+    if isinstance(pairs, list):
+        counts = Counter(key for key, _ in pairs)
+        duplicated = sorted(key for key, count in counts.items() if count > 1)
+        if duplicated:
+            raise AdapterFormatError(f"{path}: duplicate tensor name(s) {duplicated} in the header")
 
 
 # ----------------------------------------------------------------------------------------- parsing
@@ -207,6 +231,7 @@ def parse_adapter(
     if not pairs:
         raise AdapterFormatError(f"{where}: no LoRA weights (no '*.lora_A.weight' keys)")
 
+    _check_target_modules(config.get("target_modules"), sorted(pairs), where)
     modules: dict[str, LoraModule] = {}
     for name, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
@@ -244,6 +269,33 @@ def parse_adapter(
         task_type=config.get("task_type"),
         source=source,
     )
+
+
+def _check_target_modules(target_modules: Any, modules: list[str], where: str) -> None:
+    """The weights must be for modules ``target_modules`` covers (PEFT saves nothing else)."""
+    if target_modules is None or (
+        isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+    ):
+        return
+    if isinstance(target_modules, str):
+        patterns: str | list[str] = target_modules
+    elif isinstance(target_modules, (list, tuple, set, frozenset)) and all(
+        isinstance(t, str) for t in target_modules
+    ):
+        patterns = list(target_modules)  # a LoraConfig's to_dict() gives a set
+    else:
+        raise AdapterFormatError(
+            f"{where}: 'target_modules' must be a list of names or a regex, got {target_modules!r}"
+        )
+    try:
+        uncovered = [m for m in modules if not name_matches(patterns, m)]
+    except re.error as exc:
+        raise AdapterFormatError(f"{where}: target_modules regex {patterns!r}: {exc}") from exc
+    if uncovered:
+        raise AdapterFormatError(
+            f"{where}: weights for {uncovered[:3]} but target_modules={target_modules!r} names "
+            f"no such layer"
+        )
 
 
 def _parse_hyperparameters(config: Mapping[str, Any], where: str) -> tuple[int, float, bool]:

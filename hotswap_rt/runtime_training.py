@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from torch import nn
 
-from .config import AdapterInfo
+from .config import AdapterInfo, name_matches
 from .errors import HotswapError, IncompatibleAdapterError
-from .inject import name_matches
 from .training import Init, TrainableAdapter, check_args, fresh_adapter, make_trainable, snapshot
 
 if TYPE_CHECKING:

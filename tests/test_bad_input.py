@@ -164,7 +164,80 @@ CASES: dict[str, Case] = {
         lambda b, r: {"state_dict": _lora_state()},
         HotswapError, "needs config=",
     ),
+    "empty safetensors": (
+        lambda b, r: {"source": _write_dir(r / "empty", GOOD_CONFIG, b"")},
+        AdapterFormatError, "not a valid safetensors file",
+    ),
+    "header lies about offsets": (
+        lambda b, r: {"source": _write_dir(r / "lie", GOOD_CONFIG, _edited_header(
+            lambda header: header[next(iter(header))].update(data_offsets=[0, 10**7])))},
+        AdapterFormatError, "not a valid safetensors file",
+    ),
+    "header lies about shape": (
+        lambda b, r: {"source": _write_dir(r / "lieshape", GOOD_CONFIG, _edited_header(
+            lambda header: header[next(iter(header))].update(shape=[4, 65])))},
+        AdapterFormatError, "not a valid safetensors file",
+    ),
+    "duplicate keys": (
+        lambda b, r: {"source": _write_dir(r / "dup", GOOD_CONFIG, _edited_header(None, duplicate=True))},
+        AdapterFormatError, "duplicate tensor name",
+    ),
+    "bool weights": (
+        lambda b, r: {"source": _write_dir(r / "bool", GOOD_CONFIG, _lora_state(dtype=torch.bool))},
+        AdapterFormatError, "must be floating point",
+    ),
+    "1-D weights": (
+        lambda b, r: {"source": _write_dir(r / "oned", GOOD_CONFIG, {
+            k: v.flatten() for k, v in _lora_state().items()})},
+        AdapterFormatError, "expected a non-empty 2-D matrix",
+    ),
+    "3-D weights": (
+        lambda b, r: {"source": _write_dir(r / "threed", GOOD_CONFIG, {
+            k: v.unsqueeze(0) for k, v in _lora_state().items()})},
+        AdapterFormatError, "expected a non-empty 2-D matrix",
+    ),
+    "Inf weights": (
+        lambda b, r: {"source": _write_dir(r / "inf", GOOD_CONFIG, {
+            k: v.fill_(math.inf) for k, v in _lora_state().items()})},
+        AdapterFormatError, "NaN or Inf",
+    ),
+    "config r differs from weights": (
+        lambda b, r: {"source": _write_dir(r / "rdiff", {**GOOD_CONFIG, "r": 8}, _lora_state())},
+        AdapterFormatError, "declares r=8",
+    ),
+    "target_modules names no such layer": (
+        lambda b, r: {"source": _write_dir(r / "tm", {**GOOD_CONFIG, "target_modules": ["nope"]},
+                                           _lora_state())},
+        AdapterFormatError, "names no such layer",
+    ),
+    "keys for a layer not injected": (
+        lambda b, r: {"source": _write_dir(r / "notinj", {**GOOD_CONFIG, "target_modules": None},
+                                           _lora_state(module="gate_proj"))},
+        IncompatibleAdapterError, "not an injected layer",
+    ),
 }
+
+
+def _edited_header(edit: Callable[[dict], None] | None, duplicate: bool = False) -> bytes:
+    """A valid adapter file whose JSON header is edited (or has its first key duplicated)."""
+    import io
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(_lora_state())
+    size = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8 : 8 + size]), raw[8 + size :]
+    if edit is not None:
+        edit(header)
+    text = json.dumps(header)
+    if duplicate:
+        first = next(iter(header))
+        text = text[:-1] + f", {json.dumps(first)}: {json.dumps(header[first])}}}"
+    encoded = text.encode()
+    buffer = io.BytesIO()
+    buffer.write(struct.pack("<Q", len(encoded)) + encoded + data)
+    return buffer.getvalue()
 
 
 def _truncated(base: BaseModel, root: Path) -> Path:
