@@ -304,8 +304,13 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
         self._select([self._row_spec(row) if row is not None else {} for row in rows], True)
 
     def enable(self) -> None:
-        """Use the current selection again after :meth:`disable`."""
+        """Use the current selection again after :meth:`disable` (its adapters may have left
+        their device slots meanwhile: they are brought back first)."""
+        names = sorted({n for row in self._rows for n in row})
+        prestaged = self._prepare(names)
         with self._mutation():
+            records = [self.registry.get(n) for n in sorted({n for row in self._rows for n in row})]
+            self._ensure_resident(records, prestaged)
             self._enabled = True
             self._write_selection()
 
@@ -358,7 +363,7 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
         prestaged = self._prepare(names)  # outside the lock: prefetches, disk reads
         with self._mutation():
             records = [self.registry.get(n) for n in names]  # unknown name: raise before change
-            self._ensure_resident(records, prestaged)
+            self._ensure_resident(records, prestaged, replaces_selection=True)
             self._rows, self._per_row = rows, per_row
             self._write_selection()
 

@@ -145,11 +145,17 @@ class ResidencyMixin:
 
     # ----------------------------------------------------------------- under the lock: copies
     def _ensure_resident(
-        self, records: list[AdapterRecord], prestaged: dict[str, tuple[StagedAdapter, float]]
+        self,
+        records: list[AdapterRecord],
+        prestaged: dict[str, tuple[StagedAdapter, float]],
+        replaces_selection: bool = False,
     ) -> None:
-        """Give every record a device slot (lock held). Raises :class:`SlotsBusyError` before
-        any copy when they cannot all fit."""
+        """Give every record a device slot (inside a mutation). The slots the selection tensors
+        read are taken only when the caller is about to replace the selection. Raises
+        :class:`SlotsBusyError` before any copy when they cannot all fit."""
         protected = {r.slot for r in records if r.slot is not None}
+        if not replaces_selection:
+            protected |= self._selected_slots()
         missing = [r for r in records if r.slot is None]
         reusable = self.registry.reusable_slots(protected)
         if len(missing) > len(reusable):

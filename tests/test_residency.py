@@ -59,8 +59,13 @@ def test_pin_keeps_an_adapter_resident(env) -> None:
         rt.activate(name)
         assert torch.allclose(logits(rt.model, IDS), expected[name], atol=1e-4)
         assert {i.name: i.tier for i in rt.adapters()}["c"] == "device"
-    rt.pin("a")  # both slots pinned now; b cannot come in
+    # b is served from the only unpinned slot: pinning a may not evict what is being served.
+    before = snapshot_state(rt, IDS)
+    with pytest.raises(SlotsBusyError, match="device-resident"):
+        rt.pin("a")
+    assert_unchanged(before, snapshot_state(rt, IDS))
     rt.activate("a")
+    rt.pin("a")  # both slots pinned now; b cannot come in
     before = snapshot_state(rt, IDS)
     with pytest.raises(SlotsBusyError, match="pinned, leased"):
         rt.activate("b")
@@ -274,3 +279,19 @@ def test_concurrent_operations_on_the_compiled_model_never_recompile(env) -> Non
     print(counts)
     assert counts["forwards"] > 20
     assert rt.guard.recompiles == 0 and rt.guard.storage_moves == 0, rt.guard.report()
+
+
+def test_enable_brings_back_adapters_evicted_while_disabled(env) -> None:
+    """Found by the soak: while disabled the selection reads no slot, so its adapters may be
+    evicted; enable() must bring them back rather than write a selection naming no slot."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=1)
+    rt.load("a", paths["a"])
+    rt.load("b", paths["b"])
+    rt.activate("a")
+    rt.disable()
+    with rt.lease("b"):  # takes the only slot: a drops to the host ring
+        assert {i.name: i.tier for i in rt.adapters()}["a"] == "host"
+        assert torch.allclose(logits(rt.model, IDS), expected[None], atol=1e-5)
+    rt.enable()
+    assert torch.allclose(logits(rt.model, IDS), expected["a"], atol=1e-4)
