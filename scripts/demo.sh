@@ -3,4 +3,4 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/_setup_venv.sh"
-exec "$ROOT/.venv/bin/python" -m hotswap_rt.demo "$@"
+exec "$ROOT/.venv/bin/hotswap-rt" demo "$@"

@@ -1,0 +1,53 @@
+"""``hotswap-rt inspect`` and ``hotswap-rt bench`` on local files (no download)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hotswap_rt.cli import main
+
+from .conftest import ATTENTION_TARGETS, BaseModel
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    base = BaseModel("llama", seed=71)
+    root = tmp_path_factory.mktemp("cli")
+    path = base.make_adapter(root / "a", seed=1, r=8, lora_alpha=16, rank_pattern={"v_proj": 4})
+    base.model.config.save_pretrained(str(root / "model"))  # config only: inspect builds on meta
+    return path, root / "model"
+
+
+def test_inspect_reports_and_fits(adapter, capsys) -> None:
+    path, model_dir = adapter
+    assert main(["inspect", str(path), "--max-rank", "16", "--model", str(model_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rank"] == 8 and report["rank_pattern"] == {"v_proj": 4}
+    assert report["target_suffixes"] == sorted(ATTENTION_TARGETS["llama"])
+    assert report["modules"] == 8 and report["fits"] is True and report["bytes"] > 0
+
+
+def test_inspect_explains_why_it_does_not_fit(adapter, capsys) -> None:
+    path, model_dir = adapter
+    code = main(["inspect", str(path), "--max-rank", "4", "--target-modules", "q_proj", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and not report["fits"]
+    assert any("rank 8 > --max-rank 4" in p for p in report["problems"])
+    assert any("outside --target-modules" in p for p in report["problems"])
+    code = main(["inspect", str(path), "--max-rank", "4", "--model", str(model_dir), "--json"])
+    assert code == 1 and "max_rank=4" in " ".join(json.loads(capsys.readouterr().out)["problems"])
+
+
+def test_inspect_of_a_bad_adapter_is_a_clear_error(tmp_path, capsys) -> None:
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_bench_on_the_default_model(capsys) -> None:
+    assert main(["bench", "--rounds", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["swaps"] >= 3 and result["swap_ms"] > 0 and result["copy_ms"] > 0
+    assert result["forward_overhead_vs_uninjected"] > 0 and result["device"] == "cpu"
