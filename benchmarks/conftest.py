@@ -50,9 +50,45 @@ def note_ratios(group: str, medians: dict[str, float], reference: str, label: st
         note(group, f"{label} {name:<46} {median * 1e3:9.4f} ms  {median / floor:8.2f}x")
 
 
+def write_results(prefix: str) -> None:
+    """``<prefix>.json`` (machine, medians, notes) and ``<prefix>.md`` (one table per group)."""
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    path = Path(prefix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    payload = {"machine": machine, "medians_s": MEDIANS, "references": REFERENCES, "notes": NOTES}
+    path.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    lines = [f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']}"
+             f"{', ' + machine['cuda'] if machine['cuda'] else ''}", ""]
+    for group in sorted(set(MEDIANS) | set(NOTES)):
+        lines += [f"### {group}", ""]
+        cases = MEDIANS.get(group, {})
+        if cases:
+            floor = cases.get(REFERENCES.get(group, ""))
+            lines += ["| case | median ms | ratio |", "|---|---:|---:|"]
+            lines += [f"| {name} | {m * 1e3:.4f} | {f'{m / floor:.2f}x' if floor else ''} |"
+                      for name, m in cases.items()]
+        lines += [f"    {line.strip()}" for line in NOTES.get(group, [])] + [""]
+    path.with_suffix(".md").write_text("\n".join(lines))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _print_ratios():
     yield
+    import os
+
+    if os.environ.get("HOTSWAP_BENCH_RESULTS"):
+        write_results(os.environ["HOTSWAP_BENCH_RESULTS"])
     for group in sorted(set(MEDIANS) | set(NOTES)):
         print(f"\n\n{group}")
         cases = MEDIANS.get(group, {})

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Set up .venv like scripts/test.sh, then run the benchmarks and print ratios to the references.
+# Set up .venv like scripts/test.sh, run the benchmarks, print ratios to the references and write
+# benchmarks/results/<date>-<machine>.json and .md (HOTSWAP_BENCH_RESULTS overrides the prefix).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/_setup_venv.sh" test
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest benchmarks --benchmark-enable -s -q "$@"
+export HOTSWAP_BENCH_RESULTS="${HOTSWAP_BENCH_RESULTS:-$ROOT/benchmarks/results/$(date +%F)-$(hostname -s)}"
+"$ROOT/.venv/bin/python" -m pytest benchmarks --benchmark-enable -s -q "$@"
+echo "results: $HOTSWAP_BENCH_RESULTS.json / .md"

@@ -1,0 +1,133 @@
+"""What serving with hotswap_rt costs per forward, next to its floors and to PEFT (compiled, CPU).
+
+Model: 4-layer hidden-512 Llama, attention adapters (q/k/v/o) of rank 16, fp32, ``no_grad``.
+
+1. Prefill (batch 1 x 128 tokens), one adapter: the compiled model without injection, the same
+   adapter merged into the weights (the physical floor for one adapter), hotswap_rt with one
+   active position (``max_active_adapters=1``), and PEFT's compiled model.
+2. Mixed batch (8 rows x 32 tokens): 4 different adapters via ``activate_rows`` vs one adapter
+   for all rows (same runtime, same graph) vs PEFT's ``adapter_names=`` forward (eager: PEFT's
+   mixed batch loops in Python).
+3. Padding: a rank-4 adapter in a max_rank-64 runtime vs a max_rank-4 runtime.
+
+Each group is timed interleaved. Not covered yet (issue 6): decode with a KV cache, Llama-7B
+layer shapes, bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hotswap_rt import HotswapRuntime, RuntimeConfig
+
+from .conftest import interleaved, note, note_ratios
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PREFILL = torch.randint(0, 1024, (1, 128), generator=torch.Generator().manual_seed(0))
+MIXED = torch.randint(0, 1024, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=8)).eval()
+    root = tmp_path_factory.mktemp("forward")
+    paths = {}
+    for i, rank in enumerate([16, 16, 16, 16, 4]):
+        torch.manual_seed(10 + i)
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False))
+        model.save_pretrained(str(root / f"a{i}"))
+        paths[f"a{i}"] = root / f"a{i}"
+    return base, paths
+
+
+def _runtime(base, paths, names, max_rank=16, active=1) -> HotswapRuntime:
+    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
+        TARGETS, max_rank=max_rank, device_slots=max(active, 1), max_active_adapters=active))
+    for name in names:
+        rt.load(name, paths[name])
+    return rt
+
+
+def _compiled_call(model, ids):
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(input_ids=ids)  # compile outside the timing
+    return lambda: compiled(input_ids=ids)
+
+
+def test_prefill_overhead(setup) -> None:
+    base, paths = setup
+    group = "forward, prefill 1 x 128, one adapter, compiled (ratio to the uninjected model)"
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).merge_and_unload()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).eval()
+    rt = _runtime(base, paths, ["a0"])
+    rt.activate("a0")
+    rt.compile(PREFILL, guard="raise")
+    cases = {
+        "uninjected model": _compiled_call(copy.deepcopy(base), PREFILL),
+        "adapter merged into the weights": _compiled_call(merged, PREFILL),
+        "hotswap_rt (1 active position)": lambda: rt.model(input_ids=PREFILL),
+        "peft": _compiled_call(peft_model, PREFILL),
+    }
+    with torch.no_grad():
+        medians = interleaved(cases, rounds=40)
+    note_ratios(group, medians, "uninjected model", "")
+    assert rt.guard.recompiles == 0
+
+
+def test_mixed_batch(setup) -> None:
+    base, paths = setup
+    group = "mixed batch 8 x 32, 4 adapters (ratio to one adapter for all rows, same runtime)"
+    names = ["a0", "a1", "a2", "a3"]
+    rt = _runtime(base, paths, names, active=4)
+    rt.compile(MIXED, guard="raise")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"]), adapter_name="a0")
+    for name in names[1:]:
+        peft_model.load_adapter(str(paths[name]), adapter_name=name)
+    peft_model.eval()
+    rows = [names[i % 4] for i in range(8)]
+
+    def mixed():
+        rt.activate_rows(rows)
+        return rt.model(input_ids=MIXED)
+
+    def single():
+        rt.activate("a0")
+        return rt.model(input_ids=MIXED)
+
+    with torch.no_grad():
+        medians = interleaved({
+            "hotswap_rt one adapter (activate + forward)": single,
+            "hotswap_rt 4 adapters per row (activate_rows + forward)": mixed,
+            "peft adapter_names= forward (eager)": lambda: peft_model(
+                input_ids=MIXED, adapter_names=rows),
+        }, rounds=30)
+    note_ratios(group, medians, "hotswap_rt one adapter (activate + forward)", "")
+    assert rt.guard.recompiles == 0
+
+
+def test_padding_cost(setup) -> None:
+    base, paths = setup
+    group = "padding: rank-4 adapter, prefill 1 x 128, compiled (ratio to a max_rank-4 runtime)"
+    tight = _runtime(base, paths, ["a4"], max_rank=4)
+    padded = _runtime(base, paths, ["a4"], max_rank=64)
+    for rt in (tight, padded):
+        rt.activate("a4")
+        rt.compile(PREFILL, guard="raise")
+    with torch.no_grad():
+        medians = interleaved({
+            "max_rank 4": lambda: tight.model(input_ids=PREFILL),
+            "max_rank 64": lambda: padded.model(input_ids=PREFILL),
+        }, rounds=40)
+    note_ratios(group, medians, "max_rank 4", "")
+    note(group, f"slot row bytes: {tight.arena.slot_nbytes} vs {padded.arena.slot_nbytes}")
