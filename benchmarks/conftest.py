@@ -44,10 +44,12 @@ def interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str
 
 
 def note_ratios(group: str, medians: dict[str, float], reference: str, label: str) -> None:
-    """Print ``medians`` as ratios to ``medians[reference]`` under ``group``."""
-    floor = medians[reference]
+    """Record interleaved ``medians`` under ``group`` (prefixed with ``label``); the group's
+    ratios are to its first reference (here ``reference`` unless one was recorded before)."""
+    cases = MEDIANS.setdefault(group, {})
     for name, median in medians.items():
-        note(group, f"{label} {name:<46} {median * 1e3:9.4f} ms  {median / floor:8.2f}x")
+        cases[f"{label} {name}".strip()] = median
+    REFERENCES.setdefault(group, f"{label} {reference}".strip())
 
 
 def write_results(prefix: str) -> None:

@@ -77,10 +77,11 @@ def test_paired_ratio(compiled_rt) -> None:
     }
     with torch.no_grad():
         medians = interleaved(paths, rounds=2000)
-    note_ratios(GROUP, medians, "unguarded", "interleaved x2000")
+    note_ratios(GROUP + ", interleaved x2000", medians, "unguarded", "")
     noop = lambda: None  # noqa: E731 - the guard's own cost, without any model
     start = time.perf_counter()
     for _ in range(100_000):
         rt.guard.call(noop)
-    note(GROUP, f"guard.call on a no-op: {(time.perf_counter() - start) * 10:.2f} us per call")
+    per_call_us = (time.perf_counter() - start) * 10
+    note(GROUP + ", interleaved x2000", f"guard.call on a no-op: {per_call_us:.2f} us per call")
     assert rt.guard.recompiles == 0
