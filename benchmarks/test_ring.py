@@ -60,13 +60,18 @@ def setup(request, tmp_path_factory):
     return request.param, base, paths, rounds
 
 
+def _runtime(base, adapters: dict, device_slots: int) -> HotswapRuntime:
+    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
+        "all-linear", max_rank=RANK, device_slots=device_slots, host_slots=4))
+    for name, path in adapters.items():
+        rt.load(name, path)
+    return rt
+
+
 def test_swap_from_ring_vs_copy_and_peft(setup) -> None:
     label, base, paths, rounds = setup
     group = f"ring -> device swap, {label} (ratio to copy_ with the same access pattern)"
-    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
-        "all-linear", max_rank=RANK, device_slots=1, host_slots=4))
-    rt.load("a", paths[0])
-    rt.load("b", paths[1])
+    rt = _runtime(base, {"a": paths[0], "b": paths[1]}, device_slots=1)
     names = itertools.cycle(["b", "a"])  # "a" sits in the slot: every activation copies
     nbytes = rt.arena.slot_nbytes
     sources = [torch.randn(nbytes // 4), torch.randn(nbytes // 4)]
@@ -86,8 +91,12 @@ def test_swap_from_ring_vs_copy_and_peft(setup) -> None:
     # Two interleaved runs: the floor next to our swap only (PEFT's big Python walks between
     # them would leave every cache cold at a different point), then our swap next to PEFT's.
     ours = "hotswap_rt activate (ring -> slot + flip)"
+    staged = itertools.cycle([rt.registry.records[n].staged for n in ("a", "b")])
+    spare = _runtime(base, {}, device_slots=1)  # a second arena, so rt's slot stays rt's
     floor = interleaved({
         "copy_ (2 sources -> 1 destination)": lambda: destination.copy_(next(source_cycle)),
+        "hotswap_rt arena.write_slot (the copy alone)": lambda: spare.arena.write_slot(
+            0, next(staged)),
         ours: lambda: rt.activate(next(names)),
     }, rounds=rounds)
     versus_peft = interleaved({
@@ -108,10 +117,7 @@ def test_swap_from_ring_vs_copy_and_peft(setup) -> None:
 def test_switch_between_resident_adapters(setup) -> None:
     label, base, paths, _ = setup
     group = f"switch between device-resident adapters, {label}"
-    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
-        "all-linear", max_rank=RANK, device_slots=2, host_slots=4))
-    rt.load("a", paths[0])
-    rt.load("b", paths[1])
+    rt = _runtime(base, {"a": paths[0], "b": paths[1]}, device_slots=2)
     names = itertools.cycle(["a", "b"])
     before = rt.stats()
     medians = interleaved({"rt.activate (resident)": lambda: rt.activate(next(names))}, 2000)
@@ -124,9 +130,7 @@ def test_switch_between_resident_adapters(setup) -> None:
 def test_cold_load_vs_load_file(setup) -> None:
     label, base, paths, rounds = setup
     group = f"cold load disk -> ring, {label} (ratio to safetensors load_file)"
-    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
-        "all-linear", max_rank=RANK, device_slots=1, host_slots=4))
-    rt.load("resident", paths[0])
+    rt = _runtime(base, {"resident": paths[0]}, device_slots=1)
     rt.pin("resident")  # the slot stays taken: loads below stop in the ring
     rt.load("x", paths[1])
     file = str(paths[1] / "adapter_model.safetensors")
