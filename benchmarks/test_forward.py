@@ -10,8 +10,11 @@ Model: 4-layer hidden-512 Llama, attention adapters (q/k/v/o) of rank 16, fp32, 
    mixed batch loops in Python).
 3. Padding: a rank-4 adapter in a max_rank-64 runtime vs a max_rank-4 runtime.
 
-Each group is timed interleaved. Not covered yet (issue 6): decode with a KV cache, Llama-7B
-layer shapes, bf16.
+4. Decode (batch 8, one token per step, static KV cache): per-token time from ``generate`` with
+   33 and 1 new tokens, for the uninjected, merged, hotswap_rt and PEFT models, each with its
+   forward compiled.
+
+Each group is timed interleaved. Not covered yet (issue 6): Llama-7B layer shapes, bf16.
 """
 
 from __future__ import annotations
@@ -131,3 +134,45 @@ def test_padding_cost(setup) -> None:
         }, rounds=40)
     note_ratios(group, medians, "max_rank 4", "")
     note(group, f"slot row bytes: {tight.arena.slot_nbytes} vs {padded.arena.slot_nbytes}")
+
+
+DECODE_PROMPT = torch.randint(0, 1024, (8, 16), generator=torch.Generator().manual_seed(2))
+
+
+def _generate(model, new_tokens: int):
+    return model.generate(input_ids=DECODE_PROMPT, max_new_tokens=new_tokens, do_sample=False,
+                          cache_implementation="static", pad_token_id=0)
+
+
+def _compile_forward(model, inner=None):
+    """Compile the forward ``generate`` calls (``inner``: the module that holds the layers)."""
+    target = inner if inner is not None else model
+    target.forward = torch.compile(target.forward)
+    with torch.no_grad():
+        _generate(model, 33)  # prefill + decode graphs, outside the timing
+    return model
+
+
+def test_decode_per_token(setup) -> None:
+    base, paths = setup
+    group = "decode, batch 8, static KV cache, compiled (per-token ratio to the uninjected model)"
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).merge_and_unload()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).eval()
+    rt = _runtime(base, paths, ["a0"])
+    rt.activate("a0")
+    rt.compile(warmup=lambda m: _generate(m, 33), guard="raise")
+    models = {
+        "uninjected model": _compile_forward(copy.deepcopy(base)),
+        "adapter merged into the weights": _compile_forward(merged),
+        "hotswap_rt (1 active position)": rt.model,
+        "peft": _compile_forward(peft_model, inner=peft_model.base_model.model),
+    }
+    cases = {}
+    for name, model in models.items():
+        cases[f"{name} 33"] = lambda model=model: _generate(model, 33)
+        cases[f"{name} 1"] = lambda model=model: _generate(model, 1)
+    with torch.no_grad():
+        medians = interleaved(cases, rounds=8)
+    per_token = {name: (medians[f"{name} 33"] - medians[f"{name} 1"]) / 32 for name in models}
+    note_ratios(group, per_token, "uninjected model", "")
+    assert rt.guard.recompiles == 0
