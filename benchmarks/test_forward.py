@@ -61,6 +61,15 @@ def _runtime(base, paths, names, max_rank=16, active=1) -> HotswapRuntime:
     return rt
 
 
+def _one_adapter_models(base, paths):
+    """Adapter "a0" merged into a copy of the weights, in a PEFT model, and in a runtime."""
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).merge_and_unload()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).eval()
+    rt = _runtime(base, paths, ["a0"])
+    rt.activate("a0")
+    return merged, peft_model, rt
+
+
 def _compiled_call(model, ids):
     compiled = torch.compile(model)
     with torch.no_grad():
@@ -71,10 +80,7 @@ def _compiled_call(model, ids):
 def test_prefill_overhead(setup) -> None:
     base, paths = setup
     group = "forward, prefill 1 x 128, one adapter, compiled (ratio to the uninjected model)"
-    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).merge_and_unload()
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).eval()
-    rt = _runtime(base, paths, ["a0"])
-    rt.activate("a0")
+    merged, peft_model, rt = _one_adapter_models(base, paths)
     rt.compile(PREFILL, guard="raise")
     cases = {
         "uninjected model": _compiled_call(copy.deepcopy(base), PREFILL),
@@ -156,10 +162,7 @@ def _compile_forward(model, inner=None):
 def test_decode_per_token(setup) -> None:
     base, paths = setup
     group = "decode, batch 8, static KV cache, compiled (per-token ratio to the uninjected model)"
-    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).merge_and_unload()
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["a0"])).eval()
-    rt = _runtime(base, paths, ["a0"])
-    rt.activate("a0")
+    merged, peft_model, rt = _one_adapter_models(base, paths)
     rt.compile(warmup=lambda m: _generate(m, 33), guard="raise")
     models = {
         "uninjected model": _compile_forward(copy.deepcopy(base)),

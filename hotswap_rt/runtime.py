@@ -244,12 +244,13 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
         with self._lock:
             record = self.registry.get(name)
             staged = record.staged
-            if self._trainable is not None and self._trainable.name == name:
-                assert staged is not None
-                adapter = snapshot(self._trainable, staged.adapter)  # the trained values, now
-        if staged is None:  # disk tier: read it again (validated like any load)
-            staged, _ = self._restage(record)
-        if not (self._trainable is not None and self._trainable.name == name):
+            training = self._trainable if record.training else None
+            if training is not None:
+                assert staged is not None  # a trainable adapter never leaves its slot or ring
+                adapter = snapshot(training, staged.adapter)  # the trained values, now
+        if training is None:
+            if staged is None:  # disk tier: read it again (validated like any load)
+                staged, _ = self._restage(record)
             adapter = staged.adapter
         if adapter.base_model_name_or_path is None:
             base = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
@@ -368,8 +369,12 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
             self._write_selection()
 
     def _write_selection(self) -> None:
-        """Write the selection tensors for ``_rows`` (lock held), after running forwards end;
-        skipped when they already hold exactly that."""
+        """Write the selection tensors for ``_rows`` (inside a mutation); skipped when they
+        already hold exactly that.
+
+        Raises:
+            SelectionError: more distinct slots than ``max_active_adapters`` (before any write).
+        """
         records = self.registry.records
         slot_rows = [] if not self._enabled else [
             {records[n].slot: w * records[n].weight_scale for n, w in row.items() if w != 0.0}
@@ -379,7 +384,6 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
         served_rows = len(self._rows) if self._per_row and self._enabled else None
         if slot_rows == self._written and served_rows == self._served_rows:
             return
-        self.selection.check(len(slot_rows), sorted({s for row in slot_rows for s in row}))
         if not any(slot_rows):
             self.selection.clear()
         else:
