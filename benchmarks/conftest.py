@@ -7,15 +7,19 @@ counts) go through :func:`note` and are printed as they are.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import pytest
 
 MEDIANS: dict[str, dict[str, float]] = {}  # group -> case -> median seconds
 REFERENCES: dict[str, str] = {}  # group -> reference case
 NOTES: dict[str, list[str]] = {}  # group -> free-form result lines
+TABLES: dict[str, dict[str, list]] = {}  # group -> {"columns": [...], "rows": [[...], ...]}
+FIGURES: dict[str, float] = {}  # key -> a number that is not a median (counts, microseconds)
 
 
 def record(group: str, name: str, benchmark, reference: bool = False) -> None:
@@ -29,6 +33,26 @@ def record(group: str, name: str, benchmark, reference: bool = False) -> None:
 
 def note(group: str, line: str) -> None:
     NOTES.setdefault(group, []).append(line)
+
+
+def figure(key: str, value: float) -> None:
+    """Keep a number the README summary quotes (``scripts/bench_summary.py`` reads it back)."""
+    FIGURES[key] = value
+
+
+def table_row(group: str, columns: list[str], row: list[object]) -> None:
+    """Add ``row`` to the matrix table ``group`` (for results with more than one axis, such as
+    rank x targets); every row of a group has the same ``columns``."""
+    table = TABLES.setdefault(group, {"columns": list(columns), "rows": []})
+    if table["columns"] != list(columns):
+        raise ValueError(f"table {group!r} has columns {table['columns']}, not {columns}")
+    table["rows"].append(list(row))
+
+
+def _table_lines(table: dict[str, list]) -> list[str]:
+    return ["| " + " | ".join(table["columns"]) + " |",
+            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(table["columns"]))) + "|",
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in table["rows"])]
 
 
 def interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -52,6 +76,39 @@ def note_ratios(group: str, medians: dict[str, float], reference: str, label: st
     REFERENCES.setdefault(group, f"{label} {reference}".strip())
 
 
+@dataclass
+class CompileCount:
+    """Dynamo compiles seen by :func:`counting_compiles` and the seconds they took."""
+
+    compiles: int = 0
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def counting_compiles() -> Iterator[CompileCount]:
+    """Count dynamo compiles (trigger DYNAMO) started inside the block and sum their durations."""
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    count, started = CompileCount(), []
+
+    def on_start(args) -> None:
+        if args.callback_trigger == CallbackTrigger.DYNAMO:
+            count.compiles += 1
+            started.append(time.perf_counter())
+
+    def on_end(args) -> None:
+        if args.callback_trigger == CallbackTrigger.DYNAMO and started:
+            count.seconds += time.perf_counter() - started.pop()
+
+    callback_handler.register_start_callback(on_start)
+    callback_handler.register_end_callback(on_end)
+    try:
+        yield count
+    finally:
+        callback_handler.remove_start_callback(on_start)
+        callback_handler.remove_end_callback(on_end)
+
+
 def write_results(prefix: str) -> None:
     """``<prefix>.json`` (machine, medians, notes) and ``<prefix>.md`` (one table per group)."""
     import json
@@ -68,12 +125,15 @@ def write_results(prefix: str) -> None:
         "cpus": os.cpu_count(), "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    payload = {"machine": machine, "medians_s": MEDIANS, "references": REFERENCES, "notes": NOTES}
+    payload = {"machine": machine, "medians_s": MEDIANS, "references": REFERENCES, "notes": NOTES,
+               "tables": TABLES, "figures": FIGURES}
     path.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     lines = [f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']}"
              f"{', ' + machine['cuda'] if machine['cuda'] else ''}", ""]
-    for group in sorted(set(MEDIANS) | set(NOTES)):
+    for group in sorted(set(MEDIANS) | set(NOTES) | set(TABLES)):
         lines += [f"### {group}", ""]
+        if group in TABLES:
+            lines += _table_lines(TABLES[group]) + [""]
         cases = MEDIANS.get(group, {})
         if cases:
             floor = cases.get(REFERENCES.get(group, ""))
@@ -91,8 +151,10 @@ def _print_ratios():
 
     if os.environ.get("HOTSWAP_BENCH_RESULTS"):
         write_results(os.environ["HOTSWAP_BENCH_RESULTS"])
-    for group in sorted(set(MEDIANS) | set(NOTES)):
+    for group in sorted(set(MEDIANS) | set(NOTES) | set(TABLES)):
         print(f"\n\n{group}")
+        if group in TABLES:
+            print("\n".join("  " + line for line in _table_lines(TABLES[group])))
         cases = MEDIANS.get(group, {})
         floor = cases.get(REFERENCES.get(group, ""), None)
         for name, median in cases.items():

@@ -1,6 +1,10 @@
 """What serving with hotswap_rt costs per forward, next to its floors and to PEFT (compiled, CPU).
 
-Model: 4-layer hidden-512 Llama, attention adapters (q/k/v/o) of rank 16, fp32, ``no_grad``.
+Models: a 4-layer hidden-512 Llama in fp32, and (prefill and decode only) a 2-layer stack with
+Llama-7B layer shapes (hidden 4096, MLP 11008, 32 heads) in bf16 where the CPU has bf16 matmuls;
+attention adapters (q/k/v/o) of rank 16, ``no_grad``. PEFT keeps its adapter weights in fp32 on
+a bf16 base (its default ``autocast_adapter_dtype=True``); hotswap_rt's slots take the layer's
+dtype.
 
 1. Prefill (batch 1 x 128 tokens), one adapter: the compiled model without injection, the same
    adapter merged into the weights (the physical floor for one adapter), hotswap_rt with one
@@ -11,10 +15,10 @@ Model: 4-layer hidden-512 Llama, attention adapters (q/k/v/o) of rank 16, fp32, 
 3. Padding: a rank-4 adapter in a max_rank-64 runtime vs a max_rank-4 runtime.
 
 4. Decode (batch 8, one token per step, static KV cache): per-token time from ``generate`` with
-   33 and 1 new tokens, for the uninjected, merged, hotswap_rt and PEFT models, each with its
-   forward compiled.
+   N and 1 new tokens (N = 65 on the small model, 9 on the 7B shapes), for the uninjected,
+   merged, hotswap_rt and PEFT models, each with its forward compiled.
 
-Each group is timed interleaved. Not covered yet (issue 6): Llama-7B layer shapes, bf16.
+Each group is timed interleaved.
 """
 
 from __future__ import annotations
@@ -23,34 +27,55 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 
 from .conftest import interleaved, note, note_ratios
+from .test_swap_matrix import random_adapter_dir
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PREFILL = torch.randint(0, 1024, (1, 128), generator=torch.Generator().manual_seed(0))
 MIXED = torch.randint(0, 1024, (8, 32), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+SHAPES = {  # prefill and decode run on both; mixed batch and padding on the first
+    "llama h512 x4, fp32": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                num_attention_heads=8, dtype=torch.float32),
+    "llama-7B layer shapes x2, bf16": dict(hidden_size=4096, intermediate_size=11008,
+                                           num_hidden_layers=2, num_attention_heads=32,
+                                           dtype=torch.bfloat16),
+}
+BF16_OK = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _build(label: str, root):
+    """The base model of shape ``label`` and five attention adapters (ranks 16 x4, then 4)."""
+    settings = dict(SHAPES[label])
+    dtype = settings.pop("dtype")
+    if dtype == torch.bfloat16 and not BF16_OK:
+        pytest.skip("this CPU has no bf16 matmul support")
     torch._dynamo.reset()
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=8)).eval()
-    root = tmp_path_factory.mktemp("forward")
-    paths = {}
-    for i, rank in enumerate([16, 16, 16, 16, 4]):
-        torch.manual_seed(10 + i)
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False))
-        model.save_pretrained(str(root / f"a{i}"))
-        paths[f"a{i}"] = root / f"a{i}"
+        vocab_size=1024, num_key_value_heads=settings["num_attention_heads"], **settings)).eval()
+    base.to(dtype)
+    paths = {f"a{i}": random_adapter_dir(base, TARGETS, rank, 10 + i, root / f"a{i}")
+             for i, rank in enumerate([16, 16, 16, 16, 4])}
     return base, paths
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return _build(next(iter(SHAPES)), tmp_path_factory.mktemp("forward"))
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def shaped(request, tmp_path_factory):
+    label = request.param
+    base, paths = _build(label, tmp_path_factory.mktemp("shaped"))
+    return label, base, paths
 
 
 def _runtime(base, paths, names, max_rank=16, active=1) -> HotswapRuntime:
@@ -77,9 +102,10 @@ def _compiled_call(model, ids):
     return lambda: compiled(input_ids=ids)
 
 
-def test_prefill_overhead(setup) -> None:
-    base, paths = setup
-    group = "forward, prefill 1 x 128, one adapter, compiled (ratio to the uninjected model)"
+def test_prefill_overhead(shaped) -> None:
+    label, base, paths = shaped
+    group = f"forward, prefill 1 x 128, one adapter, compiled, {label} (ratio to uninjected)"
+    rounds = 40 if base.config.hidden_size <= 512 else 10
     merged, peft_model, rt = _one_adapter_models(base, paths)
     rt.compile(PREFILL, guard="raise")
     cases = {
@@ -89,7 +115,7 @@ def test_prefill_overhead(setup) -> None:
         "peft": _compiled_call(peft_model, PREFILL),
     }
     with torch.no_grad():
-        medians = interleaved(cases, rounds=40)
+        medians = interleaved(cases, rounds=rounds)
     note_ratios(group, medians, "uninjected model", "")
     assert rt.guard.recompiles == 0
 
@@ -150,32 +176,37 @@ def _generate(model, new_tokens: int):
                           cache_implementation="static", pad_token_id=0)
 
 
-def _compile_forward(model, inner=None):
+def _compile_forward(model, tokens: int, inner=None):
     """Compile the forward ``generate`` calls (``inner``: the module that holds the layers)."""
     target = inner if inner is not None else model
     target.forward = torch.compile(target.forward)
     with torch.no_grad():
-        _generate(model, 33)  # prefill + decode graphs, outside the timing
+        _generate(model, tokens)  # prefill + decode graphs, outside the timing
     return model
 
 
-def test_decode_per_token(setup) -> None:
-    base, paths = setup
-    group = "decode, batch 8, static KV cache, compiled (per-token ratio to the uninjected model)"
+def test_decode_per_token(shaped) -> None:
+    label, base, paths = shaped
+    group = f"decode, batch 8, static KV cache, compiled, {label} (per-token ratio to uninjected)"
+    tiny = base.config.hidden_size <= 512
+    tokens, rounds = (65, 12) if tiny else (9, 4)
     merged, peft_model, rt = _one_adapter_models(base, paths)
-    rt.compile(warmup=lambda m: _generate(m, 33), guard="raise")
+    rt.compile(warmup=lambda m: _generate(m, tokens), guard="raise")
     models = {
-        "uninjected model": _compile_forward(copy.deepcopy(base)),
-        "adapter merged into the weights": _compile_forward(merged),
+        "uninjected model": _compile_forward(copy.deepcopy(base), tokens),
+        "adapter merged into the weights": _compile_forward(merged, tokens),
         "hotswap_rt (1 active position)": rt.model,
-        "peft": _compile_forward(peft_model, inner=peft_model.base_model.model),
+        "peft": _compile_forward(peft_model, tokens, inner=peft_model.base_model.model),
     }
     cases = {}
     for name, model in models.items():
-        cases[f"{name} 33"] = lambda model=model: _generate(model, 33)
+        cases[f"{name} {tokens}"] = lambda model=model: _generate(model, tokens)
         cases[f"{name} 1"] = lambda model=model: _generate(model, 1)
     with torch.no_grad():
-        medians = interleaved(cases, rounds=8)
-    per_token = {name: (medians[f"{name} 33"] - medians[f"{name} 1"]) / 32 for name in models}
+        medians = interleaved(cases, rounds=rounds)
+    per_token = {name: (medians[f"{name} {tokens}"] - medians[f"{name} 1"]) / (tokens - 1)
+                 for name in models}
+    note(group, f"per token = (generate {tokens} new tokens - generate 1) / {tokens - 1}, "
+                f"medians of {rounds} interleaved rounds")
     note_ratios(group, per_token, "uninjected model", "")
     assert rt.guard.recompiles == 0

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 
-from .conftest import interleaved, note, note_ratios, record
+from .conftest import figure, interleaved, note, note_ratios, record
 
 GROUP = "guard overhead per compiled forward (ratio to the unguarded compiled forward)"
 
@@ -83,5 +83,6 @@ def test_paired_ratio(compiled_rt) -> None:
     for _ in range(100_000):
         rt.guard.call(noop)
     per_call_us = (time.perf_counter() - start) * 10
+    figure("guard_noop_us", per_call_us)
     note(GROUP + ", interleaved x2000", f"guard.call on a no-op: {per_call_us:.2f} us per call")
     assert rt.guard.recompiles == 0

@@ -9,13 +9,10 @@ the number of operations. Printed, never asserted.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import random
-import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import torch
@@ -25,42 +22,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 
-from .conftest import note, record
+from .conftest import CompileCount, counting_compiles, figure, note, record
 
 GROUP = "recompiles over random adapter operations (total wall time ratio to hotswap_rt)"
 OPS = int(os.environ.get("HOTSWAP_BENCH_OPS", "1000"))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANKS = [2, 4, 8, 16, 4, 8]
-
-
-@dataclass
-class CompileCount:
-    compiles: int = 0
-    seconds: float = 0.0
-
-
-@contextlib.contextmanager
-def counting_compiles() -> Iterator[CompileCount]:
-    from torch._dynamo.callback import CallbackTrigger, callback_handler
-
-    count, started = CompileCount(), []
-
-    def on_start(args) -> None:
-        if args.callback_trigger == CallbackTrigger.DYNAMO:
-            count.compiles += 1
-            started.append(time.perf_counter())
-
-    def on_end(args) -> None:
-        if args.callback_trigger == CallbackTrigger.DYNAMO and started:
-            count.seconds += time.perf_counter() - started.pop()
-
-    callback_handler.register_start_callback(on_start)
-    callback_handler.register_end_callback(on_end)
-    try:
-        yield count
-    finally:
-        callback_handler.remove_start_callback(on_start)
-        callback_handler.remove_end_callback(on_end)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +64,9 @@ def _run(benchmark, label: str, warm: Callable[[], None], op: Callable[[random.R
 
         count = benchmark.pedantic(run, rounds=1, iterations=1)
     record(GROUP, label, benchmark, reference=label.startswith("hotswap_rt"))
+    figure(f"recompiles/{label}", count.compiles)
+    figure(f"compile_seconds/{label}", count.seconds)
+    figure("recompiles/ops", OPS)
     note(GROUP, f"{label:<44} {OPS} ops: {count.compiles:4d} recompiles, "
                 f"{count.seconds:7.2f} s compiling")
     return count

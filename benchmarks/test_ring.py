@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 
-from .conftest import interleaved, note, note_ratios
+from .conftest import figure, interleaved, note, note_ratios
 
 RANK = 16
 SHAPES = {
@@ -122,6 +122,7 @@ def test_switch_between_resident_adapters(setup) -> None:
     before = rt.stats()
     medians = interleaved({"rt.activate (resident)": lambda: rt.activate(next(names))}, 2000)
     after = rt.stats()
+    figure(f"resident_switch_us/{label}", medians["rt.activate (resident)"] * 1e6)
     note(group, f"rt.activate between resident adapters: {medians['rt.activate (resident)'] * 1e6:.1f}"
                 f" us median, copies during 2000 switches: {after['swaps'] - before['swaps']}")
     assert after["swaps"] == before["swaps"]

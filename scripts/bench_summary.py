@@ -1,0 +1,144 @@
+"""The README's benchmark summary table, computed from a results file of ``scripts/bench.sh``.
+
+Usage: ``python scripts/bench_summary.py RESULTS.json [--readme README.md]``. Prints the Markdown;
+with ``--readme`` it also replaces the text between ``<!-- bench-summary:start -->`` and
+``<!-- bench-summary:end -->`` in that file. Every figure comes from the results file: medians
+(ratios to each group's reference), the swap-matrix figures and the counts the benchmarks keep
+with ``figure()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+START, END = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
+
+
+class Results:
+    def __init__(self, payload: dict) -> None:
+        self.medians: dict[str, dict[str, float]] = payload["medians_s"]
+        self.references: dict[str, str] = payload["references"]
+        self.figures: dict[str, float] = payload.get("figures", {})
+        self.tables: dict[str, dict] = payload.get("tables", {})
+        self.machine: dict = payload["machine"]
+
+    def groups(self, prefix: str) -> list[str]:
+        return sorted(g for g in self.medians if g.startswith(prefix))
+
+    def ratio(self, group: str, case_prefix: str) -> float:
+        cases = self.medians[group]
+        case = next(name for name in cases if name.startswith(case_prefix))
+        return cases[case] / cases[self.references[group]]
+
+    def span(self, key_prefix: str) -> str:
+        values = [v for k, v in self.figures.items() if k.startswith(key_prefix)]
+        return f"{min(values):.2f}-{max(values):.2f}x" if values else "n/a"
+
+
+def _shape(group: str) -> str:
+    match = re.search(r"llama[^,(]*(, (fp32|bf16))?", group)
+    return (match.group(0) if match else group).strip()
+
+
+def rows(r: Results) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    f = r.figures
+    ops = int(f.get("recompiles/ops", 0))
+    ours_key = next((k for k in f if k.startswith("recompiles/hotswap_rt")), None)
+    set_key = next((k for k in f if k.startswith("recompiles/peft load_adapter")), None)
+    hot_key = next((k for k in f if k.startswith("recompiles/peft hotswap_adapter")), None)
+    if ours_key and set_key:
+        set_seconds = f[set_key.replace("recompiles/", "compile_seconds/")]
+        out.append((f"recompiles over {ops:,} random adapter operations", f"{f[ours_key]:.0f}",
+                    f"PEFT load_adapter+set_adapter: {f[set_key]:.0f} ({set_seconds:.1f} s "
+                    f"compiling, then eager past dynamo's limit); PEFT hotswap_adapter (prepared): "
+                    f"{f.get(hot_key, float('nan')):.0f}"))
+    for group in r.groups("guard overhead per compiled forward (ratio to the unguarded compiled "
+                          "forward), interleaved"):
+        out.append(("guard cost per compiled forward", f"{r.ratio(group, 'guard.call'):.2f}x "
+                    f"({f.get('guard_noop_us', float('nan')):.1f} us per call)",
+                    "unguarded compiled forward = 1.00x"))
+    for group in sorted(g for g in r.tables if g.startswith("swap matrix")):
+        label = _shape(group)
+        out.append((f"ring -> slot swap, {label}, ranks 4/16/64 x attention/all-linear, "
+                    f"max_rank 64", f"{r.span(f'swap_vs_copy/{label}/')} a `copy_` of the slot row",
+                    f"PEFT hotswap_adapter_from_state_dict "
+                    f"{r.span(f'swap_speedup_vs_peft_state_dict/{label}/')} slower, from disk "
+                    f"{r.span(f'swap_speedup_vs_peft_disk/{label}/')} slower"))
+    switches = [v for k, v in f.items() if k.startswith("resident_switch_us/")]
+    if switches:
+        out.append(("switch between device-resident adapters", f"{min(switches):.0f}-"
+                    f"{max(switches):.0f} us, no copy", ""))
+    for group in r.groups("switch + forward"):
+        out.append(("switch + forward, compiled, 4 resident adapters",
+                    f"{r.ratio(group, 'hotswap_rt'):.2f}x the forward alone",
+                    f"PEFT set_adapter {r.ratio(group, 'peft'):.2f}x once cached; first switch to "
+                    f"each adapter {f.get('peft_first_switch_ms', float('nan')):.0f} ms "
+                    f"(recompile)"))
+    for group in r.groups("forward, prefill"):
+        out.append((f"prefill 1x128, one adapter, {_shape(group)}",
+                    f"{r.ratio(group, 'hotswap_rt'):.2f}x uninjected",
+                    f"merged {r.ratio(group, 'adapter merged'):.2f}x, "
+                    f"PEFT {r.ratio(group, 'peft'):.2f}x"))
+    for group in r.groups("decode"):
+        out.append((f"decode batch 8, static cache, per token, {_shape(group)}",
+                    f"{r.ratio(group, 'hotswap_rt'):.2f}x uninjected",
+                    f"merged {r.ratio(group, 'adapter merged'):.2f}x, "
+                    f"PEFT {r.ratio(group, 'peft'):.2f}x"))
+    for group in r.groups("mixed batch"):
+        out.append(("mixed batch, 4 adapters in 8 rows", f"{r.ratio(group, 'hotswap_rt 4'):.2f}x "
+                    f"one adapter", f"PEFT adapter_names= (eager) {r.ratio(group, 'peft'):.2f}x"))
+    for group in r.groups("padding"):
+        out.append(("rank-4 adapter in max_rank-64 slots, prefill", f"{r.ratio(group, 'max_rank 64'):.2f}x"
+                    " a max_rank-4 runtime", ""))
+    for group in r.groups("cold load"):
+        cases = r.medians[group]
+        ours = next(v for k, v in cases.items() if k.startswith("hotswap_rt"))
+        one_pass = next(v for k, v in cases.items() if k.startswith("load_file + one pass"))
+        out.append((f"cold load disk -> ring, {_shape(group)}", f"{ours / one_pass:.2f}x "
+                    "load_file + one pass over the data", f"{r.ratio(group, 'hotswap_rt'):.2f}x "
+                    "a lazy load_file"))
+    return out
+
+
+def markdown(r: Results, source: str) -> str:
+    m = r.machine
+    lines = [f"From `{source}` ({m['processor']}, {m['cpus']} CPUs, torch {m['torch']}"
+             f"{', ' + m['cuda'] if m['cuda'] else ', no GPU'}):", "",
+             "| what | hotswap_rt | reference |", "|---|---|---|"]
+    lines += [f"| {what} | {ours} | {ref} |" for what, ours, ref in rows(r)]
+    lines += ["", f"![benchmark ratios]({Path(source).with_suffix('.png').as_posix()})"]
+    return "\n".join(lines)
+
+
+def replace_block(readme: Path, block: str) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme}: no {START} ... {END} block to replace")
+    head, rest = text.split(START, 1)
+    readme.write_text(head + START + "\n" + block + "\n" + END + rest.split(END, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results")
+    parser.add_argument("--readme", type=Path)
+    args = parser.parse_args()
+    path = Path(args.results)
+    source = path.as_posix()
+    if args.readme is not None:
+        try:
+            source = path.resolve().relative_to(args.readme.resolve().parent).as_posix()
+        except ValueError:
+            pass
+    block = markdown(Results(json.loads(path.read_text())), source)
+    print(block)
+    if args.readme is not None:
+        replace_block(args.readme, block)
+
+
+if __name__ == "__main__":
+    main()
