@@ -6,6 +6,8 @@
     hotswap-rt inspect DIR [--max-rank R] [--target-modules ...] [--model PATH_OR_ID] [--json]
     hotswap-rt bench [--model PATH_OR_ID] [--adapters DIR ...] [--device cpu|cuda]
                      [--max-rank R] [--target-modules ...] [--rounds N] [--json]
+    hotswap-rt serve [--model PATH_OR_ID] [--adapter NAME=DIR ...] [--port 8000] ...
+                                                     (see hotswap_rt.serve; needs the serve extra)
 
 ``inspect`` reads one adapter (validated like a load) and says whether a runtime configuration
 can host it; with ``--model`` it checks against the model's real layer shapes, built on the meta
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--rounds", type=int, default=50)
     _runtime_options(bench)
     bench.add_argument("--json", action="store_true")
+    from .serve.cli import add_arguments as serve_arguments
+
+    serve_arguments(commands.add_parser("serve", help="OpenAI-compatible HTTP server (serve extra)"))
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -58,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main(["--rounds", str(args.rounds)])
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "serve":
+            from .serve.cli import run as serve
+
+            return serve(args)
         return _bench(args)
     except HotswapError as exc:
         print(f"hotswap-rt: {type(exc).__name__}: {exc}", file=sys.stderr)

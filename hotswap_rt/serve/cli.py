@@ -1,0 +1,72 @@
+"""``hotswap-rt serve``: flags -> :class:`ServeConfig` -> uvicorn on loopback (by default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory or Hub id (default: the built-in tiny "
+                                        "model with its demo adapters)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="an adapter to load at start (repeatable)")
+    parser.add_argument("--target-modules", nargs="*", default=None,
+                        help="layers to inject (default: all-linear)")
+    parser.add_argument("--max-rank", type=int, default=16)
+    parser.add_argument("--device-slots", type=int, default=4)
+    parser.add_argument("--host-slots", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--allow-runtime-adapter-updates", action="store_true")
+    parser.add_argument("--adapter-root", help="the only directory runtime loads may read from")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-compile", action="store_true", help="serve eagerly (debugging)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import ServeConfig
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"hotswap-rt serve: --adapter takes NAME=DIR, not {item!r}")
+        adapters[name] = path
+    targets = args.target_modules or "all-linear"
+    if isinstance(targets, list) and len(targets) == 1:
+        targets = targets[0] if targets[0] == "all-linear" else targets
+    return ServeConfig(
+        model=args.model, adapters=adapters, target_modules=targets, max_rank=args.max_rank,
+        device_slots=args.device_slots, host_slots=args.host_slots,
+        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+        request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+        allow_runtime_adapter_updates=args.allow_runtime_adapter_updates,
+        adapter_root=args.adapter_root, device=args.device, compile=not args.no_compile)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import build_app
+    except ImportError as exc:
+        print(f"hotswap-rt serve needs the serve extra: pip install 'hotswap-rt[serve]' ({exc})",
+              file=sys.stderr)
+        return 2
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"hotswap-rt serve: {exc}", file=sys.stderr)
+        return 2
+    print(f"hotswap-rt serve: loading and compiling; then listening on http://{args.host}:{args.port}",
+          file=sys.stderr)
+    uvicorn.run(build_app(config), host=args.host, port=args.port, log_level="info")
+    return 0

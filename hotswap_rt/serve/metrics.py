@@ -1,0 +1,96 @@
+"""Prometheus metrics of one server (its own registry, so several servers can share a process).
+
+Request-side metrics are updated by the app; runtime figures (swap latency per tier, recompiles,
+adapters per tier, vLLM's ``lora_requests_info``) are read from the runtime at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    """The metric objects; ``render()`` gives the text exposition format."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hotswap_requests", "Requests by model (adapter or base), endpoint and HTTP status",
+            ["model", "endpoint", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "hotswap_request_latency_seconds", "Request latency, arrival to last byte, by model",
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "hotswap_time_to_first_token_seconds", "Arrival to first generated token, by model",
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter(
+            "hotswap_generated_tokens", "Generated tokens by model", ["model"], registry=self.registry)
+        self.batch_rows = Histogram(
+            "hotswap_batch_rows", "Requests per batch", buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry)
+        self.batch_adapters = Histogram(
+            "hotswap_batch_adapters", "Distinct adapters per batch", buckets=(0, 1, 2, 4, 8, 16),
+            registry=self.registry)
+        self.registry.register(RuntimeCollector(engine))
+
+    def observe_batch(self, rows: list, seconds: float) -> None:
+        self.batch_rows.observe(len(rows))
+        self.batch_adapters.observe(len({row.adapter for row in rows if row.adapter is not None}))
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class RuntimeCollector(Collector):
+    """Runtime figures, read when Prometheus scrapes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator:
+        rt = self.engine.rt
+        stats = rt.stats()
+        swap = GaugeMetricFamily("hotswap_swap_latency_seconds",
+                                 "Host/disk -> device slot copy latency by source tier",
+                                 labels=["tier", "quantile"])
+        for tier, quantiles in stats["swap_latency_ms"].items():
+            for quantile, ms in quantiles.items():
+                if ms is not None:  # no swap from this tier yet
+                    swap.add_metric([tier, {"p50": "0.5", "p99": "0.99"}.get(quantile, quantile)],
+                                    ms / 1e3)
+        yield swap
+        swaps = CounterMetricFamily("hotswap_swaps", "Adapter copies into device slots")
+        swaps.add_metric([], stats["swaps"])
+        yield swaps
+        recompiles = CounterMetricFamily("hotswap_recompiles", "Recompiles after warm-up (guard)")
+        recompiles.add_metric([], rt.guard.recompiles)
+        yield recompiles
+        tiers = GaugeMetricFamily("hotswap_adapters_resident", "Adapters by tier", labels=["tier"])
+        counts = {"device": 0, "host": 0, "disk": 0}
+        for info in rt.adapters():
+            counts[info.tier] = counts.get(info.tier, 0) + 1
+        for tier, count in counts.items():
+            tiers.add_metric([tier], count)
+        yield tiers
+        queue = GaugeMetricFamily("hotswap_requests_waiting", "Requests waiting for a batch")
+        queue.add_metric([], self.engine.queue_depth())
+        yield queue
+        info = GaugeMetricFamily(
+            "hotswap_rt:lora_requests_info", "Running/waiting adapters, as vLLM's lora_requests_info",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        info.add_metric([",".join(sorted(self.engine.running_adapters)),
+                         ",".join(sorted(self.engine.waiting_adapters())),
+                         str(rt.config.device_slots)], time.time())
+        yield info
