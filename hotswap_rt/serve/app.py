@@ -63,7 +63,8 @@ class Server:
         self.served = served
         self.shape = BatchShape(config.max_batch_size, config.max_prompt_tokens, config.max_new_tokens)
         self.engine = Engine(served.rt, served.tokenizer, self.shape, config.batch_wait_ms / 1e3,
-                             compile=config.compile, on_batch=self._observe_batch)
+                             compile=config.compile, on_batch=self._observe_batch,
+                             mixed_batches=config.mixed_batches)
         self.metrics = ServerMetrics(self.engine)
         self.created = int(time.time())
 

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-root", help="the only directory runtime loads may read from")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-compile", action="store_true", help="serve eagerly (debugging)")
+    parser.add_argument("--no-mixed-batches", action="store_true",
+                        help="one adapter per batch (the baseline the load benchmark compares)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
 
@@ -49,7 +51,8 @@ def config_from_args(args: argparse.Namespace):
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
         allow_runtime_adapter_updates=args.allow_runtime_adapter_updates,
-        adapter_root=args.adapter_root, device=args.device, compile=not args.no_compile)
+        adapter_root=args.adapter_root, device=args.device, compile=not args.no_compile,
+        mixed_batches=not args.no_mixed_batches)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,8 @@ class ServeConfig:
         allow_runtime_adapter_updates: expose ``/v1/load_lora_adapter`` and
             ``/v1/unload_lora_adapter``; paths must lie under ``adapter_root``.
         compile: ``torch.compile`` the model at start (off only for quick tests).
+        mixed_batches: rows for different adapters share a batch; False runs one adapter per
+            batch (the PEFT-style baseline of ``benchmarks/serve_load.py``).
     """
 
     model: str | None = None
@@ -47,6 +49,7 @@ class ServeConfig:
     adapter_root: str | None = None
     device: str = "cpu"
     compile: bool = True
+    mixed_batches: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_rank", "device_slots", "host_slots", "max_batch_size",
@@ -113,7 +116,7 @@ def build_runtime(config: ServeConfig) -> Served:
     rt = HotswapRuntime(model, RuntimeConfig(
         targets, max_rank=config.max_rank, device_slots=config.device_slots,
         host_slots=max(config.host_slots, config.device_slots),
-        max_batch_size=config.max_batch_size, max_active_adapters=1))
+        max_batch_size=config.max_batch_size, max_active_adapters=config.device_slots))
     for adapter_name, source in adapters.items():
         if adapter_name == name:
             raise ValueError(f"adapter name {adapter_name!r} is the base model's name")

@@ -35,6 +35,8 @@ class Engine:
 
     Args:
         on_batch: called after each batch with ``(rows, seconds)`` (metrics).
+        mixed_batches: let rows of different adapters share a batch (False: one adapter per
+            batch, the PEFT-style baseline the load benchmark compares with).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class Engine:
         batch_wait_s: float,
         compile: bool = True,
         on_batch: Callable[[list[Row], float], None] | None = None,
+        mixed_batches: bool = True,
     ) -> None:
         self.rt = rt
         self.tokenizer = tokenizer
@@ -53,6 +56,7 @@ class Engine:
         self.device = next(rt.model.parameters()).device
         self._compile = compile
         self._on_batch = on_batch
+        self._mixed_batches = mixed_batches
         self._waiting: deque[Row] = deque()
         self._commands: deque[tuple[Callable[[HotswapRuntime], Any], Future]] = deque()
         self._prefetching: dict[str, Future] = {}
@@ -192,8 +196,12 @@ class Engine:
                 row.emit("error", f"adapter {row.adapter!r} was unloaded before the request ran")
                 row.finish("error")
                 continue
-            fits = row.adapter is None or row.adapter in adapters or len(adapters) < self.rt.config.device_slots
-            if len(batch) < self.shape.rows and fits and self._is_ready(row, known):
+            if self._mixed_batches:  # base-model rows take no slot
+                fits = row.adapter is None or row.adapter in adapters or \
+                    len(adapters) < self.rt.config.device_slots
+            else:  # the baseline: every row of a batch has the same adapter (or none)
+                fits = not batch or row.adapter == batch[0].adapter
+            if len(batch) < self.shape.rows and fits and self._is_ready(row):
                 batch.append(row)
                 if row.adapter is not None:
                     adapters.add(row.adapter)
@@ -202,7 +210,7 @@ class Engine:
         self._waiting = kept
         return batch
 
-    def _is_ready(self, row: Row, known: dict | None = None) -> bool:
+    def _is_ready(self, row: Row) -> bool:
         if row.cancelled.is_set() or row.adapter is None:
             return True
         future = self._prefetching.get(row.adapter)

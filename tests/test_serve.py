@@ -1,0 +1,310 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn on 127.0.0.1, a real HTTP client.
+
+One compiled server is shared by the module (built-in tiny model, the three demo adapters, two
+device slots so a batch of three adapters must split, runtime adapter updates allowed under a
+temp root). Expected texts come from PEFT: eager greedy ``generate`` of each prompt alone,
+unpadded, with that adapter loaded by PEFT (base: the plain model).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from peft import PeftModel
+from prometheus_client.parser import text_string_to_metric_families
+
+from hotswap_rt.serve import ServeConfig, build_app
+from hotswap_rt.serve.background import BackgroundServer
+from hotswap_rt.serve.default_model import EOS_ID, MODEL_NAME, ByteTokenizer, build_default_model
+from hotswap_rt.serve.demo_adapters import PROMPTS, REPLIES, demo_adapter_paths
+
+pytestmark = pytest.mark.slow  # compiles the prefill and decode graphs once
+
+TOKENIZER = ByteTokenizer()
+MAX_NEW = 48
+
+
+def reference_text(adapter: str | None, prompt: str) -> str:
+    """Greedy text for ``prompt`` alone: PEFT with ``adapter`` (or the plain model), eager."""
+    model = build_default_model()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(demo_adapter_paths()[adapter])).eval()
+    ids = torch.tensor([TOKENIZER.encode(prompt)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=MAX_NEW, do_sample=False,
+                             pad_token_id=TOKENIZER.pad_token_id, eos_token_id=EOS_ID)
+    new = out[0, ids.shape[1]:].tolist()
+    return TOKENIZER.decode(new[: new.index(EOS_ID)] if EOS_ID in new else new)
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapter-root")
+    shutil.copytree(demo_adapter_paths()["english"], root / "english-copy")
+    broken = root / "broken"
+    shutil.copytree(demo_adapter_paths()["french"], broken)
+    (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 0}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(adapter_root):
+    torch._dynamo.reset()
+    config = ServeConfig(max_rank=8, device_slots=2, host_slots=3, max_batch_size=4,
+                         batch_wait_ms=100, max_prompt_tokens=64, max_new_tokens=MAX_NEW,
+                         max_body_bytes=4096, allow_runtime_adapter_updates=True,
+                         adapter_root=str(adapter_root))
+    app = build_app(config)
+    with BackgroundServer(app) as url:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            yield client, app.state.server
+
+
+def complete(client: httpx.Client, model: str, prompt: str, **extra) -> httpx.Response:
+    return client.post("/v1/completions", json={"model": model, "prompt": prompt,
+                                                "max_tokens": MAX_NEW, **extra})
+
+
+def chat(client: httpx.Client, model: str, content: str, **extra) -> httpx.Response:
+    return client.post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": MAX_NEW,
+        **extra})
+
+
+def metrics(client: httpx.Client) -> dict[str, list]:
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return {family.name: family.samples for family in families}
+
+
+def test_models_lists_the_base_model_and_each_adapter(server) -> None:
+    client, _ = server
+    data = client.get("/v1/models").json()["data"]
+    by_id = {card["id"]: card for card in data}
+    assert by_id[MODEL_NAME]["parent"] is None
+    for name in REPLIES:
+        assert by_id[name]["parent"] == MODEL_NAME
+        assert by_id[name]["root"] == str(demo_adapter_paths()[name])
+    assert client.get("/health").status_code == 200
+
+
+def test_demo_adapters_answer_in_their_own_voice(server) -> None:
+    client, _ = server
+    for name, reply in REPLIES.items():
+        body = complete(client, name, PROMPTS[0]).json()
+        assert body["choices"][0]["text"] == " " + reply
+        assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] == len((" " + reply).encode())
+        message = chat(client, name, PROMPTS[1]).json()["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": " " + reply}
+
+
+def test_concurrent_requests_for_different_adapters_get_their_own_tokens(server) -> None:
+    client, state = server
+    cases = [(model, prompt) for model in [*REPLIES, MODEL_NAME, "french"]
+             for prompt in ("Say hello", "Once upon a time")]
+    expected = {case: reference_text(None if case[0] == MODEL_NAME else case[0], case[1])
+                for case in set(cases)}
+    mixed_before = _mixed_batches(client)
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(lambda case: complete(client, *case), cases))
+    for case, response in zip(cases, responses):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == expected[case], case
+    assert _mixed_batches(client) > mixed_before  # rows of different adapters shared a batch
+    assert state.engine.rt.guard.recompiles == 0
+
+
+def _mixed_batches(client: httpx.Client) -> float:
+    """How many batches carried 2+ distinct adapters (from the histogram's buckets)."""
+    samples = metrics(client)["hotswap_batch_adapters"]
+    total = next(s.value for s in samples if s.name.endswith("_count"))
+    one = next(s.value for s in samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
+    return total - one
+
+
+def test_streaming_yields_the_same_text(server) -> None:
+    client, _ = server
+    for endpoint, payload, read in [
+        ("/v1/completions", {"prompt": "Greet me"}, lambda c: c["text"]),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Greet me"}]},
+         lambda c: c["delta"].get("content", "")),
+    ]:
+        lines = []
+        with client.stream("POST", endpoint, json={"model": "pirate", "max_tokens": MAX_NEW,
+                                                   "stream": True, **payload}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in response.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        assert len(chunks) > 5  # token by token, not one blob
+        assert "".join(read(c["choices"][0]) for c in chunks) == " " + REPLIES["pirate"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stop_strings_and_max_tokens(server) -> None:
+    client, _ = server
+    body = complete(client, "english", "Say hello", stop=["!"]).json()["choices"][0]
+    assert body == {"index": 0, "text": " Hello, friend", "logprobs": None, "finish_reason": "stop"}
+    body = complete(client, "english", "Say hello", max_tokens=5).json()["choices"][0]
+    assert body["text"] == " Hell" and body["finish_reason"] == "length"
+
+
+def test_sampling_is_seeded_per_request(server) -> None:
+    client, _ = server
+    first = complete(client, MODEL_NAME, "Hi", temperature=1.0, seed=7, max_tokens=12).json()
+    again = complete(client, MODEL_NAME, "Hi", temperature=1.0, seed=7, max_tokens=12).json()
+    other = complete(client, MODEL_NAME, "Hi", temperature=1.0, seed=8, max_tokens=12).json()
+    assert first["choices"][0]["text"] == again["choices"][0]["text"]
+    assert first["choices"][0]["text"] != other["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("payload, status, param", [
+    ({"model": "no-such-adapter", "prompt": "x"}, 404, "model"),
+    ({"model": "english"}, 400, "prompt"),
+    ({"model": "english", "prompt": "x", "max_tokens": MAX_NEW + 1}, 400, "max_tokens"),
+    ({"model": "english", "prompt": "x" * 80}, 400, "prompt"),
+    ({"model": "english", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "english", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "english", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "english", "prompt": ["a", "b"]}, 400, "prompt"),
+])
+def test_bad_requests_get_vllm_errors(server, payload, status, param) -> None:
+    client, _ = server
+    response = client.post("/v1/completions", json=payload)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == status and error["param"] == param and error["message"]
+
+
+def test_malformed_and_oversized_bodies(server) -> None:
+    client, _ = server
+    response = client.post("/v1/completions", content=b"{not json",
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "BadRequestError"
+    response = complete(client, "english", "Say hello", user="x" * 5000)
+    assert response.status_code == 413
+    assert complete(client, "english", "Say hello").json()["choices"][0]["text"] == " " + REPLIES["english"]
+
+
+def test_bad_requests_do_not_disturb_a_batch(server) -> None:
+    client, _ = server
+    cases = [("english", "Say hello"), ("ghost", "Say hello"), ("french", "x" * 80),
+             ("french", "Say hello")]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(lambda case: complete(client, *case), cases))
+    assert [r.status_code for r in responses] == [200, 404, 400, 200]
+    assert responses[0].json()["choices"][0]["text"] == " " + REPLIES["english"]
+    assert responses[3].json()["choices"][0]["text"] == " " + REPLIES["french"]
+
+
+def test_a_client_that_leaves_mid_stream_does_not_disturb_others(server) -> None:
+    client, _ = server
+
+    def leave_early() -> int:
+        with client.stream("POST", "/v1/completions", json={
+                "model": MODEL_NAME, "prompt": "Once", "max_tokens": MAX_NEW, "stream": True}) as r:
+            for count, _ in enumerate(r.iter_lines()):
+                if count == 3:
+                    return count
+        return -1
+
+    with ThreadPoolExecutor(3) as pool:
+        early = pool.submit(leave_early)
+        others = [pool.submit(complete, client, name, "Say hello") for name in ("english", "pirate")]
+        assert early.result() == 3
+        for name, future in zip(("english", "pirate"), others):
+            assert future.result().json()["choices"][0]["text"] == " " + REPLIES[name]
+
+
+def test_load_and_unload_adapters_at_run_time(server, adapter_root, tmp_path) -> None:
+    client, _ = server
+    load = lambda name, path: client.post(  # noqa: E731
+        "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+    response = load("english2", adapter_root / "english-copy")
+    assert response.status_code == 200, response.text
+    assert "english2" in {card["id"] for card in client.get("/v1/models").json()["data"]}
+    assert complete(client, "english2", "Hello").json()["choices"][0]["text"] == " " + REPLIES["english"]
+    assert load("english2", adapter_root / "english-copy").status_code == 400  # name taken
+    assert load(MODEL_NAME, adapter_root / "english-copy").status_code == 400
+    outside = tmp_path / "outside"
+    shutil.copytree(demo_adapter_paths()["english"], outside)
+    assert load("outsider", outside).status_code == 403
+    assert load("sneaky", adapter_root / ".." / outside.name).status_code == 403
+    broken = load("broken", adapter_root / "broken")
+    assert broken.status_code == 400
+    assert "'r' must be a positive integer" in broken.json()["error"]["message"]
+    assert load("missing", adapter_root / "nope").status_code == 400
+    assert "broken" not in {card["id"] for card in client.get("/v1/models").json()["data"]}
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "ghost"}).status_code == 404
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "english2"}).status_code == 200
+    assert complete(client, "english2", "Hello").status_code == 404
+    assert complete(client, "english", "Hello").json()["choices"][0]["text"] == " " + REPLIES["english"]
+
+
+def test_adapter_updates_are_off_unless_enabled() -> None:
+    app = build_app(ServeConfig(compile=False, max_rank=8))
+    with BackgroundServer(app) as url, httpx.Client(base_url=url) as client:
+        response = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
+        assert response.status_code == 404
+        assert complete(client, "french", "Hello").json()["choices"][0]["text"] == " " + REPLIES["french"]
+    with pytest.raises(ValueError, match="adapter_root"):
+        ServeConfig(allow_runtime_adapter_updates=True)
+
+
+def test_a_cold_adapter_is_prefetched_and_others_keep_their_batches() -> None:
+    """One device slot and two host rows for three adapters: one of them lives on disk only."""
+    app = build_app(ServeConfig(compile=False, max_rank=8, device_slots=1, host_slots=2,
+                                mixed_batches=False))
+    engine = app.state.server.engine
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        on_disk = [i.name for i in engine.rt.adapters() if i.tier == "disk"]
+        assert on_disk
+        cases = [(name, "Hello") for name in [on_disk[0], *REPLIES, on_disk[0]]]
+        with ThreadPoolExecutor(len(cases)) as pool:
+            responses = list(pool.map(lambda case: complete(client, *case), cases))
+        for (name, _), response in zip(cases, responses):
+            assert response.json()["choices"][0]["text"] == " " + REPLIES[name]
+        assert on_disk[0] in engine._prefetching  # staged in the background, not on the engine thread
+        batches = metrics(client)["hotswap_batch_adapters"]
+        one = next(s.value for s in batches if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
+        assert one == next(s.value for s in batches if s.name.endswith("_count"))  # baseline mode
+
+
+def test_a_request_past_its_timeout_gets_408_and_the_server_goes_on() -> None:
+    app = build_app(ServeConfig(compile=False, max_rank=8, request_timeout_s=0.05,
+                                batch_wait_ms=500))
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        response = complete(client, "english", "Hello")
+        assert response.status_code == 408 and response.json()["error"]["code"] == 408
+        assert client.get("/health").status_code == 200
+
+
+def test_metrics_count_what_happened_and_nothing_recompiled(server) -> None:
+    client, state = server
+    before = metrics(client)
+    count = lambda samples, **labels: sum(  # noqa: E731
+        s.value for s in samples if s.name.endswith("_total")
+        and all(s.labels.get(k) == v for k, v in labels.items()))
+    for _ in range(3):
+        complete(client, "pirate", "Hello")
+    complete(client, "ghost", "Hello")
+    after = metrics(client)
+    assert count(after["hotswap_requests"], model="pirate", status="200") == \
+        count(before["hotswap_requests"], model="pirate", status="200") + 3
+    assert count(after["hotswap_requests"], model="<unknown>", status="404") >= 1
+    ttft = {s.labels.get("model"): s.value for s in after["hotswap_time_to_first_token_seconds"]
+            if s.name.endswith("_count")}
+    assert ttft["pirate"] >= 3
+    assert [s.value for s in after["hotswap_recompiles"]] == [0.0]
+    tiers = {s.labels["tier"]: s.value for s in after["hotswap_adapters_resident"]}
+    assert sum(tiers.values()) == len(state.adapter_names()) and tiers["device"] <= 2
+    assert any(s.labels["tier"] == "host" for s in after["hotswap_swap_latency_seconds"])
+    info = after["hotswap_rt:lora_requests_info"][0]
+    assert info.labels["max_lora"] == "2" and "running_lora_adapters" in info.labels
+    assert state.engine.rt.guard.recompiles == 0 and state.engine.rt.guard.compiles >= 1
