@@ -94,6 +94,10 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
     for group in r.groups("padding"):
         out.append(("rank-4 adapter in max_rank-64 slots, prefill", f"{r.ratio(group, 'max_rank 64'):.2f}x"
                     " a max_rank-4 runtime", ""))
+    if "serve_k16_over_k1/mixed" in f:
+        out.append(("HTTP server throughput with 16 adapters, as a share of 1 adapter",
+                    f"{f['serve_k16_over_k1/mixed']:.0%} (mixed batches)",
+                    f"one adapter per batch: {f['serve_k16_over_k1/baseline']:.0%}"))
     for group in r.groups("cold load"):
         cases = r.medians[group]
         ours = next(v for k, v in cases.items() if k.startswith("hotswap_rt"))

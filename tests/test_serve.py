@@ -147,6 +147,18 @@ def test_streaming_yields_the_same_text(server) -> None:
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_stream_options_include_usage(server) -> None:
+    client, _ = server
+    with client.stream("POST", "/v1/completions", json={
+            "model": "english", "prompt": "Hello", "max_tokens": MAX_NEW, "stream": True,
+            "stream_options": {"include_usage": True}}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["choices"] == []
+    assert last["usage"]["completion_tokens"] == len((" " + REPLIES["english"]).encode())
+    assert last["usage"]["prompt_tokens"] == len(TOKENIZER.encode("Hello"))
+
+
 def test_stop_strings_and_max_tokens(server) -> None:
     client, _ = server
     body = complete(client, "english", "Say hello", stop=["!"]).json()["choices"][0]
@@ -308,3 +320,23 @@ def test_metrics_count_what_happened_and_nothing_recompiled(server) -> None:
     info = after["hotswap_rt:lora_requests_info"][0]
     assert info.labels["max_lora"] == "2" and "running_lora_adapters" in info.labels
     assert state.engine.rt.guard.recompiles == 0 and state.engine.rt.guard.compiles >= 1
+
+
+def test_the_readme_curl_examples(server) -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving over HTTP", 1)[1].split("\n## ", 1)[0]
+    calls = re.findall(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'", section, re.S)
+    assert len(calls) == 2
+    client, _ = server
+    (path, payload), (chat_path, chat_payload) = calls
+    assert client.post(path, json=json.loads(payload)).json()["choices"][0]["text"] == \
+        " " + REPLIES["french"]
+    assert "# {\"choices\": [{\"text\": \" " + REPLIES["french"] in section
+    with client.stream("POST", chat_path, json=json.loads(chat_payload)) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == " " + REPLIES["pirate"]

@@ -220,14 +220,12 @@ async def _respond(server: Server, body, prompt: str, endpoint: str, chat: bool)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": finish["reason"]} if chat else
                   {"index": 0, "text": text, "logprobs": None, "finish_reason": finish["reason"]})
-        usage = {"prompt_tokens": finish["prompt_tokens"],
-                 "completion_tokens": finish["completion_tokens"],
-                 "total_tokens": finish["prompt_tokens"] + finish["completion_tokens"]}
         return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": created, "model": body.model, "choices": [choice], "usage": usage}
+                "created": created, "model": body.model, "choices": [choice], "usage": _usage(finish)}
     # Streaming: fail before the first byte if the request is invalid (400/404, not a stream).
     first = await _first_event(stream)
-    return StreamingResponse(_sse(first, stream, request_id, created, body.model, chat),
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_sse(first, stream, request_id, created, body.model, chat, include_usage),
                              media_type="text/event-stream")
 
 
@@ -238,7 +236,15 @@ async def _first_event(stream: AsyncIterator) -> tuple[str, Any] | None:
         return None
 
 
-async def _sse(first, stream, request_id: str, created: int, model: str, chat: bool):
+def _usage(finish: dict) -> dict[str, int]:
+    return {"prompt_tokens": finish["prompt_tokens"], "completion_tokens": finish["completion_tokens"],
+            "total_tokens": finish["prompt_tokens"] + finish["completion_tokens"]}
+
+
+async def _sse(first, stream, request_id: str, created: int, model: str, chat: bool,
+               include_usage: bool):
+    """Server-sent events as OpenAI streams them; with ``include_usage`` a last chunk with empty
+    ``choices`` carries the token counts."""
     kind_name = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(delta: str | None, reason: str | None, role: bool = False) -> str:
@@ -258,6 +264,10 @@ async def _sse(first, stream, request_id: str, created: int, model: str, chat: b
         while event is not None:
             kind, value = event
             yield chunk(value, None) if kind == "token" else chunk(None, value["reason"])
+            if kind == "finish" and include_usage:
+                payload = {"id": request_id, "object": kind_name, "created": created,
+                           "model": model, "choices": [], "usage": _usage(value)}
+                yield f"data: {json.dumps(payload)}\n\n"
             event = await _first_event(stream)
     except ApiError as exc:
         yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"

@@ -7,6 +7,10 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
@@ -17,6 +21,7 @@ class SamplingFields(BaseModel):
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
+    stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=1)
     logprobs: Optional[Union[int, bool]] = None
 
