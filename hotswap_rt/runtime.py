@@ -235,6 +235,20 @@ class HotswapRuntime(ResidencyMixin, TrainingMixin):
             self._stats.loads += 1
             return self._info(record)
 
+    def check(
+        self, source: str | os.PathLike[str], *, allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
+    ) -> AdapterInfo:
+        """Read and validate an adapter against this runtime exactly as ``load`` would, and
+        describe it (tier "disk"), without registering it or changing anything.
+
+        Raises:
+            HotswapError: what ``load`` would raise for this source.
+        """
+        staged = self._read_and_stage(source, None, None, allow_pickle, allow_nonfinite)
+        return dataclasses.replace(self._describe(resolve_source(source).name, staged),
+                                   tier="disk")
+
     def save(self, name: str, directory: str | os.PathLike[str], overwrite: bool = False) -> str:
         """Write adapter ``name`` in PEFT's format (true rank, unscaled), atomically.
 

@@ -260,6 +260,19 @@ def test_bad_adapter_refused_and_nothing_changes(env, input_ids, case: str) -> N
     assert fragment in str(info.value)
     assert "bad" not in rt.registry.records
     assert_unchanged(before, snapshot_state(rt, input_ids))
+    if "source" in kwargs:  # rt.check refuses the same source with the same message
+        with pytest.raises(error, match=None) as checked:
+            rt.check(kwargs["source"], **{k: v for k, v in kwargs.items() if k != "source"})
+        assert fragment in str(checked.value)
+        assert_unchanged(before, snapshot_state(rt, input_ids))
+
+
+def test_check_describes_a_good_adapter_and_changes_nothing(env, input_ids) -> None:
+    _, root, rt = env
+    before = snapshot_state(rt, input_ids)
+    info = rt.check(root / "other")
+    assert (info.name, info.rank, info.tier) == ("other", 8, "disk")
+    assert_unchanged(before, snapshot_state(rt, input_ids))
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Prometheus metrics of one server (its own registry, so several servers can share a process).
 
-Request-side metrics are updated by the app; runtime figures (swap latency per tier, recompiles,
-adapters per tier, vLLM's ``lora_requests_info``) are read from the runtime at scrape time.
+Request-side metrics are updated by the HTTP routes; runtime figures (swap latency per tier,
+recompiles, adapters per tier, vLLM's ``lora_requests_info``) are read from the runtime at
+scrape time by :class:`RuntimeCollector`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class ServerMetrics:
-    """The metric objects; ``render()`` gives the text exposition format."""
+class RequestMetrics:
+    """Request-side metrics of one HTTP front end, plus any runtime collectors registered with
+    it; ``render()`` gives the text exposition format."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, collectors: list = ()) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "hotswap_requests", "Requests by model (adapter or base), endpoint and HTTP status",
@@ -35,17 +37,8 @@ class ServerMetrics:
             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter(
             "hotswap_generated_tokens", "Generated tokens by model", ["model"], registry=self.registry)
-        self.batch_rows = Histogram(
-            "hotswap_batch_rows", "Requests per batch", buckets=(1, 2, 4, 8, 16, 32, 64),
-            registry=self.registry)
-        self.batch_adapters = Histogram(
-            "hotswap_batch_adapters", "Distinct adapters per batch", buckets=(0, 1, 2, 4, 8, 16),
-            registry=self.registry)
-        self.registry.register(RuntimeCollector(engine))
-
-    def observe_batch(self, rows: list, seconds: float) -> None:
-        self.batch_rows.observe(len(rows))
-        self.batch_adapters.observe(len({row.adapter for row in rows if row.adapter is not None}))
+        for collector in collectors:
+            self.registry.register(collector)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
