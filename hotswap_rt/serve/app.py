@@ -93,6 +93,9 @@ def create_app(backend: Any, config: ServeConfig, metrics: RequestMetrics,
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
+        refresh = getattr(backend, "refresh_stats", None)  # remote figures (Ray replicas)
+        if refresh is not None:
+            await refresh()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/stats")

@@ -106,7 +106,8 @@ class LocalBackend:
     def stats(self) -> dict[str, Any]:
         rt = self.served.rt
         return {**rt.stats(), "recompiles": rt.guard.recompiles, "compiles": rt.guard.compiles,
-                "adapters": {i.name: i.tier for i in rt.adapters()}}
+                "adapters": {i.name: {"tier": i.tier, "leases": i.leases, "pinned": i.pinned}
+                             for i in rt.adapters()}}
 
     # ------------------------------------------------------------------------------ generation
     def make_row(self, body: CompletionRequest | ChatCompletionRequest, emit) -> Row:

@@ -87,3 +87,28 @@ class RuntimeCollector(Collector):
                          ",".join(sorted(self.engine.waiting_adapters())),
                          str(rt.config.device_slots)], time.time())
         yield info
+
+
+class ReplicaStatsCollector(Collector):
+    """Per-replica runtime figures as the replicas last reported them (Ray Serve front end);
+    ``backend.replica_stats`` is refreshed before each scrape."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+
+    def collect(self) -> Iterator:
+        recompiles = GaugeMetricFamily("hotswap_replica_recompiles",
+                                       "Recompiles after warm-up, per replica", labels=["replica"])
+        swaps = GaugeMetricFamily("hotswap_replica_swaps", "Slot copies, per replica",
+                                  labels=["replica"])
+        tiers = GaugeMetricFamily("hotswap_replica_adapters_resident", "Adapters by tier, per replica",
+                                  labels=["replica", "tier"])
+        for replica, stats in self.backend.replica_stats.items():
+            recompiles.add_metric([replica], stats.get("recompiles", 0))
+            swaps.add_metric([replica], stats.get("swaps", 0))
+            counts: dict[str, int] = {"device": 0, "host": 0, "disk": 0}
+            for adapter in stats.get("adapters", {}).values():
+                counts[adapter["tier"]] = counts.get(adapter["tier"], 0) + 1
+            for tier, count in counts.items():
+                tiers.add_metric([replica, tier], count)
+        yield from (recompiles, swaps, tiers)
