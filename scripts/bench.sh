@@ -4,7 +4,7 @@
 # prefix). HOTSWAP_BENCH_UPDATE_README=1 also rewrites the README's summary table from the results.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/_setup_venv.sh" "test,bench,serve"
+source "$ROOT/scripts/_setup_venv.sh" "test,bench,serve,ray"
 cd "$ROOT"
 export HOTSWAP_BENCH_RESULTS="${HOTSWAP_BENCH_RESULTS:-$ROOT/benchmarks/results/$(date +%F)-$(hostname -s)}"
 "$ROOT/.venv/bin/python" -m pytest benchmarks --benchmark-enable -s -q "$@"

@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one adapter per batch (the baseline the load benchmark compares)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--ray", action="store_true",
+                        help="serve through Ray Serve replicas on a local Ray (ray extra)")
+    parser.add_argument("--replicas", type=int, default=2, help="with --ray: worker replicas")
+    parser.add_argument("--worker-cpus", type=float, default=1.0, help="with --ray: CPUs per replica")
+    parser.add_argument("--worker-gpus", type=float, default=0.0, help="with --ray: GPUs per replica")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -56,6 +61,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:
+        return run_ray(args)
     try:
         import uvicorn
 
@@ -72,4 +79,30 @@ def run(args: argparse.Namespace) -> int:
     print(f"hotswap-rt serve: loading and compiling; then listening on http://{args.host}:{args.port}",
           file=sys.stderr)
     uvicorn.run(build_app(config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    """Start (or join, with RAY_ADDRESS) a Ray cluster and run the Ray Serve application."""
+    try:
+        import ray
+        from ray import serve
+
+        from .ray_app import build_ray_app
+    except ImportError as exc:
+        print(f"hotswap-rt serve --ray needs the ray extra: pip install 'hotswap-rt[ray]' ({exc})",
+              file=sys.stderr)
+        return 2
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"hotswap-rt serve: {exc}", file=sys.stderr)
+        return 2
+    ray.init()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"hotswap-rt serve --ray: {args.replicas} replicas; http://{args.host}:{args.port}",
+          file=sys.stderr)
+    serve.run(build_ray_app(config, replicas=args.replicas, worker_cpus=args.worker_cpus,
+                            worker_gpus=args.worker_gpus),
+              name="hotswap", route_prefix="/", blocking=True)
     return 0

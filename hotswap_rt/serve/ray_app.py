@@ -19,11 +19,14 @@ Three deployments (extra ``ray``):
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Any, AsyncIterator
 
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from ..errors import HotswapError
@@ -32,6 +35,7 @@ from .config import ServeConfig, build_runtime
 from .metrics import RequestMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 
+log = logging.getLogger(__name__)
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class AdapterDirectory:
@@ -191,18 +195,35 @@ class RayBackend:
     refresh_stats = stats
 
     async def generate(self, body: CompletionRequest | ChatCompletionRequest) -> AsyncIterator[tuple[str, Any]]:
+        """Events from a worker replica. A replica that dies before its first token is retried on
+        another (up to ``RETRIES`` times); after a token has gone out, the failure is a 500."""
         adapter = "" if body.model == self.model_name else body.model
         if adapter and await self.directory.lookup.remote(adapter) is None:
             raise ApiError(404, f"The model `{body.model}` does not exist.", "model")
         handle = self.worker.options(stream=True, multiplexed_model_id=adapter)
-        response = handle.generate.remote(body.model_dump(), isinstance(body, ChatCompletionRequest))
-        try:
-            async for kind, value in response:
-                if kind == "error":
-                    raise ApiError(value["status"], value["message"], value["param"])
-                yield kind, value
-        finally:
-            response.cancel()  # a client that left stops its row on the replica
+        payload, chat = body.model_dump(), isinstance(body, ChatCompletionRequest)
+        for attempt in range(self.RETRIES + 1):
+            response = handle.generate.remote(payload, chat)
+            started, replica = False, None
+            try:
+                async for kind, value in response:
+                    if kind == "error":
+                        raise ApiError(value["status"], value["message"], value["param"])
+                    if kind == "replica":  # held back until the replica produced something
+                        replica = value
+                        continue
+                    if not started:
+                        started = True
+                        yield "replica", replica
+                    yield kind, value
+                return
+            except (RayActorError, ReplicaUnavailableError) as exc:
+                if started or attempt == self.RETRIES:
+                    raise ApiError(500, f"the replica serving this request failed: {exc}") from exc
+                log.warning("replica died before the first token; retrying (%s)", exc)
+            finally:
+                response.cancel()  # a client that left stops its row on the replica
+    RETRIES = 2
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

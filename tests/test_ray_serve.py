@@ -1,0 +1,182 @@
+"""Scale-out on Ray Serve, with real Ray on this machine: ``ray.init(num_cpus=2)``, two worker
+replicas at half a CPU each, four adapters, loopback HTTP. Texts are compared with PEFT's eager
+greedy generation of each prompt alone (as in ``test_serve.py``)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from hotswap_rt.serve import ServeConfig  # noqa: E402
+from hotswap_rt.serve.default_model import MODEL_NAME  # noqa: E402
+from hotswap_rt.serve.demo_adapters import REPLIES, demo_adapter_paths  # noqa: E402
+from hotswap_rt.serve.ray_app import build_ray_app  # noqa: E402
+
+from .test_serve import reference_text  # noqa: E402
+
+pytestmark = pytest.mark.slow  # starts Ray and compiles on every replica
+
+EXPECTED = {**REPLIES, "greeter": REPLIES["english"]}  # "greeter" is a copy of "english"
+ADAPTERS = list(EXPECTED)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray-adapters")
+    shutil.copytree(demo_adapter_paths()["english"], root / "greeter")
+    shutil.copytree(demo_adapter_paths()["english"], root / "english-copy")
+    config = ServeConfig(adapters={"greeter": str(root / "greeter")}, max_rank=8, device_slots=2,
+                         max_batch_size=4, batch_wait_ms=20, max_prompt_tokens=64,
+                         max_new_tokens=48, allow_runtime_adapter_updates=True,
+                         adapter_root=str(root))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_ray_app(config, replicas=2, worker_cpus=0.5), name="hotswap-test",
+                  route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180) as client:
+            yield client, root
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def complete(client: httpx.Client, model: str, prompt: str = "Say hello") -> httpx.Response:
+    return client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 48})
+
+
+def replica_stats(client: httpx.Client) -> dict[str, dict]:
+    return client.get("/stats").json()["replicas"]
+
+
+def test_models_and_answers_through_the_ingress(cluster) -> None:
+    client, _ = cluster
+    cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    assert set(cards) == {MODEL_NAME, *ADAPTERS}
+    assert all(cards[name]["parent"] == MODEL_NAME for name in ADAPTERS)
+    for name in ADAPTERS:
+        response = complete(client, name)
+        assert response.json()["choices"][0]["text"] == " " + EXPECTED[name]
+        assert response.headers["x-hotswap-replica"]
+    missing = complete(client, "ghost")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+def test_repeated_requests_go_to_the_replica_that_holds_the_adapter(cluster) -> None:
+    client, _ = cluster
+    holders = {name: complete(client, name).headers["x-hotswap-replica"] for name in ADAPTERS}
+    time.sleep(3)  # replicas report the adapters they hold to Ray's router
+    for name in ADAPTERS:
+        served = {complete(client, name).headers["x-hotswap-replica"] for _ in range(4)}
+        assert served == {holders[name]}, name
+
+
+def test_concurrent_requests_match_the_single_process_reference(cluster) -> None:
+    client, _ = cluster
+    cases = [(model, prompt) for model in [*ADAPTERS, MODEL_NAME]
+             for prompt in ("Say hello", "Once upon a time")]
+    expected = {case: reference_text(None if case[0] == MODEL_NAME else
+                                     ("english" if case[0] == "greeter" else case[0]), case[1])
+                for case in cases}
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(lambda case: complete(client, *case), cases))
+    for case, response in zip(cases, responses):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == expected[case], case
+
+
+def test_streaming_through_the_ingress(cluster) -> None:
+    client, _ = cluster
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "pirate", "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 48, "stream": True}) as response:
+        assert response.headers["x-hotswap-replica"]
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    import json
+
+    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in lines)
+    assert text == " " + REPLIES["pirate"]
+
+
+def test_eviction_releases_the_least_recently_used_lease(cluster) -> None:
+    """Each replica leases at most device_slots=2 adapters: the last two it served."""
+    client, _ = cluster
+    served: dict[str, list[str]] = {}
+    for name in ADAPTERS * 2 + ADAPTERS[::-1]:
+        replica = complete(client, name).headers["x-hotswap-replica"]
+        served.setdefault(replica, []).append(name)
+    time.sleep(1)  # stats are reported after each request
+    stats = replica_stats(client)
+    for replica, names in served.items():
+        leased = {n for n, a in stats[replica]["adapters"].items() if a["leases"] > 0}
+        recent = list(dict.fromkeys(reversed(names)))[:2]
+        assert len(leased) <= 2
+        if len(recent) == 2:
+            assert leased == set(recent), (replica, names, stats[replica]["adapters"])
+
+
+def test_runtime_load_and_unload_reach_every_replica(cluster) -> None:
+    client, root = cluster
+    response = client.post("/v1/load_lora_adapter",
+                           json={"lora_name": "late", "lora_path": str(root / "english-copy")})
+    assert response.status_code == 200, response.text
+    assert complete(client, "late").json()["choices"][0]["text"] == " " + REPLIES["english"]
+    assert client.post("/v1/load_lora_adapter", json={
+        "lora_name": "late", "lora_path": str(root / "english-copy")}).status_code == 400
+    assert client.post("/v1/load_lora_adapter", json={
+        "lora_name": "x", "lora_path": "/etc"}).status_code == 403
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "late"}).status_code == 200
+    assert complete(client, "late").status_code == 404
+    with ThreadPoolExecutor(8) as pool:  # base-model requests land on both replicas
+        list(pool.map(lambda _: complete(client, MODEL_NAME, "Hi"), range(16)))
+    time.sleep(1)
+    stats = replica_stats(client)
+    assert len(stats) == 2 and all("late" not in s["adapters"] for s in stats.values())
+
+
+def test_a_killed_replica_is_replaced_and_no_answer_is_wrong(cluster) -> None:
+    client, _ = cluster
+    names = [n for n in ray.util.list_named_actors(all_namespaces=True)
+             if "HotswapWorker" in n["name"]]
+    assert len(names) == 2
+    victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    before = set(replica_stats(client))
+    results = []
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(complete, client, ADAPTERS[i % 4]) for i in range(8)]
+        ray.kill(victim, no_restart=True)
+        futures += [pool.submit(complete, client, ADAPTERS[i % 4]) for i in range(8)]
+        results = [(ADAPTERS[i % 4], f.result()) for i, f in enumerate(futures)]
+    for name, response in results:
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == " " + EXPECTED[name]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # Ray starts a replacement replica
+        alive = [n for n in ray.util.list_named_actors(all_namespaces=True)
+                 if "HotswapWorker" in n["name"]]
+        if len(alive) == 2 and len(set(replica_stats(client)) - before) >= 1:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail("no replacement replica came up")
+    for name in ADAPTERS:
+        assert complete(client, name).json()["choices"][0]["text"] == " " + EXPECTED[name]
+
+
+def test_no_replica_recompiled(cluster) -> None:
+    client, _ = cluster
+    stats = replica_stats(client)
+    assert stats and all(s["recompiles"] == 0 and s["compiles"] >= 1 for s in stats.values())
+    metrics = client.get("/metrics").text
+    assert "hotswap_replica_recompiles" in metrics and "hotswap_requests_total" in metrics
