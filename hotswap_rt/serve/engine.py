@@ -178,8 +178,17 @@ class Engine:
                     row.finish("error")
         finally:
             self.running_adapters = set()
+            self._clear_selection()
         if self._on_batch is not None:
             self._on_batch(batch, time.perf_counter() - start)
+
+    def _clear_selection(self) -> None:
+        """No batch runs now: select no adapter, so no slot counts as in use (a lease or load
+        between batches may then take any slot that is not pinned or leased)."""
+        try:
+            self.rt.activate_rows([None] * self.shape.rows)
+        except HotswapError:  # pragma: no cover - all-None rows always fit
+            log.exception("could not clear the selection")
 
     def _take_batch(self) -> list[Row]:
         """Rows to run now, in arrival order (caller holds ``_wake``)."""
@@ -251,6 +260,8 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             row.emit("error", str(exc))
             row.finish("error")
+        finally:
+            self._clear_selection()
 
     def _fail_waiting(self, message: str) -> None:
         with self._wake:

@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from ..errors import HotswapError
+from ..errors import HotswapError, SlotsBusyError
 from .backend import ApiError, LocalBackend
 from .config import ServeConfig, build_runtime
 from .metrics import RequestMetrics
@@ -93,7 +93,11 @@ class HotswapWorker:
             if self.versions.get(name) != entry["version"]:
                 rt.load(name, entry["path"], replace=name in self.versions)
                 self.versions[name] = entry["version"]
-            return rt.lease(name)
+            try:
+                return rt.lease(name)
+            except SlotsBusyError as exc:  # every slot leased: serve it unleased (a swap per batch)
+                log.warning("no slot to lease for %r: %s", name, exc)
+                return None
 
         return await asyncio.wrap_future(self.backend.engine.call(load_and_lease))
 
