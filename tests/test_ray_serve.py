@@ -78,8 +78,9 @@ def test_repeated_requests_go_to_the_replica_that_holds_the_adapter(cluster) -> 
     holders = {name: complete(client, name).headers["x-hotswap-replica"] for name in ADAPTERS}
     time.sleep(3)  # replicas report the adapters they hold to Ray's router
     for name in ADAPTERS:
-        served = {complete(client, name).headers["x-hotswap-replica"] for _ in range(4)}
-        assert served == {holders[name]}, name
+        responses = [complete(client, name) for _ in range(4)]
+        assert {r.headers["x-hotswap-replica"] for r in responses} == {holders[name]}, name
+        assert {r.headers["x-hotswap-adapter-resident"] for r in responses} == {"true"}
 
 
 def test_concurrent_requests_match_the_single_process_reference(cluster) -> None:

@@ -29,6 +29,7 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-hotswap-replica"
+RESIDENT_HEADER = "x-hotswap-adapter-resident"
 
 
 class BodyLimit(BaseHTTPMiddleware):
@@ -154,8 +155,9 @@ async def _respond(backend: Any, metrics: RequestMetrics, body, endpoint: str, c
     stream = _measured(backend, metrics, body, endpoint)
     first = await _next_event(stream)  # errors before the first token are HTTP errors
     headers = {}
-    if first is not None and first[0] == "replica":
-        headers[REPLICA_HEADER] = str(first[1])
+    if first is not None and first[0] == "replica":  # Ray Serve: which replica, was it warm
+        headers[REPLICA_HEADER] = str(first[1]["id"])
+        headers[RESIDENT_HEADER] = "true" if first[1]["resident"] else "false"
         first = await _next_event(stream)
     if not body.stream:
         parts, finish, event = [], {}, first

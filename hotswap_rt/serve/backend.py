@@ -2,7 +2,7 @@
 process). ``hotswap_rt.serve.ray_app.RayBackend`` is the same interface over Ray Serve replicas.
 
 A backend turns a validated request body into a stream of events:
-``("replica", id)`` (optional, first), ``("token", text_delta)`` ..., then one
+``("replica", {"id", "resident"})`` (optional, first), ``("token", text_delta)`` ..., then one
 ``("finish", {"reason", "prompt_tokens", "completion_tokens"})``; a request that cannot run
 raises :class:`ApiError` before its first token.
 """
@@ -106,6 +106,8 @@ class LocalBackend:
     def stats(self) -> dict[str, Any]:
         rt = self.served.rt
         return {**rt.stats(), "recompiles": rt.guard.recompiles, "compiles": rt.guard.compiles,
+                "requests_waiting": self.engine.queue_depth(),
+                "waiting_adapters": sorted(self.engine.waiting_adapters()),
                 "adapters": {i.name: {"tier": i.tier, "leases": i.leases, "pinned": i.pinned}
                              for i in rt.adapters()}}
 

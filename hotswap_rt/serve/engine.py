@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import HotswapError
+from ..errors import HotswapError, SlotsBusyError
 from ..runtime import HotswapRuntime
 from .generation import BatchShape, Row, Tokenizer, run_batch
 
@@ -131,7 +131,12 @@ class Engine:
             for fn, future in commands:
                 self._run_command(fn, future)
             if self._waiting:
-                self._gather_and_run()
+                try:
+                    self._gather_and_run()
+                except Exception:  # noqa: BLE001 - the engine thread must outlive any batch
+                    log.exception("batch formation failed; the rows stay queued")
+                    with self._wake:
+                        self._wake.wait(timeout=0.05)
         self._fail_waiting("the server is shutting down")
 
     def _warmup(self, model: torch.nn.Module) -> None:
@@ -159,13 +164,17 @@ class Engine:
             batch = self._take_batch()
         if not batch:
             return
-        adapters = [row.adapter for row in batch]
         try:
-            self.rt.activate_rows(adapters + [None] * (self.shape.rows - len(batch)))
-        except HotswapError as exc:  # e.g. a slot pinned meanwhile: run these rows one by one
+            self._activate(batch)
+        except SlotsBusyError:
+            batch = self._keep_what_fits(batch)
+            if not batch:
+                return
+        except HotswapError as exc:  # e.g. an adapter that fails to re-read: row by row
             log.warning("activate_rows failed (%s); requeueing the batch row by row", exc)
             self._requeue_or_fail(batch, exc)
             return
+        adapters = [row.adapter for row in batch]
         self.running_adapters = {a for a in adapters if a is not None}
         start = time.perf_counter()
         try:
@@ -238,11 +247,46 @@ class Engine:
                 log.warning("prefetch of %r not started: %s", name, exc)
                 return
             self._prefetching[name] = future
-        future.add_done_callback(lambda _: self._notify())
+        future.add_done_callback(lambda _: self.notify())
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Wake the engine thread (something it waits on may have changed)."""
         with self._wake:
             self._wake.notify_all()
+
+    def _keep_what_fits(self, batch: list[Row]) -> list[Row]:
+        """Not every adapter of ``batch`` can have a slot now (the others are pinned or leased,
+        as under Ray's multiplexing): keep the rows of device-resident adapters and base rows,
+        add the other adapters one by one, in arrival order, while their activation succeeds,
+        and fill up with queued rows of resident adapters (the rows that hold the leases must
+        not wait behind rows that wait for a lease). The rest wait for a slot to be released,
+        until their timeout. Returns the rows now selected (possibly none)."""
+        resident = {info.name for info in self.rt.adapters() if info.tier == "device"}
+        kept = [r for r in batch if r.adapter is None or r.adapter in resident]
+        later: list[Row] = []
+        for adapter in dict.fromkeys(r.adapter for r in batch if r not in kept):
+            rows = [r for r in batch if r.adapter == adapter]
+            try:
+                self._activate(kept + rows)
+                kept += rows
+            except SlotsBusyError:
+                later += rows
+        with self._wake:  # fill up with queued rows that need no new slot
+            for row in [r for r in self._waiting if r.adapter is None or r.adapter in resident]:
+                if len(kept) >= self.shape.rows:
+                    break
+                if not row.cancelled.is_set():
+                    self._waiting.remove(row)
+                    kept.append(row)
+            self._waiting.extendleft(reversed(later))
+            if not kept:
+                self._wake.wait(timeout=0.02)  # a lease release or a new request wakes us
+                return []
+        self._activate(kept)
+        return kept
+
+    def _activate(self, rows: list[Row]) -> None:
+        self.rt.activate_rows([r.adapter for r in rows] + [None] * (self.shape.rows - len(rows)))
 
     def _requeue_or_fail(self, batch: list[Row], error: HotswapError) -> None:
         if len(batch) == 1:

@@ -19,8 +19,10 @@ Three deployments (extra ``ray``):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
+import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -46,9 +48,6 @@ class AdapterDirectory:
         self.version = 1
         self.replicas: dict[str, dict] = {}
 
-    def lookup(self, name: str) -> dict | None:
-        return self.adapters.get(name)
-
     def list(self) -> dict[str, dict]:
         return dict(self.adapters)
 
@@ -69,6 +68,40 @@ class AdapterDirectory:
         return dict(self.replicas)
 
 
+class LeaseHandle:
+    """What the multiplexed loader returns: an adapter's :class:`~hotswap_rt.AdapterLease`,
+    released when Ray evicts the handle (``__del__``, which Ray may call more than once and
+    from another thread) *and* no request that took it is still running, so a slot a running
+    batch reads is released only when that batch ends."""
+
+    def __init__(self, lease) -> None:
+        self.lease = lease
+        self._uses = 0
+        self._evicted = False
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._uses += 1
+
+    def release_use(self) -> None:
+        with self._lock:
+            self._uses -= 1
+            done = self._evicted and self._uses == 0
+        if done:
+            self._release()
+
+    def __del__(self) -> None:
+        with self._lock:
+            self._evicted = True
+            done = self._uses == 0
+        if done:
+            self._release()
+
+    def _release(self) -> None:
+        self.lease.release()  # idempotent
+
+
 class HotswapWorker:
     """One replica: a runtime and its engine (see the module doc). Made a deployment, with the
     multiplexed loader sized to ``device_slots``, by :func:`worker_deployment`."""
@@ -82,48 +115,95 @@ class HotswapWorker:
         self.directory = directory
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.versions: dict[str, int] = {name: 1 for name in self.backend.adapter_names()}
-        self._report()
+        self.listing: dict[str, dict] = {}
+        self._stats_changed = False
+        self._background: asyncio.Task | None = None
+        self.directory.report.remote(self.replica, self.stats())
+
+    async def _lease_with_retries(self, name: str) -> LeaseHandle:
+        """Ray's cached lease, or a new one. When every slot is leased by requests in flight,
+        Ray has just evicted its least-recently-used lease (released when its requests end):
+        try again shortly, each try evicting the next one, until the request's timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.backend.config.request_timeout_s
+        for attempt in itertools.count():
+            try:
+                handle = await self.get_lease(name)  # Ray's cache, or _load_and_lease
+                handle.acquire()
+                return handle
+            except SlotsBusyError:
+                if loop.time() > deadline:
+                    raise ApiError(503, f"no device slot became free for {name!r}") from None
+                await asyncio.sleep(min(0.005 * 2 ** attempt, 0.1))
+        raise AssertionError("unreachable")
+
+    async def _entry(self, name: str) -> dict:
+        """``{"path", "version"}`` of ``name`` from the cached listing (refreshed on a miss)."""
+        self._start_background()
+        if name not in self.listing:
+            self.listing = await self.directory.list.remote()
+        if name not in self.listing:
+            raise ApiError(404, f"The model `{name}` does not exist.", "model")
+        return self.listing[name]
+
+    def _ensure_loaded(self, rt, name: str, entry: dict) -> None:
+        if self.versions.get(name) != entry["version"]:
+            rt.load(name, entry["path"], replace=name in self.versions)
+            self.versions[name] = entry["version"]
 
     async def _load_and_lease(self, name: str):
-        entry = await self.directory.lookup.remote(name)
-        if entry is None:
-            raise ApiError(404, f"The model `{name}` does not exist.", "model")
+        entry = await self._entry(name)
 
         def load_and_lease(rt):
-            if self.versions.get(name) != entry["version"]:
-                rt.load(name, entry["path"], replace=name in self.versions)
-                self.versions[name] = entry["version"]
+            self._ensure_loaded(rt, name, entry)
+            return LeaseHandle(rt.lease(name))  # SlotsBusyError: nothing cached by Ray
+
+        # Off the engine thread: the runtime never evicts a slot the running batch reads, so
+        # this waits for one forward at most, not for the whole batch.
+        return await asyncio.to_thread(load_and_lease, self.backend.served.rt)
+
+    def _start_background(self) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(self._sync_loop())
+
+    async def _sync_loop(self) -> None:
+        """Every ``SYNC_PERIOD_S``: take the directory's listing, unload what it no longer lists
+        (a runtime unload reaches every replica), and report stats if they changed."""
+        while True:
             try:
-                return rt.lease(name)
-            except SlotsBusyError as exc:  # every slot leased: serve it unleased (a swap per batch)
-                log.warning("no slot to lease for %r: %s", name, exc)
-                return None
+                self.listing = await self.directory.list.remote()
+                stale = [name for name in list(self.versions) if name not in self.listing]
+                if stale:
+                    await asyncio.wrap_future(self.backend.engine.call(
+                        lambda rt: [self._forget(rt, name) for name in stale]))
+                if self._stats_changed or stale:
+                    self._stats_changed = False
+                    await self.directory.report.remote(self.replica, self.stats())
+            except Exception:  # noqa: BLE001 - try again next period
+                log.exception("directory sync failed")
+            await asyncio.sleep(self.SYNC_PERIOD_S)
 
-        return await asyncio.wrap_future(self.backend.engine.call(load_and_lease))
+    def _forget(self, rt, name: str) -> None:
+        rt.unload(name, force=True)
+        self.versions.pop(name, None)
 
-    async def _forget_unlisted(self, listed: dict[str, dict]) -> None:
-        """Unload what the directory no longer lists (runtime unload reaches every replica)."""
-        stale = [name for name in self.versions if name not in listed]
-
-        def unload(rt):
-            for name in stale:
-                rt.unload(name, force=True)
-                self.versions.pop(name, None)
-
-        if stale:
-            await asyncio.wrap_future(self.backend.engine.call(unload))
+    SYNC_PERIOD_S = 0.25
 
     async def generate(self, payload: dict, chat: bool) -> AsyncIterator[tuple[str, Any]]:
-        """Events of one request (the first names this replica); errors travel as
+        """Events of one request; the first is ``("replica", {"id", "resident"})`` (resident:
+        the adapter was already in one of this replica's device slots). Errors travel as
         ``("error", {"status", "message", "param"})``."""
-        yield "replica", self.replica
+        name, handle = serve.get_multiplexed_model_id(), None
+        tiers = {i.name: i.tier for i in self.backend.served.rt.adapters()}
+        yield "replica", {"id": self.replica, "resident": not name or tiers.get(name) == "device"}
         try:
             body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(payload)
-            await self._forget_unlisted(await self.directory.list.remote())
-            name = serve.get_multiplexed_model_id()
             if name:
-                await self.get_lease(name)
-            async for event in self.backend.generate(body):
+                entry = await self._entry(name)
+                handle = await self._lease_with_retries(name)
+                if self.versions.get(name) != entry["version"]:  # re-added since it was leased
+                    await asyncio.to_thread(self._ensure_loaded, self.backend.served.rt, name, entry)
+            async for event in _coalesced(self.backend.generate(body)):
                 yield event
         except ApiError as exc:
             yield "error", exc.as_dict()
@@ -132,7 +212,11 @@ class HotswapWorker:
         except Exception as exc:  # noqa: BLE001 - reported, the replica goes on
             yield "error", {"status": 500, "message": f"generation failed: {exc!r}", "param": None}
         finally:
-            self._report()
+            if handle is not None:
+                handle.release_use()
+                self.backend.engine.notify()  # a released slot may let waiting rows run
+            self._stats_changed = True
+            self._start_background()
 
     def check_adapter(self, path: str) -> str | None:
         """Validate ``path`` against this replica's runtime; the problem, or None."""
@@ -145,8 +229,37 @@ class HotswapWorker:
     def stats(self) -> dict:
         return {"replica": self.replica, **self.backend.stats()}
 
-    def _report(self) -> None:
-        self.directory.report.remote(self.replica, self.stats())
+async def _coalesced(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[tuple[str, Any]]:
+    """``events`` with consecutive text deltas that are ready together merged into one, so a
+    busy replica sends fewer, larger messages (each yield is one Ray object)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for event in events:
+                queue.put_nowait(event)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the consumer
+            queue.put_nowait(("__raise__", exc))
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            event = await queue.get()
+            if event is None:
+                return
+            if event[0] == "__raise__":
+                raise event[1]
+            if event[0] == "token":
+                text = [event[1]]
+                while not queue.empty() and queue._queue[0] is not None and queue._queue[0][0] == "token":  # noqa: SLF001
+                    text.append(queue.get_nowait()[1])
+                event = ("token", "".join(text))
+            yield event
+    finally:
+        task.cancel()
+        await events.aclose()
 
 
 def worker_deployment(config: ServeConfig, replicas: int, cpus: float, gpus: float):
@@ -172,12 +285,25 @@ class RayBackend:
         self.directory = directory
         self.created = int(time.time())
         self.replica_stats: dict[str, dict] = {}
+        self.listing: dict[str, dict] = {}
+        self._listed_at = float("-inf")
+
+    async def _listing(self, refresh: bool = False) -> dict[str, dict]:
+        """The directory's adapters, cached for ``LISTING_TTL_S``; ``refresh`` forces a call."""
+        if refresh or time.monotonic() - self._listed_at > self.LISTING_TTL_S:
+            self.listing = await self.directory.list.remote()
+            self._listed_at = time.monotonic()
+        return self.listing
+
+    LISTING_TTL_S = 0.5
 
     async def knows(self, model: str) -> bool:
-        return model == self.model_name or await self.directory.lookup.remote(model) is not None
+        if model == self.model_name or model in await self._listing():
+            return True
+        return model in await self._listing(refresh=True)  # added through another ingress
 
     async def adapter_cards(self) -> list[dict[str, str]]:
-        listed = await self.directory.list.remote()
+        listed = await self._listing(refresh=True)
         return [{"id": name, "root": entry["path"]} for name, entry in listed.items()]
 
     async def load_adapter(self, name: str, path: str) -> None:
@@ -186,10 +312,12 @@ class RayBackend:
             raise ApiError(400, problem, "lora_path")
         if not await self.directory.add.remote(name, path):
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name")
+        await self._listing(refresh=True)
 
     async def unload_adapter(self, name: str) -> None:
         if not await self.directory.remove.remote(name):
             raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
+        await self._listing(refresh=True)
 
     async def stats(self) -> dict:
         """What every replica last reported (also refreshes what ``/metrics`` shows)."""
@@ -202,7 +330,7 @@ class RayBackend:
         """Events from a worker replica. A replica that dies before its first token is retried on
         another (up to ``RETRIES`` times); after a token has gone out, the failure is a 500."""
         adapter = "" if body.model == self.model_name else body.model
-        if adapter and await self.directory.lookup.remote(adapter) is None:
+        if adapter and not await self.knows(adapter):
             raise ApiError(404, f"The model `{body.model}` does not exist.", "model")
         handle = self.worker.options(stream=True, multiplexed_model_id=adapter)
         payload, chat = body.model_dump(), isinstance(body, ChatCompletionRequest)
@@ -230,7 +358,7 @@ class RayBackend:
     RETRIES = 2
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress()
 class Ingress:
     """The HTTP front: :func:`~.app.create_app` over :class:`RayBackend`."""
