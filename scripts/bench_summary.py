@@ -98,6 +98,11 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
         out.append(("HTTP server throughput with 16 adapters, as a share of 1 adapter",
                     f"{f['serve_k16_over_k1/mixed']:.0%} (mixed batches)",
                     f"one adapter per batch: {f['serve_k16_over_k1/baseline']:.0%}"))
+    if "ray_req_s/1" in f:
+        out.append(("Ray Serve, 8 adapters: 2 replicas vs 1 (same machine)",
+                    f"{f['ray_req_s/2']:.1f} vs {f['ray_req_s/1']:.1f} req/s; "
+                    f"{f['ray_resident_share/2']:.0%} of requests found their adapter resident",
+                    "2 CPUs shared by both replicas, Ray and the client"))
     for group in r.groups("cold load"):
         cases = r.medians[group]
         ours = next(v for k, v in cases.items() if k.startswith("hotswap_rt"))

@@ -181,3 +181,25 @@ def test_no_replica_recompiled(cluster) -> None:
     assert stats and all(s["recompiles"] == 0 and s["compiles"] >= 1 for s in stats.values())
     metrics = client.get("/metrics").text
     assert "hotswap_replica_recompiles" in metrics and "hotswap_requests_total" in metrics
+
+
+def test_the_readme_serve_config_builds_an_application(monkeypatch) -> None:
+    """The README's ``serve deploy`` config names a real builder whose args it accepts."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    config = yaml.safe_load(re.search(r"```yaml\n(.*?)```", readme, re.S).group(1))
+    app = config["applications"][0]
+    module, _, name = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    built = {}
+    monkeypatch.setattr("hotswap_rt.serve.ray_app.build_ray_app",
+                        lambda cfg, **kw: built.update(config=cfg, **kw) or "app")
+    monkeypatch.setattr("hotswap_rt.serve.config.Path.is_dir", lambda self: True)
+    assert builder(app["args"]) == "app"
+    assert built["replicas"] == 4 and built["worker_gpus"] == 1
+    assert built["config"].device_slots == 8 and built["config"].adapter_root == "/shared/adapters"

@@ -340,3 +340,20 @@ def test_the_readme_curl_examples(server) -> None:
                   if line.startswith("data: {")]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == " " + REPLIES["pirate"]
+
+
+def test_rows_wait_for_a_slot_while_others_run() -> None:
+    """Both device slots pinned by others: a request for a third adapter waits (rows of the
+    pinned adapters still run) and is served once a slot is unpinned."""
+    app = build_app(ServeConfig(compile=False, max_rank=8, device_slots=2, host_slots=4))
+    rt = app.state.server.engine.rt
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        rt.pin("english")
+        rt.pin("french")
+        with ThreadPoolExecutor(2) as pool:
+            waiting = pool.submit(complete, client, "pirate", "Hello")
+            served = complete(client, "english", "Hello")
+            assert served.json()["choices"][0]["text"] == " " + REPLIES["english"]
+            assert not waiting.done()
+            rt.unpin("french")
+            assert waiting.result().json()["choices"][0]["text"] == " " + REPLIES["pirate"]
