@@ -70,8 +70,9 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
                     f"{r.span(f'swap_speedup_vs_peft_disk/{label}/')} slower"))
     switches = [v for k, v in f.items() if k.startswith("resident_switch_us/")]
     if switches:
-        out.append(("switch between device-resident adapters", f"{min(switches):.0f}-"
-                    f"{max(switches):.0f} us, no copy", ""))
+        low, high = f"{min(switches):.0f}", f"{max(switches):.0f}"
+        out.append(("switch between device-resident adapters",
+                    f"{low if low == high else low + '-' + high} us, no copy", ""))
     for group in r.groups("switch + forward"):
         out.append(("switch + forward, compiled, 4 resident adapters",
                     f"{r.ratio(group, 'hotswap_rt'):.2f}x the forward alone",
