@@ -357,3 +357,46 @@ def test_rows_wait_for_a_slot_while_others_run() -> None:
             assert not waiting.done()
             rt.unpin("french")
             assert waiting.result().json()["choices"][0]["text"] == " " + REPLIES["pirate"]
+
+
+def test_a_local_model_directory_with_its_own_tokenizer(tmp_path) -> None:
+    """``--model DIR``: a saved transformers model and fast tokenizer, a PEFT adapter; the
+    server's greedy text equals PEFT's for the same prompt."""
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab.update({"<s>": len(vocab), "</s>": len(vocab) + 1, "<pad>": len(vocab) + 2})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"])).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([tokenizer("Hello there")["input_ids"]])
+    with torch.no_grad():
+        out = peft_model.eval().generate(input_ids=ids, max_new_tokens=8, do_sample=False,
+                                         pad_token_id=vocab["<pad>"])
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    app = build_app(ServeConfig(model=str(tmp_path / "model"), compile=False, max_rank=8,
+                                adapters={"mine": str(tmp_path / "adapter")}))
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
+        assert cards["mine"]["parent"] == str(tmp_path / "model")
+        body = complete(client, "mine", "Hello there", max_tokens=8).json()
+        assert body["choices"][0]["text"] == expected
+        assert body["usage"]["prompt_tokens"] == ids.shape[1]
+        base = complete(client, str(tmp_path / "model"), "Hello there", max_tokens=8).json()
+        assert base["choices"][0]["text"] != expected  # the adapter changes the answer
