@@ -36,22 +36,24 @@ MAX_TOKENS = 32
 class LoadResult:
     mode: str
     adapters: int
-    requests: int
     seconds: float
-    tokens: int
-    latencies: list[float]
-    ttfts: list[float]
+    results: list[dict]
+
+    @property
+    def requests(self) -> int:
+        return len(self.results)
 
     @property
     def throughput(self) -> float:
         return self.requests / self.seconds
 
     def row(self) -> dict[str, float | str | int]:
-        q = lambda values, p: statistics.quantiles(values, n=100)[p - 1] * 1e3  # noqa: E731
+        tokens = sum(r["tokens"] for r in self.results)
         return {"mode": self.mode, "adapters": self.adapters, "req/s": round(self.throughput, 1),
-                "tok/s": round(self.tokens / self.seconds), "p50 ms": round(q(self.latencies, 50), 1),
-                "p99 ms": round(q(self.latencies, 99), 1), "ttft p50 ms": round(q(self.ttfts, 50), 1),
-                "ttft p99 ms": round(q(self.ttfts, 99), 1)}
+                "tok/s": round(tokens / self.seconds), "p50 ms": quantile_ms(self.results, "latency", 50),
+                "p99 ms": quantile_ms(self.results, "latency", 99),
+                "ttft p50 ms": quantile_ms(self.results, "ttft", 50),
+                "ttft p99 ms": quantile_ms(self.results, "ttft", 99)}
 
 
 def write_adapters(root: Path, count: int = 16) -> dict[str, Path]:
@@ -94,13 +96,17 @@ class ServerProcess:
         self.process.wait(timeout=60)
 
 
-async def _one(client: httpx.AsyncClient, model: str, prompt: str) -> tuple[float, float, int]:
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str) -> dict:
+    """One streaming completion: ``latency``, ``ttft`` (seconds), ``tokens`` and ``resident``
+    (``x-hotswap-adapter-resident``, set by the Ray Serve front end)."""
     start = time.perf_counter()
     first, tokens = None, 0
     async with client.stream("POST", "/v1/completions", json={
             "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {(await response.aread()).decode()}")
+        resident = response.headers.get("x-hotswap-adapter-resident") == "true"
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -110,25 +116,38 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str) -> tuple[floa
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
-    return end - start, (first or end) - start, tokens
+    return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens,
+            "resident": resident}
 
 
-async def run_load(url: str, names: list[str], clients: int, requests: int) -> tuple[float, list]:
-    jobs = asyncio.Queue()
-    for i in range(requests):
-        jobs.put_nowait((names[i % len(names)], PROMPTS[i % len(PROMPTS)]))
-    results = []
+async def run_load(url: str, names: list[str], clients: int, requests: int) -> tuple[float, list[dict]]:
+    """``requests`` completions from ``clients`` concurrent clients, adapters round-robin, after
+    one untimed request per adapter. Returns (seconds, per-request dicts of ``one_request``)."""
+    jobs = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)]) for i in range(requests)][::-1]
+    results: list[dict] = []
 
     async def worker(client: httpx.AsyncClient) -> None:
-        while not jobs.empty():
-            results.append(await _one(client, *jobs.get_nowait()))
+        while jobs:
+            results.append(await one_request(client, *jobs.pop()))
 
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        await _one(client, names[0], PROMPTS[0])  # first request outside the timing
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        for name in names:  # outside the timing
+            await one_request(client, name, PROMPTS[0])
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         return time.perf_counter() - start, results
+
+
+def quantile_ms(results: list[dict], key: str, percent: int) -> float:
+    return round(statistics.quantiles([r[key] for r in results], n=100)[percent - 1] * 1e3, 1)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(" | ".join(rows[0]))
+    for row in rows:
+        print(" | ".join(str(v) for v in row.values()))
+    print(f"machine: {os.cpu_count()} CPUs")
 
 
 def measure(clients: int, requests: int, port: int = 0) -> list[LoadResult]:
@@ -144,9 +163,7 @@ def measure(clients: int, requests: int, port: int = 0) -> list[LoadResult]:
             with ServerProcess(adapters, mixed, free) as url:
                 for count in ADAPTER_COUNTS:
                     seconds, results = asyncio.run(run_load(url, list(adapters)[:count], clients, requests))
-                    out.append(LoadResult(mode, count, len(results), seconds,
-                                          sum(r[2] for r in results), [r[0] for r in results],
-                                          [r[1] for r in results]))
+                    out.append(LoadResult(mode, count, seconds, results))
     return out
 
 
@@ -156,14 +173,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=192)
     args = parser.parse_args()
     results = measure(args.clients, args.requests)
-    rows = [r.row() for r in results]
-    print(" | ".join(rows[0]))
-    for row in rows:
-        print(" | ".join(str(v) for v in row.values()))
+    print_table([r.row() for r in results])
     for mode in {r.mode for r in results}:
         by_count = {r.adapters: r.throughput for r in results if r.mode == mode}
         print(f"{mode}: K=16 keeps {by_count[16] / by_count[1]:.0%} of the K=1 throughput")
-    print(f"machine: {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -61,43 +61,43 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ray:
-        return run_ray(args)
+    """Serve with uvicorn in this process, or (``--ray``) through Ray Serve replicas."""
+    extra = "ray" if args.ray else "serve"
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - both need the serve extra; --ray needs ray too
 
-        from .app import build_app
+        if args.ray:
+            import ray  # noqa: F401
     except ImportError as exc:
-        print(f"hotswap-rt serve needs the serve extra: pip install 'hotswap-rt[serve]' ({exc})",
-              file=sys.stderr)
+        print(f"hotswap-rt serve{' --ray' if args.ray else ''} needs the {extra} extra: "
+              f"pip install 'hotswap-rt[{extra}]' ({exc})", file=sys.stderr)
         return 2
     try:
         config = config_from_args(args)
     except ValueError as exc:
         print(f"hotswap-rt serve: {exc}", file=sys.stderr)
         return 2
+    return _serve_ray(config, args) if args.ray else _serve_local(config, args)
+
+
+def _serve_local(config, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import build_app
+
     print(f"hotswap-rt serve: loading and compiling; then listening on http://{args.host}:{args.port}",
           file=sys.stderr)
     uvicorn.run(build_app(config), host=args.host, port=args.port, log_level="info")
     return 0
 
 
-def run_ray(args: argparse.Namespace) -> int:
+def _serve_ray(config, args: argparse.Namespace) -> int:
     """Start (or join, with RAY_ADDRESS) a Ray cluster and run the Ray Serve application."""
-    try:
-        import ray
-        from ray import serve
+    import ray
+    from ray import serve
 
-        from .ray_app import build_ray_app
-    except ImportError as exc:
-        print(f"hotswap-rt serve --ray needs the ray extra: pip install 'hotswap-rt[ray]' ({exc})",
-              file=sys.stderr)
-        return 2
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        print(f"hotswap-rt serve: {exc}", file=sys.stderr)
-        return 2
+    from .ray_app import build_ray_app
+
     ray.init()
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"hotswap-rt serve --ray: {args.replicas} replicas; http://{args.host}:{args.port}",
