@@ -174,8 +174,12 @@ class Engine:
             log.warning("activate_rows failed (%s); requeueing the batch row by row", exc)
             self._requeue_or_fail(batch, exc)
             return
-        adapters = [row.adapter for row in batch]
-        self.running_adapters = {a for a in adapters if a is not None}
+        self._run(batch)
+
+    def _run(self, batch: list[Row]) -> None:
+        """Generate for ``batch`` (its adapters already selected); a failure ends each of its
+        rows with the error. Clears the selection afterwards."""
+        self.running_adapters = {row.adapter for row in batch if row.adapter is not None}
         start = time.perf_counter()
         try:
             run_batch(self.rt.model, batch, self.shape, self.tokenizer, self.device)
@@ -201,7 +205,7 @@ class Engine:
 
     def _take_batch(self) -> list[Row]:
         """Rows to run now, in arrival order (caller holds ``_wake``)."""
-        known = {info.name: info for info in self.rt.adapters()}
+        known = {info.name for info in self.rt.adapters()}
         batch: list[Row] = []
         adapters: set[str] = set()
         kept: deque[Row] = deque()
@@ -299,13 +303,12 @@ class Engine:
 
     def _run_single(self, row: Row) -> None:
         try:
-            self.rt.activate_rows([row.adapter] + [None] * (self.shape.rows - 1))
-            run_batch(self.rt.model, [row], self.shape, self.tokenizer, self.device)
-        except Exception as exc:  # noqa: BLE001
+            self._activate([row])
+        except HotswapError as exc:  # this row's adapter is the problem: it fails alone
             row.emit("error", str(exc))
             row.finish("error")
-        finally:
-            self._clear_selection()
+            return
+        self._run([row])
 
     def _fail_waiting(self, message: str) -> None:
         with self._wake:

@@ -8,7 +8,7 @@ scrape time by :class:`RuntimeCollector`.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def tier_counts(tiers: Iterable[str]) -> dict[str, int]:
+    """How many adapters are in each tier (every tier listed, zeros included)."""
+    counts = {"device": 0, "host": 0, "disk": 0}
+    for tier in tiers:
+        counts[tier] = counts.get(tier, 0) + 1
+    return counts
 
 
 class RequestMetrics:
@@ -71,10 +79,7 @@ class RuntimeCollector(Collector):
         recompiles.add_metric([], rt.guard.recompiles)
         yield recompiles
         tiers = GaugeMetricFamily("hotswap_adapters_resident", "Adapters by tier", labels=["tier"])
-        counts = {"device": 0, "host": 0, "disk": 0}
-        for info in rt.adapters():
-            counts[info.tier] = counts.get(info.tier, 0) + 1
-        for tier, count in counts.items():
+        for tier, count in tier_counts(info.tier for info in rt.adapters()).items():
             tiers.add_metric([tier], count)
         yield tiers
         queue = GaugeMetricFamily("hotswap_requests_waiting", "Requests waiting for a batch")
@@ -106,9 +111,7 @@ class ReplicaStatsCollector(Collector):
         for replica, stats in self.backend.replica_stats.items():
             recompiles.add_metric([replica], stats.get("recompiles", 0))
             swaps.add_metric([replica], stats.get("swaps", 0))
-            counts: dict[str, int] = {"device": 0, "host": 0, "disk": 0}
-            for adapter in stats.get("adapters", {}).values():
-                counts[adapter["tier"]] = counts.get(adapter["tier"], 0) + 1
-            for tier, count in counts.items():
+            adapters = stats.get("adapters", {}).values()
+            for tier, count in tier_counts(a["tier"] for a in adapters).items():
                 tiers.add_metric([replica, tier], count)
         yield from (recompiles, swaps, tiers)
