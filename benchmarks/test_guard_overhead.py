@@ -48,13 +48,13 @@ def _bench(benchmark, fn) -> None:
 
 def test_unguarded_compiled_forward(benchmark, compiled_rt) -> None:
     rt, ids = compiled_rt
-    _bench(benchmark, lambda: rt._forward_impl(input_ids=ids))
+    _bench(benchmark, lambda: rt.internals.forward.impl(input_ids=ids))
     record(GROUP, "unguarded: compiled forward called directly", benchmark, reference=True)
 
 
 def test_guard_call_only(benchmark, compiled_rt) -> None:
     rt, ids = compiled_rt
-    _bench(benchmark, lambda: rt.guard.call(rt._forward_impl, input_ids=ids))
+    _bench(benchmark, lambda: rt.guard.call(rt.internals.forward.impl, input_ids=ids))
     record(GROUP, "guarded: rt.guard.call(compiled forward)", benchmark)
     assert rt.guard.recompiles == 0
 
@@ -71,8 +71,8 @@ def test_paired_ratio(compiled_rt) -> None:
     also time the three paths interleaved, call by call, and compare medians."""
     rt, ids = compiled_rt
     paths = {
-        "unguarded": lambda: rt._forward_impl(input_ids=ids),
-        "guard.call": lambda: rt.guard.call(rt._forward_impl, input_ids=ids),
+        "unguarded": lambda: rt.internals.forward.impl(input_ids=ids),
+        "guard.call": lambda: rt.guard.call(rt.internals.forward.impl, input_ids=ids),
         "rt.model": lambda: rt.model(input_ids=ids),
     }
     with torch.no_grad():

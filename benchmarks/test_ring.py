@@ -73,7 +73,7 @@ def test_swap_from_ring_vs_copy_and_peft(setup) -> None:
     group = f"ring -> device swap, {label} (ratio to copy_ with the same access pattern)"
     rt = _runtime(base, {"a": paths[0], "b": paths[1]}, device_slots=1)
     names = itertools.cycle(["b", "a"])  # "a" sits in the slot: every activation copies
-    nbytes = rt.arena.slot_nbytes
+    nbytes = rt.slot_nbytes
     sources = [torch.randn(nbytes // 4), torch.randn(nbytes // 4)]
     destination = torch.empty(nbytes // 4)
     source_cycle = itertools.cycle(sources)
@@ -91,12 +91,12 @@ def test_swap_from_ring_vs_copy_and_peft(setup) -> None:
     # Two interleaved runs: the floor next to our swap only (PEFT's big Python walks between
     # them would leave every cache cold at a different point), then our swap next to PEFT's.
     ours = "hotswap_rt activate (ring -> slot + flip)"
-    staged = itertools.cycle([rt.registry.records[n].staged for n in ("a", "b")])
+    staged = itertools.cycle([rt.internals.registry.records[n].staged for n in ("a", "b")])
     spare = _runtime(base, {}, device_slots=1)  # a second arena, so rt's slot stays rt's
     floor = interleaved({
         "copy_ (2 sources -> 1 destination)": lambda: destination.copy_(next(source_cycle)),
-        "hotswap_rt arena.write_slot (the copy alone)": lambda: spare.arena.write_slot(
-            0, next(staged)),
+        "hotswap_rt arena.write_slot (the copy alone)": lambda: spare.internals.arena.write_slot(
+            0, next(staged).rows),
         ours: lambda: rt.activate(next(names)),
     }, rounds=rounds)
     versus_peft = interleaved({

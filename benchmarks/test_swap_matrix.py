@@ -92,7 +92,7 @@ def test_swap_matrix(shape, targets, tmp_path) -> None:
             rt.load(f"r{rank}-{i}", path)
         names = itertools.cycle([f"r{rank}-1", f"r{rank}-0"])
         rt.activate(f"r{rank}-0")
-        nbytes = rt.arena.slot_nbytes
+        nbytes = rt.slot_nbytes
         sources = itertools.cycle([torch.randn(nbytes // 4), torch.randn(nbytes // 4)])
         destination = torch.empty(nbytes // 4)
         peft_model = PeftModel.from_pretrained(peft_base, str(paths[0])).eval()

@@ -1,7 +1,8 @@
 """hotswap_rt: serve many LoRA adapters from one torch.compile'd model, swapping without recompiles.
 
-Public API: :class:`HotswapRuntime`, :class:`RuntimeConfig`, :class:`AdapterInfo` and the
-:class:`HotswapError` family. Everything else is internal.
+Public API: :class:`HotswapRuntime`, :class:`RuntimeConfig`, :class:`AdapterInfo`,
+:class:`AdapterLease` and the :class:`HotswapError` family. Everything else is internal
+(``rt.internals`` exposes the composed objects to tests and tools).
 """
 
 from .config import AdapterInfo, RuntimeConfig
@@ -17,6 +18,7 @@ from .errors import (
     TargetNotFoundError,
     UnknownAdapterError,
 )
+from .residency import AdapterLease
 from .runtime import HotswapRuntime
 
 __version__ = "0.1.0"
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFormatError",
     "AdapterInfo",
+    "AdapterLease",
     "GraphBreakError",
     "HotswapError",
     "HotswapRuntime",

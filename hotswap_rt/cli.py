@@ -122,6 +122,7 @@ def _check_against_model(args: argparse.Namespace, adapter: Any) -> list[str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .arena import SlotArena
+    from .staging import Stager
     from .inject import find_targets
     from .layers import base_layer_shape
 
@@ -134,7 +135,7 @@ def _check_against_model(args: argparse.Namespace, adapter: Any) -> list[str]:
         for name in names:
             layer = model.get_submodule(name)
             shapes[name] = (*base_layer_shape(layer), layer.weight.dtype)
-        SlotArena(shapes, args.max_rank, 1, torch.device("meta")).check(adapter)
+        Stager(SlotArena(shapes, args.max_rank, 1, torch.device("meta"))).check(adapter)
     except HotswapError as exc:
         return [str(exc)]
     return []
@@ -175,7 +176,7 @@ def _bench(args: argparse.Namespace) -> int:
     results["forward_uninjected_ms"] = uninjected
     results["forward_overhead_vs_uninjected"] = results["forward_adapter_ms"] / uninjected
     results.update(device=str(device), adapters=len(names), injected_layers=len(rt.targets),
-                   slot_mib=rt.arena.slot_nbytes / 2**20)
+                   slot_mib=rt.slot_nbytes / 2**20)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -206,7 +207,7 @@ def _measure(rt: Any, names: list[str], rounds: int, device: torch.device,
     sync: Callable[[], None] = (
         (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     )
-    nbytes = rt.arena.slot_nbytes
+    nbytes = rt.slot_nbytes
     sources = itertools.cycle([torch.randn(nbytes // 4, device="cpu") for _ in range(2)])
     destination = torch.empty(nbytes // 4, device=device)
     cycle = itertools.cycle(names[1:] + names[:1])  # names[0] sits in the slot: every call copies

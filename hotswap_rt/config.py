@@ -81,7 +81,8 @@ class AdapterInfo:
     ``rank_pattern``/``alpha_pattern`` (module name -> value, only where they differ).
     ``scaling`` is the default ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
     ``bytes`` is the size of its padded slot row(s); ``version`` counts loads under this name.
-    ``tier`` is "device", "host" (staged in the host ring) or "disk" (re-read on activation).
+    ``tier`` is "device", "host" (staged in the host ring) or "disk" (re-read on activation);
+    ``slot`` the device slot it occupies (None unless ``tier == "device"``).
     """
 
     name: str
@@ -99,6 +100,7 @@ class AdapterInfo:
     trainable: bool = False
     pinned: bool = False
     leases: int = 0
+    slot: int | None = None
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:

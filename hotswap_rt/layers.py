@@ -11,20 +11,49 @@ One forward, for ``k`` active slots of rank ``R`` (``k = max_active_adapters``):
 
 The active set acts like one LoRA of rank ``k*R`` whose column groups are switched per row, so a
 uniform batch, a weighted sum and a mixed batch are the same two matmuls. Zero-padded rows of A and
-columns of B add exactly zero. With a trainable adapter (:mod:`hotswap_rt.training`) and autograd
-on, its parameters are attached to the gathered factors at its slot's positions. Nothing here
+columns of B add exactly zero. With a trainable adapter attached (:meth:`attach_trainable`, done by
+:mod:`hotswap_rt.training`) and autograd on, its parameters are attached to the gathered factors
+at its slot's positions (:class:`LayerTrainState`). Nothing here
 branches on which adapters are selected: the slot indices and weights are tensors that
 :mod:`hotswap_rt.selection` updates in place, so switching never recompiles.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .selection import Selection
-from .training import LayerTrainState
+
+
+@dataclass(frozen=True)
+class LayerTrainState:
+    """What one slot layer needs to make its trained slot differentiable.
+
+    Attributes:
+        lora_A: ``[r, d_in]`` parameter aliasing the slot's A rows.
+        lora_B: ``[d_out, r]`` parameter aliasing the slot's (unscaled) B columns.
+        slot: 0-dim int64 tensor on the arena's device: the trained slot's index.
+    """
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    slot: torch.Tensor
+
+    def attach(
+        self, a_sel: torch.Tensor, b_sel: torch.Tensor, active: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a_sel [k, R, d_in]``, ``b_sel [k, d_out, R]``, ``active [k]`` -> the same values,
+        differentiable w.r.t. ``lora_A``/``lora_B`` wherever ``active == slot``: adds
+        ``mask * (P - P.detach())``, exactly zero in value."""
+        max_rank, rank = a_sel.shape[1], self.lora_A.shape[0]
+        mask = (active == self.slot).to(a_sel.dtype).view(-1, 1, 1)  # [k, 1, 1]
+        zero_a = F.pad(self.lora_A - self.lora_A.detach(), (0, 0, 0, max_rank - rank))
+        zero_b = F.pad(self.lora_B - self.lora_B.detach(), (0, max_rank - rank))
+        return a_sel + mask * zero_a, b_sel + mask * zero_b
 
 
 class LoraSlotLinear(nn.Module):
@@ -56,6 +85,14 @@ class LoraSlotLinear(nn.Module):
         self._arena = arena
         self._selection = selection
         self._train: LayerTrainState | None = None  # set while a trainable adapter targets us
+
+    def attach_trainable(self, state: LayerTrainState) -> None:
+        """Route gradients of the slot ``state.slot`` into ``state``'s parameters (autograd on)."""
+        self._train = state
+
+    def detach_trainable(self) -> None:
+        """Stop attaching a trainable adapter's parameters."""
+        self._train = None
 
     def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of every slot's factors: A ``[S, R, d_in]`` and B ``[S, d_out, R]`` (scaled)."""

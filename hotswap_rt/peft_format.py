@@ -478,3 +478,15 @@ def write_adapter_dir(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def task_type_for(model: Any) -> str | None:
+    """PEFT's ``task_type`` for a transformers model class, where the name says it."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None

@@ -9,7 +9,7 @@ Three tiers per adapter::
 A device-resident adapter keeps its host row (a failed copy can always be repaired from it). Both
 tiers evict least-recently-used first, never a pinned or leased adapter, and the host ring only
 drops adapters it can read again (loaded from a directory or the Hub cache). The registry is
-bookkeeping only; the runtime does the copies and holds the lock.
+bookkeeping only; :mod:`hotswap_rt.residency` decides and does the copies.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arena import StagedAdapter
+from .staging import StagedAdapter
 from .config import AdapterInfo
 from .errors import SlotsBusyError, UnknownAdapterError
 
@@ -29,6 +29,13 @@ class Origin:
     directory: Path
     allow_pickle: bool = False
     allow_nonfinite: bool = False
+
+    @staticmethod
+    def of(staged: StagedAdapter, allow_pickle: bool, allow_nonfinite: bool) -> Origin | None:
+        """Where a directory-loaded adapter can be read again (its source is the resolved
+        directory); None for one that has no file."""
+        source = staged.adapter.source
+        return None if source is None else Origin(Path(source), allow_pickle, allow_nonfinite)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Selection tensors: which device slots a forward reads and with what weight, per batch row.
+"""Selection tensors: which device slots a forward reads and with what weight, per batch row; and
+the :class:`Selector`, which keeps the selection by adapter name and writes those tensors.
 
 ::
 
@@ -12,13 +13,33 @@ at slot 0 with weight 0, which contributes exactly zero because slot contents ar
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import math
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .errors import SelectionError
 
 RowSpec = Mapping[int, float]  # slot index -> weight, for one batch row
+Activation = str | Mapping[str, float] | None  # what rt.activate takes for one row
+
+
+def row_spec(spec: Activation) -> dict[str, float]:
+    """An activation for one row as ``{name: weight}``."""
+    if isinstance(spec, str):
+        return {spec: 1.0}
+    if isinstance(spec, Mapping):
+        row: dict[str, float] = {}
+        for name, weight in spec.items():
+            if not isinstance(name, str):
+                raise SelectionError(f"adapter names must be str, got {name!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                math.isfinite(weight)
+            ):
+                raise SelectionError(f"weight of {name!r} must be a finite number, got {weight!r}")
+            row[name] = float(weight)
+        return row
+    raise SelectionError(f"an activation is a name, a {{name: weight}} dict or None, got {spec!r}")
 
 
 class Selection:
@@ -72,3 +93,82 @@ class Selection:
     def clear(self) -> None:
         """No adapter on any row: the model computes exactly its base outputs."""
         self.row_weights.zero_()
+
+
+class Selector:
+    """The selection by name, and its translation to the :class:`Selection` tensors.
+
+    Holds which adapters each row uses with what weight (``rows``: one spec for every row, or one
+    per row with ``per_row``), and whether adapters are enabled. :meth:`write` turns that into slot
+    indices through a ``resolve`` function the caller provides (name -> (slot, weight scale)), and
+    skips the write when the tensors already hold exactly that. Callers hold the runtime's
+    mutation (no forward runs while the tensors change).
+    """
+
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
+        self.rows: list[dict[str, float]] = []  # [] = no adapter
+        self.per_row = False
+        self.enabled = True
+        self._written: list[dict[int, float]] | None = None  # what the tensors hold, by slot
+        self._served_rows: int | None = None  # rows the tensors were written for (per-row)
+
+    def names(self) -> list[str]:
+        """Every adapter named by the selection, sorted."""
+        return sorted({name for row in self.rows for name in row})
+
+    def uses(self, name: str) -> bool:
+        return any(name in row for row in self.rows)
+
+    def set(self, rows: list[dict[str, float]], per_row: bool) -> None:
+        """Replace the selection by name (call :meth:`write` next)."""
+        self.rows, self.per_row = rows, per_row
+
+    def drop(self, name: str) -> None:
+        """Remove ``name`` from every row (its rows then use the other adapters, or the base)."""
+        self.rows = [{n: w for n, w in row.items() if n != name} for row in self.rows]
+
+    def write(self, resolve: Callable[[str], tuple[int, float]]) -> None:
+        """Write the tensors for the current selection; ``resolve(name)`` gives the adapter's
+        device slot and the factor its weight is multiplied by.
+
+        Raises:
+            SelectionError: more distinct slots than ``max_active_adapters`` (before any write).
+        """
+        slot_rows: list[dict[int, float]] = []
+        if self.enabled:
+            for row in self.rows:
+                spec: dict[int, float] = {}
+                for name, weight in row.items():
+                    if weight != 0.0:
+                        slot, scale = resolve(name)
+                        spec[slot] = weight * scale
+                slot_rows.append(spec)
+        slot_rows = [row for row in slot_rows if row] if len(slot_rows) == 1 else slot_rows
+        served_rows = len(self.rows) if self.per_row and self.enabled else None
+        if slot_rows == self._written and served_rows == self._served_rows:
+            return
+        if not any(slot_rows):
+            self.selection.clear()
+        else:
+            self.selection.write(slot_rows)
+        self._written, self._served_rows = slot_rows, served_rows
+
+    def selected_slots(self) -> set[int]:
+        """Slots the tensors currently give a non-zero weight: what forwards read."""
+        return {slot for row in self._written or [] for slot, weight in row.items() if weight}
+
+    def check_batch(self, batch: int) -> None:
+        """Raise unless a forward of ``batch`` rows matches what the tensors were written for.
+
+        Raises:
+            SelectionError: more rows than ``max_batch_size``, or a per-row selection for
+                another number of rows.
+        """
+        if batch > self.selection.max_batch_size:
+            raise SelectionError(
+                f"batch of {batch} rows exceeds RuntimeConfig.max_batch_size="
+                f"{self.selection.max_batch_size}"
+            )
+        if self._served_rows is not None and batch != self._served_rows:
+            raise SelectionError(f"activate_rows set {self._served_rows} rows but the batch has {batch}")

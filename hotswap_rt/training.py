@@ -13,8 +13,8 @@ A trainable adapter occupies a device slot like any other adapter, with three di
   numbers as in inference) and routes the gradient of the trained slot's positions into the
   parameters. Nothing branches on which slot is trained, so a compiled graph follows.
 
-The runtime allows one trainable adapter at a time; :meth:`HotswapRuntime.freeze` folds its
-scaling into B and turns it into an ordinary inference adapter in the same slot.
+The runtime allows one trainable adapter at a time (:class:`Trainer`); :meth:`HotswapRuntime.freeze`
+folds its scaling into B and turns it into an ordinary inference adapter in the same slot.
 """
 
 from __future__ import annotations
@@ -22,45 +22,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .arena import SlotArena
-from .config import lora_scaling
+from .config import lora_scaling, name_matches
 from .errors import HotswapError, IncompatibleAdapterError
+from .layers import LayerTrainState, LoraSlotLinear
 from .peft_format import LoraModule, ParsedAdapter
 
 Init = Literal["kaiming", "gaussian", "zeros"]
 INITS = ("kaiming", "gaussian", "zeros")
-
-
-@dataclass(frozen=True)
-class LayerTrainState:
-    """What one slot layer needs to make its trained slot differentiable.
-
-    Attributes:
-        lora_A: ``[r, d_in]`` parameter aliasing the slot's A rows.
-        lora_B: ``[d_out, r]`` parameter aliasing the slot's (unscaled) B columns.
-        slot: 0-dim int64 tensor on the arena's device: the trained slot's index.
-    """
-
-    lora_A: nn.Parameter
-    lora_B: nn.Parameter
-    slot: torch.Tensor
-
-    def attach(
-        self, a_sel: torch.Tensor, b_sel: torch.Tensor, active: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_sel [k, R, d_in]``, ``b_sel [k, d_out, R]``, ``active [k]`` -> the same values,
-        differentiable w.r.t. ``lora_A``/``lora_B`` wherever ``active == slot``."""
-        max_rank, rank = a_sel.shape[1], self.lora_A.shape[0]
-        mask = (active == self.slot).to(a_sel.dtype).view(-1, 1, 1)  # [k, 1, 1]
-        zero_a = F.pad(self.lora_A - self.lora_A.detach(), (0, 0, 0, max_rank - rank))
-        zero_b = F.pad(self.lora_B - self.lora_B.detach(), (0, max_rank - rank))
-        return a_sel + mask * zero_a, b_sel + mask * zero_b
 
 
 @dataclass(frozen=True)
@@ -104,6 +78,32 @@ def fresh_adapter(
         )
     return ParsedAdapter(rank=rank, alpha=alpha, use_rslora=use_rslora, modules=modules,
                          source="add_adapter")
+
+
+def new_adapter(
+    arena: SlotArena,
+    rank: int,
+    alpha: float,
+    use_rslora: bool,
+    targets: Sequence[str] | str | None,
+    init: Init,
+) -> ParsedAdapter:
+    """A fresh adapter (:func:`fresh_adapter`) on the injected layers matching ``targets``
+    (names or suffixes, a regex, or None for all), after checking the hyper-parameters.
+
+    Raises:
+        HotswapError: bad rank/alpha/init, or ``targets`` match no injected layer.
+    """
+    check_args(rank, alpha, init, arena.max_rank)
+    layer_names = list(arena.layouts)
+    if targets is not None:
+        layer_names = [n for n in arena.layouts if name_matches(targets, n)]
+        if not layer_names:
+            raise IncompatibleAdapterError(
+                f"add_adapter targets={targets!r} match no injected layer (injected: "
+                f"{list(arena.layouts)[:6]}...)"
+            )
+    return fresh_adapter(arena, layer_names, rank, float(alpha), use_rslora, init)
 
 
 def check_args(rank: object, alpha: object, init: object, max_rank: int) -> None:
@@ -156,3 +156,80 @@ def snapshot(trainable: TrainableAdapter, adapter: ParsedAdapter) -> ParsedAdapt
         for name, state in trainable.layers.items()
     }
     return dataclasses.replace(adapter, modules=modules)
+
+
+class Trainer:
+    """The one trainable adapter of a runtime: its parameters attached to the slot layers it
+    targets, and the base parameters it froze.
+
+    Args:
+        model: the injected model (its trainable base parameters are frozen while training).
+        layers: the slot layers by name.
+        arena: the device slots the parameters alias.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Mapping[str, LoraSlotLinear], arena: SlotArena
+    ) -> None:
+        self._model = model
+        self._layers = layers
+        self._arena = arena
+        self.adapter: TrainableAdapter | None = None
+        self._frozen_base: list[nn.Parameter] = []  # base parameters we set requires_grad=False
+
+    def is_training(self, name: str) -> bool:
+        return self.adapter is not None and self.adapter.name == name
+
+    def check_can_train(self) -> None:
+        """Raise if an adapter is already being trained (one at a time)."""
+        if self.adapter is not None:
+            raise HotswapError(
+                f"adapter {self.adapter.name!r} is being trained; freeze or unload it first "
+                f"(one trainable adapter at a time)"
+            )
+
+    def start(self, name: str, slot: int, adapter: ParsedAdapter) -> TrainableAdapter:
+        """Make ``adapter`` (already in ``slot``, B unscaled) trainable: parameters aliasing the
+        slot, attached to its layers; the base model's parameters stop requiring grad."""
+        self.check_can_train()
+        trainable = make_trainable(self._arena, slot, name, adapter)
+        for layer_name, state in trainable.layers.items():
+            self._layers[layer_name].attach_trainable(state)
+        for parameter in self._model.parameters():
+            if parameter.requires_grad:
+                parameter.requires_grad_(False)
+                self._frozen_base.append(parameter)
+        self.adapter = trainable
+        return trainable
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable adapter's A and B of every layer it targets.
+
+        Raises:
+            HotswapError: no adapter is trainable.
+        """
+        if self.adapter is None:
+            raise HotswapError(
+                "no trainable adapter: use add_adapter(..., trainable=True) or "
+                "load(..., trainable=True)"
+            )
+        return self.adapter.parameters()
+
+    def stop(self) -> None:
+        """Detach the trainable adapter from its layers. Its parameters get their own memory:
+        no graph reads them any more, and a stray optimizer step must not write into a slot
+        another adapter may take."""
+        assert self.adapter is not None
+        for layer_name, state in self.adapter.layers.items():
+            self._layers[layer_name].detach_trainable()
+            for parameter in (state.lora_A, state.lora_B):
+                parameter.data = parameter.data.clone()
+        self.adapter = None
+
+    def restore_base(self) -> None:
+        """Give back ``requires_grad`` to the base parameters training froze (on eject)."""
+        if self.adapter is not None:
+            self.stop()
+        for parameter in self._frozen_base:
+            parameter.requires_grad_(True)
+        self._frozen_base.clear()

@@ -104,11 +104,11 @@ def input_ids() -> torch.Tensor:
 def snapshot_state(rt: Any, ids: torch.Tensor) -> dict[str, Any]:
     """Everything a failed operation must leave as it was: slots, selection, registry, logits."""
     return {
-        "arena": {dtype: a.clone() for dtype, a in rt.arena.arenas.items()},
-        "active_slots": rt.selection.active_slots.clone(),
-        "row_weights": rt.selection.row_weights.clone(),
-        "registry": {n: (r.slot, r.version, id(r.staged)) for n, r in rt.registry.records.items()},
-        "slot_owner": list(rt.registry.slot_owner),
+        "arena": {dtype: a.clone() for dtype, a in rt.internals.arena.arenas.items()},
+        "active_slots": rt.internals.selection.active_slots.clone(),
+        "row_weights": rt.internals.selection.row_weights.clone(),
+        "registry": {n: (r.slot, r.version, id(r.staged)) for n, r in rt.internals.registry.records.items()},
+        "slot_owner": list(rt.internals.registry.slot_owner),
         "rows": rt.active,
         "logits": logits(rt.model, ids),
     }

@@ -258,7 +258,7 @@ def test_bad_adapter_refused_and_nothing_changes(env, input_ids, case: str) -> N
     with pytest.raises(error) as info:
         rt.load("bad", **kwargs)
     assert fragment in str(info.value)
-    assert "bad" not in rt.registry.records
+    assert "bad" not in rt.internals.registry.records
     assert_unchanged(before, snapshot_state(rt, input_ids))
     if "source" in kwargs:  # rt.check refuses the same source with the same message
         with pytest.raises(error, match=None) as checked:

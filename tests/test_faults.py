@@ -61,17 +61,17 @@ def test_exception_in_the_middle_of_a_slot_copy_on_replace(env, monkeypatch) -> 
     rt = _runtime(base, good)
     rt.load("spare", other)  # both slots taken: replacing "good" must write its own slot
     before = logits(rt.model, IDS)
-    real_write = rt.arena.write_slot
+    real_write = rt.internals.arena.write_slot
     calls = {"n": 0}
 
     def write_that_fails_once(slot, staged):
         calls["n"] += 1
         if calls["n"] == 1:
-            rt.arena.arenas[torch.float32][slot].fill_(7.0)  # half-written garbage
+            rt.internals.arena.arenas[torch.float32][slot].fill_(7.0)  # half-written garbage
             raise RuntimeError("injected fault while copying")
         return real_write(slot, staged)
 
-    monkeypatch.setattr(rt.arena, "write_slot", write_that_fails_once)
+    monkeypatch.setattr(rt.internals.arena, "write_slot", write_that_fails_once)
     rt.pin("spare")  # no shadow slot: the copy goes over the served slot
     with pytest.raises(RuntimeError, match="injected fault"):
         rt.load("good", other, replace=True)

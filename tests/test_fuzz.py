@@ -101,7 +101,7 @@ def _check_against_files(rt: HotswapRuntime, directory: Path) -> None:
         rank = lora_A.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        layer = rt._layers[name]
+        layer = rt.internals.layers[name]
         x = torch.randn(2, 3, layer.in_features)
         with torch.no_grad():
             got = layer(x)

@@ -171,7 +171,7 @@ def test_cuda_graph_recordings_are_told_apart_from_compiles() -> None:
 def test_moved_slot_storage_is_caught_before_the_forward(mode: str) -> None:
     rt = _runtime()
     rt.compile(IDS, guard=mode)
-    arena = rt.arena.arenas[torch.float32]
+    arena = rt.internals.arena.arenas[torch.float32]
     arena.data = arena.data.clone()  # what `.data = new` or a device move would do
     if mode == "raise":
         with pytest.raises(RecompileError, match="slot storage moved"):
@@ -215,7 +215,7 @@ def test_reduce_overhead_cuda_graphs_switch_without_rerecord() -> None:
         rt.activate(name)
         torch.testing.assert_close(rt.model(ids).clone(), eager[name])
     assert rt.guard.recompiles == 0 and rt.guard.rerecords == 0
-    arena = rt.arena.arenas[torch.float32]
+    arena = rt.internals.arena.arenas[torch.float32]
     arena.data = arena.data.clone()
     with pytest.raises(RecompileError, match="slot storage moved"):
         rt.model(ids)

@@ -138,10 +138,10 @@ def test_failed_slot_copy_keeps_serving_previous_adapter(llama_and_adapter, tmp_
     serving = logits(rt.model, input_ids)
 
     def broken_copy(slot, staged):
-        rt.arena.arenas[torch.float32][slot].fill_(1e3)  # a half-done copy
+        rt.internals.arena.arenas[torch.float32][slot].fill_(1e3)  # a half-done copy
         raise RuntimeError("device fault")
 
-    monkeypatch.setattr(rt.arena, "write_slot", broken_copy)
+    monkeypatch.setattr(rt.internals.arena, "write_slot", broken_copy)
     with pytest.raises(RuntimeError, match="device fault"):
         rt.activate("c")  # evicts b's slot, copy fails
     assert torch.equal(logits(rt.model, input_ids), serving)
@@ -165,16 +165,16 @@ def test_failed_copy_over_the_served_slot_restores_it(llama_and_adapter, tmp_pat
     rt.load("b", other)
     rt.activate("a")
     serving = logits(rt.model, input_ids)
-    real_write = rt.arena.write_slot
-    b_staged = rt.registry.records["b"].staged
+    real_write = rt.internals.arena.write_slot
+    b_staged = rt.internals.registry.records["b"].staged
 
-    def fails_for_b(slot, staged):
-        if staged is b_staged:
-            rt.arena.arenas[torch.float32][slot].fill_(1e3)  # a half-done copy
+    def fails_for_b(slot, rows):
+        if rows is b_staged.rows:
+            rt.internals.arena.arenas[torch.float32][slot].fill_(1e3)  # a half-done copy
             raise RuntimeError("device fault")
-        return real_write(slot, staged)
+        return real_write(slot, rows)
 
-    monkeypatch.setattr(rt.arena, "write_slot", fails_for_b)
+    monkeypatch.setattr(rt.internals.arena, "write_slot", fails_for_b)
     with pytest.raises(RuntimeError, match="device fault"):
         rt.activate("b")  # the only slot is a's: copy fails, a is copied back
     assert torch.equal(logits(rt.model, input_ids), serving)

@@ -81,7 +81,7 @@ def test_lease_is_idempotent_thread_safe_and_released_on_gc(env) -> None:
     for name in "abc":
         rt.load(name, paths[name])
     lease = rt.lease("c")
-    assert rt.registry.records["c"].leases == 1 and rt.adapters()[-1].leases == 1
+    assert rt.info("c").leases == 1 and rt.adapters()[-1].leases == 1
     second = rt.lease("c")
     with pytest.raises(SlotsBusyError, match="lease"):
         rt.unload("c")
@@ -96,14 +96,14 @@ def test_lease_is_idempotent_thread_safe_and_released_on_gc(env) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert lease.released and rt.registry.records["c"].leases == 1  # released exactly once
+    assert lease.released and rt.info("c").leases == 1  # released exactly once
     del second
     gc.collect()
-    assert rt.registry.records["c"].leases == 0
+    assert rt.info("c").leases == 0
     with rt.lease("a") as held:
         rt.activate("b")
         rt.activate("c")  # a is leased: c takes b's slot, never a's
-        assert rt.registry.records["a"].slot is not None and rt.registry.records["b"].slot is None
+        assert rt.info("a").slot is not None and rt.info("b").slot is None
     assert held.released
 
 
@@ -168,7 +168,7 @@ def test_prefetch_of_a_file_that_disappears_fails_cleanly(env, tmp_path, monkeyp
         shutil.rmtree(copy)
         return real_read(directory, **kwargs)
 
-    monkeypatch.setattr("hotswap_rt.runtime.read_adapter_dir", read_after_delete)
+    monkeypatch.setattr("hotswap_rt.staging.read_adapter_dir", read_after_delete)
     with pytest.raises(HotswapError, match="missing"):
         rt.prefetch("v", copy).result(timeout=30)
     assert rt.adapters() == []

@@ -80,7 +80,7 @@ def _train(model: torch.nn.Module, params: list[torch.nn.Parameter], steps: int,
 
 
 def _slot_region(rt: HotswapRuntime, slot: int) -> torch.Tensor:
-    return rt.arena.arenas[torch.float32][slot]
+    return rt.internals.arena.arenas[torch.float32][slot]
 
 
 def test_new_adapter_starts_as_the_base_model(env) -> None:
@@ -118,9 +118,9 @@ def test_training_touches_only_the_trained_adapter(env) -> None:
     rt.load("a", adapters["a"])  # third slot stays for "new"
     base_state = {k: v.clone() for k, v in rt.model.state_dict().items()}
     rt.add_adapter("new", rank=4, alpha=8)
-    slots = {n: rt.registry.records[n].slot for n in ("other", "a", "new")}
+    slots = {n: rt.info(n).slot for n in ("other", "a", "new")}
     before = {n: _slot_region(rt, s).clone() for n, s in slots.items()}
-    host_rows = {n: rt.registry.records[n].staged.rows[torch.float32].clone() for n in ("other", "a")}
+    host_rows = {n: rt.internals.registry.records[n].staged.rows[torch.float32].clone() for n in ("other", "a")}
     rt.activate({"new": 1.0, "other": 0.5})  # trained next to an inference adapter
     losses = _train(rt.model, rt.trainable_parameters(), steps=4)
     assert losses[-1] < losses[0]
@@ -128,11 +128,11 @@ def test_training_touches_only_the_trained_adapter(env) -> None:
         assert torch.equal(value, base_state[key]), key  # base weights bit-identical
     for name in ("other", "a"):
         assert torch.equal(_slot_region(rt, slots[name]), before[name]), name
-        assert torch.equal(rt.registry.records[name].staged.rows[torch.float32], host_rows[name])
+        assert torch.equal(rt.internals.registry.records[name].staged.rows[torch.float32], host_rows[name])
     trained = _slot_region(rt, slots["new"])
     assert not torch.equal(trained, before["new"])
     for layer in rt.targets:  # padding beyond rank 4 stays exactly zero
-        a_full, b_full = rt.arena.slot_factors(slots["new"], layer, rt.config.max_rank)
+        a_full, b_full = rt.internals.arena.slot_factors(slots["new"], layer, rt.config.max_rank)
         assert torch.count_nonzero(a_full[4:]) == 0 and torch.count_nonzero(b_full[:, 4:]) == 0
         assert torch.count_nonzero(b_full[:, :4]) > 0
     assert all(not p.requires_grad for p in rt.model.parameters())
@@ -197,7 +197,7 @@ def test_freeze_turns_it_into_an_inference_adapter(env, tmp_path) -> None:
     rt.load("a", adapters["a"])
     rt.activate("other")
     rt.activate("a")
-    assert rt.registry.records["new"].slot is None
+    assert rt.info("new").slot is None
 
 
 @pytest.mark.slow
@@ -285,7 +285,7 @@ def test_trainable_needs_a_slot_the_selection_does_not_read(env) -> None:
     assert_unchanged(before, snapshot_state(rt, IDS))
     rt.activate(None)
     rt.add_adapter("t", rank=4, alpha=8)  # now "a" may be evicted to the host
-    assert rt.registry.records["a"].slot is None
+    assert rt.info("a").slot is None
 
 
 def test_unload_and_eject_end_training(env) -> None:

@@ -1,0 +1,123 @@
+"""What ``model.forward`` becomes once a runtime is attached, and compiling it.
+
+::
+
+    model(...) -> ModelForward.__call__: one calling convention (positional -> keywords),
+                  views copied (compiled), enter the forward gate, check the batch against the
+                  selection, guard.call(compiled or eager forward)
+
+The runtime installs a :class:`ModelForward` as the model's instance attribute ``forward``, so
+``model(...)`` and ``model.generate(...)`` both go through it. :meth:`ModelForward.compile`
+``torch.compile``s the original forward, warms it up and arms the recompilation guard.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch._dynamo
+from torch import nn
+
+from .errors import HotswapError
+from .gate import ForwardGate
+from .guard import GuardMode, RecompileGuard
+from .inputs import as_kwargs, batch_size, unview
+from .selection import Selector
+
+
+class ModelForward:
+    """The model's forward, run under the gate and the guard (see the module doc).
+
+    Args:
+        model: the injected model; its original ``forward`` is kept (:meth:`restore`).
+        gate: forwards are its readers.
+        guard: counts compiles and recompiles of the compiled forward.
+        selector: checks each batch against what the selection tensors were written for.
+    """
+
+    def __init__(
+        self, model: nn.Module, gate: ForwardGate, guard: RecompileGuard, selector: Selector
+    ) -> None:
+        self.model = model
+        self.gate = gate
+        self.guard = guard
+        self.selector = selector
+        self.eager = model.forward
+        self.impl: Callable[..., Any] = self.eager  # the compiled forward once compiled
+        self.params = list(inspect.signature(self.eager).parameters)
+        self.compiled = False
+        self._restore_disable_compile: Any = None
+        model.forward = self  # instance attribute: model(...) and generate() use it
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:  # one calling convention, so model(x) and model(input_ids=x) share a graph
+            kwargs = {**dict(zip(self.params, args)), **kwargs}
+            args = ()
+        if self.compiled:
+            kwargs = unview(kwargs)
+        batch = batch_size(args, kwargs)
+        self.gate.enter()  # from here on the selection and the slots it reads cannot change
+        try:
+            if batch is not None:
+                self.selector.check_batch(batch)
+            return self.guard.call(self.impl, *args, **kwargs)
+        finally:
+            self.gate.exit()
+
+    def compile(
+        self,
+        example_inputs: torch.Tensor | Mapping[str, Any] | None,
+        warmup_inputs: Sequence[torch.Tensor | Mapping[str, Any]],
+        warmup: Callable[[nn.Module], Any] | None,
+        static_storage: Mapping[str, torch.Tensor],
+        *,
+        fullgraph: bool,
+        dynamic: bool | None,
+        mode: str | None,
+        guard: GuardMode,
+        training: bool,
+    ) -> None:
+        """``torch.compile`` the original forward, run the warm-up, arm the guard (see
+        :meth:`HotswapRuntime.compile` for the arguments). ``static_storage``: tensors the graph
+        reads in place for life (slot arena, selection): static shape and address, watched by
+        the guard. A failed warm-up leaves the forward eager."""
+        if self.compiled:
+            raise HotswapError("the model is already compiled by this runtime")
+        if example_inputs is None and warmup is None:
+            raise HotswapError("rt.compile needs example_inputs, a warmup callable, or both")
+        self.guard.mode = guard
+        self.guard.install()
+        for tensor in static_storage.values():
+            torch._dynamo.mark_static(tensor)  # fixed for life; keep them out of dynamic shapes
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs read them in place, no copy
+        self.guard.watch_storage(dict(static_storage))
+        generation_config = getattr(self.model, "generation_config", None)
+        if generation_config is not None:  # generate() must call our compiled forward
+            self._restore_disable_compile = generation_config.disable_compile
+            generation_config.disable_compile = True
+        self.impl = torch.compile(self.eager, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+        grad_modes = [True, False] if training else [False]
+        passes = 3 if mode is not None and "reduce-overhead" in mode else 1
+        inputs = [example_inputs] if example_inputs is not None else []
+        try:
+            for grad_mode in grad_modes:
+                with torch.set_grad_enabled(grad_mode):
+                    for _ in range(passes):
+                        for each in [*inputs, *warmup_inputs]:
+                            self.model(**unview(as_kwargs(each)))
+                        if warmup is not None:
+                            warmup(self.model)
+        except BaseException:
+            self.impl = self.eager
+            raise
+        self.compiled = True
+        self.guard.arm()
+
+    def restore(self) -> None:
+        """Put the model's own forward (and generation config) back."""
+        self.model.__dict__.pop("forward", None)
+        if self._restore_disable_compile is not None:
+            self.model.generation_config.disable_compile = self._restore_disable_compile
+        self.guard.uninstall()

@@ -1,0 +1,281 @@
+"""Residency: which tier every adapter is in, and moving adapters up the tiers.
+
+::
+
+    disk --(read, validate, stage: outside the lock)--> host ring --(one copy_ per dtype)--> slot
+
+:class:`Residency` is the only code that picks a device slot (:meth:`Residency._choose_slot`) and
+the only caller of :meth:`~hotswap_rt.arena.SlotArena.write_slot`. It owns the registry
+(records, slot table, LRU), the arena and the swap counters; pins and leases keep adapters in
+their slots; a failed copy is repaired from the host row.
+
+Locking: methods marked *under the mutation* run while the runtime holds its mutation (no
+forward running, runtime lock held); :meth:`prepare` runs before it, without the lock (it may
+wait for a background load or read a file); lease release takes the lock itself (from any
+thread, e.g. Ray's ``__del__``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from .arena import SlotArena
+from .config import AdapterInfo
+from .errors import SlotsBusyError
+from .registry import AdapterRecord, AdapterRegistry, Origin
+from .selection import Selector
+from .staging import BackgroundLoads, StagedAdapter
+from .stats import SwapStats
+
+Prestaged = dict[str, tuple[StagedAdapter, float]]  # name -> (re-read host row, seconds it took)
+
+
+class AdapterLease:
+    """Keeps one adapter in its device slot until released.
+
+    ``release()`` is idempotent and thread-safe, and also runs when the lease is garbage
+    collected (Ray Serve's multiplexing drops evicted models that way). Use as a context manager
+    or call ``release()``. A lease on an adapter that was since unloaded releases nothing.
+    """
+
+    def __init__(self, residency: Residency, record: AdapterRecord) -> None:
+        self._residency = residency
+        self._record = record
+        self._released = False
+        self._guard = threading.Lock()
+        self.name = record.name
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        with self._guard:
+            if self._released:
+                return
+            self._released = True
+        self._residency.release_lease(self._record)
+
+    def __enter__(self) -> AdapterLease:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        return f"AdapterLease({self.name!r}, released={self._released})"
+
+
+class Residency:
+    """Records, tiers and device slots of every adapter (see the module doc).
+
+    Args:
+        arena: the device slots.
+        registry: records and the slot table.
+        selector: what the selection reads (those slots are taken last, and repaired first).
+        background: in-flight prefetches (waited for before an adapter is needed).
+        restage: re-reads a disk-tier adapter from its origin (a staging function).
+        lock: the runtime's lock (taken by :meth:`release_lease`).
+    """
+
+    def __init__(
+        self,
+        arena: SlotArena,
+        registry: AdapterRegistry,
+        selector: Selector,
+        background: BackgroundLoads,
+        restage: Callable[[Origin], StagedAdapter],
+        lock: threading.RLock,
+    ) -> None:
+        self.arena = arena
+        self.registry = registry
+        self.stats = SwapStats()
+        self._selector = selector
+        self._background = background
+        self._read_origin = restage
+        self._lock = lock
+
+    def get(self, name: str) -> AdapterRecord:
+        """The record of ``name``. Raises :class:`UnknownAdapterError`."""
+        return self.registry.get(name)
+
+    def slot_and_scale(self, name: str) -> tuple[int, float]:
+        """Where the selection finds ``name``: its slot and its weight factor (resident only)."""
+        record = self.registry.records[name]
+        assert record.slot is not None, f"{name!r} is selected but not device-resident"
+        return record.slot, record.weight_scale
+
+    # ------------------------------------------------------------- before the lock: slow work
+    def prepare(self, names: list[str]) -> Prestaged:
+        """Wait for in-flight prefetches of ``names``, surface their failures, and re-read
+        disk-tier adapters. Runs without the lock.
+
+        Raises:
+            HotswapError: a background load of one of ``names`` failed, or a re-read fails.
+        """
+        for name in names:
+            self._background.wait(name)
+        prestaged = {}
+        for name in names:
+            record = self.registry.records.get(name)
+            if record is not None and record.staged is None and record.origin is not None:
+                prestaged[name] = self.restage(record)
+        return prestaged
+
+    def restage(self, record: AdapterRecord) -> tuple[StagedAdapter, float]:
+        """Read a disk-tier adapter again; its host row and the seconds it took."""
+        start = time.perf_counter()
+        assert record.origin is not None
+        staged = self._read_origin(record.origin)
+        return staged, time.perf_counter() - start
+
+    # ----------------------------------------------------------------- under the mutation
+    def commit(
+        self,
+        name: str,
+        staged: StagedAdapter,
+        info: AdapterInfo,
+        origin: Origin | None,
+        *,
+        use_free_slot: bool,
+        trainable: bool = False,
+    ) -> AdapterRecord:
+        """Register a staged adapter (new, or replacing ``name``; ``info`` its static description)
+        and copy it into a slot when
+        it replaces a resident adapter (into a shadow slot when one can be freed), when
+        ``use_free_slot`` and a slot is free, or always when ``trainable`` (evicting an
+        adapter the selection does not read: training needs its slot).
+
+        Raises:
+            SlotsBusyError: no host entry can take it, or ``trainable`` and no slot can be
+                freed; before any change.
+        """
+        self.registry.check_room(name)
+        old = self.registry.records.get(name)
+        if old is not None and old.slot is not None:
+            slot = self._choose_slot(protected=self._selector.selected_slots() | {old.slot})
+            slot = old.slot if slot is None else slot
+        elif trainable:
+            slot = self._choose_slot(protected=self._selector.selected_slots())
+            if slot is None:
+                raise SlotsBusyError(
+                    f"no device slot can take trainable adapter {name!r}: every slot is read "
+                    f"by the current selection, pinned, leased or trained"
+                )
+        else:
+            slot = self.registry.free_slot() if use_free_slot else None
+        if slot is not None:
+            self._copy_to_slot(slot, staged)
+        record = self.registry.put(name, staged, info, origin)
+        self._background.forget(name)
+        if slot is not None:
+            self.registry.assign(record, slot)
+        self.stats.loads += 1
+        return record
+
+    def ensure_resident(
+        self, records: list[AdapterRecord], prestaged: Prestaged, replaces_selection: bool = False
+    ) -> None:
+        """Give every record a device slot. The slots the selection tensors read are taken only
+        when the caller is about to replace the selection.
+
+        Raises:
+            SlotsBusyError: they cannot all fit; before any copy.
+        """
+        protected = {r.slot for r in records if r.slot is not None}
+        if not replaces_selection:
+            protected |= self._selector.selected_slots()
+        missing = [r for r in records if r.slot is None]
+        reusable = self.registry.reusable_slots(protected)
+        if len(missing) > len(reusable):
+            raise SlotsBusyError(
+                f"cannot make {[r.name for r in missing]} device-resident: only {len(reusable)} "
+                f"of {len(self.registry.slot_owner)} device slots are free or hold an adapter that "
+                f"is not pinned, leased, trained or needed by this selection"
+            )
+        keep = {r.name for r in records}
+        for record in records:
+            self.registry.touch(record)
+            if record.slot is not None:
+                self.stats.hits["device"] += 1
+        for record in missing:
+            tier, extra = "host", 0.0
+            if record.staged is None:
+                tier = "disk"
+                staged, extra = prestaged.get(record.name) or self.restage(record)
+                self.registry.make_room(record.name, keep)
+                record.staged = staged
+            slot = self._choose_slot(protected)
+            assert slot is not None  # counted above
+            self._copy_to_slot(slot, record.staged, tier, extra)
+            self.registry.assign(record, slot)
+            protected.add(slot)
+            self.stats.hits[tier] += 1
+
+    def rewrite(self, record: AdapterRecord, staged: StagedAdapter) -> None:
+        """Replace a resident adapter's host row and copy it into its own slot (``freeze``)."""
+        assert record.slot is not None
+        record.staged = staged
+        self._copy_to_slot(record.slot, staged)
+
+    def remove(self, name: str) -> AdapterRecord:
+        """Forget ``name``: its slot and host entry become free."""
+        record = self.registry.remove(name)
+        self._background.forget(name)
+        return record
+
+    def pin(self, record: AdapterRecord) -> None:
+        record.pinned = True
+
+    def lease(self, record: AdapterRecord) -> AdapterLease:
+        """A lease on a resident ``record`` (call :meth:`ensure_resident` first)."""
+        record.leases += 1
+        return AdapterLease(self, record)
+
+    def release_lease(self, record: AdapterRecord) -> None:
+        """Any thread: one lease fewer (nothing if ``record`` was unloaded meanwhile)."""
+        with self._lock:
+            if self.registry.records.get(record.name) is record and record.leases > 0:
+                record.leases -= 1
+
+    # ------------------------------------------------------------------------------ internals
+    def _choose_slot(self, protected: set[int]) -> int | None:
+        """The slot policy: a free slot, else the least-recently-used slot whose adapter may be
+        evicted, outside ``protected``, preferring one the running selection does not read (no
+        waiting for forwards, and a failed copy leaves what is served intact); None if none."""
+        return self.registry.pick_slot(protected, avoid=self._selector.selected_slots())
+
+    def _copy_to_slot(
+        self, slot: int, staged: StagedAdapter, tier: str = "host", extra_seconds: float = 0.0
+    ) -> None:
+        """Copy a staged row into ``slot``; repair the slot if the copy fails, then re-raise."""
+        try:
+            seconds = self.arena.write_slot(slot, staged.rows)
+        except BaseException:
+            self._recover_slot(slot)
+            raise
+        self.stats.record_swap(staged.nbytes, seconds + extra_seconds, tier)
+
+    def _recover_slot(self, slot: int) -> None:
+        """After a failed copy into ``slot``: if the selection reads it, copy its owner back from
+        the host; otherwise (or if that fails too) the slot no longer holds its owner, and the
+        selection drops it."""
+        owner = self.registry.slot_owner[slot]
+        if owner is not None and slot in self._selector.selected_slots():
+            staged = self.registry.records[owner].staged
+            try:
+                assert staged is not None  # device-resident adapters keep their host row
+                self.arena.write_slot(slot, staged.rows)
+                return
+            except Exception:
+                self._selector.drop(owner)
+        self.registry.vacate(slot)
+        self._selector.write(self.slot_and_scale)

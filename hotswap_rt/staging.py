@@ -1,0 +1,238 @@
+"""Staging: read an adapter, validate it against the injected layers, pad and scale it into host
+rows that are exactly a device slot row; and the background loads (``rt.prefetch``) that do it
+on a thread pool.
+
+::
+
+    directory / Hub id / state_dict --read--> ParsedAdapter --check--> --pad, scale--> StagedAdapter
+                                     (peft_format)          (layouts)                 rows: dtype -> [P]
+
+Nothing here touches device memory or runtime state: a staged adapter is a value the runtime then
+hands to :class:`~hotswap_rt.residency.Residency`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .arena import SlotArena, factor_views
+from .config import AdapterInfo, lora_scaling
+from .errors import HotswapError, IncompatibleAdapterError, RankTooLargeError
+from .peft_format import ParsedAdapter, parse_adapter, read_adapter_dir, resolve_source
+
+
+@dataclass(frozen=True)
+class StagedAdapter:
+    """An adapter validated against the layout and laid out as one host row per dtype.
+
+    Attributes:
+        adapter: the parsed, unpadded, unscaled factors (kept for ``save``).
+        rows: dtype -> ``[P_dtype]`` host tensor, exactly a slot row.
+    """
+
+    adapter: ParsedAdapter
+    rows: dict[torch.dtype, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(row.numel() * row.element_size() for row in self.rows.values())
+
+    def describe(self, name: str) -> AdapterInfo:
+        """The static part of this adapter's :class:`AdapterInfo` under ``name`` (kept when it
+        drops to the disk tier)."""
+        adapter = self.adapter
+        return AdapterInfo(
+            name=name,
+            rank=adapter.rank,
+            alpha=adapter.alpha,
+            use_rslora=adapter.use_rslora,
+            scaling=lora_scaling(adapter.rank, adapter.alpha, adapter.use_rslora),
+            targets=tuple(adapter.modules),
+            tier="host",
+            bytes=self.nbytes,
+            version=0,
+            source=adapter.source,
+            rank_pattern=dict(adapter.rank_pattern),
+            alpha_pattern=dict(adapter.alpha_pattern),
+        )
+
+
+class Stager:
+    """Reads, checks and stages adapters for the layers of ``arena`` (its layout only)."""
+
+    def __init__(self, arena: SlotArena) -> None:
+        self.layouts = arena.layouts
+        self.max_rank = arena.max_rank
+        self.row_sizes = arena.row_sizes
+        self.pin = arena.pin_host_rows
+
+    def read(
+        self,
+        source: str | os.PathLike[str] | None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        config: Any = None,
+        allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
+    ) -> ParsedAdapter:
+        """Parse and validate an adapter from a directory / Hub id, or ``state_dict`` + ``config``
+        (a dict or a PEFT config object).
+
+        Raises:
+            HotswapError: (a subclass) naming the file, key or value at fault.
+        """
+        if (source is None) == (state_dict is None):
+            raise HotswapError("pass exactly one of a source (directory or Hub id) or state_dict=")
+        if source is not None:
+            directory = resolve_source(source)
+            config_dict, state = read_adapter_dir(directory, allow_pickle=allow_pickle)
+            where = str(directory)
+        else:
+            if config is None:
+                raise HotswapError("state_dict= needs config= (the adapter_config as a dict)")
+            config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            config_dict = {k: getattr(v, "value", v) for k, v in config_dict.items()}  # enums
+            state, where = dict(state_dict), "state_dict"
+        return parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite)
+
+    def check(self, adapter: ParsedAdapter) -> None:
+        """Raise unless every module of ``adapter`` is an injected layer of matching shape.
+
+        Raises:
+            IncompatibleAdapterError: a module was not injected, or its shapes differ.
+            RankTooLargeError: a module's rank exceeds ``max_rank``.
+        """
+        where = adapter.source or "state_dict"
+        for name, module in adapter.modules.items():
+            layout = self.layouts.get(name)
+            if layout is None:
+                raise IncompatibleAdapterError(
+                    f"{where}: module {name!r} is not an injected layer of this runtime "
+                    f"(widen RuntimeConfig.target_modules to include it)"
+                )
+            if module.rank > self.max_rank:
+                raise RankTooLargeError(
+                    f"{where}: module {name!r} has rank {module.rank} > max_rank={self.max_rank}"
+                )
+            expected_a, expected_b = (module.rank, layout.d_in), (layout.d_out, module.rank)
+            if tuple(module.lora_A.shape) != expected_a or tuple(module.lora_B.shape) != expected_b:
+                raise IncompatibleAdapterError(
+                    f"{where}: module {name!r}: lora_A {tuple(module.lora_A.shape)} / lora_B "
+                    f"{tuple(module.lora_B.shape)} do not fit the layer (d_in={layout.d_in}, "
+                    f"d_out={layout.d_out}); expected {expected_a} / {expected_b}"
+                )
+
+    @torch.no_grad()
+    def stage(self, adapter: ParsedAdapter, fold_scaling: bool = True) -> StagedAdapter:
+        """Check ``adapter``, then build its padded slot rows in host memory.
+
+        Args:
+            fold_scaling: multiply B by each module's scaling (inference). A trainable adapter
+                keeps B unscaled (its scaling is applied through the selection weights), so the
+                slot holds exactly the factors PEFT trains.
+        """
+        self.check(adapter)
+        rows = {
+            dtype: torch.zeros(size, dtype=dtype, pin_memory=self.pin)
+            for dtype, size in self.row_sizes.items()
+        }
+        for name, module in adapter.modules.items():
+            layout = self.layouts[name]
+            a_view, b_view = factor_views(rows[layout.dtype], layout, self.max_rank)
+            a_view[: module.rank].copy_(module.lora_A)
+            scale = module.scaling if fold_scaling else 1.0
+            b_part = b_view[:, : module.rank]
+            if layout.dtype == torch.float32:
+                b_part.copy_(module.lora_B)
+                if scale != 1.0:
+                    b_part.mul_(scale)
+            else:  # scale in fp32 before rounding to the slot dtype
+                b_part.copy_(module.lora_B.float() * scale)
+        return StagedAdapter(adapter=adapter, rows=rows)
+
+    def read_and_stage(
+        self,
+        source: str | os.PathLike[str] | None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        config: Any = None,
+        allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
+        fold_scaling: bool = True,
+    ) -> StagedAdapter:
+        """:meth:`read` then :meth:`stage`."""
+        adapter = self.read(source, state_dict, config, allow_pickle, allow_nonfinite)
+        return self.stage(adapter, fold_scaling=fold_scaling)
+
+
+class BackgroundLoads:
+    """Loads running on a thread pool, by adapter name, and the failures nobody has seen yet.
+
+    A failure is reported once: by whoever waits for the load (:meth:`wait`), else kept until
+    the name is next needed or loaded again (:meth:`forget`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, Future] = {}
+        self._failed: dict[str, HotswapError] = {}
+        self._executor: ThreadPoolExecutor | None = None
+
+    def submit(self, name: str, job: Callable[[], Any]) -> Future:
+        """Run ``job`` in the background as the load of ``name``; its Future."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hotswap-stage")
+            future = self._executor.submit(job)
+            self._pending[name] = future
+            self._failed.pop(name, None)
+        future.add_done_callback(lambda done: self._done(name, done))
+        return future
+
+    def _done(self, name: str, future: Future) -> None:
+        with self._lock:
+            if self._pending.get(name) is future:
+                del self._pending[name]
+            error = None if future.cancelled() else future.exception()
+            if isinstance(error, HotswapError):
+                self._failed[name] = error
+
+    def in_flight(self, name: str) -> bool:
+        future = self._pending.get(name)
+        return future is not None and not future.done()
+
+    def knows(self, name: str) -> bool:
+        """A load of ``name`` is in flight or failed unseen."""
+        with self._lock:
+            return name in self._pending or name in self._failed
+
+    def wait(self, name: str) -> None:
+        """Wait for the load of ``name`` if one is in flight; raise its (or an earlier unseen)
+        failure.
+
+        Raises:
+            HotswapError: the background load of ``name`` failed.
+        """
+        future = self._pending.get(name)
+        error = future.exception() if future is not None else None  # waits for it
+        with self._lock:
+            if future is not None and self._pending.get(name) is future:
+                del self._pending[name]  # consumed here, before its done-callback ran
+                failure = error if isinstance(error, HotswapError) else None
+            else:
+                failure = self._failed.pop(name, None)
+        if failure is not None:
+            raise HotswapError(f"background load of {name!r} failed: {failure}") from failure
+
+    def forget(self, name: str) -> None:
+        """Drop an unseen failure of ``name`` (it was loaded again or unloaded)."""
+        with self._lock:
+            self._failed.pop(name, None)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
