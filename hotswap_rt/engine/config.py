@@ -1,0 +1,87 @@
+""":class:`EngineConfig`: how many sequences run at once, how long they may grow, and the shape
+buckets compiled at warm-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import HotswapError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of a :class:`~hotswap_rt.engine.GenerationEngine`.
+
+    Args:
+        max_seqs: sequences decoding at once (one KV row each).
+        max_model_len: longest sequence (prompt + output); default: the model's
+            ``max_position_embeddings``.
+        kv_cache_tokens: KV memory budget in tokens, allocated once; it must hold
+            ``(max_seqs + max_prefill_seqs) * max_model_len`` tokens (``max_seqs`` is lowered to
+            fit). Default: what ``max_seqs`` needs, capped at 40% of the free memory.
+        prefill_chunk: prompt tokens one sequence feeds per step (longer prompts take several
+            steps, between which every running sequence decodes one token).
+        max_prefill_seqs: prompts prefilled together in one forward.
+        decode_buckets: batch sizes of the compiled decode graphs (default: 1, 4, 16, ...
+            then ``max_seqs``); each step runs the smallest that fits.
+        prefill_buckets: batch sizes of the compiled prefill graphs (default: 1 and
+            ``max_prefill_seqs``).
+        dynamic_lengths: chunk and KV lengths are dynamic dimensions of each graph (one kernel
+            for every length; default on CPU). Off, every prefill is padded to
+            ``prefill_chunk`` and attention reads the whole KV row: fully static graphs, as CUDA
+            graphs need (default on CUDA).
+        compile: ``torch.compile`` every bucket at start (off only for quick tests).
+        compile_mode: ``torch.compile`` mode (default: ``"reduce-overhead"`` on CUDA, i.e. CUDA
+            graphs, else None).
+    """
+
+    max_seqs: int = 32
+    max_model_len: int | None = None
+    kv_cache_tokens: int | None = None
+    prefill_chunk: int = 256
+    max_prefill_seqs: int = 4
+    decode_buckets: tuple[int, ...] | None = None
+    prefill_buckets: tuple[int, ...] | None = None
+    dynamic_lengths: bool | None = None
+    compile: bool = True
+    compile_mode: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_seqs", "prefill_chunk", "max_prefill_seqs"):
+            _positive(name, getattr(self, name))
+        for name in ("max_model_len", "kv_cache_tokens"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.prefill_chunk < 2:
+            raise HotswapError("EngineConfig.prefill_chunk must be >= 2")
+        for name, limit in (("decode_buckets", self.max_seqs),
+                            ("prefill_buckets", self.max_prefill_seqs)):
+            buckets = getattr(self, name)
+            if buckets is None:
+                continue
+            buckets = tuple(buckets)
+            if not buckets or any(not isinstance(b, int) or b < 1 or b > limit for b in buckets):
+                raise HotswapError(f"EngineConfig.{name} must be sizes in 1..{limit}, got {buckets!r}")
+            object.__setattr__(self, name, tuple(sorted(set(buckets))))
+
+    def buckets(self, max_seqs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(decode, prefill) batch buckets for ``max_seqs`` decode rows; the largest of each
+        covers every batch."""
+        decode = self.decode_buckets or tuple(b for b in (1, 4, 16) if b < max_seqs)
+        decode = tuple(sorted({b for b in decode if b <= max_seqs} | {max_seqs}))
+        prefill = self.prefill_buckets or (1,)
+        prefill = tuple(sorted(set(prefill) | {self.max_prefill_seqs}))
+        return decode, prefill
+
+
+def _positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise HotswapError(f"EngineConfig.{name} must be a positive int, got {value!r}")
+
+
+def bucket_for(buckets: tuple[int, ...], rows: int) -> int:
+    """The smallest bucket that holds ``rows`` rows."""
+    for bucket in buckets:
+        if bucket >= rows:
+            return bucket
+    raise HotswapError(f"{rows} rows exceed the largest bucket {buckets[-1]}")

@@ -1,0 +1,561 @@
+"""The generation engine: continuous batching over compiled shape buckets, an adapter per row.
+
+One thread owns the compiled model. Each iteration::
+
+    run queued commands (adapter loads/unloads)          between steps, never under a forward
+    drop cancelled requests, admit waiting ones           leases keep their adapters in slots
+    prefill step   every prefilling prompt feeds its next chunk (<= prefill_chunk tokens);
+                   prompts that are done sample their first token and join the decode rows
+    decode step    every decoding sequence feeds its last token and samples the next
+    retire         finished sequences leave at once; their rows are refilled by moving others
+
+A request joins at the next step and never waits for running sequences to end; a long prompt
+takes several steps, and running sequences decode one token between each of them. Each forward
+runs the smallest compiled batch bucket that fits (padding rows are inert); every bucket is
+compiled at start, then the recompilation guard proves nothing else compiles. The selection is
+rewritten per step from the rows (``activate_rows``): no copy unless an adapter must move into a
+device slot, which happens only when a request is admitted (its lease).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence as Seq
+
+import torch
+import torch._dynamo
+
+from ..errors import HotswapError, SlotsBusyError
+from ..runtime import HotswapRuntime
+from ..selection import Activation, row_spec
+from .config import EngineConfig, bucket_for
+from .kv_cache import KVMemory
+from .sampling import RequestError, RowSampling, Sampler, SamplingParams
+from .sequence import Event, RequestHandle, Sequence, Tokenizer
+from .step import StepRunner, build_inputs
+
+log = logging.getLogger(__name__)
+StepObserver = Callable[[str, list[Sequence], float], None]  # (kind, rows, seconds)
+Progress = Callable[[int, int, str], None]  # (graphs done, graphs in all, what)
+_KV_ALIGN = 64  # dynamic KV lengths are rounded up to this (fewer distinct kernels' shapes)
+_CHUNK_ALIGN = 16  # and chunk lengths to this (>= 2: a size-1 dim would specialize)
+
+
+class GenerationEngine:
+    """Generate for many requests at once, each with its own adapter (see the module doc).
+
+    Args:
+        rt: the runtime; not yet compiled (the engine compiles its buckets). Its
+            ``max_batch_size`` must hold the largest bucket.
+        tokenizer: decodes tokens (``decode(ids) -> str``, ``eos_token_id``).
+        config: sizes and buckets.
+        on_step: called after every forward with ``(kind, rows, seconds)`` (metrics).
+
+    Raises:
+        HotswapError: the model, the runtime and the config do not fit together.
+    """
+
+    def __init__(self, rt: HotswapRuntime, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 *, on_step: StepObserver | None = None) -> None:
+        self.rt, self.tokenizer = rt, tokenizer
+        self.config = config = config or EngineConfig()
+        model_config = rt.model.config
+        self.device = next(rt.model.parameters()).device
+        self.max_len = config.max_model_len or _model_max_len(model_config)
+        heads = model_config.num_attention_heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        layers = model_config.num_hidden_layers
+        dtype = rt.model.get_input_embeddings().weight.dtype
+        self.max_seqs = _fit_rows(config, KVMemory.bytes_per_token(layers, kv_heads, head_dim, dtype),
+                                  self.max_len + 1, self.device)
+        self.decode_buckets, self.prefill_buckets = config.buckets(self.max_seqs)
+        largest = max(self.decode_buckets[-1], self.prefill_buckets[-1])
+        if rt.config.max_batch_size < largest:
+            raise HotswapError(f"RuntimeConfig.max_batch_size={rt.config.max_batch_size} is smaller "
+                               f"than the largest engine bucket ({largest} rows)")
+        self.dynamic_lengths = (config.dynamic_lengths if config.dynamic_lengths is not None
+                                else self.device.type == "cpu")
+        self.memory = KVMemory(layers, kv_heads, head_dim, self.max_seqs + config.max_prefill_seqs,
+                               self.max_len, dtype, self.device)
+        self.vocab_size = rt.model.get_output_embeddings().weight.shape[0]
+        generation = getattr(rt.model, "generation_config", None)
+        eos = getattr(generation, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self._runner = StepRunner(rt, self.memory, self.max_seqs)
+        self._sampler = Sampler(self.device)
+        self._on_step = on_step
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: list[Sequence] = []  # row i = KV row max_seqs + i
+        self._decoding: list[Sequence] = []  # row i = KV row i
+        self._leases: dict[str, tuple[Any, int]] = {}  # adapter -> (lease, running sequences)
+        self._commands: deque[tuple[Callable[[HotswapRuntime], Any], Future]] = deque()
+        self._prefetching: dict[str, Future] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._ids = itertools.count()
+        self._progress: Progress | None = None
+        self.startup_seconds: float | None = None
+        self._thread = threading.Thread(target=self._main, name="hotswap-engine", daemon=True)
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def start(self, progress: Progress | None = None, timeout: float | None = None) -> None:
+        """Start the engine thread; return once every bucket is compiled and warmed up.
+        ``progress(done, total, what)`` is called as each graph is ready."""
+        self._progress = progress
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the engine did not finish compiling in time")
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def stop(self) -> None:
+        """Finish every request ("error": shutting down) and stop the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        self._thread.join(timeout=60)
+
+    # --------------------------------------------------------------------------- any thread
+    def submit(self, prompt_ids: Seq[int], adapter: Activation = None,
+               sampling: SamplingParams | None = None, *, sink: Callable[[Event], None] | None = None,
+               request_id: str | None = None) -> RequestHandle:
+        """Queue a request; it joins the running batch at the next step.
+
+        Args:
+            prompt_ids: the prompt's token ids.
+            adapter: None (base model), an adapter name, or ``{name: weight}`` (a weighted sum).
+            sampling: defaults to :class:`SamplingParams()`; ``max_tokens=None`` means what
+                remains of the context.
+            sink: where events go (see :class:`RequestHandle`); default: the handle's queue.
+
+        Raises:
+            RequestError: a bad prompt or parameter (``param`` names it); UnknownAdapterError:
+                an unknown adapter; SelectionError: a malformed adapter mix. Nothing is queued.
+        """
+        params = sampling or SamplingParams()
+        prompt = list(prompt_ids)
+        if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise RequestError("prompt", f"must be 1 or more token ids in [0, {self.vocab_size})")
+        remaining = self.max_len - len(prompt)
+        if remaining < 1:
+            raise RequestError("prompt", f"has {len(prompt)} tokens; the context holds {self.max_len}")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=remaining)
+        elif params.max_tokens > remaining:
+            raise RequestError("max_tokens", f"{params.max_tokens} tokens do not fit: the prompt has "
+                                             f"{len(prompt)} of the context's {self.max_len}")
+        params.check_vocab(self.vocab_size)
+        adapter = self._check_adapter(adapter)
+        handle = RequestHandle(request_id or f"req-{next(self._ids)}", sink, self.notify)
+        banned = tuple(sorted(self.eos_ids | set(params.stop_token_ids)))
+        sampling_state = RowSampling(params, prompt, self.vocab_size, self.device, banned)
+        sequence = Sequence(handle, prompt, adapter, params, sampling_state, self.tokenizer,
+                            self.eos_ids, self.max_len)
+        for name in sequence.adapter_names:
+            self._prefetch_if_cold(name)
+        with self._wake:
+            if self._stopping:
+                raise HotswapError("the engine is shutting down")
+            self._waiting.append(sequence)
+            self._wake.notify_all()
+        return handle
+
+    def call(self, fn: Callable[[HotswapRuntime], Any]) -> Future:
+        """Run ``fn(rt)`` on the engine thread between steps; its result or error in a Future."""
+        future: Future = Future()
+        with self._wake:
+            self._commands.append((fn, future))
+            self._wake.notify_all()
+        return future
+
+    def notify(self) -> None:
+        """Wake the engine thread (something it waits on may have changed)."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def load(self) -> dict[str, Any]:
+        """What runs and waits now: counts and the adapters involved."""
+        with self._wake:
+            waiting = list(self._waiting)
+        running = self._prefilling + self._decoding
+        return {"waiting": len(waiting), "running": len(running),
+                "waiting_adapters": sorted({n for s in waiting for n in s.adapter_names}),
+                "running_adapters": sorted({n for s in running for n in s.adapter_names})}
+
+    def _check_adapter(self, adapter: Activation) -> Activation:
+        if adapter is None:
+            return None
+        spec = row_spec(adapter)  # SelectionError for a malformed one
+        for name in spec:
+            self.rt.info(name)  # UnknownAdapterError
+        if len([w for w in spec.values() if w != 0.0]) > self.rt.config.max_active_adapters:
+            raise RequestError("adapters", f"mixes {len(spec)} adapters; at most "
+                                           f"{self.rt.config.max_active_adapters} per request")
+        return adapter if isinstance(adapter, str) else spec
+
+    def _prefetch_if_cold(self, name: str) -> None:
+        info = self.rt.info(name)
+        if info.tier != "disk" or info.source is None:
+            return
+        with self._wake:
+            if name in self._prefetching and not self._prefetching[name].done():
+                return
+            try:
+                future = self.rt.prefetch(name, info.source, replace=True)
+            except HotswapError as exc:  # admission restages (and reports) it
+                log.warning("prefetch of %r not started: %s", name, exc)
+                return
+            self._prefetching[name] = future
+        future.add_done_callback(lambda _: self.notify())
+
+    # ----------------------------------------------------------------------------- engine thread
+    def _main(self) -> None:
+        start = time.perf_counter()
+        try:
+            self._compile()
+        except BaseException as exc:  # reported by start()
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self.startup_seconds = time.perf_counter() - start
+        self._ready.set()
+        while True:
+            with self._wake:
+                while not (self._stopping or self._commands or self._runnable()):
+                    self._wake.wait(timeout=0.05 if self._waiting else None)
+                if self._stopping:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            try:
+                stepped = self._iterate(commands)
+            except Exception:  # noqa: BLE001 - the engine thread must outlive any step
+                log.exception("engine step failed")
+                stepped = False
+            if not stepped:  # waiting requests blocked (slots leased): a release or request wakes us
+                with self._wake:
+                    self._wake.wait(timeout=0.02)
+        self._shutdown()
+
+    def _runnable(self) -> bool:
+        return bool(self._prefilling or self._decoding or any(self._ready_to_admit(s) for s in self._waiting))
+
+    def _iterate(self, commands: list[tuple[Callable[[HotswapRuntime], Any], Future]]) -> bool:
+        """One iteration (see the module doc); whether a forward ran."""
+        for fn, future in commands:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.rt))
+                except BaseException as exc:
+                    future.set_exception(exc)
+        if commands:
+            self._fail_unloaded()
+        self._drop_cancelled()
+        self._admit()
+        stepped = bool(self._prefilling or self._decoding)
+        if self._prefilling:
+            self._prefill_step()
+        if self._decoding:
+            self._decode_step()
+        return stepped
+
+    # -- admission and retirement -----------------------------------------------------------
+    def _ready_to_admit(self, sequence: Sequence) -> bool:
+        if sequence.handle.cancelled.is_set():
+            return True  # to be dropped
+        return all(self._prefetching.get(n) is None or self._prefetching[n].done()
+                   for n in sequence.adapter_names)
+
+    def _admit(self) -> None:
+        """Move waiting requests into prefill rows, in arrival order, while rows are free; a
+        request whose adapter cannot have a slot yet (every slot leased) waits, others pass."""
+        config = self.config
+        with self._wake:
+            candidates = list(self._waiting)
+        for sequence in candidates:
+            if len(self._prefilling) >= config.max_prefill_seqs or \
+                    len(self._prefilling) + len(self._decoding) >= self.max_seqs:
+                return
+            if sequence.finished:  # cancelled meanwhile
+                continue
+            if not self._ready_to_admit(sequence):
+                continue
+            try:
+                if not self._lease(sequence.adapter_names):
+                    continue
+            except HotswapError as exc:  # e.g. its adapter failed to load: it fails alone
+                self._unqueue(sequence)
+                sequence.finish("error", str(exc))
+                continue
+            self._unqueue(sequence)
+            self._prefilling.append(sequence)
+
+    def _unqueue(self, sequence: Sequence) -> None:
+        with self._wake:
+            self._waiting.remove(sequence)
+
+    def _lease(self, names: list[str]) -> bool:
+        """Hold a lease on every adapter in ``names`` (one per adapter, counted per sequence);
+        False (nothing held) while the slots or the per-forward adapter limit are full."""
+        new = [n for n in names if n not in self._leases]
+        if len(self._leases) + len(new) > self.rt.config.max_active_adapters:
+            return False
+        taken: list[str] = []
+        try:
+            for name in new:
+                self._leases[name] = (self.rt.lease(name), 0)
+                taken.append(name)
+        except SlotsBusyError:
+            for name in taken:
+                self._leases.pop(name)[0].release()
+            return False
+        except HotswapError:
+            for name in taken:
+                self._leases.pop(name)[0].release()
+            raise
+        for name in names:
+            lease, count = self._leases[name]
+            self._leases[name] = (lease, count + 1)
+        return True
+
+    def _release(self, sequence: Sequence) -> None:
+        for name in sequence.adapter_names:
+            lease, count = self._leases[name]
+            if count > 1:
+                self._leases[name] = (lease, count - 1)
+            else:
+                del self._leases[name]
+                lease.release()
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            cancelled = [s for s in self._waiting if s.handle.cancelled.is_set()]
+            for sequence in cancelled:
+                self._waiting.remove(sequence)
+        for sequence in [*cancelled, *self._prefilling, *self._decoding]:
+            if sequence.handle.cancelled.is_set():
+                sequence.finish("cancelled")
+        self._retire_finished()
+
+    def _fail_unloaded(self) -> None:
+        known = {info.name for info in self.rt.adapters()}
+        for sequence in [*self._prefilling, *self._decoding, *list(self._waiting)]:
+            missing = [n for n in sequence.adapter_names if n not in known]
+            if missing:
+                sequence.finish("error", f"adapter {missing[0]!r} was unloaded")
+                if sequence in self._waiting:
+                    self._unqueue(sequence)
+        self._retire_finished()
+        self._leases = {n: v for n, v in self._leases.items() if n in known}
+
+    def _retire_finished(self) -> None:
+        """Release finished sequences and refill their rows from the end (one move each)."""
+        self._prefilling = self._compact(self._prefilling, self.max_seqs)
+        self._decoding = self._compact(self._decoding, 0)
+
+    def _compact(self, rows: list[Sequence], base: int) -> list[Sequence]:
+        kept = [s for s in rows if not s.finished]
+        for sequence in rows:
+            if sequence.finished:
+                self._release(sequence)
+        holes = [i for i in range(len(kept)) if rows[i].finished]
+        movers = [(i, s) for i, s in enumerate(rows) if i >= len(kept) and not s.finished]
+        for hole, (source, sequence) in zip(holes, movers):
+            self.memory.move(base + source, base + hole, sequence.cached)
+            rows[hole] = sequence
+        return rows[:len(kept)]
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _prefill_step(self) -> None:
+        rows = self._prefilling
+        chunks = [(s.next_chunk(self.config.prefill_chunk), s.cached) for s in rows]
+        longest = max(len(tokens) for tokens, _ in chunks)
+        length = (_round_up(longest, _CHUNK_ALIGN) if self.dynamic_lengths else self.config.prefill_chunk)
+        needed = max(start + len(tokens) for tokens, start in chunks)
+        logits = self._forward(True, rows, chunks, bucket_for(self.prefill_buckets, len(rows)),
+                               length, needed)
+        if logits is None:
+            return
+        for sequence, (tokens, _) in zip(rows, chunks):
+            sequence.cached += len(tokens)
+        done = [i for i, s in enumerate(rows) if s.prefill_done]
+        if done:
+            self._sample(logits[done], [rows[i] for i in done])
+        for i in done:
+            sequence = rows[i]
+            if not sequence.finished:  # first token sampled: it joins the decode rows
+                self.memory.move(self.max_seqs + i, len(self._decoding), sequence.cached)
+                self._decoding.append(sequence)
+        self._prefilling = self._compact_prefill(rows, set(done))
+
+    def _compact_prefill(self, rows: list[Sequence], left: set[int]) -> list[Sequence]:
+        """Prefill rows after ``left`` (indices) moved on or finished."""
+        for i in left:
+            if rows[i].finished:
+                self._release(rows[i])
+        kept = [s for i, s in enumerate(rows) if i not in left]
+        for new, sequence in enumerate(kept):
+            old = rows.index(sequence)
+            self.memory.move(self.max_seqs + old, self.max_seqs + new, sequence.cached)
+        return kept
+
+    def _decode_step(self) -> None:
+        rows = self._decoding
+        chunks = [([s.output_ids[-1]], s.cached) for s in rows]
+        needed = max(s.cached for s in rows) + 1
+        logits = self._forward(False, rows, chunks, bucket_for(self.decode_buckets, len(rows)), 1, needed)
+        if logits is None:
+            return
+        for sequence in rows:
+            sequence.cached += 1
+        self._sample(logits, rows)
+        self._retire_finished()
+
+    def _forward(self, prefill: bool, rows: list[Sequence], chunks: list[tuple[list[int], int]],
+                 bucket: int, length: int, needed: int) -> torch.Tensor | None:
+        """Run one forward; on failure every row of it finishes with the error (None)."""
+        # Dynamic: never the whole buffer (graphs assume a proper slice); positions are < max_len.
+        kv_length = (min(_round_up(needed, _KV_ALIGN), self.max_len) if self.dynamic_lengths
+                     else self.max_len + 1)
+        adapters: list[Activation] = [s.adapter for s in rows] + [None] * (bucket - len(rows))
+        start = time.perf_counter()
+        try:
+            inputs = build_inputs(chunks, bucket, length, kv_length, self.memory.scratch, self.device)
+            logits = self._runner.forward(prefill, inputs, adapters)
+        except Exception as exc:  # noqa: BLE001 - reported to the rows of this forward
+            log.exception("%s forward failed", "prefill" if prefill else "decode")
+            for sequence in rows:
+                sequence.finish("error", f"generation failed: {exc}")
+            self._retire_finished()
+            return None
+        if self._on_step is not None:
+            self._on_step("prefill" if prefill else "decode", rows, time.perf_counter() - start)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> None:
+        try:
+            sampled = self._sampler.sample(logits, [s.sampling for s in rows])
+        except Exception as exc:  # noqa: BLE001
+            log.exception("sampling failed")
+            for sequence in rows:
+                sequence.finish("error", f"sampling failed: {exc}")
+            return
+        for sequence, token, logprobs in zip(rows, sampled.tokens, sampled.logprobs):
+            try:
+                sequence.accept(token, logprobs)
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error: this row only
+                log.exception("streaming a token failed")
+                sequence.finish("error", f"streaming failed: {exc}")
+
+    def _shutdown(self) -> None:
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        for sequence in [*waiting, *self._prefilling, *self._decoding]:
+            sequence.finish("error", "the engine is shutting down")
+        self._retire_finished()
+
+    # -- compile -------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        """Compile every bucket (progress per graph), check that lengths do not specialize,
+        then arm the guard. Without ``config.compile`` the model runs eagerly."""
+        if not self.config.compile:
+            return
+        if self.rt.compiled:
+            raise HotswapError("the engine compiles the runtime's buckets itself: pass a runtime "
+                               "that is not compiled yet")
+        graphs = len(self.decode_buckets) + len(self.prefill_buckets)
+        limit = torch._dynamo.config.recompile_limit
+        if graphs + 1 > limit:
+            log.info("raising torch._dynamo.config.recompile_limit from %d to %d (one graph per "
+                     "bucket)", limit, graphs + 1)
+            torch._dynamo.config.recompile_limit = graphs + 1
+        mode = self.config.compile_mode or ("reduce-overhead" if self.device.type == "cuda" else None)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            self.rt.compile(warmup=self._warm_up, dynamic=None, mode=mode, guard="count")
+
+    def _warm_up(self, model: torch.nn.Module) -> None:
+        shapes = [(False, b) for b in self.decode_buckets] + [(True, b) for b in self.prefill_buckets]
+        for done, (prefill, bucket) in enumerate(shapes, start=1):
+            self._dummy_forward(prefill, bucket, first=True)
+            if self._progress is not None:
+                self._progress(done, len(shapes), f"{'prefill' if prefill else 'decode'} x{bucket}")
+        compiles = self.rt.guard.compiles
+        for prefill, bucket in shapes:  # other lengths must reuse the graphs
+            self._dummy_forward(prefill, bucket, first=False)
+        if self.rt.guard.compiles != compiles:
+            raise HotswapError(
+                "the model's compiled forward specializes on the sequence or KV length; run the "
+                "engine with EngineConfig(dynamic_lengths=False)")
+        self.rt.activate_rows([None] * self.decode_buckets[0])
+
+    def _dummy_forward(self, prefill: bool, bucket: int, first: bool) -> None:
+        """A forward of padding rows only (they write the scratch position alone)."""
+        if prefill:
+            length = (2 * _CHUNK_ALIGN if first else _CHUNK_ALIGN) if self.dynamic_lengths \
+                else self.config.prefill_chunk
+        else:
+            length = 1
+        # Traced at a length inside the range steps use, then checked at its top (max_len).
+        kv_length = self.max_len + 1
+        if self.dynamic_lengths:
+            kv_length = min(3 * _KV_ALIGN, self.max_len - 1) if first else self.max_len
+        inputs = build_inputs([], bucket, length, kv_length, self.memory.scratch, self.device)
+        if self.dynamic_lengths and first:
+            inputs.mark_dynamic(length=prefill)
+        self._runner.forward(prefill, inputs, [None] * bucket)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, math.ceil(value / multiple) * multiple)
+
+
+def _model_max_len(config: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise HotswapError("the model config gives no context length: set EngineConfig.max_model_len")
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - not POSIX
+        return 8 << 30
+
+
+def _fit_rows(config: EngineConfig, bytes_per_token: int, tokens_per_row: int,
+              device: torch.device) -> int:
+    """Decode rows (``max_seqs`` at most) whose KV fits the budget, next to the prefill rows."""
+    if config.kv_cache_tokens is not None:
+        rows, budget = config.kv_cache_tokens // tokens_per_row, f"kv_cache_tokens={config.kv_cache_tokens}"
+    else:
+        wanted = config.max_seqs + config.max_prefill_seqs
+        rows = min(wanted, int(0.4 * _free_memory(device)) // (bytes_per_token * tokens_per_row))
+        budget = "40% of the free memory"
+    decode_rows = min(config.max_seqs, rows - config.max_prefill_seqs)
+    if decode_rows < 1:
+        raise HotswapError(
+            f"the KV budget ({budget}) holds {rows} sequences of {tokens_per_row} tokens; the "
+            f"engine needs max_prefill_seqs={config.max_prefill_seqs} + 1 at least (lower "
+            f"max_model_len or raise kv_cache_tokens)")
+    if decode_rows < config.max_seqs:
+        log.warning("KV budget (%s): %d decode rows instead of max_seqs=%d", budget, decode_rows,
+                    config.max_seqs)
+    return decode_rows

@@ -1,0 +1,271 @@
+"""Per-row sampling on the device: one vectorized pass over the logits of every row of a step.
+
+::
+
+    logits [B, V] --raw logprobs (if asked)----------------------------------------> logprobs
+                  --repetition / frequency / presence penalties, logit_bias, bans
+                  --greedy rows: argmax                                          --> token [B]
+                  --sampling rows: / temperature, top-k, top-p, min-p, then
+                    argmax(probs / Exp(1))   (Exp noise from the row's own generator)
+
+Seeded rows draw their noise from their own ``torch.Generator``, so a seeded request gives the
+same tokens whatever else shares its batch. Values that would overflow or divide by zero are
+handled, not passed on: a temperature below 1e-5 is greedy (as vLLM does), any integer seed is
+folded into 64 bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from ..errors import HotswapError
+
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+MAX_LOGPROBS = 20
+
+
+class RequestError(HotswapError):
+    """A request parameter is out of range; ``param`` names it (the HTTP layer's 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops (OpenAI / vLLM semantics).
+
+    Args:
+        max_tokens: tokens to generate at most; None: what remains of the context.
+        temperature: 0 (or below 1e-5) is greedy.
+        top_p, top_k, min_p: nucleus, top-k (0 or -1: off) and min-p filtering.
+        seed: makes sampling reproducible (any int; folded into 64 bits).
+        presence_penalty, frequency_penalty: OpenAI's, over generated tokens, in [-2, 2].
+        repetition_penalty: vLLM/HF's (> 0; 1 = off), over prompt and generated tokens.
+        logit_bias: token id -> bias in [-100, 100], added to the logits.
+        stop: strings that end the output (not included in it).
+        stop_token_ids: token ids that end the output.
+        ignore_eos: keep going past the end-of-sequence token.
+        min_tokens: end-of-sequence and stop tokens are banned before this many tokens.
+        logprobs: None, or how many alternatives (0..20) to report next to each chosen
+            token's log-probability (raw: the model's distribution before any processing).
+    """
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None:
+            _int_in("max_tokens", self.max_tokens, 1, None)
+        _number_in("temperature", self.temperature, 0.0, None)
+        _number_in("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _int_in("top_k", self.top_k, -1, None)
+        _number_in("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None:
+            _int_in("seed", self.seed, None, None)
+        _number_in("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _number_in("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _number_in("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
+        bias = dict(self.logit_bias)
+        for token, value in bias.items():
+            _int_in("logit_bias", token, 0, None)
+            _number_in("logit_bias", value, -100.0, 100.0)
+        object.__setattr__(self, "logit_bias", bias)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
+        if not all(isinstance(s, str) for s in stop):
+            raise RequestError("stop", f"must be strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for token in self.stop_token_ids:
+            _int_in("stop_token_ids", token, 0, None)
+        _int_in("min_tokens", self.min_tokens, 0, self.max_tokens)
+        if self.logprobs is not None:
+            _int_in("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise :class:`RequestError` for token ids outside the vocabulary."""
+        for param, tokens in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in tokens if t >= vocab_size]
+            if bad:
+                raise RequestError(param, f"token ids {bad} outside the vocabulary of {vocab_size}")
+
+
+def _int_in(param: str, value: object, low: int | None, high: int | None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestError(param, f"must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise RequestError(param, f"must be in [{low}, {high}], got {value!r}")
+
+
+def _number_in(param: str, value: object, low: float | None, high: float | None,
+               low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(param, f"must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise RequestError(param, f"must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise RequestError(param, f"must be <= {high}, got {value!r}")
+
+
+class RowSampling:
+    """One sequence's sampling state: its parameters, generator and token counts."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int,
+                 device: torch.device, banned_until_min: tuple[int, ...]) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy and params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed % 2**64)
+        self.counts: torch.Tensor | None = None  # generated-token counts [V] (penalties only)
+        self.prompt_mask: torch.Tensor | None = None  # tokens of the prompt [V] (repetition)
+        if params.penalized:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.prompt_mask[torch.tensor(prompt_ids, device=device)] = True
+        self.banned_until_min = banned_until_min  # end-of-sequence and stop ids
+        self.generated = 0
+
+    def observe(self, token: int) -> None:
+        """Count a generated token."""
+        self.generated += 1
+        if self.counts is not None:
+            self.counts[token] += 1.0
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What one step sampled: a token per row, and logprobs where asked.
+
+    ``logprobs[i]`` is None or ``(chosen token's logprob, [(token, logprob), ...] top-k)``."""
+
+    tokens: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class Sampler:
+    """Samples one token for every row of a step (see the module doc)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._generator = torch.Generator(device=device)
+        self._generator.seed()
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, rows: list[RowSampling]) -> Sampled:
+        """``logits [B, V]`` (B >= len(rows); extra rows are padding) -> a token per row."""
+        n = len(rows)
+        raw = logits[:n].float()
+        params = [row.params for row in rows]
+        logprobs: torch.Tensor | None = None
+        if any(p.logprobs is not None for p in params):
+            logprobs = torch.log_softmax(raw, dim=-1)
+        scores = self._processed(raw, rows)
+        tokens = scores.argmax(dim=-1)
+        sampling = [i for i, p in enumerate(params) if not p.greedy]
+        if sampling:
+            index = torch.tensor(sampling, device=self.device)
+            tokens[index] = self._draw(scores[index], [rows[i] for i in sampling])
+        token_list = tokens.tolist()
+        for row, token in zip(rows, token_list):
+            row.observe(token)
+        return Sampled(token_list, self._logprobs(logprobs, params, token_list))
+
+    def _processed(self, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+        """Penalties, logit bias and min-tokens bans, applied to a copy of ``scores [n, V]``."""
+        scores = scores.clone()
+        for i, row in enumerate(rows):
+            params = row.params
+            if row.counts is not None:
+                seen = (row.counts > 0) | row.prompt_mask
+                penalty = params.repetition_penalty
+                if penalty != 1.0:
+                    scores[i] = torch.where(
+                        seen, torch.where(scores[i] > 0, scores[i] / penalty, scores[i] * penalty),
+                        scores[i])
+                scores[i] -= params.frequency_penalty * row.counts
+                scores[i] -= params.presence_penalty * (row.counts > 0).float()
+            if params.logit_bias:
+                ids = torch.tensor(list(params.logit_bias), device=self.device)
+                scores[i, ids] += torch.tensor(list(params.logit_bias.values()), device=self.device)
+            if row.generated < params.min_tokens and row.banned_until_min:
+                scores[i, torch.tensor(row.banned_until_min, device=self.device)] = float("-inf")
+        return scores
+
+    def _draw(self, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+        """Sample from ``scores [m, V]`` of sampling rows: temperature, top-k, top-p, min-p,
+        then the exponential race ``argmax(p / E)``, ``E ~ Exp(1)``."""
+        params = [row.params for row in rows]
+        temperature = torch.tensor([p.temperature for p in params], device=self.device)
+        scores = scores / temperature.unsqueeze(1)
+        top_k = [p.top_k if p.top_k > 0 else scores.shape[1] for p in params]
+        if min(top_k) < scores.shape[1]:
+            kth = scores.topk(max(top_k), dim=-1).values  # [m, k_max], descending
+            index = torch.tensor([k - 1 for k in top_k], device=self.device).unsqueeze(1)
+            scores = scores.masked_fill(scores < kth.gather(1, index), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        top_p = torch.tensor([p.top_p for p in params], device=self.device).unsqueeze(1)
+        if bool((top_p < 1.0).any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps the first token
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+        min_p = torch.tensor([p.min_p for p in params], device=self.device).unsqueeze(1)
+        if bool((min_p > 0).any()):
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, row in enumerate(rows) if row.generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=self.device) \
+                .exponential_(generator=self._generator)
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                noise[i].exponential_(generator=row.generator)
+        # An exact 0 from exponential_ would make filtered tokens 0/0 = NaN: keep it tiny instead.
+        return (probs / noise.clamp_(min=1e-20)).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(logprobs: torch.Tensor | None, params: list[SamplingParams],
+                  tokens: list[int]) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        if logprobs is None:
+            return [None] * len(params)
+        k = max(p.logprobs or 0 for p in params)
+        chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(1))
+        chosen_list = chosen.squeeze(1).tolist()
+        top_values, top_ids = (logprobs.topk(k, dim=-1) if k else (None, None))
+        top_values = top_values.tolist() if k else None
+        top_ids = top_ids.tolist() if k else None
+        result: list[tuple[float, list[tuple[int, float]]] | None] = []
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                result.append(None)
+                continue
+            alternatives = list(zip(top_ids[i][: p.logprobs], top_values[i][: p.logprobs])) if k else []
+            result.append((chosen_list[i], alternatives))
+        return result

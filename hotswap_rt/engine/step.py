@@ -1,0 +1,94 @@
+"""One forward of the engine: the inputs of a prefill or decode step and the call of the model.
+
+::
+
+    chunks[b] = (tokens, start)   left-padded to T        input_ids    [B, T]
+                                                           position_ids [B, T]  (pads: 0)
+                                                           write_at     [B, T]  (pads: scratch)
+                                                           mask [B, 1, T, L]: key j visible to
+                                                           a token at position p iff j <= p
+
+Rows past ``len(chunks)`` (the bucket's padding) hold only padding tokens. Left padding puts
+every row's last real token at ``T - 1``, so ``logits_to_keep=1`` gives each row's next-token
+logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime import HotswapRuntime
+from ..selection import Activation
+from .kv_cache import KVMemory, StepCache
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """The tensors of one forward (see the module doc)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    write_at: torch.Tensor
+    mask: torch.Tensor
+
+    def mark_dynamic(self, length: bool) -> None:
+        """Compile with the KV length (and, if ``length``, the chunk length) dynamic."""
+        if length:
+            for tensor in (self.input_ids, self.position_ids, self.write_at):
+                torch._dynamo.mark_dynamic(tensor, 1)
+            torch._dynamo.mark_dynamic(self.mask, 2)
+        torch._dynamo.mark_dynamic(self.mask, 3)
+
+
+def build_inputs(chunks: list[tuple[list[int], int]], rows: int, length: int, kv_length: int,
+                 scratch: int, device: torch.device) -> StepInputs:
+    """Inputs for ``chunks`` (``(tokens, start position)`` per row) in a ``[rows, length]``
+    batch attending over ``kv_length`` positions."""
+    input_ids = torch.zeros(rows, length, dtype=torch.long)
+    positions = torch.zeros(rows, length, dtype=torch.long)
+    write_at = torch.full((rows, length), scratch, dtype=torch.long)
+    for b, (tokens, start) in enumerate(chunks):
+        n = len(tokens)
+        input_ids[b, length - n:] = torch.tensor(tokens, dtype=torch.long)
+        positions[b, length - n:] = torch.arange(start, start + n)
+        write_at[b, length - n:] = positions[b, length - n:]
+    input_ids, positions, write_at = (t.to(device, non_blocking=True)
+                                      for t in (input_ids, positions, write_at))
+    keys = torch.arange(kv_length, device=device)
+    mask = keys.view(1, 1, 1, -1) <= positions.view(rows, 1, length, 1)
+    return StepInputs(input_ids, positions, write_at, mask)
+
+
+class StepRunner:
+    """Runs prefill and decode forwards of ``rt``'s model over the KV memory.
+
+    Args:
+        rt: the runtime (its model, selection and compiled forward).
+        memory: the KV rows; decode rows start at 0, prefill rows at ``prefill_offset``.
+    """
+
+    def __init__(self, rt: HotswapRuntime, memory: KVMemory, prefill_offset: int) -> None:
+        self.rt = rt
+        self.memory = memory
+        self.decode_cache = StepCache(memory, 0)
+        self.prefill_cache = StepCache(memory, prefill_offset)
+        forward_params = inspect.signature(rt.internals.forward.eager).parameters
+        # transformers 5.x names the cache argument ``cache``; older releases ``past_key_values``.
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+
+    @torch.no_grad()
+    def forward(self, prefill: bool, inputs: StepInputs, adapters: list[Activation]) -> torch.Tensor:
+        """Select one adapter spec per row (``len(adapters)`` = the bucket) and run the model;
+        the next-token logits ``[B, V]``."""
+        self.rt.activate_rows(adapters)
+        cache = self.prefill_cache if prefill else self.decode_cache
+        cache.write_at, cache.mask = inputs.write_at, inputs.mask
+        output = self.rt.model(
+            input_ids=inputs.input_ids, position_ids=inputs.position_ids,
+            attention_mask=inputs.mask, use_cache=True, logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        return output.logits[:, -1]
