@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .serve_load import MAX_TOKENS, print_table, quantile_ms, run_load, write_adapters
+from .serve_load import print_table, quantile_ms, run_load, write_adapters
 
 
 def measure(replica_counts=(1, 2), clients: int = 16, requests: int = 128) -> list[dict]:
@@ -28,13 +28,13 @@ def measure(replica_counts=(1, 2), clients: int = 16, requests: int = 128) -> li
     from ray import serve
 
     from hotswap_rt.serve import ServeConfig
-    from hotswap_rt.serve.ray_app import build_ray_app
+    from hotswap_rt.serve.ray.app import build_ray_app
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         adapters = {n: str(p) for n, p in list(write_adapters(Path(tmp)).items())[:8]}
         config = ServeConfig(adapters=adapters, max_rank=8, device_slots=4, host_slots=16,
-                             max_batch_size=8, max_prompt_tokens=32, max_new_tokens=MAX_TOKENS)
+                             max_num_seqs=16, max_prefill_seqs=2)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]

@@ -1,38 +1,29 @@
-"""Embed hotswap_rt in your own web app: one compiled model, adapters chosen per request.
+"""Embed hotswap_rt in your own web app: one compiled model, an adapter per request, requests
+for any adapters generated together by the engine (continuous batching).
 
 Run: ``python examples/custom_server.py`` then
 ``curl -s localhost:8001/generate -d '{"adapter": "french", "prompt": "Hello"}'``.
 """
 
-import threading
+import asyncio
 
-import torch
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig
-from hotswap_rt.serve.default_model import TARGETS, ByteTokenizer, build_default_model
+from hotswap_rt.engine import EngineConfig, GenerationEngine, SamplingParams
+from hotswap_rt.serve.default_model import TARGETS, build_default_model
 from hotswap_rt.serve.demo_adapters import demo_adapter_paths
+from hotswap_rt.serve.tokenizers import ByteTokenizer
 
 tokenizer = ByteTokenizer()  # your model and tokenizer go here (AutoModelForCausalLM, ...)
-rt = HotswapRuntime(build_default_model(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2))
+rt = HotswapRuntime(build_default_model(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2,
+                                                         max_batch_size=4))
 for name, path in demo_adapter_paths().items():
     rt.load(name, path)  # validated, padded, staged; later activations are copies or index flips
-GENERATE = dict(max_new_tokens=48, do_sample=False, cache_implementation="static",
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-
-
-def generate(prompt: str) -> str:
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    with torch.no_grad():
-        new = rt.model.generate(input_ids=ids, **GENERATE)[0, ids.shape[1]:].tolist()
-    return tokenizer.decode(new)
-
-
-# Compiled once, here; two prompt lengths, so the graphs take any length without recompiling.
-rt.compile(warmup=lambda model: [generate("warm up"), generate("hi")], guard="warn")
-lock = threading.Lock()  # one generate at a time: activate + generate must not interleave
+engine = GenerationEngine(rt, tokenizer, EngineConfig(max_seqs=4, max_prefill_seqs=1))
+engine.start()  # compiles every batch bucket once; nothing recompiles afterwards
 app = FastAPI()
 
 
@@ -42,13 +33,13 @@ class Request(BaseModel):
 
 
 @app.post("/generate")
-def generate_endpoint(request: Request) -> dict:  # a plain def: FastAPI runs it in a thread
-    with lock:
-        try:
-            rt.activate(request.adapter)
-        except HotswapError as exc:  # unknown adapter, ...: nothing changed
-            raise HTTPException(404, str(exc)) from exc
-        text = generate(request.prompt)
+async def generate(request: Request) -> dict:
+    try:  # checked before anything is queued: an unknown adapter changes nothing
+        handle = engine.submit(tokenizer.encode(request.prompt), request.adapter,
+                               SamplingParams(max_tokens=48, temperature=0))
+    except HotswapError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    text, _ = await asyncio.to_thread(handle.text)  # or iterate the handle to stream tokens
     return {"adapter": request.adapter, "text": text, "recompiles": rt.guard.recompiles}
 
 

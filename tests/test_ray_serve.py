@@ -18,7 +18,7 @@ from ray import serve  # noqa: E402
 from hotswap_rt.serve import ServeConfig  # noqa: E402
 from hotswap_rt.serve.default_model import MODEL_NAME  # noqa: E402
 from hotswap_rt.serve.demo_adapters import REPLIES, demo_adapter_paths  # noqa: E402
-from hotswap_rt.serve.ray_app import build_ray_app  # noqa: E402
+from hotswap_rt.serve.ray.app import build_ray_app  # noqa: E402
 
 from .test_serve import reference_text  # noqa: E402
 
@@ -34,8 +34,7 @@ def cluster(tmp_path_factory):
     shutil.copytree(demo_adapter_paths()["english"], root / "greeter")
     shutil.copytree(demo_adapter_paths()["english"], root / "english-copy")
     config = ServeConfig(adapters={"greeter": str(root / "greeter")}, max_rank=8, device_slots=2,
-                         max_batch_size=4, batch_wait_ms=20, max_prompt_tokens=64,
-                         max_new_tokens=48, allow_runtime_adapter_updates=True,
+                         max_num_seqs=4, max_prefill_seqs=1, allow_runtime_adapter_updates=True,
                          adapter_root=str(root))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -197,7 +196,7 @@ def test_the_readme_serve_config_builds_an_application(monkeypatch) -> None:
     module, _, name = app["import_path"].partition(":")
     builder = getattr(importlib.import_module(module), name)
     built = {}
-    monkeypatch.setattr("hotswap_rt.serve.ray_app.build_ray_app",
+    monkeypatch.setattr("hotswap_rt.serve.ray.app.build_ray_app",
                         lambda cfg, **kw: built.update(config=cfg, **kw) or "app")
     monkeypatch.setattr("hotswap_rt.serve.config.Path.is_dir", lambda self: True)
     assert builder(app["args"]) == "app"

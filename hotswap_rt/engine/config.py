@@ -33,6 +33,9 @@ class EngineConfig:
         compile: ``torch.compile`` every bucket at start (off only for quick tests).
         compile_mode: ``torch.compile`` mode (default: ``"reduce-overhead"`` on CUDA, i.e. CUDA
             graphs, else None).
+        mixed_adapters: requests for different adapters run together (False: a request joins
+            only while every running request has its adapter; the one-adapter-per-batch
+            baseline that benchmarks compare with).
     """
 
     max_seqs: int = 32
@@ -45,6 +48,7 @@ class EngineConfig:
     dynamic_lengths: bool | None = None
     compile: bool = True
     compile_mode: str | None = None
+    mixed_adapters: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_seqs", "prefill_chunk", "max_prefill_seqs"):

@@ -271,6 +271,10 @@ class GenerationEngine:
             self._prefill_step()
         if self._decoding:
             self._decode_step()
+        if stepped and not (self._prefilling or self._decoding):
+            # Idle: select nothing, so the last forward's adapters hold no slot (a lease from
+            # another thread, e.g. Ray's multiplexing, may then take any slot not leased).
+            self.rt.activate(None)
         return stepped
 
     # -- admission and retirement -----------------------------------------------------------
@@ -292,7 +296,7 @@ class GenerationEngine:
                 return
             if sequence.finished:  # cancelled meanwhile
                 continue
-            if not self._ready_to_admit(sequence):
+            if not self._ready_to_admit(sequence) or not self._may_join(sequence):
                 continue
             try:
                 if not self._lease(sequence.adapter_names):
@@ -304,6 +308,12 @@ class GenerationEngine:
             self._unqueue(sequence)
             self._prefilling.append(sequence)
 
+    def _may_join(self, sequence: Sequence) -> bool:
+        """Mixed adapters, or (the baseline) every running request has this one's adapter."""
+        if self.config.mixed_adapters:
+            return True
+        return all(s.adapter == sequence.adapter for s in (*self._prefilling, *self._decoding))
+
     def _unqueue(self, sequence: Sequence) -> None:
         with self._wake:
             self._waiting.remove(sequence)
@@ -314,6 +324,8 @@ class GenerationEngine:
         new = [n for n in names if n not in self._leases]
         if len(self._leases) + len(new) > self.rt.config.max_active_adapters:
             return False
+        if new:  # the last forward's selection must not hold slots: leases protect running rows
+            self.rt.activate(None)
         taken: list[str] = []
         try:
             for name in new:

@@ -111,6 +111,12 @@ class Detokenizer:
             self.text += after[len(before):]
             self._prefix, self._read = self._read, len(self._ids)
 
+    def flush(self) -> None:
+        """At the end: make the held-back tail visible (an incomplete character as U+FFFD)."""
+        before = self._tokenizer.decode(self._ids[self._prefix:self._read])
+        self.text += self._tokenizer.decode(self._ids[self._prefix:])[len(before):]
+        self._prefix = self._read = len(self._ids)
+
 
 class Sequence:
     """A request's generation state (engine thread only, except ``handle.cancel``).
@@ -169,10 +175,10 @@ class Sequence:
         logprob, top = logprobs if logprobs is not None else (None, None)
         params, generated = self.params, len(self.output_ids)
         stops = generated >= params.min_tokens  # no stop rule applies before min_tokens
-        if stops and token in params.stop_token_ids:
-            return self._finish_with(token, logprob, top, "stop", visible=self._emitted)
-        if stops and not params.ignore_eos and token in self.eos_ids:
-            return self._finish_with(token, logprob, top, "stop", visible=self._emitted)
+        if (stops and token in params.stop_token_ids) or (
+                stops and not params.ignore_eos and token in self.eos_ids):
+            self._detokenizer.flush()  # the end token itself adds no text
+            return self._finish_with(token, logprob, top, "stop", visible=len(self._detokenizer.text))
         self._detokenizer.push(token)
         text = self._detokenizer.text
         if stops and params.stop:
@@ -181,7 +187,8 @@ class Sequence:
             if cuts:
                 return self._finish_with(token, logprob, top, "stop", visible=min(cuts))
         if generated >= params.max_tokens or len(self.prompt_ids) + generated >= self.max_len:
-            return self._finish_with(token, logprob, top, "length", visible=len(text))
+            self._detokenizer.flush()
+            return self._finish_with(token, logprob, top, "length", visible=len(self._detokenizer.text))
         visible = max(self._emitted, len(text) - self._hold)
         self.handle.sink(TokenEvent(token, text[self._emitted:visible], logprob, top))
         self._emitted = visible

@@ -1,8 +1,9 @@
 """The OpenAI-compatible FastAPI app (vLLM's conventions): completions, chat, models, LoRA
 load/unload, health, Prometheus metrics.
 
-:func:`create_app` puts the routes in front of any backend (:class:`~.backend.LocalBackend`
-here, ``RayBackend`` for Ray Serve); :func:`build_app` is the single-process server.
+:func:`create_app` puts the routes in front of any :class:`~.protocol.Backend`
+(:class:`~.backend.LocalBackend` here, ``RayBackend`` for Ray Serve); :func:`build_app` is the
+single-process server.
 """
 
 from __future__ import annotations
@@ -14,43 +15,59 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .backend import ApiError, LocalBackend
-from .config import ServeConfig, Served, build_runtime
+from .backend import LocalBackend
+from .config import ServeConfig
 from .metrics import RequestMetrics
+from .model import Served, build_runtime
 from .protocol import (
-    ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest, error_body)
+    ApiError, Backend, ChatCompletionRequest, CompletionRequest, GenerationRequest, LoadLoraRequest,
+    UnloadLoraRequest, error_body)
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-hotswap-replica"
 RESIDENT_HEADER = "x-hotswap-adapter-resident"
 
 
-class BodyLimit(BaseHTTPMiddleware):
-    """Refuse bodies over ``limit`` bytes (413) before any handler reads them."""
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes gets 413: at once by its ``content-length``,
+    or as soon as it streams past the limit (the handler reading it gets an HTTP 413 error)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        super().__init__(app)
-        self.limit = limit
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
 
-    async def dispatch(self, request: Request, call_next):
-        length = request.headers.get("content-length")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return JSONResponse(error_body(413, f"request body over {self.limit} bytes"), 413)
-        if length is None and request.method == "POST":
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > self.limit:
-                    return JSONResponse(error_body(413, f"request body over {self.limit} bytes"), 413)
-            request._body = body  # noqa: SLF001 - starlette reads it back from here
-        return await call_next(request)
+            body = json.dumps(error_body(413, self._message())).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _message(self) -> str:
+        return f"request body over {self.limit} bytes"
 
 
 def build_app(config: ServeConfig | None = None, served: Served | None = None) -> FastAPI:
@@ -63,8 +80,9 @@ def build_app(config: ServeConfig | None = None, served: Served | None = None) -
     return app
 
 
-def create_app(backend: Any, config: ServeConfig, metrics: RequestMetrics,
-               startup=None, shutdown=None) -> FastAPI:
+def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
+               startup: Callable[[], None] | None = None,
+               shutdown: Callable[[], None] | None = None) -> FastAPI:
     """The routes over ``backend``; ``startup``/``shutdown`` run (in a thread) in the lifespan."""
 
     @asynccontextmanager
@@ -82,10 +100,17 @@ def create_app(backend: Any, config: ServeConfig, metrics: RequestMetrics,
     async def api_error(request: Request, exc: ApiError):
         return JSONResponse(error_body(exc.status, exc.message, exc.param), exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = f"Not Found: {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(error_body(exc.status_code, message), exc.status_code)
+
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "extra_forbidden":
+            return JSONResponse(error_body(400, f"{where} is not supported by this server", where), 400)
         return JSONResponse(error_body(400, f"malformed request: {first.get('msg', exc)}", where), 400)
 
     @app.get("/health")
@@ -94,9 +119,7 @@ def create_app(backend: Any, config: ServeConfig, metrics: RequestMetrics,
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
-        refresh = getattr(backend, "refresh_stats", None)  # remote figures (Ray replicas)
-        if refresh is not None:
-            await refresh()
+        await backend.refresh_stats()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/stats")
@@ -108,7 +131,7 @@ def create_app(backend: Any, config: ServeConfig, metrics: RequestMetrics,
     async def models() -> dict:
         base = backend.model_name
         card = {"object": "model", "created": backend.created, "owned_by": "hotswap-rt",
-                "max_model_len": config.max_prompt_tokens + config.max_new_tokens}
+                "max_model_len": backend.max_model_len}
         data = [{"id": base, "root": base, "parent": None, **card}]
         data += [{"id": a["id"], "root": a["root"], "parent": base, **card}
                  for a in await backend.adapter_cards()]
@@ -127,7 +150,8 @@ def create_app(backend: Any, config: ServeConfig, metrics: RequestMetrics,
     return app
 
 
-async def _measured(backend: Any, metrics: RequestMetrics, body, endpoint: str) -> AsyncIterator:
+async def _measured(backend: Backend, metrics: RequestMetrics, body: GenerationRequest,
+                    endpoint: str) -> AsyncIterator[tuple[str, Any]]:
     """``backend.generate`` with the request metrics recorded around it."""
     arrived = time.perf_counter()
     label = body.model if await backend.knows(body.model) else "<unknown>"  # bounded labels
@@ -149,7 +173,8 @@ async def _measured(backend: Any, metrics: RequestMetrics, body, endpoint: str) 
         metrics.tokens.labels(label).inc(tokens)
 
 
-async def _respond(backend: Any, metrics: RequestMetrics, body, endpoint: str, chat: bool):
+async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRequest,
+                   endpoint: str, chat: bool):
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = _measured(backend, metrics, body, endpoint)
@@ -159,25 +184,29 @@ async def _respond(backend: Any, metrics: RequestMetrics, body, endpoint: str, c
         headers[REPLICA_HEADER] = str(first[1]["id"])
         headers[RESIDENT_HEADER] = "true" if first[1]["resident"] else "false"
         first = await _next_event(stream)
+    wants_logprobs = (body.logprobs if chat else body.logprobs is not None)
     if not body.stream:
-        parts, finish, event = [], {}, first
+        parts, entries, finish, event = [], [], {}, first
         while event is not None:
             kind, value = event
             if kind == "token":
-                parts.append(value)
+                parts.append(value["text"])
+                entries += value["logprobs"] or []
             elif kind == "finish":
                 finish = value
             event = await _next_event(stream)
         text = "".join(parts)
+        logprobs = _logprobs(entries, chat) if wants_logprobs else None
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                   "finish_reason": finish["reason"]} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish["reason"]})
+                   "logprobs": logprobs, "finish_reason": finish["reason"]} if chat else
+                  {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish["reason"]})
         return JSONResponse({"id": request_id, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": body.model, "choices": [choice],
                              "usage": _usage(finish)}, headers=headers)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_sse(first, stream, request_id, created, body.model, chat, include_usage),
-                             media_type="text/event-stream", headers=headers)
+    return StreamingResponse(
+        _sse(first, stream, request_id, created, body.model, chat, include_usage, wants_logprobs),
+        media_type="text/event-stream", headers=headers)
 
 
 async def _next_event(stream: AsyncIterator) -> tuple[str, Any] | None:
@@ -192,18 +221,40 @@ def _usage(finish: dict) -> dict[str, int]:
             "total_tokens": finish["prompt_tokens"] + finish["completion_tokens"]}
 
 
+def _logprobs(entries: list[dict], chat: bool, offset: int = 0) -> dict:
+    """OpenAI's logprobs object for generated tokens (``entries`` as in :mod:`.protocol`):
+    chat ``{"content": [...]}``; completions ``tokens``/``token_logprobs``/``top_logprobs``/
+    ``text_offset`` (``offset``: characters of text before these tokens)."""
+    if chat:
+        def item(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        return {"content": [{**item(e["token"], e["logprob"]),
+                             "top_logprobs": [item(t, lp) for t, lp in e["top"]]} for e in entries]}
+    offsets, position = [], offset
+    for entry in entries:
+        offsets.append(position)
+        position += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [dict((t, lp) for t, lp in e["top"]) for e in entries],
+            "text_offset": offsets}
+
+
 async def _sse(first, stream, request_id: str, created: int, model: str, chat: bool,
-               include_usage: bool):
+               include_usage: bool, wants_logprobs: bool):
     """Server-sent events as OpenAI streams them; with ``include_usage`` a last chunk with empty
     ``choices`` carries the token counts."""
     kind_name = "chat.completion.chunk" if chat else "text_completion"
+    text_so_far = 0
 
-    def chunk(delta: str | None, reason: str | None, role: bool = False) -> str:
+    def chunk(delta: str | None, reason: str | None, entries: list | None = None,
+              role: bool = False) -> str:
+        logprobs = _logprobs(entries or [], chat, text_so_far) if wants_logprobs and entries else None
         if chat:
             content = {"role": "assistant"} if role else ({"content": delta} if delta is not None else {})
-            choice = {"index": 0, "delta": content, "finish_reason": reason}
+            choice = {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": reason}
         payload = {"id": request_id, "object": kind_name, "created": created, "model": model,
                    "choices": [choice]}
         return f"data: {json.dumps(payload)}\n\n"
@@ -214,11 +265,15 @@ async def _sse(first, stream, request_id: str, created: int, model: str, chat: b
         event = first
         while event is not None:
             kind, value = event
-            yield chunk(value, None) if kind == "token" else chunk(None, value["reason"])
-            if kind == "finish" and include_usage:
-                payload = {"id": request_id, "object": kind_name, "created": created,
-                           "model": model, "choices": [], "usage": _usage(value)}
-                yield f"data: {json.dumps(payload)}\n\n"
+            if kind == "token":
+                yield chunk(value["text"], None, value["logprobs"])
+                text_so_far += len(value["text"])
+            else:
+                yield chunk(None, value["reason"])
+                if include_usage:
+                    payload = {"id": request_id, "object": kind_name, "created": created,
+                               "model": model, "choices": [], "usage": _usage(value)}
+                    yield f"data: {json.dumps(payload)}\n\n"
             event = await _next_event(stream)
     except ApiError as exc:
         yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"
@@ -227,7 +282,7 @@ async def _sse(first, stream, request_id: str, created: int, model: str, chat: b
     yield "data: [DONE]\n\n"
 
 
-def _add_adapter_routes(app: FastAPI, backend: Any, root: Path) -> None:
+def _add_adapter_routes(app: FastAPI, backend: Backend, root: Path) -> None:
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraRequest):
         name = body.lora_name

@@ -1,80 +1,100 @@
-"""What the HTTP routes call: :class:`LocalBackend` (one runtime and its engine thread, in this
-process). ``hotswap_rt.serve.ray_app.RayBackend`` is the same interface over Ray Serve replicas.
-
-A backend turns a validated request body into a stream of events:
-``("replica", {"id", "resident"})`` (optional, first), ``("token", text_delta)`` ..., then one
-``("finish", {"reason", "prompt_tokens", "completion_tokens"})``; a request that cannot run
-raises :class:`ApiError` before its first token.
+""":class:`LocalBackend`: the :class:`~.protocol.Backend` over one runtime and its
+:class:`~hotswap_rt.engine.GenerationEngine` in this process (``serve.ray`` runs one per
+replica). It turns a request body into an engine request (:func:`engine_request`) and the
+engine's events into the backend events of :mod:`.protocol`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, AsyncIterator
 
-from prometheus_client import Histogram
+from ..engine import FinishEvent, GenerationEngine, RequestError, SamplingParams
+from ..errors import HotswapError, SelectionError, UnknownAdapterError
+from .config import ServeConfig
+from .metrics import RuntimeCollector, StepMetrics
+from .model import Served
+from .protocol import ApiError, ChatCompletionRequest, GenerationRequest
 
-from ..errors import HotswapError
-from .config import ServeConfig, Served
-from .engine import Engine
-from .generation import BatchShape, Row
-from .metrics import RuntimeCollector
-from .protocol import ChatCompletionRequest, CompletionRequest
-
-
-class ApiError(Exception):
-    """An HTTP error as vLLM reports it: status, message, the offending parameter."""
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "message": self.message, "param": self.param}
+log = logging.getLogger(__name__)
 
 
-def prompt_of(body: CompletionRequest | ChatCompletionRequest, tokenizer: Any) -> str:
-    """The text to tokenize: the one prompt, or the chat template applied to the messages."""
+def prompt_ids_of(body: GenerationRequest, served: Served) -> list[int]:
+    """The prompt's token ids: the chat template applied to the messages, the one text prompt
+    tokenized, or the token ids given."""
     if isinstance(body, ChatCompletionRequest):
-        return tokenizer.chat_prompt([m.model_dump() for m in body.messages])
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise ApiError(400, "send one prompt per request", "prompt")
-    return prompts[0]
+        return served.tokenizer.encode(served.tokenizer.chat_prompt([m.model_dump() for m in body.messages]))
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return served.tokenizer.encode(prompt)
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return list(prompt)
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return served.tokenizer.encode(prompt[0])
+    raise ApiError(400, "send one prompt per request (a string, or a list of token ids)", "prompt")
+
+
+def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
+    """The engine's sampling parameters for ``body`` (defaults from the model's generation
+    config); raises :class:`ApiError` 400 naming a bad parameter."""
+    if body.n != 1:
+        raise ApiError(400, "n > 1 is not supported by this server yet", "n")
+    chat = isinstance(body, ChatCompletionRequest)
+    max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    if chat:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        logprobs = body.logprobs
+    try:
+        bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
+    except ValueError:
+        raise ApiError(400, "logit_bias keys must be token ids", "logit_bias") from None
+    defaults = {"temperature": served.default_temperature, "top_p": served.default_top_p,
+                "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "repetition_penalty": 1.0}
+    given = {name: getattr(body, name) for name in defaults}
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, seed=body.seed, logit_bias=bias, stop=body.stop_strings(),
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens, logprobs=logprobs,
+            **{name: defaults[name] if value is None else value for name, value in given.items()})
+    except RequestError as exc:
+        raise ApiError(400, str(exc), exc.param) from exc
 
 
 class LocalBackend:
-    """The runtime of this process behind the backend interface (see the module doc)."""
+    """One runtime and its engine thread, in this process (see the module doc)."""
 
     def __init__(self, config: ServeConfig, served: Served) -> None:
         self.config = config
         self.served = served
         self.model_name = served.model_name
-        self.shape = BatchShape(config.max_batch_size, config.max_prompt_tokens, config.max_new_tokens)
-        self.engine = Engine(served.rt, served.tokenizer, self.shape, config.batch_wait_ms / 1e3,
-                             compile=config.compile, on_batch=self._observe_batch,
-                             mixed_batches=config.mixed_batches)
-        self.batch_rows = Histogram("hotswap_batch_rows", "Requests per batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=None)
-        self.batch_adapters = Histogram("hotswap_batch_adapters", "Distinct adapters per batch",
-                                        buckets=(0, 1, 2, 4, 8, 16), registry=None)
+        self.step_metrics = StepMetrics()
+        self.engine = GenerationEngine(served.rt, served.tokenizer, config.engine_config(),
+                                       on_step=self.step_metrics.observe)
+        self.max_model_len = self.engine.max_len
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        self.engine.start()
+        """Compile every bucket (logged as it goes); returns when the server may take traffic."""
+        def progress(done: int, total: int, what: str) -> None:
+            log.info("compiled %s (%d/%d graphs)", what, done, total)
+
+        self.engine.start(progress=progress)
+        log.info("engine ready in %.1f s", self.engine.startup_seconds or 0.0)
 
     def stop(self) -> None:
         self.engine.stop()
 
     def collectors(self) -> list:
-        """Prometheus collectors for the runtime side (batches, swaps, tiers, recompiles)."""
-        return [self.batch_rows, self.batch_adapters, RuntimeCollector(self.engine)]
-
-    def _observe_batch(self, rows: list[Row], seconds: float) -> None:
-        self.batch_rows.observe(len(rows))
-        self.batch_adapters.observe(len({row.adapter for row in rows if row.adapter is not None}))
+        """Prometheus collectors for the runtime side (steps, swaps, tiers, recompiles)."""
+        return [*self.step_metrics.collectors(), RuntimeCollector(self.engine)]
 
     # ---------------------------------------------------------------------------------- models
     def adapter_names(self) -> list[str]:
@@ -84,7 +104,6 @@ class LocalBackend:
         return model == self.model_name or model in self.adapter_names()
 
     async def adapter_cards(self) -> list[dict[str, str]]:
-        """``{"id", "root"}`` of every adapter, for ``/v1/models``."""
         return [{"id": i.name, "root": i.source or i.name} for i in self.served.rt.adapters()]
 
     async def load_adapter(self, name: str, path: str) -> None:
@@ -105,60 +124,60 @@ class LocalBackend:
 
     def stats(self) -> dict[str, Any]:
         rt = self.served.rt
+        load = self.engine.load()
         return {**rt.stats(), "recompiles": rt.guard.recompiles, "compiles": rt.guard.compiles,
-                "requests_waiting": self.engine.queue_depth(),
-                "waiting_adapters": sorted(self.engine.waiting_adapters()),
+                "requests_waiting": load["waiting"], "requests_running": load["running"],
+                "waiting_adapters": load["waiting_adapters"],
                 "adapters": {i.name: {"tier": i.tier, "leases": i.leases, "pinned": i.pinned}
                              for i in rt.adapters()}}
 
-    # ------------------------------------------------------------------------------ generation
-    def make_row(self, body: CompletionRequest | ChatCompletionRequest, emit) -> Row:
-        """Check ``body`` against the limits and build its row (raises :class:`ApiError`)."""
-        if body.logprobs:
-            raise ApiError(400, "logprobs are not supported by this server", "logprobs")
-        if body.model == self.model_name:
-            adapter = None
-        elif body.model in self.adapter_names():
-            adapter = body.model
-        else:
-            raise ApiError(404, f"The model `{body.model}` does not exist.", "model")
-        ids = self.served.tokenizer.encode(prompt_of(body, self.served.tokenizer))
-        if len(ids) > self.shape.prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
-                                f"{self.shape.prompt_tokens} (--max-prompt-tokens)", "prompt")
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or 16
-        if max_tokens > self.shape.new_tokens:
-            raise ApiError(400, f"max_tokens={max_tokens} exceeds this server's limit of "
-                                f"{self.shape.new_tokens} (--max-new-tokens)", "max_tokens")
-        temperature = self.served.default_temperature if body.temperature is None else body.temperature
-        return Row(ids, adapter, max_tokens, emit, temperature=temperature, top_p=body.top_p,
-                   seed=body.seed, stop=body.stop_strings())
+    async def refresh_stats(self) -> None:
+        return None
 
-    async def generate(self, body: CompletionRequest | ChatCompletionRequest) -> AsyncIterator[tuple[str, Any]]:
-        """Events for one request (see the module doc); a client that goes away (the consumer
-        stops iterating) cancels its row at the next token."""
+    # ------------------------------------------------------------------------------ generation
+    def adapter_of(self, body: GenerationRequest) -> str | None:
+        if body.model == self.model_name:
+            return None
+        if body.model in self.adapter_names():
+            return body.model
+        raise ApiError(404, f"The model `{body.model}` does not exist.", "model")
+
+    async def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]:
+        """Events for one request (see :mod:`.protocol`); a client that goes away (the consumer
+        stops iterating) cancels it at the next step."""
+        adapter = self.adapter_of(body)
+        params = sampling_of(body, self.served)
+        prompt = prompt_ids_of(body, self.served)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        row = self.make_row(body, lambda kind, value: loop.call_soon_threadsafe(
-            events.put_nowait, (kind, value)))
         try:
-            self.engine.submit(row)
+            handle = self.engine.submit(prompt, adapter, params, sink=lambda event: loop.call_soon_threadsafe(
+                events.put_nowait, event))
+        except RequestError as exc:
+            raise ApiError(400, str(exc), exc.param) from exc
+        except UnknownAdapterError as exc:
+            raise ApiError(404, str(exc), "model") from exc
+        except SelectionError as exc:
+            raise ApiError(400, str(exc), "model") from exc
+        decode = self.served.tokenizer.decode
+        try:
             deadline = loop.time() + self.config.request_timeout_s
-            error = None
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), deadline - loop.time())
+                    event = await asyncio.wait_for(events.get(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     raise ApiError(408, f"the request took longer than {self.config.request_timeout_s} s")
-                if kind == "error":
-                    error = value
-                elif kind == "finish":
-                    if error is not None:
-                        raise ApiError(500, str(error))
-                    yield kind, {"reason": value, "prompt_tokens": len(row.prompt_ids),
-                                 "completion_tokens": len(row.tokens)}
+                if isinstance(event, FinishEvent):
+                    if event.reason == "error":
+                        raise ApiError(500, event.error or "generation failed")
+                    yield "finish", {"reason": event.reason, "prompt_tokens": event.prompt_tokens,
+                                     "completion_tokens": event.completion_tokens}
                     return
-                else:
-                    yield kind, value
+                logprobs = None
+                if event.logprob is not None:
+                    logprobs = [{"token": decode([event.token_id]), "logprob": event.logprob,
+                                 "top": [[decode([t]), lp] for t, lp in event.top_logprobs or []]}]
+                if event.text or logprobs:
+                    yield "token", {"text": event.text, "logprobs": logprobs}
         finally:
-            row.cancelled.set()
+            handle.cancel()

@@ -16,10 +16,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rank", type=int, default=16)
     parser.add_argument("--device-slots", type=int, default=4)
     parser.add_argument("--host-slots", type=int, default=16)
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
-    parser.add_argument("--max-prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=32,
+                        help="sequences generating at once (continuous batching)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output (default: the model's context length)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="KV memory budget in tokens (default: what --max-num-seqs needs, "
+                             "at most 40%% of free memory)")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompt tokens per sequence per step")
+    parser.add_argument("--max-prefill-seqs", type=int, default=4,
+                        help="prompts prefilled together in one forward")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--allow-runtime-adapter-updates", action="store_true")
@@ -27,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-compile", action="store_true", help="serve eagerly (debugging)")
     parser.add_argument("--no-mixed-batches", action="store_true",
-                        help="one adapter per batch (the baseline the load benchmark compares)")
+                        help="one adapter at a time (the baseline the load benchmark compares)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--ray", action="store_true",
@@ -52,9 +59,10 @@ def config_from_args(args: argparse.Namespace):
     return ServeConfig(
         model=args.model, adapters=adapters, target_modules=targets, max_rank=args.max_rank,
         device_slots=args.device_slots, host_slots=args.host_slots,
-        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-        request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
+        max_prefill_seqs=args.max_prefill_seqs, request_timeout_s=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
         allow_runtime_adapter_updates=args.allow_runtime_adapter_updates,
         adapter_root=args.adapter_root, device=args.device, compile=not args.no_compile,
         mixed_batches=not args.no_mixed_batches)
@@ -81,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve_local(config, args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
 
     from .app import build_app
 
@@ -96,7 +108,7 @@ def _serve_ray(config, args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from .ray_app import build_ray_app
+    from .ray.app import build_ray_app
 
     ray.init()
     serve.start(http_options={"host": args.host, "port": args.port})

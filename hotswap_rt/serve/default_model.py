@@ -1,7 +1,8 @@
 """The server's built-in model: a tiny Llama with deterministic weights and a byte tokenizer.
 
 Nothing is downloaded: the weights come from a seeded ``torch.Generator`` (the same on every
-machine), the tokenizer maps UTF-8 bytes to ids 0..255 plus three special tokens. The demo
+machine); its tokenizer (:class:`~.tokenizers.ByteTokenizer`) maps UTF-8 bytes to ids 0..255 plus
+three special tokens. The demo
 adapters in ``hotswap_rt/serve/adapters/`` were trained against exactly these weights by
 ``scripts/train_demo_adapters.py``.
 """
@@ -11,30 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .tokenizers import BOS_ID, EOS_ID, PAD_ID
+
 MODEL_NAME = "hotswap-rt/tiny-llama"
-PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 VOCAB = 260  # 256 bytes + pad + bos + eos + one unused id
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 WEIGHT_SEED = 20261125
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids; ``<pad>``=256, ``<bos>``=257, ``<eos>``=258."""
-
-    pad_token_id, bos_token_id, eos_token_id = PAD_ID, BOS_ID, EOS_ID
-
-    def encode(self, text: str) -> list[int]:
-        """``text`` -> ``[bos, byte, byte, ...]``."""
-        return [BOS_ID, *text.encode("utf-8")]
-
-    def decode(self, ids: list[int]) -> str:
-        """Token ids -> text; special ids are dropped, broken UTF-8 becomes U+FFFD."""
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """The chat template: one ``role: content`` line per message, then ``assistant:``."""
-        lines = [f"{m['role']}: {m['content']}" for m in messages]
-        return "\n".join([*lines, "assistant:"])
 
 
 def build_default_model() -> nn.Module:

@@ -1,8 +1,10 @@
 """Prometheus metrics of one server (its own registry, so several servers can share a process).
 
-Request-side metrics are updated by the HTTP routes; runtime figures (swap latency per tier,
-recompiles, adapters per tier, vLLM's ``lora_requests_info``) are read from the runtime at
-scrape time by :class:`RuntimeCollector`.
+Request-side metrics (:class:`RequestMetrics`) are updated by the HTTP routes; engine steps
+(:class:`StepMetrics`: rows and distinct adapters per forward) by the engine thread; runtime
+figures (swap latency per tier, recompiles, adapters per tier, vLLM's ``lora_requests_info``) are
+read from the runtime at scrape time (:class:`RuntimeCollector`); :class:`ReplicaStatsCollector`
+shows what Ray Serve replicas report.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from ..engine import GenerationEngine
+    from ..engine.sequence import Sequence
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -54,10 +57,31 @@ class RequestMetrics:
         return generate_latest(self.registry)
 
 
-class RuntimeCollector(Collector):
-    """Runtime figures, read when Prometheus scrapes."""
+class StepMetrics:
+    """Rows and distinct adapters per engine forward, by kind (prefill / decode); ``observe`` is
+    the engine's ``on_step``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self) -> None:
+        self.rows = Histogram("hotswap_step_rows", "Sequences per forward, by kind", ["kind"],
+                              buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=None)
+        self.adapters = Histogram("hotswap_step_adapters", "Distinct adapters per forward, by kind",
+                                  ["kind"], buckets=(0, 1, 2, 4, 8, 16), registry=None)
+        self.seconds = Histogram("hotswap_step_seconds", "Forward time (inputs, model, logits), by kind",
+                                 ["kind"], buckets=LATENCY_BUCKETS, registry=None)
+
+    def observe(self, kind: str, rows: list[Sequence], seconds: float) -> None:
+        self.rows.labels(kind).observe(len(rows))
+        self.adapters.labels(kind).observe(len({n for row in rows for n in row.adapter_names}))
+        self.seconds.labels(kind).observe(seconds)
+
+    def collectors(self) -> list:
+        return [self.rows, self.adapters, self.seconds]
+
+
+class RuntimeCollector(Collector):
+    """Runtime and engine figures, read when Prometheus scrapes."""
+
+    def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator:
@@ -82,14 +106,17 @@ class RuntimeCollector(Collector):
         for tier, count in tier_counts(info.tier for info in rt.adapters()).items():
             tiers.add_metric([tier], count)
         yield tiers
-        queue = GaugeMetricFamily("hotswap_requests_waiting", "Requests waiting for a batch")
-        queue.add_metric([], self.engine.queue_depth())
+        load = self.engine.load()
+        queue = GaugeMetricFamily("hotswap_requests_waiting", "Requests waiting to join")
+        queue.add_metric([], load["waiting"])
         yield queue
+        running = GaugeMetricFamily("hotswap_requests_running", "Requests generating")
+        running.add_metric([], load["running"])
+        yield running
         info = GaugeMetricFamily(
             "hotswap_rt:lora_requests_info", "Running/waiting adapters, as vLLM's lora_requests_info",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
-        info.add_metric([",".join(sorted(self.engine.running_adapters)),
-                         ",".join(sorted(self.engine.waiting_adapters())),
+        info.add_metric([",".join(load["running_adapters"]), ",".join(load["waiting_adapters"]),
                          str(rt.config.device_slots)], time.time())
         yield info
 

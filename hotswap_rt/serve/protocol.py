@@ -1,29 +1,64 @@
-"""OpenAI/vLLM request bodies (pydantic) and the error body vLLM returns."""
+"""The HTTP contract: OpenAI/vLLM request bodies (pydantic), the errors vLLM returns
+(:class:`ApiError`, :func:`error_body`), and the :class:`Backend` interface the routes call.
+
+Bodies forbid fields they do not know: a parameter this server does not implement is a 400 that
+names it, never silently ignored.
+
+A backend turns a validated body into a stream of events: optionally ``("replica", {"id",
+"resident"})`` first, then ``("token", {"text", "logprobs"})`` ... and one ``("finish",
+{"reason", "prompt_tokens", "completion_tokens"})``. ``logprobs`` is None or a list with one
+``{"token", "logprob", "top": [[token, logprob], ...]}`` per generated token. A request that
+cannot run raises :class:`ApiError` before its first event.
+"""
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Literal, Optional, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class ApiError(Exception):
+    """An HTTP error as vLLM reports it: status, message, the offending parameter."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "message": self.message, "param": self.param}
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+    """Fields shared by completions and chat; ranges are checked by the engine's
+    :class:`~hotswap_rt.engine.SamplingParams` (a 400 naming the parameter)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = Field(default=None, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(default=1, ge=1, le=1)
-    logprobs: Optional[Union[int, bool]] = None
+    n: int = 1
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -32,17 +67,22 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int]]
+    logprobs: Optional[int] = None
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "user", "assistant"]
     content: str
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
 
 
 class LoadLoraRequest(BaseModel):
@@ -54,12 +94,40 @@ class UnloadLoraRequest(BaseModel):
     lora_name: str = Field(min_length=1)
 
 
-ERROR_TYPES = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
-               408: "TimeoutError", 413: "BadRequestError", 500: "InternalServerError",
-               503: "ServiceUnavailableError"}
+GenerationRequest = Union[CompletionRequest, ChatCompletionRequest]
+
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+               404: "NotFoundError", 408: "TimeoutError", 413: "BadRequestError",
+               500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     """``{"error": {"message", "type", "param", "code"}}`` as vLLM's OpenAI server returns it."""
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "BadRequestError"),
                       "param": param, "code": status}}
+
+
+class Backend(Protocol):
+    """What the routes need of a backend (:class:`~.backend.LocalBackend`, ``RayBackend``)."""
+
+    model_name: str
+    created: int
+    max_model_len: int
+
+    async def knows(self, model: str) -> bool: ...
+
+    async def adapter_cards(self) -> list[dict[str, str]]:
+        """``{"id", "root"}`` of every adapter."""
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def stats(self) -> dict | Awaitable[dict]: ...
+
+    async def refresh_stats(self) -> None:
+        """Fetch remote figures before a metrics scrape (a no-op locally)."""
+        ...
+
+    def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]: ...

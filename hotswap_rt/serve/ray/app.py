@@ -6,8 +6,8 @@ Three deployments (extra ``ray``):
   Each request goes to the worker deployment with ``multiplexed_model_id`` = its adapter (none
   for the base model), so Ray routes it to a replica that already holds that adapter; every
   response names the replica in an ``x-hotswap-replica`` header.
-- ``HotswapWorker``: one :class:`~.backend.LocalBackend` (runtime + engine thread +
-  mixed-adapter batcher) per replica (:mod:`.ray_worker`). Its ``@serve.multiplexed`` loader
+- ``HotswapWorker``: one :class:`~hotswap_rt.serve.backend.LocalBackend` (runtime + generation
+  engine) per replica (:mod:`.worker`). Its ``@serve.multiplexed`` loader
   loads the adapter if needed and returns a lease on its slot; when Ray evicts it (LRU,
   ``max_num_models_per_replica = device_slots``) the lease is released (idempotent,
   thread-safe) once the requests using it have ended.
@@ -28,20 +28,22 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from .backend import ApiError
-from .config import ServeConfig
-from .metrics import RequestMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .ray_worker import AdapterDirectory, worker_deployment
+from ..config import ServeConfig
+from ..metrics import RequestMetrics
+from ..model import model_max_len
+from ..protocol import ApiError, ChatCompletionRequest, GenerationRequest
+from .worker import AdapterDirectory, worker_deployment
 
 log = logging.getLogger(__name__)
 
 
 class RayBackend:
-    """The backend interface of :mod:`~.backend` over the worker and directory deployments."""
+    """The :class:`~hotswap_rt.serve.protocol.Backend` over the worker and directory deployments."""
 
-    def __init__(self, model_name: str, worker: DeploymentHandle, directory: DeploymentHandle) -> None:
+    def __init__(self, model_name: str, max_model_len: int, worker: DeploymentHandle,
+                 directory: DeploymentHandle) -> None:
         self.model_name = model_name
+        self.max_model_len = max_model_len
         self.worker = worker
         self.directory = directory
         self.created = int(time.time())
@@ -87,7 +89,7 @@ class RayBackend:
 
     refresh_stats = stats
 
-    async def generate(self, body: CompletionRequest | ChatCompletionRequest) -> AsyncIterator[tuple[str, Any]]:
+    async def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]:
         """Events from a worker replica. A replica that dies before its first token is retried on
         another (up to ``RETRIES`` times); after a token has gone out, the failure is a 500."""
         adapter = "" if body.model == self.model_name else body.model
@@ -127,11 +129,11 @@ class Ingress:
     def __init__(self, config: ServeConfig, model_name: str, worker: DeploymentHandle,
                  directory: DeploymentHandle) -> None:
         self.config = config
-        self.backend = RayBackend(model_name, worker, directory)
+        self.backend = RayBackend(model_name, model_max_len(config), worker, directory)
 
     def __serve_build_asgi_app__(self):
-        from .app import create_app
-        from .metrics import ReplicaStatsCollector
+        from ..app import create_app
+        from ..metrics import ReplicaStatsCollector
 
         metrics = RequestMetrics([ReplicaStatsCollector(self.backend)])
         return create_app(self.backend, self.config, metrics)
@@ -140,8 +142,8 @@ class Ingress:
 def build_ray_app(config: ServeConfig, replicas: int = 2, worker_cpus: float = 1.0,
                   worker_gpus: float = 0.0) -> serve.Application:
     """The Ray Serve application: ``serve.run(build_ray_app(config, replicas=4))``."""
-    from .default_model import MODEL_NAME
-    from .demo_adapters import demo_adapter_paths
+    from ..default_model import MODEL_NAME
+    from ..demo_adapters import demo_adapter_paths
 
     adapters = dict(config.adapters)
     if config.model is None:
@@ -153,7 +155,7 @@ def build_ray_app(config: ServeConfig, replicas: int = 2, worker_cpus: float = 1
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """For ``serve run hotswap_rt.serve.ray_app:app_builder key=value ...`` and ``serve deploy``
+    """For ``serve run hotswap_rt.serve.ray.app:app_builder key=value ...`` and ``serve deploy``
     config files: ``args`` are :class:`ServeConfig` fields plus ``replicas``, ``worker_cpus``,
     ``worker_gpus``."""
     args = dict(args)

@@ -1,7 +1,7 @@
-"""Ray Serve worker side: the replicas and the adapter directory (see :mod:`.ray_app`).
+"""Ray Serve worker side: the replicas and the adapter directory (see :mod:`.app`).
 
-- ``HotswapWorker``: one :class:`~.backend.LocalBackend` (runtime + engine thread +
-  mixed-adapter batcher) per replica. Its ``@serve.multiplexed`` loader loads the adapter if
+- ``HotswapWorker``: one :class:`~hotswap_rt.serve.backend.LocalBackend` (runtime + generation
+  engine) per replica. Its ``@serve.multiplexed`` loader loads the adapter if
   needed and returns a :class:`LeaseHandle` on its device slot; when Ray evicts it (LRU,
   ``max_num_models_per_replica = device_slots``) the lease is released once the requests using
   it have ended.
@@ -21,10 +21,11 @@ from typing import Any, AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ..errors import HotswapError, SlotsBusyError
-from .backend import ApiError, LocalBackend
-from .config import ServeConfig, build_runtime
-from .protocol import ChatCompletionRequest, CompletionRequest
+from ...errors import HotswapError, SlotsBusyError
+from ..backend import LocalBackend
+from ..config import ServeConfig
+from ..model import build_runtime
+from ..protocol import ApiError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,9 @@ class HotswapWorker:
         return {"replica": self.replica, **self.backend.stats()}
 
 async def _coalesced(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[tuple[str, Any]]:
-    """``events`` with consecutive text deltas that are ready together merged into one, so a
-    busy replica sends fewer, larger messages (each yield is one Ray object)."""
+    """``events`` with consecutive token events that are ready together merged into one (texts
+    joined, logprobs concatenated), so a busy replica sends fewer, larger messages (each yield
+    is one Ray object)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump() -> None:
@@ -234,18 +236,27 @@ async def _coalesced(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[tu
             queue.put_nowait(None)
 
     task = asyncio.get_running_loop().create_task(pump())
+    nothing = object()
+    pending: Any = nothing  # an event (or the end marker) taken while merging, handled next
     try:
         while True:
-            event = await queue.get()
+            event = pending if pending is not nothing else await queue.get()
+            pending = nothing
             if event is None:
                 return
             if event[0] == "__raise__":
                 raise event[1]
             if event[0] == "token":
-                text = [event[1]]
-                while not queue.empty() and queue._queue[0] is not None and queue._queue[0][0] == "token":  # noqa: SLF001
-                    text.append(queue.get_nowait()[1])
-                event = ("token", "".join(text))
+                text, logprobs = [event[1]["text"]], event[1]["logprobs"]
+                while not queue.empty():
+                    following = queue.get_nowait()
+                    if following is None or following[0] != "token":
+                        pending = following
+                        break
+                    text.append(following[1]["text"])
+                    if logprobs is not None:
+                        logprobs = logprobs + (following[1]["logprobs"] or [])
+                event = ("token", {"text": "".join(text), "logprobs": logprobs})
             yield event
     finally:
         task.cancel()
@@ -263,4 +274,4 @@ def worker_deployment(config: ServeConfig, replicas: int, cpus: float, gpus: flo
     Worker.__name__ = Worker.__qualname__ = "HotswapWorker"
     return serve.deployment(Worker, name="HotswapWorker", num_replicas=replicas,
                             ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
-                            max_ongoing_requests=4 * config.max_batch_size)
+                            max_ongoing_requests=4 * config.max_num_seqs)

@@ -1,0 +1,73 @@
+"""Building what a server serves: the model, its tokenizer and the runtime with the start-up
+adapters (:func:`build_runtime`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..config import RuntimeConfig
+from ..runtime import HotswapRuntime
+from .config import ServeConfig
+from .default_model import MODEL_NAME, TARGETS, build_default_model
+from .demo_adapters import demo_adapter_paths
+from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
+
+
+@dataclass
+class Served:
+    """What a server built: the runtime, its tokenizer, the base model's name, and the
+    sampling defaults from the model's generation config (greedy unless it samples)."""
+
+    rt: HotswapRuntime
+    tokenizer: Tokenizer
+    model_name: str
+    default_temperature: float
+    default_top_p: float = 1.0
+
+
+def build_runtime(config: ServeConfig) -> Served:
+    """Load (or build) the model and tokenizer, inject, and load the start-up adapters."""
+    if config.model is None:
+        model, tokenizer, name = build_default_model(), ByteTokenizer(), MODEL_NAME
+        targets = TARGETS if config.target_modules == "all-linear" else config.target_modules
+        adapters = {**{n: str(p) for n, p in demo_adapter_paths().items()}, **config.adapters}
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype="auto").eval()
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(config.model))
+        name, targets, adapters = config.model, config.target_modules, dict(config.adapters)
+    model.to(torch.device(config.device))
+    generation = getattr(model, "generation_config", None)
+    do_sample = bool(getattr(generation, "do_sample", False))
+    temperature = float(getattr(generation, "temperature", 1.0) or 1.0) if do_sample else 0.0
+    top_p = float(getattr(generation, "top_p", 1.0) or 1.0) if do_sample else 1.0
+    rt = HotswapRuntime(model, RuntimeConfig(
+        targets, max_rank=config.max_rank, device_slots=config.device_slots,
+        host_slots=max(config.host_slots, config.device_slots),
+        max_batch_size=max(config.max_num_seqs, config.max_prefill_seqs),
+        max_active_adapters=config.device_slots))
+    for adapter_name, source in adapters.items():
+        if adapter_name == name:
+            raise ValueError(f"adapter name {adapter_name!r} is the base model's name")
+        rt.load(adapter_name, os.fspath(source))
+    return Served(rt, tokenizer, name, temperature, top_p)
+
+
+def model_max_len(config: ServeConfig) -> int:
+    """The context length a server for ``config`` has (without building it): the configured
+    ``max_model_len``, else the model config's."""
+    if config.max_model_len is not None:
+        return config.max_model_len
+    if config.model is None:
+        return build_default_model().config.max_position_embeddings
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(config.model)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        if isinstance(getattr(model_config, name, None), int):
+            return getattr(model_config, name)
+    raise ValueError(f"{config.model}: no context length in its config; set max_model_len")
