@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="serve eagerly (debugging)")
     parser.add_argument("--no-mixed-batches", action="store_true",
                         help="one adapter at a time (the baseline the load benchmark compares)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="intra-op threads (default on CPU: every core but one)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--ray", action="store_true",
@@ -65,7 +67,7 @@ def config_from_args(args: argparse.Namespace):
         max_body_bytes=args.max_body_bytes,
         allow_runtime_adapter_updates=args.allow_runtime_adapter_updates,
         adapter_root=args.adapter_root, device=args.device, compile=not args.no_compile,
-        mixed_batches=not args.no_mixed_batches)
+        mixed_batches=not args.no_mixed_batches, torch_threads=args.torch_threads)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -98,9 +99,8 @@ class HotswapWorker:
     multiplexed loader sized to ``device_slots``, by :func:`worker_deployment`."""
 
     def __init__(self, config: ServeConfig, directory: DeploymentHandle, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
+        if config.torch_threads is None:  # the replica's CPU share, unless configured
+            config = dataclasses.replace(config, torch_threads=max(1, threads))
         self.backend = LocalBackend(config, build_runtime(config))
         self.backend.start()  # compiles before the replica takes traffic
         self.directory = directory
