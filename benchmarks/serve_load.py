@@ -72,18 +72,19 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "hotswap_rt.cli", "serve", "--port", str(port),
                    "--max-rank", "8", "--device-slots", "8", "--host-slots", "24",
-                   "--max-batch-size", "8", "--max-prompt-tokens", "32",
-                   "--max-new-tokens", str(MAX_TOKENS), "--batch-wait-ms", "5"]
+                   "--max-num-seqs", "16", "--max-prefill-seqs", "4"]
         command += [f"--adapter={name}={path}" for name, path in adapters.items()]
         if not mixed:
             command.append("--no-mixed-batches")
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = tempfile.TemporaryFile()  # a pipe could fill up and block the server
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
 
     def __enter__(self) -> str:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read().decode()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return self.url
@@ -94,6 +95,7 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
         self.process.wait(timeout=60)
+        self.log.close()
 
 
 async def one_request(client: httpx.AsyncClient, model: str, prompt: str) -> dict:

@@ -135,8 +135,8 @@ def run(model_root: Path, concurrencies: list[int], work: Path) -> dict:
 def table(payload: dict) -> str:
     runs = payload["runs"]
     ours, peer, warm = runs["hotswap_rt"], runs["vllm"], runs["hotswap_rt_warm"]
-    lines = ["| concurrency | figure | vLLM-CPU | hotswap-rt (1st start) | ratio | hotswap-rt (2nd start) | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| concurrency | figure | vLLM-CPU | hotswap-rt (1st start) | ratio "
+             "| hotswap-rt (2nd start) | ratio |", "|---|---|---|---|---|---|---|"]
     labels = {"ttft_p50_ms": "TTFT p50 (ms)", "tpot_p50_ms": "TPOT p50 (ms)",
               "output_tok_s": "output tok/s"}
     for concurrency in ours["by_concurrency"]:
@@ -144,7 +144,8 @@ def table(payload: dict) -> str:
             v = peer["by_concurrency"][concurrency][key]
             a = ours["by_concurrency"][concurrency][key]
             b = warm["by_concurrency"][concurrency][key]
-            lines.append(f"| {concurrency} | {label} | {v:.1f} | {a:.1f} | {a / v:.2f}x | {b:.1f} | {b / v:.2f}x |")
+            lines.append(f"| {concurrency} | {label} | {v:.1f} | {a:.1f} | {a / v:.2f}x "
+                         f"| {b:.1f} | {b / v:.2f}x |")
     lines.append(f"| - | time to ready (s) | {peer['ready_s']:.0f} | {ours['ready_s']:.0f} (cold cache) | "
                  f"{ours['ready_s'] / peer['ready_s']:.2f}x | {warm['ready_s']:.0f} (warm cache) | "
                  f"{warm['ready_s'] / peer['ready_s']:.2f}x |")

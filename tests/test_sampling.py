@@ -63,7 +63,7 @@ def test_penalties_follow_their_formulas() -> None:
                 presence_penalty=0.25)
     state.observe(3)
     state.observe(3)
-    processed = sampler._processed(logits, [state])[0]
+    processed = sampler.process(logits, [state])[0]
     # token 2 is in the prompt (repetition only); token 3 was generated twice (all three)
     expected = torch.tensor([2.0, -1.0, 0.25, 1.0 / 2.0 - 0.5 * 2 - 0.25])
     assert torch.allclose(processed, expected)

@@ -294,7 +294,7 @@ def test_a_cold_adapter_is_prefetched_and_others_keep_their_batches() -> None:
         for (name, _), response in zip(cases, responses):
             assert response.status_code == 200, response.text
             assert response.json()["choices"][0]["text"] == " " + REPLIES[name]
-        assert on_disk[0] in engine._prefetching  # staged in the background, not on the engine thread
+        assert on_disk[0] in engine.prefetched()  # staged in the background, not on the engine thread
         total, one = _steps(client)
         assert total > 0 and one == total  # baseline mode: one adapter at a time
 

@@ -196,6 +196,11 @@ class GenerationEngine:
                 "waiting_adapters": sorted({n for s in waiting for n in s.adapter_names}),
                 "running_adapters": sorted({n for s in running for n in s.adapter_names})}
 
+    def prefetched(self) -> list[str]:
+        """Adapters whose background load (disk -> host) a request started, in or out of flight."""
+        with self._wake:
+            return sorted(self._prefetching)
+
     def _check_adapter(self, adapter: Activation) -> Activation:
         if adapter is None:
             return None

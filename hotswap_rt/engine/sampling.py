@@ -187,7 +187,7 @@ class Sampler:
         logprobs: torch.Tensor | None = None
         if any(p.logprobs is not None for p in params):
             logprobs = torch.log_softmax(raw, dim=-1)
-        scores = self._processed(raw, rows)
+        scores = self.process(raw, rows)
         tokens = scores.argmax(dim=-1)
         sampling = [i for i, p in enumerate(params) if not p.greedy]
         if sampling:
@@ -198,7 +198,7 @@ class Sampler:
             row.observe(token)
         return Sampled(token_list, self._logprobs(logprobs, params, token_list))
 
-    def _processed(self, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    def process(self, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
         """Penalties, logit bias and min-tokens bans, applied to a copy of ``scores [n, V]``."""
         scores = scores.clone()
         for i, row in enumerate(rows):
