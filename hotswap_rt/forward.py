@@ -98,6 +98,7 @@ class ModelForward:
             self._restore_disable_compile = generation_config.disable_compile
             generation_config.disable_compile = True
         self.impl = torch.compile(self.eager, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+        self.guard.fallback = self.eager
         grad_modes = [True, False] if training else [False]
         passes = 3 if mode is not None and "reduce-overhead" in mode else 1
         inputs = [example_inputs] if example_inputs is not None else []

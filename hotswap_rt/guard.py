@@ -60,8 +60,11 @@ class RecompileGuard:
         recompiles: dynamo compiles after :meth:`arm` (each one a bug or an unexpected input).
         rerecords: CUDA-graph recordings after :meth:`arm`.
         storage_moves: watched calls that found the slot storage at a new address after arming.
-        graph_breaks: graph breaks dynamo counted while compiling (0 with fullgraph=True).
+        graph_breaks: graph breaks dynamo counted while compiling (0 with fullgraph=True), plus
+            armed calls that hit one and ran eagerly (:attr:`fallback`).
         reasons: reasons of everything counted after arming, oldest first.
+        fallback: the eager forward, run instead of a call whose compile breaks the graph when
+            armed in "count"/"warn" mode (set by the runtime; None: such calls raise).
     """
 
     def __init__(self, mode: GuardMode = "raise") -> None:
@@ -74,6 +77,7 @@ class RecompileGuard:
         self.graph_breaks = 0
         self.reasons: list[str] = []
         self.armed = False
+        self.fallback: Callable[..., Any] | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._seen_failures: dict[Any, int] = {}
@@ -138,7 +142,9 @@ class RecompileGuard:
 
     # -- the hot path -----------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` (the compiled forward) and account for any compile it triggered."""
+        """Run ``fn`` (the compiled forward) and account for any compile it triggered. Armed in
+        "count" or "warn" mode, a call whose new compile hits a graph break runs
+        :attr:`fallback` (the eager forward) instead of failing, counted and reported."""
         local = self._local
         if getattr(local, "watching", False):  # re-entrant (e.g. generate -> forward)
             return fn(*args, **kwargs)
@@ -152,7 +158,11 @@ class RecompileGuard:
         try:
             out = fn(*args, **kwargs)
         except torch._dynamo.exc.Unsupported as exc:
-            raise GraphBreakError(f"graph break while compiling the model: {exc}") from exc
+            if not (self.armed and self._mode != "raise" and self.fallback is not None):
+                raise GraphBreakError(f"graph break while compiling the model: {exc}") from exc
+            local.watching = False
+            self._on_graph_break(exc)
+            return self.fallback(*args, **kwargs)
         finally:
             local.watching = False
         if local.events or local.recordings:
@@ -164,6 +174,14 @@ class RecompileGuard:
                     self.recordings += local.recordings
                     self.graph_breaks += self._graph_break_total() - breaks_before
         return out
+
+    def _on_graph_break(self, exc: BaseException) -> None:
+        reason = f"graph break at serve time, call ran eagerly: {str(exc).splitlines()[0][:300]}"
+        with self._lock:
+            self.graph_breaks += 1
+            self.reasons.append(reason)
+        if self._mode == "warn":
+            logger.warning("hotswap_rt: %s", reason)
 
     def _ensure_registered(self) -> None:
         """Re-register after ``torch._dynamo.reset()`` dropped the callback."""

@@ -219,3 +219,25 @@ def test_reduce_overhead_cuda_graphs_switch_without_rerecord() -> None:
     arena.data = arena.data.clone()
     with pytest.raises(RecompileError, match="slot storage moved"):
         rt.model(ids)
+
+
+def test_a_graph_break_at_serve_time_runs_eagerly_in_count_mode() -> None:
+    """``output_hidden_states=True`` breaks the compiled Llama's graph: in "count" mode the call
+    runs eagerly (same output as the plain model), counted and reported; "raise" mode raises."""
+    from .conftest import BaseModel
+
+    base = BaseModel("llama", seed=2)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    for mode in ("count", "raise"):
+        torch._dynamo.reset()
+        rt = HotswapRuntime(base.clone(), RuntimeConfig(["q_proj", "v_proj"], max_rank=4))
+        rt.compile(ids, guard=mode)
+        if mode == "raise":
+            with pytest.raises((GraphBreakError, RecompileError)):  # loud, either way
+                rt.model(input_ids=ids, output_hidden_states=True)
+            continue
+        out = rt.model(input_ids=ids, output_hidden_states=True)
+        reference = base.model(input_ids=ids, output_hidden_states=True)
+        assert len(out.hidden_states) == len(reference.hidden_states)
+        assert torch.allclose(out.logits, reference.logits, atol=1e-5)
+        assert rt.guard.graph_breaks == 1 and "ran eagerly" in rt.guard.reasons[-1]

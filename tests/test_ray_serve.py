@@ -180,6 +180,8 @@ def test_no_replica_recompiled(cluster) -> None:
     assert stats and all(s["recompiles"] == 0 and s["compiles"] >= 1 for s in stats.values())
     metrics = client.get("/metrics").text
     assert "hotswap_replica_recompiles" in metrics and "hotswap_requests_total" in metrics
+    info = [line for line in metrics.splitlines() if line.startswith("hotswap_rt:lora_requests_info{")]
+    assert len(info) >= 2 and all('max_lora="2"' in line for line in info)  # one per replica
 
 
 def test_the_readme_serve_config_builds_an_application(monkeypatch) -> None:

@@ -188,14 +188,15 @@ def test_sampling_is_seeded_per_request(server) -> None:
     ({"model": "english"}, 400, "prompt"),
     ({"model": "english", "prompt": "x", "max_tokens": 255}, 400, "max_tokens"),  # context: 256
     ({"model": "english", "prompt": "x" * 300}, 400, "prompt"),
-    ({"model": "english", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "english", "prompt": "x", "n": 17}, 400, "n"),
     ({"model": "english", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "english", "prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"model": "english", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"model": "english", "prompt": "x", "logit_bias": {"9999": 1}}, 400, "logit_bias"),
     ({"model": "english", "prompt": "x", "tools": []}, 400, "tools"),
-    ({"model": "english", "prompt": "x", "echo": True}, 400, "echo"),
-    ({"model": "english", "prompt": ["a", "b"]}, 400, "prompt"),
+    ({"model": "english", "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ({"model": "english", "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"model": "english", "prompt": []}, 400, "prompt"),
 ])
 def test_bad_requests_get_vllm_errors(server, payload, status, param) -> None:
     client, _ = server

@@ -9,6 +9,7 @@ single-process server.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -70,6 +71,60 @@ class BodyLimit:
         return f"request body over {self.limit} bytes"
 
 
+class ApiKeys:
+    """ASGI middleware: ``/v1/*`` and ``/stats`` need ``Authorization: Bearer <key>`` with one of
+    ``keys`` (401 otherwise); loading and unloading adapters need one of ``admin_keys`` when
+    given. Keys are compared in constant time."""
+
+    ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> None:
+        self.app, self.keys, self.admin_keys = app, keys, admin_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1/") or path == "/stats"):
+            keys = self.admin_keys if self.admin_keys and path in self.ADMIN_PATHS else self.keys
+            if keys and not self._allowed(scope, keys):
+                body = json.dumps(error_body(401, "Incorrect or missing API key: send "
+                                                  "'Authorization: Bearer <key>'")).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _allowed(scope: Scope, keys: tuple[str, ...]) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return any(hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys)
+
+
+class RequestId:
+    """ASGI middleware: every response carries ``x-request-id`` (the client's, or a new one)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id")
+        request_id = given[:200] if given else uuid.uuid4().hex.encode()
+
+        async def with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, with_header)
+
+
 def build_app(config: ServeConfig | None = None, served: Served | None = None) -> FastAPI:
     """The single-process server for ``config``; the engine compiles in the app's lifespan."""
     config = config or ServeConfig()
@@ -95,6 +150,8 @@ def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
 
     app = FastAPI(title="hotswap_rt", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(ApiKeys, keys=config.api_keys, admin_keys=config.admin_api_keys)
+    app.add_middleware(RequestId)  # outermost: 401 and 413 carry it too
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -162,7 +219,7 @@ async def _measured(backend: Backend, metrics: RequestMetrics, body: GenerationR
                 metrics.ttft.labels(label).observe(time.perf_counter() - arrived)
                 first = False
             if kind == "finish":
-                tokens = value["completion_tokens"]
+                tokens += value["completion_tokens"]
             yield kind, value
     except ApiError as exc:
         status = exc.status
@@ -186,27 +243,33 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
         first = await _next_event(stream)
     wants_logprobs = (body.logprobs if chat else body.logprobs is not None)
     if not body.stream:
-        parts, entries, finish, event = [], [], {}, first
+        texts: dict[int, list[str]] = {}
+        entries: dict[int, list] = {}
+        finishes: dict[int, dict] = {}
+        event = first
         while event is not None:
             kind, value = event
             if kind == "token":
-                parts.append(value["text"])
-                entries += value["logprobs"] or []
+                texts.setdefault(value["index"], []).append(value["text"])
+                entries.setdefault(value["index"], []).extend(value["logprobs"] or [])
             elif kind == "finish":
-                finish = value
+                finishes[value["index"]] = value
             event = await _next_event(stream)
-        text = "".join(parts)
-        logprobs = _logprobs(entries, chat) if wants_logprobs else None
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                   "logprobs": logprobs, "finish_reason": finish["reason"]} if chat else
-                  {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish["reason"]})
+        choices = []
+        for index in sorted(finishes):
+            text = "".join(texts.get(index, []))
+            logprobs = _logprobs(entries.get(index, []), chat) if wants_logprobs else None
+            reason = finishes[index]["reason"]
+            choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                            "logprobs": logprobs, "finish_reason": reason} if chat else
+                           {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
         return JSONResponse({"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": body.model, "choices": [choice],
-                             "usage": _usage(finish)}, headers=headers)
+                             "created": created, "model": body.model, "choices": choices,
+                             "usage": _usage(list(finishes.values()), body.n)}, headers=headers)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
-        _sse(first, stream, request_id, created, body.model, chat, include_usage, wants_logprobs),
-        media_type="text/event-stream", headers=headers)
+        _sse(first, stream, request_id, created, body.model, chat, include_usage, wants_logprobs,
+             body.n), media_type="text/event-stream", headers=headers)
 
 
 async def _next_event(stream: AsyncIterator) -> tuple[str, Any] | None:
@@ -216,9 +279,12 @@ async def _next_event(stream: AsyncIterator) -> tuple[str, Any] | None:
         return None
 
 
-def _usage(finish: dict) -> dict[str, int]:
-    return {"prompt_tokens": finish["prompt_tokens"], "completion_tokens": finish["completion_tokens"],
-            "total_tokens": finish["prompt_tokens"] + finish["completion_tokens"]}
+def _usage(finishes: list[dict], n: int) -> dict[str, int]:
+    """Token counts of a request: each prompt counted once (not once per ``n``), every choice's
+    generated tokens."""
+    prompt = sum(f["prompt_tokens"] for f in finishes if f["index"] % n == 0)
+    completion = sum(f["completion_tokens"] for f in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _logprobs(entries: list[dict], chat: bool, offset: int = 0) -> dict:
@@ -241,45 +307,55 @@ def _logprobs(entries: list[dict], chat: bool, offset: int = 0) -> dict:
 
 
 async def _sse(first, stream, request_id: str, created: int, model: str, chat: bool,
-               include_usage: bool, wants_logprobs: bool):
-    """Server-sent events as OpenAI streams them; with ``include_usage`` a last chunk with empty
-    ``choices`` carries the token counts."""
+               include_usage: bool, wants_logprobs: bool, n: int):
+    """Server-sent events as OpenAI streams them, one chunk per choice event; with
+    ``include_usage`` a last chunk with empty ``choices`` carries the token counts."""
     kind_name = "chat.completion.chunk" if chat else "text_completion"
-    text_so_far = 0
+    text_so_far: dict[int, int] = {}
+    finishes: list[dict] = []
 
-    def chunk(delta: str | None, reason: str | None, entries: list | None = None,
+    def chunk(index: int, delta: str | None, reason: str | None, entries: list | None = None,
               role: bool = False) -> str:
-        logprobs = _logprobs(entries or [], chat, text_so_far) if wants_logprobs and entries else None
+        logprobs = (_logprobs(entries or [], chat, text_so_far.get(index, 0))
+                    if wants_logprobs and entries else None)
         if chat:
             content = {"role": "assistant"} if role else ({"content": delta} if delta is not None else {})
-            choice = {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": reason}
+            choice = {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": reason}
+            choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": reason}
         payload = {"id": request_id, "object": kind_name, "created": created, "model": model,
                    "choices": [choice]}
         return f"data: {json.dumps(payload)}\n\n"
 
     try:
-        if chat:
-            yield chunk(None, None, role=True)
         event = first
+        started: set[int] = set()
         while event is not None:
             kind, value = event
+            index = value["index"]
+            if chat and index not in started:
+                started.add(index)
+                yield chunk(index, None, None, role=True)
             if kind == "token":
-                yield chunk(value["text"], None, value["logprobs"])
-                text_so_far += len(value["text"])
+                yield chunk(index, value["text"], None, value["logprobs"])
+                text_so_far[index] = text_so_far.get(index, 0) + len(value["text"])
             else:
-                yield chunk(None, value["reason"])
-                if include_usage:
-                    payload = {"id": request_id, "object": kind_name, "created": created,
-                               "model": model, "choices": [], "usage": _usage(value)}
-                    yield f"data: {json.dumps(payload)}\n\n"
+                finishes.append(value)
+                yield chunk(index, None, value["reason"])
             event = await _next_event(stream)
+        if include_usage:
+            payload = {"id": request_id, "object": kind_name, "created": created, "model": model,
+                       "choices": [], "usage": _usage(finishes, n)}
+            yield f"data: {json.dumps(payload)}\n\n"
     except ApiError as exc:
         yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"
     finally:
         await stream.aclose()
     yield "data: [DONE]\n\n"
+
+
+def _under(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 def _add_adapter_routes(app: FastAPI, backend: Backend, root: Path) -> None:
@@ -290,8 +366,13 @@ def _add_adapter_routes(app: FastAPI, backend: Backend, root: Path) -> None:
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name")
         path = Path(body.lora_path)
         path = (root / path if not path.is_absolute() else path).resolve()
-        if path != root and root not in path.parents:
+        if not _under(path, root):
             raise ApiError(403, f"lora_path must lie under the adapter root {root}", "lora_path")
+        if path.is_dir():  # a file inside may be a link out of the root: resolve every one
+            escaping = [entry.name for entry in path.iterdir() if not _under(entry.resolve(), root)]
+            if escaping:
+                raise ApiError(403, f"{escaping[0]} in lora_path links outside the adapter root "
+                                    f"{root}", "lora_path")
         try:
             await backend.load_adapter(name, str(path))
         except ApiError:

@@ -7,6 +7,7 @@ engine's events into the backend events of :mod:`.protocol`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -23,27 +24,30 @@ from .protocol import ApiError, ChatCompletionRequest, GenerationRequest
 log = logging.getLogger(__name__)
 
 
-def prompt_ids_of(body: GenerationRequest, served: Served) -> list[int]:
-    """The prompt's token ids: the chat template applied to the messages, the one text prompt
-    tokenized, or the token ids given."""
+def prompts_of(body: GenerationRequest, served: Served) -> list[tuple[list[int], str]]:
+    """Every prompt of ``body`` as (token ids, text): the chat template applied to the messages,
+    or each completion prompt (a string, strings, token ids, lists of token ids)."""
+    tokenizer = served.tokenizer
     if isinstance(body, ChatCompletionRequest):
-        return served.tokenizer.encode(served.tokenizer.chat_prompt([m.model_dump() for m in body.messages]))
+        text = tokenizer.chat_prompt([m.rendered() for m in body.messages])
+        return [(tokenizer.encode(text), text)]
     prompt = body.prompt
     if isinstance(prompt, str):
-        return served.tokenizer.encode(prompt)
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return list(prompt)
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return served.tokenizer.encode(prompt[0])
-    raise ApiError(400, "send one prompt per request (a string, or a list of token ids)", "prompt")
+        return [(tokenizer.encode(prompt), prompt)]
+    if not prompt:
+        raise ApiError(400, "the prompt is empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [(list(prompt), tokenizer.decode(list(prompt)))]
+    return [(tokenizer.encode(p), p) if isinstance(p, str) else (list(p), tokenizer.decode(list(p)))
+            for p in prompt]
 
 
 def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
     """The engine's sampling parameters for ``body`` (defaults from the model's generation
     config); raises :class:`ApiError` 400 naming a bad parameter."""
-    if body.n != 1:
-        raise ApiError(400, "n > 1 is not supported by this server yet", "n")
     chat = isinstance(body, ChatCompletionRequest)
+    if not chat and body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo with logprobs (prompt log-probabilities) is not supported", "echo")
     max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     if chat:
         if body.top_logprobs is not None and not body.logprobs:
@@ -134,6 +138,7 @@ class LocalBackend:
         return {**rt.stats(), "recompiles": rt.guard.recompiles, "compiles": rt.guard.compiles,
                 "requests_waiting": load["waiting"], "requests_running": load["running"],
                 "waiting_adapters": load["waiting_adapters"],
+                "running_adapters": load["running_adapters"], "max_lora": rt.config.device_slots,
                 "adapters": {i.name: {"tier": i.tier, "leases": i.leases, "pinned": i.pinned}
                              for i in rt.adapters()}}
 
@@ -141,49 +146,82 @@ class LocalBackend:
         return None
 
     # ------------------------------------------------------------------------------ generation
-    def adapter_of(self, body: GenerationRequest) -> str | None:
+    def adapter_of(self, body: GenerationRequest) -> str | dict[str, float] | None:
+        """The request's adapter: its ``model`` (an adapter or the base model), or with
+        ``adapters`` (``model`` = the base model) that weighted mix."""
+        names = self.adapter_names()
+        if body.adapters is not None:
+            if body.model != self.model_name:
+                raise ApiError(400, f"with `adapters`, `model` must be the base model "
+                                    f"`{self.model_name}`", "model")
+            unknown = [n for n in body.adapters if n not in names]
+            if unknown:
+                raise ApiError(404, f"The adapter `{unknown[0]}` does not exist.", "adapters")
+            return dict(body.adapters)
         if body.model == self.model_name:
             return None
-        if body.model in self.adapter_names():
+        if body.model in names:
             return body.model
         raise ApiError(404, f"The model `{body.model}` does not exist.", "model")
 
     async def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]:
-        """Events for one request (see :mod:`.protocol`); a client that goes away (the consumer
-        stops iterating) cancels it at the next step."""
+        """Events for every choice of one request (see :mod:`.protocol`); a client that goes
+        away (the consumer stops iterating) cancels them at the next step."""
         adapter = self.adapter_of(body)
         params = sampling_of(body, self.served)
-        prompt = prompt_ids_of(body, self.served)
+        prompts = prompts_of(body, self.served)
+        echo = not isinstance(body, ChatCompletionRequest) and body.echo
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        handles = []
         try:
-            handle = self.engine.submit(prompt, adapter, params, sink=lambda event: loop.call_soon_threadsafe(
-                events.put_nowait, event))
+            for p, (ids, _) in enumerate(prompts):
+                for i in range(body.n):
+                    index = p * body.n + i
+                    choice = params if params.seed is None or body.n == 1 else \
+                        dataclasses.replace(params, seed=params.seed + i)  # choices differ
+                    handles.append(self.engine.submit(ids, adapter, choice, sink=(
+                        lambda event, index=index: loop.call_soon_threadsafe(
+                            events.put_nowait, (index, event)))))
         except RequestError as exc:
+            _cancel(handles)
             raise ApiError(400, str(exc), exc.param) from exc
         except UnknownAdapterError as exc:
+            _cancel(handles)
             raise ApiError(404, str(exc), "model") from exc
         except SelectionError as exc:
-            raise ApiError(400, str(exc), "model") from exc
+            _cancel(handles)
+            raise ApiError(400, str(exc), "adapters") from exc
         decode = self.served.tokenizer.decode
         try:
+            if echo:
+                for index in range(len(handles)):
+                    yield "token", {"index": index, "text": prompts[index // body.n][1], "logprobs": None}
             deadline = loop.time() + self.config.request_timeout_s
-            while True:
+            running = len(handles)
+            while running:
                 try:
-                    event = await asyncio.wait_for(events.get(), deadline - loop.time())
+                    index, event = await asyncio.wait_for(events.get(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     raise ApiError(408, f"the request took longer than {self.config.request_timeout_s} s")
                 if isinstance(event, FinishEvent):
                     if event.reason == "error":
                         raise ApiError(500, event.error or "generation failed")
-                    yield "finish", {"reason": event.reason, "prompt_tokens": event.prompt_tokens,
+                    running -= 1
+                    yield "finish", {"index": index, "reason": event.reason,
+                                     "prompt_tokens": event.prompt_tokens,
                                      "completion_tokens": event.completion_tokens}
-                    return
+                    continue
                 logprobs = None
                 if event.logprob is not None:
                     logprobs = [{"token": decode([event.token_id]), "logprob": event.logprob,
                                  "top": [[decode([t]), lp] for t, lp in event.top_logprobs or []]}]
                 if event.text or logprobs:
-                    yield "token", {"text": event.text, "logprobs": logprobs}
+                    yield "token", {"index": index, "text": event.text, "logprobs": logprobs}
         finally:
-            handle.cancel()
+            _cancel(handles)
+
+
+def _cancel(handles: list) -> None:
+    for handle in handles:
+        handle.cancel()

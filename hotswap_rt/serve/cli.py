@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -35,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="serve eagerly (debugging)")
     parser.add_argument("--no-mixed-batches", action="store_true",
                         help="one adapter at a time (the baseline the load benchmark compares)")
+    parser.add_argument("--api-key", action="append", default=[],
+                        help="accepted bearer key on /v1/* (repeatable; also HOTSWAP_API_KEY, "
+                             "comma-separated)")
+    parser.add_argument("--admin-api-key", action="append", default=[],
+                        help="only these keys may load/unload adapters (repeatable)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads (default on CPU: every core but one)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -67,7 +73,9 @@ def config_from_args(args: argparse.Namespace):
         max_body_bytes=args.max_body_bytes,
         allow_runtime_adapter_updates=args.allow_runtime_adapter_updates,
         adapter_root=args.adapter_root, device=args.device, compile=not args.no_compile,
-        mixed_batches=not args.no_mixed_batches, torch_threads=args.torch_threads)
+        mixed_batches=not args.no_mixed_batches, torch_threads=args.torch_threads,
+        api_keys=(*args.api_key, *(k for k in os.environ.get("HOTSWAP_API_KEY", "").split(",") if k)),
+        admin_api_keys=tuple(args.admin_api_key))
 
 
 def run(args: argparse.Namespace) -> int:

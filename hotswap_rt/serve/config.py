@@ -30,6 +30,9 @@ class ServeConfig:
         compile: ``torch.compile`` the engine's buckets at start (off only for quick tests).
         mixed_batches: requests for different adapters run together; False runs one adapter
             at a time (the PEFT-style baseline of ``benchmarks/serve_load.py``).
+        api_keys: accepted ``Authorization: Bearer`` keys on every ``/v1/*`` route and ``/stats``
+            (none: no authentication); ``/health`` and ``/metrics`` stay open.
+        admin_api_keys: if given, only these keys may load and unload adapters.
         torch_threads: intra-op threads of the process (``torch.set_num_threads``); default on
             CPU: every core but one, which the HTTP side keeps (on 2 cores a small model's
             decode step is also faster on one thread than on two).
@@ -54,8 +57,13 @@ class ServeConfig:
     compile: bool = True
     mixed_batches: bool = True
     torch_threads: int | None = None
+    api_keys: tuple[str, ...] = ()
+    admin_api_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.api_keys, self.admin_api_keys = tuple(self.api_keys), tuple(self.admin_api_keys)
+        if not all(isinstance(k, str) and k for k in (*self.api_keys, *self.admin_api_keys)):
+            raise ValueError("API keys must be non-empty strings")
         for name in ("max_rank", "device_slots", "host_slots", "max_num_seqs", "prefill_chunk",
                      "max_prefill_seqs", "max_body_bytes"):
             _positive(name, getattr(self, name))

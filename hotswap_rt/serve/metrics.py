@@ -135,10 +135,17 @@ class ReplicaStatsCollector(Collector):
                                   labels=["replica"])
         tiers = GaugeMetricFamily("hotswap_replica_adapters_resident", "Adapters by tier, per replica",
                                   labels=["replica", "tier"])
+        info = GaugeMetricFamily(
+            "hotswap_rt:lora_requests_info", "Running/waiting adapters per replica, as vLLM's "
+            "lora_requests_info", labels=["replica", "running_lora_adapters",
+                                          "waiting_lora_adapters", "max_lora"])
         for replica, stats in self.backend.replica_stats.items():
+            info.add_metric([replica, ",".join(stats.get("running_adapters", [])),
+                             ",".join(stats.get("waiting_adapters", [])), str(stats.get("max_lora", ""))],
+                            stats.get("reported_at", 0.0))
             recompiles.add_metric([replica], stats.get("recompiles", 0))
             swaps.add_metric([replica], stats.get("swaps", 0))
             adapters = stats.get("adapters", {}).values()
             for tier, count in tier_counts(a["tier"] for a in adapters).items():
                 tiers.add_metric([replica, tier], count)
-        yield from (recompiles, swaps, tiers)
+        yield from (recompiles, swaps, tiers, info)

@@ -4,9 +4,10 @@
 Bodies forbid fields they do not know: a parameter this server does not implement is a 400 that
 names it, never silently ignored.
 
-A backend turns a validated body into a stream of events: optionally ``("replica", {"id",
-"resident"})`` first, then ``("token", {"text", "logprobs"})`` ... and one ``("finish",
-{"reason", "prompt_tokens", "completion_tokens"})``. ``logprobs`` is None or a list with one
+A backend turns a validated body into a stream of events for its choices (one per prompt and
+per ``n``, numbered ``index`` in order): optionally ``("replica", {"id", "resident"})`` first,
+then ``("token", {"index", "text", "logprobs"})`` ... and one ``("finish", {"index", "reason",
+"prompt_tokens", "completion_tokens"})`` per choice. ``logprobs`` is None or a list with one
 ``{"token", "logprob", "top": [[token, logprob], ...]}`` per generated token. A request that
 cannot run raises :class:`ApiError` before its first event.
 """
@@ -58,7 +59,8 @@ class SamplingFields(BaseModel):
     min_tokens: int = 0
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=16)
+    adapters: Optional[dict[str, float]] = None  # a weighted mix of adapters (this server's own)
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -67,15 +69,39 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: Optional[int] = None
+    echo: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
+    """A chat message; ``developer`` is rendered as ``system``, ``tool`` results go through the
+    chat template as they are. Tool calls themselves (``tool_calls``) are not supported."""
+
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+    tool_call_id: Optional[str] = None
+
+    def rendered(self) -> dict[str, str]:
+        """The message as a chat template takes it."""
+        text = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content or [])
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(SamplingFields):

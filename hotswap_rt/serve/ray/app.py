@@ -92,6 +92,9 @@ class RayBackend:
     async def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]:
         """Events from a worker replica. A replica that dies before its first token is retried on
         another (up to ``RETRIES`` times); after a token has gone out, the failure is a 500."""
+        if body.adapters is not None:  # a replica holds the adapters Ray routes to it, one each
+            raise ApiError(400, "per-request adapter mixes are not supported with Ray Serve yet "
+                                "(a single-process server serves them)", "adapters")
         adapter = "" if body.model == self.model_name else body.model
         if adapter and not await self.knows(adapter):
             raise ApiError(404, f"The model `{body.model}` does not exist.", "model")

@@ -221,8 +221,8 @@ class HotswapWorker:
         return {"replica": self.replica, **self.backend.stats()}
 
 async def _coalesced(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[tuple[str, Any]]:
-    """``events`` with consecutive token events that are ready together merged into one (texts
-    joined, logprobs concatenated), so a busy replica sends fewer, larger messages (each yield
+    """``events`` with consecutive token events of one choice that are ready together merged
+    into one (texts joined, logprobs concatenated), so a busy replica sends fewer, larger messages (each yield
     is one Ray object)."""
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -247,16 +247,17 @@ async def _coalesced(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[tu
             if event[0] == "__raise__":
                 raise event[1]
             if event[0] == "token":
+                index = event[1]["index"]
                 text, logprobs = [event[1]["text"]], event[1]["logprobs"]
                 while not queue.empty():
                     following = queue.get_nowait()
-                    if following is None or following[0] != "token":
+                    if following is None or following[0] != "token" or following[1]["index"] != index:
                         pending = following
                         break
                     text.append(following[1]["text"])
                     if logprobs is not None:
                         logprobs = logprobs + (following[1]["logprobs"] or [])
-                event = ("token", {"text": "".join(text), "logprobs": logprobs})
+                event = ("token", {"index": index, "text": "".join(text), "logprobs": logprobs})
             yield event
     finally:
         task.cancel()
