@@ -375,7 +375,9 @@ def test_a_local_model_directory_with_its_own_tokenizer(tmp_path) -> None:
     server's greedy text equals PEFT's for the same prompt."""
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from hotswap_rt.serve.model import sampling_defaults
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
@@ -403,11 +405,15 @@ def test_a_local_model_directory_with_its_own_tokenizer(tmp_path) -> None:
 
     app = build_app(ServeConfig(model=str(tmp_path / "model"), compile=False, max_rank=8,
                                 adapters={"mine": str(tmp_path / "adapter")}))
+    served = app.state.server.served  # vLLM's defaults: 1.0 unless the generation config says
+    assert (served.default_temperature, served.default_top_p, served.default_top_k) == (1.0, 1.0, 0)
+    assert sampling_defaults(GenerationConfig(do_sample=True, temperature=0.6, top_k=20)) == {
+        "default_temperature": 0.6, "default_top_p": 1.0, "default_top_k": 20}
     with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
         assert cards["mine"]["parent"] == str(tmp_path / "model")
-        body = complete(client, "mine", "Hello there", max_tokens=8).json()
+        body = complete(client, "mine", "Hello there", max_tokens=8, temperature=0).json()
         assert body["choices"][0]["text"] == expected
         assert body["usage"]["prompt_tokens"] == ids.shape[1]
-        base = complete(client, str(tmp_path / "model"), "Hello there", max_tokens=8).json()
+        base = complete(client, str(tmp_path / "model"), "Hello there", max_tokens=8, temperature=0).json()
         assert base["choices"][0]["text"] != expected  # the adapter changes the answer

@@ -60,7 +60,7 @@ def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
     except ValueError:
         raise ApiError(400, "logit_bias keys must be token ids", "logit_bias") from None
     defaults = {"temperature": served.default_temperature, "top_p": served.default_top_p,
-                "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "top_k": served.default_top_k, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                 "repetition_penalty": 1.0}
     given = {name: getattr(body, name) for name in defaults}
     try:

@@ -18,20 +18,31 @@ from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 
 @dataclass
 class Served:
-    """What a server built: the runtime, its tokenizer, the base model's name, and the
-    sampling defaults from the model's generation config (greedy unless it samples)."""
+    """What a server built: the runtime, its tokenizer, the base model's name, and the sampling
+    defaults of requests that do not say (:func:`sampling_defaults`)."""
 
     rt: HotswapRuntime
     tokenizer: Tokenizer
     model_name: str
-    default_temperature: float
+    default_temperature: float = 1.0
     default_top_p: float = 1.0
+    default_top_k: int = 0
+
+
+def sampling_defaults(generation_config) -> dict[str, float]:
+    """vLLM's defaults: ``temperature``, ``top_p``, ``top_k`` as the model's generation config
+    sets them (values that differ from transformers' defaults), else 1.0 / 1.0 / off."""
+    given = generation_config.to_diff_dict() if generation_config is not None else {}
+    return {"default_temperature": float(given.get("temperature", 1.0)),
+            "default_top_p": float(given.get("top_p", 1.0)),
+            "default_top_k": int(given.get("top_k", 0) or 0)}
 
 
 def build_runtime(config: ServeConfig) -> Served:
     """Load (or build) the model and tokenizer, inject, and load the start-up adapters."""
-    if config.model is None:
+    if config.model is None:  # the demo model answers greedily unless a request samples
         model, tokenizer, name = build_default_model(), ByteTokenizer(), MODEL_NAME
+        defaults = {"default_temperature": 0.0}
         targets = TARGETS if config.target_modules == "all-linear" else config.target_modules
         adapters = {**{n: str(p) for n, p in demo_adapter_paths().items()}, **config.adapters}
     else:
@@ -40,11 +51,8 @@ def build_runtime(config: ServeConfig) -> Served:
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype="auto").eval()
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(config.model))
         name, targets, adapters = config.model, config.target_modules, dict(config.adapters)
+        defaults = sampling_defaults(getattr(model, "generation_config", None))
     model.to(torch.device(config.device))
-    generation = getattr(model, "generation_config", None)
-    do_sample = bool(getattr(generation, "do_sample", False))
-    temperature = float(getattr(generation, "temperature", 1.0) or 1.0) if do_sample else 0.0
-    top_p = float(getattr(generation, "top_p", 1.0) or 1.0) if do_sample else 1.0
     rt = HotswapRuntime(model, RuntimeConfig(
         targets, max_rank=config.max_rank, device_slots=config.device_slots,
         host_slots=max(config.host_slots, config.device_slots),
@@ -54,7 +62,7 @@ def build_runtime(config: ServeConfig) -> Served:
         if adapter_name == name:
             raise ValueError(f"adapter name {adapter_name!r} is the base model's name")
         rt.load(adapter_name, os.fspath(source))
-    return Served(rt, tokenizer, name, temperature, top_p)
+    return Served(rt, tokenizer, name, **defaults)
 
 
 def model_max_len(config: ServeConfig) -> int:
