@@ -28,6 +28,11 @@ class RuntimeConfig:
         max_active_adapters: how many adapters one forward can combine (a weighted sum, or the
             distinct adapters of an ``activate_rows`` batch). Each costs one rank-``max_rank``
             LoRA product per layer whether used or not; ``None`` means ``device_slots``.
+        max_adapters_per_row: how many adapters one batch row (or a uniform activation) may
+            combine; ``None`` means ``max_active_adapters``. When it is smaller, each row is
+            computed with only its own adapters' factors (gathered per row, a batched matmul:
+            cost ~ this number instead of ``max_active_adapters``), and a selection that
+            combines more in a row is refused.
         exclude_modules: names (same rules as ``target_modules``) never injected.
     """
 
@@ -38,6 +43,7 @@ class RuntimeConfig:
     max_batch_size: int = 64
     max_active_adapters: int | None = None
     exclude_modules: Sequence[str] = field(default_factory=tuple)
+    max_adapters_per_row: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -70,6 +76,16 @@ class RuntimeConfig:
             raise HotswapError(
                 f"RuntimeConfig.max_active_adapters must be an int in 1..device_slots "
                 f"({self.device_slots}), got {active!r}"
+            )
+        per_row = self.max_adapters_per_row
+        if per_row is None:
+            object.__setattr__(self, "max_adapters_per_row", self.max_active_adapters)
+        elif not isinstance(per_row, int) or isinstance(per_row, bool) or not (
+            1 <= per_row <= self.max_active_adapters
+        ):
+            raise HotswapError(
+                f"RuntimeConfig.max_adapters_per_row must be an int in 1..max_active_adapters "
+                f"({self.max_active_adapters}), got {per_row!r}"
             )
 
 

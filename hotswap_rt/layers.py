@@ -10,7 +10,15 @@ One forward, for ``k`` active slots of rank ``R`` (``k = max_active_adapters``):
     y     = base(x) + h @ B_act.T      # [B, ..., d_out]
 
 The active set acts like one LoRA of rank ``k*R`` whose column groups are switched per row, so a
-uniform batch, a weighted sum and a mixed batch are the same two matmuls. Zero-padded rows of A and
+uniform batch, a weighted sum and a mixed batch are the same two matmuls.
+
+Per row (when ``RuntimeConfig.max_adapters_per_row`` = m < k), each row gathers only its own
+slots' factors, so the cost follows m instead of k::
+
+    A_row = A_stack[row_slots[b]]      # [B, m*R, d_in]
+    B_row = B_stack[row_slots[b]]      # [B, d_out, m*R]
+    h     = bmm(x, A_row.T) * row_slot_weights      # [B, T, m*R]
+    y     = base(x) + bmm(h, B_row.T) Zero-padded rows of A and
 columns of B add exactly zero. With a trainable adapter attached (:meth:`attach_trainable`, done by
 :mod:`hotswap_rt.training`) and autograd on, its parameters are attached to the gathered factors
 at its slot's positions (:class:`LayerTrainState`). Nothing here
@@ -106,13 +114,16 @@ class LoraSlotLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [B, ..., d_out]
+        # Grad mode first: under no_grad dynamo never reads (nor guards on) _train.
+        training = torch.is_grad_enabled() and self._train is not None
+        if self._selection.per_row and not training:  # fixed for the runtime's life
+            return y + self._per_row(x).to(y.dtype)
         a_stack, b_stack = self.slot_views()
         active = self._selection.active_slots  # [k]
         k = active.shape[0]
         a_sel = a_stack.index_select(0, active)  # [k, R, d_in]
         b_sel = b_stack.index_select(0, active)  # [k, d_out, R]
-        # Grad mode first: under no_grad dynamo never reads (nor guards on) _train.
-        if torch.is_grad_enabled() and self._train is not None:
+        if training:
             a_sel, b_sel = self._train.attach(a_sel, b_sel, active)
         a_act = a_sel.flatten(0, 1)  # [k*R, d_in]
         b_act = b_sel.permute(1, 0, 2).flatten(1)  # [d_out, k*R]
@@ -121,6 +132,21 @@ class LoraSlotLinear(nn.Module):
         weights = weights.view(x.shape[0], *([1] * (x.dim() - 2)), k, 1)
         h = (h.unflatten(-1, (k, self.max_rank)) * weights).flatten(-2)
         return y + F.linear(h, b_act).to(y.dtype)
+
+    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row times its own ``m`` slots only (see the module doc); ``[B, ..., d_out]``."""
+        batch, rank, d_in, d_out = x.shape[0], self.max_rank, self.in_features, self.out_features
+        a_stack, b_stack = self.slot_views()
+        slots = self._selection.row_slots[:batch]  # [B, m]
+        per_row = slots.shape[1]
+        a_row = a_stack.index_select(0, slots.flatten()).view(batch, per_row * rank, d_in)
+        b_row = b_stack.index_select(0, slots.flatten()).view(batch, per_row, d_out, rank)
+        b_row = b_row.permute(0, 2, 1, 3).reshape(batch, d_out, per_row * rank)
+        flat = x.reshape(batch, -1, d_in).to(a_row.dtype)  # [B, T, d_in]
+        h = torch.bmm(flat, a_row.transpose(1, 2))  # [B, T, m*R]
+        weights = self._selection.row_slot_weights[:batch].to(h.dtype).view(batch, 1, per_row, 1)
+        h = (h.unflatten(-1, (per_row, rank)) * weights).flatten(-2)
+        return torch.bmm(h, b_row.transpose(1, 2)).view(*x.shape[:-1], d_out)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}"

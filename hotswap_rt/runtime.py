@@ -85,7 +85,8 @@ class HotswapRuntime:
             name: (*base_layer_shape(base), base.weight.dtype) for name, base in bases.items()
         }
         self._arena = SlotArena(layer_shapes, config.max_rank, config.device_slots, device)
-        self._selection = Selection(config.max_batch_size, config.max_active_adapters, device)
+        self._selection = Selection(config.max_batch_size, config.max_active_adapters, device,
+                                    config.max_adapters_per_row)
         self._selector = Selector(self._selection)
         self._layers = {
             name: LoraSlotLinear(
@@ -343,6 +344,7 @@ class HotswapRuntime:
                 if not self._background.knows(name):
                     self._residency.get(name)
         self._selection.check(len(rows), names)
+        self._selection.check_rows(rows)
         prestaged = self._residency.prepare(names)  # outside the lock: prefetches, disk reads
         with self._mutation():
             records = [self._residency.get(n) for n in names]  # unknown name: raise before change
@@ -490,8 +492,7 @@ class HotswapRuntime:
         switched off on this model).
         """
         storage = {f"arena[{dtype}]": arena for dtype, arena in self._arena.arenas.items()}
-        storage.update(active_slots=self._selection.active_slots,
-                       row_weights=self._selection.row_weights)
+        storage.update(self._selection.tensors())
         self._forward.compile(
             example_inputs, warmup_inputs, warmup, storage, fullgraph=fullgraph, dynamic=dynamic,
             mode=mode, guard=guard, training=training,

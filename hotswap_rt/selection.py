@@ -5,6 +5,11 @@ the :class:`Selector`, which keeps the selection by adapter name and writes thos
 
     active_slots: int64   [k]              slot index of each of the k active positions
     row_weights:  float32 [max_batch, k]   weight of active position j in batch row b (0 = off)
+    row_slots:    int64   [max_batch, m]   the slots row b combines (m = max per row)
+    row_slot_weights: float32 [max_batch, m]  their weights (0 = unused)
+
+The first two serve layers that multiply every row by all k active slots (stacked); the last
+two serve layers that gather only each row's own m slots (per row, when m < k).
 
 The compiled graph reads these tensors; this module only ever writes them in place (``copy_``), so
 the graph never sees a new Python object and never recompiles on a switch. Unused positions point
@@ -45,11 +50,32 @@ def row_spec(spec: Activation) -> dict[str, float]:
 class Selection:
     """The two tensors the LoRA slot layers read, and the code that writes them."""
 
-    def __init__(self, max_batch_size: int, max_active: int, device: torch.device) -> None:
+    def __init__(self, max_batch_size: int, max_active: int, device: torch.device,
+                 max_per_row: int | None = None) -> None:
         self.max_batch_size = max_batch_size
         self.max_active = max_active
+        self.max_per_row = max_active if max_per_row is None else max_per_row
+        self.per_row = self.max_per_row < max_active  # layers gather each row's own slots
         self.active_slots = torch.zeros(max_active, dtype=torch.int64, device=device)
         self.row_weights = torch.zeros(max_batch_size, max_active, dtype=torch.float32, device=device)
+        self.row_slots = torch.zeros(max_batch_size, self.max_per_row, dtype=torch.int64, device=device)
+        self.row_slot_weights = torch.zeros(max_batch_size, self.max_per_row, dtype=torch.float32,
+                                            device=device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the graph reads, by name."""
+        return {"active_slots": self.active_slots, "row_weights": self.row_weights,
+                "row_slots": self.row_slots, "row_slot_weights": self.row_slot_weights}
+
+    def check_rows(self, rows: Sequence[Mapping[object, float]]) -> None:
+        """Raise unless no row combines more than ``max_per_row`` adapters."""
+        for b, row in enumerate(rows):
+            used = [key for key, weight in row.items() if weight != 0.0]
+            if len(used) > self.max_per_row:
+                raise SelectionError(
+                    f"row {b} combines {len(used)} adapters {used} but "
+                    f"RuntimeConfig.max_adapters_per_row={self.max_per_row}"
+                )
 
     def check(self, num_rows: int, adapters: Sequence[object]) -> None:
         """Raise unless ``num_rows`` rows over these distinct ``adapters`` fit the tensors."""
@@ -76,23 +102,31 @@ class Selection:
         """
         slots = sorted({slot for row in rows for slot, weight in row.items() if weight != 0.0})
         self.check(len(rows), slots)
+        self.check_rows(rows)
         position = {slot: j for j, slot in enumerate(slots)}
         active = torch.zeros(self.max_active, dtype=torch.int64)
         active[: len(slots)] = torch.tensor(slots, dtype=torch.int64)
         weights = torch.zeros(self.max_batch_size, self.max_active, dtype=torch.float32)
+        row_slots = torch.zeros(self.max_batch_size, self.max_per_row, dtype=torch.int64)
+        row_slot_weights = torch.zeros(self.max_batch_size, self.max_per_row, dtype=torch.float32)
         uniform = len(rows) == 1
         for b, row in enumerate(rows):
-            target = weights if uniform else weights[b : b + 1]
-            for slot, weight in row.items():
-                if weight != 0.0:
-                    target[:, position[slot]] = weight
+            rows_of = slice(None) if uniform else slice(b, b + 1)
+            used = [(slot, weight) for slot, weight in row.items() if weight != 0.0]
+            for j, (slot, weight) in enumerate(used):
+                weights[rows_of, position[slot]] = weight
+                row_slots[rows_of, j] = slot
+                row_slot_weights[rows_of, j] = weight
         self.active_slots.copy_(active)
         self.row_weights.copy_(weights)
+        self.row_slots.copy_(row_slots)
+        self.row_slot_weights.copy_(row_slot_weights)
 
     @torch.no_grad()
     def clear(self) -> None:
         """No adapter on any row: the model computes exactly its base outputs."""
         self.row_weights.zero_()
+        self.row_slot_weights.zero_()
 
 
 class Selector:

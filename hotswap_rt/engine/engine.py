@@ -207,9 +207,10 @@ class GenerationEngine:
         spec = row_spec(adapter)  # SelectionError for a malformed one
         for name in spec:
             self.rt.info(name)  # UnknownAdapterError
-        if len([w for w in spec.values() if w != 0.0]) > self.rt.config.max_active_adapters:
-            raise RequestError("adapters", f"mixes {len(spec)} adapters; at most "
-                                           f"{self.rt.config.max_active_adapters} per request")
+        limit = self.rt.config.max_adapters_per_row
+        if len([w for w in spec.values() if w != 0.0]) > limit:
+            raise RequestError("adapters", f"mixes {len(spec)} adapters; at most {limit} per "
+                                           f"request (RuntimeConfig.max_adapters_per_row)")
         return adapter if isinstance(adapter, str) else spec
 
     def _prefetch_if_cold(self, name: str) -> None:

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="serve eagerly (debugging)")
     parser.add_argument("--no-mixed-batches", action="store_true",
                         help="one adapter at a time (the baseline the load benchmark compares)")
+    parser.add_argument("--max-adapters-per-request", type=int, default=2,
+                        help="adapters one request may mix (each row's cost follows it)")
     parser.add_argument("--api-key", action="append", default=[],
                         help="accepted bearer key on /v1/* (repeatable; also HOTSWAP_API_KEY, "
                              "comma-separated)")
@@ -75,7 +77,8 @@ def config_from_args(args: argparse.Namespace):
         adapter_root=args.adapter_root, device=args.device, compile=not args.no_compile,
         mixed_batches=not args.no_mixed_batches, torch_threads=args.torch_threads,
         api_keys=(*args.api_key, *(k for k in os.environ.get("HOTSWAP_API_KEY", "").split(",") if k)),
-        admin_api_keys=tuple(args.admin_api_key))
+        admin_api_keys=tuple(args.admin_api_key),
+        max_adapters_per_request=args.max_adapters_per_request)
 
 
 def run(args: argparse.Namespace) -> int:

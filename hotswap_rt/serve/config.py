@@ -30,6 +30,9 @@ class ServeConfig:
         compile: ``torch.compile`` the engine's buckets at start (off only for quick tests).
         mixed_batches: requests for different adapters run together; False runs one adapter
             at a time (the PEFT-style baseline of ``benchmarks/serve_load.py``).
+        max_adapters_per_request: adapters one request may mix (``"adapters"``); each row of
+            a forward is computed with that many adapters' factors, whatever runs next to it
+            (``RuntimeConfig.max_adapters_per_row``), so keep it small.
         api_keys: accepted ``Authorization: Bearer`` keys on every ``/v1/*`` route and ``/stats``
             (none: no authentication); ``/health`` and ``/metrics`` stay open.
         admin_api_keys: if given, only these keys may load and unload adapters.
@@ -57,6 +60,7 @@ class ServeConfig:
     compile: bool = True
     mixed_batches: bool = True
     torch_threads: int | None = None
+    max_adapters_per_request: int = 2
     api_keys: tuple[str, ...] = ()
     admin_api_keys: tuple[str, ...] = ()
 
@@ -65,7 +69,7 @@ class ServeConfig:
         if not all(isinstance(k, str) and k for k in (*self.api_keys, *self.admin_api_keys)):
             raise ValueError("API keys must be non-empty strings")
         for name in ("max_rank", "device_slots", "host_slots", "max_num_seqs", "prefill_chunk",
-                     "max_prefill_seqs", "max_body_bytes"):
+                     "max_prefill_seqs", "max_body_bytes", "max_adapters_per_request"):
             _positive(name, getattr(self, name))
         for name in ("max_model_len", "kv_cache_tokens", "torch_threads"):
             if getattr(self, name) is not None:

@@ -1,0 +1,88 @@
+"""Per-row LoRA (``RuntimeConfig.max_adapters_per_row`` < ``max_active_adapters``): each row is
+computed with only its own adapters' factors. Same outputs as PEFT (and as the stacked path),
+eager and compiled with no recompile, and a row that combines too many adapters is refused with
+nothing changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+from hotswap_rt import HotswapRuntime, RuntimeConfig, SelectionError
+
+from .conftest import ATTENTION_TARGETS, BaseModel, assert_unchanged, logits, max_diff, snapshot_state
+
+TOL = 1e-4
+SPECS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=16, lora_alpha=32, use_rslora=True),
+         "c": dict(r=8, lora_alpha=8, rank_pattern={"v_proj": 2})}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = BaseModel("llama", seed=21)
+    root = tmp_path_factory.mktemp("per-row")
+    paths = {n: base.make_adapter(root / n, seed=200 + i, **s) for i, (n, s) in enumerate(SPECS.items())}
+    return base, paths, base.peft_reference(paths)
+
+
+def runtime(env, per_row: int) -> HotswapRuntime:
+    base, paths, _ = env
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(
+        ATTENTION_TARGETS["llama"], max_rank=16, device_slots=4, max_adapters_per_row=per_row))
+    for name, path in paths.items():
+        rt.load(name, path)
+    return rt
+
+
+@pytest.mark.parametrize("per_row", [1, 2])
+def test_rows_match_peft(env, input_ids, per_row) -> None:
+    _, _, reference = env
+    rt = runtime(env, per_row)
+    assert rt.internals.selection.per_row
+    for name in SPECS:
+        reference.base_model.set_adapter(name)
+        rt.activate(name)
+        assert max_diff(logits(rt.model, input_ids), logits(reference, input_ids)) <= TOL
+    rows = ["b", None, "a", "c"]
+    rt.activate_rows(rows)
+    expected = logits(reference, input_ids, adapter_names=[r or "__base__" for r in rows])
+    assert max_diff(logits(rt.model, input_ids), expected) <= TOL
+
+
+def test_weighted_pairs_per_row_match_the_stacked_path(env, input_ids) -> None:
+    per_row, stacked = runtime(env, 2), runtime(env, 4)
+    assert not stacked.internals.selection.per_row
+    rows = [{"a": 1.0, "b": 0.5}, "c", None, {"c": -0.25, "a": 2.0}]
+    for rt in (per_row, stacked):
+        rt.activate_rows(rows)
+    assert max_diff(logits(per_row.model, input_ids), logits(stacked.model, input_ids)) <= 1e-5
+    per_row.activate({"a": 1.0, "c": 1.0})  # uniform weighted sum
+    stacked.activate({"a": 1.0, "c": 1.0})
+    assert max_diff(logits(per_row.model, input_ids), logits(stacked.model, input_ids)) <= 1e-5
+
+
+def test_a_row_over_the_limit_is_refused_with_nothing_changed(env, input_ids) -> None:
+    rt = runtime(env, 1)
+    rt.activate_rows(["a", "b", None, "c"])
+    before = snapshot_state(rt, input_ids)
+    with pytest.raises(SelectionError, match="max_adapters_per_row=1"):
+        rt.activate_rows(["a", {"a": 1.0, "b": 1.0}, None, None])
+    with pytest.raises(SelectionError, match="max_adapters_per_row=1"):
+        rt.activate({"a": 0.5, "c": 0.5})
+    assert_unchanged(before, snapshot_state(rt, input_ids))
+
+
+@pytest.mark.slow
+def test_compiled_per_row_switches_without_recompiling(env, input_ids) -> None:
+    _, _, reference = env
+    torch._dynamo.reset()
+    rt = runtime(env, 1)
+    rt.activate_rows(["a", "a", "a", "a"])
+    rt.compile(input_ids, guard="raise")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (["b", None, "a", "c"], ["c", "c", "b", None], [None] * 4):
+            rt.activate_rows(rows)
+            expected = logits(reference, input_ids, adapter_names=[r or "__base__" for r in rows])
+            assert max_diff(logits(rt.model, input_ids), expected) <= TOL
+    assert rt.guard.recompiles == 0
