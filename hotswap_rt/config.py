@@ -67,26 +67,17 @@ class RuntimeConfig:
                 f"RuntimeConfig.host_slots ({self.host_slots}) must be >= device_slots "
                 f"({self.device_slots}): every device-resident adapter keeps its host copy"
             )
-        active = self.max_active_adapters
-        if active is None:
-            object.__setattr__(self, "max_active_adapters", self.device_slots)
-        elif not isinstance(active, int) or isinstance(active, bool) or not (
-            1 <= active <= self.device_slots
-        ):
+        self._default_or_up_to("max_active_adapters", "device_slots")
+        self._default_or_up_to("max_adapters_per_row", "max_active_adapters")
+
+    def _default_or_up_to(self, name: str, bound: str) -> None:
+        """``name`` defaults to the field ``bound``; else it must be an int in 1..bound."""
+        value, limit = getattr(self, name), getattr(self, bound)
+        if value is None:
+            object.__setattr__(self, name, limit)
+        elif not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
             raise HotswapError(
-                f"RuntimeConfig.max_active_adapters must be an int in 1..device_slots "
-                f"({self.device_slots}), got {active!r}"
-            )
-        per_row = self.max_adapters_per_row
-        if per_row is None:
-            object.__setattr__(self, "max_adapters_per_row", self.max_active_adapters)
-        elif not isinstance(per_row, int) or isinstance(per_row, bool) or not (
-            1 <= per_row <= self.max_active_adapters
-        ):
-            raise HotswapError(
-                f"RuntimeConfig.max_adapters_per_row must be an int in 1..max_active_adapters "
-                f"({self.max_active_adapters}), got {per_row!r}"
-            )
+                f"RuntimeConfig.{name} must be an int in 1..{bound} ({limit}), got {value!r}")
 
 
 @dataclass(frozen=True)
