@@ -232,8 +232,15 @@ class Residency:
         self._background.forget(name)
         return record
 
-    def pin(self, record: AdapterRecord) -> None:
-        record.pinned = True
+    def pin(self, record: AdapterRecord, pinned: bool = True) -> None:
+        """Keep ``record`` in its slot (or, ``pinned=False``, let its slot be reused again)."""
+        record.pinned = pinned
+
+    def set_training(self, record: AdapterRecord, scaling: float | None) -> None:
+        """Mark ``record`` trained with ``scaling`` applied through its selection weight (its
+        slot holds B unscaled and is never evicted), or (None) an ordinary adapter again."""
+        record.training = scaling is not None
+        record.weight_scale = 1.0 if scaling is None else scaling
 
     def lease(self, record: AdapterRecord) -> AdapterLease:
         """A lease on a resident ``record`` (call :meth:`ensure_resident` first)."""

@@ -223,7 +223,7 @@ class HotswapRuntime:
             if trainable:
                 assert record.slot is not None
                 scaling = self._trainer.start(name, record.slot, staged.adapter).scaling
-                record.weight_scale, record.training = scaling, True
+                self._residency.set_training(record, scaling)
             self._write_selection()  # a replaced adapter may now live in a new slot
             return self._info(record)
 
@@ -388,7 +388,7 @@ class HotswapRuntime:
         """Let ``name``'s slot be reused again (least-recently-used)."""
         with self._lock:
             record = self._residency.get(name)
-            record.pinned = False
+            self._residency.pin(record, pinned=False)
             return self._info(record)
 
     def lease(self, name: str) -> AdapterLease:
@@ -456,7 +456,7 @@ class HotswapRuntime:
             assert self._trainer.adapter is not None and record.staged is not None
             staged = self._stager.stage(snapshot(self._trainer.adapter, record.staged.adapter))
             self._trainer.stop()
-            record.weight_scale, record.training = 1.0, False
+            self._residency.set_training(record, None)
             self._residency.rewrite(record, staged)
             self._write_selection()
             return self._info(record)
