@@ -33,6 +33,8 @@ class EngineConfig:
         compile: ``torch.compile`` every bucket at start (off only for quick tests).
         compile_mode: ``torch.compile`` mode (default: ``"reduce-overhead"`` on CUDA, i.e. CUDA
             graphs, else None).
+        torch_threads: intra-op threads of the engine thread (``torch.set_num_threads`` there,
+            where every graph is compiled and run; dynamo guards on it); None leaves torch's.
         mixed_adapters: requests for different adapters run together (False: a request joins
             only while every running request has its adapter; the one-adapter-per-batch
             baseline that benchmarks compare with).
@@ -49,11 +51,12 @@ class EngineConfig:
     compile: bool = True
     compile_mode: str | None = None
     mixed_adapters: bool = True
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_seqs", "prefill_chunk", "max_prefill_seqs"):
             _positive(name, getattr(self, name))
-        for name in ("max_model_len", "kv_cache_tokens"):
+        for name in ("max_model_len", "kv_cache_tokens", "torch_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.prefill_chunk < 2:

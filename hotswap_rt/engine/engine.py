@@ -231,6 +231,8 @@ class GenerationEngine:
     # ----------------------------------------------------------------------------- engine thread
     def _main(self) -> None:
         start = time.perf_counter()
+        if self.config.torch_threads is not None:
+            _own_thread_count(self.config.torch_threads)
         try:
             self._compile()
         except BaseException as exc:  # reported by start()
@@ -535,6 +537,17 @@ class GenerationEngine:
         if self.dynamic_lengths and first:
             inputs.mark_dynamic(length=prefill)
         self._runner.forward(prefill, inputs, [None] * bucket)
+
+
+def _own_thread_count(threads: int) -> None:
+    """Set this thread's intra-op thread count only. ``torch.set_num_threads`` also sets the
+    count every thread started later begins with (and dynamo guards on it: a model compiled on
+    one thread would recompile on another): put that default back from a helper thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    restore = threading.Thread(target=torch.set_num_threads, args=(previous,))
+    restore.start()
+    restore.join()
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -12,8 +12,6 @@ import logging
 import time
 from typing import Any, AsyncIterator
 
-import torch
-
 from ..engine import FinishEvent, GenerationEngine, RequestError, SamplingParams
 from ..errors import HotswapError, SelectionError, UnknownAdapterError
 from .config import ServeConfig
@@ -92,10 +90,6 @@ class LocalBackend:
         def progress(done: int, total: int, what: str) -> None:
             log.info("compiled %s (%d/%d graphs)", what, done, total)
 
-        threads = self.config.threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-            log.info("torch intra-op threads: %d", threads)
         self.engine.start(progress=progress)
         log.info("engine ready in %.1f s", self.engine.startup_seconds or 0.0)
 

@@ -36,8 +36,8 @@ class ServeConfig:
         api_keys: accepted ``Authorization: Bearer`` keys on every ``/v1/*`` route and ``/stats``
             (none: no authentication); ``/health`` and ``/metrics`` stay open.
         admin_api_keys: if given, only these keys may load and unload adapters.
-        torch_threads: intra-op threads of the process (``torch.set_num_threads``); default on
-            CPU: every core but one, which the HTTP side keeps (on 2 cores a small model's
+        torch_threads: intra-op threads of the engine thread (``torch.set_num_threads`` there);
+            default on CPU: every core but one, which the HTTP side keeps (on 2 cores a small model's
             decode step is also faster on one thread than on two).
     """
 
@@ -93,7 +93,7 @@ class ServeConfig:
             max_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
             kv_cache_tokens=self.kv_cache_tokens, prefill_chunk=self.prefill_chunk,
             max_prefill_seqs=self.max_prefill_seqs, compile=self.compile,
-            mixed_adapters=self.mixed_batches)
+            mixed_adapters=self.mixed_batches, torch_threads=self.threads())
 
 
 def _positive(name: str, value: object) -> None:
