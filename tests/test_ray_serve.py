@@ -74,11 +74,14 @@ def test_models_and_answers_through_the_ingress(cluster) -> None:
 
 def test_repeated_requests_go_to_the_replica_that_holds_the_adapter(cluster) -> None:
     client, _ = cluster
-    holders = {name: complete(client, name).headers["x-hotswap-replica"] for name in ADAPTERS}
+    for name in ADAPTERS:
+        complete(client, name)
     time.sleep(3)  # replicas report the adapters they hold to Ray's router
     for name in ADAPTERS:
+        # Affinity: the repeats stay on one replica, which holds the adapter. (Which replica is
+        # Ray's choice: under load the first request's replica may have evicted it meanwhile.)
         responses = [complete(client, name) for _ in range(4)]
-        assert {r.headers["x-hotswap-replica"] for r in responses} == {holders[name]}, name
+        assert len({r.headers["x-hotswap-replica"] for r in responses}) == 1, name
         assert {r.headers["x-hotswap-adapter-resident"] for r in responses} == {"true"}
 
 
