@@ -4,6 +4,7 @@ buckets compiled at warm-up."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import HotswapError
 
@@ -92,3 +93,12 @@ def bucket_for(buckets: tuple[int, ...], rows: int) -> int:
         if bucket >= rows:
             return bucket
     raise HotswapError(f"{rows} rows exceed the largest bucket {buckets[-1]}")
+
+
+def context_length(config: Any) -> int:
+    """A transformers model config's context length."""
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise HotswapError("the model config gives no context length: set EngineConfig.max_model_len")

@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
-import os
 import threading
 import time
 from collections import deque
@@ -33,20 +31,19 @@ from typing import Any, Callable, Sequence as Seq
 import torch
 import torch._dynamo
 
-from ..errors import HotswapError, SlotsBusyError
+from ..errors import HotswapError
 from ..runtime import HotswapRuntime
 from ..selection import Activation, row_spec
-from .config import EngineConfig, bucket_for
-from .kv_cache import KVMemory
+from .config import EngineConfig, bucket_for, context_length
+from .kv_cache import KVMemory, rows_for_budget
+from .leases import AdapterLeases
 from .sampling import RequestError, RowSampling, Sampler, SamplingParams
 from .sequence import Event, RequestHandle, Sequence, Tokenizer
-from .step import StepRunner, build_inputs
+from .step import StepRunner, StepShapes, build_inputs
+from .warmup import Progress, compile_buckets
 
 log = logging.getLogger(__name__)
 StepObserver = Callable[[str, list[Sequence], float], None]  # (kind, rows, seconds)
-Progress = Callable[[int, int, str], None]  # (graphs done, graphs in all, what)
-_KV_ALIGN = 64  # dynamic KV lengths are rounded up to this (fewer distinct kernels' shapes)
-_CHUNK_ALIGN = 16  # and chunk lengths to this (>= 2: a size-1 dim would specialize)
 
 
 class GenerationEngine:
@@ -69,21 +66,22 @@ class GenerationEngine:
         self.config = config = config or EngineConfig()
         model_config = rt.model.config
         self.device = next(rt.model.parameters()).device
-        self.max_len = config.max_model_len or _model_max_len(model_config)
+        self.max_len = config.max_model_len or context_length(model_config)
         heads = model_config.num_attention_heads
         kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
         layers = model_config.num_hidden_layers
         dtype = rt.model.get_input_embeddings().weight.dtype
-        self.max_seqs = _fit_rows(config, KVMemory.bytes_per_token(layers, kv_heads, head_dim, dtype),
+        self.max_seqs = rows_for_budget(config, KVMemory.bytes_per_token(layers, kv_heads, head_dim, dtype),
                                   self.max_len + 1, self.device)
-        self.decode_buckets, self.prefill_buckets = config.buckets(self.max_seqs)
-        largest = max(self.decode_buckets[-1], self.prefill_buckets[-1])
+        decode_buckets, prefill_buckets = config.buckets(self.max_seqs)
+        dynamic = config.dynamic_lengths if config.dynamic_lengths is not None else self.device.type == "cpu"
+        self.shapes = StepShapes(decode_buckets, prefill_buckets, self.max_len, config.prefill_chunk,
+                                 dynamic)
+        largest = max(decode_buckets[-1], prefill_buckets[-1])
         if rt.config.max_batch_size < largest:
             raise HotswapError(f"RuntimeConfig.max_batch_size={rt.config.max_batch_size} is smaller "
                                f"than the largest engine bucket ({largest} rows)")
-        self.dynamic_lengths = (config.dynamic_lengths if config.dynamic_lengths is not None
-                                else self.device.type == "cpu")
         self.memory = KVMemory(layers, kv_heads, head_dim, self.max_seqs + config.max_prefill_seqs,
                                self.max_len, dtype, self.device)
         self.vocab_size = rt.model.get_output_embeddings().weight.shape[0]
@@ -99,7 +97,7 @@ class GenerationEngine:
         self._waiting: deque[Sequence] = deque()
         self._prefilling: list[Sequence] = []  # row i = KV row max_seqs + i
         self._decoding: list[Sequence] = []  # row i = KV row i
-        self._leases: dict[str, tuple[Any, int]] = {}  # adapter -> (lease, running sequences)
+        self._leases = AdapterLeases(rt)
         self._commands: deque[tuple[Callable[[HotswapRuntime], Any], Future]] = deque()
         self._prefetching: dict[str, Future] = {}
         self._wake = threading.Condition()
@@ -234,7 +232,9 @@ class GenerationEngine:
         if self.config.torch_threads is not None:
             _own_thread_count(self.config.torch_threads)
         try:
-            self._compile()
+            if self.config.compile:
+                mode = self.config.compile_mode or ("reduce-overhead" if self.device.type == "cuda" else None)
+                compile_buckets(self.rt, self._runner, self.shapes, mode, self._progress)
         except BaseException as exc:  # reported by start()
             self._startup_error = exc
             self._ready.set()
@@ -307,7 +307,7 @@ class GenerationEngine:
             if not self._ready_to_admit(sequence) or not self._may_join(sequence):
                 continue
             try:
-                if not self._lease(sequence.adapter_names):
+                if not self._leases.acquire(sequence.adapter_names):
                     continue
             except HotswapError as exc:  # e.g. its adapter failed to load: it fails alone
                 self._unqueue(sequence)
@@ -325,41 +325,6 @@ class GenerationEngine:
     def _unqueue(self, sequence: Sequence) -> None:
         with self._wake:
             self._waiting.remove(sequence)
-
-    def _lease(self, names: list[str]) -> bool:
-        """Hold a lease on every adapter in ``names`` (one per adapter, counted per sequence);
-        False (nothing held) while the slots or the per-forward adapter limit are full."""
-        new = [n for n in names if n not in self._leases]
-        if len(self._leases) + len(new) > self.rt.config.max_active_adapters:
-            return False
-        if new:  # the last forward's selection must not hold slots: leases protect running rows
-            self.rt.activate(None)
-        taken: list[str] = []
-        try:
-            for name in new:
-                self._leases[name] = (self.rt.lease(name), 0)
-                taken.append(name)
-        except SlotsBusyError:
-            for name in taken:
-                self._leases.pop(name)[0].release()
-            return False
-        except HotswapError:
-            for name in taken:
-                self._leases.pop(name)[0].release()
-            raise
-        for name in names:
-            lease, count = self._leases[name]
-            self._leases[name] = (lease, count + 1)
-        return True
-
-    def _release(self, sequence: Sequence) -> None:
-        for name in sequence.adapter_names:
-            lease, count = self._leases[name]
-            if count > 1:
-                self._leases[name] = (lease, count - 1)
-            else:
-                del self._leases[name]
-                lease.release()
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -380,7 +345,7 @@ class GenerationEngine:
                 if sequence in self._waiting:
                     self._unqueue(sequence)
         self._retire_finished()
-        self._leases = {n: v for n, v in self._leases.items() if n in known}
+        self._leases.forget_unloaded(known)
 
     def _retire_finished(self) -> None:
         """Release finished sequences and refill their rows from the end (one move each)."""
@@ -391,7 +356,7 @@ class GenerationEngine:
         kept = [s for s in rows if not s.finished]
         for sequence in rows:
             if sequence.finished:
-                self._release(sequence)
+                self._leases.release(sequence.adapter_names)
         holes = [i for i in range(len(kept)) if rows[i].finished]
         movers = [(i, s) for i, s in enumerate(rows) if i >= len(kept) and not s.finished]
         for hole, (source, sequence) in zip(holes, movers):
@@ -404,9 +369,9 @@ class GenerationEngine:
         rows = self._prefilling
         chunks = [(s.next_chunk(self.config.prefill_chunk), s.cached) for s in rows]
         longest = max(len(tokens) for tokens, _ in chunks)
-        length = (_round_up(longest, _CHUNK_ALIGN) if self.dynamic_lengths else self.config.prefill_chunk)
+        length = self.shapes.chunk_length(longest)
         needed = max(start + len(tokens) for tokens, start in chunks)
-        logits = self._forward(True, rows, chunks, bucket_for(self.prefill_buckets, len(rows)),
+        logits = self._forward(True, rows, chunks, bucket_for(self.shapes.prefill_buckets, len(rows)),
                                length, needed)
         if logits is None:
             return
@@ -426,7 +391,7 @@ class GenerationEngine:
         """Prefill rows after ``left`` (indices) moved on or finished."""
         for i in left:
             if rows[i].finished:
-                self._release(rows[i])
+                self._leases.release(rows[i].adapter_names)
         kept = [s for i, s in enumerate(rows) if i not in left]
         for new, sequence in enumerate(kept):
             old = rows.index(sequence)
@@ -437,7 +402,8 @@ class GenerationEngine:
         rows = self._decoding
         chunks = [([s.output_ids[-1]], s.cached) for s in rows]
         needed = max(s.cached for s in rows) + 1
-        logits = self._forward(False, rows, chunks, bucket_for(self.decode_buckets, len(rows)), 1, needed)
+        bucket = bucket_for(self.shapes.decode_buckets, len(rows))
+        logits = self._forward(False, rows, chunks, bucket, 1, needed)
         if logits is None:
             return
         for sequence in rows:
@@ -448,9 +414,7 @@ class GenerationEngine:
     def _forward(self, prefill: bool, rows: list[Sequence], chunks: list[tuple[list[int], int]],
                  bucket: int, length: int, needed: int) -> torch.Tensor | None:
         """Run one forward; on failure every row of it finishes with the error (None)."""
-        # Dynamic: never the whole buffer (graphs assume a proper slice); positions are < max_len.
-        kv_length = (min(_round_up(needed, _KV_ALIGN), self.max_len) if self.dynamic_lengths
-                     else self.max_len + 1)
+        kv_length = self.shapes.kv_length(needed)
         adapters: list[Activation] = [s.adapter for s in rows] + [None] * (bucket - len(rows))
         start = time.perf_counter()
         try:
@@ -488,57 +452,6 @@ class GenerationEngine:
             sequence.finish("error", "the engine is shutting down")
         self._retire_finished()
 
-    # -- compile -------------------------------------------------------------------------------
-    def _compile(self) -> None:
-        """Compile every bucket (progress per graph), check that lengths do not specialize,
-        then arm the guard. Without ``config.compile`` the model runs eagerly."""
-        if not self.config.compile:
-            return
-        if self.rt.compiled:
-            raise HotswapError("the engine compiles the runtime's buckets itself: pass a runtime "
-                               "that is not compiled yet")
-        graphs = len(self.decode_buckets) + len(self.prefill_buckets)
-        limit = torch._dynamo.config.recompile_limit
-        if graphs + 1 > limit:
-            log.info("raising torch._dynamo.config.recompile_limit from %d to %d (one graph per "
-                     "bucket)", limit, graphs + 1)
-            torch._dynamo.config.recompile_limit = graphs + 1
-        mode = self.config.compile_mode or ("reduce-overhead" if self.device.type == "cuda" else None)
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-            self.rt.compile(warmup=self._warm_up, dynamic=None, mode=mode, guard="count")
-
-    def _warm_up(self, model: torch.nn.Module) -> None:
-        shapes = [(False, b) for b in self.decode_buckets] + [(True, b) for b in self.prefill_buckets]
-        for done, (prefill, bucket) in enumerate(shapes, start=1):
-            self._dummy_forward(prefill, bucket, first=True)
-            if self._progress is not None:
-                self._progress(done, len(shapes), f"{'prefill' if prefill else 'decode'} x{bucket}")
-        compiles = self.rt.guard.compiles
-        for prefill, bucket in shapes:  # other lengths must reuse the graphs
-            self._dummy_forward(prefill, bucket, first=False)
-        if self.rt.guard.compiles != compiles:
-            raise HotswapError(
-                "the model's compiled forward specializes on the sequence or KV length; run the "
-                "engine with EngineConfig(dynamic_lengths=False)")
-        self.rt.activate_rows([None] * self.decode_buckets[0])
-
-    def _dummy_forward(self, prefill: bool, bucket: int, first: bool) -> None:
-        """A forward of padding rows only (they write the scratch position alone)."""
-        if prefill:
-            length = (2 * _CHUNK_ALIGN if first else _CHUNK_ALIGN) if self.dynamic_lengths \
-                else self.config.prefill_chunk
-        else:
-            length = 1
-        # Traced at a length inside the range steps use, then checked at its top (max_len).
-        kv_length = self.max_len + 1
-        if self.dynamic_lengths:
-            kv_length = min(3 * _KV_ALIGN, self.max_len - 1) if first else self.max_len
-        inputs = build_inputs([], bucket, length, kv_length, self.memory.scratch, self.device)
-        if self.dynamic_lengths and first:
-            inputs.mark_dynamic(length=prefill)
-        self._runner.forward(prefill, inputs, [None] * bucket)
-
-
 def _own_thread_count(threads: int) -> None:
     """Set this thread's intra-op thread count only. ``torch.set_num_threads`` also sets the
     count every thread started later begins with (and dynamo guards on it: a model compiled on
@@ -548,45 +461,3 @@ def _own_thread_count(threads: int) -> None:
     restore = threading.Thread(target=torch.set_num_threads, args=(previous,))
     restore.start()
     restore.join()
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return max(multiple, math.ceil(value / multiple) * multiple)
-
-
-def _model_max_len(config: Any) -> int:
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise HotswapError("the model config gives no context length: set EngineConfig.max_model_len")
-
-
-def _free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # pragma: no cover - not POSIX
-        return 8 << 30
-
-
-def _fit_rows(config: EngineConfig, bytes_per_token: int, tokens_per_row: int,
-              device: torch.device) -> int:
-    """Decode rows (``max_seqs`` at most) whose KV fits the budget, next to the prefill rows."""
-    if config.kv_cache_tokens is not None:
-        rows, budget = config.kv_cache_tokens // tokens_per_row, f"kv_cache_tokens={config.kv_cache_tokens}"
-    else:
-        wanted = config.max_seqs + config.max_prefill_seqs
-        rows = min(wanted, int(0.4 * _free_memory(device)) // (bytes_per_token * tokens_per_row))
-        budget = "40% of the free memory"
-    decode_rows = min(config.max_seqs, rows - config.max_prefill_seqs)
-    if decode_rows < 1:
-        raise HotswapError(
-            f"the KV budget ({budget}) holds {rows} sequences of {tokens_per_row} tokens; the "
-            f"engine needs max_prefill_seqs={config.max_prefill_seqs} + 1 at least (lower "
-            f"max_model_len or raise kv_cache_tokens)")
-    if decode_rows < config.max_seqs:
-        log.warning("KV budget (%s): %d decode rows instead of max_seqs=%d", budget, decode_rows,
-                    config.max_seqs)
-    return decode_rows

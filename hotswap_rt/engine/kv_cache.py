@@ -18,12 +18,17 @@ slice of the buffer, never a gather.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import HotswapError
+from .config import EngineConfig
+
+log = logging.getLogger(__name__)
 
 
 class KVMemory:
@@ -123,3 +128,33 @@ class StepCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - not POSIX
+        return 8 << 30
+
+
+def rows_for_budget(config: EngineConfig, bytes_per_token: int, tokens_per_row: int,
+              device: torch.device) -> int:
+    """Decode rows (``max_seqs`` at most) whose KV fits the budget, next to the prefill rows."""
+    if config.kv_cache_tokens is not None:
+        rows, budget = config.kv_cache_tokens // tokens_per_row, f"kv_cache_tokens={config.kv_cache_tokens}"
+    else:
+        wanted = config.max_seqs + config.max_prefill_seqs
+        rows = min(wanted, int(0.4 * free_memory(device)) // (bytes_per_token * tokens_per_row))
+        budget = "40% of the free memory"
+    decode_rows = min(config.max_seqs, rows - config.max_prefill_seqs)
+    if decode_rows < 1:
+        raise HotswapError(
+            f"the KV budget ({budget}) holds {rows} sequences of {tokens_per_row} tokens; the "
+            f"engine needs max_prefill_seqs={config.max_prefill_seqs} + 1 at least (lower "
+            f"max_model_len or raise kv_cache_tokens)")
+    if decode_rows < config.max_seqs:
+        log.warning("KV budget (%s): %d decode rows instead of max_seqs=%d", budget, decode_rows,
+                    config.max_seqs)
+    return decode_rows

@@ -16,6 +16,7 @@ logits.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,40 @@ import torch
 from ..runtime import HotswapRuntime
 from ..selection import Activation
 from .kv_cache import KVMemory, StepCache
+
+
+KV_ALIGN = 64  # dynamic KV lengths are rounded up to this (fewer distinct shapes)
+CHUNK_ALIGN = 16  # and chunk lengths to this (>= 2: a size-1 dimension would specialize)
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """The shapes forwards take: batch buckets, and the chunk and KV lengths of a step.
+
+    Attributes:
+        dynamic_lengths: chunk and KV lengths are dynamic dimensions (rounded up to
+            ``CHUNK_ALIGN`` / ``KV_ALIGN``); otherwise every prefill is ``prefill_chunk`` long
+            and attention reads the whole row (``max_len + 1``): static graphs.
+    """
+
+    decode_buckets: tuple[int, ...]
+    prefill_buckets: tuple[int, ...]
+    max_len: int
+    prefill_chunk: int
+    dynamic_lengths: bool
+
+    def chunk_length(self, longest: int) -> int:
+        """T of a prefill forward whose longest chunk has ``longest`` tokens."""
+        return _round_up(longest, CHUNK_ALIGN) if self.dynamic_lengths else self.prefill_chunk
+
+    def kv_length(self, needed: int) -> int:
+        """L of a forward whose rows reach position ``needed - 1``. Dynamic: never the whole
+        buffer (the graphs assume a proper slice; positions are < max_len)."""
+        return min(_round_up(needed, KV_ALIGN), self.max_len) if self.dynamic_lengths else self.max_len + 1
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, math.ceil(value / multiple) * multiple)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import RuntimeConfig
+from ..engine.config import context_length
 from ..runtime import HotswapRuntime
 from .config import ServeConfig
 from .default_model import MODEL_NAME, TARGETS, build_default_model
@@ -72,11 +73,7 @@ def model_max_len(config: ServeConfig) -> int:
     if config.max_model_len is not None:
         return config.max_model_len
     if config.model is None:
-        return build_default_model().config.max_position_embeddings
+        return context_length(build_default_model().config)
     from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(config.model)
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        if isinstance(getattr(model_config, name, None), int):
-            return getattr(model_config, name)
-    raise ValueError(f"{config.model}: no context length in its config; set max_model_len")
+    return context_length(AutoConfig.from_pretrained(config.model))
