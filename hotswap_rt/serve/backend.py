@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -83,6 +84,7 @@ class LocalBackend:
                                        on_step=self.step_metrics.observe)
         self.max_model_len = self.engine.max_len
         self.created = int(time.time())
+        self._relay: LoopRelay | None = None
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -166,6 +168,9 @@ class LocalBackend:
         prompts = prompts_of(body, self.served)
         echo = not isinstance(body, ChatCompletionRequest) and body.echo
         loop = asyncio.get_running_loop()
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = LoopRelay(loop)
+        relay = self._relay
         events: asyncio.Queue = asyncio.Queue()
         handles = []
         try:
@@ -175,8 +180,7 @@ class LocalBackend:
                     choice = params if params.seed is None or body.n == 1 else \
                         dataclasses.replace(params, seed=params.seed + i)  # choices differ
                     handles.append(self.engine.submit(ids, adapter, choice, sink=(
-                        lambda event, index=index: loop.call_soon_threadsafe(
-                            events.put_nowait, (index, event)))))
+                        lambda event, index=index: relay.put(events, (index, event)))))
         except RequestError as exc:
             _cancel(handles)
             raise ApiError(400, str(exc), exc.param) from exc
@@ -214,6 +218,30 @@ class LocalBackend:
                     yield "token", {"index": index, "text": event.text, "logprobs": logprobs}
         finally:
             _cancel(handles)
+
+
+class LoopRelay:
+    """Moves events from the engine thread into asyncio queues of one event loop, with one
+    wake-up of the loop per burst (a step's tokens for every stream) instead of one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        """Any thread: ``queue.put_nowait(item)`` on the loop, soon."""
+        with self._lock:
+            self._pending.append((queue, item))
+            if len(self._pending) > 1:  # a flush is already scheduled
+                return
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
 
 
 def _cancel(handles: list) -> None:
