@@ -165,7 +165,7 @@ def test_padding_cost(setup) -> None:
             "max_rank 64": lambda: padded.model(input_ids=PREFILL),
         }, rounds=40)
     note_ratios(group, medians, "max_rank 4", "")
-    note(group, f"slot row bytes: {tight.arena.slot_nbytes} vs {padded.arena.slot_nbytes}")
+    note(group, f"slot row bytes: {tight.slot_nbytes} vs {padded.slot_nbytes}")
 
 
 DECODE_PROMPT = torch.randint(0, 1024, (8, 16), generator=torch.Generator().manual_seed(2))
