@@ -68,7 +68,10 @@ class Selection:
                 "row_slots": self.row_slots, "row_slot_weights": self.row_slot_weights}
 
     def check_rows(self, rows: Sequence[Mapping[object, float]]) -> None:
-        """Raise unless no row combines more than ``max_per_row`` adapters."""
+        """Raise unless no row combines more than ``max_per_row`` adapters (per-row mode only:
+        otherwise :meth:`check`'s limit on distinct adapters is the tighter one)."""
+        if not self.per_row:
+            return
         for b, row in enumerate(rows):
             used = [key for key, weight in row.items() if weight != 0.0]
             if len(used) > self.max_per_row:
@@ -107,6 +110,18 @@ class Selection:
         active = torch.zeros(self.max_active, dtype=torch.int64)
         active[: len(slots)] = torch.tensor(slots, dtype=torch.int64)
         weights = torch.zeros(self.max_batch_size, self.max_active, dtype=torch.float32)
+        uniform = len(rows) == 1
+        for b, row in enumerate(rows):
+            target = weights if uniform else weights[b : b + 1]
+            for slot, weight in row.items():
+                if weight != 0.0:
+                    target[:, position[slot]] = weight
+        self.active_slots.copy_(active)
+        self.row_weights.copy_(weights)
+        if self.per_row:  # only per-row layers read these
+            self._write_row_slots(rows)
+
+    def _write_row_slots(self, rows: Sequence[RowSpec]) -> None:
         row_slots = torch.zeros(self.max_batch_size, self.max_per_row, dtype=torch.int64)
         row_slot_weights = torch.zeros(self.max_batch_size, self.max_per_row, dtype=torch.float32)
         uniform = len(rows) == 1
@@ -114,11 +129,8 @@ class Selection:
             rows_of = slice(None) if uniform else slice(b, b + 1)
             used = [(slot, weight) for slot, weight in row.items() if weight != 0.0]
             for j, (slot, weight) in enumerate(used):
-                weights[rows_of, position[slot]] = weight
                 row_slots[rows_of, j] = slot
                 row_slot_weights[rows_of, j] = weight
-        self.active_slots.copy_(active)
-        self.row_weights.copy_(weights)
         self.row_slots.copy_(row_slots)
         self.row_slot_weights.copy_(row_slot_weights)
 
