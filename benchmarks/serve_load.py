@@ -1,11 +1,12 @@
 """Bounded load on ``hotswap-rt serve`` over loopback: K adapters, N concurrent clients.
 
 Starts the server as a subprocess (the built-in tiny model plus 16 random rank-8 adapters,
-compiled), twice: with mixed batches (rows of different adapters share a batch: hotswap_rt) and
-with one adapter per batch (``--no-mixed-batches``: what a server that switches adapters per
-batch, PEFT-style, can do). For K = 1, 4, 16 adapters it sends a fixed number of streaming
-completions from N concurrent clients (adapters round-robin, fixed prompts, greedy) and reports
-throughput, p50/p99 latency and time to first token. Goal: with mixed batches, K = 16 keeps at
+compiled), twice: with adapters mixed in every engine step (rows of different adapters share
+each forward: hotswap_rt) and with one adapter at a time (``--no-mixed-batches``: what a
+server that switches adapters between batches, PEFT-style, can do). For K = 1, 4, 16 adapters
+it sends a fixed number of streaming completions from N concurrent clients (adapters
+round-robin, fixed prompts, greedy) and reports throughput, p50/p99 latency and time to first
+token. Goal: with adapters mixed, K = 16 keeps at
 least 80% of the K = 1 throughput.
 
 Run: ``.venv/bin/python -m benchmarks.serve_load [--clients 16] [--requests 192]``.
@@ -30,6 +31,7 @@ import httpx
 ADAPTER_COUNTS = (1, 4, 16)
 PROMPTS = ["Say hello", "Once upon a time", "The weather today", "Tell me a story about"]
 MAX_TOKENS = 32
+MODES = {"mixed": "adapters mixed (hotswap_rt)", "baseline": "one adapter at a time"}
 
 
 @dataclass
@@ -158,7 +160,7 @@ def measure(clients: int, requests: int, port: int = 0) -> list[LoadResult]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         adapters = write_adapters(Path(tmp))
-        for mode, mixed in (("mixed batches (hotswap_rt)", True), ("one adapter per batch", False)):
+        for mode, mixed in ((MODES["mixed"], True), (MODES["baseline"], False)):
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", port))
                 free = probe.getsockname()[1]

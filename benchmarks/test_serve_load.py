@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 
 from .conftest import figure, table_row
-from .serve_load import measure
+from .serve_load import MODES, measure
 
-GROUP = "serve load: K adapters, 16 clients, loopback, tiny model (mixed batches vs one adapter per batch)"
+GROUP = "serve load: K adapters, 16 clients, loopback, tiny model (adapters mixed vs one at a time)"
 
 
 def test_serve_load() -> None:
@@ -18,6 +18,6 @@ def test_serve_load() -> None:
         row = result.row()
         table_row(GROUP, list(row), list(row.values()))
         assert result.requests > 0
-    for mode, key in (("mixed batches (hotswap_rt)", "mixed"), ("one adapter per batch", "baseline")):
+    for key, mode in MODES.items():
         by_count = {r.adapters: r.throughput for r in results if r.mode == mode}
         figure(f"serve_k16_over_k1/{key}", by_count[16] / by_count[1])

@@ -97,8 +97,8 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
                     " a max_rank-4 runtime", ""))
     if "serve_k16_over_k1/mixed" in f:
         out.append(("HTTP server throughput with 16 adapters, as a share of 1 adapter",
-                    f"{f['serve_k16_over_k1/mixed']:.0%} (mixed batches)",
-                    f"one adapter per batch: {f['serve_k16_over_k1/baseline']:.0%}"))
+                    f"{f['serve_k16_over_k1/mixed']:.0%} (adapters mixed in every step)",
+                    f"one adapter at a time: {f['serve_k16_over_k1/baseline']:.0%}"))
     if "ray_req_s/1" in f:
         out.append(("Ray Serve, 8 adapters: 2 replicas vs 1 (same machine)",
                     f"{f['ray_req_s/2']:.1f} vs {f['ray_req_s/1']:.1f} req/s; "
