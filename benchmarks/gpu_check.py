@@ -1,0 +1,333 @@
+"""The GPU benchmarks of ``scripts/gpu_check.sh``: each stage runs in one process, its figures are
+ratios to a reference measured in the same run, and everything lands in one JSON file.
+
+Stages (``--stages`` picks some):
+
+- ``swap``: ring -> slot swap (``rt.activate`` of an adapter held in host memory, one device
+  slot) against a ``copy_`` of the same bytes from pinned memory, and a resident switch.
+- ``overlap``: a compiled decode loop (batch 16, one token per row) timed step by step, alone
+  and while another thread keeps loading adapters into free slots (``rt.load(...,
+  replace=True)``: staging plus a side-stream copy): the added p50 / p99 step latency.
+- ``decode_k``: decode step (batch 16) of the compiled model with k = 1, 4, 8, 16 distinct
+  adapters, one per row, stacked and per-row (``max_adapters_per_row=1``), over the uninjected
+  compiled model.
+- ``engine``: :class:`~hotswap_rt.engine.GenerationEngine` throughput, 32 requests over 8
+  adapters against the same requests on the base model.
+
+``--quick`` shrinks every shape so that the whole script runs on a CPU in seconds (tests keep the
+code correct on machines without a GPU); ``--no-compile`` skips ``torch.compile``.
+
+Usage: ``python -m benchmarks.gpu_check --out benchmarks/results/<date>-gpu.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hotswap_rt import HotswapRuntime, RuntimeConfig
+
+STAGES = ("swap", "overlap", "decode_k", "engine")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and at what size the stages run."""
+
+    device: torch.device
+    dtype: torch.dtype
+    hidden: int  # Llama-7B: 4096
+    intermediate: int  # Llama-7B: 11008
+    layers: int
+    compile: bool
+    rounds: int
+
+    @classmethod
+    def make(cls, device: str, quick: bool, compile: bool) -> "Setup":
+        dev = torch.device(device)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        if quick:
+            return cls(dev, dtype, 64, 128, 2, compile, rounds=5)
+        return cls(dev, dtype, 4096, 11008, 2, compile, rounds=50)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def llama(setup: Setup, hidden: int | None = None, intermediate: int | None = None,
+          layers: int | None = None, seed: int = 0) -> LlamaForCausalLM:
+    """A random Llama with the setup's shapes (a small vocabulary: the head is not measured)."""
+    hidden = hidden or setup.hidden
+    config = LlamaConfig(vocab_size=1024, hidden_size=hidden,
+                         intermediate_size=intermediate or setup.intermediate,
+                         num_hidden_layers=layers or setup.layers, num_attention_heads=max(1, hidden // 128),
+                         num_key_value_heads=max(1, hidden // 128), max_position_embeddings=512)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(setup.device, setup.dtype).eval()
+
+
+def random_state(rt: HotswapRuntime, rank: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A random LoRA adapter (state dict, config) for every injected layer of ``rt``."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layout in rt.internals.arena.layouts.items():
+        prefix = f"base_model.model.{name}"
+        state[f"{prefix}.lora_A.weight"] = torch.randn(rank, layout.d_in, generator=generator) * 0.02
+        state[f"{prefix}.lora_B.weight"] = torch.randn(layout.d_out, rank, generator=generator) * 0.02
+    return state, {"r": rank, "lora_alpha": rank, "target_modules": "all-linear"}
+
+
+def median_us(fn: Callable[[], object], rounds: int, device: torch.device) -> float:
+    """Median microseconds of ``fn`` (synchronized), after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ------------------------------------------------------------------------------------- stages
+def stage_swap(setup: Setup) -> dict[str, Any]:
+    """Ring -> slot swap and resident switch against a ``copy_`` of the same bytes."""
+    model = llama(setup)
+    rank = 16
+    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=rank, device_slots=2,
+                                             host_slots=4))
+    for i, name in enumerate(("a", "b", "c")):
+        state, config = random_state(rt, rank, seed=i)
+        rt.load(name, state_dict=state, config=config)
+    slot = rt.internals.arena.arenas[setup.dtype][0]
+    pinned = setup.device.type == "cuda"
+    host = torch.empty(slot.shape, dtype=slot.dtype, pin_memory=pinned).normal_()
+
+    def copy() -> None:
+        slot.copy_(host, non_blocking=pinned)
+
+    names = iter(("c", "a") * (setup.rounds + 4))
+
+    def swap() -> None:  # "a" and "c" take turns in one evictable slot; "b" stays resident
+        rt.activate(next(names))
+
+    rt.pin("b")
+    flip = iter(("b", "a") * (setup.rounds + 4))
+    rt.activate("a")
+    copy_us = median_us(copy, setup.rounds, setup.device)
+    swaps_before = rt.stats()["swaps"]
+    swap_us = median_us(swap, setup.rounds, setup.device)
+    swaps = rt.stats()["swaps"] - swaps_before
+    rt.activate("a")
+
+    def switch() -> None:  # both resident: no copy
+        rt.activate(next(flip))
+
+    switch_us = median_us(switch, setup.rounds, setup.device)
+    return {"slot_bytes": rt.slot_nbytes, "swaps": swaps, "copy_us": copy_us, "swap_us": swap_us,
+            "swap_over_copy": swap_us / copy_us, "resident_switch_us": switch_us,
+            "copy_GBps": rt.slot_nbytes / copy_us / 1e3}
+
+
+def stage_overlap(setup: Setup) -> dict[str, Any]:
+    """Decode step latency alone and while adapters are loaded by another thread."""
+    rank, batch = 16, 16
+    model = llama(setup)
+    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=rank, device_slots=4,
+                                             host_slots=8, max_batch_size=batch))
+    state, config = random_state(rt, rank, seed=0)
+    rt.load("served", state_dict=state, config=config)
+    rt.activate("served")
+    ids = torch.randint(0, 1024, (batch, 1), device=setup.device)
+    if setup.compile:
+        rt.compile(ids)
+
+    def steps(count: int) -> list[float]:
+        times = []
+        with torch.no_grad():
+            for _ in range(count):
+                start = time.perf_counter()
+                rt.model(ids)
+                synchronize(setup.device)
+                times.append(time.perf_counter() - start)
+        return times
+
+    count = setup.rounds * 4
+    steps(5)
+    alone = steps(count)
+    other, other_config = random_state(rt, rank, seed=1)
+    rt.load("other", state_dict=other, config=other_config)
+    loads = 0
+    stop = threading.Event()
+
+    def loader() -> None:
+        nonlocal loads
+        while not stop.is_set():
+            rt.load("other", state_dict=other, config=other_config, replace=True)
+            loads += 1
+
+    thread = threading.Thread(target=loader, daemon=True)
+    thread.start()
+    try:
+        busy = steps(count)
+    finally:
+        stop.set()
+        thread.join()
+    p50, p99 = statistics.median(alone), percentile(alone, 0.99)
+    busy_p50, busy_p99 = statistics.median(busy), percentile(busy, 0.99)
+    return {"steps": count, "loads_during": loads, "step_p50_ms": p50 * 1e3, "step_p99_ms": p99 * 1e3,
+            "busy_p50_ms": busy_p50 * 1e3, "busy_p99_ms": busy_p99 * 1e3,
+            "added_p50_ms": (busy_p50 - p50) * 1e3, "added_p99_ms": (busy_p99 - p99) * 1e3,
+            "recompiles": rt.guard.recompiles}
+
+
+def stage_decode_k(setup: Setup) -> dict[str, Any]:
+    """Decode step (batch 16) with k distinct adapters over the uninjected model."""
+    batch, rank, ks = 16, 16, (1, 4, 8, 16)
+    ids = torch.randint(0, 1024, (batch, 1), device=setup.device)
+
+    def timed(forward: Callable[[], object]) -> float:
+        with torch.no_grad():
+            return median_us(forward, setup.rounds, setup.device)
+
+    base = llama(setup)
+    plain = torch.compile(base) if setup.compile else base
+    base_us = timed(lambda: plain(input_ids=ids))
+    result: dict[str, Any] = {"uninjected_us": base_us}
+    for mode, per_row in (("stacked", None), ("per_row", 1)):
+        rt = HotswapRuntime(llama(setup), RuntimeConfig(
+            target_modules="all-linear", max_rank=rank, device_slots=16, host_slots=16,
+            max_batch_size=batch, max_adapters_per_row=per_row))
+        for i in range(16):
+            state, config = random_state(rt, rank, seed=i)
+            rt.load(f"a{i}", state_dict=state, config=config)
+        rt.activate_rows([f"a{i % 16}" for i in range(batch)])
+        if setup.compile:
+            rt.compile(ids)
+        for k in ks:
+            rt.activate_rows([f"a{i % k}" for i in range(batch)])
+            us = timed(lambda: rt.model(input_ids=ids))
+            result[f"{mode}_k{k}_us"] = us
+            result[f"{mode}_k{k}_over_uninjected"] = us / base_us
+        result[f"{mode}_recompiles"] = rt.guard.recompiles
+    return result
+
+
+class _Tokens:
+    """The engine's tokenizer protocol for token-id prompts (text is the ids)."""
+
+    eos_token_id = None
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+def stage_engine(setup: Setup) -> dict[str, Any]:
+    """Tokens per second of the engine: 32 requests over 8 adapters, and on the base model."""
+    from hotswap_rt.engine import EngineConfig, GenerationEngine, SamplingParams
+
+    hidden = 64 if setup.hidden < 512 else 1024
+    model = llama(setup, hidden=hidden, intermediate=hidden * 2, layers=4 if hidden > 64 else 2)
+    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=16, device_slots=8,
+                                             host_slots=8, max_batch_size=32, max_adapters_per_row=2))
+    for i in range(8):
+        state, config = random_state(rt, 16, seed=i)
+        rt.load(f"a{i}", state_dict=state, config=config)
+    engine = GenerationEngine(rt, _Tokens(), EngineConfig(
+        max_seqs=32, max_model_len=160, prefill_chunk=64, max_prefill_seqs=4,
+        decode_buckets=(8, 32), compile=setup.compile))
+    started = time.perf_counter()
+    engine.start()
+    startup = time.perf_counter() - started
+    prompt_len, out_len, requests = (64, 64, 32) if hidden > 64 else (8, 8, 8)
+    params = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0.0)
+
+    def run(adapters: list[str | None]) -> float:
+        begin = time.perf_counter()
+        handles = [engine.submit([(7 * i + j) % 1000 for j in range(prompt_len)], adapter, params)
+                   for i, adapter in enumerate(adapters)]
+        tokens = sum(sum(1 for event in handle if hasattr(event, "token_id")) for handle in handles)
+        return tokens / (time.perf_counter() - begin)
+
+    try:
+        run([None] * 4)  # warm
+        base = run([None] * requests)
+        mixed = run([f"a{i % 8}" for i in range(requests)])
+    finally:
+        engine.stop()
+    return {"startup_s": startup, "base_tok_s": base, "mixed8_tok_s": mixed, "mixed8_over_base": mixed / base,
+            "recompiles": rt.guard.recompiles, "rerecords": rt.guard.rerecords}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Setup], dict[str, Any]]] = {
+    "swap": stage_swap, "overlap": stage_overlap, "decode_k": stage_decode_k, "engine": stage_engine,
+}
+
+
+def environment(setup: Setup) -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                            "device": str(setup.device), "dtype": str(setup.dtype), "hidden": setup.hidden,
+                            "intermediate": setup.intermediate, "layers": setup.layers,
+                            "compile": setup.compile}
+    if setup.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(setup.device)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {STAGES}")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU smoke run)")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    setup = Setup.make(args.device, args.quick, not args.no_compile)
+    results: dict[str, Any] = {"environment": environment(setup), "stages": {}, "failed": []}
+    for stage in stages:
+        print(f"[gpu_check] {stage} ...", flush=True)
+        started = time.perf_counter()
+        try:
+            figures = STAGE_FUNCTIONS[stage](setup)
+        except Exception as exc:  # one failing stage must not hide the others' figures
+            traceback.print_exc()
+            figures = {"error": f"{type(exc).__name__}: {exc}"}
+            results["failed"].append(stage)
+        figures["seconds"] = round(time.perf_counter() - started, 1)
+        results["stages"][stage] = figures
+        print(f"[gpu_check] {stage}: {json.dumps(figures, default=str)}", flush=True)
+        torch._dynamo.reset()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"[gpu_check] wrote {args.out}")
+    return 1 if results["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

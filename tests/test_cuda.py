@@ -1,0 +1,107 @@
+"""CUDA paths: pinned host rows, side-stream copies ordered after the forwards that read a slot,
+and the engine's CUDA-graph buckets (``mode="reduce-overhead"``) with no re-recording.
+
+Skipped without a CUDA device (CI has none); ``scripts/gpu_check.sh`` runs them on a GPU.
+References are independent of the runtime: PEFT on the same device, and the engine run eagerly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hotswap_rt import HotswapRuntime, RuntimeConfig
+from hotswap_rt.engine import EngineConfig, GenerationEngine, SamplingParams
+
+from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, logits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TARGETS = ATTENTION_TARGETS["llama"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda")
+    base = BaseModel("llama", seed=3)
+    paths = {name: base.make_adapter(root / name, seed=20 + i, r=4 * (i + 1), lora_alpha=8)
+             for i, name in enumerate("ab")}
+    reference = base.peft_reference(paths).cuda()
+    return base, paths, reference
+
+
+def peft_logits(reference, name: str | None, ids: torch.Tensor) -> torch.Tensor:
+    if name is None:
+        with reference.disable_adapter():
+            return logits(reference, ids)
+    reference.base_model.set_adapter(name)
+    return logits(reference, ids)
+
+
+def test_host_rows_are_pinned_and_swaps_into_one_slot_equal_peft(adapters) -> None:
+    base, paths, reference = adapters
+    rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=1))
+    for name, path in paths.items():
+        rt.load(name, path)
+    assert rt.internals.arena.pin_host_rows
+    for record in rt.internals.registry.records.values():
+        assert all(row.is_pinned() for row in record.staged.rows.values())
+    ids = torch.randint(0, VOCAB, (2, 9), device="cuda")
+    for name in ("a", "b", "a", None, "b"):
+        rt.activate(name)
+        torch.testing.assert_close(logits(rt.model, ids), peft_logits(reference, name, ids),
+                                   atol=1e-4, rtol=1e-4)
+    assert rt.stats()["swaps"] >= 3  # one slot: every change of adapter was a copy
+
+
+def test_a_swap_waits_for_the_queued_forward_that_reads_the_slot(adapters) -> None:
+    """The forward is queued behind a ~50 ms GPU sleep; the swap that follows at once on the
+    host must not overwrite the slot before that forward has read it."""
+    base, paths, reference = adapters
+    rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=1))
+    for name, path in paths.items():
+        rt.load(name, path)
+    ids = torch.randint(0, VOCAB, (2, 9), device="cuda")
+    expected = peft_logits(reference, "a", ids)
+    rt.activate("a")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # keeps the compute stream busy (~50 ms at 2 GHz)
+    out = logits(rt.model, ids)  # queued, not run yet
+    rt.activate("b")  # copies b into the one slot on the side stream
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+class IdTokenizer:
+    eos_token_id = None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+def test_engine_cuda_graph_buckets_equal_the_eager_engine_without_rerecording(adapters) -> None:
+    base, paths, _ = adapters
+    prompts = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (5, 11, 3, 17)]
+    rows = ["a", "b", None, "a"]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2,
+                                                               max_batch_size=4))
+        for name, path in paths.items():
+            rt.load(name, path)
+        engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
+            max_seqs=4, max_model_len=64, max_prefill_seqs=2, prefill_chunk=16, decode_buckets=(4,),
+            compile=compiled))
+        engine.start()
+        try:
+            handles = [engine.submit(p, adapter, params) for p, adapter in zip(prompts, rows)]
+            outputs[compiled] = [h.text()[0] for h in handles]
+        finally:
+            engine.stop()
+        if compiled:
+            assert engine.config.compile_mode is None  # default: reduce-overhead on CUDA
+            assert rt.guard.recordings >= 1
+            assert rt.guard.recompiles == 0 and rt.guard.rerecords == 0
+    assert outputs[True] == outputs[False]

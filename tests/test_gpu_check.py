@@ -1,0 +1,54 @@
+"""``scripts/gpu_check.sh`` on a machine without a GPU: its ``--dry-run`` lists the steps and checks
+its files, and every stage of its benchmark script runs (tiny shapes, CPU, not compiled), so the
+script is correct before a GPU ever runs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def test_dry_run_lists_the_steps_and_finds_every_file() -> None:
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "tests/test_cuda.py" in done.stdout
+    assert "benchmarks.gpu_check --device cuda" in done.stdout
+    assert "nothing run" in done.stdout
+
+
+def test_dry_run_fails_naming_a_missing_file(tmp_path) -> None:
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "scripts" / "gpu_check.sh")
+    (tmp_path / "pyproject.toml").write_text("")
+    done = subprocess.run(["bash", str(tmp_path / "scripts" / "gpu_check.sh"), "--dry-run"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "missing files" in done.stderr and "tests/test_cuda.py" in done.stderr
+
+
+def test_unknown_argument_is_refused() -> None:
+    done = subprocess.run(["bash", str(SCRIPT), "--fast"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--no-compile",
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["failed"] == []
+    stages = results["stages"]
+    assert set(stages) == {"swap", "overlap", "decode_k", "engine"}
+    assert stages["swap"]["swaps"] >= 5  # every timed activation really copied a slot
+    assert stages["overlap"]["loads_during"] > 0 and stages["overlap"]["recompiles"] == 0
+    assert all(stages["decode_k"][f"{mode}_k{k}_us"] > 0 for mode in ("stacked", "per_row")
+               for k in (1, 4, 8, 16))
+    assert stages["engine"]["base_tok_s"] > 0 and stages["engine"]["mixed8_tok_s"] > 0
