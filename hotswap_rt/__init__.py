@@ -1,6 +1,7 @@
 """hotswap_rt: serve many LoRA adapters from one torch.compile'd model, swapping without recompiles.
 
-Public API: :class:`HotswapRuntime`, :class:`RuntimeConfig`, :class:`AdapterInfo`,
+Public API: :func:`enable_hotswap` (transformers' adapter methods on a runtime),
+:class:`HotswapRuntime`, :class:`RuntimeConfig`, :class:`AdapterInfo`,
 :class:`AdapterLease` and the :class:`HotswapError` family. Everything else is internal
 (``rt.internals`` exposes the composed objects to tests and tools).
 """
@@ -20,6 +21,7 @@ from .errors import (
 )
 from .residency import AdapterLease
 from .runtime import HotswapRuntime
+from .transformers_api import enable_hotswap
 
 __version__ = "0.1.0"
 
@@ -38,4 +40,5 @@ __all__ = [
     "SlotsBusyError",
     "TargetNotFoundError",
     "UnknownAdapterError",
+    "enable_hotswap",
 ]

@@ -74,17 +74,33 @@ class SlotArena:
         self.num_slots = num_slots
         self.device = device
         self.layouts: dict[str, LayerLayout] = {}
-        row_sizes: dict[torch.dtype, int] = {}
-        for name, (d_in, d_out, dtype) in layers.items():
-            offset = row_sizes.get(dtype, 0)
-            self.layouts[name] = LayerLayout(name, d_in, d_out, dtype, offset)
-            row_sizes[dtype] = offset + max_rank * (d_in + d_out)
-        self.arenas: dict[torch.dtype, torch.Tensor] = {
-            dtype: torch.zeros(num_slots, size, dtype=dtype, device=device)
-            for dtype, size in row_sizes.items()
-        }
+        self.arenas: dict[torch.dtype, torch.Tensor] = {}
+        self.extend(layers)
         self.pin_host_rows = device.type != "cpu" and torch.accelerator.is_available()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def extend(self, layers: dict[str, tuple[int, int, torch.dtype]]) -> None:
+        """Add layers (name -> (d_in, d_out, dtype)) at the end of their dtype's slot rows.
+
+        Existing layers keep their offsets and every slot keeps its contents (new layers start
+        at zero), but a grown dtype gets a *new* ``[S, P]`` tensor: whoever holds the old one
+        (the slot layers) must be pointed at :attr:`arenas` again. Only before compiling: a
+        compiled graph reads the old tensor."""
+        row_sizes = self.row_sizes
+        for name, (d_in, d_out, dtype) in layers.items():
+            if name in self.layouts:
+                raise ValueError(f"layer {name!r} is already in the arena")
+            offset = row_sizes.get(dtype, 0)
+            self.layouts[name] = LayerLayout(name, d_in, d_out, dtype, offset)  # same dict object
+            row_sizes[dtype] = offset + self.max_rank * (d_in + d_out)
+        for dtype, size in row_sizes.items():
+            old = self.arenas.get(dtype)
+            if old is not None and old.shape[1] == size:
+                continue
+            grown = torch.zeros(self.num_slots, size, dtype=dtype, device=self.device)
+            if old is not None:
+                grown[:, : old.shape[1]].copy_(old)
+            self.arenas[dtype] = grown
 
     @property
     def row_sizes(self) -> dict[torch.dtype, int]:

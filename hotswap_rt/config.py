@@ -20,7 +20,9 @@ class RuntimeConfig:
         target_modules: which layers get a LoRA slot, by PEFT's rules: a list of names (a module
             matches if its full name equals an entry or ends with ``"." + entry``), a regex string
             (``re.fullmatch`` on the full name), or ``"all-linear"`` (every linear layer except the
-            output head).
+            output head); or None for *lazy injection*: before compiling, the injected layers
+            are the union of what the loaded adapters target (layers are added as adapters
+            arrive); once compiled, an adapter needing another layer is refused.
         max_rank: every slot is allocated at this rank; smaller adapters are zero-padded.
         device_slots: adapters resident in the model's device memory at once.
         host_slots: adapters held validated and padded in host memory (must be >= device_slots).
@@ -36,7 +38,7 @@ class RuntimeConfig:
         exclude_modules: names (same rules as ``target_modules``) never injected.
     """
 
-    target_modules: Sequence[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")
     max_rank: int = 64
     device_slots: int = 4
     host_slots: int = 16
@@ -46,7 +48,9 @@ class RuntimeConfig:
     max_adapters_per_row: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str):
+        if self.target_modules is None:
+            pass
+        elif isinstance(self.target_modules, str):
             if not self.target_modules:
                 raise HotswapError("RuntimeConfig.target_modules is an empty string")
         else:

@@ -51,6 +51,10 @@ class ModelForward:
         self._restore_disable_compile: Any = None
         model.forward = self  # instance attribute: model(...) and generate() use it
 
+    # Skipped by dynamo, but not what it calls: under the user's own ``torch.compile(model)`` (or
+    # ``torch.compile(model.forward)``) the gate and the checks run in Python and the model's
+    # original forward is what gets compiled, so no guard lands on this object's state.
+    @torch.compiler.disable(recursive=False)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:  # one calling convention, so model(x) and model(input_ids=x) share a graph
             kwargs = {**dict(zip(self.params, args)), **kwargs}

@@ -141,6 +141,7 @@ class RecompileGuard:
         self.armed = False
 
     # -- the hot path -----------------------------------------------------------------------
+    @torch.compiler.disable(recursive=False)  # a user's torch.compile compiles ``fn``, not this
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` (the compiled forward) and account for any compile it triggered. Armed in
         "count" or "warn" mode, a call whose new compile hits a graph break runs

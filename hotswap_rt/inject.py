@@ -4,7 +4,8 @@ Rules, as in PEFT's ``check_target_module_exists``:
 - a list of names: a module matches when its full name equals an entry or ends with ``"." + entry``;
 - a string: ``re.fullmatch(pattern, full_name)``;
 - ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the model's output head.
-Only ``nn.Linear`` and transformers ``Conv1D`` layers are injected.
+Only ``nn.Linear`` and transformers ``Conv1D`` layers are injected; a layer that already is a slot
+layer counts as one (its wrapped base layer is not looked at).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from .config import name_matches
 from .errors import TargetNotFoundError
-from .layers import is_supported_layer
+from .layers import LoraSlotLinear, is_supported_layer
 
 ALL_LINEAR = "all-linear"
 
@@ -33,9 +34,14 @@ def find_targets(
     head = _output_head_name(model) if all_linear else None
     matched: list[str] = []
     unsupported: list[str] = []
+    injected: list[str] = []
     for name, module in model.named_modules():
         if not name or (exclude_modules and name_matches(exclude_modules, name)):
             continue
+        if any(name.startswith(prefix) for prefix in injected):
+            continue  # inside a slot layer
+        if isinstance(module, LoraSlotLinear):
+            injected.append(name + ".")
         if all_linear:
             if is_supported_layer(module) and name != head:
                 matched.append(name)
@@ -63,7 +69,7 @@ def _output_head_name(model: nn.Module) -> str | None:
 
 
 def _some_linear_names(model: nn.Module) -> list[str]:
-    names = [n for n, m in model.named_modules() if n and is_supported_layer(m)]
+    names = [n for n, m in model.named_modules() if n and is_supported_layer(m) and ".base" not in n]
     return sorted({n.rsplit(".", 1)[-1] for n in names})[:12]
 
 

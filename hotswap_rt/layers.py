@@ -94,6 +94,10 @@ class LoraSlotLinear(nn.Module):
         self._selection = selection
         self._train: LayerTrainState | None = None  # set while a trainable adapter targets us
 
+    def set_arena(self, arena: torch.Tensor) -> None:
+        """Read slots from ``arena`` from now on (the arena grew: lazy injection, before compile)."""
+        self._arena = arena
+
     def attach_trainable(self, state: LayerTrainState) -> None:
         """Route gradients of the slot ``state.slot`` into ``state``'s parameters (autograd on)."""
         self._train = state
@@ -154,6 +158,8 @@ class LoraSlotLinear(nn.Module):
 
 def base_layer_shape(layer: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of an ``nn.Linear`` (weight ``[out, in]``) or a ``Conv1D`` (``[in, out]``)."""
+    if isinstance(layer, LoraSlotLinear):
+        return layer.in_features, layer.out_features
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
     if is_conv1d(layer):
@@ -172,4 +178,5 @@ def is_conv1d(layer: nn.Module) -> bool:
 
 
 def is_supported_layer(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+    """A layer a slot layer can wrap, or a slot layer already."""
+    return isinstance(layer, (nn.Linear, LoraSlotLinear)) or is_conv1d(layer)

@@ -84,11 +84,12 @@ class ParsedAdapter:
 
 
 # ----------------------------------------------------------------------------------------- reading
-def resolve_source(source: str | os.PathLike[str]) -> Path:
+def resolve_source(source: str | os.PathLike[str], local_files_only: bool = False) -> Path:
     """Find an adapter directory: a local path, else a Hugging Face Hub id via ``huggingface_hub``.
 
-    Hub ids resolve through the local HF cache only when ``HF_HUB_OFFLINE`` is set (as on machines
-    without network); otherwise ``huggingface_hub`` may download into the cache.
+    Hub ids resolve through the local HF cache only when ``local_files_only`` or
+    ``HF_HUB_OFFLINE`` is set (as on machines without network); otherwise ``huggingface_hub``
+    may download into the cache.
 
     Raises:
         AdapterFormatError: the path does not exist and the id is not in the cache / on the Hub.
@@ -107,7 +108,7 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
         local = snapshot_download(
             repo_id=text,
             allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME],
-            local_files_only=bool(constants.HF_HUB_OFFLINE),
+            local_files_only=local_files_only or bool(constants.HF_HUB_OFFLINE),
         )
     except Exception as exc:  # huggingface_hub raises many types; all mean "not found here"
         raise AdapterFormatError(
@@ -459,18 +460,13 @@ def write_adapter_dir(
     Raises:
         AdapterFormatError: ``directory`` exists and is not empty, and ``overwrite`` is False.
     """
-    from safetensors.torch import save_file
-
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise AdapterFormatError(f"{target}: exists and is not empty (pass overwrite=True)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        (staging / CONFIG_NAME).write_text(
-            json.dumps(adapter_config_dict(adapter), indent=2, sort_keys=True), encoding="utf-8"
-        )
-        save_file(adapter_state_dict(adapter), str(staging / SAFETENSORS_NAME), {"format": "pt"})
+        _write_files(adapter, staging)
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(staging, target)
@@ -478,6 +474,33 @@ def write_adapter_dir(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def write_adapter_files(adapter: ParsedAdapter, directory: str | os.PathLike[str]) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``
+    (created if needed), replacing those two files each atomically and leaving any other file
+    there alone, as transformers' ``save_pretrained`` does."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise AdapterFormatError(f"{target}: exists and is not a directory")
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=target))
+    try:
+        _write_files(adapter, staging)
+        for name in (CONFIG_NAME, SAFETENSORS_NAME):
+            os.replace(staging / name, target / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write_files(adapter: ParsedAdapter, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    (directory / CONFIG_NAME).write_text(
+        json.dumps(adapter_config_dict(adapter), indent=2, sort_keys=True), encoding="utf-8"
+    )
+    save_file(adapter_state_dict(adapter), str(directory / SAFETENSORS_NAME), {"format": "pt"})
 
 
 def task_type_for(model: Any) -> str | None:

@@ -29,15 +29,17 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .arena import SlotArena
-from .config import AdapterInfo, RuntimeConfig
-from .errors import HotswapError, SelectionError, SlotsBusyError
+from .arena import LayerLayout, SlotArena
+from .config import AdapterInfo, RuntimeConfig, name_matches
+from .errors import HotswapError, IncompatibleAdapterError, SelectionError, SlotsBusyError
 from .forward import ModelForward
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
 from .inject import find_targets, replace_modules
-from .layers import LoraSlotLinear, base_layer_shape
-from .peft_format import resolve_source, task_type_for, write_adapter_dir
+from .layers import LoraSlotLinear, base_layer_shape, is_supported_layer
+from .peft_format import (
+    ParsedAdapter, adapter_state_dict, resolve_source, task_type_for, write_adapter_dir,
+    write_adapter_files)
 from .registry import AdapterRecord, AdapterRegistry, Origin
 from .residency import AdapterLease, Residency
 from .selection import Activation, Selection, Selector, row_spec
@@ -75,27 +77,21 @@ class HotswapRuntime:
     def __init__(self, model: nn.Module, config: RuntimeConfig | None = None) -> None:
         self.config = config = config or RuntimeConfig()
         self.model = model
-        names = find_targets(model, config.target_modules, config.exclude_modules)
+        self.lazy = config.target_modules is None  # inject what the adapters target, as they come
+        names = [] if self.lazy else find_targets(model, config.target_modules, config.exclude_modules)
         bases = {name: model.get_submodule(name) for name in names}
-        devices = {base.weight.device for base in bases.values()}
-        if len(devices) != 1:
-            raise HotswapError(f"targeted layers span several devices {devices}; not supported")
-        device = devices.pop()
-        layer_shapes = {
-            name: (*base_layer_shape(base), base.weight.dtype) for name, base in bases.items()
-        }
-        self._arena = SlotArena(layer_shapes, config.max_rank, config.device_slots, device)
+        taken = [name for name, base in bases.items() if isinstance(base, LoraSlotLinear)]
+        if taken:
+            raise HotswapError(f"layers {taken[:4]} are already injected by another runtime; "
+                               f"eject it first")
+        device = _device_of(model, bases)
+        self._arena = SlotArena({}, config.max_rank, config.device_slots, device)
         self._selection = Selection(config.max_batch_size, config.max_active_adapters, device,
                                     config.max_adapters_per_row)
         self._selector = Selector(self._selection)
-        self._layers = {
-            name: LoraSlotLinear(
-                base, self._arena.arenas[base.weight.dtype], self._arena.layouts[name].offset,
-                config.max_rank, self._selection,
-            )
-            for name, base in bases.items()
-        }
-        self._injection = replace_modules(model, self._layers)
+        self._layers: dict[str, LoraSlotLinear] = {}
+        self._injection = replace_modules(model, {})
+        self._inject_layers(bases)
         self._lock = threading.RLock()
         self._gate = ForwardGate()
         self._stager = Stager(self._arena)
@@ -107,6 +103,104 @@ class HotswapRuntime:
         self._trainer = Trainer(model, self._layers, self._arena)
         self.guard = RecompileGuard()
         self._forward = ModelForward(model, self._gate, self.guard, self._selector)
+        self._eject_hooks: list[Callable[[], None]] = []
+
+    def on_eject(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` when :meth:`eject` restores the model (e.g. to remove methods bound
+        onto it)."""
+        self._eject_hooks.append(hook)
+
+    def _inject_layers(self, bases: Mapping[str, nn.Module]) -> None:
+        """Give every layer of ``bases`` a slot layer: grow the arena, wrap the layers, point
+        every slot layer at the (possibly new) arena tensors."""
+        if not bases:
+            return
+        devices = {base.weight.device for base in bases.values()} | {self._arena.device}
+        if len(devices) != 1:
+            raise HotswapError(f"targeted layers span several devices {devices}; not supported")
+        self._arena.extend({name: (*base_layer_shape(base), base.weight.dtype)
+                            for name, base in bases.items()})
+        new_layers = {
+            name: LoraSlotLinear(base, self._arena.arenas[base.weight.dtype],
+                                 self._arena.layouts[name].offset, self.config.max_rank,
+                                 self._selection)
+            for name, base in bases.items()
+        }
+        self._injection.originals.update(replace_modules(self.model, new_layers).originals)
+        self._layers.update(new_layers)  # the Trainer holds this dict
+        for name, layer in self._layers.items():
+            layer.set_arena(self._arena.arenas[self._arena.layouts[name].dtype])
+
+    def _plan_injection(self, modules: Sequence[str]) -> dict[str, LayerLayout]:
+        """The layers a lazy runtime must inject for an adapter on ``modules`` (layouts with
+        offset -1: for checking shapes); {} when all are injected (or the runtime is not lazy,
+        where :meth:`Stager.check` refuses what is missing).
+
+        Raises:
+            IncompatibleAdapterError: a module is not in the model, not a supported layer,
+                excluded, or the model is compiled (a new layer would recompile it).
+        """
+        missing = [name for name in modules if name not in self._arena.layouts]
+        if not self.lazy or not missing:
+            return {}
+        if self.compiled:
+            raise IncompatibleAdapterError(
+                f"the adapter targets layers that are not injected: {missing[:8]}; the model is "
+                f"compiled, and injecting them would recompile it. Load an adapter on these layers "
+                f"before compiling, or give RuntimeConfig.target_modules"
+            )
+        if self._trainer.adapter is not None:
+            raise HotswapError(
+                f"cannot inject new layers {missing[:8]} while adapter {self._trainer.adapter.name!r} "
+                f"is trainable (its parameters alias the slot arena); freeze or unload it first"
+            )
+        plan: dict[str, LayerLayout] = {}
+        for name in missing:
+            try:
+                base = self.model.get_submodule(name)
+            except AttributeError:
+                raise IncompatibleAdapterError(f"the adapter targets {name!r}, which is not a "
+                                               f"module of {type(self.model).__name__}") from None
+            if isinstance(base, LoraSlotLinear) or not is_supported_layer(base) or (
+                self.config.exclude_modules and name_matches(self.config.exclude_modules, name)
+            ):
+                raise IncompatibleAdapterError(
+                    f"the adapter targets {name!r} ({type(base).__name__}), which cannot be "
+                    f"injected (not nn.Linear/Conv1D, or in exclude_modules)"
+                )
+            d_in, d_out = base_layer_shape(base)
+            plan[name] = LayerLayout(name, d_in, d_out, base.weight.dtype, -1)
+        return plan
+
+    def _read_and_stage(self, source: Any, state_dict: Any = None, config: Any = None,
+                        allow_pickle: bool = False, allow_nonfinite: bool = False,
+                        fold_scaling: bool = True, inject: bool = True) -> StagedAdapter:
+        """Read and check an adapter; inject the layers it needs (lazy runtime, ``inject``);
+        stage it."""
+        adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite)
+        if not inject:
+            missing = [name for name in adapter.modules if name not in self._arena.layouts]
+            if missing:
+                raise IncompatibleAdapterError(
+                    f"{adapter.source or 'state_dict'}: modules {missing[:8]} are not injected "
+                    f"layers (a hotswap only replaces what exists; load it as a new adapter)")
+        self._inject_for(list(adapter.modules), adapter)
+        return self._stager.stage(adapter, fold_scaling=fold_scaling)
+
+    def _inject_for(self, modules: Sequence[str], adapter: ParsedAdapter | None = None) -> None:
+        """Check ``adapter`` (if given) against the layers it would have, then inject the
+        missing ones of ``modules`` (lazy runtime; nothing changes when a check fails)."""
+        plan = self._plan_injection(modules)
+        if adapter is not None:
+            self._stager.check(adapter, plan)
+        if not plan:
+            return
+        with self._mutation():
+            plan = self._plan_injection(modules)  # again, under the lock: another load may have
+            self._inject_layers({name: self.model.get_submodule(name) for name in plan})
+            for record in self._residency.registry.records.values():
+                if record.staged is not None:
+                    self._stager.fit_rows(record.staged)
 
     @property
     def targets(self) -> list[str]:
@@ -120,7 +214,9 @@ class HotswapRuntime:
 
     @property
     def compiled(self) -> bool:
-        return self._forward.compiled
+        """Compiled by :meth:`compile`, or a forward was compiled by the user's own
+        ``torch.compile`` (the guard counted a compile)."""
+        return self._forward.compiled or self.guard.compiles > 0
 
     @property
     def internals(self) -> RuntimeInternals:
@@ -142,6 +238,7 @@ class HotswapRuntime:
         allow_pickle: bool = False,
         allow_nonfinite: bool = False,
         trainable: bool = False,
+        inject: bool = True,
     ) -> AdapterInfo:
         """Load a PEFT LoRA adapter from a directory, a Hub id, or ``state_dict`` + ``config``.
 
@@ -154,14 +251,19 @@ class HotswapRuntime:
         ``trainable=True`` puts it in a device slot for continued training (see
         :meth:`add_adapter`); it needs one scaling for all modules.
 
+        Lazy injection (``RuntimeConfig(target_modules=None)``): layers the adapter targets that
+        are not injected yet are injected first (refused once compiled). ``inject=False``
+        refuses such an adapter instead (PEFT's hotswap semantics: only layers that exist).
+
         Raises:
             HotswapError: (a subclass) for any bad input; nothing changes.
         """
         self._check_name(name, replace)
         if trainable:
             self._trainer.check_can_train()
-        staged = self._stager.read_and_stage(
-            source, state_dict, config, allow_pickle, allow_nonfinite, fold_scaling=not trainable
+        staged = self._read_and_stage(
+            source, state_dict, config, allow_pickle, allow_nonfinite, fold_scaling=not trainable,
+            inject=inject,
         )
         if trainable:
             uniform_scaling(staged.adapter)
@@ -186,7 +288,7 @@ class HotswapRuntime:
 
         def job() -> AdapterInfo:
             try:
-                staged = self._stager.read_and_stage(source, **load_kwargs)
+                staged = self._read_and_stage(source, **load_kwargs)
                 origin = Origin.of(staged, load_kwargs.get("allow_pickle", False),
                                    load_kwargs.get("allow_nonfinite", False))
                 return self._commit(name, staged, origin, replace, use_free_slot=False,
@@ -214,6 +316,7 @@ class HotswapRuntime:
         gets a slot and starts training there."""
         with self._mutation():
             self._check_name(name, replace, prefetched)
+            self._stager.fit_rows(staged)  # layers may have been injected since it was staged
             if trainable:
                 self._trainer.check_can_train()
             record = self._residency.commit(
@@ -237,15 +340,47 @@ class HotswapRuntime:
         Raises:
             HotswapError: what ``load`` would raise for this source.
         """
-        staged = self._stager.read_and_stage(source, None, None, allow_pickle, allow_nonfinite)
-        return dataclasses.replace(staged.describe(resolve_source(source).name), tier="disk")
+        adapter = self._stager.read(source, None, None, allow_pickle, allow_nonfinite)
+        plan = self._plan_injection(list(adapter.modules))
+        if plan:  # checked as if injected; sized as its slot row would be
+            self._stager.check(adapter, plan)
+            staged = StagedAdapter(adapter, {})
+            grown = sum(layout.size(self.config.max_rank) * layout.dtype.itemsize for layout in plan.values())
+            info = dataclasses.replace(staged.describe(resolve_source(source).name),
+                                       bytes=self.slot_nbytes + grown)
+        else:
+            info = self._stager.stage(adapter).describe(resolve_source(source).name)
+        return dataclasses.replace(info, tier="disk")
 
-    def save(self, name: str, directory: str | os.PathLike[str], overwrite: bool = False) -> str:
+    def save(self, name: str, directory: str | os.PathLike[str], overwrite: bool = False, *,
+             into_existing: bool = False) -> str:
         """Write adapter ``name`` in PEFT's format (true rank, unscaled), atomically.
+
+        ``into_existing=True`` writes the two files into ``directory`` (created if needed),
+        replacing only them, as transformers' ``save_pretrained`` does; otherwise the directory
+        must be empty or absent (``overwrite=True`` replaces it whole).
 
         Raises:
             UnknownAdapterError, AdapterFormatError: unknown name; non-empty target directory.
         """
+        adapter = self._saved_values(name)
+        if into_existing:
+            return str(write_adapter_files(adapter, directory))
+        return str(write_adapter_dir(adapter, directory, overwrite=overwrite))
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s factors as PEFT saves them: ``base_model.model.<module>.lora_A.weight``
+        ``[r, d_in]`` and ``...lora_B.weight`` ``[d_out, r]``, true rank, unscaled, CPU (a
+        trainable adapter's current values).
+
+        Raises:
+            UnknownAdapterError: no adapter of that name is loaded.
+        """
+        return adapter_state_dict(self._saved_values(name))
+
+    def _saved_values(self, name: str) -> ParsedAdapter:
+        """What :meth:`save` writes for ``name``: the trained values of a trainable adapter, a
+        disk-tier adapter read again, the base model and task type filled in."""
         with self._lock:
             record = self._residency.get(name)
             staged = record.staged
@@ -262,7 +397,7 @@ class HotswapRuntime:
             adapter = dataclasses.replace(adapter, base_model_name_or_path=base)
         if adapter.task_type is None:  # e.g. add_adapter: PEFT then builds the matching wrapper
             adapter = dataclasses.replace(adapter, task_type=task_type_for(self.model))
-        return str(write_adapter_dir(adapter, directory, overwrite=overwrite))
+        return adapter
 
     def unload(self, name: str, force: bool = False) -> None:
         """Forget adapter ``name``, freeing its device slot and host entry.
@@ -430,6 +565,8 @@ class HotswapRuntime:
         self._check_name(name, replace=False)
         if trainable:
             self._trainer.check_can_train()
+        if self.lazy and targets is not None:
+            self._inject_for(find_targets(self.model, targets))
         adapter = new_adapter(self._arena, rank, alpha, use_rslora, targets, init)
         staged = self._stager.stage(adapter, fold_scaling=not trainable)
         return self._commit(name, staged, None, False, use_free_slot=True, trainable=trainable)
@@ -504,6 +641,8 @@ class HotswapRuntime:
             self._trainer.restore_base()
             self._injection.undo()
             self._forward.restore()
+            for hook in self._eject_hooks:
+                hook()
             self._background.shutdown()
             return self.model
 
@@ -557,3 +696,12 @@ class HotswapRuntime:
             leases=record.leases,
             slot=record.slot,
         )
+
+
+def _device_of(model: nn.Module, bases: Mapping[str, nn.Module]) -> torch.device:
+    """Where the slots live: the targeted layers' device (else the model's first parameter's)."""
+    for base in bases.values():
+        return base.weight.device
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+

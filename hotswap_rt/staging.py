@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .arena import SlotArena, factor_views
+from .arena import LayerLayout, SlotArena, factor_views
 from .config import AdapterInfo, lora_scaling
 from .errors import HotswapError, IncompatibleAdapterError, RankTooLargeError
 from .peft_format import ParsedAdapter, parse_adapter, read_adapter_dir, resolve_source
@@ -67,10 +67,28 @@ class Stager:
     """Reads, checks and stages adapters for the layers of ``arena`` (its layout only)."""
 
     def __init__(self, arena: SlotArena) -> None:
-        self.layouts = arena.layouts
+        self.arena = arena
+        self.layouts = arena.layouts  # the arena's own dict: layers it gains appear here
         self.max_rank = arena.max_rank
-        self.row_sizes = arena.row_sizes
         self.pin = arena.pin_host_rows
+
+    @property
+    def row_sizes(self) -> dict[torch.dtype, int]:
+        return self.arena.row_sizes
+
+    @torch.no_grad()
+    def fit_rows(self, staged: StagedAdapter) -> None:
+        """Zero-extend ``staged``'s host rows to the arena's current row sizes (in place), after
+        layers were injected at the end of the rows since it was staged. Correct because the
+        adapter was checked before those layers existed: it has nothing for them."""
+        for dtype, size in self.row_sizes.items():
+            row = staged.rows.get(dtype)
+            if row is not None and row.shape[0] == size:
+                continue
+            grown = torch.zeros(size, dtype=dtype, pin_memory=self.pin)
+            if row is not None:
+                grown[: row.shape[0]].copy_(row)
+            staged.rows[dtype] = grown
 
     def read(
         self,
@@ -100,8 +118,9 @@ class Stager:
             state, where = dict(state_dict), "state_dict"
         return parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite)
 
-    def check(self, adapter: ParsedAdapter) -> None:
-        """Raise unless every module of ``adapter`` is an injected layer of matching shape.
+    def check(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout] | None = None) -> None:
+        """Raise unless every module of ``adapter`` is an injected layer of matching shape
+        (``planned``: layers about to be injected, checked as if they were).
 
         Raises:
             IncompatibleAdapterError: a module was not injected, or its shapes differ.
@@ -109,7 +128,7 @@ class Stager:
         """
         where = adapter.source or "state_dict"
         for name, module in adapter.modules.items():
-            layout = self.layouts.get(name)
+            layout = self.layouts.get(name) or (planned or {}).get(name)
             if layout is None:
                 raise IncompatibleAdapterError(
                     f"{where}: module {name!r} is not an injected layer of this runtime "

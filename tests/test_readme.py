@@ -29,3 +29,20 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch) -> None:
     rt = namespace["rt"]
     assert rt.guard.recompiles == 0 and "recompiles=0" in rt.guard.report()
     assert isinstance(namespace["out"].logits, torch.Tensor)
+
+
+def test_readme_enable_hotswap_example_runs(tmp_path) -> None:
+    block = re.search(r"```python\n(rt = hotswap_rt\.enable_hotswap.*?)```", README.read_text(), re.S)
+    code = block.group(1)
+    base = BaseModel("llama", seed=3)
+    for i, name in enumerate(("sql", "chat", "sql-v2")):
+        base.make_adapter(tmp_path / name, seed=10 + i, r=4 * (i + 1))
+        code = code.replace(f'"path/to/{name}"', repr(str(tmp_path / name)))
+    torch._dynamo.reset()
+    import hotswap_rt
+
+    namespace: dict = {"model": base.clone(), "torch": torch, "hotswap_rt": hotswap_rt}
+    exec(compile(code, str(README), "exec"), namespace)
+    rt = namespace["rt"]
+    assert rt.guard.compiles >= 1 and rt.guard.recompiles == 0
+    assert namespace["model"].active_adapters() == ["sql", "chat"]
