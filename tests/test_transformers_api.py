@@ -235,3 +235,27 @@ def test_eject_restores_the_models_own_methods(base) -> None:
     assert "load_adapter" in model.__dict__
     rt.eject()
     assert not any(name in model.__dict__ for name in ("load_adapter", "set_adapter", "forward"))
+
+
+def test_lazy_runtime_checks_before_injecting_and_check_injects_nothing(base, paths, ids) -> None:
+    from hotswap_rt import HotswapRuntime, RuntimeConfig
+
+    model = base.clone()
+    rt = HotswapRuntime(model, RuntimeConfig(target_modules=None, max_rank=8))
+    assert rt.lazy and rt.targets == []
+    torch.testing.assert_close(logits(model, ids), logits(base.model, ids), atol=0, rtol=0)
+    info = rt.check(paths["mlp"])  # would inject 4 layers: sized as if, injects nothing
+    assert rt.targets == [] and info.tier == "disk" and info.bytes > 0
+    bad = {"model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(2, 99),  # d_in is 64
+           "model.layers.0.mlp.up_proj.lora_B.weight": torch.randn(128, 2)}
+    with pytest.raises(IncompatibleAdapterError, match="do not fit"):
+        rt.load("bad", state_dict=bad, config={"r": 2, "lora_alpha": 2})
+    with pytest.raises(IncompatibleAdapterError, match="not a module"):
+        rt.load("bad", state_dict={"nope.lora_A.weight": torch.randn(2, 4),
+                                   "nope.lora_B.weight": torch.randn(4, 2)}, config={"r": 2})
+    with pytest.raises(HotswapError, match="max_rank"):
+        rt.load("big", paths["r13"])  # rank 13 > 8
+    assert rt.targets == [] and rt.adapters() == []
+    rt.load("mlp", paths["mlp"])
+    rt.activate("mlp")
+    torch.testing.assert_close(logits(model, ids), peft_logits(base, {"m": paths["mlp"]}, "m", ids), **TOL)
