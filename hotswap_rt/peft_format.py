@@ -198,6 +198,13 @@ def _check_header_keys(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- parsing
+def config_as_dict(config: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """An adapter config given as a dict or a PEFT config object (``to_dict()``) as a plain
+    dict, enum values as their values (``PeftType.LORA`` -> ``"LORA"``)."""
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {key: getattr(value, "value", value) for key, value in raw.items()}
+
+
 def parse_adapter(
     config: Mapping[str, Any],
     state_dict: Mapping[str, torch.Tensor],

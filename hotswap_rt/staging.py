@@ -24,7 +24,7 @@ import torch
 from .arena import LayerLayout, SlotArena, factor_views
 from .config import AdapterInfo, lora_scaling
 from .errors import HotswapError, IncompatibleAdapterError, RankTooLargeError
-from .peft_format import ParsedAdapter, parse_adapter, read_adapter_dir, resolve_source
+from .peft_format import ParsedAdapter, config_as_dict, parse_adapter, read_adapter_dir, resolve_source
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,7 @@ class Stager:
         else:
             if config is None:
                 raise HotswapError("state_dict= needs config= (the adapter_config as a dict)")
-            config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-            config_dict = {k: getattr(v, "value", v) for k, v in config_dict.items()}  # enums
+            config_dict = config_as_dict(config)
             state, where = dict(state_dict), "state_dict"
         return parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite)
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import RuntimeConfig
 from .errors import HotswapError
-from .peft_format import resolve_source
+from .peft_format import config_as_dict, resolve_source
 from .runtime import HotswapRuntime
 
 METHODS = ("load_adapter", "enable_peft_hotswap", "add_adapter", "set_adapter", "enable_adapters",
@@ -202,7 +202,7 @@ class AdapterMethods:
         name = adapter_name or DEFAULT_NAME
         if name in self._loaded():
             raise HotswapError(f"Adapter with name {name} already exists. Please use a different name.")
-        config = _config_dict(adapter_config)
+        config = config_as_dict(adapter_config)
         if config.get("peft_type", "LORA") != "LORA":
             raise HotswapError(f"add_adapter: only LoRA configs are supported, got {config['peft_type']!r}")
         refused = {key: config[key] for key, unused in _ADD_UNSUPPORTED.items()
@@ -327,12 +327,6 @@ class AdapterMethods:
         for row in self.rt.active:
             names.extend(n for n, w in row.items() if w != 0.0 and n not in names)
         return names
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    """A PEFT config object (or dict) as a plain dict, enums as their values."""
-    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {key: getattr(value, "value", value) for key, value in raw.items()}
 
 
 def _default_targets(model: nn.Module) -> list[str]:

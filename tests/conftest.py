@@ -54,6 +54,16 @@ ATTENTION_TARGETS = {
 }
 
 
+class IdTokenizer:
+    """The engine's tokenizer protocol with token ids as text (``" 12 7 99"``): exact and easy to
+    compare."""
+
+    eos_token_id = None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
 class BaseModel:
     """A tiny random base model that can be cloned with identical weights any number of times."""
 

@@ -13,7 +13,7 @@ import torch
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 from hotswap_rt.engine import EngineConfig, GenerationEngine, SamplingParams
 
-from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, logits
+from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, IdTokenizer, logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TARGETS = ATTENTION_TARGETS["llama"]
@@ -69,13 +69,6 @@ def test_a_swap_waits_for_the_queued_forward_that_reads_the_slot(adapters) -> No
     rt.activate("b")  # copies b into the one slot on the side stream
     torch.cuda.synchronize()
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-
-
-class IdTokenizer:
-    eos_token_id = None
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(f" {i}" for i in ids)
 
 
 def test_engine_cuda_graph_buckets_equal_the_eager_engine_without_rerecording(adapters) -> None:

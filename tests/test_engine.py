@@ -17,20 +17,11 @@ from hotswap_rt import HotswapRuntime, RuntimeConfig, UnknownAdapterError
 from hotswap_rt.engine import (
     EngineConfig, FinishEvent, GenerationEngine, RequestError, SamplingParams, TokenEvent)
 
-from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel
+from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, IdTokenizer
 
 pytestmark = pytest.mark.slow  # compiles five graphs once
 MAX_LEN = 128  # the tiny Llama's context
 GREEDY = dict(temperature=0.0, ignore_eos=True)  # the random model may say its EOS (2)
-
-
-class IdTokenizer:
-    """Token ids as text: ``"12 7 99"``; exact and easy to compare."""
-
-    eos_token_id = None
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(f" {i}" for i in ids)
 
 
 @pytest.fixture(scope="module")
