@@ -22,6 +22,24 @@ import torch
 
 
 @dataclass(frozen=True)
+class LayerShape:
+    """What a slot row holds for one layer: its LoRA as matrices A ``[R, d_in]``, B ``[d_out, R]``.
+
+    Attributes:
+        kind: ``"linear"`` (``nn.Linear``, ``Conv1D``), ``"conv"`` (``nn.Conv2d``: ``d_in`` =
+            ``C_in*kh*kw``, ``kernel`` = ``(C_in, kh, kw)``, ``groups`` its groups) or
+            ``"embedding"`` (``nn.Embedding``: ``d_in`` = ``num_embeddings``).
+    """
+
+    d_in: int
+    d_out: int
+    dtype: torch.dtype
+    kind: str = "linear"
+    kernel: tuple[int, ...] = ()
+    groups: int = 1
+
+
+@dataclass(frozen=True)
 class LayerLayout:
     """Where one injected layer lives in its dtype's arena row."""
 
@@ -30,6 +48,14 @@ class LayerLayout:
     d_out: int
     dtype: torch.dtype
     offset: int  # A starts here; B starts at offset + R * d_in
+    kind: str = "linear"
+    kernel: tuple[int, ...] = ()
+    groups: int = 1
+
+    @classmethod
+    def of(cls, name: str, shape: LayerShape, offset: int) -> LayerLayout:
+        return cls(name, shape.d_in, shape.d_out, shape.dtype, offset, shape.kind, shape.kernel,
+                   shape.groups)
 
     def size(self, max_rank: int) -> int:
         return max_rank * (self.d_in + self.d_out)
@@ -52,7 +78,8 @@ class SlotArena:
     """Device slot storage for every injected layer.
 
     Args:
-        layers: layer name -> (d_in, d_out, dtype), in a fixed order.
+        layers: layer name -> :class:`LayerShape` (or ``(d_in, d_out, dtype)``: a linear layer),
+            in a fixed order.
         max_rank: R.
         num_slots: S.
         device: where the arena lives (the injected layers' device).
@@ -65,7 +92,7 @@ class SlotArena:
 
     def __init__(
         self,
-        layers: dict[str, tuple[int, int, torch.dtype]],
+        layers: Mapping[str, LayerShape | tuple[int, int, torch.dtype]],
         max_rank: int,
         num_slots: int,
         device: torch.device,
@@ -79,20 +106,21 @@ class SlotArena:
         self.pin_host_rows = device.type != "cpu" and torch.accelerator.is_available()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def extend(self, layers: dict[str, tuple[int, int, torch.dtype]]) -> None:
-        """Add layers (name -> (d_in, d_out, dtype)) at the end of their dtype's slot rows.
+    def extend(self, layers: Mapping[str, LayerShape | tuple[int, int, torch.dtype]]) -> None:
+        """Add layers (name -> :class:`LayerShape`) at the end of their dtype's slot rows.
 
         Existing layers keep their offsets and every slot keeps its contents (new layers start
         at zero), but a grown dtype gets a *new* ``[S, P]`` tensor: whoever holds the old one
         (the slot layers) must be pointed at :attr:`arenas` again. Only before compiling: a
         compiled graph reads the old tensor."""
         row_sizes = self.row_sizes
-        for name, (d_in, d_out, dtype) in layers.items():
+        for name, spec in layers.items():
+            shape = spec if isinstance(spec, LayerShape) else LayerShape(*spec)
             if name in self.layouts:
                 raise ValueError(f"layer {name!r} is already in the arena")
-            offset = row_sizes.get(dtype, 0)
-            self.layouts[name] = LayerLayout(name, d_in, d_out, dtype, offset)  # same dict object
-            row_sizes[dtype] = offset + self.max_rank * (d_in + d_out)
+            offset = row_sizes.get(shape.dtype, 0)
+            self.layouts[name] = LayerLayout.of(name, shape, offset)  # same dict object
+            row_sizes[shape.dtype] = offset + self.max_rank * (shape.d_in + shape.d_out)
         for dtype, size in row_sizes.items():
             old = self.arenas.get(dtype)
             if old is not None and old.shape[1] == size:

@@ -124,17 +124,14 @@ def _check_against_model(args: argparse.Namespace, adapter: Any) -> list[str]:
     from .arena import SlotArena
     from .staging import Stager
     from .inject import find_targets
-    from .layers import base_layer_shape
+    from .layers import layer_shape
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
     targets = args.target_modules or sorted({n.rsplit(".", 1)[-1] for n in adapter.modules})
     try:
         names = find_targets(model, targets)
-        shapes = {}
-        for name in names:
-            layer = model.get_submodule(name)
-            shapes[name] = (*base_layer_shape(layer), layer.weight.dtype)
+        shapes = {name: layer_shape(model.get_submodule(name)) for name in names}
         Stager(SlotArena(shapes, args.max_rank, 1, torch.device("meta"))).check(adapter)
     except HotswapError as exc:
         return [str(exc)]

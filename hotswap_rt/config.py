@@ -36,6 +36,11 @@ class RuntimeConfig:
             cost ~ this number instead of ``max_active_adapters``), and a selection that
             combines more in a row is refused.
         exclude_modules: names (same rules as ``target_modules``) never injected.
+        batch_input: the forward argument whose dim 0 is the batch, checked against the rows
+            the selection was written for; ``None`` finds it: ``input_ids``, else
+            ``inputs_embeds``, else the forward's first parameter (``sample`` of a diffusers
+            UNet). Every injected layer must see the batch in dim 0 of its input, as
+            transformers and diffusers layers do (per-row selection indexes dim 0).
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -46,8 +51,11 @@ class RuntimeConfig:
     max_active_adapters: int | None = None
     exclude_modules: Sequence[str] = field(default_factory=tuple)
     max_adapters_per_row: int | None = None
+    batch_input: str | None = None
 
     def __post_init__(self) -> None:
+        if self.batch_input is not None and (not isinstance(self.batch_input, str) or not self.batch_input):
+            raise HotswapError(f"RuntimeConfig.batch_input must be an argument name, got {self.batch_input!r}")
         if self.target_modules is None:
             pass
         elif isinstance(self.target_modules, str):

@@ -13,7 +13,6 @@ The runtime installs a :class:`ModelForward` as the model's instance attribute `
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -23,7 +22,9 @@ from torch import nn
 from .errors import HotswapError
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
-from .inputs import as_kwargs, batch_size, unview
+from .inputs import (
+    ExampleInput, as_kwargs, batch_argument, batch_size, bind_positional, positional_names, unview,
+)
 from .selection import Selector
 
 
@@ -35,10 +36,13 @@ class ModelForward:
         gate: forwards are its readers.
         guard: counts compiles and recompiles of the compiled forward.
         selector: checks each batch against what the selection tensors were written for.
+        batch_input: the argument whose dim 0 is the batch (None: found, see
+            :func:`~hotswap_rt.inputs.batch_argument`).
     """
 
     def __init__(
-        self, model: nn.Module, gate: ForwardGate, guard: RecompileGuard, selector: Selector
+        self, model: nn.Module, gate: ForwardGate, guard: RecompileGuard, selector: Selector,
+        batch_input: str | None = None,
     ) -> None:
         self.model = model
         self.gate = gate
@@ -46,7 +50,8 @@ class ModelForward:
         self.selector = selector
         self.eager = model.forward
         self.impl: Callable[..., Any] = self.eager  # the compiled forward once compiled
-        self.params = list(inspect.signature(self.eager).parameters)
+        self.params = positional_names(self.eager)
+        self.batch_candidates = batch_argument(self.params, batch_input)
         self.compiled = False
         self._restore_disable_compile: Any = None
         model.forward = self  # instance attribute: model(...) and generate() use it
@@ -57,23 +62,22 @@ class ModelForward:
     @torch.compiler.disable(recursive=False)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:  # one calling convention, so model(x) and model(input_ids=x) share a graph
-            kwargs = {**dict(zip(self.params, args)), **kwargs}
-            args = ()
+            kwargs = bind_positional(args, kwargs, self.params)
         if self.compiled:
             kwargs = unview(kwargs)
-        batch = batch_size(args, kwargs)
+        batch = batch_size(kwargs, self.batch_candidates)
         self.gate.enter()  # from here on the selection and the slots it reads cannot change
         try:
             if batch is not None:
                 self.selector.check_batch(batch)
-            return self.guard.call(self.impl, *args, **kwargs)
+            return self.guard.call(self.impl, **kwargs)
         finally:
             self.gate.exit()
 
     def compile(
         self,
-        example_inputs: torch.Tensor | Mapping[str, Any] | None,
-        warmup_inputs: Sequence[torch.Tensor | Mapping[str, Any]],
+        example_inputs: ExampleInput | None,
+        warmup_inputs: Sequence[ExampleInput],
         warmup: Callable[[nn.Module], Any] | None,
         static_storage: Mapping[str, torch.Tensor],
         *,
@@ -111,7 +115,7 @@ class ModelForward:
                 with torch.set_grad_enabled(grad_mode):
                     for _ in range(passes):
                         for each in [*inputs, *warmup_inputs]:
-                            self.model(**unview(as_kwargs(each)))
+                            self.model(**unview(as_kwargs(each, self.params)))
                         if warmup is not None:
                             warmup(self.model)
         except BaseException:

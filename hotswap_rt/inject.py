@@ -4,8 +4,8 @@ Rules, as in PEFT's ``check_target_module_exists``:
 - a list of names: a module matches when its full name equals an entry or ends with ``"." + entry``;
 - a string: ``re.fullmatch(pattern, full_name)``;
 - ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the model's output head.
-Only ``nn.Linear`` and transformers ``Conv1D`` layers are injected; a layer that already is a slot
-layer counts as one (its wrapped base layer is not looked at).
+``nn.Linear``, transformers ``Conv1D``, ``nn.Conv2d`` and ``nn.Embedding`` layers can be injected;
+a layer that already is a slot layer counts as one (its wrapped base layer is not looked at).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import name_matches
 from .errors import TargetNotFoundError
-from .layers import LoraSlotLinear, is_supported_layer
+from .layers import LINEAR_TYPES, SlotLayer, is_linear_layer, is_supported_layer
 
 ALL_LINEAR = "all-linear"
 
@@ -40,21 +40,22 @@ def find_targets(
             continue
         if any(name.startswith(prefix) for prefix in injected):
             continue  # inside a slot layer
-        if isinstance(module, LoraSlotLinear):
+        if isinstance(module, SlotLayer):
             injected.append(name + ".")
         if all_linear:
-            if is_supported_layer(module) and name != head:
+            if is_linear_layer(module) and name != head:
                 matched.append(name)
         elif name_matches(target_modules, name):
             (matched if is_supported_layer(module) else unsupported).append(name)
     if unsupported:
         raise TargetNotFoundError(
-            f"target_modules={target_modules!r} matches layers that are not nn.Linear/Conv1D: "
+            f"target_modules={target_modules!r} matches layers that are not {LINEAR_TYPES} (or "
+            f"cannot carry LoRA): "
             f"{unsupported[:5]} ({type(model.get_submodule(unsupported[0])).__name__})"
         )
     if not matched:
         raise TargetNotFoundError(
-            f"target_modules={target_modules!r} matches no nn.Linear/Conv1D layer of "
+            f"target_modules={target_modules!r} matches no {LINEAR_TYPES} layer of "
             f"{type(model).__name__}; linear layers include {_some_linear_names(model)}"
         )
     return matched

@@ -1,4 +1,8 @@
-"""The LoRA slot layer: a frozen base linear layer plus a read of the shared slot arena.
+"""The LoRA slot layers: a frozen base layer plus a read of the shared slot arena.
+
+Linear layers (``nn.Linear``, ``Conv1D``) below; ``nn.Conv2d`` and ``nn.Embedding`` use the same
+slot rows and selection, meeting the input with a conv or an embedding lookup instead of the
+first matmul (:class:`LoraSlotConv2d`, :class:`LoraSlotEmbedding`).
 
 One forward, for ``k`` active slots of rank ``R`` (``k = max_active_adapters``)::
 
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arena import LayerShape
 from .selection import Selection
 
 
@@ -64,8 +69,9 @@ class LayerTrainState:
         return a_sel + mask * zero_a, b_sel + mask * zero_b
 
 
-class LoraSlotLinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` or transformers ``Conv1D`` and adds the selected LoRA slots.
+class SlotLayer(nn.Module):
+    """A frozen base layer plus the selected LoRA slots; the layer kinds below differ only in
+    how the factors meet the input (see the module doc for the linear case).
 
     Args:
         base: the original layer; its parameters are not modified.
@@ -86,7 +92,8 @@ class LoraSlotLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
-        self.in_features, self.out_features = base_layer_shape(base)
+        self.shape = layer_shape(base)
+        self.in_features, self.out_features = self.shape.d_in, self.shape.d_out
         self.max_rank = max_rank
         self.offset = offset
         # Plain attributes, not buffers: shared by all layers, kept out of the model's state_dict.
@@ -116,56 +123,183 @@ class LoraSlotLinear(nn.Module):
         )
         return a_stack, b_stack
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # [B, ..., d_out]
+    def _training(self) -> bool:
         # Grad mode first: under no_grad dynamo never reads (nor guards on) _train.
-        training = torch.is_grad_enabled() and self._train is not None
-        if self._selection.per_row and not training:  # fixed for the runtime's life
-            return y + self._per_row(x).to(y.dtype)
+        return torch.is_grad_enabled() and self._train is not None
+
+    def _active_factors(self, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active slots' factors as one LoRA of rank ``k*R``: A ``[k*R, d_in]``,
+        B ``[d_out, k*R]`` (the trainable adapter's parameters attached when ``training``)."""
         a_stack, b_stack = self.slot_views()
         active = self._selection.active_slots  # [k]
-        k = active.shape[0]
         a_sel = a_stack.index_select(0, active)  # [k, R, d_in]
         b_sel = b_stack.index_select(0, active)  # [k, d_out, R]
         if training:
+            assert self._train is not None
             a_sel, b_sel = self._train.attach(a_sel, b_sel, active)
-        a_act = a_sel.flatten(0, 1)  # [k*R, d_in]
-        b_act = b_sel.permute(1, 0, 2).flatten(1)  # [d_out, k*R]
-        h = F.linear(x.to(a_act.dtype), a_act)  # [B, ..., k*R]
-        weights = self._selection.row_weights[: x.shape[0]].to(h.dtype)  # [B, k]
-        weights = weights.view(x.shape[0], *([1] * (x.dim() - 2)), k, 1)
-        h = (h.unflatten(-1, (k, self.max_rank)) * weights).flatten(-2)
-        return y + F.linear(h, b_act).to(y.dtype)
+        return a_sel.flatten(0, 1), b_sel.permute(1, 0, 2).flatten(1)
 
-    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row times its own ``m`` slots only (see the module doc); ``[B, ..., d_out]``."""
-        batch, rank, d_in, d_out = x.shape[0], self.max_rank, self.in_features, self.out_features
+    def _weigh(self, h: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
+        """``h`` with its ``[.., n*R, ..]`` dim ``dim`` (``n`` adapters of rank ``R``) scaled per
+        adapter by ``weights [B, n]`` (batch in dim 0 of ``h``)."""
+        n = weights.shape[1]
+        dim = dim % h.dim()
+        h = h.unflatten(dim, (n, self.max_rank))
+        shape = [weights.shape[0]] + [1] * (h.dim() - 1)
+        shape[dim] = n
+        return (h * weights.to(h.dtype).view(shape)).flatten(dim, dim + 1)
+
+    def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row mode: each row's ``m`` slots' factors, A ``[B, m, R, d_in]``,
+        B ``[B, m, d_out, R]``, and their weights ``[B, m]``."""
         a_stack, b_stack = self.slot_views()
         slots = self._selection.row_slots[:batch]  # [B, m]
         per_row = slots.shape[1]
-        a_row = a_stack.index_select(0, slots.flatten()).view(batch, per_row * rank, d_in)
-        b_row = b_stack.index_select(0, slots.flatten()).view(batch, per_row, d_out, rank)
-        b_row = b_row.permute(0, 2, 1, 3).reshape(batch, d_out, per_row * rank)
-        flat = x.reshape(batch, -1, d_in).to(a_row.dtype)  # [B, T, d_in]
-        h = torch.bmm(flat, a_row.transpose(1, 2))  # [B, T, m*R]
-        weights = self._selection.row_slot_weights[:batch].to(h.dtype).view(batch, 1, per_row, 1)
-        h = (h.unflatten(-1, (per_row, rank)) * weights).flatten(-2)
-        return torch.bmm(h, b_row.transpose(1, 2)).view(*x.shape[:-1], d_out)
+        a_row = a_stack.index_select(0, slots.flatten()).unflatten(0, (batch, per_row))
+        b_row = b_stack.index_select(0, slots.flatten()).unflatten(0, (batch, per_row))
+        return a_row, b_row, self._selection.row_slot_weights[:batch]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}"
 
 
-def base_layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """``(d_in, d_out)`` of an ``nn.Linear`` (weight ``[out, in]``) or a ``Conv1D`` (``[in, out]``)."""
-    if isinstance(layer, LoraSlotLinear):
-        return layer.in_features, layer.out_features
+class LoraSlotLinear(SlotLayer):
+    """Wraps a frozen ``nn.Linear`` or transformers ``Conv1D`` (input ``[B, ..., d_in]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [B, ..., d_out]
+        training = self._training()
+        if self._selection.per_row and not training:  # fixed for the runtime's life
+            return y + self._per_row(x).to(y.dtype)
+        a_act, b_act = self._active_factors(training)
+        h = F.linear(x.to(a_act.dtype), a_act)  # [B, ..., k*R]
+        h = self._weigh(h, self._selection.row_weights[: x.shape[0]], dim=-1)
+        return y + F.linear(h, b_act).to(y.dtype)
+
+    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row times its own ``m`` slots only (see the module doc); ``[B, ..., d_out]``."""
+        batch, d_in, d_out = x.shape[0], self.in_features, self.out_features
+        a_row, b_row, weights = self._row_slots(batch)
+        a_row = a_row.flatten(1, 2)  # [B, m*R, d_in]
+        b_row = b_row.permute(0, 2, 1, 3).flatten(2)  # [B, d_out, m*R]
+        flat = x.reshape(batch, -1, d_in).to(a_row.dtype)  # [B, T, d_in]
+        h = self._weigh(torch.bmm(flat, a_row.transpose(1, 2)), weights, dim=-1)  # [B, T, m*R]
+        return torch.bmm(h, b_row.transpose(1, 2)).view(*x.shape[:-1], d_out)
+
+
+class LoraSlotConv2d(SlotLayer):
+    """Wraps a frozen ``nn.Conv2d`` (input ``[B, C_in, H, W]``), as PEFT does: A is a conv with
+    the base's kernel, stride and padding (``[R, C_in, kh, kw]``), B a 1x1 conv, stored as its
+    block-diagonal matrix when the base has ``groups`` (see :class:`~hotswap_rt.peft_format.LoraModule`)::
+
+        h = conv2d(x, A_act)              # [B, k*R, H', W']
+        y = base(x) + conv2d(h * w, B_act)  # B_act: [C_out, k*R, 1, 1]
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"LoRA slots on Conv2d need a batched [B, C, H, W] input, got {tuple(x.shape)}")
+        y = self.base(x)  # [B, C_out, H', W']
+        training = self._training()
+        if self._selection.per_row and not training:
+            return y + self._per_row(x).to(y.dtype)
+        a_act, b_act = self._active_factors(training)
+        h = self._conv_a(x.to(a_act.dtype), a_act.view(-1, *self.shape.kernel), groups=1)
+        h = self._weigh(h, self._selection.row_weights[: x.shape[0]], dim=1)
+        return y + F.conv2d(h, b_act[:, :, None, None]).to(y.dtype)
+
+    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample through its own ``m`` slots: the batch as conv groups."""
+        batch, channels, height, width = x.shape
+        a_row, b_row, weights = self._row_slots(batch)  # [B, m, R, d_in], [B, m, d_out, R]
+        per_row = a_row.shape[1]
+        kernels = a_row.reshape(batch * per_row * self.max_rank, *self.shape.kernel)
+        flat = x.reshape(1, batch * channels, height, width).to(kernels.dtype)
+        h = self._conv_a(flat, kernels, groups=batch)  # [1, B*m*R, H', W']
+        h = h.view(batch, per_row, self.max_rank, *h.shape[2:])
+        h = h * weights.to(h.dtype).view(batch, per_row, 1, 1, 1)
+        return torch.einsum("bmrhw,bmor->bohw", h, b_row)
+
+    def _conv_a(self, x: torch.Tensor, kernels: torch.Tensor, groups: int) -> torch.Tensor:
+        base = self.base
+        return F.conv2d(x, kernels, stride=base.stride, padding=base.padding, groups=groups)
+
+
+class LoraSlotEmbedding(SlotLayer):
+    """Wraps a frozen ``nn.Embedding`` (input token ids ``[B, ...]``), as PEFT does:
+    ``y = base(ids) + A.T[ids] @ B.T`` with A ``[R, num_embeddings]``, B ``[dim, R]``. The rows
+    of A are looked up in place (no gather of the slots' full A)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)  # [B, ..., dim]
+        training = self._training()
+        if self._selection.per_row and not training:
+            return y + self._per_row(ids).to(y.dtype)
+        a_act, b_act = self._active_factors(training)  # [k*R, V], [dim, k*R]
+        h = F.embedding(ids, a_act.t())  # [B, ..., k*R]
+        h = self._weigh(h, self._selection.row_weights[: ids.shape[0]], dim=-1)
+        return y + F.linear(h, b_act).to(y.dtype)
+
+    def _per_row(self, ids: torch.Tensor) -> torch.Tensor:
+        batch = ids.shape[0]
+        a_stack, _ = self.slot_views()  # [S, R, V]
+        slots = self._selection.row_slots[:batch]  # [B, m]
+        flat = ids.reshape(batch, -1)  # [B, T]
+        h = a_stack.permute(0, 2, 1)[slots[:, None, :], flat[:, :, None]]  # [B, T, m, R]
+        weights = self._selection.row_slot_weights[:batch]
+        h = self._weigh(h.flatten(2), weights, dim=-1)  # [B, T, m*R]
+        _, b_row, _ = self._row_slots(batch)
+        b_row = b_row.permute(0, 2, 1, 3).flatten(2)  # [B, dim, m*R]
+        return torch.bmm(h, b_row.transpose(1, 2)).view(*ids.shape, self.out_features)
+
+
+def make_slot_layer(
+    base: nn.Module, arena: torch.Tensor, offset: int, max_rank: int, selection: Selection
+) -> SlotLayer:
+    """The slot layer for ``base``'s kind."""
+    kind = layer_shape(base).kind
+    cls = {"linear": LoraSlotLinear, "conv": LoraSlotConv2d, "embedding": LoraSlotEmbedding}[kind]
+    return cls(base, arena, offset, max_rank, selection)
+
+
+def layer_shape(layer: nn.Module) -> LayerShape:
+    """What a slot row holds for ``layer`` (see :class:`~hotswap_rt.arena.LayerShape`).
+
+    Raises:
+        TypeError: not a layer a slot layer can wrap.
+    """
+    if isinstance(layer, SlotLayer):
+        return layer.shape
+    dtype = layer.weight.dtype if hasattr(layer, "weight") else torch.float32
     if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
+        return LayerShape(layer.in_features, layer.out_features, dtype)
     if is_conv1d(layer):
         d_in, d_out = layer.weight.shape
-        return int(d_in), int(d_out)
+        return LayerShape(int(d_in), int(d_out), dtype)
+    if isinstance(layer, nn.Conv2d):
+        unsupported = unsupported_reason(layer)
+        if unsupported:
+            raise TypeError(unsupported)
+        c_out, c_in_per_group, kh, kw = layer.weight.shape
+        kernel = (layer.in_channels, int(kh), int(kw))
+        return LayerShape(layer.in_channels * kh * kw, int(c_out), dtype, "conv", kernel, layer.groups)
+    if isinstance(layer, nn.Embedding):
+        unsupported = unsupported_reason(layer)
+        if unsupported:
+            raise TypeError(unsupported)
+        return LayerShape(layer.num_embeddings, layer.embedding_dim, dtype, "embedding")
     raise TypeError(f"unsupported layer type {type(layer).__name__}")
+
+
+def unsupported_reason(layer: nn.Module) -> str | None:
+    """Why a layer of a supported type still cannot carry LoRA slots (None: it can)."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.dilation != (1, 1) or layer.padding_mode != "zeros":
+            return (f"{layer!r}: LoRA on Conv2d with dilation or padding_mode other than 'zeros' "
+                    f"is not supported (PEFT's LoRA ignores both)")
+    if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.sparse):
+        return f"{layer!r}: LoRA on an Embedding with max_norm or sparse=True is not supported"
+    return None
 
 
 def is_conv1d(layer: nn.Module) -> bool:
@@ -177,6 +311,16 @@ def is_conv1d(layer: nn.Module) -> bool:
     return isinstance(layer, Conv1D)
 
 
+LINEAR_TYPES = "nn.Linear/Conv1D/Conv2d/Embedding"  # what error messages call the supported layers
+
+
 def is_supported_layer(layer: nn.Module) -> bool:
     """A layer a slot layer can wrap, or a slot layer already."""
-    return isinstance(layer, (nn.Linear, LoraSlotLinear)) or is_conv1d(layer)
+    if isinstance(layer, (nn.Conv2d, nn.Embedding)):
+        return unsupported_reason(layer) is None
+    return isinstance(layer, (nn.Linear, SlotLayer)) or is_conv1d(layer)
+
+
+def is_linear_layer(layer: nn.Module) -> bool:
+    """An ``nn.Linear`` or ``Conv1D`` (what ``"all-linear"`` targets)."""
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)

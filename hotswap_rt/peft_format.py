@@ -33,6 +33,11 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 _KEY_PREFIXES = ("base_model.model.", "base_model.")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)$")
+# PEFT's save_embedding_layers: the targeted embedding's own weight saved beside its LoRA.
+_SAVED_BASE_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
+
+LINEAR, CONV, EMBEDDING = "linear", "conv", "embedding"  # LoraModule.kind
 
 # Config fields naming PEFT features a LoRA slot cannot represent yet; refused when set.
 _UNSUPPORTED_FIELDS = {
@@ -51,7 +56,18 @@ _UNSUPPORTED_FIELDS = {
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One layer's LoRA factors, unpadded and unscaled, as stored on disk.
+    """One layer's LoRA factors, unpadded and unscaled, as matrices (the slot layout).
+
+    Linear layers store exactly this on disk. The other kinds are converted on read and back on
+    write (:func:`disk_factors`):
+
+    - ``"conv"`` (``nn.Conv2d``): on disk A ``[rank, C_in, kh, kw]`` and B
+      ``[C_out, rank / groups, 1, 1]`` (a 1x1 conv with the base layer's ``groups``). Here A is
+      flattened to ``[rank, C_in*kh*kw]`` and B expanded to its block-diagonal ``[C_out, rank]``
+      (output group ``j`` reads only ranks ``j*rank/groups ..``), so the delta is the linear
+      LoRA formula over the conv's patches.
+    - ``"embedding"`` (``nn.Embedding``): ``lora_embedding_A`` ``[rank, num_embeddings]`` and
+      ``lora_embedding_B`` ``[embedding_dim, rank]``, already matrices.
 
     Attributes:
         lora_A: ``[rank, d_in]``.
@@ -59,6 +75,9 @@ class LoraModule:
         rank: this module's rank (``lora_A.shape[0]``).
         alpha: this module's ``lora_alpha`` after ``alpha_pattern``.
         scaling: ``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA).
+        kind: ``"linear"``, ``"conv"`` or ``"embedding"``.
+        kernel: ``"conv"`` only: A's on-disk dims after the rank, ``(C_in, kh, kw)``.
+        groups: ``"conv"`` only: the 1x1 B conv's groups.
     """
 
     lora_A: torch.Tensor
@@ -66,16 +85,24 @@ class LoraModule:
     rank: int
     alpha: float
     scaling: float
+    kind: str = LINEAR
+    kernel: tuple[int, ...] = ()
+    groups: int = 1
 
 
 @dataclass(frozen=True)
 class ParsedAdapter:
-    """A validated PEFT LoRA adapter: its default hyper-parameters and per-module factors."""
+    """A validated PEFT LoRA adapter: its default hyper-parameters and per-module factors.
+
+    ``saved_base_weights``: module -> the base weight PEFT saved beside its LoRA
+    (``save_embedding_layers``); loading checks it equals the model's own, saving leaves it out.
+    """
 
     rank: int
     alpha: float
     use_rslora: bool
     modules: dict[str, LoraModule]
+    saved_base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
@@ -230,28 +257,38 @@ def parse_adapter(
 
     _reject_unsupported_keys([str(key) for key in state_dict], where)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, str] = {}
+    saved_base: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         module, which = _split_key(str(key), where)
+        if which == "base":
+            saved_base[module] = _check_tensor(key, tensor, where, True, dims=(2,))
+            continue
+        kind = EMBEDDING if which.startswith("embedding") else LINEAR
+        which = which[-1]
+        if kinds.setdefault(module, kind) != kind:
+            raise AdapterFormatError(f"{where}: module {module!r} has both lora_A/B.weight and "
+                                     f"lora_embedding_A/B keys")
         pairs.setdefault(module, {})
         if which in pairs[module]:
             raise AdapterFormatError(f"{where}: duplicate lora_{which} for module {module!r}")
-        pairs[module][which] = _check_tensor(key, tensor, where, allow_nonfinite)
+        dims = (2,) if kind == EMBEDDING else (2, 4)
+        pairs[module][which] = _check_tensor(key, tensor, where, allow_nonfinite, dims=dims)
     if not pairs:
         raise AdapterFormatError(f"{where}: no LoRA weights (no '*.lora_A.weight' keys)")
+    stray = sorted(set(saved_base) - {m for m, kind in kinds.items() if kind == EMBEDDING})
+    if stray:
+        raise AdapterFormatError(f"{where}: base weights saved for {stray[:3]}, which have no "
+                                 f"embedding LoRA (only save_embedding_layers is understood)")
 
     _check_target_modules(config.get("target_modules"), sorted(pairs), where)
     modules: dict[str, LoraModule] = {}
     for name, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise AdapterFormatError(f"{where}: module {name!r} has no {missing}.weight")
-        lora_A, lora_B = pair["A"], pair["B"]
-        module_rank = lora_A.shape[0]
-        if lora_B.shape[1] != module_rank:
-            raise AdapterFormatError(
-                f"{where}: module {name!r}: lora_A is {tuple(lora_A.shape)} (rank {module_rank}) "
-                f"but lora_B is {tuple(lora_B.shape)} (rank {lora_B.shape[1]})"
-            )
+            missing = "B" if "A" in pair else "A"
+            suffix = f"lora_embedding_{missing}" if kinds[name] == EMBEDDING else f"lora_{missing}.weight"
+            raise AdapterFormatError(f"{where}: module {name!r} has no {suffix}")
+        module_rank = pair["A"].shape[0]
         declared = rank_pattern.get(_pattern_key(rank_pattern, name), rank)
         if declared != module_rank:
             raise AdapterFormatError(
@@ -259,24 +296,73 @@ def parse_adapter(
                 f"declares r={declared}"
             )
         module_alpha = alpha_pattern.get(_pattern_key(alpha_pattern, name), alpha)
-        modules[name] = LoraModule(
-            lora_A=lora_A,
-            lora_B=lora_B,
-            rank=module_rank,
-            alpha=module_alpha,
-            scaling=lora_scaling(module_rank, module_alpha, use_rslora),
+        modules[name] = _matrix_module(
+            name, pair["A"], pair["B"], kinds[name], where,
+            alpha=module_alpha, scaling=lora_scaling(module_rank, module_alpha, use_rslora),
         )
     return ParsedAdapter(
         rank=rank,
         alpha=alpha,
         use_rslora=use_rslora,
         modules=modules,
+        saved_base_weights=saved_base,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         base_model_name_or_path=config.get("base_model_name_or_path"),
         task_type=config.get("task_type"),
         source=source,
     )
+
+
+def _matrix_module(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, kind: str, where: str,
+                   alpha: float, scaling: float) -> LoraModule:
+    """The on-disk factors of one module as a :class:`LoraModule` (see there for the forms)."""
+    rank = lora_A.shape[0]
+    if lora_A.dim() != lora_B.dim():
+        raise AdapterFormatError(f"{where}: module {name!r}: lora_A is {tuple(lora_A.shape)} but "
+                                 f"lora_B is {tuple(lora_B.shape)} (one 2-D, one 4-D)")
+    if lora_A.dim() == 2:
+        if lora_B.shape[1] != rank:
+            raise AdapterFormatError(
+                f"{where}: module {name!r}: lora_A is {tuple(lora_A.shape)} (rank {rank}) "
+                f"but lora_B is {tuple(lora_B.shape)} (rank {lora_B.shape[1]})"
+            )
+        return LoraModule(lora_A, lora_B, rank, alpha, scaling, kind=kind)
+    # Conv2d: A [r, C_in, kh, kw], B [C_out, r / groups, 1, 1]
+    per_group = lora_B.shape[1]
+    if tuple(lora_B.shape[2:]) != (1, 1) or rank % per_group != 0:
+        raise AdapterFormatError(
+            f"{where}: module {name!r}: conv lora_A is {tuple(lora_A.shape)} (rank {rank}) but "
+            f"lora_B is {tuple(lora_B.shape)}; expected [C_out, rank / groups, 1, 1]"
+        )
+    groups = rank // per_group
+    d_out = lora_B.shape[0]
+    if d_out % groups != 0:
+        raise AdapterFormatError(f"{where}: module {name!r}: lora_B has {d_out} output channels, "
+                                 f"not divisible by its groups={groups}")
+    full_b = torch.zeros(d_out, rank, dtype=lora_B.dtype)
+    out_per_group = d_out // groups
+    for group in range(groups):
+        rows = slice(group * out_per_group, (group + 1) * out_per_group)
+        cols = slice(group * per_group, (group + 1) * per_group)
+        full_b[rows, cols] = lora_B[rows, :, 0, 0]
+    return LoraModule(lora_A.flatten(1), full_b, rank, alpha, scaling, kind=CONV,
+                      kernel=tuple(lora_A.shape[1:]), groups=groups)
+
+
+def disk_factors(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module``'s factors in PEFT's on-disk shapes (the inverse of the conversion on read;
+    a conv's B keeps only its block diagonal)."""
+    if module.kind != CONV:
+        return module.lora_A, module.lora_B
+    lora_A = module.lora_A.reshape(module.rank, *module.kernel)
+    d_out, per_group = module.lora_B.shape[0], module.rank // module.groups
+    out_per_group = d_out // module.groups
+    blocks = [
+        module.lora_B[g * out_per_group : (g + 1) * out_per_group, g * per_group : (g + 1) * per_group]
+        for g in range(module.groups)
+    ]
+    return lora_A, torch.cat(blocks, dim=0)[:, :, None, None]
 
 
 def _check_target_modules(target_modules: Any, modules: list[str], where: str) -> None:
@@ -368,7 +454,6 @@ def _pattern_key(pattern: Mapping[str, Any], module_name: str) -> str:
 
 
 _UNSUPPORTED_KEYS = (
-    (re.compile(r"lora_embedding_[AB]"), "embedding LoRA (lora_embedding_A/B) is not supported"),
     (re.compile(r"lora_magnitude_vector"), "DoRA (lora_magnitude_vector) is not supported"),
     (re.compile(r"\.lora_[AB]\.bias$"), "LoRA bias is not supported"),
     (re.compile(r"modules_to_save"), "modules_to_save weights are not supported"),
@@ -384,24 +469,30 @@ def _reject_unsupported_keys(keys: list[str], where: str) -> None:
 
 
 def _split_key(key: str, where: str) -> tuple[str, str]:
-    """``base_model.model.a.b.lora_A.weight`` -> (``a.b``, ``A``), or a clear error."""
+    """``base_model.model.a.b.lora_A.weight`` -> (``a.b``, ``"A"``); ``...lora_embedding_B`` ->
+    (module, ``"embedding_B"``); ``...<embedding>.base_layer.weight`` -> (module, ``"base"``);
+    else a clear error."""
     for prefix in _KEY_PREFIXES:
         if key.startswith(prefix):
             key_body = key[len(prefix) :]
             break
     else:
         key_body = key
-    match = _LORA_KEY.match(key_body)
-    if not match:
-        raise AdapterFormatError(
-            f"{where}: key {key!r}: not a LoRA weight key ('<module>.lora_A.weight' / "
-            f"'<module>.lora_B.weight')"
-        )
-    return match.group("module"), match.group("which")
+    for pattern, prefix in ((_LORA_KEY, ""), (_EMBEDDING_KEY, "embedding_")):
+        match = pattern.match(key_body)
+        if match:
+            return match.group("module"), prefix + match.group("which")
+    match = _SAVED_BASE_KEY.match(key_body)
+    if match:
+        return match.group("module"), "base"
+    raise AdapterFormatError(
+        f"{where}: key {key!r}: not a LoRA weight key ('<module>.lora_A.weight' / "
+        f"'<module>.lora_B.weight' / '<module>.lora_embedding_A')"
+    )
 
 
 def _check_tensor(
-    key: str, tensor: Any, where: str, allow_nonfinite: bool
+    key: str, tensor: Any, where: str, allow_nonfinite: bool, dims: tuple[int, ...] = (2,)
 ) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise AdapterFormatError(f"{where}: key {key!r} is a {type(tensor).__name__}, not a tensor")
@@ -409,9 +500,10 @@ def _check_tensor(
         raise AdapterFormatError(
             f"{where}: key {key!r} has dtype {tensor.dtype}; LoRA weights must be floating point"
         )
-    if tensor.dim() != 2 or 0 in tensor.shape:
+    if tensor.dim() not in dims or 0 in tensor.shape:
+        expected = " or ".join(f"{d}-D" for d in dims)
         raise AdapterFormatError(
-            f"{where}: key {key!r} has shape {tuple(tensor.shape)}; expected a non-empty 2-D matrix"
+            f"{where}: key {key!r} has shape {tuple(tensor.shape)}; expected a non-empty {expected} tensor"
         )
     if not allow_nonfinite and not _all_finite(tensor):
         raise AdapterFormatError(
@@ -454,8 +546,11 @@ def adapter_state_dict(adapter: ParsedAdapter) -> dict[str, torch.Tensor]:
     """PEFT key names to unpadded, unscaled, contiguous CPU tensors."""
     state: dict[str, torch.Tensor] = {}
     for name, module in adapter.modules.items():
-        state[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.detach().cpu().contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.detach().cpu().contiguous()
+        lora_A, lora_B = disk_factors(module)
+        keys = ("lora_embedding_A", "lora_embedding_B") if module.kind == EMBEDDING else (
+            "lora_A.weight", "lora_B.weight")
+        state[f"base_model.model.{name}.{keys[0]}"] = lora_A.detach().cpu().contiguous()
+        state[f"base_model.model.{name}.{keys[1]}"] = lora_B.detach().cpu().contiguous()
     return state
 
 

@@ -35,8 +35,10 @@ from .errors import HotswapError, IncompatibleAdapterError, SelectionError, Slot
 from .forward import ModelForward
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
+from .inputs import ExampleInput, bind_positional
 from .inject import find_targets, replace_modules
-from .layers import LoraSlotLinear, base_layer_shape, is_supported_layer
+from .layers import LINEAR_TYPES, SlotLayer, is_supported_layer, layer_shape, make_slot_layer
+from .hub import push_adapter_folder
 from .peft_format import (
     ParsedAdapter, adapter_state_dict, resolve_source, task_type_for, write_adapter_dir,
     write_adapter_files)
@@ -58,7 +60,7 @@ class RuntimeInternals:
     selection: Selection
     selector: Selector
     stager: Stager
-    layers: dict[str, LoraSlotLinear]
+    layers: dict[str, SlotLayer]
     forward: ModelForward
 
 
@@ -67,7 +69,7 @@ class HotswapRuntime:
 
     Args:
         model: any transformers model (or ``nn.Module`` whose forward takes ``input_ids``).
-            Modified in place: targeted layers become :class:`LoraSlotLinear`.
+            Modified in place: targeted layers become slot layers (:class:`SlotLayer`).
         config: slot sizes and targets; defaults to :class:`RuntimeConfig()`.
 
     Raises:
@@ -80,7 +82,7 @@ class HotswapRuntime:
         self.lazy = config.target_modules is None  # inject what the adapters target, as they come
         names = [] if self.lazy else find_targets(model, config.target_modules, config.exclude_modules)
         bases = {name: model.get_submodule(name) for name in names}
-        taken = [name for name, base in bases.items() if isinstance(base, LoraSlotLinear)]
+        taken = [name for name, base in bases.items() if isinstance(base, SlotLayer)]
         if taken:
             raise HotswapError(f"layers {taken[:4]} are already injected by another runtime; "
                                f"eject it first")
@@ -89,7 +91,7 @@ class HotswapRuntime:
         self._selection = Selection(config.max_batch_size, config.max_active_adapters, device,
                                     config.max_adapters_per_row)
         self._selector = Selector(self._selection)
-        self._layers: dict[str, LoraSlotLinear] = {}
+        self._layers: dict[str, SlotLayer] = {}
         self._injection = replace_modules(model, {})
         self._inject_layers(bases)
         self._lock = threading.RLock()
@@ -102,7 +104,7 @@ class HotswapRuntime:
         )
         self._trainer = Trainer(model, self._layers, self._arena)
         self.guard = RecompileGuard()
-        self._forward = ModelForward(model, self._gate, self.guard, self._selector)
+        self._forward = ModelForward(model, self._gate, self.guard, self._selector, config.batch_input)
         self._eject_hooks: list[Callable[[], None]] = []
 
     def on_eject(self, hook: Callable[[], None]) -> None:
@@ -118,12 +120,11 @@ class HotswapRuntime:
         devices = {base.weight.device for base in bases.values()} | {self._arena.device}
         if len(devices) != 1:
             raise HotswapError(f"targeted layers span several devices {devices}; not supported")
-        self._arena.extend({name: (*base_layer_shape(base), base.weight.dtype)
-                            for name, base in bases.items()})
+        self._arena.extend({name: layer_shape(base) for name, base in bases.items()})
         new_layers = {
-            name: LoraSlotLinear(base, self._arena.arenas[base.weight.dtype],
-                                 self._arena.layouts[name].offset, self.config.max_rank,
-                                 self._selection)
+            name: make_slot_layer(base, self._arena.arenas[base.weight.dtype],
+                                  self._arena.layouts[name].offset, self.config.max_rank,
+                                  self._selection)
             for name, base in bases.items()
         }
         self._injection.originals.update(replace_modules(self.model, new_layers).originals)
@@ -161,15 +162,14 @@ class HotswapRuntime:
             except AttributeError:
                 raise IncompatibleAdapterError(f"the adapter targets {name!r}, which is not a "
                                                f"module of {type(self.model).__name__}") from None
-            if isinstance(base, LoraSlotLinear) or not is_supported_layer(base) or (
+            if isinstance(base, SlotLayer) or not is_supported_layer(base) or (
                 self.config.exclude_modules and name_matches(self.config.exclude_modules, name)
             ):
                 raise IncompatibleAdapterError(
                     f"the adapter targets {name!r} ({type(base).__name__}), which cannot be "
-                    f"injected (not nn.Linear/Conv1D, or in exclude_modules)"
+                    f"injected (not {LINEAR_TYPES}, or in exclude_modules)"
                 )
-            d_in, d_out = base_layer_shape(base)
-            plan[name] = LayerLayout(name, d_in, d_out, base.weight.dtype, -1)
+            plan[name] = LayerLayout.of(name, layer_shape(base), -1)
         return plan
 
     def _read_and_stage(self, source: Any, state_dict: Any = None, config: Any = None,
@@ -178,6 +178,7 @@ class HotswapRuntime:
         """Read and check an adapter; inject the layers it needs (lazy runtime, ``inject``);
         stage it."""
         adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite)
+        self._check_saved_base_weights(adapter)
         if not inject:
             missing = [name for name in adapter.modules if name not in self._arena.layouts]
             if missing:
@@ -186,6 +187,29 @@ class HotswapRuntime:
                     f"layers (a hotswap only replaces what exists; load it as a new adapter)")
         self._inject_for(list(adapter.modules), adapter)
         return self._stager.stage(adapter, fold_scaling=fold_scaling)
+
+    def _check_saved_base_weights(self, adapter: ParsedAdapter) -> None:
+        """Base weights saved with the adapter (PEFT's ``save_embedding_layers``) must equal the
+        model's own: we add LoRA to the model's weights and cannot swap a resized or trained
+        embedding per adapter.
+
+        Raises:
+            IncompatibleAdapterError: a saved weight is for no such layer or differs."""
+        for name, saved in adapter.saved_base_weights.items():
+            try:
+                layer = self.model.get_submodule(name)
+            except AttributeError:
+                layer = None
+            base = layer.base if isinstance(layer, SlotLayer) else layer
+            weight = getattr(base, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.shape != saved.shape or not torch.equal(
+                weight.detach().cpu(), saved.to(weight.dtype)
+            ):
+                raise IncompatibleAdapterError(
+                    f"{adapter.source or 'state_dict'}: the adapter carries its own weights for "
+                    f"{name!r} (PEFT's save_embedding_layers) that differ from the model's (a "
+                    f"resized or trained embedding); only LoRA on the model's own weights is served"
+                )
 
     def _inject_for(self, modules: Sequence[str], adapter: ParsedAdapter | None = None) -> None:
         """Check ``adapter`` (if given) against the layers it would have, then inject the
@@ -367,6 +391,20 @@ class HotswapRuntime:
         if into_existing:
             return str(write_adapter_files(adapter, directory))
         return str(write_adapter_dir(adapter, directory, overwrite=overwrite))
+
+    def push_to_hub(self, name: str, repo_id: str, *, commit_message: str | None = None,
+                    commit_description: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None,
+                    create_pr: bool = False, endpoint: str | None = None) -> str:
+        """Upload adapter ``name`` (the files :meth:`save` writes) to the Hub repo ``repo_id``
+        (created if needed) with ``huggingface_hub``; returns the commit (or PR) URL.
+        ``endpoint`` overrides the Hub URL (default ``HF_ENDPOINT``)."""
+        self._saved_values(name)  # unknown names fail before any request
+        return push_adapter_folder(
+            lambda directory: self.save(name, directory, into_existing=True), repo_id,
+            commit_message=commit_message, commit_description=commit_description, private=private,
+            token=token, revision=revision, create_pr=create_pr, endpoint=endpoint,
+        )
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s factors as PEFT saves them: ``base_model.model.<module>.lora_A.weight``
@@ -601,22 +639,25 @@ class HotswapRuntime:
     # ------------------------------------------------------------------------ compile and run
     def compile(
         self,
-        example_inputs: torch.Tensor | Mapping[str, Any] | None = None,
-        *,
-        warmup_inputs: Sequence[torch.Tensor | Mapping[str, Any]] = (),
+        *example_args: Any,
+        warmup_inputs: Sequence[ExampleInput] = (),
         warmup: Callable[[nn.Module], Any] | None = None,
         fullgraph: bool = True,
         dynamic: bool | None = None,
         mode: str | None = None,
         guard: GuardMode = "raise",
         training: bool = False,
+        **example_kwargs: Any,
     ) -> None:
         """``torch.compile`` the model's forward in place, warm it up, then arm the guard.
 
         Args:
-            example_inputs: an ``input_ids`` tensor or a dict of forward kwargs (may be omitted
-                when ``warmup`` is given).
-            warmup_inputs: more inputs (other batch sizes / lengths) to compile for up front.
+            example_args, example_kwargs: one call of the model's forward to compile for, as it
+                would be called (``rt.compile(input_ids)``, ``rt.compile(sample, timestep,
+                encoder_hidden_states=h)``); a single dict positional argument is taken as the
+                keyword arguments. May be omitted when ``warmup`` is given.
+            warmup_inputs: more calls (other batch sizes / lengths) to compile for up front: each
+                a tensor (the first argument), a tuple (positional arguments) or a dict.
             warmup: a callable run on the model during warm-up (e.g. a short ``generate`` with
                 ``cache_implementation="static"``, so the prefill and decode graphs exist).
             fullgraph: a graph break raises :class:`GraphBreakError`.
@@ -625,13 +666,20 @@ class HotswapRuntime:
             guard: what a recompile after warm-up does: "raise", "warn" or "count".
             training: also warm up with autograd on (add the trainable adapter first).
 
-        ``generate`` calls the runtime's compiled forward (transformers' own auto-compile is
-        switched off on this model).
+        The compile options are keyword-only; a forward argument with one of their names must
+        go in a dict (``rt.compile({"mode": ...})``). ``generate`` calls the runtime's compiled
+        forward (transformers' own auto-compile is switched off on this model).
         """
+        if len(example_args) == 1 and isinstance(example_args[0], Mapping) and not example_kwargs:
+            example: ExampleInput | None = dict(example_args[0])
+        elif example_args or example_kwargs:
+            example = bind_positional(example_args, example_kwargs, self._forward.params)
+        else:
+            example = None
         storage = {f"arena[{dtype}]": arena for dtype, arena in self._arena.arenas.items()}
         storage.update(self._selection.tensors())
         self._forward.compile(
-            example_inputs, warmup_inputs, warmup, storage, fullgraph=fullgraph, dynamic=dynamic,
+            example, warmup_inputs, warmup, storage, fullgraph=fullgraph, dynamic=dynamic,
             mode=mode, guard=guard, training=training,
         )
 

@@ -137,6 +137,12 @@ class Stager:
                 raise RankTooLargeError(
                     f"{where}: module {name!r} has rank {module.rank} > max_rank={self.max_rank}"
                 )
+            if (module.kind, module.kernel, module.groups) != (layout.kind, layout.kernel, layout.groups):
+                held = _describe(module.kind, module.kernel, module.groups)
+                raise IncompatibleAdapterError(
+                    f"{where}: module {name!r}: the adapter holds {held} LoRA but the layer is "
+                    f"{_describe(layout.kind, layout.kernel, layout.groups)}"
+                )
             expected_a, expected_b = (module.rank, layout.d_in), (layout.d_out, module.rank)
             if tuple(module.lora_A.shape) != expected_a or tuple(module.lora_B.shape) != expected_b:
                 raise IncompatibleAdapterError(
@@ -185,6 +191,12 @@ class Stager:
         """:meth:`read` then :meth:`stage`."""
         adapter = self.read(source, state_dict, config, allow_pickle, allow_nonfinite)
         return self.stage(adapter, fold_scaling=fold_scaling)
+
+
+def _describe(kind: str, kernel: tuple[int, ...], groups: int) -> str:
+    if kind == "conv":
+        return f"a Conv2d (kernel [C_in, kh, kw] = {list(kernel)}, groups={groups})"
+    return "an Embedding" if kind == "embedding" else "a linear"
 
 
 class BackgroundLoads:

@@ -30,7 +30,7 @@ from torch import nn
 from .arena import SlotArena
 from .config import lora_scaling, name_matches
 from .errors import HotswapError, IncompatibleAdapterError
-from .layers import LayerTrainState, LoraSlotLinear
+from .layers import LayerTrainState, SlotLayer
 from .peft_format import LoraModule, ParsedAdapter
 
 Init = Literal["kaiming", "gaussian", "zeros"]
@@ -66,15 +66,23 @@ def fresh_adapter(
     modules: dict[str, LoraModule] = {}
     for name in targets:
         layout = arena.layouts[name]
+        if layout.kind == "conv" and layout.groups > 1:
+            raise IncompatibleAdapterError(
+                f"{name!r} is a Conv2d with groups={layout.groups}: a new adapter on it cannot be "
+                f"trained in a slot (its B is block-diagonal); leave it out of the targets"
+            )
         lora_A = torch.zeros(rank, layout.d_in)
-        if init == "kaiming":
+        lora_B = torch.zeros(layout.d_out, rank)
+        if layout.kind == "embedding":  # PEFT: A = 0, B ~ N(0, 1)
+            if init != "zeros":
+                nn.init.normal_(lora_B)
+        elif init == "kaiming":
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(lora_A, std=1 / rank)
-        lora_B = torch.zeros(layout.d_out, rank)
         modules[name] = LoraModule(
             lora_A=lora_A.to(layout.dtype), lora_B=lora_B.to(layout.dtype), rank=rank,
-            alpha=alpha, scaling=scaling,
+            alpha=alpha, scaling=scaling, kind=layout.kind, kernel=layout.kernel, groups=layout.groups,
         )
     return ParsedAdapter(rank=rank, alpha=alpha, use_rslora=use_rslora, modules=modules,
                          source="add_adapter")
@@ -122,8 +130,15 @@ def uniform_scaling(adapter: ParsedAdapter) -> float:
     """The one scaling shared by every module, which a trainable adapter needs.
 
     Raises:
-        IncompatibleAdapterError: rank/alpha patterns give modules different scalings.
+        IncompatibleAdapterError: rank/alpha patterns give modules different scalings, or a
+            module is a grouped Conv2d (not trainable in a slot).
     """
+    grouped = [name for name, m in adapter.modules.items() if m.kind == "conv" and m.groups > 1]
+    if grouped:
+        raise IncompatibleAdapterError(
+            f"{adapter.source or 'state_dict'}: LoRA on grouped Conv2d layers {grouped[:3]} cannot be "
+            f"trained in a slot (its B is block-diagonal); load it for inference"
+        )
     scalings = {module.scaling for module in adapter.modules.values()}
     if len(scalings) != 1:
         raise IncompatibleAdapterError(
@@ -169,7 +184,7 @@ class Trainer:
     """
 
     def __init__(
-        self, model: nn.Module, layers: Mapping[str, LoraSlotLinear], arena: SlotArena
+        self, model: nn.Module, layers: Mapping[str, SlotLayer], arena: SlotArena
     ) -> None:
         self._model = model
         self._layers = layers

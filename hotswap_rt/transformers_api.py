@@ -11,10 +11,10 @@
 
 After :func:`enable_hotswap`, the model's ``load_adapter``, ``enable_peft_hotswap``,
 ``add_adapter``, ``set_adapter``, ``enable_adapters``, ``disable_adapters``, ``active_adapters``,
-``get_adapter_state_dict``, ``delete_adapter`` and ``save_pretrained`` are instance attributes
-that call :class:`AdapterMethods` (transformers' ``PeftAdapterMixin`` semantics, as PEFT's tuner
-layers implement them). Where the runtime cannot do what transformers would, they raise a
-:class:`~hotswap_rt.HotswapError` that says so.
+``get_adapter_state_dict``, ``delete_adapter``, ``save_pretrained`` and ``push_to_hub`` are
+instance attributes that call :class:`AdapterMethods` (transformers' ``PeftAdapterMixin``
+semantics, as PEFT's tuner layers implement them). Where the runtime cannot do what transformers
+would, they raise a :class:`~hotswap_rt.HotswapError` that says so.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from torch import nn
 
 from .config import RuntimeConfig
 from .errors import HotswapError
+from .hub import push_adapter_folder
 from .peft_format import config_as_dict, resolve_source
 from .runtime import HotswapRuntime
 
 METHODS = ("load_adapter", "enable_peft_hotswap", "add_adapter", "set_adapter", "enable_adapters",
            "disable_adapters", "active_adapters", "get_adapter_state_dict", "delete_adapter",
-           "save_pretrained")
+           "save_pretrained", "push_to_hub")
 DEFAULT_NAME = "default"  # transformers' and PEFT's name for an unnamed adapter
 # LoraConfig fields add_adapter cannot honour, with the value that means "not used".
 _ADD_UNSUPPORTED = {
@@ -296,22 +297,54 @@ class AdapterMethods:
         is_main = kwargs.pop("is_main_process", True)
         if kwargs:
             raise HotswapError(f"save_pretrained: {sorted(kwargs)} are not supported by hotswap_rt")
-        if not self._loaded():
-            raise HotswapError("save_pretrained: no adapter is loaded; to save the base model, "
-                               "rt.eject() it first")
-        active = self._active_names()
-        if len(active) != 1:
-            raise HotswapError(f"save_pretrained saves one active adapter; active: {active}. Call "
-                               f"set_adapter(name) first, or rt.save(name, dir)")
+        name = self._the_active_adapter("save_pretrained")
         if not is_main:
             return
-        self.rt.save(active[0], save_directory, into_existing=True)
+        self._write(name, save_directory)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None,
+                    commit_description: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None,
+                    create_pr: bool = False, **kwargs: Any) -> str:
+        """As transformers does for a model with an adapter: what :meth:`save_pretrained` writes,
+        uploaded to ``repo_id`` (created if needed) with ``huggingface_hub``; returns the commit
+        URL. The Hub URL is ``HF_ENDPOINT``'s.
+
+        Raises:
+            HotswapError: an option transformers has that is not supported here (``tags``,
+                sharding, ...), or what :meth:`save_pretrained` refuses."""
+        if kwargs:
+            raise HotswapError(f"push_to_hub: {sorted(kwargs)} are not supported by hotswap_rt")
+        name = self._the_active_adapter("push_to_hub")
+        return push_adapter_folder(
+            lambda directory: self._write(name, directory), repo_id, commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision,
+            create_pr=create_pr,
+        )
+
+    # ------------------------------------------------------------------------------ helpers
+    def _write(self, name: str, directory: str | os.PathLike[str]) -> None:
+        """Adapter ``name``'s two files, and the generation config of a generative model."""
+        self.rt.save(name, directory, into_existing=True)
         generation_config = getattr(self.model, "generation_config", None)
         can_generate = getattr(self.model, "can_generate", None)
         if generation_config is not None and callable(can_generate) and can_generate():
-            generation_config.save_pretrained(save_directory)
+            generation_config.save_pretrained(directory)
 
-    # ------------------------------------------------------------------------------ helpers
+    def _the_active_adapter(self, what: str) -> str:
+        """The one active adapter ``what`` saves.
+
+        Raises:
+            HotswapError: none loaded, or not exactly one active."""
+        if not self._loaded():
+            raise HotswapError(f"{what}: no adapter is loaded; to save the base model, rt.eject() "
+                               f"it first")
+        active = self._active_names()
+        if len(active) != 1:
+            raise HotswapError(f"{what} saves one active adapter; active: {active}. Call "
+                               f"set_adapter(name) first, or rt.save(name, dir)")
+        return active[0]
+
     def _loaded(self) -> set[str]:
         return {info.name for info in self.rt.adapters()}
 

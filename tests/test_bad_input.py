@@ -152,9 +152,9 @@ CASES: dict[str, Case] = {
         lambda b, r: {"source": b.make_adapter(r / "lbias", seed=3, r=4, lora_bias=True)},
         AdapterFormatError, "LoRA bias",
     ),
-    "embedding target": (
+    "embedding target not injected": (
         lambda b, r: {"source": b.make_adapter(r / "emb", seed=3, r=4, target_modules=["embed_tokens"])},
-        AdapterFormatError, "embedding",
+        IncompatibleAdapterError, "embed_tokens' is not an injected layer",
     ),
     "not a directory or hub id": (
         lambda b, r: {"source": str(r / "does" / "not" / "exist")},
@@ -189,12 +189,12 @@ CASES: dict[str, Case] = {
     "1-D weights": (
         lambda b, r: {"source": _write_dir(r / "oned", GOOD_CONFIG, {
             k: v.flatten() for k, v in _lora_state().items()})},
-        AdapterFormatError, "expected a non-empty 2-D matrix",
+        AdapterFormatError, "expected a non-empty 2-D or 4-D tensor",
     ),
     "3-D weights": (
         lambda b, r: {"source": _write_dir(r / "threed", GOOD_CONFIG, {
             k: v.unsqueeze(0) for k, v in _lora_state().items()})},
-        AdapterFormatError, "expected a non-empty 2-D matrix",
+        AdapterFormatError, "expected a non-empty 2-D or 4-D tensor",
     ),
     "Inf weights": (
         lambda b, r: {"source": _write_dir(r / "inf", GOOD_CONFIG, {

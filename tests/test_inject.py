@@ -46,9 +46,14 @@ def test_exclude_modules(llama: BaseModel) -> None:
     assert not any(n.endswith(("o_proj", "up_proj")) for n in names) and len(names) == 2 * 5
 
 
-def test_non_linear_target_is_refused(llama: BaseModel) -> None:
-    with pytest.raises(TargetNotFoundError, match="not nn.Linear/Conv1D"):
-        find_targets(llama.model, ["embed_tokens"])
+def test_unsupported_target_is_refused(llama: BaseModel) -> None:
+    with pytest.raises(TargetNotFoundError, match="not nn.Linear/Conv1D/Conv2d/Embedding"):
+        find_targets(llama.model, ["input_layernorm"])
+
+
+def test_embedding_is_a_named_target_but_not_all_linear(llama: BaseModel) -> None:
+    assert find_targets(llama.model, ["embed_tokens"]) == ["model.embed_tokens"]
+    assert "model.embed_tokens" not in find_targets(llama.model, "all-linear")
 
 
 def test_gpt2_conv1d_layers_are_targets() -> None:
