@@ -179,8 +179,8 @@ def test_conv_training_gradients_equal_peft(conv) -> None:
     peft_conv = reference.base_model.model.conv1
     torch.testing.assert_close(ours["conv1.A"].grad, peft_conv.lora_A["default"].weight.grad.flatten(1), **TOL)
     torch.testing.assert_close(ours["conv1.B"].grad, peft_conv.lora_B["default"].weight.grad.flatten(1), **TOL)
-    torch.testing.assert_close(ours["head.B"].grad, reference.base_model.model.head.lora_B["default"].weight.grad,
-                               **TOL)
+    peft_head = reference.base_model.model.head
+    torch.testing.assert_close(ours["head.B"].grad, peft_head.lora_B["default"].weight.grad, **TOL)
 
 
 # ------------------------------------------------------------------------------------- Embedding
