@@ -4,9 +4,9 @@ For a 4-layer hidden-512 Llama and a 2-layer stack with Llama-7B layer shapes (f
 of rank 4, 16 and 64 on the attention projections (q/k/v/o) and on every linear layer, in a
 runtime with ``max_rank=64`` and one device slot (every activation copies ring -> slot):
 
-- ``copy_`` of the slot row's bytes (two sources alternating into one destination): the floor
-  for what hotswap_rt copies. A slot row is padded to max_rank, so a rank-4 adapter copies as
-  many bytes as a rank-64 one: one contiguous copy, no per-layer launches.
+- ``copy_`` of the adapter's true bytes (two sources alternating into one destination): the
+  floor for what hotswap_rt copies. Slots are laid out rank-major, so a rank-``r`` adapter is one
+  contiguous prefix of ``r`` rank blocks: one copy of its own bytes, not of max_rank's.
 - hotswap_rt ``rt.activate`` (ring -> slot copy + selection flip).
 - PEFT ``hotswap_adapter_from_state_dict`` (state dict in memory; PEFT copies the true-rank
   tensors layer by layer) and PEFT ``hotswap_adapter`` (from disk), on a PeftModel loaded with an
@@ -44,7 +44,7 @@ SHAPES = {
     "llama-7B layer shapes x2": dict(hidden_size=4096, intermediate_size=11008,
                                      num_hidden_layers=2, num_attention_heads=32, rounds=15),
 }
-COLUMNS = ["targets", "rank", "slot row MiB", "adapter MiB", "copy_ slot row ms",
+COLUMNS = ["targets", "rank", "slot row MiB", "adapter MiB", "copy_ adapter bytes ms",
            "hotswap_rt activate ms", "vs copy_", "PEFT from_state_dict ms", "PEFT from disk ms",
            "hotswap_rt speed-up vs PEFT (state dict / disk)"]
 
@@ -85,6 +85,7 @@ def test_swap_matrix(shape, targets, tmp_path) -> None:
     rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
         target_modules, max_rank=MAX_RANK, device_slots=1, host_slots=2 * len(RANKS)))
     peft_base = copy.deepcopy(base)
+    ours_by_rank: dict[int, float] = {}
     for rank in RANKS:
         paths = [random_adapter_dir(base, target_modules, rank, seed, tmp_path / f"r{rank}-{seed}")
                  for seed in (1, 2)]
@@ -92,9 +93,9 @@ def test_swap_matrix(shape, targets, tmp_path) -> None:
             rt.load(f"r{rank}-{i}", path)
         names = itertools.cycle([f"r{rank}-1", f"r{rank}-0"])
         rt.activate(f"r{rank}-0")
-        nbytes = rt.slot_nbytes
+        nbytes = rt.info(f"r{rank}-0").bytes  # its host row: the rank prefix, fp32
         sources = itertools.cycle([torch.randn(nbytes // 4), torch.randn(nbytes // 4)])
-        destination = torch.empty(nbytes // 4)
+        destination = torch.empty(rt.slot_nbytes // 4)[: nbytes // 4]
         peft_model = PeftModel.from_pretrained(peft_base, str(paths[0])).eval()
         peft_config = LoraConfig.from_pretrained(str(paths[1]))
         files = [load_file(str(p / "adapter_model.safetensors")) for p in paths]
@@ -112,8 +113,9 @@ def test_swap_matrix(shape, targets, tmp_path) -> None:
         assert rt.stats()["swaps"] - swaps_before == rounds  # every activation copied
         adapter_bytes = sum(t.numel() * t.element_size() for t in files[0].values())
         ms = {name: f"{value * 1e3:.3f}" for name, value in medians.items()}
+        ours_by_rank[rank] = medians["ours"]
         table_row(group, COLUMNS, [
-            targets, rank, f"{nbytes / 2**20:.2f}", f"{adapter_bytes / 2**20:.2f}", ms["copy_"],
+            targets, rank, f"{rt.slot_nbytes / 2**20:.2f}", f"{adapter_bytes / 2**20:.2f}", ms["copy_"],
             ms["ours"], f"{medians['ours'] / medians['copy_']:.2f}x", ms["peft state dict"],
             ms["peft disk"], f"{medians['peft state dict'] / medians['ours']:.1f}x / "
                              f"{medians['peft disk'] / medians['ours']:.1f}x"])
@@ -124,3 +126,8 @@ def test_swap_matrix(shape, targets, tmp_path) -> None:
         peft_base = peft_model.unload()  # the same base weights, without PEFT's layers
         for i in range(2):
             rt.unload(f"r{rank}-{i}", force=True)
+    top = max(RANKS)
+    for rank in RANKS:
+        figure(f"swap_vs_rank{top}_swap/{label}/{targets}/r{rank}", ours_by_rank[rank] / ours_by_rank[top])
+    print(f"    {label} {targets}: swap time / rank-{top} swap: " + ", ".join(
+        f"r{rank} {ours_by_rank[rank] / ours_by_rank[top]:.3f}x" for rank in RANKS))

@@ -7,11 +7,13 @@ first matmul (:class:`LoraSlotConv2d`, :class:`LoraSlotEmbedding`).
 One forward, for ``k`` active slots of rank ``R`` (``k = max_active_adapters``)::
 
     x: [B, ..., d_in]
-    A_act = A_stack[active]            # [k, R, d_in]    -> [k*R, d_in]
-    B_act = B_stack[active]            # [k, d_out, R]   -> [d_out, k*R]  (scaling folded in)
-    h     = x @ A_act.T                # [B, ..., k*R]
-    h     = h * row_weights[:B]        # per-row, per-adapter weight (0 = adapter off)
-    y     = base(x) + h @ B_act.T      # [B, ..., d_out]
+    A_act  = A_stack[active]           # [k, R, d_in]    -> [k*R, d_in]
+    Bt_act = Bt_stack[active]          # [k, R, d_out]   -> [k*R, d_out]  (B^T, scaling folded in)
+    h      = x @ A_act.T               # [B, ..., k*R]
+    h      = h * row_weights[:B]       # per-row, per-adapter weight (0 = adapter off)
+    y      = base(x) + h @ Bt_act      # [B, ..., d_out]
+
+(``A_stack`` / ``Bt_stack`` are strided views of the rank-major arena, see :mod:`hotswap_rt.arena`.)
 
 The active set acts like one LoRA of rank ``k*R`` whose column groups are switched per row, so a
 uniform batch, a weighted sum and a mixed batch are the same two matmuls.
@@ -19,15 +21,16 @@ uniform batch, a weighted sum and a mixed batch are the same two matmuls.
 Per row (when ``RuntimeConfig.max_adapters_per_row`` = m < k), each row gathers only its own
 slots' factors, so the cost follows m instead of k::
 
-    A_row = A_stack[row_slots[b]]      # [B, m*R, d_in]
-    B_row = B_stack[row_slots[b]]      # [B, d_out, m*R]
-    h     = bmm(x, A_row.T) * row_slot_weights      # [B, T, m*R]
-    y     = base(x) + bmm(h, B_row.T) Zero-padded rows of A and
-columns of B add exactly zero. With a trainable adapter attached (:meth:`attach_trainable`, done by
-:mod:`hotswap_rt.training`) and autograd on, its parameters are attached to the gathered factors
-at its slot's positions (:class:`LayerTrainState`). Nothing here
-branches on which adapters are selected: the slot indices and weights are tensors that
-:mod:`hotswap_rt.selection` updates in place, so switching never recompiles.
+    A_row  = A_stack[row_slots[b]]     # [B, m*R, d_in]
+    Bt_row = Bt_stack[row_slots[b]]    # [B, m*R, d_out]
+    h      = bmm(x, A_row.T) * row_slot_weights     # [B, T, m*R]
+    y      = base(x) + bmm(h, Bt_row)
+
+Zero-padded rows of A and columns of B add exactly zero. With a trainable adapter attached
+(:meth:`attach_trainable`, done by :mod:`hotswap_rt.training`) and autograd on, its parameters
+are attached to the gathered factors at its slot's positions (:class:`LayerTrainState`).
+Nothing here branches on which adapters are selected: the slot indices and weights are tensors
+that :mod:`hotswap_rt.selection` updates in place, so switching never recompiles.
 """
 
 from __future__ import annotations
@@ -57,16 +60,16 @@ class LayerTrainState:
     slot: torch.Tensor
 
     def attach(
-        self, a_sel: torch.Tensor, b_sel: torch.Tensor, active: torch.Tensor
+        self, a_sel: torch.Tensor, bt_sel: torch.Tensor, active: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_sel [k, R, d_in]``, ``b_sel [k, d_out, R]``, ``active [k]`` -> the same values,
-        differentiable w.r.t. ``lora_A``/``lora_B`` wherever ``active == slot``: adds
+        """``a_sel [k, R, d_in]``, ``bt_sel [k, R, d_out]`` (B^T), ``active [k]`` -> the same
+        values, differentiable w.r.t. ``lora_A``/``lora_B`` wherever ``active == slot``: adds
         ``mask * (P - P.detach())``, exactly zero in value."""
         max_rank, rank = a_sel.shape[1], self.lora_A.shape[0]
         mask = (active == self.slot).to(a_sel.dtype).view(-1, 1, 1)  # [k, 1, 1]
         zero_a = F.pad(self.lora_A - self.lora_A.detach(), (0, 0, 0, max_rank - rank))
-        zero_b = F.pad(self.lora_B - self.lora_B.detach(), (0, max_rank - rank))
-        return a_sel + mask * zero_a, b_sel + mask * zero_b
+        zero_bt = F.pad((self.lora_B - self.lora_B.detach()).t(), (0, 0, 0, max_rank - rank))
+        return a_sel + mask * zero_a, bt_sel + mask * zero_bt
 
 
 class SlotLayer(nn.Module):
@@ -114,14 +117,11 @@ class SlotLayer(nn.Module):
         self._train = None
 
     def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of every slot's factors: A ``[S, R, d_in]`` and B ``[S, d_out, R]`` (scaled)."""
-        rank, d_in, d_out = self.max_rank, self.in_features, self.out_features
-        a_size = rank * d_in
-        a_stack = self._arena.narrow(1, self.offset, a_size).unflatten(1, (rank, d_in))
-        b_stack = self._arena.narrow(1, self.offset + a_size, d_out * rank).unflatten(
-            1, (d_out, rank)
-        )
-        return a_stack, b_stack
+        """Views of every slot's factors: A ``[S, R, d_in]`` and B^T ``[S, R, d_out]`` (scaled)."""
+        blocks = self._arena.unflatten(1, (self.max_rank, -1))  # [S, R, W]
+        a_stack = blocks.narrow(2, self.offset, self.in_features)
+        bt_stack = blocks.narrow(2, self.offset + self.in_features, self.out_features)
+        return a_stack, bt_stack
 
     def _training(self) -> bool:
         # Grad mode first: under no_grad dynamo never reads (nor guards on) _train.
@@ -129,15 +129,15 @@ class SlotLayer(nn.Module):
 
     def _active_factors(self, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The active slots' factors as one LoRA of rank ``k*R``: A ``[k*R, d_in]``,
-        B ``[d_out, k*R]`` (the trainable adapter's parameters attached when ``training``)."""
-        a_stack, b_stack = self.slot_views()
+        B^T ``[k*R, d_out]`` (the trainable adapter's parameters attached when ``training``)."""
+        a_stack, bt_stack = self.slot_views()
         active = self._selection.active_slots  # [k]
         a_sel = a_stack.index_select(0, active)  # [k, R, d_in]
-        b_sel = b_stack.index_select(0, active)  # [k, d_out, R]
+        bt_sel = bt_stack.index_select(0, active)  # [k, R, d_out]
         if training:
             assert self._train is not None
-            a_sel, b_sel = self._train.attach(a_sel, b_sel, active)
-        return a_sel.flatten(0, 1), b_sel.permute(1, 0, 2).flatten(1)
+            a_sel, bt_sel = self._train.attach(a_sel, bt_sel, active)
+        return a_sel.flatten(0, 1), bt_sel.flatten(0, 1)
 
     def _weigh(self, h: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
         """``h`` with its ``[.., n*R, ..]`` dim ``dim`` (``n`` adapters of rank ``R``) scaled per
@@ -151,13 +151,13 @@ class SlotLayer(nn.Module):
 
     def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-row mode: each row's ``m`` slots' factors, A ``[B, m, R, d_in]``,
-        B ``[B, m, d_out, R]``, and their weights ``[B, m]``."""
-        a_stack, b_stack = self.slot_views()
+        B^T ``[B, m, R, d_out]``, and their weights ``[B, m]``."""
+        a_stack, bt_stack = self.slot_views()
         slots = self._selection.row_slots[:batch]  # [B, m]
         per_row = slots.shape[1]
         a_row = a_stack.index_select(0, slots.flatten()).unflatten(0, (batch, per_row))
-        b_row = b_stack.index_select(0, slots.flatten()).unflatten(0, (batch, per_row))
-        return a_row, b_row, self._selection.row_slot_weights[:batch]
+        bt_row = bt_stack.index_select(0, slots.flatten()).unflatten(0, (batch, per_row))
+        return a_row, bt_row, self._selection.row_slot_weights[:batch]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}"
@@ -171,20 +171,19 @@ class LoraSlotLinear(SlotLayer):
         training = self._training()
         if self._selection.per_row and not training:  # fixed for the runtime's life
             return y + self._per_row(x).to(y.dtype)
-        a_act, b_act = self._active_factors(training)
+        a_act, bt_act = self._active_factors(training)
         h = F.linear(x.to(a_act.dtype), a_act)  # [B, ..., k*R]
         h = self._weigh(h, self._selection.row_weights[: x.shape[0]], dim=-1)
-        return y + F.linear(h, b_act).to(y.dtype)
+        return y + torch.matmul(h, bt_act).to(y.dtype)
 
     def _per_row(self, x: torch.Tensor) -> torch.Tensor:
         """Each row times its own ``m`` slots only (see the module doc); ``[B, ..., d_out]``."""
         batch, d_in, d_out = x.shape[0], self.in_features, self.out_features
-        a_row, b_row, weights = self._row_slots(batch)
-        a_row = a_row.flatten(1, 2)  # [B, m*R, d_in]
-        b_row = b_row.permute(0, 2, 1, 3).flatten(2)  # [B, d_out, m*R]
+        a_row, bt_row, weights = self._row_slots(batch)
+        a_row, bt_row = a_row.flatten(1, 2), bt_row.flatten(1, 2)  # [B, m*R, d_in], [B, m*R, d_out]
         flat = x.reshape(batch, -1, d_in).to(a_row.dtype)  # [B, T, d_in]
         h = self._weigh(torch.bmm(flat, a_row.transpose(1, 2)), weights, dim=-1)  # [B, T, m*R]
-        return torch.bmm(h, b_row.transpose(1, 2)).view(*x.shape[:-1], d_out)
+        return torch.bmm(h, bt_row).view(*x.shape[:-1], d_out)
 
 
 class LoraSlotConv2d(SlotLayer):
@@ -203,22 +202,22 @@ class LoraSlotConv2d(SlotLayer):
         training = self._training()
         if self._selection.per_row and not training:
             return y + self._per_row(x).to(y.dtype)
-        a_act, b_act = self._active_factors(training)
-        h = self._conv_a(x.to(a_act.dtype), a_act.view(-1, *self.shape.kernel), groups=1)
+        a_act, bt_act = self._active_factors(training)
+        h = self._conv_a(x.to(a_act.dtype), a_act.reshape(-1, *self.shape.kernel), groups=1)
         h = self._weigh(h, self._selection.row_weights[: x.shape[0]], dim=1)
-        return y + F.conv2d(h, b_act[:, :, None, None]).to(y.dtype)
+        return y + F.conv2d(h, bt_act.t()[:, :, None, None]).to(y.dtype)
 
     def _per_row(self, x: torch.Tensor) -> torch.Tensor:
         """Each sample through its own ``m`` slots: the batch as conv groups."""
         batch, channels, height, width = x.shape
-        a_row, b_row, weights = self._row_slots(batch)  # [B, m, R, d_in], [B, m, d_out, R]
+        a_row, bt_row, weights = self._row_slots(batch)  # [B, m, R, d_in], [B, m, R, d_out]
         per_row = a_row.shape[1]
         kernels = a_row.reshape(batch * per_row * self.max_rank, *self.shape.kernel)
         flat = x.reshape(1, batch * channels, height, width).to(kernels.dtype)
         h = self._conv_a(flat, kernels, groups=batch)  # [1, B*m*R, H', W']
         h = h.view(batch, per_row, self.max_rank, *h.shape[2:])
         h = h * weights.to(h.dtype).view(batch, per_row, 1, 1, 1)
-        return torch.einsum("bmrhw,bmor->bohw", h, b_row)
+        return torch.einsum("bmrhw,bmro->bohw", h, bt_row)
 
     def _conv_a(self, x: torch.Tensor, kernels: torch.Tensor, groups: int) -> torch.Tensor:
         base = self.base
@@ -235,22 +234,21 @@ class LoraSlotEmbedding(SlotLayer):
         training = self._training()
         if self._selection.per_row and not training:
             return y + self._per_row(ids).to(y.dtype)
-        a_act, b_act = self._active_factors(training)  # [k*R, V], [dim, k*R]
+        a_act, bt_act = self._active_factors(training)  # [k*R, V], [k*R, dim]
         h = F.embedding(ids, a_act.t())  # [B, ..., k*R]
         h = self._weigh(h, self._selection.row_weights[: ids.shape[0]], dim=-1)
-        return y + F.linear(h, b_act).to(y.dtype)
+        return y + torch.matmul(h, bt_act).to(y.dtype)
 
     def _per_row(self, ids: torch.Tensor) -> torch.Tensor:
         batch = ids.shape[0]
-        a_stack, _ = self.slot_views()  # [S, R, V]
+        a_stack, bt_stack = self.slot_views()  # [S, R, V], [S, R, dim]
         slots = self._selection.row_slots[:batch]  # [B, m]
         flat = ids.reshape(batch, -1)  # [B, T]
         h = a_stack.permute(0, 2, 1)[slots[:, None, :], flat[:, :, None]]  # [B, T, m, R]
         weights = self._selection.row_slot_weights[:batch]
         h = self._weigh(h.flatten(2), weights, dim=-1)  # [B, T, m*R]
-        _, b_row, _ = self._row_slots(batch)
-        b_row = b_row.permute(0, 2, 1, 3).flatten(2)  # [B, dim, m*R]
-        return torch.bmm(h, b_row.transpose(1, 2)).view(*ids.shape, self.out_features)
+        bt_row = bt_stack.index_select(0, slots.flatten()).view(batch, -1, self.out_features)  # [B, m*R, dim]
+        return torch.bmm(h, bt_row).view(*ids.shape, self.out_features)
 
 
 def make_slot_layer(

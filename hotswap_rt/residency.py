@@ -267,6 +267,7 @@ class Residency:
         try:
             seconds = self.arena.write_slot(slot, staged.rows)
         except BaseException:
+            self.arena.mark_unknown(slot)
             self._recover_slot(slot)
             raise
         self.stats.record_swap(staged.nbytes, seconds + extra_seconds, tier)

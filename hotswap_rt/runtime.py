@@ -365,13 +365,12 @@ class HotswapRuntime:
             HotswapError: what ``load`` would raise for this source.
         """
         adapter = self._stager.read(source, None, None, allow_pickle, allow_nonfinite)
+        self._check_saved_base_weights(adapter)
         plan = self._plan_injection(list(adapter.modules))
-        if plan:  # checked as if injected; sized as its slot row would be
+        if plan:  # checked as if injected; sized as its host row would be
             self._stager.check(adapter, plan)
-            staged = StagedAdapter(adapter, {})
-            grown = sum(layout.size(self.config.max_rank) * layout.dtype.itemsize for layout in plan.values())
-            info = dataclasses.replace(staged.describe(resolve_source(source).name),
-                                       bytes=self.slot_nbytes + grown)
+            info = dataclasses.replace(StagedAdapter(adapter, {}, {}).describe(resolve_source(source).name),
+                                       bytes=self._stager.row_nbytes(adapter, plan))
         else:
             info = self._stager.stage(adapter).describe(resolve_source(source).name)
         return dataclasses.replace(info, tier="disk")

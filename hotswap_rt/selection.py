@@ -107,32 +107,40 @@ class Selection:
         self.check(len(rows), slots)
         self.check_rows(rows)
         position = {slot: j for j, slot in enumerate(slots)}
-        active = torch.zeros(self.max_active, dtype=torch.int64)
-        active[: len(slots)] = torch.tensor(slots, dtype=torch.int64)
-        weights = torch.zeros(self.max_batch_size, self.max_active, dtype=torch.float32)
-        uniform = len(rows) == 1
+        # Built as Python lists, one tensor each (element-wise tensor writes cost ~us apiece);
+        # a single row spec is broadcast over every row by copy_.
+        active = slots + [0] * (self.max_active - len(slots))
+        weights = [[0.0] * self.max_active for _ in rows]
         for b, row in enumerate(rows):
-            target = weights if uniform else weights[b : b + 1]
             for slot, weight in row.items():
                 if weight != 0.0:
-                    target[:, position[slot]] = weight
-        self.active_slots.copy_(active)
-        self.row_weights.copy_(weights)
+                    weights[b][position[slot]] = weight
+        self.active_slots.copy_(torch.tensor(active, dtype=torch.int64))
+        self._write_rows(self.row_weights, weights, 0.0, uniform=len(rows) == 1)
         if self.per_row:  # only per-row layers read these
             self._write_row_slots(rows)
 
+    def _write_rows(self, target: torch.Tensor, rows: list[list], fill: float, uniform: bool) -> None:
+        """``target [max_batch, n]`` = ``rows`` (one row: every row), the rest ``fill``."""
+        values = torch.tensor(rows, dtype=target.dtype)
+        if uniform:
+            target.copy_(values)  # [1, n] broadcast over the batch
+            return
+        padded = torch.full(target.shape, fill, dtype=target.dtype)
+        padded[: len(rows)] = values
+        target.copy_(padded)
+
     def _write_row_slots(self, rows: Sequence[RowSpec]) -> None:
-        row_slots = torch.zeros(self.max_batch_size, self.max_per_row, dtype=torch.int64)
-        row_slot_weights = torch.zeros(self.max_batch_size, self.max_per_row, dtype=torch.float32)
-        uniform = len(rows) == 1
+        row_slots = [[0] * self.max_per_row for _ in rows]
+        row_slot_weights = [[0.0] * self.max_per_row for _ in rows]
         for b, row in enumerate(rows):
-            rows_of = slice(None) if uniform else slice(b, b + 1)
             used = [(slot, weight) for slot, weight in row.items() if weight != 0.0]
             for j, (slot, weight) in enumerate(used):
-                row_slots[rows_of, j] = slot
-                row_slot_weights[rows_of, j] = weight
-        self.row_slots.copy_(row_slots)
-        self.row_slot_weights.copy_(row_slot_weights)
+                row_slots[b][j] = slot
+                row_slot_weights[b][j] = weight
+        uniform = len(rows) == 1
+        self._write_rows(self.row_slots, row_slots, 0, uniform)
+        self._write_rows(self.row_slot_weights, row_slot_weights, 0.0, uniform)
 
     @torch.no_grad()
     def clear(self) -> None:

@@ -4,8 +4,8 @@ on a thread pool.
 
 ::
 
-    directory / Hub id / state_dict --read--> ParsedAdapter --check--> --pad, scale--> StagedAdapter
-                                     (peft_format)          (layouts)                 rows: dtype -> [P]
+    directory / Hub id / state_dict --read--> ParsedAdapter --check--> --lay out, scale--> StagedAdapter
+                                     (peft_format)          (layouts)            rows: dtype -> [r * W]
 
 Nothing here touches device memory or runtime state: a staged adapter is a value the runtime then
 hands to :class:`~hotswap_rt.residency.Residency`.
@@ -33,11 +33,15 @@ class StagedAdapter:
 
     Attributes:
         adapter: the parsed, unpadded, unscaled factors (kept for ``save``).
-        rows: dtype -> ``[P_dtype]`` host tensor, exactly a slot row.
+        rows: dtype -> ``[r * W]`` host tensor: the rank-major prefix of a slot row holding
+            the adapter's ``r`` ranks (``r``: its largest rank on that dtype's layers, 0 if it
+            has none), so its size is the adapter's true size (see :mod:`hotswap_rt.arena`).
+        widths: dtype -> ``W`` the rows were laid out for.
     """
 
     adapter: ParsedAdapter
     rows: dict[torch.dtype, torch.Tensor]
+    widths: dict[torch.dtype, int]
 
     @property
     def nbytes(self) -> int:
@@ -72,23 +76,27 @@ class Stager:
         self.max_rank = arena.max_rank
         self.pin = arena.pin_host_rows
 
-    @property
-    def row_sizes(self) -> dict[torch.dtype, int]:
-        return self.arena.row_sizes
+    def row_nbytes(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout] | None = None) -> int:
+        """Bytes of ``adapter``'s host rows (its true size), counting ``planned`` layers (about
+        to be injected) into the rank widths."""
+        widths = self.arena.rank_widths
+        for layout in (planned or {}).values():
+            widths[layout.dtype] = widths.get(layout.dtype, 0) + layout.width
+        ranks = _ranks_by_dtype(adapter, {**self.layouts, **(planned or {})}, widths)
+        return sum(ranks[dtype] * width * dtype.itemsize for dtype, width in widths.items())
 
     @torch.no_grad()
     def fit_rows(self, staged: StagedAdapter) -> None:
-        """Zero-extend ``staged``'s host rows to the arena's current row sizes (in place), after
-        layers were injected at the end of the rows since it was staged. Correct because the
-        adapter was checked before those layers existed: it has nothing for them."""
-        for dtype, size in self.row_sizes.items():
+        """Re-lay ``staged``'s host rows (in place) for the arena's current rank widths, after
+        layers were injected at the end of the rank blocks since it was staged. Correct because
+        the adapter was checked before those layers existed: it has nothing for them."""
+        for dtype, width in self.arena.rank_widths.items():
             row = staged.rows.get(dtype)
-            if row is not None and row.shape[0] == size:
-                continue
-            grown = torch.zeros(size, dtype=dtype, pin_memory=self.pin)
-            if row is not None:
-                grown[: row.shape[0]].copy_(row)
-            staged.rows[dtype] = grown
+            if row is None:
+                staged.rows[dtype] = torch.zeros(0, dtype=dtype)
+            else:
+                staged.rows[dtype] = self.arena.relayout(row, staged.widths[dtype], width)
+            staged.widths[dtype] = width
 
     def read(
         self,
@@ -161,13 +169,15 @@ class Stager:
                 slot holds exactly the factors PEFT trains.
         """
         self.check(adapter)
+        widths = self.arena.rank_widths
+        ranks = _ranks_by_dtype(adapter, self.layouts, widths)
         rows = {
-            dtype: torch.zeros(size, dtype=dtype, pin_memory=self.pin)
-            for dtype, size in self.row_sizes.items()
+            dtype: torch.zeros(ranks[dtype] * width, dtype=dtype, pin_memory=self.pin)
+            for dtype, width in widths.items()
         }
         for name, module in adapter.modules.items():
             layout = self.layouts[name]
-            a_view, b_view = factor_views(rows[layout.dtype], layout, self.max_rank)
+            a_view, b_view = factor_views(rows[layout.dtype], layout, widths[layout.dtype])
             a_view[: module.rank].copy_(module.lora_A)
             scale = module.scaling if fold_scaling else 1.0
             b_part = b_view[:, : module.rank]
@@ -177,7 +187,7 @@ class Stager:
                     b_part.mul_(scale)
             else:  # scale in fp32 before rounding to the slot dtype
                 b_part.copy_(module.lora_B.float() * scale)
-        return StagedAdapter(adapter=adapter, rows=rows)
+        return StagedAdapter(adapter=adapter, rows=rows, widths=widths)
 
     def read_and_stage(
         self,
@@ -191,6 +201,17 @@ class Stager:
         """:meth:`read` then :meth:`stage`."""
         adapter = self.read(source, state_dict, config, allow_pickle, allow_nonfinite)
         return self.stage(adapter, fold_scaling=fold_scaling)
+
+
+def _ranks_by_dtype(adapter: ParsedAdapter, layouts: Mapping[str, LayerLayout],
+                    widths: Mapping[torch.dtype, int]) -> dict[torch.dtype, int]:
+    """dtype -> the largest rank of ``adapter``'s modules on layers of that dtype (0: none):
+    how many rank blocks its host row holds."""
+    ranks = dict.fromkeys(widths, 0)
+    for name, module in adapter.modules.items():
+        dtype = layouts[name].dtype
+        ranks[dtype] = max(ranks[dtype], module.rank)
+    return ranks
 
 
 def _describe(kind: str, kernel: tuple[int, ...], groups: int) -> str:

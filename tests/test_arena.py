@@ -28,37 +28,69 @@ def adapter(**ranks: int) -> ParsedAdapter:
     return ParsedAdapter(rank=2, alpha=4.0, use_rslora=False, modules=modules)
 
 
-def test_one_row_per_dtype_layers_back_to_back() -> None:
+def test_rank_major_rows_one_per_dtype() -> None:
     slots = arena()
-    assert [(n, layout.offset) for n, layout in slots.layouts.items()] == [("q", 0), ("v", 36), ("h", 0)]
-    assert slots.row_sizes == {torch.float32: 36 + 42, torch.bfloat16: 24}
-    assert slots.slot_nbytes == (36 + 42) * 4 + 24 * 2
+    assert [(n, layout.offset) for n, layout in slots.layouts.items()] == [("q", 0), ("v", 12), ("h", 0)]
+    assert slots.rank_widths == {torch.float32: 12 + 14, torch.bfloat16: 8}
+    assert slots.row_sizes == {torch.float32: 3 * 26, torch.bfloat16: 3 * 8}
+    assert slots.slot_nbytes == 3 * 26 * 4 + 3 * 8 * 2
 
 
-def test_staged_rows_are_padded_scaled_slot_rows() -> None:
+def test_staged_rows_are_the_rank_prefix_scaled() -> None:
+    """A host row holds the adapter's own ranks only (its largest per dtype), B scaled."""
     slots = arena()
     parsed = adapter(q=2, h=1)
     staged = Stager(slots).stage(parsed)
-    a, b = factor_views(staged.rows[torch.float32], slots.layouts["q"], 3)
-    assert torch.equal(a[:2], parsed.modules["q"].lora_A) and a[2].abs().sum() == 0
-    assert torch.equal(b[:, :2], parsed.modules["q"].lora_B * 2.0) and b[:, 2].abs().sum() == 0
-    a_v, b_v = factor_views(staged.rows[torch.float32], slots.layouts["v"], 3)
+    assert staged.rows[torch.float32].numel() == 2 * 26 and staged.rows[torch.bfloat16].numel() == 8
+    assert staged.nbytes == 2 * 26 * 4 + 8 * 2
+    a, b = factor_views(staged.rows[torch.float32], slots.layouts["q"], 26)
+    assert torch.equal(a, parsed.modules["q"].lora_A)
+    assert torch.equal(b, parsed.modules["q"].lora_B * 2.0)
+    a_v, b_v = factor_views(staged.rows[torch.float32], slots.layouts["v"], 26)
     assert a_v.abs().sum() == 0 and b_v.abs().sum() == 0  # a layer it does not target
-    _, b_h = factor_views(staged.rows[torch.bfloat16], slots.layouts["h"], 3)
-    assert torch.equal(b_h[:, :1], (parsed.modules["h"].lora_B * 2.0).to(torch.bfloat16))
+    _, b_h = factor_views(staged.rows[torch.bfloat16], slots.layouts["h"], 8)
+    assert torch.equal(b_h, (parsed.modules["h"].lora_B * 2.0).to(torch.bfloat16))
     unscaled = Stager(slots).stage(parsed, fold_scaling=False)
-    _, b = factor_views(unscaled.rows[torch.float32], slots.layouts["q"], 3)
-    assert torch.equal(b[:, :2], parsed.modules["q"].lora_B)
+    _, b = factor_views(unscaled.rows[torch.float32], slots.layouts["q"], 26)
+    assert torch.equal(b, parsed.modules["q"].lora_B)
 
 
-def test_write_slot_copies_exactly_one_row() -> None:
+def test_write_slot_copies_the_prefix_and_clears_what_the_last_occupant_left() -> None:
     slots = arena()
-    staged = Stager(slots).stage(adapter(q=2, v=3))
-    slots.write_slot(1, staged.rows)
-    assert torch.equal(slots.arenas[torch.float32][1], staged.rows[torch.float32])
-    assert slots.arenas[torch.float32][0].abs().sum() == 0
+    stager = Stager(slots)
+    big = stager.stage(adapter(q=2, v=3))
+    slots.write_slot(1, big.rows)
+    fp32 = slots.arenas[torch.float32]
+    assert torch.equal(fp32[1], big.rows[torch.float32])  # rank 3 = max_rank: the whole row
+    assert fp32[0].abs().sum() == 0 and slots.filled[1] == {torch.float32: 3, torch.bfloat16: 0}
     a, b = slots.slot_factors(1, "v", 3)
     assert a.shape == (3, 8) and b.shape == (6, 3)
+    small = stager.stage(adapter(q=1))
+    slots.write_slot(1, small.rows)
+    assert torch.equal(fp32[1, :26], small.rows[torch.float32]) and fp32[1, 26:].abs().sum() == 0
+    assert slots.filled[1][torch.float32] == 1
+    a, b = slots.slot_factors(1, "q", 1)
+    assert torch.equal(a, adapter(q=1).modules["q"].lora_A)
+    assert torch.equal(b, adapter(q=1).modules["q"].lora_B * 2.0)
+
+
+def test_extend_keeps_slots_and_relayouts_rows() -> None:
+    """Lazy injection appends a layer to every rank block: slot contents and staged rows keep
+    their values at the same (layer, rank) positions, the new layer reads zero."""
+    slots = arena()
+    stager = Stager(slots)
+    parsed = adapter(q=2, v=3)
+    staged = stager.stage(parsed)
+    slots.write_slot(0, staged.rows)
+    slots.extend({"new": (5, 5, torch.float32)})
+    assert slots.rank_widths[torch.float32] == 36 and slots.layouts["new"].offset == 26
+    a, b = slots.slot_factors(0, "v", 3)
+    assert torch.equal(b, parsed.modules["v"].lora_B * 2.0)
+    assert all(t.abs().sum() == 0 for t in slots.slot_factors(0, "new", 3))
+    stager.fit_rows(staged)
+    assert staged.rows[torch.float32].numel() == 3 * 36
+    slots.write_slot(1, staged.rows)
+    assert torch.equal(slots.arenas[torch.float32][1], slots.arenas[torch.float32][0])
 
 
 @pytest.mark.parametrize("module, error, match", [
