@@ -41,6 +41,13 @@ class RuntimeConfig:
             ``inputs_embeds``, else the forward's first parameter (``sample`` of a diffusers
             UNet). Every injected layer must see the batch in dim 0 of its input, as
             transformers and diffusers layers do (per-row selection indexes dim 0).
+        slot_reads: how the stacked (not per-row) LoRA product reads the slots: ``"gather"``
+            copies the ``max_active_adapters`` selected slots' factors out of the arena each
+            forward; ``"in_place"`` multiplies by all ``device_slots`` as they lie in the arena
+            (no copy; unselected slots get weight 0); ``"auto"``: in place when
+            ``max_active_adapters == device_slots`` (same product size, no copy). Fixed for the
+            runtime's life. In place, every device slot is read by every forward, so a
+            non-finite adapter (``allow_nonfinite``) poisons all outputs once resident.
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -52,6 +59,7 @@ class RuntimeConfig:
     exclude_modules: Sequence[str] = field(default_factory=tuple)
     max_adapters_per_row: int | None = None
     batch_input: str | None = None
+    slot_reads: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_input is not None and (not isinstance(self.batch_input, str) or not self.batch_input):
@@ -81,6 +89,16 @@ class RuntimeConfig:
             )
         self._default_or_up_to("max_active_adapters", "device_slots")
         self._default_or_up_to("max_adapters_per_row", "max_active_adapters")
+        if self.slot_reads not in ("auto", "gather", "in_place"):
+            raise HotswapError(f"RuntimeConfig.slot_reads must be 'auto', 'gather' or 'in_place', "
+                               f"got {self.slot_reads!r}")
+
+    @property
+    def reads_slots_in_place(self) -> bool:
+        """Whether layers multiply by every device slot in place (see ``slot_reads``)."""
+        if self.slot_reads == "auto":
+            return self.max_active_adapters == self.device_slots
+        return self.slot_reads == "in_place"
 
     def _default_or_up_to(self, name: str, bound: str) -> None:
         """``name`` defaults to the field ``bound``; else it must be an int in 1..bound."""

@@ -129,8 +129,11 @@ class SlotLayer(nn.Module):
 
     def _active_factors(self, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The active slots' factors as one LoRA of rank ``k*R``: A ``[k*R, d_in]``,
-        B^T ``[k*R, d_out]`` (the trainable adapter's parameters attached when ``training``)."""
+        B^T ``[k*R, d_out]`` (the trainable adapter's parameters attached when ``training``).
+        With in-place reads, ``k = S`` and these are views of the arena (rows ``W`` apart)."""
         a_stack, bt_stack = self.slot_views()
+        if self._selection.in_place and not training:  # fixed for life: every slot, no gather
+            return a_stack.flatten(0, 1), bt_stack.flatten(0, 1)  # strided views [S*R, ..]
         active = self._selection.active_slots  # [k]
         a_sel = a_stack.index_select(0, active)  # [k, R, d_in]
         bt_sel = bt_stack.index_select(0, active)  # [k, R, d_out]

@@ -89,7 +89,8 @@ class HotswapRuntime:
         device = _device_of(model, bases)
         self._arena = SlotArena({}, config.max_rank, config.device_slots, device)
         self._selection = Selection(config.max_batch_size, config.max_active_adapters, device,
-                                    config.max_adapters_per_row)
+                                    config.max_adapters_per_row,
+                                    config.device_slots if config.reads_slots_in_place else None)
         self._selector = Selector(self._selection)
         self._layers: dict[str, SlotLayer] = {}
         self._injection = replace_modules(model, {})

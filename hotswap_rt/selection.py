@@ -11,6 +11,10 @@ the :class:`Selector`, which keeps the selection by adapter name and writes thos
 The first two serve layers that multiply every row by all k active slots (stacked); the last
 two serve layers that gather only each row's own m slots (per row, when m < k).
 
+With *in-place* reads (``RuntimeConfig.slot_reads``) the k positions are the S device slots
+themselves: ``active_slots = arange(S)`` for life and ``row_weights[b, s]`` is slot ``s``'s weight,
+so layers read the arena as it lies, without gathering the active slots first.
+
 The compiled graph reads these tensors; this module only ever writes them in place (``copy_``), so
 the graph never sees a new Python object and never recompiles on a switch. Unused positions point
 at slot 0 with weight 0, which contributes exactly zero because slot contents are always finite.
@@ -51,13 +55,16 @@ class Selection:
     """The two tensors the LoRA slot layers read, and the code that writes them."""
 
     def __init__(self, max_batch_size: int, max_active: int, device: torch.device,
-                 max_per_row: int | None = None) -> None:
+                 max_per_row: int | None = None, in_place_slots: int | None = None) -> None:
         self.max_batch_size = max_batch_size
         self.max_active = max_active
         self.max_per_row = max_active if max_per_row is None else max_per_row
         self.per_row = self.max_per_row < max_active  # layers gather each row's own slots
-        self.active_slots = torch.zeros(max_active, dtype=torch.int64, device=device)
-        self.row_weights = torch.zeros(max_batch_size, max_active, dtype=torch.float32, device=device)
+        self.in_place = in_place_slots is not None  # positions are the slots: no gather
+        positions = in_place_slots if in_place_slots is not None else max_active
+        self.positions = positions
+        self.active_slots = torch.arange(positions, dtype=torch.int64, device=device)
+        self.row_weights = torch.zeros(max_batch_size, positions, dtype=torch.float32, device=device)
         self.row_slots = torch.zeros(max_batch_size, self.max_per_row, dtype=torch.int64, device=device)
         self.row_slot_weights = torch.zeros(max_batch_size, self.max_per_row, dtype=torch.float32,
                                             device=device)
@@ -106,16 +113,17 @@ class Selection:
         slots = sorted({slot for row in rows for slot, weight in row.items() if weight != 0.0})
         self.check(len(rows), slots)
         self.check_rows(rows)
-        position = {slot: j for j, slot in enumerate(slots)}
+        position = {slot: slot if self.in_place else j for j, slot in enumerate(slots)}
         # Built as Python lists, one tensor each (element-wise tensor writes cost ~us apiece);
         # a single row spec is broadcast over every row by copy_.
-        active = slots + [0] * (self.max_active - len(slots))
-        weights = [[0.0] * self.max_active for _ in rows]
+        weights = [[0.0] * self.positions for _ in rows]
         for b, row in enumerate(rows):
             for slot, weight in row.items():
                 if weight != 0.0:
                     weights[b][position[slot]] = weight
-        self.active_slots.copy_(torch.tensor(active, dtype=torch.int64))
+        if not self.in_place:  # in place: arange(S) for life
+            active = slots + [0] * (self.max_active - len(slots))
+            self.active_slots.copy_(torch.tensor(active, dtype=torch.int64))
         self._write_rows(self.row_weights, weights, 0.0, uniform=len(rows) == 1)
         if self.per_row:  # only per-row layers read these
             self._write_row_slots(rows)
