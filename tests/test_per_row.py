@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from hotswap_rt import HotswapRuntime, RuntimeConfig, SelectionError
+from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig, SelectionError
 
 from .conftest import ATTENTION_TARGETS, BaseModel, assert_unchanged, logits, max_diff, snapshot_state
 
@@ -86,3 +86,30 @@ def test_compiled_per_row_switches_without_recompiling(env, input_ids) -> None:
             expected = logits(reference, input_ids, adapter_names=[r or "__base__" for r in rows])
             assert max_diff(logits(rt.model, input_ids), expected) <= TOL
     assert rt.guard.recompiles == 0
+
+
+@pytest.mark.parametrize("slot_reads, in_place", [("gather", False), ("in_place", True), ("auto", True)])
+def test_slot_reads_gather_and_in_place_equal_peft(env, input_ids, slot_reads, in_place) -> None:
+    """The stacked product reading the selected slots gathered, or every slot in place
+    (unselected ones at weight 0), gives PEFT's rows either way."""
+    base, paths, reference = env
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(
+        ATTENTION_TARGETS["llama"], max_rank=16, device_slots=4, slot_reads=slot_reads))
+    for name, path in paths.items():
+        rt.load(name, path)
+    assert rt.internals.selection.in_place is in_place
+    assert rt.internals.selection.row_weights.shape == (64, 4)
+    rows = ["c", "a", None, "b"]
+    rt.activate_rows(rows)
+    expected = logits(reference, input_ids, adapter_names=[r or "__base__" for r in rows])
+    assert max_diff(logits(rt.model, input_ids), expected) <= TOL
+    reference.base_model.set_adapter("b")
+    rt.activate("b")
+    assert max_diff(logits(rt.model, input_ids), logits(reference, input_ids)) <= TOL
+
+
+def test_auto_gathers_when_fewer_positions_than_slots() -> None:
+    assert not RuntimeConfig(device_slots=4, max_active_adapters=2).reads_slots_in_place
+    assert RuntimeConfig(device_slots=4, max_active_adapters=2, slot_reads="in_place").reads_slots_in_place
+    with pytest.raises(HotswapError, match="slot_reads"):
+        RuntimeConfig(slot_reads="fast")
