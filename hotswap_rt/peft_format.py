@@ -237,6 +237,7 @@ def parse_adapter(
     state_dict: Mapping[str, torch.Tensor],
     source: str | None = None,
     allow_nonfinite: bool = False,
+    check_finite: bool = True,
 ) -> ParsedAdapter:
     """Validate a PEFT LoRA config and state dict completely and group the factors by module.
 
@@ -246,6 +247,9 @@ def parse_adapter(
             optional) to tensors.
         source: where it came from, quoted in error messages.
         allow_nonfinite: accept NaN/Inf values in the weights.
+        check_finite: look for NaN/Inf here; False when the caller checks the staged rows in
+            one pass instead (:meth:`~hotswap_rt.staging.Stager.stage`), naming the key through
+            :func:`nonfinite_key` if it finds one.
 
     Raises:
         AdapterFormatError: anything PEFT would not load, or a feature we cannot represent.
@@ -273,7 +277,8 @@ def parse_adapter(
         if which in pairs[module]:
             raise AdapterFormatError(f"{where}: duplicate lora_{which} for module {module!r}")
         dims = (2,) if kind == EMBEDDING else (2, 4)
-        pairs[module][which] = _check_tensor(key, tensor, where, allow_nonfinite, dims=dims)
+        pairs[module][which] = _check_tensor(key, tensor, where, allow_nonfinite or not check_finite,
+                                             dims=dims)
     if not pairs:
         raise AdapterFormatError(f"{where}: no LoRA weights (no '*.lora_A.weight' keys)")
     stray = sorted(set(saved_base) - {m for m, kind in kinds.items() if kind == EMBEDDING})
@@ -510,6 +515,21 @@ def _check_tensor(
             f"{where}: key {key!r} contains NaN or Inf values (pass allow_nonfinite=True to load)"
         )
     return tensor
+
+
+def nonfinite_key(adapter: ParsedAdapter) -> str | None:
+    """The PEFT key of the first factor of ``adapter`` holding NaN or Inf, if any."""
+    for name, module in adapter.modules.items():
+        for which, tensor in (("A", module.lora_A), ("B", module.lora_B)):
+            if not _all_finite(tensor):
+                key = f"lora_embedding_{which}" if module.kind == EMBEDDING else f"lora_{which}.weight"
+                return f"base_model.model.{name}.{key}"
+    return None
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no value of ``tensor`` is NaN or +-Inf (one reduction pass)."""
+    return tensor.numel() == 0 or _all_finite(tensor)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

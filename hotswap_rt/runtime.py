@@ -178,7 +178,11 @@ class HotswapRuntime:
                         fold_scaling: bool = True, inject: bool = True) -> StagedAdapter:
         """Read and check an adapter; inject the layers it needs (lazy runtime, ``inject``);
         stage it."""
-        adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite)
+        # NaN/Inf: checked in one pass over the staged rows, unless a lazy runtime may inject
+        # layers for this adapter first (then every check runs before anything changes)
+        defer = not allow_nonfinite and not self.lazy
+        adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite,
+                                    defer_finite=defer)
         self._check_saved_base_weights(adapter)
         if not inject:
             missing = [name for name in adapter.modules if name not in self._arena.layouts]
@@ -187,7 +191,7 @@ class HotswapRuntime:
                     f"{adapter.source or 'state_dict'}: modules {missing[:8]} are not injected "
                     f"layers (a hotswap only replaces what exists; load it as a new adapter)")
         self._inject_for(list(adapter.modules), adapter)
-        return self._stager.stage(adapter, fold_scaling=fold_scaling)
+        return self._stager.stage(adapter, fold_scaling=fold_scaling, check_finite=defer)
 
     def _check_saved_base_weights(self, adapter: ParsedAdapter) -> None:
         """Base weights saved with the adapter (PEFT's ``save_embedding_layers``) must equal the

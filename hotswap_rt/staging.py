@@ -23,8 +23,10 @@ import torch
 
 from .arena import LayerLayout, SlotArena, factor_views
 from .config import AdapterInfo, lora_scaling
-from .errors import HotswapError, IncompatibleAdapterError, RankTooLargeError
-from .peft_format import ParsedAdapter, config_as_dict, parse_adapter, read_adapter_dir, resolve_source
+from .errors import AdapterFormatError, HotswapError, IncompatibleAdapterError, RankTooLargeError
+from .peft_format import (
+    ParsedAdapter, all_finite, config_as_dict, nonfinite_key, parse_adapter, read_adapter_dir, resolve_source,
+)
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,11 @@ class Stager:
         config: Any = None,
         allow_pickle: bool = False,
         allow_nonfinite: bool = False,
+        defer_finite: bool = False,
     ) -> ParsedAdapter:
         """Parse and validate an adapter from a directory / Hub id, or ``state_dict`` + ``config``
-        (a dict or a PEFT config object).
+        (a dict or a PEFT config object). ``defer_finite``: leave the NaN/Inf check to
+        :meth:`stage` (``check_finite=True``), which does it in one pass over the staged rows.
 
         Raises:
             HotswapError: (a subclass) naming the file, key or value at fault.
@@ -123,7 +127,8 @@ class Stager:
                 raise HotswapError("state_dict= needs config= (the adapter_config as a dict)")
             config_dict = config_as_dict(config)
             state, where = dict(state_dict), "state_dict"
-        return parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite)
+        return parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite,
+                             check_finite=not defer_finite)
 
     def check(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout] | None = None) -> None:
         """Raise unless every module of ``adapter`` is an injected layer of matching shape
@@ -160,13 +165,20 @@ class Stager:
                 )
 
     @torch.no_grad()
-    def stage(self, adapter: ParsedAdapter, fold_scaling: bool = True) -> StagedAdapter:
-        """Check ``adapter``, then build its padded slot rows in host memory.
+    def stage(self, adapter: ParsedAdapter, fold_scaling: bool = True,
+              check_finite: bool = False) -> StagedAdapter:
+        """Check ``adapter``, then build its rank-prefix rows in host memory.
 
         Args:
             fold_scaling: multiply B by each module's scaling (inference). A trainable adapter
                 keeps B unscaled (its scaling is applied through the selection weights), so the
                 slot holds exactly the factors PEFT trains.
+            check_finite: refuse NaN/Inf in the staged rows (one pass per dtype; the read
+                deferred it), naming the key at fault.
+
+        Raises:
+            AdapterFormatError: ``check_finite`` and a value is NaN/Inf (or B * scaling
+                overflows the slot dtype).
         """
         self.check(adapter)
         widths = self.arena.rank_widths
@@ -184,9 +196,16 @@ class Stager:
             if layout.dtype == torch.float32:
                 b_part.copy_(module.lora_B)
                 if scale != 1.0:
-                    b_part.mul_(scale)
+                    b_part.mul_(scale)  # in place: faster than mul(out=) into a transposed view
             else:  # scale in fp32 before rounding to the slot dtype
                 b_part.copy_(module.lora_B.float() * scale)
+        if check_finite and not all(all_finite(row) for row in rows.values()):
+            where = adapter.source or "state_dict"
+            key = nonfinite_key(adapter)
+            if key is not None:
+                raise AdapterFormatError(
+                    f"{where}: key {key!r} contains NaN or Inf values (pass allow_nonfinite=True to load)")
+            raise AdapterFormatError(f"{where}: lora_B * scaling overflows the slot dtype (Inf)")
         return StagedAdapter(adapter=adapter, rows=rows, widths=widths)
 
     def read_and_stage(
@@ -199,8 +218,9 @@ class Stager:
         fold_scaling: bool = True,
     ) -> StagedAdapter:
         """:meth:`read` then :meth:`stage`."""
-        adapter = self.read(source, state_dict, config, allow_pickle, allow_nonfinite)
-        return self.stage(adapter, fold_scaling=fold_scaling)
+        adapter = self.read(source, state_dict, config, allow_pickle, allow_nonfinite,
+                            defer_finite=not allow_nonfinite)
+        return self.stage(adapter, fold_scaling=fold_scaling, check_finite=not allow_nonfinite)
 
 
 def _ranks_by_dtype(adapter: ParsedAdapter, layouts: Mapping[str, LayerLayout],
