@@ -12,7 +12,8 @@ dtype.
 2. Mixed batch (8 rows x 32 tokens): 4 different adapters via ``activate_rows`` vs one adapter
    for all rows (same runtime, same graph) vs PEFT's ``adapter_names=`` forward (eager: PEFT's
    mixed batch loops in Python).
-3. Padding: a rank-4 adapter in a max_rank-64 runtime vs a max_rank-4 runtime.
+3. Padding: a rank-4 adapter in a max_rank-64 runtime, with and without rank buckets, vs a
+   max_rank-4 runtime.
 
 4. Decode (batch 8, one token per step, static KV cache): per-token time from ``generate`` with
    N and 1 new tokens (N = 65 on the small model, 9 on the 7B shapes), for the uninjected,
@@ -78,9 +79,10 @@ def shaped(request, tmp_path_factory):
     return label, base, paths
 
 
-def _runtime(base, paths, names, max_rank=16, active=1) -> HotswapRuntime:
+def _runtime(base, paths, names, max_rank=16, active=1, rank_buckets=None) -> HotswapRuntime:
     rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
-        TARGETS, max_rank=max_rank, device_slots=max(active, 1), max_active_adapters=active))
+        TARGETS, max_rank=max_rank, device_slots=max(active, 1), max_active_adapters=active,
+        rank_buckets=rank_buckets))
     for name in names:
         rt.load(name, paths[name])
     return rt
@@ -156,14 +158,18 @@ def test_padding_cost(setup) -> None:
     group = "padding: rank-4 adapter, prefill 1 x 128, compiled (ratio to a max_rank-4 runtime)"
     tight = _runtime(base, paths, ["a4"], max_rank=4)
     padded = _runtime(base, paths, ["a4"], max_rank=64)
-    for rt in (tight, padded):
+    bucketed = _runtime(base, paths, ["a4"], max_rank=64, rank_buckets=(4, 16))
+    for rt in (tight, padded, bucketed):
         rt.activate("a4")
         rt.compile(PREFILL, guard="raise")
+    assert bucketed.internals.selection.rank_bucket == 4
     with torch.no_grad():
         medians = interleaved({
             "max_rank 4": lambda: tight.model(input_ids=PREFILL),
             "max_rank 64": lambda: padded.model(input_ids=PREFILL),
+            "max_rank 64, rank_buckets (4, 16, 64)": lambda: bucketed.model(input_ids=PREFILL),
         }, rounds=40)
+    assert bucketed.guard.recompiles == 0
     note_ratios(group, medians, "max_rank 4", "")
     note(group, f"slot row bytes: {tight.slot_nbytes} vs {padded.slot_nbytes}")
 

@@ -178,6 +178,10 @@ class SlotArena:
         a_view, b_view = factor_views(self.arenas[layout.dtype][slot], layout, width)
         return a_view[:rank], b_view[:, :rank]
 
+    def slot_rank(self, slot: int) -> int:
+        """Ranks ``slot``'s occupant holds (the most over dtypes; 0 if empty)."""
+        return max(self.filled[slot].values(), default=0)
+
     def mark_unknown(self, slot: int) -> None:
         """Forget what ``slot`` holds (a copy into it failed part-way): the next write clears
         the whole row beyond its prefix."""

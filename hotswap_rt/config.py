@@ -48,6 +48,12 @@ class RuntimeConfig:
             ``max_active_adapters == device_slots`` (same product size, no copy). Fixed for the
             runtime's life. In place, every device slot is read by every forward, so a
             non-finite adapter (``allow_nonfinite``) poisons all outputs once resident.
+        rank_buckets: compute that follows the selected adapters' rank: e.g. ``(4, 16)`` with
+            ``max_rank=64`` gives three graphs (ranks 4, 16, 64; ``max_rank`` is always the
+            last bucket), all compiled at ``rt.compile``; each forward multiplies only the first
+            ``b`` ranks of every slot, ``b`` the smallest bucket holding every selected
+            adapter's rank. Switching buckets then runs another compiled graph (no recompile).
+            ``None``: one graph at ``max_rank``.
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -60,6 +66,7 @@ class RuntimeConfig:
     max_adapters_per_row: int | None = None
     batch_input: str | None = None
     slot_reads: str = "auto"
+    rank_buckets: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_input is not None and (not isinstance(self.batch_input, str) or not self.batch_input):
@@ -89,6 +96,13 @@ class RuntimeConfig:
             )
         self._default_or_up_to("max_active_adapters", "device_slots")
         self._default_or_up_to("max_adapters_per_row", "max_active_adapters")
+        if self.rank_buckets is not None:
+            buckets = tuple(self.rank_buckets)
+            if not buckets or not all(isinstance(b, int) and not isinstance(b, bool)
+                                      and 1 <= b <= self.max_rank for b in buckets):
+                raise HotswapError(f"RuntimeConfig.rank_buckets must be ranks in 1..max_rank "
+                                   f"({self.max_rank}), got {self.rank_buckets!r}")
+            object.__setattr__(self, "rank_buckets", tuple(sorted({*buckets, self.max_rank})))
         if self.slot_reads not in ("auto", "gather", "in_place"):
             raise HotswapError(f"RuntimeConfig.slot_reads must be 'auto', 'gather' or 'in_place', "
                                f"got {self.slot_reads!r}")

@@ -86,11 +86,14 @@ class ModelForward:
         mode: str | None,
         guard: GuardMode,
         training: bool,
+        variants: Sequence[Callable[[], None]] = (),
     ) -> None:
         """``torch.compile`` the original forward, run the warm-up, arm the guard (see
         :meth:`HotswapRuntime.compile` for the arguments). ``static_storage``: tensors the graph
         reads in place for life (slot arena, selection): static shape and address, watched by
-        the guard. A failed warm-up leaves the forward eager."""
+        the guard. ``variants``: callables that each switch the model to another graph (rank
+        buckets); the whole warm-up runs once under each. A failed warm-up leaves the forward
+        eager."""
         if self.compiled:
             raise HotswapError("the model is already compiled by this runtime")
         if example_inputs is None and warmup is None:
@@ -110,14 +113,19 @@ class ModelForward:
         grad_modes = [True, False] if training else [False]
         passes = 3 if mode is not None and "reduce-overhead" in mode else 1
         inputs = [example_inputs] if example_inputs is not None else []
+        if len(variants) > 1:  # dynamo keeps one cache entry per graph; make room for all
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 8 * len(variants))
         try:
-            for grad_mode in grad_modes:
-                with torch.set_grad_enabled(grad_mode):
-                    for _ in range(passes):
-                        for each in [*inputs, *warmup_inputs]:
-                            self.model(**unview(as_kwargs(each, self.params)))
-                        if warmup is not None:
-                            warmup(self.model)
+            for variant in variants or [lambda: None]:
+                variant()
+                for grad_mode in grad_modes:
+                    with torch.set_grad_enabled(grad_mode):
+                        for _ in range(passes):
+                            for each in [*inputs, *warmup_inputs]:
+                                self.model(**unview(as_kwargs(each, self.params)))
+                            if warmup is not None:
+                                warmup(self.model)
         except BaseException:
             self.impl = self.eager
             raise

@@ -116,9 +116,19 @@ class SlotLayer(nn.Module):
         """Stop attaching a trainable adapter's parameters."""
         self._train = None
 
+    def ranks(self) -> int:
+        """Ranks the forward multiplies: the selection's rank bucket (``RuntimeConfig.rank_buckets``;
+        a plain int, so each bucket is its own compiled graph), else ``max_rank``."""
+        bucket = self._selection.rank_bucket
+        return self.max_rank if bucket is None else bucket
+
     def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of every slot's factors: A ``[S, R, d_in]`` and B^T ``[S, R, d_out]`` (scaled)."""
+        """Views of every slot's first ``r`` = :meth:`ranks` ranks: A ``[S, r, d_in]`` and B^T
+        ``[S, r, d_out]`` (scaled)."""
         blocks = self._arena.unflatten(1, (self.max_rank, -1))  # [S, R, W]
+        rank = self.ranks()
+        if rank != self.max_rank:
+            blocks = blocks[:, :rank]  # the rank-major prefix: every rank beyond it is zero
         a_stack = blocks.narrow(2, self.offset, self.in_features)
         bt_stack = blocks.narrow(2, self.offset + self.in_features, self.out_features)
         return a_stack, bt_stack
@@ -147,7 +157,7 @@ class SlotLayer(nn.Module):
         adapter by ``weights [B, n]`` (batch in dim 0 of ``h``)."""
         n = weights.shape[1]
         dim = dim % h.dim()
-        h = h.unflatten(dim, (n, self.max_rank))
+        h = h.unflatten(dim, (n, -1))
         shape = [weights.shape[0]] + [1] * (h.dim() - 1)
         shape[dim] = n
         return (h * weights.to(h.dtype).view(shape)).flatten(dim, dim + 1)
@@ -215,10 +225,11 @@ class LoraSlotConv2d(SlotLayer):
         batch, channels, height, width = x.shape
         a_row, bt_row, weights = self._row_slots(batch)  # [B, m, R, d_in], [B, m, R, d_out]
         per_row = a_row.shape[1]
-        kernels = a_row.reshape(batch * per_row * self.max_rank, *self.shape.kernel)
+        rank = a_row.shape[2]
+        kernels = a_row.reshape(batch * per_row * rank, *self.shape.kernel)
         flat = x.reshape(1, batch * channels, height, width).to(kernels.dtype)
         h = self._conv_a(flat, kernels, groups=batch)  # [1, B*m*R, H', W']
-        h = h.view(batch, per_row, self.max_rank, *h.shape[2:])
+        h = h.view(batch, per_row, rank, *h.shape[2:])
         h = h * weights.to(h.dtype).view(batch, per_row, 1, 1, 1)
         return torch.einsum("bmrhw,bmro->bohw", h, bt_row)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 from concurrent.futures import Future
@@ -90,8 +91,9 @@ class HotswapRuntime:
         self._arena = SlotArena({}, config.max_rank, config.device_slots, device)
         self._selection = Selection(config.max_batch_size, config.max_active_adapters, device,
                                     config.max_adapters_per_row,
-                                    config.device_slots if config.reads_slots_in_place else None)
-        self._selector = Selector(self._selection)
+                                    config.device_slots if config.reads_slots_in_place else None,
+                                    config.rank_buckets or ())
+        self._selector = Selector(self._selection, self._arena.slot_rank)
         self._layers: dict[str, SlotLayer] = {}
         self._injection = replace_modules(model, {})
         self._inject_layers(bases)
@@ -682,10 +684,16 @@ class HotswapRuntime:
             example = None
         storage = {f"arena[{dtype}]": arena for dtype, arena in self._arena.arenas.items()}
         storage.update(self._selection.tensors())
-        self._forward.compile(
-            example, warmup_inputs, warmup, storage, fullgraph=fullgraph, dynamic=dynamic,
-            mode=mode, guard=guard, training=training,
-        )
+        selection = self._selection
+        variants = [functools.partial(setattr, selection, "rank_bucket", bucket)
+                    for bucket in selection.rank_buckets]  # one graph per rank bucket
+        try:
+            self._forward.compile(
+                example, warmup_inputs, warmup, storage, fullgraph=fullgraph, dynamic=dynamic,
+                mode=mode, guard=guard, training=training, variants=variants,
+            )
+        finally:
+            self._selector.restore_bucket()
 
     def eject(self) -> nn.Module:
         """Undo injection: put the original layers and forward back; the runtime is then unusable."""

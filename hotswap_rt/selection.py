@@ -55,8 +55,12 @@ class Selection:
     """The two tensors the LoRA slot layers read, and the code that writes them."""
 
     def __init__(self, max_batch_size: int, max_active: int, device: torch.device,
-                 max_per_row: int | None = None, in_place_slots: int | None = None) -> None:
+                 max_per_row: int | None = None, in_place_slots: int | None = None,
+                 rank_buckets: Sequence[int] = ()) -> None:
         self.max_batch_size = max_batch_size
+        # The ranks layers multiply (a plain int: dynamo guards on it, one graph per bucket).
+        self.rank_buckets = tuple(rank_buckets)
+        self.rank_bucket: int | None = self.rank_buckets[-1] if self.rank_buckets else None
         self.max_active = max_active
         self.max_per_row = max_active if max_per_row is None else max_per_row
         self.per_row = self.max_per_row < max_active  # layers gather each row's own slots
@@ -167,8 +171,9 @@ class Selector:
     mutation (no forward runs while the tensors change).
     """
 
-    def __init__(self, selection: Selection) -> None:
+    def __init__(self, selection: Selection, slot_rank: Callable[[int], int] | None = None) -> None:
         self.selection = selection
+        self.slot_rank = slot_rank  # slot -> ranks its occupant holds (rank buckets)
         self.rows: list[dict[str, float]] = []  # [] = no adapter
         self.per_row = False
         self.enabled = True
@@ -208,13 +213,29 @@ class Selector:
                 slot_rows.append(spec)
         slot_rows = [row for row in slot_rows if row] if len(slot_rows) == 1 else slot_rows
         served_rows = len(self.rows) if self.per_row and self.enabled else None
-        if slot_rows == self._written and served_rows == self._served_rows:
+        bucket = self._bucket(slot_rows)
+        if (slot_rows == self._written and served_rows == self._served_rows
+                and bucket == self.selection.rank_bucket):
             return
         if not any(slot_rows):
             self.selection.clear()
         else:
             self.selection.write(slot_rows)
+        self.selection.rank_bucket = bucket
         self._written, self._served_rows = slot_rows, served_rows
+
+    def restore_bucket(self) -> None:
+        """Set the rank bucket the written selection needs again (after warm-up visited all)."""
+        self.selection.rank_bucket = self._bucket(self._written or [])
+
+    def _bucket(self, slot_rows: list[dict[int, float]]) -> int | None:
+        """The smallest rank bucket holding every selected slot's ranks (None: no buckets)."""
+        buckets = self.selection.rank_buckets
+        if not buckets:
+            return None
+        assert self.slot_rank is not None
+        needed = max((self.slot_rank(s) for row in slot_rows for s, w in row.items() if w), default=0)
+        return next(b for b in buckets if b >= needed)
 
     def selected_slots(self) -> set[int]:
         """Slots the tensors currently give a non-zero weight: what forwards read."""
