@@ -35,7 +35,10 @@ class Results:
 
     def span(self, key_prefix: str) -> str:
         values = [v for k, v in self.figures.items() if k.startswith(key_prefix)]
-        return f"{min(values):.2f}-{max(values):.2f}x" if values else "n/a"
+        if not values:
+            return "n/a"
+        low, high = f"{min(values):.2f}", f"{max(values):.2f}"
+        return f"{low}x" if low == high else f"{low}-{high}x"
 
 
 def _shape(group: str) -> str:
@@ -64,7 +67,10 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
     for group in sorted(g for g in r.tables if g.startswith("swap matrix")):
         label = _shape(group)
         out.append((f"ring -> slot swap, {label}, ranks 4/16/64 x attention/all-linear, "
-                    f"max_rank 64", f"{r.span(f'swap_vs_copy/{label}/')} a `copy_` of the slot row",
+                    f"max_rank 64", f"{r.span(f'swap_vs_copy/{label}/')} a `copy_` of the adapter's "
+                    f"bytes; a rank-4 swap takes {r.span(f'swap_vs_rank64_swap/{label}/attention/r4')} "
+                    f"(attention) / {r.span(f'swap_vs_rank64_swap/{label}/all-linear/r4')} (all-linear) "
+                    f"of a rank-64 swap's time",
                     f"PEFT hotswap_adapter_from_state_dict "
                     f"{r.span(f'swap_speedup_vs_peft_state_dict/{label}/')} slower, from disk "
                     f"{r.span(f'swap_speedup_vs_peft_disk/{label}/')} slower"))
@@ -93,8 +99,16 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
         out.append(("mixed batch, 4 adapters in 8 rows", f"{r.ratio(group, 'hotswap_rt 4'):.2f}x "
                     f"one adapter", f"PEFT adapter_names= (eager) {r.ratio(group, 'peft'):.2f}x"))
     for group in r.groups("padding"):
+        bucketed = (f"; with rank_buckets {r.ratio(group, 'max_rank 64, rank_buckets'):.2f}x"
+                    if any("rank_buckets" in case for case in r.medians[group]) else "")
         out.append(("rank-4 adapter in max_rank-64 slots, prefill", f"{r.ratio(group, 'max_rank 64'):.2f}x"
-                    " a max_rank-4 runtime", ""))
+                    f" a max_rank-4 runtime{bucketed}", ""))
+    modes = sorted({k.split("/")[1] for k in f if k.startswith("mixed_decode/")})
+    if modes:
+        out.append(("decode step, batch 16, Llama-7B layer shapes x2, all-linear r=16, 8 / 16 distinct "
+                    "adapters", "; ".join(f"{mode}: {f[f'mixed_decode/{mode}/k8']:.2f}x / "
+                                          f"{f[f'mixed_decode/{mode}/k16']:.2f}x" for mode in modes),
+                    "uninjected compiled model = 1.00x"))
     if "serve_k16_over_k1/mixed" in f:
         out.append(("HTTP server throughput with 16 adapters, as a share of 1 adapter",
                     f"{f['serve_k16_over_k1/mixed']:.0%} (adapters mixed in every step)",
