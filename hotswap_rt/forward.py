@@ -110,27 +110,35 @@ class ModelForward:
             generation_config.disable_compile = True
         self.impl = torch.compile(self.eager, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
         self.guard.fallback = self.eager
-        grad_modes = [True, False] if training else [False]
         passes = 3 if mode is not None and "reduce-overhead" in mode else 1
-        inputs = [example_inputs] if example_inputs is not None else []
-        if len(variants) > 1:  # dynamo keeps one cache entry per graph; make room for all
-            limit = torch._dynamo.config.recompile_limit
-            torch._dynamo.config.recompile_limit = max(limit, 8 * len(variants))
+        # One cache entry per graph: make room for every variant while they compile (the limit
+        # is checked only when dynamo compiles; entries past it stay in use afterwards).
+        limit = max(torch._dynamo.config.recompile_limit, 8 * len(variants))
         try:
-            for variant in variants or [lambda: None]:
-                variant()
-                for grad_mode in grad_modes:
-                    with torch.set_grad_enabled(grad_mode):
-                        for _ in range(passes):
-                            for each in [*inputs, *warmup_inputs]:
-                                self.model(**unview(as_kwargs(each, self.params)))
-                            if warmup is not None:
-                                warmup(self.model)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                self._warm_up(example_inputs, warmup_inputs, warmup, training, passes, variants)
         except BaseException:
             self.impl = self.eager
             raise
         self.compiled = True
         self.guard.arm()
+
+    def _warm_up(self, example_inputs: ExampleInput | None, warmup_inputs: Sequence[ExampleInput],
+                 warmup: Callable[[nn.Module], Any] | None, training: bool, passes: int,
+                 variants: Sequence[Callable[[], None]]) -> None:
+        """Run every warm-up input and ``warmup`` (``passes`` times) under each grad mode and
+        each variant."""
+        grad_modes = [True, False] if training else [False]
+        inputs = [example_inputs] if example_inputs is not None else []
+        for variant in variants or [lambda: None]:
+            variant()
+            for grad_mode in grad_modes:
+                with torch.set_grad_enabled(grad_mode):
+                    for _ in range(passes):
+                        for each in [*inputs, *warmup_inputs]:
+                            self.model(**unview(as_kwargs(each, self.params)))
+                        if warmup is not None:
+                            warmup(self.model)
 
     def restore(self) -> None:
         """Put the model's own forward (and generation config) back."""

@@ -194,7 +194,7 @@ class Residency:
         if not replaces_selection:
             protected |= self._selector.selected_slots()
         missing = [r for r in records if r.slot is None]
-        reusable = self.registry.reusable_slots(protected)
+        reusable = self.registry.reusable_slots(protected) if missing else []
         if len(missing) > len(reusable):
             raise SlotsBusyError(
                 f"cannot make {[r.name for r in missing]} device-resident: only {len(reusable)} "

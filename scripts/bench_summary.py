@@ -90,7 +90,7 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
                     f"{r.ratio(group, 'hotswap_rt'):.2f}x uninjected",
                     f"merged {r.ratio(group, 'adapter merged'):.2f}x, "
                     f"PEFT {r.ratio(group, 'peft'):.2f}x"))
-    for group in r.groups("decode"):
+    for group in r.groups("decode, batch 8"):
         out.append((f"decode batch 8, static cache, per token, {_shape(group)}",
                     f"{r.ratio(group, 'hotswap_rt'):.2f}x uninjected",
                     f"merged {r.ratio(group, 'adapter merged'):.2f}x, "
