@@ -271,3 +271,41 @@ def test_batch_input_names_the_batch_argument(conv) -> None:
         rt.model(conv["sample"][:2], scale=torch.ones(3, 1))  # `scale` has 3 rows, the selection 2
     with pytest.raises(HotswapError, match="batch_input"):
         RuntimeConfig(batch_input="")
+
+
+def _files(path: Path) -> tuple[dict, float]:
+    """An adapter's tensors (prefix stripped) and its scaling, read from its files."""
+    config = json.loads((path / "adapter_config.json").read_text())
+    state = {k.removeprefix("base_model.model."): v for k, v in
+             load_file(str(path / "adapter_model.safetensors")).items()}
+    return state, config["lora_alpha"] / config["r"]
+
+
+def test_weighted_mix_at_a_grouped_conv_equals_the_formula_from_the_files(conv) -> None:
+    """0.5 * a - 1.0 * b at conv2 (groups=2): base + sum_i w_i s_i conv1x1_grouped(conv(x, A_i), B_i)."""
+    rt = _conv_runtime(conv)
+    rt.activate({"a": 0.5, "b": -1.0})
+    x = torch.randn(3, 8, 6, 6, generator=torch.Generator().manual_seed(9))
+    layer = rt.model.conv2
+    expected = layer.base(x)
+    for name, weight in (("a", 0.5), ("b", -1.0)):
+        state, scaling = _files(conv[name])
+        a, b = state["conv2.lora_A.weight"], state["conv2.lora_B.weight"]
+        h = torch.nn.functional.conv2d(x, a, stride=2, padding=1)
+        expected = expected + weight * scaling * torch.nn.functional.conv2d(h, b, groups=2)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, **TOL)
+
+
+def test_weighted_mix_at_an_embedding_equals_the_formula_from_the_files(emb) -> None:
+    rt = _emb_runtime(emb)
+    rt.activate({"a": 2.0, "b": 0.25})
+    ids = emb["ids"]
+    layer = rt.model.model.embed_tokens
+    expected = layer.base(ids)
+    for name, weight in (("a", 2.0), ("b", 0.25)):
+        state, scaling = _files(emb[name])
+        a, b = state["model.embed_tokens.lora_embedding_A"], state["model.embed_tokens.lora_embedding_B"]
+        expected = expected + weight * scaling * (a.t()[ids] @ b.t())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(ids), expected, **TOL)
