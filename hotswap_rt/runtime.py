@@ -36,10 +36,10 @@ from .errors import HotswapError, IncompatibleAdapterError, SelectionError, Slot
 from .forward import ModelForward
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
-from .inputs import ExampleInput, bind_positional
-from .inject import find_targets, replace_modules
-from .layers import LINEAR_TYPES, SlotLayer, is_supported_layer, layer_shape, make_slot_layer
 from .hub import push_adapter_folder
+from .inject import find_targets, replace_modules
+from .inputs import ExampleInput, bind_positional
+from .layers import LINEAR_TYPES, SlotLayer, is_supported_layer, layer_shape, make_slot_layer
 from .peft_format import (
     ParsedAdapter, adapter_state_dict, resolve_source, task_type_for, write_adapter_dir,
     write_adapter_files)
@@ -405,7 +405,7 @@ class HotswapRuntime:
         """Upload adapter ``name`` (the files :meth:`save` writes) to the Hub repo ``repo_id``
         (created if needed) with ``huggingface_hub``; returns the commit (or PR) URL.
         ``endpoint`` overrides the Hub URL (default ``HF_ENDPOINT``)."""
-        self._saved_values(name)  # unknown names fail before any request
+        self.info(name)  # an unknown name fails before any request
         return push_adapter_folder(
             lambda directory: self.save(name, directory, into_existing=True), repo_id,
             commit_message=commit_message, commit_description=commit_description, private=private,
