@@ -519,9 +519,10 @@ class HotswapRuntime:
     def _select(self, rows: list[dict[str, float]], per_row: bool) -> None:
         names = sorted({n for row in rows for n, w in row.items() if w != 0.0})
         with self._lock:  # unknown names first: nothing is waited for or copied
+            records = self._residency.registry.records
             for name in names:
-                if not self._background.knows(name):
-                    self._residency.get(name)
+                if name not in records and not self._background.knows(name):
+                    self._residency.get(name)  # raises UnknownAdapterError
         self._selection.check(len(rows), names)
         self._selection.check_rows(rows)
         prestaged = self._residency.prepare(names)  # outside the lock: prefetches, disk reads
@@ -534,13 +535,11 @@ class HotswapRuntime:
     def _write_selection(self) -> None:
         self._selector.write(self._residency.slot_and_scale)
 
-    @contextlib.contextmanager
-    def _mutation(self) -> Iterator[None]:
+    def _mutation(self) -> _Mutation:
         """Exclusive access for a change: wait until no forward runs (keeping new ones out),
         *then* take the runtime lock. In that order a writer never holds the lock while it
         waits for a forward, so a forwarding thread may still call read-only methods."""
-        with self._gate.writing(), self._lock:
-            yield
+        return _Mutation(self._gate, self._lock)
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -756,6 +755,28 @@ class HotswapRuntime:
             leases=record.leases,
             slot=record.slot,
         )
+
+
+class _Mutation:
+    """:meth:`HotswapRuntime._mutation`'s context manager (a class: cheaper than a generator on
+    every switch)."""
+
+    __slots__ = ("gate", "lock")
+
+    def __init__(self, gate: ForwardGate, lock: threading.RLock) -> None:
+        self.gate, self.lock = gate, lock
+
+    def __enter__(self) -> None:
+        self.gate.begin_write()
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self.gate.end_write()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+        self.gate.end_write()
 
 
 def _device_of(model: nn.Module, bases: Mapping[str, nn.Module]) -> torch.device:

@@ -289,6 +289,8 @@ class BackgroundLoads:
             HotswapError: the background load of ``name`` failed.
         """
         future = self._pending.get(name)
+        if future is None and name not in self._failed:
+            return  # nothing in flight or unseen (the common case: no lock taken)
         error = future.exception() if future is not None else None  # waits for it
         with self._lock:
             if future is not None and self._pending.get(name) is future:
