@@ -138,7 +138,7 @@ class SlotArena:
                 continue
             grown = torch.zeros(self.num_slots, self.max_rank * width, dtype=dtype, device=self.device)
             if old is not None:
-                old_width = old.shape[1] // self.max_rank
+                old_width = self._width(old)
                 grown.view(self.num_slots, self.max_rank, width)[:, :, :old_width].copy_(
                     old.view(self.num_slots, self.max_rank, old_width))
             self.arenas[dtype] = grown
@@ -163,7 +163,11 @@ class SlotArena:
     @property
     def rank_widths(self) -> dict[torch.dtype, int]:
         """dtype -> W, the values of one rank block (``P = R * W``)."""
-        return {dtype: arena.shape[1] // self.max_rank for dtype, arena in self.arenas.items()}
+        return {dtype: self._width(arena) for dtype, arena in self.arenas.items()}
+
+    def _width(self, arena: torch.Tensor) -> int:
+        """W of a ``[S, R * W]`` arena tensor."""
+        return arena.shape[1] // self.max_rank
 
     @property
     def slot_nbytes(self) -> int:
@@ -174,8 +178,8 @@ class SlotArena:
         """Views into device slot ``slot`` of layer ``name``'s unpadded factors:
         A ``[rank, d_in]`` and B ``[d_out, rank]`` (strided: rows ``W`` apart)."""
         layout = self.layouts[name]
-        width = self.arenas[layout.dtype].shape[1] // self.max_rank
-        a_view, b_view = factor_views(self.arenas[layout.dtype][slot], layout, width)
+        arena = self.arenas[layout.dtype]
+        a_view, b_view = factor_views(arena[slot], layout, self._width(arena))
         return a_view[:rank], b_view[:, :rank]
 
     def slot_rank(self, slot: int) -> int:
@@ -221,7 +225,7 @@ class SlotArena:
     def _write(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor], non_blocking: bool) -> None:
         filled = self.filled[slot]
         for dtype, arena in self.arenas.items():
-            width = arena.shape[1] // self.max_rank
+            width = self._width(arena)
             row = rows.get(dtype)
             size = 0 if row is None else row.numel()
             if size > arena.shape[1] or size % width:

@@ -511,10 +511,15 @@ def _check_tensor(
             f"{where}: key {key!r} has shape {tuple(tensor.shape)}; expected a non-empty {expected} tensor"
         )
     if not allow_nonfinite and not _all_finite(tensor):
-        raise AdapterFormatError(
-            f"{where}: key {key!r} contains NaN or Inf values (pass allow_nonfinite=True to load)"
-        )
+        raise nonfinite_error(where, key)
     return tensor
+
+
+def nonfinite_error(where: str, key: str) -> AdapterFormatError:
+    """The error for NaN/Inf values under ``key`` (raised by the parser, or by staging when it
+    checked the staged rows instead)."""
+    return AdapterFormatError(
+        f"{where}: key {key!r} contains NaN or Inf values (pass allow_nonfinite=True to load)")
 
 
 def nonfinite_key(adapter: ParsedAdapter) -> str | None:

@@ -25,7 +25,8 @@ from .arena import LayerLayout, SlotArena, factor_views
 from .config import AdapterInfo, lora_scaling
 from .errors import AdapterFormatError, HotswapError, IncompatibleAdapterError, RankTooLargeError
 from .peft_format import (
-    ParsedAdapter, all_finite, config_as_dict, nonfinite_key, parse_adapter, read_adapter_dir, resolve_source,
+    ParsedAdapter, all_finite, config_as_dict, nonfinite_error, nonfinite_key, parse_adapter, read_adapter_dir,
+    resolve_source,
 )
 
 
@@ -203,8 +204,7 @@ class Stager:
             where = adapter.source or "state_dict"
             key = nonfinite_key(adapter)
             if key is not None:
-                raise AdapterFormatError(
-                    f"{where}: key {key!r} contains NaN or Inf values (pass allow_nonfinite=True to load)")
+                raise nonfinite_error(where, key)
             raise AdapterFormatError(f"{where}: lora_B * scaling overflows the slot dtype (Inf)")
         return StagedAdapter(adapter=adapter, rows=rows, widths=widths)
 
