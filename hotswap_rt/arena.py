@@ -11,15 +11,25 @@ of every injected layer in a fixed order: row ``j`` of A (``d_in``) and column `
                <------------------ W ---------------->                       P = R * W
                W = sum_l (d_in_l + d_out_l)
 
-So the first ``r`` ranks of every layer are one contiguous prefix of ``r * W`` values: a staged
-adapter of rank ``r`` is a host row of exactly that prefix (its true size, not max_rank's), and
-moving it into slot ``s`` is one ``copy_`` of the prefix per dtype plus clearing what the
-previous occupant held beyond it (:meth:`SlotArena.write_slot`). Per layer the slot is the views
-A ``[R, d_in]`` and B^T ``[R, d_out]`` of ``arena[s].view(R, W)`` (:func:`factor_views`).
+With *scale vectors* (IA3, DoRA and LoRA bias adapters; :meth:`SlotArena.enable_vectors`) the
+row starts with ``V`` values: for each linear layer, in the same order, an input scale
+(``d_in``), an output scale (``d_out``) and an output bias (``d_out``), each stored as its
+difference from the identity (0 = no change)::
+
+    arena[s] = [ in_0 out_0 bias_0 in_1 out_1 bias_1 ... | rank block 0 | rank block 1 | ... ]
+               <------------------ V -------------------->                      P = V + R * W
+
+So the vectors and the first ``r`` ranks of every layer are one contiguous prefix of ``V + r * W``
+values: a staged adapter of rank ``r`` is a host row of exactly that prefix (its true size, not
+max_rank's), and moving it into slot ``s`` is one ``copy_`` of the prefix per dtype plus clearing
+what the previous occupant held beyond it (:meth:`SlotArena.write_slot`). Per layer the slot is
+the views A ``[R, d_in]`` and B^T ``[R, d_out]`` of ``arena[s, V:].view(R, W)``
+(:func:`factor_views`) and its vectors ``arena[s, o : o + d_in + 2 * d_out]`` (:func:`vector_views`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -57,29 +67,53 @@ class LayerLayout:
     kind: str = "linear"
     kernel: tuple[int, ...] = ()
     groups: int = 1
+    vectors: int = -1  # where its scale vectors start in the row's vector region; -1: none
 
     @classmethod
-    def of(cls, name: str, shape: LayerShape, offset: int) -> LayerLayout:
+    def of(cls, name: str, shape: LayerShape, offset: int, vectors: int = -1) -> LayerLayout:
         return cls(name, shape.d_in, shape.d_out, shape.dtype, offset, shape.kind, shape.kernel,
-                   shape.groups)
+                   shape.groups, vectors)
 
     @property
     def width(self) -> int:
         """Values this layer adds to each rank block."""
         return self.d_in + self.d_out
 
+    @property
+    def vector_width(self) -> int:
+        """Values of its scale vectors: input scale, output scale, output bias."""
+        return self.d_in + 2 * self.d_out
 
-def factor_views(row: torch.Tensor, layout: LayerLayout, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def can_hold_vectors(self) -> bool:
+        """Scale vectors exist for linear layers only (IA3/DoRA/LoRA bias on Linear, Conv1D)."""
+        return self.kind == "linear"
+
+
+def factor_views(row: torch.Tensor, layout: LayerLayout, width: int,
+                 vectors: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A ``[n, d_in]`` and B ``[d_out, n]`` views of one layer's part of a rank-major row
-    ``[n * width]`` (a device slot, ``n = R``, or a staged host row, ``n`` = its ranks).
+    ``[V + n * width]`` (a device slot, ``n = R``, or a staged host row, ``n`` = its ranks).
 
     Args:
         width: ``W`` of the row's dtype (:attr:`SlotArena.rank_widths`).
+        vectors: ``V`` of the row's dtype (:attr:`SlotArena.vector_sizes`).
     """
-    blocks = row.view(-1, width)  # [n, W]
+    blocks = row[vectors:].view(-1, width)  # [n, W]
     a_view = blocks[:, layout.offset : layout.offset + layout.d_in]
     b_view = blocks[:, layout.offset + layout.d_in : layout.offset + layout.width].t()
     return a_view, b_view
+
+
+def vector_views(row: torch.Tensor, layout: LayerLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's scale vectors in a row ``[..., V + ...]`` (a slot row, a staged host row, or
+    the whole arena ``[S, P]``): input scale ``[..., d_in]``, output scale ``[..., d_out]`` and
+    output bias ``[..., d_out]``, each as its difference from the identity."""
+    if layout.vectors < 0:
+        raise ValueError(f"layer {layout.name!r} has no scale vectors")
+    start, d_in, d_out = layout.vectors, layout.d_in, layout.d_out
+    return (row[..., start : start + d_in], row[..., start + d_in : start + d_in + d_out],
+            row[..., start + d_in + d_out : start + d_in + 2 * d_out])
 
 
 class SlotArena:
@@ -91,10 +125,13 @@ class SlotArena:
         max_rank: R.
         num_slots: S.
         device: where the arena lives (the injected layers' device).
+        vectors: give every linear layer scale vectors (:meth:`enable_vectors`).
 
     Attributes:
         layouts: layer name -> :class:`LayerLayout`.
         arenas: dtype -> ``[S, P_dtype]`` device tensor.
+        vectors: whether linear layers have scale vectors.
+        vector_sizes: dtype -> ``V``, the values of the vector region at the start of a row.
         pin_host_rows: host rows copied into the arena should be pinned (an accelerator holds it).
         filled: per slot, dtype -> ranks its occupant wrote (what the next write must clear
             beyond its own prefix); absent = 0 (a new arena is zero).
@@ -106,53 +143,97 @@ class SlotArena:
         max_rank: int,
         num_slots: int,
         device: torch.device,
+        vectors: bool = False,
     ) -> None:
         self.max_rank = max_rank
         self.num_slots = num_slots
         self.device = device
+        self.vectors = vectors
         self.layouts: dict[str, LayerLayout] = {}
         self.arenas: dict[torch.dtype, torch.Tensor] = {}
+        self.vector_sizes: dict[torch.dtype, int] = {}
         self.filled: list[dict[torch.dtype, int]] = [{} for _ in range(num_slots)]
         self.extend(layers)
         self.pin_host_rows = device.type != "cpu" and torch.accelerator.is_available()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def extend(self, layers: Mapping[str, LayerShape | tuple[int, int, torch.dtype]]) -> None:
-        """Add layers (name -> :class:`LayerShape`) at the end of their dtype's rank blocks.
+        """Add layers (name -> :class:`LayerShape`) at the end of their dtype's rank blocks (and
+        of its vector region, with :attr:`vectors`).
 
         Existing layers keep their offsets and every slot keeps its contents (new layers start
         at zero), but a grown dtype gets a *new* ``[S, P]`` tensor: whoever holds the old one
         (the slot layers) must be pointed at :attr:`arenas` again, and staged host rows re-laid
         (:meth:`relayout`). Only before compiling: a compiled graph reads the old tensor."""
-        widths = self.rank_widths
+        before = self._sizes()
+        widths, vector_sizes = self.rank_widths, dict(self.vector_sizes)
         for name, spec in layers.items():
             shape = spec if isinstance(spec, LayerShape) else LayerShape(*spec)
             if name in self.layouts:
                 raise ValueError(f"layer {name!r} is already in the arena")
             offset = widths.get(shape.dtype, 0)
-            self.layouts[name] = LayerLayout.of(name, shape, offset)  # same dict object
-            widths[shape.dtype] = offset + shape.d_in + shape.d_out
-        for dtype, width in widths.items():
+            layout = LayerLayout.of(name, shape, offset)
+            if self.vectors and layout.can_hold_vectors:
+                layout = dataclasses.replace(layout, vectors=vector_sizes.get(shape.dtype, 0))
+                vector_sizes[shape.dtype] = layout.vectors + layout.vector_width
+            self.layouts[name] = layout  # same dict object
+            widths[shape.dtype] = offset + layout.width
+        self._regrow(before, {dtype: (vector_sizes.get(dtype, 0), width) for dtype, width in widths.items()})
+
+    def enable_vectors(self) -> None:
+        """Give every linear layer scale vectors, now and when added later (IA3, DoRA and LoRA
+        bias adapters need them). Slot contents are kept, the vectors start at zero; like
+        :meth:`extend`, a new tensor per grown dtype (only before compiling)."""
+        if self.vectors:
+            return
+        before = self._sizes()
+        self.vectors = True
+        vector_sizes: dict[torch.dtype, int] = {}
+        for name, layout in self.layouts.items():
+            if layout.can_hold_vectors:
+                start = vector_sizes.get(layout.dtype, 0)
+                self.layouts[name] = dataclasses.replace(layout, vectors=start)
+                vector_sizes[layout.dtype] = start + layout.vector_width
+        self._regrow(before, {dtype: (vector_sizes.get(dtype, 0), width)
+                              for dtype, (_, width) in before.items()})
+
+    def _sizes(self) -> dict[torch.dtype, tuple[int, int]]:
+        """dtype -> ``(V, W)`` of the current rows."""
+        return {dtype: (self.vector_sizes.get(dtype, 0), self._width(dtype)) for dtype in self.arenas}
+
+    def _regrow(self, before: Mapping[torch.dtype, tuple[int, int]],
+                after: Mapping[torch.dtype, tuple[int, int]]) -> None:
+        """New ``[S, V + R * W]`` tensors for the dtypes whose ``(V, W)`` changed, holding the
+        old values at the same (layer, rank) / vector positions."""
+        for dtype, sizes in after.items():
             old = self.arenas.get(dtype)
-            if old is not None and old.shape[1] == self.max_rank * width:
+            if old is not None and before[dtype] == sizes:
                 continue
-            grown = torch.zeros(self.num_slots, self.max_rank * width, dtype=dtype, device=self.device)
+            grown = torch.zeros(self.num_slots, sizes[0] + self.max_rank * sizes[1], dtype=dtype,
+                                device=self.device)
             if old is not None:
-                old_width = self._width(old)
-                grown.view(self.num_slots, self.max_rank, width)[:, :, :old_width].copy_(
-                    old.view(self.num_slots, self.max_rank, old_width))
+                for slot in range(self.num_slots):
+                    grown[slot].copy_(self.relayout(old[slot], before[dtype], sizes, self.max_rank))
             self.arenas[dtype] = grown
+            self.vector_sizes[dtype] = sizes[0]
 
     @staticmethod
-    def relayout(row: torch.Tensor, old_width: int, width: int) -> torch.Tensor:
-        """A rank-major row ``[n * old_width]`` laid out for ``width`` (layers appended):
-        ``[n * width]``, the new layers' values zero."""
-        if old_width == width:
+    def relayout(row: torch.Tensor, old: tuple[int, int], new: tuple[int, int],
+                 ranks: int | None = None) -> torch.Tensor:
+        """A row ``[V + n * W]`` laid out for the old ``(V, W)`` re-laid for the ``new`` one
+        (layers appended to the rank blocks and the vector region): the values at the same
+        positions, the new ones zero. ``ranks``: ``n`` (else from the row's size)."""
+        if old == new:
             return row
-        ranks = row.numel() // old_width if old_width else 0
-        grown = torch.zeros(ranks * width, dtype=row.dtype, pin_memory=row.is_pinned())
-        if ranks:
-            grown.view(ranks, width)[:, :old_width].copy_(row.view(ranks, old_width))
+        (old_v, old_w), (new_v, new_w) = old, new
+        if ranks is None:
+            ranks = (row.numel() - old_v) // old_w if old_w else 0
+        grown = torch.zeros(new_v + ranks * new_w, dtype=row.dtype, device=row.device,
+                            pin_memory=row.is_pinned())
+        if row.numel():
+            grown[:old_v].copy_(row[:old_v])
+            if ranks and old_w:
+                grown[new_v:].view(ranks, new_w)[:, :old_w].copy_(row[old_v:].view(ranks, old_w))
         return grown
 
     @property
@@ -162,12 +243,16 @@ class SlotArena:
 
     @property
     def rank_widths(self) -> dict[torch.dtype, int]:
-        """dtype -> W, the values of one rank block (``P = R * W``)."""
-        return {dtype: self._width(arena) for dtype, arena in self.arenas.items()}
+        """dtype -> W, the values of one rank block (``P = V + R * W``)."""
+        return {dtype: self._width(dtype) for dtype in self.arenas}
 
-    def _width(self, arena: torch.Tensor) -> int:
-        """W of a ``[S, R * W]`` arena tensor."""
-        return arena.shape[1] // self.max_rank
+    def _width(self, dtype: torch.dtype) -> int:
+        """W of ``dtype``'s ``[S, V + R * W]`` arena tensor."""
+        return (self.arenas[dtype].shape[1] - self.vector_sizes.get(dtype, 0)) // self.max_rank
+
+    def prefix_size(self, dtype: torch.dtype, ranks: int) -> int:
+        """Values of a row prefix holding the vectors and ``ranks`` ranks (``V + ranks * W``)."""
+        return self.vector_sizes.get(dtype, 0) + ranks * self._width(dtype)
 
     @property
     def slot_nbytes(self) -> int:
@@ -178,8 +263,8 @@ class SlotArena:
         """Views into device slot ``slot`` of layer ``name``'s unpadded factors:
         A ``[rank, d_in]`` and B ``[d_out, rank]`` (strided: rows ``W`` apart)."""
         layout = self.layouts[name]
-        arena = self.arenas[layout.dtype]
-        a_view, b_view = factor_views(arena[slot], layout, self._width(arena))
+        a_view, b_view = factor_views(self.arenas[layout.dtype][slot], layout, self._width(layout.dtype),
+                                      self.vector_sizes.get(layout.dtype, 0))
         return a_view[:rank], b_view[:, :rank]
 
     def slot_rank(self, slot: int) -> int:
@@ -193,10 +278,10 @@ class SlotArena:
 
     @torch.no_grad()
     def write_slot(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor]) -> float:
-        """Copy host rows (dtype -> rank prefix ``[r * W]``) into device slot ``slot``: one
+        """Copy host rows (dtype -> prefix ``[V + r * W]``) into device slot ``slot``: one
         ``copy_`` per dtype of the prefix, and a ``zero_`` of what the previous occupant wrote
         beyond it (nothing when it held no more ranks). The slot then holds exactly the row,
-        zero-padded to max_rank.
+        zero-padded to max_rank (a missing dtype: all zero).
 
         On CUDA the copy runs on a side stream (``non_blocking`` from pinned memory) ordered
         after the work already queued on the compute stream (which may still read the slot);
@@ -225,16 +310,17 @@ class SlotArena:
     def _write(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor], non_blocking: bool) -> None:
         filled = self.filled[slot]
         for dtype, arena in self.arenas.items():
-            width = self._width(arena)
+            width, vectors = self._width(dtype), self.vector_sizes.get(dtype, 0)
             row = rows.get(dtype)
             size = 0 if row is None else row.numel()
-            if size > arena.shape[1] or size % width:
-                raise ValueError(f"a {dtype} row of {size} values is not a rank prefix of W={width}")
+            if size > arena.shape[1] or (size and (size < vectors or (size - vectors) % width)):
+                raise ValueError(f"a {dtype} row of {size} values is not a prefix of V={vectors} "
+                                 f"vector values and whole rank blocks of W={width}")
             target = arena[slot]
-            stale = filled.get(dtype, 0) * width  # a new arena is zero
+            stale = self.prefix_size(dtype, filled.get(dtype, 0))  # a new arena is zero
             filled[dtype] = self.max_rank  # unknown until the writes below complete: clear all next time
             if size:
                 target[:size].copy_(row, non_blocking=non_blocking)
             if stale > size:
                 target[size:stale].zero_()
-            filled[dtype] = size // width
+            filled[dtype] = (size - vectors) // width if size else 0

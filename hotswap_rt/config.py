@@ -67,6 +67,7 @@ class RuntimeConfig:
     batch_input: str | None = None
     slot_reads: str = "auto"
     rank_buckets: Sequence[int] | None = None
+    scale_vectors: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_input is not None and (not isinstance(self.batch_input, str) or not self.batch_input):
@@ -103,6 +104,8 @@ class RuntimeConfig:
                 raise HotswapError(f"RuntimeConfig.rank_buckets must be ranks in 1..max_rank "
                                    f"({self.max_rank}), got {self.rank_buckets!r}")
             object.__setattr__(self, "rank_buckets", tuple(sorted({*buckets, self.max_rank})))
+        if not isinstance(self.scale_vectors, bool):
+            raise HotswapError(f"RuntimeConfig.scale_vectors must be a bool, got {self.scale_vectors!r}")
         if self.slot_reads not in ("auto", "gather", "in_place"):
             raise HotswapError(f"RuntimeConfig.slot_reads must be 'auto', 'gather' or 'in_place', "
                                f"got {self.slot_reads!r}")
@@ -131,6 +134,8 @@ class AdapterInfo:
     ``rank``/``alpha`` are the adapter's default ``r``/``lora_alpha``; per-module overrides are in
     ``rank_pattern``/``alpha_pattern`` (module name -> value, only where they differ).
     ``scaling`` is the default ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
+    ``peft_type`` is ``"LORA"`` or ``"IA3"`` (rank, alpha and scaling 0: scaling vectors only);
+    ``use_dora`` / ``lora_bias`` PEFT's LoRA flags.
     ``bytes`` is the size of its padded slot row(s); ``version`` counts loads under this name.
     ``tier`` is "device", "host" (staged in the host ring) or "disk" (re-read on activation);
     ``slot`` the device slot it occupies (None unless ``tier == "device"``).
@@ -152,6 +157,9 @@ class AdapterInfo:
     pinned: bool = False
     leases: int = 0
     slot: int | None = None
+    peft_type: str = "LORA"
+    use_dora: bool = False
+    lora_bias: bool = False
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:

@@ -26,6 +26,10 @@ slots' factors, so the cost follows m instead of k::
     h      = bmm(x, A_row.T) * row_slot_weights     # [B, T, m*R]
     y      = base(x) + bmm(h, Bt_row)
 
+With scale vectors (IA3, DoRA, LoRA bias: ``RuntimeConfig.scale_vectors``), each row's weighted
+sum of its adapters' vectors scales the base layer's input and output and adds a bias
+(:meth:`SlotLayer._scaled_base`); the LoRA product above is added to that.
+
 Zero-padded rows of A and columns of B add exactly zero. With a trainable adapter attached
 (:meth:`attach_trainable`, done by :mod:`hotswap_rt.training`) and autograd on, its parameters
 are attached to the gathered factors at its slot's positions (:class:`LayerTrainState`).
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arena import LayerShape
+from .arena import LayerLayout, LayerShape
 from .selection import Selection
 
 
@@ -79,8 +83,9 @@ class SlotLayer(nn.Module):
     Args:
         base: the original layer; its parameters are not modified.
         arena: ``[device_slots, P]`` tensor shared by every layer of the same dtype.
-        offset: where this layer's ``A`` (``R*d_in`` values) then ``B`` (``d_out*R``) start in a
-            slot row.
+        layout: where this layer lives in a slot row (its offset in each rank block; its scale
+            vectors' offset, if it has them).
+        vector_size: ``V`` of the arena: where the rank blocks start in a row.
         max_rank: ``R``.
         selection: the shared selection tensors.
     """
@@ -89,7 +94,8 @@ class SlotLayer(nn.Module):
         self,
         base: nn.Module,
         arena: torch.Tensor,
-        offset: int,
+        layout: LayerLayout,
+        vector_size: int,
         max_rank: int,
         selection: Selection,
     ) -> None:
@@ -98,15 +104,18 @@ class SlotLayer(nn.Module):
         self.shape = layer_shape(base)
         self.in_features, self.out_features = self.shape.d_in, self.shape.d_out
         self.max_rank = max_rank
-        self.offset = offset
         # Plain attributes, not buffers: shared by all layers, kept out of the model's state_dict.
-        self._arena = arena
+        self.set_arena(arena, layout, vector_size)
         self._selection = selection
         self._train: LayerTrainState | None = None  # set while a trainable adapter targets us
 
-    def set_arena(self, arena: torch.Tensor) -> None:
-        """Read slots from ``arena`` from now on (the arena grew: lazy injection, before compile)."""
+    def set_arena(self, arena: torch.Tensor, layout: LayerLayout, vector_size: int) -> None:
+        """Read slots from ``arena`` with ``layout`` from now on (the arena grew: lazy injection
+        or scale vectors, before compile)."""
         self._arena = arena
+        self.offset = layout.offset
+        self.vector_offset = layout.vectors  # -1: no scale vectors (fixed once compiled)
+        self._vector_size = vector_size
 
     def attach_trainable(self, state: LayerTrainState) -> None:
         """Route gradients of the slot ``state.slot`` into ``state``'s parameters (autograd on)."""
@@ -125,7 +134,7 @@ class SlotLayer(nn.Module):
     def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of every slot's first ``r`` = :meth:`ranks` ranks: A ``[S, r, d_in]`` and B^T
         ``[S, r, d_out]`` (scaled)."""
-        blocks = self._arena.unflatten(1, (self.max_rank, -1))  # [S, R, W]
+        blocks = self._arena[:, self._vector_size :].unflatten(1, (self.max_rank, -1))  # [S, R, W]
         rank = self.ranks()
         if rank != self.max_rank:
             blocks = blocks[:, :rank]  # the rank-major prefix: every rank beyond it is zero
@@ -172,6 +181,33 @@ class SlotLayer(nn.Module):
         bt_row = bt_stack.index_select(0, slots.flatten()).unflatten(0, (batch, per_row))
         return a_row, bt_row, self._selection.row_slot_weights[:batch]
 
+    def _row_vectors(self, batch: int, per_row: bool, training: bool) -> torch.Tensor:
+        """Each row's scale vectors, its adapters' weighted sum: ``[B, d_in + 2*d_out]``
+        (input scale, output scale, output bias; differences from the identity)."""
+        size = self.in_features + 2 * self.out_features
+        vectors = self._arena.narrow(1, self.vector_offset, size)  # [S, size]
+        if per_row:
+            slots = self._selection.row_slots[:batch]  # [B, m]
+            picked = vectors.index_select(0, slots.flatten()).unflatten(0, slots.shape)  # [B, m, size]
+            weights = self._selection.row_slot_weights[:batch].to(vectors.dtype)
+            return torch.bmm(weights.unsqueeze(1), picked).squeeze(1)
+        if not (self._selection.in_place and not training):
+            vectors = vectors.index_select(0, self._selection.active_slots)  # [k, size]
+        return self._selection.row_weights[:batch].to(vectors.dtype) @ vectors
+
+    def _scaled_base(self, x: torch.Tensor, per_row: bool, training: bool) -> torch.Tensor:
+        """The base layer with the rows' scale vectors: ``base(x * (1 + in)) * (1 + out) + bias``
+        (IA3 scales, DoRA's ``s - 1`` and bias correction, LoRA bias), written as additions so
+        a zero vector changes nothing and a small one survives bf16."""
+        d_in, d_out = self.in_features, self.out_features
+        vectors = self._row_vectors(x.shape[0], per_row, training)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+        in_scale = vectors[:, :d_in].reshape(shape).to(x.dtype)
+        y = self.base(x + x * in_scale)
+        out_scale = vectors[:, d_in : d_in + d_out].reshape(shape).to(y.dtype)
+        out_bias = vectors[:, d_in + d_out :].reshape(shape).to(y.dtype)
+        return y + y * out_scale + out_bias
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}"
 
@@ -180,9 +216,13 @@ class LoraSlotLinear(SlotLayer):
     """Wraps a frozen ``nn.Linear`` or transformers ``Conv1D`` (input ``[B, ..., d_in]``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # [B, ..., d_out]
         training = self._training()
-        if self._selection.per_row and not training:  # fixed for the runtime's life
+        per_row = self._selection.per_row and not training  # fixed for the runtime's life
+        if self.vector_offset >= 0:  # fixed once compiled
+            y = self._scaled_base(x, per_row, training)
+        else:
+            y = self.base(x)  # [B, ..., d_out]
+        if per_row:
             return y + self._per_row(x).to(y.dtype)
         a_act, bt_act = self._active_factors(training)
         h = F.linear(x.to(a_act.dtype), a_act)  # [B, ..., k*R]
@@ -266,12 +306,13 @@ class LoraSlotEmbedding(SlotLayer):
 
 
 def make_slot_layer(
-    base: nn.Module, arena: torch.Tensor, offset: int, max_rank: int, selection: Selection
+    base: nn.Module, arena: torch.Tensor, layout: LayerLayout, vector_size: int, max_rank: int,
+    selection: Selection,
 ) -> SlotLayer:
     """The slot layer for ``base``'s kind."""
     kind = layer_shape(base).kind
     cls = {"linear": LoraSlotLinear, "conv": LoraSlotConv2d, "embedding": LoraSlotEmbedding}[kind]
-    return cls(base, arena, offset, max_rank, selection)
+    return cls(base, arena, layout, vector_size, max_rank, selection)
 
 
 def layer_shape(layer: nn.Module) -> LayerShape:

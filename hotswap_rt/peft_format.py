@@ -12,6 +12,7 @@ by :mod:`hotswap_rt.arena` against the injected layers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,14 +37,18 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)$")
 # PEFT's save_embedding_layers: the targeted embedding's own weight saved beside its LoRA.
 _SAVED_BASE_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
+# Per-module vectors: DoRA's magnitude, LoRA's bias on B (lora_bias), IA3's scaling vector.
+_VECTOR_KEYS = (
+    (re.compile(r"^(?P<module>.+)\.lora_magnitude_vector$"), "magnitude"),
+    (re.compile(r"^(?P<module>.+)\.lora_B\.bias$"), "bias"),
+    (re.compile(r"^(?P<module>.+)\.ia3_l$"), "ia3"),
+)
 
 LINEAR, CONV, EMBEDDING = "linear", "conv", "embedding"  # LoraModule.kind
 
 # Config fields naming PEFT features a LoRA slot cannot represent yet; refused when set.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (use_dora)",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
-    "lora_bias": "LoRA bias (lora_bias)",
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable_token_indices",
     "target_parameters": "target_parameters (LoRA on nn.Parameter)",
@@ -69,9 +74,19 @@ class LoraModule:
     - ``"embedding"`` (``nn.Embedding``): ``lora_embedding_A`` ``[rank, num_embeddings]`` and
       ``lora_embedding_B`` ``[embedding_dim, rank]``, already matrices.
 
+    Besides the factors a module may carry vectors (linear layers only), held in a slot's scale
+    vectors (:func:`~hotswap_rt.arena.vector_views`):
+
+    - ``magnitude`` (DoRA, ``use_dora``): ``m [d_out]``; the layer computes
+      ``base(x) + (s - 1) * (W x) + s * scaling * B A x`` with ``s = m / ||W + scaling B A||``
+      (the norm of each output row, computed at staging from the base weight).
+    - ``bias`` (``lora_bias``): ``lora_B.bias [d_out]``, added as ``scaling * bias``.
+    - ``ia3`` (an IA3 adapter, rank 0, no factors): the vector ``l``, scaling the layer's output
+      ``[d_out]``, or with ``ia3_feedforward`` its input ``[d_in]``.
+
     Attributes:
-        lora_A: ``[rank, d_in]``.
-        lora_B: ``[d_out, rank]``.
+        lora_A: ``[rank, d_in]`` (``[0, 0]`` for IA3).
+        lora_B: ``[d_out, rank]`` (``[0, 0]`` for IA3).
         rank: this module's rank (``lora_A.shape[0]``).
         alpha: this module's ``lora_alpha`` after ``alpha_pattern``.
         scaling: ``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA).
@@ -88,14 +103,34 @@ class LoraModule:
     kind: str = LINEAR
     kernel: tuple[int, ...] = ()
     groups: int = 1
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    ia3: torch.Tensor | None = None
+    ia3_feedforward: bool = False
+
+    @property
+    def has_vectors(self) -> bool:
+        """Whether the slot must hold scale vectors for this module."""
+        return self.magnitude is not None or self.bias is not None or self.ia3 is not None
+
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """The vectors it carries, by PEFT key suffix."""
+        named = (("lora_magnitude_vector", self.magnitude), ("lora_B.bias", self.bias))
+        found = {key: value for key, value in named if value is not None}
+        if self.ia3 is not None:
+            found["ia3_l"] = self.ia3
+        return found
 
 
 @dataclass(frozen=True)
 class ParsedAdapter:
-    """A validated PEFT LoRA adapter: its default hyper-parameters and per-module factors.
+    """A validated PEFT adapter (LoRA, DoRA, LoRA with bias, or IA3): its default
+    hyper-parameters and per-module factors and vectors.
 
     ``saved_base_weights``: module -> the base weight PEFT saved beside its LoRA
     (``save_embedding_layers``); loading checks it equals the model's own, saving leaves it out.
+    ``peft_type``: ``"LORA"`` or ``"IA3"`` (rank 0, alpha 0: vectors only). ``use_dora`` /
+    ``lora_bias``: the LoRA config's flags (every module then carries a magnitude / a bias).
     """
 
     rank: int
@@ -108,6 +143,18 @@ class ParsedAdapter:
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     source: str | None = None
+    peft_type: str = "LORA"
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """The default ``alpha / r`` (0 for IA3, which has no LoRA factors)."""
+        return lora_scaling(self.rank, self.alpha, self.use_rslora) if self.rank else 0.0
+
+    @property
+    def has_vectors(self) -> bool:
+        return any(module.has_vectors for module in self.modules.values())
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -255,7 +302,12 @@ def parse_adapter(
         AdapterFormatError: anything PEFT would not load, or a feature we cannot represent.
     """
     where = source or "state_dict"
+    if config.get("peft_type") == "IA3":
+        return _parse_ia3(config, state_dict, where, allow_nonfinite or not check_finite)
     rank, alpha, use_rslora = _parse_hyperparameters(config, where)
+    use_dora, lora_bias = _flag(config, "use_dora", where), _flag(config, "lora_bias", where)
+    if use_dora and lora_bias:
+        raise AdapterFormatError(f"{where}: DoRA together with lora_bias is not supported")
     rank_pattern = _parse_pattern(config, "rank_pattern", where, integer=True)
     alpha_pattern = _parse_pattern(config, "alpha_pattern", where, integer=False)
 
@@ -263,10 +315,18 @@ def parse_adapter(
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, str] = {}
     saved_base: dict[str, torch.Tensor] = {}
+    vectors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         module, which = _split_key(str(key), where)
         if which == "base":
             saved_base[module] = _check_tensor(key, tensor, where, True, dims=(2,))
+            continue
+        if which in ("magnitude", "bias", "ia3"):
+            if which == "ia3":
+                raise AdapterFormatError(f"{where}: key {key!r} is an IA3 vector but peft_type is "
+                                         f"{config.get('peft_type', 'LORA')!r}")
+            vectors.setdefault(module, {})[which] = _check_tensor(
+                key, tensor, where, allow_nonfinite or not check_finite, dims=(1,))
             continue
         kind = EMBEDDING if which.startswith("embedding") else LINEAR
         which = which[-1]
@@ -287,6 +347,7 @@ def parse_adapter(
                                  f"embedding LoRA (only save_embedding_layers is understood)")
 
     _check_target_modules(config.get("target_modules"), sorted(pairs), where)
+    _check_lora_vectors(vectors, pairs, kinds, use_dora, lora_bias, where)
     modules: dict[str, LoraModule] = {}
     for name, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
@@ -301,10 +362,11 @@ def parse_adapter(
                 f"declares r={declared}"
             )
         module_alpha = alpha_pattern.get(_pattern_key(alpha_pattern, name), alpha)
-        modules[name] = _matrix_module(
+        module = _matrix_module(
             name, pair["A"], pair["B"], kinds[name], where,
             alpha=module_alpha, scaling=lora_scaling(module_rank, module_alpha, use_rslora),
         )
+        modules[name] = _with_lora_vectors(module, vectors.get(name, {}), name, where)
     return ParsedAdapter(
         rank=rank,
         alpha=alpha,
@@ -316,7 +378,99 @@ def parse_adapter(
         base_model_name_or_path=config.get("base_model_name_or_path"),
         task_type=config.get("task_type"),
         source=source,
+        use_dora=use_dora,
+        lora_bias=lora_bias,
     )
+
+
+def _flag(config: Mapping[str, Any], key: str, where: str) -> bool:
+    value = config.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise AdapterFormatError(f"{where}: '{key}' must be a bool, got {value!r}")
+    return value
+
+
+def _check_lora_vectors(vectors: Mapping[str, Mapping[str, torch.Tensor]], pairs: Mapping[str, Any],
+                        kinds: Mapping[str, str], use_dora: bool, lora_bias: bool, where: str) -> None:
+    """DoRA magnitudes / LoRA biases exactly for the LoRA modules, as the config's flags say,
+    on linear layers only (what the slots' scale vectors represent)."""
+    stray = sorted(set(vectors) - set(pairs))
+    if stray:
+        raise AdapterFormatError(f"{where}: DoRA magnitude or lora_B.bias keys for {stray[:3]}, "
+                                 f"which have no lora_A/lora_B")
+    for which, flag, feature, key in (("magnitude", use_dora, "use_dora", "lora_magnitude_vector"),
+                                      ("bias", lora_bias, "lora_bias", "lora_B.bias")):
+        having = sorted(name for name, held in vectors.items() if which in held)
+        if having and not flag:
+            raise AdapterFormatError(f"{where}: key '{having[0]}.{key}' but the config does not set "
+                                     f"{feature}=true")
+        if flag:
+            lacking = sorted(set(pairs) - set(having))
+            if lacking:
+                raise AdapterFormatError(f"{where}: {feature}=true but module {lacking[0]!r} has no {key}")
+            not_linear = sorted(name for name in pairs if kinds[name] != LINEAR)
+            if not_linear:
+                raise AdapterFormatError(f"{where}: {feature} on the embedding {not_linear[0]!r} is not "
+                                         f"supported (linear layers only)")
+
+
+def _with_lora_vectors(module: LoraModule, held: Mapping[str, torch.Tensor], name: str,
+                       where: str) -> LoraModule:
+    if not held:
+        return module
+    if module.kind != LINEAR:
+        raise AdapterFormatError(f"{where}: DoRA / lora_bias on the Conv2d {name!r} is not supported "
+                                 f"(linear layers only)")
+    d_out = module.lora_B.shape[0]
+    for which, vector in held.items():
+        if vector.shape[0] != d_out:
+            raise AdapterFormatError(f"{where}: module {name!r}: its {which} vector has {vector.shape[0]} "
+                                     f"values but lora_B has {d_out} output features")
+    return dataclasses.replace(module, magnitude=held.get("magnitude"), bias=held.get("bias"))
+
+
+def _parse_ia3(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], where: str,
+               allow_nonfinite: bool) -> ParsedAdapter:
+    """An IA3 adapter: ``<module>.ia3_l`` vectors, ``[d_out, 1]`` (output scale) or, for the
+    ``feedforward_modules``, ``[1, d_in]`` (input scale)."""
+    for key, feature in _UNSUPPORTED_FIELDS.items():
+        if config.get(key):
+            raise AdapterFormatError(f"{where}: {feature} is not supported ({key}={config[key]!r})")
+    feedforward = config.get("feedforward_modules") or []
+    if not isinstance(feedforward, (str, list, tuple, set, frozenset)) or (
+            not isinstance(feedforward, str) and not all(isinstance(f, str) for f in feedforward)):
+        raise AdapterFormatError(f"{where}: 'feedforward_modules' must be a list of names or a regex, "
+                                 f"got {feedforward!r}")
+    patterns = feedforward if isinstance(feedforward, str) else list(feedforward)
+    modules: dict[str, LoraModule] = {}
+    for key, tensor in state_dict.items():
+        module, which = _split_key(str(key), where)
+        if which != "ia3":
+            raise AdapterFormatError(f"{where}: key {key!r}: an IA3 adapter holds only '<module>.ia3_l' "
+                                     f"vectors")
+        if module in modules:
+            raise AdapterFormatError(f"{where}: duplicate ia3_l for module {module!r}")
+        vector = _check_tensor(key, tensor, where, allow_nonfinite, dims=(2,))
+        try:
+            is_feedforward = bool(patterns) and name_matches(patterns, module)
+        except re.error as exc:
+            raise AdapterFormatError(f"{where}: feedforward_modules regex {patterns!r}: {exc}") from exc
+        expected = "[1, d_in]" if is_feedforward else "[d_out, 1]"
+        if vector.shape[1 - int(is_feedforward)] != 1:
+            raise AdapterFormatError(
+                f"{where}: key {key!r} has shape {tuple(vector.shape)}; IA3 on a "
+                f"{'feed-forward' if is_feedforward else 'non-feed-forward'} module is {expected}")
+        empty = torch.zeros(0, 0, dtype=vector.dtype)
+        modules[module] = LoraModule(empty, empty, 0, 0.0, 0.0, ia3=vector.flatten(),
+                                     ia3_feedforward=is_feedforward)
+    if not modules:
+        raise AdapterFormatError(f"{where}: no IA3 weights (no '*.ia3_l' keys)")
+    _check_target_modules(config.get("target_modules"), sorted(modules), where)
+    return ParsedAdapter(rank=0, alpha=0.0, use_rslora=False, modules=dict(sorted(modules.items())),
+                         base_model_name_or_path=config.get("base_model_name_or_path"),
+                         task_type=config.get("task_type"), source=where, peft_type="IA3")
 
 
 def _matrix_module(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, kind: str, where: str,
@@ -400,7 +554,8 @@ def _check_target_modules(target_modules: Any, modules: list[str], where: str) -
 def _parse_hyperparameters(config: Mapping[str, Any], where: str) -> tuple[int, float, bool]:
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise AdapterFormatError(f"{where}: peft_type {peft_type!r} is not supported (only 'LORA')")
+        raise AdapterFormatError(f"{where}: peft_type {peft_type!r} is not supported (only 'LORA' "
+                                 f"and 'IA3')")
     for key, feature in _UNSUPPORTED_FIELDS.items():
         if config.get(key):
             raise AdapterFormatError(
@@ -459,8 +614,7 @@ def _pattern_key(pattern: Mapping[str, Any], module_name: str) -> str:
 
 
 _UNSUPPORTED_KEYS = (
-    (re.compile(r"lora_magnitude_vector"), "DoRA (lora_magnitude_vector) is not supported"),
-    (re.compile(r"\.lora_[AB]\.bias$"), "LoRA bias is not supported"),
+    (re.compile(r"\.lora_A\.bias$"), "a bias on lora_A is not supported (PEFT's lora_bias is on lora_B)"),
     (re.compile(r"modules_to_save"), "modules_to_save weights are not supported"),
 )
 
@@ -476,7 +630,8 @@ def _reject_unsupported_keys(keys: list[str], where: str) -> None:
 def _split_key(key: str, where: str) -> tuple[str, str]:
     """``base_model.model.a.b.lora_A.weight`` -> (``a.b``, ``"A"``); ``...lora_embedding_B`` ->
     (module, ``"embedding_B"``); ``...<embedding>.base_layer.weight`` -> (module, ``"base"``);
-    else a clear error."""
+    ``...lora_magnitude_vector`` / ``...lora_B.bias`` / ``...ia3_l`` -> (module,
+    ``"magnitude"`` / ``"bias"`` / ``"ia3"``); else a clear error."""
     for prefix in _KEY_PREFIXES:
         if key.startswith(prefix):
             key_body = key[len(prefix) :]
@@ -490,6 +645,10 @@ def _split_key(key: str, where: str) -> tuple[str, str]:
     match = _SAVED_BASE_KEY.match(key_body)
     if match:
         return match.group("module"), "base"
+    for pattern, which in _VECTOR_KEYS:
+        match = pattern.match(key_body)
+        if match:
+            return match.group("module"), which
     raise AdapterFormatError(
         f"{where}: key {key!r}: not a LoRA weight key ('<module>.lora_A.weight' / "
         f"'<module>.lora_B.weight' / '<module>.lora_embedding_A')"
@@ -526,8 +685,11 @@ def nonfinite_key(adapter: ParsedAdapter) -> str | None:
     """The PEFT key of the first factor of ``adapter`` holding NaN or Inf, if any."""
     for name, module in adapter.modules.items():
         for which, tensor in (("A", module.lora_A), ("B", module.lora_B)):
-            if not _all_finite(tensor):
+            if not all_finite(tensor):
                 key = f"lora_embedding_{which}" if module.kind == EMBEDDING else f"lora_{which}.weight"
+                return f"base_model.model.{name}.{key}"
+        for key, vector in module.vectors().items():
+            if not all_finite(vector):
                 return f"base_model.model.{name}.{key}"
     return None
 
@@ -547,6 +709,20 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------- writing
 def adapter_config_dict(adapter: ParsedAdapter) -> dict[str, Any]:
     """The ``adapter_config.json`` PEFT expects for ``adapter`` (r is its true rank)."""
+    targets = sorted({name.rsplit(".", 1)[-1] for name in adapter.modules})
+    if adapter.peft_type == "IA3":
+        return {
+            "peft_type": "IA3",
+            "task_type": adapter.task_type,
+            "base_model_name_or_path": adapter.base_model_name_or_path,
+            "target_modules": targets,
+            "feedforward_modules": sorted({name.rsplit(".", 1)[-1] for name, module
+                                           in adapter.modules.items() if module.ia3_feedforward}),
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_ia3_weights": True,
+            "modules_to_save": None,
+        }
     return {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
@@ -554,7 +730,7 @@ def adapter_config_dict(adapter: ParsedAdapter) -> dict[str, Any]:
         "r": adapter.rank,
         "lora_alpha": adapter.alpha,
         "use_rslora": adapter.use_rslora,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in adapter.modules}),
+        "target_modules": targets,
         "rank_pattern": dict(adapter.rank_pattern),
         "alpha_pattern": dict(adapter.alpha_pattern),
         "lora_dropout": 0.0,
@@ -562,7 +738,8 @@ def adapter_config_dict(adapter: ParsedAdapter) -> dict[str, Any]:
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": adapter.use_dora,
+        "lora_bias": adapter.lora_bias,
         "modules_to_save": None,
     }
 
@@ -571,6 +748,12 @@ def adapter_state_dict(adapter: ParsedAdapter) -> dict[str, torch.Tensor]:
     """PEFT key names to unpadded, unscaled, contiguous CPU tensors."""
     state: dict[str, torch.Tensor] = {}
     for name, module in adapter.modules.items():
+        if module.ia3 is not None:
+            shape = (1, -1) if module.ia3_feedforward else (-1, 1)
+            state[f"base_model.model.{name}.ia3_l"] = module.ia3.detach().cpu().reshape(shape).contiguous()
+            continue
+        for key, vector in module.vectors().items():
+            state[f"base_model.model.{name}.{key}"] = vector.detach().cpu().contiguous()
         lora_A, lora_B = disk_factors(module)
         keys = ("lora_embedding_A", "lora_embedding_B") if module.kind == EMBEDDING else (
             "lora_A.weight", "lora_B.weight")

@@ -39,7 +39,7 @@ from .guard import GuardMode, RecompileGuard
 from .hub import push_adapter_folder
 from .inject import find_targets, replace_modules
 from .inputs import ExampleInput, bind_positional
-from .layers import LINEAR_TYPES, SlotLayer, is_supported_layer, layer_shape, make_slot_layer
+from .layers import LINEAR_TYPES, SlotLayer, is_conv1d, is_supported_layer, layer_shape, make_slot_layer
 from .peft_format import (
     ParsedAdapter, adapter_state_dict, resolve_source, task_type_for, write_adapter_dir,
     write_adapter_files)
@@ -88,7 +88,8 @@ class HotswapRuntime:
             raise HotswapError(f"layers {taken[:4]} are already injected by another runtime; "
                                f"eject it first")
         device = _device_of(model, bases)
-        self._arena = SlotArena({}, config.max_rank, config.device_slots, device)
+        self._arena = SlotArena({}, config.max_rank, config.device_slots, device,
+                                vectors=config.scale_vectors)
         self._selection = Selection(config.max_batch_size, config.max_active_adapters, device,
                                     config.max_adapters_per_row,
                                     config.device_slots if config.reads_slots_in_place else None,
@@ -99,7 +100,7 @@ class HotswapRuntime:
         self._inject_layers(bases)
         self._lock = threading.RLock()
         self._gate = ForwardGate()
-        self._stager = Stager(self._arena)
+        self._stager = Stager(self._arena, self._base_weight)
         self._background = BackgroundLoads()
         self._residency = Residency(
             self._arena, AdapterRegistry(config.host_slots, config.device_slots), self._selector,
@@ -124,16 +125,23 @@ class HotswapRuntime:
         if len(devices) != 1:
             raise HotswapError(f"targeted layers span several devices {devices}; not supported")
         self._arena.extend({name: layer_shape(base) for name, base in bases.items()})
+        arena = self._arena
         new_layers = {
-            name: make_slot_layer(base, self._arena.arenas[base.weight.dtype],
-                                  self._arena.layouts[name].offset, self.config.max_rank,
+            name: make_slot_layer(base, arena.arenas[base.weight.dtype], arena.layouts[name],
+                                  arena.vector_sizes[base.weight.dtype], self.config.max_rank,
                                   self._selection)
             for name, base in bases.items()
         }
         self._injection.originals.update(replace_modules(self.model, new_layers).originals)
         self._layers.update(new_layers)  # the Trainer holds this dict
+        self._point_layers_at_arena()
+
+    def _point_layers_at_arena(self) -> None:
+        """After the arena grew (new tensors, new offsets): every slot layer reads it anew."""
+        arena = self._arena
         for name, layer in self._layers.items():
-            layer.set_arena(self._arena.arenas[self._arena.layouts[name].dtype])
+            layout = arena.layouts[name]
+            layer.set_arena(arena.arenas[layout.dtype], layout, arena.vector_sizes[layout.dtype])
 
     def _plan_injection(self, modules: Sequence[str]) -> dict[str, LayerLayout]:
         """The layers a lazy runtime must inject for an adapter on ``modules`` (layouts with
@@ -185,6 +193,10 @@ class HotswapRuntime:
         defer = not allow_nonfinite and not self.lazy
         adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite,
                                     defer_finite=defer)
+        if not fold_scaling and adapter.has_vectors:
+            raise IncompatibleAdapterError(
+                f"{adapter.source or 'state_dict'}: IA3 / DoRA / lora_bias adapters cannot be trained "
+                f"in a slot; load them for inference")
         self._check_saved_base_weights(adapter)
         if not inject:
             missing = [name for name in adapter.modules if name not in self._arena.layouts]
@@ -220,18 +232,38 @@ class HotswapRuntime:
 
     def _inject_for(self, modules: Sequence[str], adapter: ParsedAdapter | None = None) -> None:
         """Check ``adapter`` (if given) against the layers it would have, then inject the
-        missing ones of ``modules`` (lazy runtime; nothing changes when a check fails)."""
+        missing ones of ``modules`` (lazy runtime) and add scale vectors if it needs them
+        (nothing changes when a check fails)."""
         plan = self._plan_injection(modules)
+        add_vectors = self._vectors_to_add(adapter)
         if adapter is not None:
-            self._stager.check(adapter, plan)
-        if not plan:
+            self._stager.check(adapter, plan, vectors_planned=add_vectors)
+        if not plan and not add_vectors:
             return
         with self._mutation():
             plan = self._plan_injection(modules)  # again, under the lock: another load may have
             self._inject_layers({name: self.model.get_submodule(name) for name in plan})
+            if self._vectors_to_add(adapter):
+                self._arena.enable_vectors()
+                self._point_layers_at_arena()
             for record in self._residency.registry.records.values():
                 if record.staged is not None:
                     self._stager.fit_rows(record.staged)
+
+    def _vectors_to_add(self, adapter: ParsedAdapter | None) -> bool:
+        """Whether loading ``adapter`` adds scale vectors to the arena: it needs them, the arena
+        has none, and they can still be added (not compiled, nothing training; else
+        :meth:`Stager.check` refuses the adapter)."""
+        if adapter is None or not adapter.has_vectors or self._arena.vectors:
+            return False
+        return not self.compiled and self._trainer.adapter is None
+
+    def _base_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Injected layer ``name``'s base weight as ``[d_out, d_in]`` and its bias (DoRA)."""
+        base = self._layers[name].base
+        weight = base.weight.detach()
+        bias = getattr(base, "bias", None)
+        return (weight.t() if is_conv1d(base) else weight), (None if bias is None else bias.detach())
 
     @property
     def targets(self) -> list[str]:
@@ -374,8 +406,9 @@ class HotswapRuntime:
         adapter = self._stager.read(source, None, None, allow_pickle, allow_nonfinite)
         self._check_saved_base_weights(adapter)
         plan = self._plan_injection(list(adapter.modules))
-        if plan:  # checked as if injected; sized as its host row would be
-            self._stager.check(adapter, plan)
+        add_vectors = self._vectors_to_add(adapter)
+        if plan or add_vectors:  # checked as if injected; sized as its host row would be
+            self._stager.check(adapter, plan, vectors_planned=add_vectors)
             info = dataclasses.replace(StagedAdapter(adapter, {}, {}).describe(resolve_source(source).name),
                                        bytes=self._stager.row_nbytes(adapter, plan))
         else:

@@ -21,12 +21,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .arena import LayerLayout, SlotArena, factor_views
-from .config import AdapterInfo, lora_scaling
+from .arena import LayerLayout, SlotArena, factor_views, vector_views
+from .config import AdapterInfo
 from .errors import AdapterFormatError, HotswapError, IncompatibleAdapterError, RankTooLargeError
 from .peft_format import (
-    ParsedAdapter, all_finite, config_as_dict, nonfinite_error, nonfinite_key, parse_adapter, read_adapter_dir,
-    resolve_source,
+    LoraModule, ParsedAdapter, all_finite, config_as_dict, nonfinite_error, nonfinite_key, parse_adapter,
+    read_adapter_dir, resolve_source,
 )
 
 
@@ -36,15 +36,16 @@ class StagedAdapter:
 
     Attributes:
         adapter: the parsed, unpadded, unscaled factors (kept for ``save``).
-        rows: dtype -> ``[r * W]`` host tensor: the rank-major prefix of a slot row holding
-            the adapter's ``r`` ranks (``r``: its largest rank on that dtype's layers, 0 if it
-            has none), so its size is the adapter's true size (see :mod:`hotswap_rt.arena`).
-        widths: dtype -> ``W`` the rows were laid out for.
+        rows: dtype -> ``[V + r * W]`` host tensor: the prefix of a slot row holding the scale
+            vectors (if the arena has them) and the adapter's ``r`` ranks (``r``: its largest
+            rank on that dtype's layers, 0 if it has none), so its size is the adapter's true
+            size (see :mod:`hotswap_rt.arena`).
+        sizes: dtype -> ``(V, W)`` the rows were laid out for.
     """
 
     adapter: ParsedAdapter
     rows: dict[torch.dtype, torch.Tensor]
-    widths: dict[torch.dtype, int]
+    sizes: dict[torch.dtype, tuple[int, int]]
 
     @property
     def nbytes(self) -> int:
@@ -59,7 +60,7 @@ class StagedAdapter:
             rank=adapter.rank,
             alpha=adapter.alpha,
             use_rslora=adapter.use_rslora,
-            scaling=lora_scaling(adapter.rank, adapter.alpha, adapter.use_rslora),
+            scaling=adapter.scaling,
             targets=tuple(adapter.modules),
             tier="host",
             bytes=self.nbytes,
@@ -67,14 +68,26 @@ class StagedAdapter:
             source=adapter.source,
             rank_pattern=dict(adapter.rank_pattern),
             alpha_pattern=dict(adapter.alpha_pattern),
+            peft_type=adapter.peft_type,
+            use_dora=adapter.use_dora,
+            lora_bias=adapter.lora_bias,
         )
 
 
-class Stager:
-    """Reads, checks and stages adapters for the layers of ``arena`` (its layout only)."""
+BaseWeights = Callable[[str], "tuple[torch.Tensor, torch.Tensor | None]"]
 
-    def __init__(self, arena: SlotArena) -> None:
+
+class Stager:
+    """Reads, checks and stages adapters for the layers of ``arena`` (its layout only).
+
+    Args:
+        base_weights: layer name -> its frozen base weight as ``[d_out, d_in]`` (on the
+            model's device) and bias: what DoRA's normalisation is computed from.
+    """
+
+    def __init__(self, arena: SlotArena, base_weights: BaseWeights | None = None) -> None:
         self.arena = arena
+        self.base_weights = base_weights
         self.layouts = arena.layouts  # the arena's own dict: layers it gains appear here
         self.max_rank = arena.max_rank
         self.pin = arena.pin_host_rows
@@ -82,24 +95,33 @@ class Stager:
     def row_nbytes(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout] | None = None) -> int:
         """Bytes of ``adapter``'s host rows (its true size), counting ``planned`` layers (about
         to be injected) into the rank widths."""
-        widths = self.arena.rank_widths
+        widths, vector_sizes = self.arena.rank_widths, dict(self.arena.vector_sizes)
+        layouts = {**self.layouts, **(planned or {})}
         for layout in (planned or {}).values():
             widths[layout.dtype] = widths.get(layout.dtype, 0) + layout.width
-        ranks = _ranks_by_dtype(adapter, {**self.layouts, **(planned or {})}, widths)
-        return sum(ranks[dtype] * width * dtype.itemsize for dtype, width in widths.items())
+        if self.arena.vectors or adapter.has_vectors:  # vectors now or once it is loaded
+            vector_sizes = {}
+            for layout in layouts.values():
+                if layout.can_hold_vectors:
+                    vector_sizes[layout.dtype] = vector_sizes.get(layout.dtype, 0) + layout.vector_width
+        ranks = _ranks_by_dtype(adapter, layouts, widths)
+        return sum((vector_sizes.get(dtype, 0) + ranks[dtype] * width) * dtype.itemsize
+                   for dtype, width in widths.items())
 
     @torch.no_grad()
     def fit_rows(self, staged: StagedAdapter) -> None:
-        """Re-lay ``staged``'s host rows (in place) for the arena's current rank widths, after
-        layers were injected at the end of the rank blocks since it was staged. Correct because
-        the adapter was checked before those layers existed: it has nothing for them."""
+        """Re-lay ``staged``'s host rows (in place) for the arena's current ``(V, W)``, after
+        layers were injected at the end of the rank blocks (or scale vectors added) since it was
+        staged. Correct because the adapter was checked before those existed: it has nothing for
+        them."""
         for dtype, width in self.arena.rank_widths.items():
+            sizes = (self.arena.vector_sizes.get(dtype, 0), width)
             row = staged.rows.get(dtype)
             if row is None:
-                staged.rows[dtype] = torch.zeros(0, dtype=dtype)
+                staged.rows[dtype] = torch.zeros(sizes[0], dtype=dtype)
             else:
-                staged.rows[dtype] = self.arena.relayout(row, staged.widths[dtype], width)
-            staged.widths[dtype] = width
+                staged.rows[dtype] = self.arena.relayout(row, staged.sizes[dtype], sizes)
+            staged.sizes[dtype] = sizes
 
     def read(
         self,
@@ -131,12 +153,15 @@ class Stager:
         return parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite,
                              check_finite=not defer_finite)
 
-    def check(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout] | None = None) -> None:
+    def check(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout] | None = None,
+              vectors_planned: bool = False) -> None:
         """Raise unless every module of ``adapter`` is an injected layer of matching shape
-        (``planned``: layers about to be injected, checked as if they were).
+        (``planned``: layers about to be injected, checked as if they were; ``vectors_planned``:
+        scale vectors about to be added).
 
         Raises:
-            IncompatibleAdapterError: a module was not injected, or its shapes differ.
+            IncompatibleAdapterError: a module was not injected, or its shapes differ, or it
+                needs scale vectors the arena does not have.
             RankTooLargeError: a module's rank exceeds ``max_rank``.
         """
         where = adapter.source or "state_dict"
@@ -147,6 +172,10 @@ class Stager:
                     f"{where}: module {name!r} is not an injected layer of this runtime "
                     f"(widen RuntimeConfig.target_modules to include it)"
                 )
+            if module.has_vectors:
+                self._check_vectors(module, layout, vectors_planned, where)
+                if module.rank == 0:
+                    continue
             if module.rank > self.max_rank:
                 raise RankTooLargeError(
                     f"{where}: module {name!r} has rank {module.rank} > max_rank={self.max_rank}"
@@ -165,6 +194,26 @@ class Stager:
                     f"d_out={layout.d_out}); expected {expected_a} / {expected_b}"
                 )
 
+    def _check_vectors(self, module: LoraModule, layout: LayerLayout, vectors_planned: bool,
+                       where: str) -> None:
+        name = layout.name
+        if not layout.can_hold_vectors:
+            kind = _describe(layout.kind, layout.kernel, layout.groups)
+            raise IncompatibleAdapterError(f"{where}: module {name!r}: IA3 / DoRA / lora_bias on {kind} "
+                                           f"layer is not supported (linear layers only)")
+        if not (self.arena.vectors or vectors_planned):
+            raise IncompatibleAdapterError(
+                f"{where}: an IA3 / DoRA / lora_bias adapter needs scale vectors in the slots, which "
+                f"this compiled runtime does not have (adding them would recompile it): create it "
+                f"with RuntimeConfig(scale_vectors=True), or load such an adapter before compiling")
+        if module.ia3 is not None:
+            expected = layout.d_in if module.ia3_feedforward else layout.d_out
+            if module.ia3.numel() != expected:
+                side = "d_in" if module.ia3_feedforward else "d_out"
+                raise IncompatibleAdapterError(
+                    f"{where}: module {name!r}: its ia3_l has {module.ia3.numel()} values but the "
+                    f"layer's {side} is {expected}")
+
     @torch.no_grad()
     def stage(self, adapter: ParsedAdapter, fold_scaling: bool = True,
               check_finite: bool = False) -> StagedAdapter:
@@ -182,31 +231,65 @@ class Stager:
                 overflows the slot dtype).
         """
         self.check(adapter)
-        widths = self.arena.rank_widths
+        if adapter.has_vectors and not fold_scaling:
+            raise HotswapError(f"{adapter.source or 'state_dict'}: IA3 / DoRA / lora_bias adapters are "
+                               f"staged for inference only (not trainable in a slot)")
+        widths, vector_sizes = self.arena.rank_widths, self.arena.vector_sizes
         ranks = _ranks_by_dtype(adapter, self.layouts, widths)
         rows = {
-            dtype: torch.zeros(ranks[dtype] * width, dtype=dtype, pin_memory=self.pin)
+            dtype: torch.zeros(vector_sizes.get(dtype, 0) + ranks[dtype] * width, dtype=dtype,
+                               pin_memory=self.pin)
             for dtype, width in widths.items()
         }
         for name, module in adapter.modules.items():
             layout = self.layouts[name]
-            a_view, b_view = factor_views(rows[layout.dtype], layout, widths[layout.dtype])
+            row = rows[layout.dtype]
+            column_scale = self._stage_vectors(row, layout, module) if module.has_vectors else None
+            if module.rank == 0:
+                continue
+            a_view, b_view = factor_views(row, layout, widths[layout.dtype], vector_sizes.get(layout.dtype, 0))
             a_view[: module.rank].copy_(module.lora_A)
             scale = module.scaling if fold_scaling else 1.0
             b_part = b_view[:, : module.rank]
-            if layout.dtype == torch.float32:
+            if layout.dtype == torch.float32 and column_scale is None:
                 b_part.copy_(module.lora_B)
                 if scale != 1.0:
                     b_part.mul_(scale)  # in place: faster than mul(out=) into a transposed view
             else:  # scale in fp32 before rounding to the slot dtype
-                b_part.copy_(module.lora_B.float() * scale)
+                scaled = module.lora_B.float() * scale
+                b_part.copy_(scaled if column_scale is None else scaled * column_scale[:, None])
         if check_finite and not all(all_finite(row) for row in rows.values()):
             where = adapter.source or "state_dict"
             key = nonfinite_key(adapter)
             if key is not None:
                 raise nonfinite_error(where, key)
             raise AdapterFormatError(f"{where}: lora_B * scaling overflows the slot dtype (Inf)")
-        return StagedAdapter(adapter=adapter, rows=rows, widths=widths)
+        sizes = {dtype: (vector_sizes.get(dtype, 0), width) for dtype, width in widths.items()}
+        return StagedAdapter(adapter=adapter, rows=rows, sizes=sizes)
+
+    def _stage_vectors(self, row: torch.Tensor, layout: LayerLayout, module: LoraModule) -> torch.Tensor | None:
+        """Write ``module``'s scale vectors into ``row`` (see :class:`LoraModule`), each as its
+        difference from the identity; return DoRA's per-output scale ``s [d_out]`` (fp32, B's
+        rows are multiplied by it) or None.
+
+        DoRA: ``y = base(x) + (s - 1) (W x) + s B' A x`` (``B'`` = scaling * B) is held as
+        output scale ``s - 1``, output bias ``-(s - 1) * bias`` (the scale applies to the base
+        output, bias included) and ``s`` folded into B."""
+        in_scale, out_scale, out_bias = vector_views(row, layout)
+        if module.ia3 is not None:
+            (in_scale if module.ia3_feedforward else out_scale).copy_(module.ia3.float() - 1)
+        if module.bias is not None:
+            out_bias.copy_(module.bias.float() * module.scaling)
+        if module.magnitude is None:
+            return None
+        if self.base_weights is None:
+            raise HotswapError("DoRA needs the base weights: this Stager was built without them")
+        weight, bias = self.base_weights(layout.name)
+        scale = dora_scale(weight, module)
+        out_scale.copy_(scale - 1)
+        if bias is not None:
+            out_bias.copy_(-(scale - 1) * bias.detach().float().cpu())
+        return scale
 
     def read_and_stage(
         self,
@@ -221,6 +304,16 @@ class Stager:
         adapter = self.read(source, state_dict, config, allow_pickle, allow_nonfinite,
                             defer_finite=not allow_nonfinite)
         return self.stage(adapter, fold_scaling=fold_scaling, check_finite=not allow_nonfinite)
+
+
+def dora_scale(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
+    """DoRA's ``s = m / ||W + scaling * B A||`` (norm of each output row), computed in fp32
+    on ``weight``'s device (``[d_out, d_in]``), returned on the CPU as ``[d_out]`` fp32."""
+    assert module.magnitude is not None
+    device = weight.device
+    delta = module.lora_B.to(device, torch.float32) @ module.lora_A.to(device, torch.float32)
+    norm = torch.linalg.norm(weight.detach().float() + module.scaling * delta, dim=1)
+    return (module.magnitude.to(device, torch.float32) / norm).cpu()
 
 
 def _ranks_by_dtype(adapter: ParsedAdapter, layouts: Mapping[str, LayerLayout],

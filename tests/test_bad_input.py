@@ -128,8 +128,22 @@ CASES: dict[str, Case] = {
         AdapterFormatError, "lora_alpha",
     ),
     "unknown peft_type": (
+        lambda b, r: {"source": _write_dir(r / "loha", {**GOOD_CONFIG, "peft_type": "LOHA"}, _lora_state())},
+        AdapterFormatError, "peft_type 'LOHA'",
+    ),
+    "IA3 config on LoRA keys": (
         lambda b, r: {"source": _write_dir(r / "ia3", {**GOOD_CONFIG, "peft_type": "IA3"}, _lora_state())},
-        AdapterFormatError, "peft_type 'IA3'",
+        AdapterFormatError, "holds only '<module>.ia3_l'",
+    ),
+    "IA3 vector not a column": (
+        lambda b, r: {"source": _write_dir(r / "ia3shape", {"peft_type": "IA3", "target_modules": ["q_proj"]}, {
+            "base_model.model.model.layers.0.self_attn.q_proj.ia3_l": torch.ones(1, HIDDEN)})},
+        AdapterFormatError, "is [d_out, 1]",
+    ),
+    "IA3 vector of the wrong length": (
+        lambda b, r: {"source": _write_dir(r / "ia3len", {"peft_type": "IA3", "target_modules": ["q_proj"]}, {
+            "base_model.model.model.layers.0.self_attn.q_proj.ia3_l": torch.ones(HIDDEN - 1, 1)})},
+        IncompatibleAdapterError, "its ia3_l has 63 values",
     ),
     "NaN weights": (
         lambda b, r: {"source": _write_dir(r / "nanw", GOOD_CONFIG, {
@@ -140,17 +154,30 @@ CASES: dict[str, Case] = {
         lambda b, r: {"source": _write_dir(r / "intw", GOOD_CONFIG, _lora_state(dtype=torch.int32))},
         AdapterFormatError, "must be floating point",
     ),
-    "DoRA": (
-        lambda b, r: {"source": b.make_adapter(r / "dora", seed=3, r=4, use_dora=True)},
-        AdapterFormatError, "DoRA",
+    "DoRA without magnitudes": (
+        lambda b, r: {"source": _write_dir(r / "dora", {**GOOD_CONFIG, "use_dora": True}, _lora_state())},
+        AdapterFormatError, "has no lora_magnitude_vector",
+    ),
+    "DoRA magnitude of the wrong length": (
+        lambda b, r: {"source": _write_dir(r / "doralen", {**GOOD_CONFIG, "use_dora": True}, {
+            **_lora_state(),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(HIDDEN + 1)})},
+        AdapterFormatError, "its magnitude vector has 65 values",
+    ),
+    "DoRA with lora_bias": (
+        lambda b, r: {"source": _write_dir(r / "dorabias", {**GOOD_CONFIG, "use_dora": True, "lora_bias": True},
+                                           _lora_state())},
+        AdapterFormatError, "DoRA together with lora_bias",
     ),
     "modules_to_save": (
         lambda b, r: {"source": b.make_adapter(r / "mts", seed=3, r=4, modules_to_save=["lm_head"])},
         AdapterFormatError, "modules_to_save",
     ),
-    "lora bias": (
-        lambda b, r: {"source": b.make_adapter(r / "lbias", seed=3, r=4, lora_bias=True)},
-        AdapterFormatError, "LoRA bias",
+    "lora bias keys without the flag": (
+        lambda b, r: {"source": _write_dir(r / "lbias", GOOD_CONFIG, {
+            **_lora_state(),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.ones(HIDDEN)})},
+        AdapterFormatError, "does not set lora_bias=true",
     ),
     "embedding target not injected": (
         lambda b, r: {"source": b.make_adapter(r / "emb", seed=3, r=4, target_modules=["embed_tokens"])},

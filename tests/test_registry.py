@@ -17,7 +17,7 @@ from hotswap_rt.staging import StagedAdapter
 
 def staged() -> StagedAdapter:
     adapter = ParsedAdapter(rank=1, alpha=1.0, use_rslora=False, modules={})
-    return StagedAdapter(adapter=adapter, rows={torch.float32: torch.zeros(4)}, widths={torch.float32: 4})
+    return StagedAdapter(adapter=adapter, rows={torch.float32: torch.zeros(4)}, sizes={torch.float32: (0, 4)})
 
 
 def info(name: str) -> AdapterInfo:
