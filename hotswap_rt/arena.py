@@ -14,7 +14,8 @@ of every injected layer in a fixed order: row ``j`` of A (``d_in``) and column `
 With *scale vectors* (IA3, DoRA and LoRA bias adapters; :meth:`SlotArena.enable_vectors`) the
 row starts with ``V`` values: for each linear layer, in the same order, an input scale
 (``d_in``), an output scale (``d_out``) and an output bias (``d_out``), each stored as its
-difference from the identity (0 = no change)::
+difference from the identity (0 = no change). A ``modules_to_save`` module (kind ``"full"``)
+keeps its whole weight and bias delta there too (``d_out * (d_in + 1)``)::
 
     arena[s] = [ in_0 out_0 bias_0 in_1 out_1 bias_1 ... | rank block 0 | rank block 1 | ... ]
                <------------------ V -------------------->                      P = V + R * W
@@ -43,8 +44,10 @@ class LayerShape:
 
     Attributes:
         kind: ``"linear"`` (``nn.Linear``, ``Conv1D``), ``"conv"`` (``nn.Conv2d``: ``d_in`` =
-            ``C_in*kh*kw``, ``kernel`` = ``(C_in, kh, kw)``, ``groups`` its groups) or
-            ``"embedding"`` (``nn.Embedding``: ``d_in`` = ``num_embeddings``).
+            ``C_in*kh*kw``, ``kernel`` = ``(C_in, kh, kw)``, ``groups`` its groups),
+            ``"embedding"`` (``nn.Embedding``: ``d_in`` = ``num_embeddings``) or ``"full"`` (an
+            ``nn.Linear`` in ``modules_to_save``: each slot holds a whole weight and bias delta
+            in the vector region, nothing in the rank blocks).
     """
 
     d_in: int
@@ -76,12 +79,15 @@ class LayerLayout:
 
     @property
     def width(self) -> int:
-        """Values this layer adds to each rank block."""
-        return self.d_in + self.d_out
+        """Values this layer adds to each rank block (none for a ``"full"`` module)."""
+        return 0 if self.kind == "full" else self.d_in + self.d_out
 
     @property
     def vector_width(self) -> int:
-        """Values of its scale vectors: input scale, output scale, output bias."""
+        """Values of its part of the vector region: input scale, output scale, output bias; for a
+        ``"full"`` module (``modules_to_save``) its weight delta ``[d_out, d_in]`` and bias delta."""
+        if self.kind == "full":
+            return self.d_out * (self.d_in + 1)
         return self.d_in + 2 * self.d_out
 
     @property
@@ -173,7 +179,7 @@ class SlotArena:
                 raise ValueError(f"layer {name!r} is already in the arena")
             offset = widths.get(shape.dtype, 0)
             layout = LayerLayout.of(name, shape, offset)
-            if self.vectors and layout.can_hold_vectors:
+            if layout.kind == "full" or (self.vectors and layout.can_hold_vectors):
                 layout = dataclasses.replace(layout, vectors=vector_sizes.get(shape.dtype, 0))
                 vector_sizes[shape.dtype] = layout.vectors + layout.vector_width
             self.layouts[name] = layout  # same dict object
@@ -188,7 +194,7 @@ class SlotArena:
             return
         before = self._sizes()
         self.vectors = True
-        vector_sizes: dict[torch.dtype, int] = {}
+        vector_sizes = dict(self.vector_sizes)  # appended after what is there ("full" modules)
         for name, layout in self.layouts.items():
             if layout.can_hold_vectors:
                 start = vector_sizes.get(layout.dtype, 0)
@@ -313,7 +319,7 @@ class SlotArena:
             width, vectors = self._width(dtype), self.vector_sizes.get(dtype, 0)
             row = rows.get(dtype)
             size = 0 if row is None else row.numel()
-            if size > arena.shape[1] or (size and (size < vectors or (size - vectors) % width)):
+            if size > arena.shape[1] or (size and (size < vectors or (size - vectors) % max(width, 1))):
                 raise ValueError(f"a {dtype} row of {size} values is not a prefix of V={vectors} "
                                  f"vector values and whole rank blocks of W={width}")
             target = arena[slot]
@@ -323,4 +329,4 @@ class SlotArena:
                 target[:size].copy_(row, non_blocking=non_blocking)
             if stale > size:
                 target[size:stale].zero_()
-            filled[dtype] = (size - vectors) // width if size else 0
+            filled[dtype] = (size - vectors) // width if size and width else 0

@@ -54,6 +54,16 @@ class RuntimeConfig:
             ``b`` ranks of every slot, ``b`` the smallest bucket holding every selected
             adapter's rank. Switching buckets then runs another compiled graph (no recompile).
             ``None``: one graph at ``max_rank``.
+        scale_vectors: reserve in every slot, for each injected linear layer, an input scale,
+            an output scale and an output bias vector: what IA3, DoRA and ``lora_bias``
+            adapters need (``d_in + 2*d_out`` values per layer per slot; every forward then
+            applies them, ~ two elementwise passes). ``False``: added when the first such
+            adapter is loaded before compiling; once compiled, such an adapter is refused.
+        modules_to_save: ``nn.Linear`` modules (PEFT's names and matching rules, e.g.
+            ``["score"]`` or ``["lm_head"]``) that adapters may train in full: every slot holds
+            a whole weight (and bias) delta for each (``d_out * (d_in + 1)`` values), selected
+            per row like the LoRA factors. ``None``: none, or with lazy injection
+            (``target_modules=None``) what the loaded adapters name, before compiling.
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -68,6 +78,7 @@ class RuntimeConfig:
     slot_reads: str = "auto"
     rank_buckets: Sequence[int] | None = None
     scale_vectors: bool = False
+    modules_to_save: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_input is not None and (not isinstance(self.batch_input, str) or not self.batch_input):
@@ -104,6 +115,13 @@ class RuntimeConfig:
                 raise HotswapError(f"RuntimeConfig.rank_buckets must be ranks in 1..max_rank "
                                    f"({self.max_rank}), got {self.rank_buckets!r}")
             object.__setattr__(self, "rank_buckets", tuple(sorted({*buckets, self.max_rank})))
+        if self.modules_to_save is not None:
+            names = self.modules_to_save
+            names = (names,) if isinstance(names, str) else tuple(names)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise HotswapError(f"RuntimeConfig.modules_to_save must be a non-empty list of module "
+                                   f"names, got {self.modules_to_save!r}")
+            object.__setattr__(self, "modules_to_save", names)
         if not isinstance(self.scale_vectors, bool):
             raise HotswapError(f"RuntimeConfig.scale_vectors must be a bool, got {self.scale_vectors!r}")
         if self.slot_reads not in ("auto", "gather", "in_place"):
@@ -135,7 +153,8 @@ class AdapterInfo:
     ``rank_pattern``/``alpha_pattern`` (module name -> value, only where they differ).
     ``scaling`` is the default ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
     ``peft_type`` is ``"LORA"`` or ``"IA3"`` (rank, alpha and scaling 0: scaling vectors only);
-    ``use_dora`` / ``lora_bias`` PEFT's LoRA flags.
+    ``use_dora`` / ``lora_bias`` PEFT's LoRA flags; ``modules_to_save`` the modules it
+    replaces in full (their weight deltas live in its slot row).
     ``bytes`` is the size of its padded slot row(s); ``version`` counts loads under this name.
     ``tier`` is "device", "host" (staged in the host ring) or "disk" (re-read on activation);
     ``slot`` the device slot it occupies (None unless ``tier == "device"``).
@@ -160,6 +179,7 @@ class AdapterInfo:
     peft_type: str = "LORA"
     use_dora: bool = False
     lora_bias: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:

@@ -101,7 +101,7 @@ class SlotLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
-        self.shape = layer_shape(base)
+        self.shape = layer_shape(base, full=layout.kind == "full")
         self.in_features, self.out_features = self.shape.d_in, self.shape.d_out
         self.max_rank = max_rank
         # Plain attributes, not buffers: shared by all layers, kept out of the model's state_dict.
@@ -181,10 +181,11 @@ class SlotLayer(nn.Module):
         bt_row = bt_stack.index_select(0, slots.flatten()).unflatten(0, (batch, per_row))
         return a_row, bt_row, self._selection.row_slot_weights[:batch]
 
-    def _row_vectors(self, batch: int, per_row: bool, training: bool) -> torch.Tensor:
-        """Each row's scale vectors, its adapters' weighted sum: ``[B, d_in + 2*d_out]``
-        (input scale, output scale, output bias; differences from the identity)."""
-        size = self.in_features + 2 * self.out_features
+    def _row_vectors(self, batch: int, per_row: bool, training: bool, size: int | None = None) -> torch.Tensor:
+        """Each row's part of the vector region, its adapters' weighted sum: ``[B, size]``
+        (default: the scale vectors, ``d_in + 2*d_out``: input scale, output scale, output bias,
+        differences from the identity)."""
+        size = self.in_features + 2 * self.out_features if size is None else size
         vectors = self._arena.narrow(1, self.vector_offset, size)  # [S, size]
         if per_row:
             slots = self._selection.row_slots[:batch]  # [B, m]
@@ -237,6 +238,25 @@ class LoraSlotLinear(SlotLayer):
         flat = x.reshape(batch, -1, d_in).to(a_row.dtype)  # [B, T, d_in]
         h = self._weigh(torch.bmm(flat, a_row.transpose(1, 2)), weights, dim=-1)  # [B, T, m*R]
         return torch.bmm(h, bt_row).view(*x.shape[:-1], d_out)
+
+
+class FullSlotLinear(SlotLayer):
+    """Wraps a frozen ``nn.Linear`` named in an adapter's ``modules_to_save`` (trained in full):
+    each slot holds the module's weight and bias minus the base's, so a row computes
+    ``base(x) + x @ (sum_i w_i dW_i)^T + sum_i w_i db_i`` (with weight 1: the adapter's own
+    module; a row without it: the base module)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [B, ..., d_out]
+        batch, d_in, d_out = x.shape[0], self.in_features, self.out_features
+        training = self._training()
+        per_row = self._selection.per_row and not training
+        deltas = self._row_vectors(batch, per_row, training, size=d_out * (d_in + 1))  # [B, d_out*(d_in+1)]
+        delta_w = deltas[:, : d_out * d_in].view(batch, d_out, d_in)
+        delta_b = deltas[:, d_out * d_in :].unsqueeze(1)  # [B, 1, d_out]
+        flat = x.reshape(batch, -1, d_in).to(delta_w.dtype)  # [B, T, d_in]
+        out = torch.baddbmm(delta_b, flat, delta_w.transpose(1, 2))  # [B, T, d_out]
+        return y + out.view(*x.shape[:-1], d_out).to(y.dtype)
 
 
 class LoraSlotConv2d(SlotLayer):
@@ -309,14 +329,15 @@ def make_slot_layer(
     base: nn.Module, arena: torch.Tensor, layout: LayerLayout, vector_size: int, max_rank: int,
     selection: Selection,
 ) -> SlotLayer:
-    """The slot layer for ``base``'s kind."""
-    kind = layer_shape(base).kind
-    cls = {"linear": LoraSlotLinear, "conv": LoraSlotConv2d, "embedding": LoraSlotEmbedding}[kind]
-    return cls(base, arena, layout, vector_size, max_rank, selection)
+    """The slot layer for ``layout``'s kind."""
+    classes = {"linear": LoraSlotLinear, "conv": LoraSlotConv2d, "embedding": LoraSlotEmbedding,
+               "full": FullSlotLinear}
+    return classes[layout.kind](base, arena, layout, vector_size, max_rank, selection)
 
 
-def layer_shape(layer: nn.Module) -> LayerShape:
-    """What a slot row holds for ``layer`` (see :class:`~hotswap_rt.arena.LayerShape`).
+def layer_shape(layer: nn.Module, full: bool = False) -> LayerShape:
+    """What a slot row holds for ``layer`` (see :class:`~hotswap_rt.arena.LayerShape`);
+    ``full``: as a ``modules_to_save`` module (whole weight deltas; ``nn.Linear`` only).
 
     Raises:
         TypeError: not a layer a slot layer can wrap.
@@ -324,6 +345,10 @@ def layer_shape(layer: nn.Module) -> LayerShape:
     if isinstance(layer, SlotLayer):
         return layer.shape
     dtype = layer.weight.dtype if hasattr(layer, "weight") else torch.float32
+    if full:
+        if type(layer) is not nn.Linear:
+            raise TypeError(f"modules_to_save holds nn.Linear modules only, not {type(layer).__name__}")
+        return LayerShape(layer.in_features, layer.out_features, dtype, "full")
     if isinstance(layer, nn.Linear):
         return LayerShape(layer.in_features, layer.out_features, dtype)
     if is_conv1d(layer):

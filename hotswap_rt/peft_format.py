@@ -48,7 +48,6 @@ LINEAR, CONV, EMBEDDING = "linear", "conv", "embedding"  # LoraModule.kind
 
 # Config fields naming PEFT features a LoRA slot cannot represent yet; refused when set.
 _UNSUPPORTED_FIELDS = {
-    "modules_to_save": "modules_to_save (fully trained extra modules)",
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable_token_indices",
     "target_parameters": "target_parameters (LoRA on nn.Parameter)",
@@ -131,6 +130,9 @@ class ParsedAdapter:
     (``save_embedding_layers``); loading checks it equals the model's own, saving leaves it out.
     ``peft_type``: ``"LORA"`` or ``"IA3"`` (rank 0, alpha 0: vectors only). ``use_dora`` /
     ``lora_bias``: the LoRA config's flags (every module then carries a magnitude / a bias).
+    ``saved_modules``: the ``modules_to_save`` modules' own trained parameters, module name ->
+    ``{"weight": [d_out, d_in], "bias": [d_out]}`` (bias if saved); ``modules_to_save`` the
+    config's names for them.
     """
 
     rank: int
@@ -146,6 +148,8 @@ class ParsedAdapter:
     peft_type: str = "LORA"
     use_dora: bool = False
     lora_bias: bool = False
+    saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
 
     @property
     def scaling(self) -> float:
@@ -308,6 +312,8 @@ def parse_adapter(
     use_dora, lora_bias = _flag(config, "use_dora", where), _flag(config, "lora_bias", where)
     if use_dora and lora_bias:
         raise AdapterFormatError(f"{where}: DoRA together with lora_bias is not supported")
+    state_dict, saved_modules, modules_to_save = _split_saved_modules(
+        config, state_dict, where, allow_nonfinite or not check_finite)
     rank_pattern = _parse_pattern(config, "rank_pattern", where, integer=True)
     alpha_pattern = _parse_pattern(config, "alpha_pattern", where, integer=False)
 
@@ -380,6 +386,8 @@ def parse_adapter(
         source=source,
         use_dora=use_dora,
         lora_bias=lora_bias,
+        saved_modules=saved_modules,
+        modules_to_save=modules_to_save,
     )
 
 
@@ -444,6 +452,8 @@ def _parse_ia3(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
         raise AdapterFormatError(f"{where}: 'feedforward_modules' must be a list of names or a regex, "
                                  f"got {feedforward!r}")
     patterns = feedforward if isinstance(feedforward, str) else list(feedforward)
+    state_dict, saved_modules, modules_to_save = _split_saved_modules(config, state_dict, where,
+                                                                      allow_nonfinite)
     modules: dict[str, LoraModule] = {}
     for key, tensor in state_dict.items():
         module, which = _split_key(str(key), where)
@@ -470,7 +480,61 @@ def _parse_ia3(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
     _check_target_modules(config.get("target_modules"), sorted(modules), where)
     return ParsedAdapter(rank=0, alpha=0.0, use_rslora=False, modules=dict(sorted(modules.items())),
                          base_model_name_or_path=config.get("base_model_name_or_path"),
-                         task_type=config.get("task_type"), source=where, peft_type="IA3")
+                         task_type=config.get("task_type"), source=where, peft_type="IA3",
+                         saved_modules=saved_modules, modules_to_save=modules_to_save)
+
+
+_MODULE_PARAM_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>weight|bias)$")
+
+
+def _split_saved_modules(
+    config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], where: str, allow_nonfinite: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], tuple[str, ...]]:
+    """Take the ``modules_to_save`` modules' parameters (``<module>.weight`` / ``.bias``, the
+    module matching a config name by PEFT's suffix rule) out of ``state_dict``.
+
+    Returns:
+        The other keys, module -> ``{"weight", "bias"}`` tensors, the config's names.
+    """
+    names = config.get("modules_to_save") or []
+    if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)) or not all(
+            isinstance(n, str) and n for n in names):
+        raise AdapterFormatError(f"{where}: 'modules_to_save' must be a list of module names, got {names!r}")
+    if not names:
+        return dict(state_dict), {}, ()
+    names = sorted(names)
+    rest: dict[str, torch.Tensor] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        body = _key_body(str(key))
+        match = _MODULE_PARAM_KEY.match(body)
+        module = match.group("module") if match else ""
+        if not match or ".lora_" in body or ".base_layer." in body or not name_matches(names, module):
+            rest[key] = tensor
+            continue
+        param = match.group("param")
+        if param in saved.get(module, {}):
+            raise AdapterFormatError(f"{where}: duplicate {param} for the saved module {module!r}")
+        saved.setdefault(module, {})[param] = _check_tensor(key, tensor, where, allow_nonfinite,
+                                                            dims=(2,) if param == "weight" else (1,))
+    if not saved:
+        raise AdapterFormatError(f"{where}: modules_to_save={names} but the weights hold none of them")
+    for module, params in saved.items():
+        if "weight" not in params:
+            raise AdapterFormatError(f"{where}: the saved module {module!r} has a bias but no weight")
+        weight, bias = params["weight"], params.get("bias")
+        if bias is not None and bias.shape[0] != weight.shape[0]:
+            raise AdapterFormatError(f"{where}: the saved module {module!r}: bias {tuple(bias.shape)} "
+                                     f"does not fit weight {tuple(weight.shape)}")
+    return rest, dict(sorted(saved.items())), tuple(names)
+
+
+def _key_body(key: str) -> str:
+    """``key`` without PEFT's ``base_model.model.`` prefix."""
+    for prefix in _KEY_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
 
 
 def _matrix_module(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, kind: str, where: str,
@@ -632,12 +696,7 @@ def _split_key(key: str, where: str) -> tuple[str, str]:
     (module, ``"embedding_B"``); ``...<embedding>.base_layer.weight`` -> (module, ``"base"``);
     ``...lora_magnitude_vector`` / ``...lora_B.bias`` / ``...ia3_l`` -> (module,
     ``"magnitude"`` / ``"bias"`` / ``"ia3"``); else a clear error."""
-    for prefix in _KEY_PREFIXES:
-        if key.startswith(prefix):
-            key_body = key[len(prefix) :]
-            break
-    else:
-        key_body = key
+    key_body = _key_body(key)
     for pattern, prefix in ((_LORA_KEY, ""), (_EMBEDDING_KEY, "embedding_")):
         match = pattern.match(key_body)
         if match:
@@ -691,6 +750,10 @@ def nonfinite_key(adapter: ParsedAdapter) -> str | None:
         for key, vector in module.vectors().items():
             if not all_finite(vector):
                 return f"base_model.model.{name}.{key}"
+    for name, params in adapter.saved_modules.items():
+        for param, tensor in params.items():
+            if not all_finite(tensor):
+                return f"base_model.model.{name}.{param}"
     return None
 
 
@@ -721,7 +784,7 @@ def adapter_config_dict(adapter: ParsedAdapter) -> dict[str, Any]:
             "fan_in_fan_out": False,
             "inference_mode": True,
             "init_ia3_weights": True,
-            "modules_to_save": None,
+            "modules_to_save": list(adapter.modules_to_save) or None,
         }
     return {
         "peft_type": "LORA",
@@ -740,7 +803,7 @@ def adapter_config_dict(adapter: ParsedAdapter) -> dict[str, Any]:
         "init_lora_weights": True,
         "use_dora": adapter.use_dora,
         "lora_bias": adapter.lora_bias,
-        "modules_to_save": None,
+        "modules_to_save": list(adapter.modules_to_save) or None,
     }
 
 
@@ -759,6 +822,9 @@ def adapter_state_dict(adapter: ParsedAdapter) -> dict[str, torch.Tensor]:
             "lora_A.weight", "lora_B.weight")
         state[f"base_model.model.{name}.{keys[0]}"] = lora_A.detach().cpu().contiguous()
         state[f"base_model.model.{name}.{keys[1]}"] = lora_B.detach().cpu().contiguous()
+    for name, params in adapter.saved_modules.items():
+        for param, tensor in params.items():
+            state[f"base_model.model.{name}.{param}"] = tensor.detach().cpu().contiguous()
     return state
 
 

@@ -25,7 +25,7 @@ import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from .forward import ModelForward
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
 from .hub import push_adapter_folder
-from .inject import find_targets, replace_modules
+from .inject import find_modules_to_save, find_targets, replace_modules
 from .inputs import ExampleInput, bind_positional
 from .layers import LINEAR_TYPES, SlotLayer, is_conv1d, is_supported_layer, layer_shape, make_slot_layer
 from .peft_format import (
@@ -82,7 +82,9 @@ class HotswapRuntime:
         self.model = model
         self.lazy = config.target_modules is None  # inject what the adapters target, as they come
         names = [] if self.lazy else find_targets(model, config.target_modules, config.exclude_modules)
-        bases = {name: model.get_submodule(name) for name in names}
+        full = [] if config.modules_to_save is None else find_modules_to_save(
+            model, config.modules_to_save, names)
+        bases = {name: model.get_submodule(name) for name in names + full}
         taken = [name for name, base in bases.items() if isinstance(base, SlotLayer)]
         if taken:
             raise HotswapError(f"layers {taken[:4]} are already injected by another runtime; "
@@ -97,7 +99,7 @@ class HotswapRuntime:
         self._selector = Selector(self._selection, self._arena.slot_rank)
         self._layers: dict[str, SlotLayer] = {}
         self._injection = replace_modules(model, {})
-        self._inject_layers(bases)
+        self._inject_layers(bases, full=set(full))
         self._lock = threading.RLock()
         self._gate = ForwardGate()
         self._stager = Stager(self._arena, self._base_weight)
@@ -116,15 +118,16 @@ class HotswapRuntime:
         onto it)."""
         self._eject_hooks.append(hook)
 
-    def _inject_layers(self, bases: Mapping[str, nn.Module]) -> None:
-        """Give every layer of ``bases`` a slot layer: grow the arena, wrap the layers, point
-        every slot layer at the (possibly new) arena tensors."""
+    def _inject_layers(self, bases: Mapping[str, nn.Module], full: Collection[str] = ()) -> None:
+        """Give every layer of ``bases`` a slot layer (``full``: those held in full, for
+        ``modules_to_save``): grow the arena, wrap the layers, point every slot layer at the
+        (possibly new) arena tensors."""
         if not bases:
             return
         devices = {base.weight.device for base in bases.values()} | {self._arena.device}
         if len(devices) != 1:
             raise HotswapError(f"targeted layers span several devices {devices}; not supported")
-        self._arena.extend({name: layer_shape(base) for name, base in bases.items()})
+        self._arena.extend({name: layer_shape(base, full=name in full) for name, base in bases.items()})
         arena = self._arena
         new_layers = {
             name: make_slot_layer(base, arena.arenas[base.weight.dtype], arena.layouts[name],
@@ -143,16 +146,17 @@ class HotswapRuntime:
             layout = arena.layouts[name]
             layer.set_arena(arena.arenas[layout.dtype], layout, arena.vector_sizes[layout.dtype])
 
-    def _plan_injection(self, modules: Sequence[str]) -> dict[str, LayerLayout]:
-        """The layers a lazy runtime must inject for an adapter on ``modules`` (layouts with
-        offset -1: for checking shapes); {} when all are injected (or the runtime is not lazy,
-        where :meth:`Stager.check` refuses what is missing).
+    def _plan_injection(self, modules: Sequence[str], full: Sequence[str] = ()) -> dict[str, LayerLayout]:
+        """The layers a lazy runtime must inject for an adapter on ``modules`` (LoRA) and
+        ``full`` (``modules_to_save``): layouts with offset -1, for checking shapes; {} when all
+        are injected (or the runtime is not lazy, where :meth:`Stager.check` refuses what is
+        missing).
 
         Raises:
             IncompatibleAdapterError: a module is not in the model, not a supported layer,
                 excluded, or the model is compiled (a new layer would recompile it).
         """
-        missing = [name for name in modules if name not in self._arena.layouts]
+        missing = [name for name in [*modules, *full] if name not in self._arena.layouts]
         if not self.lazy or not missing:
             return {}
         if self.compiled:
@@ -180,7 +184,10 @@ class HotswapRuntime:
                     f"the adapter targets {name!r} ({type(base).__name__}), which cannot be "
                     f"injected (not {LINEAR_TYPES}, or in exclude_modules)"
                 )
-            plan[name] = LayerLayout.of(name, layer_shape(base), -1)
+            try:
+                plan[name] = LayerLayout.of(name, layer_shape(base, full=name in full), -1)
+            except TypeError as exc:
+                raise IncompatibleAdapterError(f"the adapter trains {name!r} in full: {exc}") from None
         return plan
 
     def _read_and_stage(self, source: Any, state_dict: Any = None, config: Any = None,
@@ -199,7 +206,8 @@ class HotswapRuntime:
                 f"in a slot; load them for inference")
         self._check_saved_base_weights(adapter)
         if not inject:
-            missing = [name for name in adapter.modules if name not in self._arena.layouts]
+            missing = [name for name in [*adapter.modules, *adapter.saved_modules]
+                       if name not in self._arena.layouts]
             if missing:
                 raise IncompatibleAdapterError(
                     f"{adapter.source or 'state_dict'}: modules {missing[:8]} are not injected "
@@ -234,15 +242,17 @@ class HotswapRuntime:
         """Check ``adapter`` (if given) against the layers it would have, then inject the
         missing ones of ``modules`` (lazy runtime) and add scale vectors if it needs them
         (nothing changes when a check fails)."""
-        plan = self._plan_injection(modules)
+        full = list(adapter.saved_modules) if adapter is not None else []
+        plan = self._plan_injection(modules, full)
         add_vectors = self._vectors_to_add(adapter)
         if adapter is not None:
             self._stager.check(adapter, plan, vectors_planned=add_vectors)
         if not plan and not add_vectors:
             return
         with self._mutation():
-            plan = self._plan_injection(modules)  # again, under the lock: another load may have
-            self._inject_layers({name: self.model.get_submodule(name) for name in plan})
+            plan = self._plan_injection(modules, full)  # again, under the lock: another load may have
+            self._inject_layers({name: self.model.get_submodule(name) for name in plan},
+                                full={name for name, layout in plan.items() if layout.kind == "full"})
             if self._vectors_to_add(adapter):
                 self._arena.enable_vectors()
                 self._point_layers_at_arena()
@@ -405,7 +415,7 @@ class HotswapRuntime:
         """
         adapter = self._stager.read(source, None, None, allow_pickle, allow_nonfinite)
         self._check_saved_base_weights(adapter)
-        plan = self._plan_injection(list(adapter.modules))
+        plan = self._plan_injection(list(adapter.modules), list(adapter.saved_modules))
         add_vectors = self._vectors_to_add(adapter)
         if plan or add_vectors:  # checked as if injected; sized as its host row would be
             self._stager.check(adapter, plan, vectors_planned=add_vectors)

@@ -71,6 +71,7 @@ class StagedAdapter:
             peft_type=adapter.peft_type,
             use_dora=adapter.use_dora,
             lora_bias=adapter.lora_bias,
+            modules_to_save=tuple(adapter.saved_modules),
         )
 
 
@@ -97,13 +98,13 @@ class Stager:
         to be injected) into the rank widths."""
         widths, vector_sizes = self.arena.rank_widths, dict(self.arena.vector_sizes)
         layouts = {**self.layouts, **(planned or {})}
+        vectors = self.arena.vectors or adapter.has_vectors  # vectors now or once it is loaded
+        grown = [layout for layout in layouts.values() if layout.vectors < 0 and (
+            layout.kind == "full" or (vectors and layout.can_hold_vectors))]  # regions it would add
         for layout in (planned or {}).values():
             widths[layout.dtype] = widths.get(layout.dtype, 0) + layout.width
-        if self.arena.vectors or adapter.has_vectors:  # vectors now or once it is loaded
-            vector_sizes = {}
-            for layout in layouts.values():
-                if layout.can_hold_vectors:
-                    vector_sizes[layout.dtype] = vector_sizes.get(layout.dtype, 0) + layout.vector_width
+        for layout in grown:
+            vector_sizes[layout.dtype] = vector_sizes.get(layout.dtype, 0) + layout.vector_width
         ranks = _ranks_by_dtype(adapter, layouts, widths)
         return sum((vector_sizes.get(dtype, 0) + ranks[dtype] * width) * dtype.itemsize
                    for dtype, width in widths.items())
@@ -165,6 +166,7 @@ class Stager:
             RankTooLargeError: a module's rank exceeds ``max_rank``.
         """
         where = adapter.source or "state_dict"
+        self._check_saved_modules(adapter, planned or {}, where)
         for name, module in adapter.modules.items():
             layout = self.layouts.get(name) or (planned or {}).get(name)
             if layout is None:
@@ -193,6 +195,27 @@ class Stager:
                     f"{tuple(module.lora_B.shape)} do not fit the layer (d_in={layout.d_in}, "
                     f"d_out={layout.d_out}); expected {expected_a} / {expected_b}"
                 )
+
+    def _check_saved_modules(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout],
+                             where: str) -> None:
+        """Every ``modules_to_save`` module must be held per slot here (kind ``"full"``) with
+        the same shapes."""
+        for name, params in adapter.saved_modules.items():
+            layout = self.layouts.get(name) or planned.get(name)
+            if layout is None or layout.kind != "full":
+                held = "is not held" if layout is None else "is a LoRA layer, not held in full"
+                raise IncompatibleAdapterError(
+                    f"{where}: the adapter trains {name!r} in full (modules_to_save), which {held} "
+                    f"per slot by this runtime (name it in RuntimeConfig.modules_to_save)")
+            weight, bias = params["weight"], params.get("bias")
+            if tuple(weight.shape) != (layout.d_out, layout.d_in):
+                raise IncompatibleAdapterError(
+                    f"{where}: the saved module {name!r} has weight {tuple(weight.shape)}, the model's "
+                    f"is {(layout.d_out, layout.d_in)}")
+            if bias is not None and self.base_weights is not None and self.layouts.get(name) is not None \
+                    and self.base_weights(name)[1] is None:
+                raise IncompatibleAdapterError(f"{where}: the saved module {name!r} has a bias, the "
+                                               f"model's has none")
 
     def _check_vectors(self, module: LoraModule, layout: LayerLayout, vectors_planned: bool,
                        where: str) -> None:
@@ -258,6 +281,8 @@ class Stager:
             else:  # scale in fp32 before rounding to the slot dtype
                 scaled = module.lora_B.float() * scale
                 b_part.copy_(scaled if column_scale is None else scaled * column_scale[:, None])
+        for name, params in adapter.saved_modules.items():
+            self._stage_saved_module(rows[self.layouts[name].dtype], self.layouts[name], params)
         if check_finite and not all(all_finite(row) for row in rows.values()):
             where = adapter.source or "state_dict"
             key = nonfinite_key(adapter)
@@ -266,6 +291,22 @@ class Stager:
             raise AdapterFormatError(f"{where}: lora_B * scaling overflows the slot dtype (Inf)")
         sizes = {dtype: (vector_sizes.get(dtype, 0), width) for dtype, width in widths.items()}
         return StagedAdapter(adapter=adapter, rows=rows, sizes=sizes)
+
+    def _stage_saved_module(self, row: torch.Tensor, layout: LayerLayout,
+                            params: Mapping[str, torch.Tensor]) -> None:
+        """A ``modules_to_save`` module's weight and bias minus the base's, into its region of
+        ``row`` (``[d_out * d_in]`` row-major, then ``[d_out]``)."""
+        if self.base_weights is None:
+            raise HotswapError("modules_to_save needs the base weights: this Stager was built without them")
+        weight, bias = self.base_weights(layout.name)
+        region = row[layout.vectors : layout.vectors + layout.vector_width]
+        d_weights = layout.d_out * layout.d_in
+        region[:d_weights].view(layout.d_out, layout.d_in).copy_(
+            params["weight"].float() - weight.detach().float().cpu())
+        saved_bias = params.get("bias")
+        if saved_bias is not None:
+            base_bias = 0.0 if bias is None else bias.detach().float().cpu()
+            region[d_weights:].copy_(saved_bias.float() - base_bias)
 
     def _stage_vectors(self, row: torch.Tensor, layout: LayerLayout, module: LoraModule) -> torch.Tensor | None:
         """Write ``module``'s scale vectors into ``row`` (see :class:`LoraModule`), each as its

@@ -171,7 +171,7 @@ CASES: dict[str, Case] = {
     ),
     "modules_to_save": (
         lambda b, r: {"source": b.make_adapter(r / "mts", seed=3, r=4, modules_to_save=["lm_head"])},
-        AdapterFormatError, "modules_to_save",
+        IncompatibleAdapterError, "name it in RuntimeConfig.modules_to_save",
     ),
     "lora bias keys without the flag": (
         lambda b, r: {"source": _write_dir(r / "lbias", GOOD_CONFIG, {

@@ -1,0 +1,123 @@
+"""What each adapter type costs (issue 18): IA3, DoRA, LoRA with ``lora_bias`` and a
+``modules_to_save`` ``lm_head`` next to plain LoRA, on a 4-layer hidden-512 Llama in fp32,
+compiled, targets q/k/v/o/down_proj (IA3: k/v/down_proj, down_proj feed-forward), rank 16.
+
+1. Forward, prefill 1 x 128 and one-token batch 8 (no KV cache): the uninjected compiled model,
+   a LoRA-only runtime (no scale vectors), and one runtime with scale vectors and a per-slot
+   ``lm_head`` serving each type in turn (same graph). Ratios to the uninjected model.
+2. Swap: ``write_slot`` of each type's staged row into its own slot vs a ``copy_`` of the same
+   bytes between preallocated tensors (the memcpy floor).
+
+Each group is timed interleaved.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hotswap_rt import HotswapRuntime, RuntimeConfig
+
+from .conftest import interleaved, note, note_ratios
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+PREFILL = torch.randint(0, 1024, (1, 128), generator=torch.Generator().manual_seed(0))
+DECODE = torch.randint(0, 1024, (8, 1), generator=torch.Generator().manual_seed(1))
+CONFIGS = {
+    "lora": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False),
+    "dora": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False,
+                               use_dora=True),
+    "lora_bias": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False,
+                                    lora_bias=True),
+    "ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                             feedforward_modules=["down_proj"]),
+    "lm_head": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False,
+                                  modules_to_save=["lm_head"]),
+}
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024,
+                                        num_hidden_layers=4, num_attention_heads=8,
+                                        num_key_value_heads=8)).eval()
+    root = tmp_path_factory.mktemp("types")
+    paths = {}
+    for i, (name, make) in enumerate(CONFIGS.items()):
+        torch.manual_seed(10 + i)
+        model = get_peft_model(copy.deepcopy(base), make())
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if "ia3_l" in key or "lora_magnitude_vector" in key:
+                    param.mul_(1 + 0.1 * torch.randn_like(param))
+        model.save_pretrained(str(root / name))
+        paths[name] = root / name
+    plain = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, max_rank=16, device_slots=1))
+    plain.load("lora", paths["lora"])
+    plain.activate("lora")
+    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
+        TARGETS, max_rank=16, device_slots=len(paths), max_active_adapters=1, scale_vectors=True,
+        modules_to_save=["lm_head"]))
+    for name, path in paths.items():
+        rt.load(name, path)
+    uninjected = torch.compile(copy.deepcopy(base))
+    for ids in (PREFILL, DECODE):
+        with torch.no_grad():
+            uninjected(input_ids=ids)
+    plain.compile(PREFILL, warmup_inputs=[{"input_ids": DECODE}], guard="raise")
+    rt.activate("lora")
+    rt.compile(PREFILL, warmup_inputs=[{"input_ids": DECODE}], guard="raise")
+    return uninjected, plain, rt, list(paths)
+
+
+def _forward_group(typed, ids: torch.Tensor, label: str) -> None:
+    uninjected, plain, rt, names = typed
+    group = f"adapter types, {label}, compiled, llama h512 x4 fp32 (ratio to uninjected)"
+
+    def serve(name):
+        def call():
+            rt.activate(name)
+            return rt.model(input_ids=ids)
+        return call
+
+    cases = {"uninjected model": lambda: uninjected(input_ids=ids),
+             "LoRA, runtime without scale vectors": lambda: plain.model(input_ids=ids)}
+    cases.update({f"{name} (scale vectors + lm_head slots)": serve(name) for name in names})
+    with torch.no_grad():
+        medians = interleaved(cases, rounds=30)
+    note_ratios(group, medians, "uninjected model", "")
+    assert rt.guard.recompiles == 0 and plain.guard.recompiles == 0
+
+
+def test_prefill_per_type(typed) -> None:
+    _forward_group(typed, PREFILL, "prefill 1 x 128")
+
+
+def test_decode_step_per_type(typed) -> None:
+    _forward_group(typed, DECODE, "one-token forward, batch 8 (no KV cache)")
+
+
+def test_swap_per_type(typed) -> None:
+    _, _, rt, names = typed
+    arena = rt.internals.arena
+    records = rt.internals.registry.records
+    for name in names:
+        record = records[name]
+        rows = record.staged.rows
+        floors = {dtype: (torch.empty_like(row), row) for dtype, row in rows.items()}
+
+        def memcpy():
+            for target, row in floors.values():
+                target.copy_(row)
+
+        group = f"adapter types, swap {name}: write_slot of its staged row (ratio to copy_ of the bytes)"
+        medians = interleaved({"copy_ of the same bytes": memcpy,
+                               "write_slot": lambda: arena.write_slot(record.slot, rows)}, rounds=200)
+        note_ratios(group, medians, "copy_ of the same bytes", "")
+        note(group, f"{record.staged.nbytes / 1e6:.2f} MB")

@@ -1,0 +1,150 @@
+"""``modules_to_save``: adapters that train a whole module (a classification ``score`` head, an
+``lm_head``) hold its weight delta in their slot, selected per row like LoRA, against real PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig, TargetNotFoundError
+
+from .conftest import VOCAB, BaseModel, assert_unchanged, logits, max_diff, snapshot_state
+
+TARGETS = ["q_proj", "v_proj"]
+TOL = 1e-4
+
+
+def tiny_classifier() -> LlamaForSequenceClassification:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def make_adapter(base: torch.nn.Module, directory: Path, seed: int, **lora: object) -> Path:
+    """A PEFT LoRA adapter; the fully trained modules' copies randomised (PEFT copies the base)."""
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                           target_modules=TARGETS, **lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.5 * torch.randn_like(param))
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def peft_alone(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    """A classifier, two SEQ_CLS adapters (PEFT adds ``score`` to modules_to_save), one plain LoRA
+    adapter, PEFT references, and a compiled runtime holding ``score`` per slot."""
+    base = tiny_classifier()
+    root = tmp_path_factory.mktemp("heads")
+    dirs = {
+        "cls_a": make_adapter(base, root / "cls_a", 1, task_type="SEQ_CLS"),
+        "cls_b": make_adapter(base, root / "cls_b", 2, task_type="SEQ_CLS"),
+        "plain": make_adapter(base, root / "plain", 3),
+    }
+    references = {name: peft_alone(base, path) for name, path in dirs.items()}
+    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, max_rank=8, device_slots=3,
+                                                           host_slots=4, modules_to_save=["score"]))
+    for name, path in dirs.items():
+        rt.load(name, path)
+    ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(2))
+    rt.compile(input_ids=ids)
+    return base, dirs, references, rt, ids
+
+
+def test_files_hold_the_head(heads) -> None:
+    _, dirs, _, rt, _ = heads
+    state = load_file(str(dirs["cls_a"] / "adapter_model.safetensors"))
+    assert state["base_model.model.score.weight"].shape == (3, 64)
+    assert rt.info("cls_a").modules_to_save == ("score",) and rt.info("plain").modules_to_save == ()
+
+
+@pytest.mark.parametrize("name", ["cls_a", "cls_b", "plain"])
+def test_each_alone_equals_peft(heads, name) -> None:
+    _, _, references, rt, ids = heads
+    rt.activate(name)
+    assert max_diff(logits(rt.model, ids), logits(references[name], ids)) <= TOL
+
+
+def test_mixed_batch_each_row_equals_peft_alone(heads) -> None:
+    base, _, references, rt, ids = heads
+    rows = ["cls_a", None, "plain", "cls_b"]
+    rt.activate_rows(rows)
+    ours = logits(rt.model, ids)
+    for row, name in enumerate(rows):
+        model = base if name is None else references[name]
+        assert max_diff(ours[row : row + 1], logits(model, ids[row : row + 1])) <= TOL, name
+    assert rt.guard.recompiles == 0
+
+
+def test_weighted_heads_are_the_weighted_deltas(heads) -> None:
+    base, dirs, _, rt, _ = heads
+    rt.activate({"cls_a": 0.25, "cls_b": 0.5})
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    expected = base.score(x)
+    for name, weight in (("cls_a", 0.25), ("cls_b", 0.5)):
+        saved = load_file(str(dirs[name] / "adapter_model.safetensors"))["base_model.model.score.weight"]
+        expected = expected + weight * x @ (saved - base.score.weight).T
+    with torch.no_grad():
+        assert max_diff(rt.model.score(x), expected) <= 1e-5
+
+
+def test_slot_size_counts_the_head(heads) -> None:
+    base, _, _, rt, _ = heads
+    without = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, max_rank=8, device_slots=3))
+    assert rt.slot_nbytes - without.slot_nbytes == 3 * (64 + 1) * 4
+
+
+def test_save_loads_in_peft(heads, tmp_path) -> None:
+    base, _, references, rt, ids = heads
+    out = Path(rt.save("cls_a", tmp_path / "a"))
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
+    assert max_diff(logits(peft_alone(base, out), ids), logits(references["cls_a"], ids)) <= TOL
+
+
+def test_runtime_without_the_head_refuses_and_changes_nothing(heads) -> None:
+    base, dirs, _, _, ids = heads
+    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, max_rank=8, device_slots=2))
+    rt.load("plain", dirs["plain"])
+    rt.activate("plain")
+    before = snapshot_state(rt, ids)
+    with pytest.raises(IncompatibleAdapterError, match="RuntimeConfig.modules_to_save"):
+        rt.load("cls_a", dirs["cls_a"])
+    assert_unchanged(before, snapshot_state(rt, ids))
+
+
+def test_config_errors(heads) -> None:
+    base, _, _, _, _ = heads
+    with pytest.raises(TargetNotFoundError, match="must be nn.Linear"):
+        HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, modules_to_save=["embed_tokens"]))
+    with pytest.raises(TargetNotFoundError, match="both LoRA targets and modules_to_save"):
+        HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, modules_to_save=["q_proj"]))
+
+
+def test_lazy_runtime_holds_lm_head(tmp_path, input_ids) -> None:
+    """A causal LM adapter with ``modules_to_save=["lm_head"]`` in a lazy runtime."""
+    base = BaseModel("llama", seed=4)
+    path = make_adapter(base.model, tmp_path / "head", 5, modules_to_save=["lm_head"])
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(None, max_rank=8, device_slots=2))
+    rt.load("head", path)
+    assert "lm_head" in rt.targets
+    rt.activate_rows(["head", None, "head", None])
+    ours = logits(rt.model, input_ids)
+    reference = logits(peft_alone(base.model, path), input_ids)
+    assert max_diff(ours[0::2], reference[0::2]) <= TOL
+    assert max_diff(ours[1::2], logits(base.model, input_ids[1::2])) <= TOL
