@@ -61,38 +61,43 @@ def typed(tmp_path_factory):
     plain = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, max_rank=16, device_slots=1))
     plain.load("lora", paths["lora"])
     plain.activate("lora")
-    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
-        TARGETS, max_rank=16, device_slots=len(paths), max_active_adapters=1, scale_vectors=True,
-        modules_to_save=["lm_head"]))
-    for name, path in paths.items():
-        rt.load(name, path)
+    vectors = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
+        TARGETS, max_rank=16, device_slots=4, max_active_adapters=1, scale_vectors=True))
+    for name in ("lora", "dora", "lora_bias", "ia3"):
+        vectors.load(name, paths[name])
+    head = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
+        TARGETS, max_rank=16, device_slots=2, max_active_adapters=1, modules_to_save=["lm_head"]))
+    for name in ("lora", "lm_head"):
+        head.load(name, paths[name])
     uninjected = torch.compile(copy.deepcopy(base))
     for ids in (PREFILL, DECODE):
         with torch.no_grad():
             uninjected(input_ids=ids)
-    plain.compile(PREFILL, warmup_inputs=[{"input_ids": DECODE}], guard="raise")
-    rt.activate("lora")
-    rt.compile(PREFILL, warmup_inputs=[{"input_ids": DECODE}], guard="raise")
-    return uninjected, plain, rt, list(paths)
+    for rt in (plain, vectors, head):
+        rt.activate("lora")
+        rt.compile(PREFILL, warmup_inputs=[{"input_ids": DECODE}], guard="raise")
+    return uninjected, {"plain": plain, "vectors": vectors, "head": head}, paths
 
 
 def _forward_group(typed, ids: torch.Tensor, label: str) -> None:
-    uninjected, plain, rt, names = typed
+    uninjected, runtimes, _ = typed
     group = f"adapter types, {label}, compiled, llama h512 x4 fp32 (ratio to uninjected)"
 
-    def serve(name):
+    def serve(rt, name):
         def call():
             rt.activate(name)
             return rt.model(input_ids=ids)
         return call
 
     cases = {"uninjected model": lambda: uninjected(input_ids=ids),
-             "LoRA, runtime without scale vectors": lambda: plain.model(input_ids=ids)}
-    cases.update({f"{name} (scale vectors + lm_head slots)": serve(name) for name in names})
+             "lora, runtime without scale vectors": serve(runtimes["plain"], "lora")}
+    for name in ("lora", "dora", "lora_bias", "ia3"):
+        cases[f"{name}, runtime with scale vectors"] = serve(runtimes["vectors"], name)
+    cases["lora + lm_head (modules_to_save), runtime with lm_head slots"] = serve(runtimes["head"], "lm_head")
     with torch.no_grad():
         medians = interleaved(cases, rounds=30)
     note_ratios(group, medians, "uninjected model", "")
-    assert rt.guard.recompiles == 0 and plain.guard.recompiles == 0
+    assert all(rt.guard.recompiles == 0 for rt in runtimes.values())
 
 
 def test_prefill_per_type(typed) -> None:
@@ -104,11 +109,10 @@ def test_decode_step_per_type(typed) -> None:
 
 
 def test_swap_per_type(typed) -> None:
-    _, _, rt, names = typed
-    arena = rt.internals.arena
-    records = rt.internals.registry.records
-    for name in names:
-        record = records[name]
+    _, runtimes, paths = typed
+    for name in paths:
+        rt = runtimes["head" if name == "lm_head" else "vectors"]
+        arena, record = rt.internals.arena, rt.internals.registry.records[name]
         rows = record.staged.rows
         floors = {dtype: (torch.empty_like(row), row) for dtype, row in rows.items()}
 

@@ -244,19 +244,33 @@ class FullSlotLinear(SlotLayer):
     """Wraps a frozen ``nn.Linear`` named in an adapter's ``modules_to_save`` (trained in full):
     each slot holds the module's weight and bias minus the base's, so a row computes
     ``base(x) + x @ (sum_i w_i dW_i)^T + sum_i w_i db_i`` (with weight 1: the adapter's own
-    module; a row without it: the base module)."""
+    module; a row without it: the base module). Stacked, that is one product per active slot
+    (``x @ [dW_1; ...; dW_k]^T``, weighted per row); per row, each row's slots are combined
+    first and multiplied with one ``bmm``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [B, ..., d_out]
         batch, d_in, d_out = x.shape[0], self.in_features, self.out_features
         training = self._training()
-        per_row = self._selection.per_row and not training
-        deltas = self._row_vectors(batch, per_row, training, size=d_out * (d_in + 1))  # [B, d_out*(d_in+1)]
-        delta_w = deltas[:, : d_out * d_in].view(batch, d_out, d_in)
-        delta_b = deltas[:, d_out * d_in :].unsqueeze(1)  # [B, 1, d_out]
-        flat = x.reshape(batch, -1, d_in).to(delta_w.dtype)  # [B, T, d_in]
-        out = torch.baddbmm(delta_b, flat, delta_w.transpose(1, 2))  # [B, T, d_out]
-        return y + out.view(*x.shape[:-1], d_out).to(y.dtype)
+        size = d_out * (d_in + 1)
+        if self._selection.per_row and not training:
+            # each row's m slots combined first: [B, d_out*(d_in+1)], then one bmm
+            deltas = self._row_vectors(batch, True, training, size=size)
+            delta_w = deltas[:, : d_out * d_in].view(batch, d_out, d_in)
+            flat = x.reshape(batch, -1, d_in).to(delta_w.dtype)  # [B, T, d_in]
+            out = torch.baddbmm(deltas[:, d_out * d_in :].unsqueeze(1), flat, delta_w.transpose(1, 2))
+            return y + out.view(*x.shape[:-1], d_out).to(y.dtype)
+        # stacked: one product per active slot (never a per-row copy of the weights)
+        region = self._arena.narrow(1, self.vector_offset, size)  # [S, size]
+        if not (self._selection.in_place and not training):
+            region = region.index_select(0, self._selection.active_slots)  # [k, size]
+        weights = self._selection.row_weights[:batch].to(region.dtype)  # [B, k]
+        delta_w = region[:, : d_out * d_in].reshape(-1, d_in)  # [k*d_out, d_in]
+        h = self._weigh(F.linear(x.to(delta_w.dtype), delta_w), weights, dim=-1)  # [B, ..., k*d_out]
+        out = h.unflatten(-1, (weights.shape[1], d_out)).sum(-2)  # [B, ..., d_out]
+        shape = (batch,) + (1,) * (x.dim() - 2) + (-1,)
+        out = out + (weights @ region[:, d_out * d_in :]).view(shape)
+        return y + out.to(y.dtype)
 
 
 class LoraSlotConv2d(SlotLayer):

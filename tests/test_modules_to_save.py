@@ -148,3 +148,18 @@ def test_lazy_runtime_holds_lm_head(tmp_path, input_ids) -> None:
     reference = logits(peft_alone(base.model, path), input_ids)
     assert max_diff(ours[0::2], reference[0::2]) <= TOL
     assert max_diff(ours[1::2], logits(base.model, input_ids[1::2])) <= TOL
+
+
+def test_per_row_mode_equals_peft(heads) -> None:
+    """``max_adapters_per_row=1``: each row combines its own slot's head delta (one bmm)."""
+    base, dirs, references, _, ids = heads
+    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, max_rank=8, device_slots=3,
+                                                           max_adapters_per_row=1, modules_to_save=["score"]))
+    for name, path in dirs.items():
+        rt.load(name, path)
+    rows = ["cls_b", "plain", None, "cls_a"]
+    rt.activate_rows(rows)
+    ours = logits(rt.model, ids)
+    for row, name in enumerate(rows):
+        model = base if name is None else references[name]
+        assert max_diff(ours[row : row + 1], logits(model, ids[row : row + 1])) <= TOL, name
