@@ -186,15 +186,22 @@ class SlotLayer(nn.Module):
         (default: the scale vectors, ``d_in + 2*d_out``: input scale, output scale, output bias,
         differences from the identity)."""
         size = self.in_features + 2 * self.out_features if size is None else size
-        vectors = self._arena.narrow(1, self.vector_offset, size)  # [S, size]
         if per_row:
+            vectors = self._arena.narrow(1, self.vector_offset, size)  # [S, size]
             slots = self._selection.row_slots[:batch]  # [B, m]
             picked = vectors.index_select(0, slots.flatten()).unflatten(0, slots.shape)  # [B, m, size]
             weights = self._selection.row_slot_weights[:batch].to(vectors.dtype)
             return torch.bmm(weights.unsqueeze(1), picked).squeeze(1)
-        if not (self._selection.in_place and not training):
-            vectors = vectors.index_select(0, self._selection.active_slots)  # [k, size]
+        vectors = self._active_region(size, training)
         return self._selection.row_weights[:batch].to(vectors.dtype) @ vectors
+
+    def _active_region(self, size: int, training: bool) -> torch.Tensor:
+        """The stacked path's slots' part of the vector region: ``[S, size]`` read in place, or
+        the ``k`` active slots gathered ``[k, size]`` (the columns of ``row_weights``)."""
+        region = self._arena.narrow(1, self.vector_offset, size)  # [S, size]
+        if self._selection.in_place and not training:
+            return region
+        return region.index_select(0, self._selection.active_slots)
 
     def _scaled_base(self, x: torch.Tensor, per_row: bool, training: bool) -> torch.Tensor:
         """The base layer with the rows' scale vectors: ``base(x * (1 + in)) * (1 + out) + bias``
@@ -261,9 +268,7 @@ class FullSlotLinear(SlotLayer):
             out = torch.baddbmm(deltas[:, d_out * d_in :].unsqueeze(1), flat, delta_w.transpose(1, 2))
             return y + out.view(*x.shape[:-1], d_out).to(y.dtype)
         # stacked: one product per active slot (never a per-row copy of the weights)
-        region = self._arena.narrow(1, self.vector_offset, size)  # [S, size]
-        if not (self._selection.in_place and not training):
-            region = region.index_select(0, self._selection.active_slots)  # [k, size]
+        region = self._active_region(size, training)  # [k, size]
         weights = self._selection.row_weights[:batch].to(region.dtype)  # [B, k]
         delta_w = region[:, : d_out * d_in].reshape(-1, d_in)  # [k*d_out, d_in]
         h = self._weigh(F.linear(x.to(delta_w.dtype), delta_w), weights, dim=-1)  # [B, ..., k*d_out]

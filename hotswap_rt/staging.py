@@ -207,15 +207,11 @@ class Stager:
                 raise IncompatibleAdapterError(
                     f"{where}: the adapter trains {name!r} in full (modules_to_save), which {held} "
                     f"per slot by this runtime (name it in RuntimeConfig.modules_to_save)")
-            weight, bias = params["weight"], params.get("bias")
+            weight = params["weight"]
             if tuple(weight.shape) != (layout.d_out, layout.d_in):
                 raise IncompatibleAdapterError(
                     f"{where}: the saved module {name!r} has weight {tuple(weight.shape)}, the model's "
                     f"is {(layout.d_out, layout.d_in)}")
-            if bias is not None and self.base_weights is not None and self.layouts.get(name) is not None \
-                    and self.base_weights(name)[1] is None:
-                raise IncompatibleAdapterError(f"{where}: the saved module {name!r} has a bias, the "
-                                               f"model's has none")
 
     def _check_vectors(self, module: LoraModule, layout: LayerLayout, vectors_planned: bool,
                        where: str) -> None:
@@ -295,7 +291,8 @@ class Stager:
     def _stage_saved_module(self, row: torch.Tensor, layout: LayerLayout,
                             params: Mapping[str, torch.Tensor]) -> None:
         """A ``modules_to_save`` module's weight and bias minus the base's, into its region of
-        ``row`` (``[d_out * d_in]`` row-major, then ``[d_out]``)."""
+        ``row`` (``[d_out * d_in]`` row-major, then ``[d_out]``; a saved bias on a base without
+        one is its own delta)."""
         if self.base_weights is None:
             raise HotswapError("modules_to_save needs the base weights: this Stager was built without them")
         weight, bias = self.base_weights(layout.name)
