@@ -443,9 +443,7 @@ def _parse_ia3(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
                allow_nonfinite: bool) -> ParsedAdapter:
     """An IA3 adapter: ``<module>.ia3_l`` vectors, ``[d_out, 1]`` (output scale) or, for the
     ``feedforward_modules``, ``[1, d_in]`` (input scale)."""
-    for key, feature in _UNSUPPORTED_FIELDS.items():
-        if config.get(key):
-            raise AdapterFormatError(f"{where}: {feature} is not supported ({key}={config[key]!r})")
+    _reject_unsupported_fields(config, where)
     feedforward = config.get("feedforward_modules") or []
     if not isinstance(feedforward, (str, list, tuple, set, frozenset)) or (
             not isinstance(feedforward, str) and not all(isinstance(f, str) for f in feedforward)):
@@ -615,16 +613,19 @@ def _check_target_modules(target_modules: Any, modules: list[str], where: str) -
         )
 
 
+def _reject_unsupported_fields(config: Mapping[str, Any], where: str) -> None:
+    """Refuse a config that sets a PEFT feature a slot cannot represent (:data:`_UNSUPPORTED_FIELDS`)."""
+    for key, feature in _UNSUPPORTED_FIELDS.items():
+        if config.get(key):
+            raise AdapterFormatError(f"{where}: {feature} is not supported ({key}={config[key]!r})")
+
+
 def _parse_hyperparameters(config: Mapping[str, Any], where: str) -> tuple[int, float, bool]:
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterFormatError(f"{where}: peft_type {peft_type!r} is not supported (only 'LORA' "
                                  f"and 'IA3')")
-    for key, feature in _UNSUPPORTED_FIELDS.items():
-        if config.get(key):
-            raise AdapterFormatError(
-                f"{where}: {feature} is not supported ({key}={config[key]!r})"
-            )
+    _reject_unsupported_fields(config, where)
     if config.get("bias", "none") not in ("none", None):
         raise AdapterFormatError(f"{where}: bias={config['bias']!r} is not supported (only 'none')")
     if "r" not in config:

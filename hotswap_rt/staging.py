@@ -288,14 +288,18 @@ class Stager:
         sizes = {dtype: (vector_sizes.get(dtype, 0), width) for dtype, width in widths.items()}
         return StagedAdapter(adapter=adapter, rows=rows, sizes=sizes)
 
+    def _base_weight(self, name: str, feature: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer ``name``'s base weight ``[d_out, d_in]`` and bias, which ``feature`` needs."""
+        if self.base_weights is None:
+            raise HotswapError(f"{feature} needs the base weights: this Stager was built without them")
+        return self.base_weights(name)
+
     def _stage_saved_module(self, row: torch.Tensor, layout: LayerLayout,
                             params: Mapping[str, torch.Tensor]) -> None:
         """A ``modules_to_save`` module's weight and bias minus the base's, into its region of
         ``row`` (``[d_out * d_in]`` row-major, then ``[d_out]``; a saved bias on a base without
         one is its own delta)."""
-        if self.base_weights is None:
-            raise HotswapError("modules_to_save needs the base weights: this Stager was built without them")
-        weight, bias = self.base_weights(layout.name)
+        weight, bias = self._base_weight(layout.name, "modules_to_save")
         region = row[layout.vectors : layout.vectors + layout.vector_width]
         d_weights = layout.d_out * layout.d_in
         region[:d_weights].view(layout.d_out, layout.d_in).copy_(
@@ -320,9 +324,7 @@ class Stager:
             out_bias.copy_(module.bias.float() * module.scaling)
         if module.magnitude is None:
             return None
-        if self.base_weights is None:
-            raise HotswapError("DoRA needs the base weights: this Stager was built without them")
-        weight, bias = self.base_weights(layout.name)
+        weight, bias = self._base_weight(layout.name, "DoRA")
         scale = dora_scale(weight, module)
         out_scale.copy_(scale - 1)
         if bias is not None:
