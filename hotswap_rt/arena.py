@@ -45,9 +45,12 @@ class LayerShape:
     Attributes:
         kind: ``"linear"`` (``nn.Linear``, ``Conv1D``), ``"conv"`` (``nn.Conv2d``: ``d_in`` =
             ``C_in*kh*kw``, ``kernel`` = ``(C_in, kh, kw)``, ``groups`` its groups),
-            ``"embedding"`` (``nn.Embedding``: ``d_in`` = ``num_embeddings``) or ``"full"`` (an
+            ``"embedding"`` (``nn.Embedding``: ``d_in`` = ``num_embeddings``), ``"full"`` (an
             ``nn.Linear`` in ``modules_to_save``: each slot holds a whole weight and bias delta
-            in the vector region, nothing in the rank blocks).
+            in the vector region, nothing in the rank blocks) or ``"experts"`` (one 3-D expert
+            parameter of a fused MoE experts module, PEFT's ``target_parameters``: ``kernel`` =
+            ``(E,)``, ``d_in`` = ``E * in``, ``d_out`` = ``E * out``: each rank holds every
+            expert's A row and B column).
     """
 
     d_in: int
@@ -76,6 +79,10 @@ class LayerLayout:
     def of(cls, name: str, shape: LayerShape, offset: int, vectors: int = -1) -> LayerLayout:
         return cls(name, shape.d_in, shape.d_out, shape.dtype, offset, shape.kind, shape.kernel,
                    shape.groups, vectors)
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(self.d_in, self.d_out, self.dtype, self.kind, self.kernel, self.groups)
 
     @property
     def width(self) -> int:

@@ -64,6 +64,10 @@ class RuntimeConfig:
             a whole weight (and bias) delta for each (``d_out * (d_in + 1)`` values), selected
             per row like the LoRA factors. ``None``: none, or with lazy injection
             (``target_modules=None``) what the loaded adapters name, before compiling.
+        target_parameters: expert parameters of fused MoE experts modules (PEFT's names and
+            suffix rule, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``) that get
+            per-expert LoRA slots (:mod:`hotswap_rt.experts`). ``None``: none, or with lazy
+            injection what the loaded adapters target, before compiling.
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -79,6 +83,7 @@ class RuntimeConfig:
     rank_buckets: Sequence[int] | None = None
     scale_vectors: bool = False
     modules_to_save: Sequence[str] | None = None
+    target_parameters: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_input is not None and (not isinstance(self.batch_input, str) or not self.batch_input):
@@ -115,13 +120,8 @@ class RuntimeConfig:
                 raise HotswapError(f"RuntimeConfig.rank_buckets must be ranks in 1..max_rank "
                                    f"({self.max_rank}), got {self.rank_buckets!r}")
             object.__setattr__(self, "rank_buckets", tuple(sorted({*buckets, self.max_rank})))
-        if self.modules_to_save is not None:
-            names = self.modules_to_save
-            names = (names,) if isinstance(names, str) else tuple(names)
-            if not names or not all(isinstance(n, str) and n for n in names):
-                raise HotswapError(f"RuntimeConfig.modules_to_save must be a non-empty list of module "
-                                   f"names, got {self.modules_to_save!r}")
-            object.__setattr__(self, "modules_to_save", names)
+        for name in ("modules_to_save", "target_parameters"):
+            self._names_or_none(name)
         if not isinstance(self.scale_vectors, bool):
             raise HotswapError(f"RuntimeConfig.scale_vectors must be a bool, got {self.scale_vectors!r}")
         if self.slot_reads not in ("auto", "gather", "in_place"):
@@ -134,6 +134,17 @@ class RuntimeConfig:
         if self.slot_reads == "auto":
             return self.max_active_adapters == self.device_slots
         return self.slot_reads == "in_place"
+
+    def _names_or_none(self, name: str) -> None:
+        """Field ``name`` is None or a non-empty list of names (kept as a tuple)."""
+        names = getattr(self, name)
+        if names is None:
+            return
+        names = (names,) if isinstance(names, str) else tuple(names)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise HotswapError(f"RuntimeConfig.{name} must be a non-empty list of names, got "
+                               f"{getattr(self, name)!r}")
+        object.__setattr__(self, name, names)
 
     def _default_or_up_to(self, name: str, bound: str) -> None:
         """``name`` defaults to the field ``bound``; else it must be an int in 1..bound."""

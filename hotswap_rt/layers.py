@@ -101,7 +101,7 @@ class SlotLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
-        self.shape = layer_shape(base, full=layout.kind == "full")
+        self.shape = layout.shape
         self.in_features, self.out_features = self.shape.d_in, self.shape.d_out
         self.max_rank = max_rank
         # Plain attributes, not buffers: shared by all layers, kept out of the model's state_dict.

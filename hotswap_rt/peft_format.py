@@ -44,13 +44,15 @@ _VECTOR_KEYS = (
     (re.compile(r"^(?P<module>.+)\.ia3_l$"), "ia3"),
 )
 
-LINEAR, CONV, EMBEDDING = "linear", "conv", "embedding"  # LoraModule.kind
+LINEAR, CONV, EMBEDDING, EXPERTS = "linear", "conv", "embedding", "experts"  # LoraModule.kind
+# The expert parameters of transformers' fused experts modules, in the order they are defined
+# (and PEFT wraps them: the first innermost, see _parameter_targets).
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 
 # Config fields naming PEFT features a LoRA slot cannot represent yet; refused when set.
 _UNSUPPORTED_FIELDS = {
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable_token_indices",
-    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QALoRA (use_qalora)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
@@ -132,7 +134,8 @@ class ParsedAdapter:
     ``lora_bias``: the LoRA config's flags (every module then carries a magnitude / a bias).
     ``saved_modules``: the ``modules_to_save`` modules' own trained parameters, module name ->
     ``{"weight": [d_out, d_in], "bias": [d_out]}`` (bias if saved); ``modules_to_save`` the
-    config's names for them.
+    config's names for them. ``target_parameters``: the config's names of the expert parameters
+    its ``"experts"`` modules (named ``<experts module>.<param>``) were trained on.
     """
 
     rank: int
@@ -150,6 +153,7 @@ class ParsedAdapter:
     lora_bias: bool = False
     saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
+    target_parameters: tuple[str, ...] = ()
 
     @property
     def scaling(self) -> float:
@@ -352,7 +356,12 @@ def parse_adapter(
         raise AdapterFormatError(f"{where}: base weights saved for {stray[:3]}, which have no "
                                  f"embedding LoRA (only save_embedding_layers is understood)")
 
-    _check_target_modules(config.get("target_modules"), sorted(pairs), where)
+    target_parameters = _names_list(config, "target_parameters", where)
+    params = _parameter_targets(target_parameters, list(pairs), where)  # key module -> "<module>.<param>"
+    pairs = {params.get(name, name): pair for name, pair in pairs.items()}
+    kinds = {params.get(name, name): kind for name, kind in kinds.items()}
+    vectors = {params.get(name, name): held for name, held in vectors.items()}
+    _check_target_modules(config.get("target_modules"), sorted(set(pairs) - set(params.values())), where)
     _check_lora_vectors(vectors, pairs, kinds, use_dora, lora_bias, where)
     modules: dict[str, LoraModule] = {}
     for name, pair in sorted(pairs.items()):
@@ -362,12 +371,19 @@ def parse_adapter(
             raise AdapterFormatError(f"{where}: module {name!r} has no {suffix}")
         module_rank = pair["A"].shape[0]
         declared = rank_pattern.get(_pattern_key(rank_pattern, name), rank)
+        module_alpha = alpha_pattern.get(_pattern_key(alpha_pattern, name), alpha)
+        if name in params.values():
+            if vectors.get(name):
+                raise AdapterFormatError(f"{where}: DoRA / lora_bias on the expert parameter {name!r} is not "
+                                         f"supported")
+            modules[name] = _experts_module(name, pair["A"], pair["B"], declared, where, alpha=module_alpha,
+                                            scaling=lora_scaling(declared, module_alpha, use_rslora))
+            continue
         if declared != module_rank:
             raise AdapterFormatError(
                 f"{where}: module {name!r} has rank {module_rank} in its weights but the config "
                 f"declares r={declared}"
             )
-        module_alpha = alpha_pattern.get(_pattern_key(alpha_pattern, name), alpha)
         module = _matrix_module(
             name, pair["A"], pair["B"], kinds[name], where,
             alpha=module_alpha, scaling=lora_scaling(module_rank, module_alpha, use_rslora),
@@ -388,6 +404,7 @@ def parse_adapter(
         lora_bias=lora_bias,
         saved_modules=saved_modules,
         modules_to_save=modules_to_save,
+        target_parameters=target_parameters,
     )
 
 
@@ -535,6 +552,78 @@ def _key_body(key: str) -> str:
     return key
 
 
+def _names_list(config: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    """Config field ``key`` as a tuple of names (absent / null / empty: ``()``)."""
+    names = config.get(key) or []
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(
+            isinstance(n, str) and n for n in names):
+        raise AdapterFormatError(f"{where}: '{key}' must be a list of names, got {names!r}")
+    return tuple(names)
+
+
+def _parameter_targets(target_parameters: tuple[str, ...], modules: list[str], where: str) -> dict[str, str]:
+    """Which key modules hold LoRA on an expert parameter, and on which: ``{key module:
+    "<module>.<param>"}``.
+
+    PEFT wraps the targeted parameters of one module in the order the module defines them
+    (``named_parameters``: ``gate_up_proj`` / ``up_proj`` before ``down_proj`` in transformers'
+    experts), each wrapper around the last, so the first parameter's keys sit deepest:
+    ``<module>.base_layer.lora_A.weight`` for the first of two, ``<module>.lora_A.weight`` for
+    the second (``n - 1 - i`` times ``.base_layer`` for the ``i``-th of ``n``). Shapes are
+    checked against the model's parameters when loading."""
+    depths: dict[str, set[int]] = {}
+    for name in modules:
+        module, depth = name, 0
+        while module.endswith(".base_layer"):
+            module, depth = module[: -len(".base_layer")], depth + 1
+        if target_parameters and any(_parameter_of(entry, module) for entry in target_parameters):
+            depths.setdefault(module, set()).add(depth)
+        elif depth:
+            raise AdapterFormatError(f"{where}: keys under {name!r}.lora_A/B, but no target_parameters "
+                                     f"entry names a parameter of {module!r}")
+    targets: dict[str, str] = {}
+    for module, seen in depths.items():
+        params = _wrapped_parameters(target_parameters, module)
+        if max(seen) >= len(params):
+            raise AdapterFormatError(f"{where}: {module!r} has LoRA keys {max(seen) + 1} wrappers deep but "
+                                     f"target_parameters names {len(params)} of its parameters {params}")
+        for depth in seen:
+            key = module + ".base_layer" * depth
+            targets[key] = f"{module}.{params[len(params) - 1 - depth]}"
+    return targets
+
+
+def _wrapped_parameters(target_parameters: tuple[str, ...], module: str) -> list[str]:
+    """The expert parameters of ``module`` the entries name, in the order PEFT wraps them."""
+    named = {_parameter_of(entry, module) for entry in target_parameters}
+    return [param for param in EXPERT_PARAMS if param in named]
+
+
+def _parameter_of(entry: str, module: str) -> str | None:
+    """The parameter a ``target_parameters`` entry (``"mlp.experts.down_proj"``) names on
+    ``module`` (PEFT's suffix rule on ``<module>.<param>``), or None."""
+    owner, _, param = entry.rpartition(".")
+    if param and (not owner or module == owner or module.endswith("." + owner)):
+        return param
+    return None
+
+
+def _experts_module(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int, where: str,
+                    alpha: float, scaling: float) -> LoraModule:
+    """PEFT's LoRA on an expert parameter, A ``[r*E, in]`` (expert-major rows) and B
+    ``[out, r*E]`` (column ``j*E + e``: rank ``j`` of expert ``e``), as slot matrices: A
+    ``[r, E*in]`` and B ``[E*out, r]`` (rank ``j`` holds every expert's A row and B column)."""
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1] or lora_A.shape[0] % rank:
+        raise AdapterFormatError(
+            f"{where}: expert parameter {name!r}: lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} "
+            f"are not PEFT's [r*E, in] / [out, r*E] with r={rank}")
+    experts = lora_A.shape[0] // rank
+    d_in, d_out = lora_A.shape[1], lora_B.shape[0]
+    slot_a = lora_A.reshape(experts, rank, d_in).permute(1, 0, 2).reshape(rank, experts * d_in)
+    slot_b = lora_B.reshape(d_out, rank, experts).permute(2, 0, 1).reshape(experts * d_out, rank)
+    return LoraModule(slot_a, slot_b, rank, alpha, scaling, kind=EXPERTS, kernel=(experts,))
+
+
 def _matrix_module(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, kind: str, where: str,
                    alpha: float, scaling: float) -> LoraModule:
     """The on-disk factors of one module as a :class:`LoraModule` (see there for the forms)."""
@@ -574,6 +663,11 @@ def _matrix_module(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, kind: 
 def disk_factors(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
     """``module``'s factors in PEFT's on-disk shapes (the inverse of the conversion on read;
     a conv's B keeps only its block diagonal)."""
+    if module.kind == EXPERTS:
+        experts, rank = module.kernel[0], module.rank
+        lora_A = module.lora_A.reshape(rank, experts, -1).permute(1, 0, 2).reshape(experts * rank, -1)
+        lora_B = module.lora_B.reshape(experts, -1, rank).permute(1, 2, 0).reshape(-1, rank * experts)
+        return lora_A, lora_B
     if module.kind != CONV:
         return module.lora_A, module.lora_B
     lora_A = module.lora_A.reshape(module.rank, *module.kernel)
@@ -773,7 +867,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------- writing
 def adapter_config_dict(adapter: ParsedAdapter) -> dict[str, Any]:
     """The ``adapter_config.json`` PEFT expects for ``adapter`` (r is its true rank)."""
-    targets = sorted({name.rsplit(".", 1)[-1] for name in adapter.modules})
+    targets = sorted({name.rsplit(".", 1)[-1] for name, module in adapter.modules.items()
+                      if module.kind != EXPERTS})
     if adapter.peft_type == "IA3":
         return {
             "peft_type": "IA3",
@@ -805,13 +900,16 @@ def adapter_config_dict(adapter: ParsedAdapter) -> dict[str, Any]:
         "use_dora": adapter.use_dora,
         "lora_bias": adapter.lora_bias,
         "modules_to_save": list(adapter.modules_to_save) or None,
+        "target_parameters": list(adapter.target_parameters) or None,
     }
 
 
 def adapter_state_dict(adapter: ParsedAdapter) -> dict[str, torch.Tensor]:
     """PEFT key names to unpadded, unscaled, contiguous CPU tensors."""
     state: dict[str, torch.Tensor] = {}
+    key_modules = _expert_key_modules(adapter)
     for name, module in adapter.modules.items():
+        name = key_modules.get(name, name)
         if module.ia3 is not None:
             shape = (1, -1) if module.ia3_feedforward else (-1, 1)
             state[f"base_model.model.{name}.ia3_l"] = module.ia3.detach().cpu().reshape(shape).contiguous()
@@ -827,6 +925,22 @@ def adapter_state_dict(adapter: ParsedAdapter) -> dict[str, torch.Tensor]:
         for param, tensor in params.items():
             state[f"base_model.model.{name}.{param}"] = tensor.detach().cpu().contiguous()
     return state
+
+
+def _expert_key_modules(adapter: ParsedAdapter) -> dict[str, str]:
+    """``"<module>.<param>"`` -> the module name PEFT's keys use for it (the inverse of
+    :func:`_parameter_targets`: ``.base_layer`` once per later-wrapped parameter)."""
+    by_module: dict[str, list[str]] = {}
+    for name, module in adapter.modules.items():
+        if module.kind == EXPERTS:
+            owner, _, param = name.rpartition(".")
+            by_module.setdefault(owner, []).append(param)
+    keys: dict[str, str] = {}
+    for owner, held in by_module.items():
+        order = _wrapped_parameters(adapter.target_parameters, owner)  # as PEFT wraps them, first innermost
+        for param in held:
+            keys[f"{owner}.{param}"] = owner + ".base_layer" * (len(order) - 1 - order.index(param))
+    return keys
 
 
 def write_adapter_dir(

@@ -25,21 +25,22 @@ import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .arena import LayerLayout, SlotArena
+from .arena import LayerLayout, LayerShape, SlotArena
 from .config import AdapterInfo, RuntimeConfig, name_matches
-from .errors import HotswapError, IncompatibleAdapterError, SelectionError, SlotsBusyError
+from .errors import HotswapError, IncompatibleAdapterError, SelectionError, SlotsBusyError, TargetNotFoundError
 from .forward import ModelForward
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
 from .hub import push_adapter_folder
+from .experts import EXPERT_PARAMS, ExpertFactors, LoraSlotExperts, expert_param_shape, find_target_parameters
 from .inject import find_modules_to_save, find_targets, replace_modules
 from .inputs import ExampleInput, bind_positional
-from .layers import LINEAR_TYPES, SlotLayer, is_conv1d, is_supported_layer, layer_shape, make_slot_layer
+from .layers import LINEAR_TYPES, SlotLayer, is_conv1d, layer_shape, make_slot_layer
 from .peft_format import (
     ParsedAdapter, adapter_state_dict, resolve_source, task_type_for, write_adapter_dir,
     write_adapter_files)
@@ -84,12 +85,19 @@ class HotswapRuntime:
         names = [] if self.lazy else find_targets(model, config.target_modules, config.exclude_modules)
         full = [] if config.modules_to_save is None else find_modules_to_save(
             model, config.modules_to_save, names)
-        bases = {name: model.get_submodule(name) for name in names + full}
-        taken = [name for name, base in bases.items() if isinstance(base, SlotLayer)]
+        params = [] if config.target_parameters is None else find_target_parameters(
+            model, config.target_parameters)
+        if config.target_parameters is not None and not params:
+            raise TargetNotFoundError(f"target_parameters={list(config.target_parameters)!r} matches no "
+                                      f"expert parameter of a fused-experts module of {type(model).__name__}")
+        taken = [name for name in names + full if isinstance(model.get_submodule(name), SlotLayer)]
+        taken += [name for name in params if isinstance(model.get_submodule(name.rsplit(".", 1)[0]),
+                                                         LoraSlotExperts)]
         if taken:
             raise HotswapError(f"layers {taken[:4]} are already injected by another runtime; "
                                f"eject it first")
-        device = _device_of(model, bases)
+        shapes = {name: self._layer_shape(name, full=name in full) for name in names + full + params}
+        device = _device_of(model, [self._weights_of(name) for name in shapes])
         self._arena = SlotArena({}, config.max_rank, config.device_slots, device,
                                 vectors=config.scale_vectors)
         self._selection = Selection(config.max_batch_size, config.max_active_adapters, device,
@@ -99,7 +107,7 @@ class HotswapRuntime:
         self._selector = Selector(self._selection, self._arena.slot_rank)
         self._layers: dict[str, SlotLayer] = {}
         self._injection = replace_modules(model, {})
-        self._inject_layers(bases, full=set(full))
+        self._inject_layers(shapes)
         self._lock = threading.RLock()
         self._gate = ForwardGate()
         self._stager = Stager(self._arena, self._base_weight)
@@ -118,24 +126,59 @@ class HotswapRuntime:
         onto it)."""
         self._eject_hooks.append(hook)
 
-    def _inject_layers(self, bases: Mapping[str, nn.Module], full: Collection[str] = ()) -> None:
-        """Give every layer of ``bases`` a slot layer (``full``: those held in full, for
-        ``modules_to_save``): grow the arena, wrap the layers, point every slot layer at the
-        (possibly new) arena tensors."""
-        if not bases:
+    def _layer_shape(self, name: str, full: bool = False) -> LayerShape:
+        """What a slot row holds for the layer ``name`` (``full``: a ``modules_to_save`` module;
+        ``<experts module>.<param>``: an expert parameter, PEFT's ``target_parameters``).
+
+        Raises:
+            AttributeError: no such module or parameter; TypeError: not one a slot can hold.
+        """
+        try:
+            module = self.model.get_submodule(name)
+        except AttributeError:
+            module_name, _, param = name.rpartition(".")
+            if param not in EXPERT_PARAMS:
+                raise
+            return expert_param_shape(self.model.get_submodule(module_name), param)
+        if isinstance(module, SlotLayer):
+            raise TypeError(f"{name!r} is already a slot layer of another runtime")
+        return layer_shape(module, full=full)
+
+    def _weights_of(self, name: str) -> torch.Tensor:
+        """The base weight a layer ``name`` adds to (its device is the slots')."""
+        try:
+            module = self.model.get_submodule(name)
+        except AttributeError:  # an expert parameter
+            module_name, _, param = name.rpartition(".")
+            experts = self.model.get_submodule(module_name)
+            return getattr(getattr(experts, "base", experts), param)
+        return getattr(module, "base", module).weight
+
+    def _inject_layers(self, shapes: Mapping[str, LayerShape]) -> None:
+        """Give every layer of ``shapes`` a slot layer (expert parameters: an
+        :class:`ExpertFactors` in their experts module's :class:`LoraSlotExperts`): grow the
+        arena, wrap the layers, point every slot layer at the (possibly new) arena tensors."""
+        if not shapes:
             return
-        devices = {base.weight.device for base in bases.values()} | {self._arena.device}
+        devices = {self._weights_of(name).device for name in shapes} | {self._arena.device}
         if len(devices) != 1:
             raise HotswapError(f"targeted layers span several devices {devices}; not supported")
-        self._arena.extend({name: layer_shape(base, full=name in full) for name, base in bases.items()})
-        arena = self._arena
-        new_layers = {
-            name: make_slot_layer(base, arena.arenas[base.weight.dtype], arena.layouts[name],
-                                  arena.vector_sizes[base.weight.dtype], self.config.max_rank,
-                                  self._selection)
-            for name, base in bases.items()
-        }
-        self._injection.originals.update(replace_modules(self.model, new_layers).originals)
+        self._arena.extend(shapes)
+        arena, replacements, new_layers = self._arena, {}, {}
+        for name, shape in shapes.items():
+            layout = arena.layouts[name]
+            placed = (arena.arenas[layout.dtype], layout, arena.vector_sizes[layout.dtype],
+                      self.config.max_rank, self._selection)
+            if shape.kind != "experts":
+                new_layers[name] = replacements[name] = make_slot_layer(self.model.get_submodule(name), *placed)
+                continue
+            module_name, _, param = name.rpartition(".")
+            wrapper = replacements.get(module_name) or self.model.get_submodule(module_name)
+            if not isinstance(wrapper, LoraSlotExperts):
+                wrapper = replacements[module_name] = LoraSlotExperts(wrapper, self._selection)
+            new_layers[name] = ExpertFactors(wrapper.base, *placed)
+            wrapper.add(param, new_layers[name])
+        self._injection.originals.update(replace_modules(self.model, replacements).originals)
         self._layers.update(new_layers)  # the Trainer holds this dict
         self._point_layers_at_arena()
 
@@ -173,21 +216,17 @@ class HotswapRuntime:
         plan: dict[str, LayerLayout] = {}
         for name in missing:
             try:
-                base = self.model.get_submodule(name)
+                shape = self._layer_shape(name, full=name in full)
             except AttributeError:
                 raise IncompatibleAdapterError(f"the adapter targets {name!r}, which is not a "
                                                f"module of {type(self.model).__name__}") from None
-            if isinstance(base, SlotLayer) or not is_supported_layer(base) or (
-                self.config.exclude_modules and name_matches(self.config.exclude_modules, name)
-            ):
-                raise IncompatibleAdapterError(
-                    f"the adapter targets {name!r} ({type(base).__name__}), which cannot be "
-                    f"injected (not {LINEAR_TYPES}, or in exclude_modules)"
-                )
-            try:
-                plan[name] = LayerLayout.of(name, layer_shape(base, full=name in full), -1)
             except TypeError as exc:
-                raise IncompatibleAdapterError(f"the adapter trains {name!r} in full: {exc}") from None
+                raise IncompatibleAdapterError(f"the adapter targets {name!r}, which cannot be "
+                                               f"injected (not {LINEAR_TYPES} or an expert parameter): "
+                                               f"{exc}") from None
+            if self.config.exclude_modules and name_matches(self.config.exclude_modules, name):
+                raise IncompatibleAdapterError(f"the adapter targets {name!r}, which is in exclude_modules")
+            plan[name] = LayerLayout.of(name, shape, -1)
         return plan
 
     def _read_and_stage(self, source: Any, state_dict: Any = None, config: Any = None,
@@ -251,8 +290,7 @@ class HotswapRuntime:
             return
         with self._mutation():
             plan = self._plan_injection(modules, full)  # again, under the lock: another load may have
-            self._inject_layers({name: self.model.get_submodule(name) for name in plan},
-                                full={name for name, layout in plan.items() if layout.kind == "full"})
+            self._inject_layers({name: layout.shape for name, layout in plan.items()})
             if self._vectors_to_add(adapter):
                 self._arena.enable_vectors()
                 self._point_layers_at_arena()
@@ -822,10 +860,10 @@ class _Mutation:
         self.gate.end_write()
 
 
-def _device_of(model: nn.Module, bases: Mapping[str, nn.Module]) -> torch.device:
+def _device_of(model: nn.Module, weights: Sequence[torch.Tensor]) -> torch.device:
     """Where the slots live: the targeted layers' device (else the model's first parameter's)."""
-    for base in bases.values():
-        return base.weight.device
+    for weight in weights:
+        return weight.device
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
 

@@ -72,12 +72,17 @@ class Selection:
         self.row_slots = torch.zeros(max_batch_size, self.max_per_row, dtype=torch.int64, device=device)
         self.row_slot_weights = torch.zeros(max_batch_size, self.max_per_row, dtype=torch.float32,
                                             device=device)
+        # Rows the selection was written for (1: uniform): MoE experts see the batch flattened
+        # to tokens and map token t of N to row t * row_count // N (hotswap_rt.experts).
+        self.row_count = torch.ones((), dtype=torch.int64, device=device)
+        self._row_count = 1
         self._host_tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the graph reads, by name."""
         return {"active_slots": self.active_slots, "row_weights": self.row_weights,
-                "row_slots": self.row_slots, "row_slot_weights": self.row_slot_weights}
+                "row_slots": self.row_slots, "row_slot_weights": self.row_slot_weights,
+                "row_count": self.row_count}
 
     def check_rows(self, rows: Sequence[Mapping[object, float]]) -> None:
         """Raise unless no row combines more than ``max_per_row`` adapters (per-row mode only:
@@ -133,6 +138,9 @@ class Selection:
         self._write_rows(self.row_weights, weights, 0.0, uniform=len(rows) == 1)
         if self.per_row:  # only per-row layers read these
             self._write_row_slots(rows)
+        if len(rows) != self._row_count:
+            self.row_count.fill_(len(rows))
+            self._row_count = len(rows)
 
     def _write_rows(self, target: torch.Tensor, rows: list[list], fill: float, uniform: bool) -> None:
         """``target [max_batch, n]`` = ``rows`` (one row: every row), the rest ``fill``."""

@@ -170,9 +170,10 @@ class Stager:
         for name, module in adapter.modules.items():
             layout = self.layouts.get(name) or (planned or {}).get(name)
             if layout is None:
+                field = "target_parameters" if module.kind == "experts" else "target_modules"
                 raise IncompatibleAdapterError(
                     f"{where}: module {name!r} is not an injected layer of this runtime "
-                    f"(widen RuntimeConfig.target_modules to include it)"
+                    f"(widen RuntimeConfig.{field} to include it)"
                 )
             if module.has_vectors:
                 self._check_vectors(module, layout, vectors_planned, where)

@@ -133,6 +133,11 @@ def uniform_scaling(adapter: ParsedAdapter) -> float:
         IncompatibleAdapterError: rank/alpha patterns give modules different scalings, or a
             module is a grouped Conv2d (not trainable in a slot).
     """
+    experts = [name for name, m in adapter.modules.items() if m.kind == "experts"]
+    if experts:
+        raise IncompatibleAdapterError(
+            f"{adapter.source or 'state_dict'}: LoRA on expert parameters {experts[:3]} cannot be trained "
+            f"in a slot; load it for inference")
     grouped = [name for name, m in adapter.modules.items() if m.kind == "conv" and m.groups > 1]
     if grouped:
         raise IncompatibleAdapterError(
