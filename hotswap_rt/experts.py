@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .arena import LayerShape
+from .config import name_matches
 from .layers import SlotLayer
 from .peft_format import EXPERT_PARAMS
 from .selection import Selection
@@ -76,8 +77,6 @@ def expert_param_shape(module: nn.Module, param: str) -> LayerShape:
 def find_target_parameters(model: nn.Module, patterns: list[str] | tuple[str, ...]) -> list[str]:
     """``<module>.<param>`` names of the expert parameters matching PEFT's ``target_parameters``
     (exact name or suffix), in ``named_modules`` order."""
-    from .config import name_matches
-
     found = []
     for name, module in model.named_modules():
         if name and is_experts_module(module) and not isinstance(module, LoraSlotExperts):

@@ -197,3 +197,40 @@ def test_target_parameters_must_match(moe) -> None:
     base, _, _, _, _ = moe
     with pytest.raises(TargetNotFoundError, match="matches no expert parameter"):
         HotswapRuntime(copy.deepcopy(base), RuntimeConfig(["q_proj"], target_parameters=["mlp.experts.nope"]))
+
+
+def test_one_batch_with_every_adapter_type(moe, tmp_path) -> None:
+    """Rows carrying IA3, DoRA, MoE-expert LoRA, plain LoRA and nothing, in one compiled batch on
+    the MoE model: each row equals PEFT running its adapter alone."""
+    from peft import IA3Config
+
+    base, dirs, references, _, ids = moe
+    ia3_config = IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[])
+    ia3 = get_peft_model(copy.deepcopy(base), ia3_config)
+    dora_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                             use_dora=True)
+    dora = get_peft_model(copy.deepcopy(base), dora_config)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for model in (ia3, dora):
+            for key, param in model.named_parameters():
+                if "ia3_l" in key or "lora_magnitude_vector" in key:
+                    param.mul_(1 + 0.3 * torch.randn(param.shape, generator=generator))
+    ia3.save_pretrained(str(tmp_path / "ia3"))
+    dora.save_pretrained(str(tmp_path / "dora"))
+    paths = {**dirs, "ia3": tmp_path / "ia3", "dora": tmp_path / "dora"}
+    refs = {**references, "ia3": peft_alone(base, paths["ia3"]), "dora": peft_alone(base, paths["dora"])}
+    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(["q_proj", "k_proj", "v_proj"], max_rank=8,
+                                                           device_slots=4, max_batch_size=8,
+                                                           target_parameters=EXPERT_PARAMS))
+    for name in ("ia3", "dora", "both", "plain"):
+        rt.load(name, paths[name])
+    batch = torch.cat([ids, ids[:1]])  # 5 rows
+    rt.compile(input_ids=batch)
+    rows = ["ia3", "dora", "both", "plain", None]
+    rt.activate_rows(rows)
+    ours = logits(rt.model, batch)
+    for row, name in enumerate(rows):
+        model = base if name is None else refs[name]
+        assert max_diff(ours[row : row + 1], logits(model, batch[row : row + 1])) <= TOL, name
+    assert rt.guard.recompiles == 0
