@@ -106,6 +106,16 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def assert_rows_equal_alone(ours: torch.Tensor, ids: torch.Tensor, rows: list[str | None],
+                            models: dict[str, torch.nn.Module], base: torch.nn.Module,
+                            tol: float = 1e-4) -> None:
+    """Row ``b`` of the logits ``ours`` equals ``models[rows[b]]`` (``base`` for None) run on
+    ``ids[b]`` alone (the reference for a mixed batch: PEFT running each row's adapter alone)."""
+    for row, name in enumerate(rows):
+        model = base if name is None else models[name]
+        assert max_diff(ours[row : row + 1], logits(model, ids[row : row + 1])) <= tol, name
+
+
 @pytest.fixture(scope="session")
 def input_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7))

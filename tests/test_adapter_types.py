@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig
 
-from .conftest import BaseModel, assert_unchanged, logits, max_diff, snapshot_state
+from .conftest import BaseModel, assert_rows_equal_alone, assert_unchanged, logits, max_diff, snapshot_state
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 TOL = 1e-4
@@ -118,10 +118,7 @@ def test_mixed_batch_each_row_equals_peft_alone(types) -> None:
     rows = ["ia3", "dora", "lora", "bias", None]
     rt.activate_rows(rows)
     ours = logits(rt.model, ids)
-    for row, name in enumerate(rows):
-        model = base.clone() if name is None else references[name]
-        reference = logits(model, ids[row : row + 1])
-        assert max_diff(ours[row : row + 1], reference) <= TOL, name
+    assert_rows_equal_alone(ours, ids, rows, references, base.model, TOL)
     assert rt.guard.recompiles == 0
 
 
@@ -183,9 +180,7 @@ def test_per_row_mode_equals_peft(types, tmp_path) -> None:
     rows = ["bias", None, "ia3", "dora", "lora"]
     rt.activate_rows(rows)
     ours = logits(rt.model, ids)
-    for row, name in enumerate(rows):
-        model = base.clone() if name is None else references[name]
-        assert max_diff(ours[row : row + 1], logits(model, ids[row : row + 1])) <= TOL, name
+    assert_rows_equal_alone(ours, ids, rows, references, base.model, TOL)
 
 
 @pytest.mark.parametrize("name", ["ia3", "dora", "bias"])

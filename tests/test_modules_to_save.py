@@ -16,7 +16,9 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig, TargetNotFoundError
 
-from .conftest import VOCAB, BaseModel, assert_unchanged, logits, max_diff, snapshot_state
+from .conftest import (
+    VOCAB, BaseModel, assert_rows_equal_alone, assert_unchanged, logits, max_diff, snapshot_state,
+)
 
 TARGETS = ["q_proj", "v_proj"]
 TOL = 1e-4
@@ -86,9 +88,7 @@ def test_mixed_batch_each_row_equals_peft_alone(heads) -> None:
     rows = ["cls_a", None, "plain", "cls_b"]
     rt.activate_rows(rows)
     ours = logits(rt.model, ids)
-    for row, name in enumerate(rows):
-        model = base if name is None else references[name]
-        assert max_diff(ours[row : row + 1], logits(model, ids[row : row + 1])) <= TOL, name
+    assert_rows_equal_alone(ours, ids, rows, references, base, TOL)
     assert rt.guard.recompiles == 0
 
 
@@ -160,6 +160,4 @@ def test_per_row_mode_equals_peft(heads) -> None:
     rows = ["cls_b", "plain", None, "cls_a"]
     rt.activate_rows(rows)
     ours = logits(rt.model, ids)
-    for row, name in enumerate(rows):
-        model = base if name is None else references[name]
-        assert max_diff(ours[row : row + 1], logits(model, ids[row : row + 1])) <= TOL, name
+    assert_rows_equal_alone(ours, ids, rows, references, base, TOL)

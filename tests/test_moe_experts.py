@@ -22,7 +22,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig, TargetNotFoundError
 from hotswap_rt.experts import LoraSlotExperts
 
-from .conftest import VOCAB, assert_unchanged, logits, max_diff, snapshot_state
+from .conftest import VOCAB, assert_rows_equal_alone, assert_unchanged, logits, max_diff, snapshot_state
 
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 TOL = 1e-4
@@ -98,9 +98,7 @@ def test_mixed_batch_each_row_equals_peft_alone(moe) -> None:
     rows = ["down", None, "both", "plain"]
     rt.activate_rows(rows)
     ours = logits(rt.model, ids)
-    for row, name in enumerate(rows):
-        model = base if name is None else references[name]
-        assert max_diff(ours[row : row + 1], logits(model, ids[row : row + 1])) <= TOL, name
+    assert_rows_equal_alone(ours, ids, rows, references, base, TOL)
     assert rt.guard.recompiles == 0
 
 
@@ -151,9 +149,7 @@ def test_per_row_mode_equals_peft(moe) -> None:
     rows = ["both", "plain", "down", None]
     rt.activate_rows(rows)
     ours = logits(rt.model, ids)
-    for row, name in enumerate(rows):
-        model = base if name is None else references[name]
-        assert max_diff(ours[row : row + 1], logits(model, ids[row : row + 1])) <= TOL, name
+    assert_rows_equal_alone(ours, ids, rows, references, base, TOL)
 
 
 @pytest.mark.parametrize("name", ["both", "down"])
@@ -230,7 +226,5 @@ def test_one_batch_with_every_adapter_type(moe, tmp_path) -> None:
     rows = ["ia3", "dora", "both", "plain", None]
     rt.activate_rows(rows)
     ours = logits(rt.model, batch)
-    for row, name in enumerate(rows):
-        model = base if name is None else refs[name]
-        assert max_diff(ours[row : row + 1], logits(model, batch[row : row + 1])) <= TOL, name
+    assert_rows_equal_alone(ours, batch, rows, refs, base, TOL)
     assert rt.guard.recompiles == 0
