@@ -49,6 +49,7 @@ from .residency import AdapterLease, Residency
 from .selection import Activation, Selection, Selector, row_spec
 from .staging import BackgroundLoads, StagedAdapter, Stager
 from .training import Init, Trainer, new_adapter, snapshot, uniform_scaling
+from .unfused_experts import fuse_per_expert_modules
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ class HotswapRuntime:
         self._inject_layers(shapes)
         self._lock = threading.RLock()
         self._gate = ForwardGate()
-        self._stager = Stager(self._arena, self._base_weight)
+        self._stager = Stager(self._arena, self._base_weight,
+                              to_model=lambda adapter: fuse_per_expert_modules(adapter, self.model))
         self._background = BackgroundLoads()
         self._residency = Residency(
             self._arena, AdapterRegistry(config.host_slots, config.device_slots), self._selector,

@@ -76,6 +76,7 @@ class StagedAdapter:
 
 
 BaseWeights = Callable[[str], "tuple[torch.Tensor, torch.Tensor | None]"]
+ToModel = Callable[[ParsedAdapter], ParsedAdapter]
 
 
 class Stager:
@@ -84,11 +85,15 @@ class Stager:
     Args:
         base_weights: layer name -> its frozen base weight as ``[d_out, d_in]`` (on the
             model's device) and bias: what DoRA's normalisation is computed from.
+        to_model: applied to every adapter read, to match the model's layout (e.g. per-expert
+            LoRA fused onto fused experts, :mod:`hotswap_rt.unfused_experts`).
     """
 
-    def __init__(self, arena: SlotArena, base_weights: BaseWeights | None = None) -> None:
+    def __init__(self, arena: SlotArena, base_weights: BaseWeights | None = None,
+                 to_model: ToModel | None = None) -> None:
         self.arena = arena
         self.base_weights = base_weights
+        self.to_model = to_model
         self.layouts = arena.layouts  # the arena's own dict: layers it gains appear here
         self.max_rank = arena.max_rank
         self.pin = arena.pin_host_rows
@@ -151,8 +156,9 @@ class Stager:
                 raise HotswapError("state_dict= needs config= (the adapter_config as a dict)")
             config_dict = config_as_dict(config)
             state, where = dict(state_dict), "state_dict"
-        return parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite,
-                             check_finite=not defer_finite)
+        adapter = parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite,
+                                check_finite=not defer_finite)
+        return self.to_model(adapter) if self.to_model is not None else adapter
 
     def check(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout] | None = None,
               vectors_planned: bool = False) -> None:
