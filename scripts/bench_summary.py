@@ -23,6 +23,7 @@ class Results:
         self.references: dict[str, str] = payload["references"]
         self.figures: dict[str, float] = payload.get("figures", {})
         self.tables: dict[str, dict] = payload.get("tables", {})
+        self.notes: dict[str, list[str]] = payload.get("notes", {})
         self.machine: dict = payload["machine"]
 
     def groups(self, prefix: str) -> list[str]:
@@ -118,6 +119,7 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
                     f"{f['ray_req_s/2']:.1f} vs {f['ray_req_s/1']:.1f} req/s; "
                     f"{f['ray_resident_share/2']:.0%} of requests found their adapter resident",
                     "2 CPUs shared by both replicas, Ray and the client"))
+    out += adapter_type_rows(r)
     for group in r.groups("cold load"):
         cases = r.medians[group]
         ours = next(v for k, v in cases.items() if k.startswith("hotswap_rt"))
@@ -125,6 +127,43 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
         out.append((f"cold load disk -> ring, {_shape(group)}", f"{ours / one_pass:.2f}x "
                     "load_file + one pass over the data", f"{r.ratio(group, 'hotswap_rt'):.2f}x "
                     "a lazy load_file"))
+    return out
+
+
+ADAPTER_TYPES = (("lora", "LoRA"), ("dora", "DoRA"), ("lora_bias", "LoRA bias"), ("ia3", "IA3"))
+
+
+def adapter_type_rows(r: Results) -> list[tuple[str, str, str]]:
+    """Issue 18's figures (``benchmarks/test_adapter_types.py``): forward per adapter type and
+    MoE expert LoRA as ratios to the uninjected model, swaps as ratios to a ``copy_``."""
+    out: list[tuple[str, str, str]] = []
+    for label, prefix in (("prefill 1x128", "adapter types, prefill"),
+                          ("one-token batch 8", "adapter types, one-token")):
+        for group in r.groups(prefix):
+            types = ", ".join(f"{name} {r.ratio(group, key + ', runtime with'):.2f}x"
+                              for key, name in ADAPTER_TYPES)
+            out.append((f"adapter types, {label}, llama h512 x4 fp32 r16 (scale vectors on)",
+                        f"{types}; + per-slot lm_head {r.ratio(group, 'lora + lm_head'):.2f}x",
+                        f"uninjected = 1.00x; LoRA without scale vectors "
+                        f"{r.ratio(group, 'lora, runtime without'):.2f}x"))
+    swaps = []
+    for group in r.groups("adapter types, swap "):
+        name = group.removeprefix("adapter types, swap ").split(":")[0]
+        size = (r.notes.get(group) or ["? MB"])[0]
+        swaps.append(f"{name} {r.ratio(group, 'write_slot'):.2f}x ({size})")
+    if swaps:
+        out.append(("adapter types, swap (write_slot of the staged row)", ", ".join(swaps),
+                    "`copy_` of the same bytes = 1.00x"))
+    for label, prefix in (("prefill 1x128", "MoE expert LoRA, prefill"),
+                          ("one-token batch 8", "MoE expert LoRA, one-token")):
+        for group in r.groups(prefix):
+            out.append((f"MoE expert LoRA, {label}, qwen3-moe h512 x4, 8 experts top-2",
+                        f"{r.ratio(group, 'runtime with expert slots'):.2f}x uninjected",
+                        "uninjected: transformers' grouped_mm experts (CPU fallback)"))
+    for group in r.groups("MoE expert LoRA, swap"):
+        size = (r.notes.get(group) or ["? MB"])[0]
+        out.append(("MoE expert LoRA, swap", f"{r.ratio(group, 'write_slot'):.2f}x a `copy_` of its {size}",
+                    ""))
     return out
 
 
