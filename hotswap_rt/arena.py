@@ -166,6 +166,11 @@ class SlotArena:
         self.arenas: dict[torch.dtype, torch.Tensor] = {}
         self.vector_sizes: dict[torch.dtype, int] = {}
         self.filled: list[dict[torch.dtype, int]] = [{} for _ in range(num_slots)]
+        # write_slot's per-call work kept small (a swap's fixed cost is Python): the slot-row
+        # prefixes it copies into, by (slot, dtype, size), and (V, W) by dtype; both dropped
+        # whenever a dtype's tensor is replaced (_regrow)
+        self._prefixes: dict[tuple[int, torch.dtype, int], torch.Tensor] = {}
+        self._row_sizes: dict[torch.dtype, tuple[int, int]] = {}
         self.extend(layers)
         self.pin_host_rows = device.type != "cpu" and torch.accelerator.is_available()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -229,6 +234,8 @@ class SlotArena:
                     grown[slot].copy_(self.relayout(old[slot], before[dtype], sizes, self.max_rank))
             self.arenas[dtype] = grown
             self.vector_sizes[dtype] = sizes[0]
+        self._prefixes.clear()
+        self._row_sizes.clear()
 
     @staticmethod
     def relayout(row: torch.Tensor, old: tuple[int, int], new: tuple[int, int],
@@ -289,7 +296,6 @@ class SlotArena:
         the whole row beyond its prefix."""
         self.filled[slot] = dict.fromkeys(self.arenas, self.max_rank)
 
-    @torch.no_grad()
     def write_slot(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor]) -> float:
         """Copy host rows (dtype -> prefix ``[V + r * W]``) into device slot ``slot``: one
         ``copy_`` per dtype of the prefix, and a ``zero_`` of what the previous occupant wrote
@@ -300,6 +306,10 @@ class SlotArena:
         after the work already queued on the compute stream (which may still read the slot);
         the compute stream waits on its event, and the host waits for the copy itself (not for
         the whole device) so the host row can be evicted or reused right after.
+
+        No ``no_grad`` (it costs ~3 us, a swap's fixed cost is what matters here): neither the
+        arena tensors nor the host rows require grad (a trainable adapter's parameters are
+        separate leaves aliasing the slot memory), so autograd records nothing.
 
         Returns:
             Seconds the copy took.
@@ -322,18 +332,25 @@ class SlotArena:
 
     def _write(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor], non_blocking: bool) -> None:
         filled = self.filled[slot]
-        for dtype, arena in self.arenas.items():
-            width, vectors = self._width(dtype), self.vector_sizes.get(dtype, 0)
+        for dtype in self.arenas:
+            vectors, width = self._row_sizes.get(dtype) or self._cache_row_sizes(dtype)
             row = rows.get(dtype)
             size = 0 if row is None else row.numel()
-            if size > arena.shape[1] or (size and (size < vectors or (size - vectors) % max(width, 1))):
+            if size > vectors + self.max_rank * width or (
+                    size and (size < vectors or (size - vectors) % max(width, 1))):
                 raise ValueError(f"a {dtype} row of {size} values is not a prefix of V={vectors} "
                                  f"vector values and whole rank blocks of W={width}")
-            target = arena[slot]
-            stale = self.prefix_size(dtype, filled.get(dtype, 0))  # a new arena is zero
+            stale = vectors + filled.get(dtype, 0) * width
             filled[dtype] = self.max_rank  # unknown until the writes below complete: clear all next time
             if size:
-                target[:size].copy_(row, non_blocking=non_blocking)
+                target = self._prefixes.get((slot, dtype, size))
+                if target is None:
+                    target = self._prefixes[slot, dtype, size] = self.arenas[dtype][slot, :size]
+                target.copy_(row, non_blocking=non_blocking)
             if stale > size:
-                target[size:stale].zero_()
+                self.arenas[dtype][slot, size:stale].zero_()
             filled[dtype] = (size - vectors) // width if size and width else 0
+
+    def _cache_row_sizes(self, dtype: torch.dtype) -> tuple[int, int]:
+        sizes = self._row_sizes[dtype] = (self.vector_sizes.get(dtype, 0), self._width(dtype))
+        return sizes
