@@ -262,16 +262,20 @@ class Stager:
                                f"staged for inference only (not trainable in a slot)")
         widths, vector_sizes = self.arena.rank_widths, self.arena.vector_sizes
         ranks = _ranks_by_dtype(adapter, self.layouts, widths)
-        rows = {
-            dtype: torch.zeros(vector_sizes.get(dtype, 0) + ranks[dtype] * width, dtype=dtype,
+        rows = {  # every value is written below: zeros in the vector region, the blocks by one cat
+            dtype: torch.empty(vector_sizes.get(dtype, 0) + ranks[dtype] * width, dtype=dtype,
                                pin_memory=self.pin)
             for dtype, width in widths.items()
         }
+        fused = {}
+        for dtype, row in rows.items():
+            row[: vector_sizes.get(dtype, 0)].zero_()
+            fused[dtype] = self._stage_full_rank_factors(row, adapter, dtype, ranks[dtype], fold_scaling)
         for name, module in adapter.modules.items():
             layout = self.layouts[name]
             row = rows[layout.dtype]
             column_scale = self._stage_vectors(row, layout, module) if module.has_vectors else None
-            if module.rank == 0:
+            if module.rank == 0 or name in fused[layout.dtype]:
                 continue
             a_view, b_view = factor_views(row, layout, widths[layout.dtype], vector_sizes.get(layout.dtype, 0))
             a_view[: module.rank].copy_(module.lora_A)
@@ -294,6 +298,46 @@ class Stager:
             raise AdapterFormatError(f"{where}: lora_B * scaling overflows the slot dtype (Inf)")
         sizes = {dtype: (vector_sizes.get(dtype, 0), width) for dtype, width in widths.items()}
         return StagedAdapter(adapter=adapter, rows=rows, sizes=sizes)
+
+    def _stage_full_rank_factors(self, row: torch.Tensor, adapter: ParsedAdapter, dtype: torch.dtype,
+                                 ranks: int, fold_scaling: bool) -> set[str]:
+        """Write all rank blocks of ``row`` ``[V + ranks * W]``: the factors of every module of
+        ``adapter`` on ``dtype``'s layers that has the row's full ``ranks`` and no scale vectors,
+        zeros elsewhere (the per-module path then fills those), with one ``cat`` and one
+        column-scaling pass instead of a copy and a scaling per module (a load's Python cost).
+        Returns the names written.
+
+        Rank block ``j`` is, layer by layer in offset order, A's row ``j`` then B's column
+        ``j`` (scaled by the module's scaling when ``fold_scaling``); B is scaled in fp32 before
+        rounding to a narrower slot dtype, as the per-module path does."""
+        layouts = sorted((layout for layout in self.layouts.values() if layout.dtype == dtype and layout.width),
+                         key=lambda layout: layout.offset)
+        width = self.arena.rank_widths[dtype]
+        if not ranks or not layouts:
+            return set()
+        blocks = row[self.arena.vector_sizes.get(dtype, 0):].view(ranks, width)
+        zeros = torch.zeros(ranks, max(layout.width for layout in layouts), dtype=dtype)
+        pieces, scales, sizes, written = [], [], [], set()
+        for layout in layouts:
+            module = adapter.modules.get(layout.name)
+            if module is None or module.rank != ranks or module.has_vectors:
+                pieces.append(zeros[:, : layout.width])
+                scales.append(1.0)
+                sizes.append(layout.width)
+                continue
+            pieces += [module.lora_A, module.lora_B.t()]
+            scales += [1.0, module.scaling if fold_scaling else 1.0]
+            sizes += [layout.d_in, layout.d_out]
+            written.add(layout.name)
+        uniform = all(scale == 1.0 for scale in scales)
+        if dtype == torch.float32 and all(piece.dtype == dtype for piece in pieces):
+            torch.cat(pieces, dim=1, out=blocks)
+            if not uniform:
+                blocks.mul_(_column_scale(scales, sizes))
+        else:
+            values = torch.cat([piece.float() for piece in pieces], dim=1)
+            blocks.copy_(values if uniform else values.mul_(_column_scale(scales, sizes)))
+        return written
 
     def _base_weight(self, name: str, feature: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer ``name``'s base weight ``[d_out, d_in]`` and bias, which ``feature`` needs."""
@@ -361,6 +405,11 @@ def dora_scale(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
     delta = module.lora_B.to(device, torch.float32) @ module.lora_A.to(device, torch.float32)
     norm = torch.linalg.norm(weight.detach().float() + module.scaling * delta, dim=1)
     return (module.magnitude.to(device, torch.float32) / norm).cpu()
+
+
+def _column_scale(scales: list[float], sizes: list[int]) -> torch.Tensor:
+    """``[sum(sizes)]`` fp32: ``scales[i]`` repeated ``sizes[i]`` times."""
+    return torch.repeat_interleave(torch.tensor(scales, dtype=torch.float32), torch.tensor(sizes))
 
 
 def _ranks_by_dtype(adapter: ParsedAdapter, layouts: Mapping[str, LayerLayout],
