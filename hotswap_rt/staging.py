@@ -94,6 +94,7 @@ class Stager:
         self.arena = arena
         self.base_weights = base_weights
         self.to_model = to_model
+        self._column_scales: dict[tuple[tuple[float, ...], tuple[int, ...]], torch.Tensor] = {}
         self.layouts = arena.layouts  # the arena's own dict: layers it gains appear here
         self.max_rank = arena.max_rank
         self.pin = arena.pin_host_rows
@@ -333,11 +334,24 @@ class Stager:
         if dtype == torch.float32 and all(piece.dtype == dtype for piece in pieces):
             torch.cat(pieces, dim=1, out=blocks)
             if not uniform:
-                blocks.mul_(_column_scale(scales, sizes))
+                blocks.mul_(self._column_scale(scales, sizes))
         else:
             values = torch.cat([piece.float() for piece in pieces], dim=1)
-            blocks.copy_(values if uniform else values.mul_(_column_scale(scales, sizes)))
+            blocks.copy_(values if uniform else values.mul_(self._column_scale(scales, sizes)))
         return written
+
+    def _column_scale(self, scales: list[float], sizes: list[int]) -> torch.Tensor:
+        """``[sum(sizes)]`` fp32: ``scales[i]`` repeated ``sizes[i]`` times; kept for the next
+        adapter with the same scalings on the same layers (building it costs ~0.1 ms at Llama-7B
+        widths; most adapters of a runtime share them)."""
+        key = (tuple(scales), tuple(sizes))
+        column_scale = self._column_scales.get(key)
+        if column_scale is None:
+            if len(self._column_scales) >= 16:
+                self._column_scales.clear()
+            column_scale = self._column_scales[key] = torch.repeat_interleave(
+                torch.tensor(scales, dtype=torch.float32), torch.tensor(sizes))
+        return column_scale
 
     def _base_weight(self, name: str, feature: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer ``name``'s base weight ``[d_out, d_in]`` and bias, which ``feature`` needs."""
@@ -405,11 +419,6 @@ def dora_scale(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
     delta = module.lora_B.to(device, torch.float32) @ module.lora_A.to(device, torch.float32)
     norm = torch.linalg.norm(weight.detach().float() + module.scaling * delta, dim=1)
     return (module.magnitude.to(device, torch.float32) / norm).cpu()
-
-
-def _column_scale(scales: list[float], sizes: list[int]) -> torch.Tensor:
-    """``[sum(sizes)]`` fp32: ``scales[i]`` repeated ``sizes[i]`` times."""
-    return torch.repeat_interleave(torch.tensor(scales, dtype=torch.float32), torch.tensor(sizes))
 
 
 def _ranks_by_dtype(adapter: ParsedAdapter, layouts: Mapping[str, LayerLayout],
