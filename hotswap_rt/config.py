@@ -34,7 +34,13 @@ class RuntimeConfig:
             combine; ``None`` means ``max_active_adapters``. When it is smaller, each row is
             computed with only its own adapters' factors (gathered per row, a batched matmul:
             cost ~ this number instead of ``max_active_adapters``), and a selection that
-            combines more in a row is refused.
+            combines more in a row is refused (see ``per_row_overflow``).
+        per_row_overflow: what a selection with a row combining more than
+            ``max_adapters_per_row`` adapters does when that is smaller than
+            ``max_active_adapters``: ``"refuse"`` (a :class:`SelectionError`) or ``"stacked"``:
+            that selection runs the stacked product (every row times the active slots, up to
+            ``max_active_adapters``), the others stay per row. Both graphs are compiled at
+            ``rt.compile`` (twice the warm-up); switching between them never recompiles.
         exclude_modules: names (same rules as ``target_modules``) never injected.
         batch_input: the forward argument whose dim 0 is the batch, checked against the rows
             the selection was written for; ``None`` finds it: ``input_ids``, else
@@ -78,6 +84,7 @@ class RuntimeConfig:
     max_active_adapters: int | None = None
     exclude_modules: Sequence[str] = field(default_factory=tuple)
     max_adapters_per_row: int | None = None
+    per_row_overflow: str = "refuse"
     batch_input: str | None = None
     slot_reads: str = "auto"
     rank_buckets: Sequence[int] | None = None
@@ -113,6 +120,14 @@ class RuntimeConfig:
             )
         self._default_or_up_to("max_active_adapters", "device_slots")
         self._default_or_up_to("max_adapters_per_row", "max_active_adapters")
+        if self.per_row_overflow not in ("refuse", "stacked"):
+            raise HotswapError(f"RuntimeConfig.per_row_overflow must be 'refuse' or 'stacked', "
+                               f"got {self.per_row_overflow!r}")
+        if self.per_row_overflow == "stacked" and self.max_adapters_per_row >= self.max_active_adapters:
+            raise HotswapError(
+                f"RuntimeConfig.per_row_overflow='stacked' needs max_adapters_per_row "
+                f"({self.max_adapters_per_row}) < max_active_adapters ({self.max_active_adapters}): "
+                f"otherwise no row can overflow")
         if self.rank_buckets is not None:
             buckets = tuple(self.rank_buckets)
             if not buckets or not all(isinstance(b, int) and not isinstance(b, bool)

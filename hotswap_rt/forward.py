@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch._dynamo
+import torch._inductor
 from torch import nn
 
 from .errors import HotswapError
@@ -26,6 +27,19 @@ from .inputs import (
     ExampleInput, as_kwargs, batch_argument, batch_size, bind_positional, positional_names, unview,
 )
 from .selection import Selector
+
+
+# Process-wide registries that transformers' forward reads by the model's own class: dynamo
+# guards on their size, so any *other* model class instantiated after compiling (a second model
+# in the same server, a test fixture) would recompile every compiled model. What the forward
+# reads from them is fixed for the model's class.
+_PROCESS_REGISTRIES = ("_CAN_RECORD_REGISTRY",)
+
+
+def drop_process_registry_guards(entries: Sequence[Any]) -> list[bool]:
+    """``torch.compile``'s ``guard_filter_fn``: keep every guard except those on
+    :data:`_PROCESS_REGISTRIES` (dynamo's ``GuardFilterEntry.name`` is the guarded source)."""
+    return [not any(registry in entry.name for registry in _PROCESS_REGISTRIES) for entry in entries]
 
 
 class ModelForward:
@@ -108,7 +122,10 @@ class ModelForward:
         if generation_config is not None:  # generate() must call our compiled forward
             self._restore_disable_compile = generation_config.disable_compile
             generation_config.disable_compile = True
-        self.impl = torch.compile(self.eager, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+        options: dict[str, Any] = {"guard_filter_fn": drop_process_registry_guards}
+        if mode is not None:  # a mode is a preset of options; both cannot be passed
+            options.update(torch._inductor.list_mode_options(mode, dynamic))
+        self.impl = torch.compile(self.eager, fullgraph=fullgraph, dynamic=dynamic, options=options)
         self.guard.fallback = self.eager
         passes = 3 if mode is not None and "reduce-overhead" in mode else 1
         # One cache entry per graph: make room for every variant while they compile (the limit

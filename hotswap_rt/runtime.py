@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import threading
 from concurrent.futures import Future
@@ -104,7 +105,8 @@ class HotswapRuntime:
         self._selection = Selection(config.max_batch_size, config.max_active_adapters, device,
                                     config.max_adapters_per_row,
                                     config.device_slots if config.reads_slots_in_place else None,
-                                    config.rank_buckets or ())
+                                    config.rank_buckets or (),
+                                    overflow_stacked=config.per_row_overflow == "stacked")
         self._selector = Selector(self._selection, self._arena.slot_rank)
         self._layers: dict[str, SlotLayer] = {}
         self._injection = replace_modules(model, {})
@@ -767,15 +769,21 @@ class HotswapRuntime:
         storage = {f"arena[{dtype}]": arena for dtype, arena in self._arena.arenas.items()}
         storage.update(self._selection.tensors())
         selection = self._selection
-        variants = [functools.partial(setattr, selection, "rank_bucket", bucket)
-                    for bucket in selection.rank_buckets]  # one graph per rank bucket
+        # one graph per rank bucket, and per read path when a selection may switch paths
+        buckets = selection.rank_buckets or (selection.rank_bucket,)
+        paths = (True, False) if selection.overflow_stacked else (selection.per_row,)
+        variants = [functools.partial(_set_graph_variant, selection, bucket, per_row)
+                    for bucket, per_row in itertools.product(buckets, paths)]
+        written_path = selection.per_row
         try:
             self._forward.compile(
                 example, warmup_inputs, warmup, storage, fullgraph=fullgraph, dynamic=dynamic,
-                mode=mode, guard=guard, training=training, variants=variants,
+                mode=mode, guard=guard, training=training,
+                variants=variants if len(variants) > 1 else [],
             )
         finally:
             self._selector.restore_bucket()
+            selection.per_row = written_path
 
     def eject(self) -> nn.Module:
         """Undo injection: put the original layers and forward back; the runtime is then unusable."""
@@ -860,6 +868,11 @@ class _Mutation:
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
         self.gate.end_write()
+
+
+def _set_graph_variant(selection: Selection, bucket: int | None, per_row: bool) -> None:
+    """Point the layers at one of the graphs ``rt.compile`` warms up (see there)."""
+    selection.rank_bucket, selection.per_row = bucket, per_row
 
 
 def _device_of(model: nn.Module, weights: Sequence[torch.Tensor]) -> torch.device:

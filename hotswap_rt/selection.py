@@ -56,14 +56,19 @@ class Selection:
 
     def __init__(self, max_batch_size: int, max_active: int, device: torch.device,
                  max_per_row: int | None = None, in_place_slots: int | None = None,
-                 rank_buckets: Sequence[int] = ()) -> None:
+                 rank_buckets: Sequence[int] = (), overflow_stacked: bool = False) -> None:
         self.max_batch_size = max_batch_size
         # The ranks layers multiply (a plain int: dynamo guards on it, one graph per bucket).
         self.rank_buckets = tuple(rank_buckets)
         self.rank_bucket: int | None = self.rank_buckets[-1] if self.rank_buckets else None
         self.max_active = max_active
         self.max_per_row = max_active if max_per_row is None else max_per_row
-        self.per_row = self.max_per_row < max_active  # layers gather each row's own slots
+        self.per_row_capable = self.max_per_row < max_active
+        # a row combining more than max_per_row adapters runs the stacked product (else: refused)
+        self.overflow_stacked = overflow_stacked and self.per_row_capable
+        # Whether layers gather each row's own slots (a plain bool: dynamo guards on it; it
+        # follows the selection only with overflow_stacked, one graph each).
+        self.per_row = self.per_row_capable
         self.in_place = in_place_slots is not None  # positions are the slots: no gather
         positions = in_place_slots if in_place_slots is not None else max_active
         self.positions = positions
@@ -85,9 +90,10 @@ class Selection:
                 "row_count": self.row_count}
 
     def check_rows(self, rows: Sequence[Mapping[object, float]]) -> None:
-        """Raise unless no row combines more than ``max_per_row`` adapters (per-row mode only:
-        otherwise :meth:`check`'s limit on distinct adapters is the tighter one)."""
-        if not self.per_row:
+        """Raise unless no row combines more than ``max_per_row`` adapters (per-row mode
+        without ``overflow_stacked`` only: otherwise :meth:`check`'s limit on distinct adapters
+        is the tighter one)."""
+        if not self.per_row_capable or self.overflow_stacked:
             return
         for b, row in enumerate(rows):
             used = [key for key, weight in row.items() if weight != 0.0]
@@ -136,6 +142,9 @@ class Selection:
             active = slots + [0] * (self.max_active - len(slots))
             self.active_slots.copy_(self._host_tensor(active, torch.int64))
         self._write_rows(self.row_weights, weights, 0.0, uniform=len(rows) == 1)
+        if self.overflow_stacked:  # the stacked graph for a selection some row overflows
+            self.per_row = all(sum(weight != 0.0 for weight in row.values()) <= self.max_per_row
+                               for row in rows)
         if self.per_row:  # only per-row layers read these
             self._write_row_slots(rows)
         if len(rows) != self._row_count:
@@ -180,6 +189,7 @@ class Selection:
         """No adapter on any row: the model computes exactly its base outputs."""
         self.row_weights.zero_()
         self.row_slot_weights.zero_()
+        self.per_row = self.per_row_capable  # no row overflows
 
 
 class Selector:

@@ -241,3 +241,24 @@ def test_a_graph_break_at_serve_time_runs_eagerly_in_count_mode() -> None:
         assert len(out.hidden_states) == len(reference.hidden_states)
         assert torch.allclose(out.logits, reference.logits, atol=1e-5)
         assert rt.guard.graph_breaks == 1 and "ran eagerly" in rt.guard.reasons[-1]
+
+
+def test_another_model_class_created_after_compile_does_not_recompile() -> None:
+    """transformers registers every model class it instantiates in a process-wide dict the
+    compiled forward reads (by its own class): a new class must not recompile a compiled model."""
+    from transformers import LlamaForCausalLM
+
+    from .conftest import tiny_llama
+
+    torch.manual_seed(0)
+    rt = HotswapRuntime(tiny_llama().eval(), RuntimeConfig(["q_proj", "v_proj"], max_rank=4))
+    ids = torch.randint(0, 64, (1, 6))
+    rt.compile(ids, guard="raise")
+    before = rt.model(ids).logits
+
+    class LlamaDefinedAfterCompile(LlamaForCausalLM):  # a class transformers has not seen yet
+        pass
+
+    LlamaDefinedAfterCompile(rt.model.config)
+    assert torch.equal(rt.model(ids).logits, before)  # guard="raise": a recompile would raise
+    assert rt.guard.recompiles == 0

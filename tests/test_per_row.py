@@ -113,3 +113,41 @@ def test_auto_gathers_when_fewer_positions_than_slots() -> None:
     assert RuntimeConfig(device_slots=4, max_active_adapters=2, slot_reads="in_place").reads_slots_in_place
     with pytest.raises(HotswapError, match="slot_reads"):
         RuntimeConfig(slot_reads="fast")
+
+
+def test_overflowing_rows_run_the_stacked_graph_without_recompiling(env, input_ids) -> None:
+    """``per_row_overflow="stacked"``: selections whose rows use one adapter each run per row,
+    one with a row mixing more runs the stacked product; both compiled (with every rank
+    bucket) at ``rt.compile``, so switching between them never recompiles."""
+    base, paths, reference = env
+    torch._dynamo.reset()
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(
+        ATTENTION_TARGETS["llama"], max_rank=16, device_slots=4, max_adapters_per_row=1,
+        per_row_overflow="stacked", rank_buckets=(4,)))
+    for name, path in paths.items():
+        rt.load(name, path)
+    rt.activate_rows(["a", "b", None, "c"])
+    rt.compile(input_ids, guard="raise")
+    stacked = runtime(env, 4)
+    selections = [["b", None, "a", "c"], [{"a": 1.0, "b": 0.5}, "c", None, {"c": -0.25, "a": 2.0}],
+                  ["a", "a", None, None], [{"a": 1.0, "c": 1.0}, None, None, None], [None] * 4]
+    for rows in selections:
+        rt.activate_rows(rows)
+        stacked.activate_rows(rows)
+        one_each = all(row is None or isinstance(row, str) for row in rows)
+        assert rt.internals.selection.per_row is one_each
+        assert max_diff(logits(rt.model, input_ids), logits(stacked.model, input_ids)) <= 1e-5
+        if one_each:
+            expected = logits(reference, input_ids, adapter_names=[r or "__base__" for r in rows])
+            assert max_diff(logits(rt.model, input_ids), expected) <= TOL
+    rt.activate({"a": 1.0, "c": 1.0})  # a uniform weighted sum: stacked
+    stacked.activate({"a": 1.0, "c": 1.0})
+    assert max_diff(logits(rt.model, input_ids), logits(stacked.model, input_ids)) <= 1e-5
+    assert rt.guard.recompiles == 0
+
+
+def test_per_row_overflow_is_validated() -> None:
+    with pytest.raises(HotswapError, match="per_row_overflow"):
+        RuntimeConfig(per_row_overflow="split")
+    with pytest.raises(HotswapError, match="max_adapters_per_row"):
+        RuntimeConfig(device_slots=4, per_row_overflow="stacked")  # per row = all 4: nothing overflows

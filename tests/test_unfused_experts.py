@@ -105,9 +105,6 @@ def merged_from_files(base: torch.nn.Module, directory: Path, layout: tuple[str,
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     base = tiny_qwen3_moe()
-    # transformers registers each model class on its first instance in a dict the compiled forward
-    # guards on (_CAN_RECORD_REGISTRY's length): a Mixtral made after compile would recompile it
-    tiny_mixtral()
     root = tmp_path_factory.mktemp("unfused")
     dirs = {
         "full": write_per_expert_adapter(root / "full", QWEN, seed=1),

@@ -205,10 +205,12 @@ class GenerationEngine:
         spec = row_spec(adapter)  # SelectionError for a malformed one
         for name in spec:
             self.rt.info(name)  # UnknownAdapterError
-        limit = self.rt.config.max_adapters_per_row
+        config = self.rt.config
+        field = "max_adapters_per_row" if config.per_row_overflow == "refuse" else "max_active_adapters"
+        limit = getattr(config, field)
         if len([w for w in spec.values() if w != 0.0]) > limit:
             raise RequestError("adapters", f"mixes {len(spec)} adapters; at most {limit} per "
-                                           f"request (RuntimeConfig.max_adapters_per_row)")
+                                           f"request (RuntimeConfig.{field})")
         return adapter if isinstance(adapter, str) else spec
 
     def _prefetch_if_cold(self, name: str) -> None:
