@@ -1,6 +1,7 @@
 """hotswap_rt: serve many LoRA adapters from one torch.compile'd model, swapping without recompiles.
 
 Public API: :func:`enable_hotswap` (transformers' adapter methods on a runtime),
+:func:`drop_process_registry_guards` (a ``guard_filter_fn`` for your own ``torch.compile``),
 :class:`HotswapRuntime`, :class:`RuntimeConfig`, :class:`AdapterInfo`,
 :class:`AdapterLease` and the :class:`HotswapError` family. Everything else is internal
 (``rt.internals`` exposes the composed objects to tests and tools).
@@ -19,6 +20,7 @@ from .errors import (
     TargetNotFoundError,
     UnknownAdapterError,
 )
+from .forward import drop_process_registry_guards
 from .residency import AdapterLease
 from .runtime import HotswapRuntime
 from .transformers_api import enable_hotswap
@@ -40,5 +42,6 @@ __all__ = [
     "SlotsBusyError",
     "TargetNotFoundError",
     "UnknownAdapterError",
+    "drop_process_registry_guards",
     "enable_hotswap",
 ]

@@ -259,3 +259,25 @@ def test_lazy_runtime_checks_before_injecting_and_check_injects_nothing(base, pa
     rt.load("mlp", paths["mlp"])
     rt.activate("mlp")
     torch.testing.assert_close(logits(model, ids), peft_logits(base, {"m": paths["mlp"]}, "m", ids), **TOL)
+
+
+def test_users_own_compile_with_the_registry_guard_filter(base, paths, ids) -> None:
+    """``hotswap_rt.drop_process_registry_guards`` as the user's ``guard_filter_fn``: a model
+    class instantiated after compiling recompiles nothing."""
+    import hotswap_rt
+
+    torch._dynamo.reset()
+    model = base.clone()
+    enable_hotswap(model, max_rank=16)
+    model.load_adapter(str(paths["r7"]), adapter_name="a")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter,
+                             options={"guard_filter_fn": hotswap_rt.drop_process_registry_guards})
+    before = logits(compiled, ids)
+
+    class LlamaDefinedAfterCompile(type(base.model)):  # a class transformers has not seen yet
+        pass
+
+    LlamaDefinedAfterCompile(base.model.config)
+    torch.testing.assert_close(logits(compiled, ids), before)
+    assert counter.frame_count == 1
