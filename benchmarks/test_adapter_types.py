@@ -154,15 +154,19 @@ def moe(tmp_path_factory):
     rt.load("experts", path)
     rt.activate("experts")
     uninjected = torch.compile(copy.deepcopy(base))
-    for ids in (PREFILL, DECODE):
+    for ids in (PREFILL, PREFILL_LONG, DECODE):
         with torch.no_grad():
             uninjected(input_ids=ids)
     for runtime in (plain, rt):
-        runtime.compile(PREFILL, warmup_inputs=[{"input_ids": DECODE}], guard="raise")
+        runtime.compile(PREFILL, warmup_inputs=[{"input_ids": DECODE}, {"input_ids": PREFILL_LONG}],
+                        guard="raise")
     return uninjected, plain, rt
 
 
-@pytest.mark.parametrize("ids, label", [(PREFILL, "prefill 1 x 128"),
+PREFILL_LONG = torch.randint(0, 1024, (1, 512), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("ids, label", [(PREFILL, "prefill 1 x 128"), (PREFILL_LONG, "prefill 1 x 512"),
                                         (DECODE, "one-token forward, batch 8 (no KV cache)")])
 def test_moe_experts_forward(moe, ids, label) -> None:
     uninjected, plain, rt = moe

@@ -21,19 +21,34 @@ expert from the slots its row selects::
 
 Cost: the pairs gather their experts' weights (``P * out * in`` values per projection, as
 ``batched_mm`` does) and the selected slots' factors (``P * n * r * (in + out)``, ``n`` the
-slots read per row).
+slots read per row). With many pairs per expert (prefill) that gather outgrows reading every
+expert's weight once, so unless the model's experts implementation is ``"batched_mm"`` the
+pairs are sorted by expert and the base projections run as transformers' ``grouped_mm`` does
+(one matmul per expert over its pairs; the LoRA deltas stay per pair), except in a graph whose
+static shapes have fewer than :data:`GROUPED_FROM_PAIRS_PER_EXPERT` pairs per expert (decode),
+which keeps the batched gather (decided at trace time without adding a guard: with dynamic
+shapes, grouped).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .arena import LayerShape
 from .config import name_matches
 from .layers import SlotLayer
 from .peft_format import EXPERT_PARAMS
 from .selection import Selection
+
+try:  # transformers' grouped expert matmul (torch grouped_mm, else its per-expert fallback op)
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # a transformers without it: every shape takes the batched path
+    _grouped_linear = None
+
+# Pairs per expert from which the base projections run grouped by expert (see the module doc).
+GROUPED_FROM_PAIRS_PER_EXPERT = 4
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -146,21 +161,49 @@ class LoraSlotExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         base = self.base
         tokens, top_k = top_k_index.shape
-        x = hidden_states.repeat_interleave(top_k, dim=0)  # [P, H]
-        experts = top_k_index.reshape(-1)  # [P]
-        rows = self._token_rows(tokens, hidden_states.device).repeat_interleave(top_k)  # [P]
+        experts = top_k_index.reshape(-1)  # [P], pair p = (token p // K, its (p % K)-th expert)
+        token_rows = self._token_rows(tokens, hidden_states.device)
+        offsets = None
+        if self._grouped(tokens * top_k):
+            experts, order = torch.sort(experts)  # pairs grouped by expert
+            pair_tokens = order // top_k
+            counts = torch.histc(experts.float() if experts.device.type in ("cpu", "mps") else experts.int(),
+                                 bins=base.num_experts, min=0, max=base.num_experts - 1)
+            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # end of each expert's pairs
+            x, rows = hidden_states[pair_tokens], token_rows[pair_tokens]
+            route = top_k_weights.reshape(-1)[order]
+        else:
+            x = hidden_states.repeat_interleave(top_k, dim=0)  # [P, H]
+            rows, route = token_rows.repeat_interleave(top_k), top_k_weights.reshape(-1)
         first = "gate_up_proj" if base.has_gate else "up_proj"
-        proj = self._project(first, x, experts, rows)
+        proj = self._project(first, x, experts, rows, offsets)
         proj = base._apply_gate(proj) if base.has_gate else base.act_fn(proj)
-        out = self._project("down_proj", proj, experts, rows)  # [P, H]
-        out = out * top_k_weights.reshape(-1, 1).to(out.dtype)
+        out = self._project("down_proj", proj, experts, rows, offsets)  # [P, H]
+        out = out * route[:, None].to(out.dtype)
+        if offsets is not None:  # back to pair order
+            out = torch.empty_like(out).index_copy_(0, order, out)
         return out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-    def _project(self, param: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, pairs: int | torch.SymInt) -> bool:
+        """Whether the base projections run grouped by expert (see the module doc)."""
+        config = getattr(self.base, "config", None)
+        if _grouped_linear is None or getattr(config, "_experts_implementation", None) == "batched_mm":
+            return False
+        return not statically_known_true(pairs < GROUPED_FROM_PAIRS_PER_EXPERT * self.base.num_experts)
+
+    def _project(self, param: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
+                 offsets: torch.Tensor | None) -> torch.Tensor:
+        """``x [P, in]`` through each pair's expert ``param`` plus its LoRA; ``offsets``: the
+        pairs are sorted by expert and these end each expert's group (grouped matmul)."""
         base = self.base
-        out = _batched_linear(x, getattr(base, param)[experts], base.is_transposed)
-        if base.has_bias:
-            out = out + getattr(base, f"{param}_bias")[experts]
+        weight, bias = getattr(base, param), getattr(base, f"{param}_bias", None) if base.has_bias else None
+        if offsets is not None:
+            out = _grouped_linear(x, weight, offsets, bias=None if bias is None else bias[experts],
+                                  is_transposed=base.is_transposed)
+        else:
+            out = _batched_linear(x, weight[experts], base.is_transposed)
+            if bias is not None:
+                out = out + bias[experts]
         factors = self.factors.get(param)
         if factors is not None:
             out = out + factors.delta(x, experts, rows).to(out.dtype)

@@ -154,9 +154,9 @@ def adapter_type_rows(r: Results) -> list[tuple[str, str, str]]:
     if swaps:
         out.append(("adapter types, swap (write_slot of the staged row)", ", ".join(swaps),
                     "`copy_` of the same bytes = 1.00x"))
-    for label, prefix in (("prefill 1x128", "MoE expert LoRA, prefill"),
-                          ("one-token batch 8", "MoE expert LoRA, one-token")):
+    for prefix in ("MoE expert LoRA, prefill", "MoE expert LoRA, one-token"):
         for group in r.groups(prefix):
+            label = group.removeprefix("MoE expert LoRA, ").split(", compiled")[0]
             out.append((f"MoE expert LoRA, {label}, qwen3-moe h512 x4, 8 experts top-2",
                         f"{r.ratio(group, 'runtime with expert slots'):.2f}x uninjected",
                         "uninjected: transformers' grouped_mm experts (CPU fallback)"))

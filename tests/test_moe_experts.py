@@ -228,3 +228,20 @@ def test_one_batch_with_every_adapter_type(moe, tmp_path) -> None:
     ours = logits(rt.model, batch)
     assert_rows_equal_alone(ours, batch, rows, refs, base, TOL)
     assert rt.guard.recompiles == 0
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_grouped_and_batched_expert_paths_equal_peft(moe, implementation) -> None:
+    """The base projections grouped by expert (prefill-sized shapes, unless the model is set to
+    ``batched_mm``) or gathered per pair (few pairs per expert): both equal PEFT."""
+    base, dirs, references, _, ids = moe
+    model = copy.deepcopy(base)
+    model.config._experts_implementation = implementation
+    rt = HotswapRuntime(model, RuntimeConfig(["q_proj"], max_rank=8, target_parameters=EXPERT_PARAMS))
+    rt.load("both", dirs["both"])
+    rt.activate("both")
+    experts = rt.model.model.layers[0].mlp.experts
+    assert experts._grouped(ids.numel() * 2) is (implementation == "grouped_mm")
+    assert not experts._grouped(2)  # one token, two pairs over 4 experts: the batched gather
+    for batch in (ids, ids[:1, :1]):
+        assert max_diff(logits(rt.model, batch), logits(references["both"], batch)) <= TOL
