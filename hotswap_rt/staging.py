@@ -326,7 +326,8 @@ class Stager:
                 scales.append(1.0)
                 sizes.append(layout.width)
                 continue
-            pieces += [module.lora_A, module.lora_B.t()]
+            # a state_dict's tensors may be on a GPU: the host row is not
+            pieces += [module.lora_A.to(row.device), module.lora_B.to(row.device).t()]
             scales += [1.0, module.scaling if fold_scaling else 1.0]
             sizes += [layout.d_in, layout.d_out]
             written.add(layout.name)
