@@ -187,8 +187,10 @@ class Stager:
                 if module.rank == 0:
                     continue
             if module.rank > self.max_rank:
+                fused = " (per-expert gate and up projections fuse into it with their ranks summed)" if (
+                    module.kind == "experts" and name.endswith(".gate_up_proj")) else ""
                 raise RankTooLargeError(
-                    f"{where}: module {name!r} has rank {module.rank} > max_rank={self.max_rank}"
+                    f"{where}: module {name!r} has rank {module.rank} > max_rank={self.max_rank}{fused}"
                 )
             if (module.kind, module.kernel, module.groups) != (layout.kind, layout.kernel, layout.groups):
                 held = _describe(module.kind, module.kernel, module.groups)

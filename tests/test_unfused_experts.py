@@ -19,7 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from hotswap_rt import AdapterFormatError, HotswapRuntime, RuntimeConfig, enable_hotswap
+from hotswap_rt import AdapterFormatError, HotswapRuntime, RankTooLargeError, RuntimeConfig, enable_hotswap
 
 from .conftest import VOCAB, assert_rows_equal_alone, assert_unchanged, logits, max_diff, snapshot_state
 
@@ -216,3 +216,11 @@ def test_bad_per_expert_adapters_are_refused_with_nothing_changed(qwen, tmp_path
     with pytest.raises(AdapterFormatError, match=message):
         rt.load("bad", directory)
     assert_unchanged(before, snapshot_state(rt, ids))
+
+
+def test_fused_rank_over_max_rank_is_explained(qwen) -> None:
+    base, dirs, _, _ = qwen
+    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(None, max_rank=6))  # r=4 gate + r=4 up = 8
+    with pytest.raises(RankTooLargeError, match="gate_up_proj' has rank 8 > max_rank=6 .*ranks summed"):
+        rt.load("full", dirs["full"])
+    assert rt.adapters() == [] and rt.targets == []
