@@ -370,14 +370,11 @@ def test_rows_wait_for_a_slot_while_others_run() -> None:
             assert waiting.result().json()["choices"][0]["text"] == " " + REPLIES["pirate"]
 
 
-def test_a_local_model_directory_with_its_own_tokenizer(tmp_path) -> None:
-    """``--model DIR``: a saved transformers model and fast tokenizer, a PEFT adapter; the
-    server's greedy text equals PEFT's for the same prompt."""
-    from peft import LoraConfig, get_peft_model
+def byte_level_tokenizer():
+    """A real fast tokenizer for a saved model directory: byte-level BPE without merges, plus
+    ``<s>``, ``</s>``, ``<pad>``; returns it and its vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from hotswap_rt.serve.model import sampling_defaults
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
@@ -387,6 +384,18 @@ def test_a_local_model_directory_with_its_own_tokenizer(tmp_path) -> None:
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
                                         eos_token="</s>", pad_token="<pad>")
+    return tokenizer, vocab
+
+
+def test_a_local_model_directory_with_its_own_tokenizer(tmp_path) -> None:
+    """``--model DIR``: a saved transformers model and fast tokenizer, a PEFT adapter; the
+    server's greedy text equals PEFT's for the same prompt."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from hotswap_rt.serve.model import sampling_defaults
+
+    tokenizer, vocab = byte_level_tokenizer()
     torch.manual_seed(3)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -417,3 +426,57 @@ def test_a_local_model_directory_with_its_own_tokenizer(tmp_path) -> None:
         assert body["usage"]["prompt_tokens"] == ids.shape[1]
         base = complete(client, str(tmp_path / "model"), "Hello there", max_tokens=8, temperature=0).json()
         assert base["choices"][0]["text"] != expected  # the adapter changes the answer
+
+
+def test_moe_expert_lora_and_dora_served_side_by_side(tmp_path) -> None:
+    """``--target-parameters`` and ``--scale-vectors`` (parsed from the CLI): a tiny Qwen3-MoE
+    served with an expert-LoRA adapter and a DoRA adapter; concurrent requests for both and
+    the base (so they share steps) each give PEFT's greedy text."""
+    import argparse
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from hotswap_rt.serve.cli import add_arguments, config_from_args
+
+    tokenizer, vocab = byte_level_tokenizer()
+    torch.manual_seed(4)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2, eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<s>"])).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    configs = {"experts": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=experts,
+                                     init_lora_weights=False),
+               "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                  init_lora_weights=False)}
+    ids = torch.tensor([tokenizer("Hello there")["input_ids"]])
+    expected = {}
+    for name, lora in configs.items():
+        torch.manual_seed(5)
+        peft_model = get_peft_model(Qwen3MoeForCausalLM.from_pretrained(tmp_path / "model").eval(), lora)
+        peft_model.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            out = peft_model.eval().generate(input_ids=ids, max_new_tokens=8, do_sample=False,
+                                             pad_token_id=vocab["<pad>"])
+        expected[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args([
+        "--model", str(tmp_path / "model"), "--adapter", f"experts={tmp_path / 'experts'}",
+        "--adapter", f"dora={tmp_path / 'dora'}", "--target-parameters", *experts, "--scale-vectors",
+        "--max-rank", "8", "--no-compile"]))
+    assert config.target_parameters == tuple(experts) and config.scale_vectors
+    app = build_app(config)
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client, \
+            ThreadPoolExecutor(3) as pool:
+        names = ["experts", "dora", str(tmp_path / "model")]
+        futures = {name: pool.submit(complete, client, name, "Hello there", max_tokens=8, temperature=0)
+                   for name in names}
+        texts = {name: future.result().json()["choices"][0]["text"] for name, future in futures.items()}
+    assert texts["experts"] == expected["experts"] and texts["dora"] == expected["dora"]
+    assert texts[names[2]] not in (expected["experts"], expected["dora"])

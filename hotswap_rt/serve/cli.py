@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one adapter at a time (the baseline the load benchmark compares)")
     parser.add_argument("--max-adapters-per-request", type=int, default=2,
                         help="adapters one request may mix (each row's cost follows it)")
+    parser.add_argument("--target-parameters", nargs="+", default=None, metavar="PARAM",
+                        help="MoE expert parameters that get LoRA slots (PEFT's target_parameters, "
+                             "e.g. mlp.experts.gate_up_proj mlp.experts.down_proj)")
+    parser.add_argument("--modules-to-save", nargs="+", default=None, metavar="MODULE",
+                        help="modules adapters may train in full (PEFT's modules_to_save, e.g. lm_head)")
+    parser.add_argument("--scale-vectors", action="store_true",
+                        help="reserve IA3 / DoRA / LoRA-bias vectors for adapters loaded after start")
     parser.add_argument("--api-key", action="append", default=[],
                         help="accepted bearer key on /v1/* (repeatable; also HOTSWAP_API_KEY, "
                              "comma-separated)")
@@ -78,7 +85,10 @@ def config_from_args(args: argparse.Namespace):
         mixed_batches=not args.no_mixed_batches, torch_threads=args.torch_threads,
         api_keys=(*args.api_key, *(k for k in os.environ.get("HOTSWAP_API_KEY", "").split(",") if k)),
         admin_api_keys=tuple(args.admin_api_key),
-        max_adapters_per_request=args.max_adapters_per_request)
+        max_adapters_per_request=args.max_adapters_per_request,
+        target_parameters=None if args.target_parameters is None else tuple(args.target_parameters),
+        modules_to_save=None if args.modules_to_save is None else tuple(args.modules_to_save),
+        scale_vectors=args.scale_vectors)
 
 
 def run(args: argparse.Namespace) -> int:

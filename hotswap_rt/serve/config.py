@@ -36,6 +36,10 @@ class ServeConfig:
         api_keys: accepted ``Authorization: Bearer`` keys on every ``/v1/*`` route and ``/stats``
             (none: no authentication); ``/health`` and ``/metrics`` stay open.
         admin_api_keys: if given, only these keys may load and unload adapters.
+        target_parameters, modules_to_save, scale_vectors: as in
+            :class:`~hotswap_rt.RuntimeConfig`: MoE expert parameters that get LoRA slots,
+            modules adapters may train in full (``lm_head``), and scale vectors reserved for
+            IA3 / DoRA / LoRA-bias adapters loaded after start (those loaded at start add them).
         torch_threads: intra-op threads of the engine thread (``torch.set_num_threads`` there);
             default on CPU: every core but one, which the HTTP side keeps (on 2 cores a small model's
             decode step is also faster on one thread than on two).
@@ -61,6 +65,9 @@ class ServeConfig:
     mixed_batches: bool = True
     torch_threads: int | None = None
     max_adapters_per_request: int = 2
+    target_parameters: tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    scale_vectors: bool = False
     api_keys: tuple[str, ...] = ()
     admin_api_keys: tuple[str, ...] = ()
 

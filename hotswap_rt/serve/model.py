@@ -59,7 +59,9 @@ def build_runtime(config: ServeConfig) -> Served:
         host_slots=max(config.host_slots, config.device_slots),
         max_batch_size=max(config.max_num_seqs, config.max_prefill_seqs),
         max_active_adapters=config.device_slots,
-        max_adapters_per_row=min(config.max_adapters_per_request, config.device_slots)))
+        max_adapters_per_row=min(config.max_adapters_per_request, config.device_slots),
+        target_parameters=config.target_parameters, modules_to_save=config.modules_to_save,
+        scale_vectors=config.scale_vectors))
     for adapter_name, source in adapters.items():
         if adapter_name == name:
             raise ValueError(f"adapter name {adapter_name!r} is the base model's name")
