@@ -163,6 +163,10 @@ def test_saved_in_the_fused_layout_that_peft_loads(qwen, tmp_path) -> None:
     assert state["base_model.model.model.layers.0.mlp.experts.lora_A.weight"].shape == (8 * EXPERTS, HIDDEN)
     peft = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "saved")).eval()
     assert max_diff(ours, logits(peft, ids)) <= TOL
+    again = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(None, max_rank=8))  # and we read it back
+    again.load("saved", tmp_path / "saved")
+    again.activate("saved")
+    assert max_diff(ours, logits(again.model, ids)) <= TOL
 
 
 def test_mixtral_block_sparse_moe_w1_w3_w2(tmp_path) -> None:
