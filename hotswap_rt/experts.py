@@ -196,7 +196,8 @@ class LoraSlotExperts(nn.Module):
         """``x [P, in]`` through each pair's expert ``param`` plus its LoRA; ``offsets``: the
         pairs are sorted by expert and these end each expert's group (grouped matmul)."""
         base = self.base
-        weight, bias = getattr(base, param), getattr(base, f"{param}_bias", None) if base.has_bias else None
+        weight = getattr(base, param)
+        bias = getattr(base, f"{param}_bias") if base.has_bias else None
         if offsets is not None:
             out = _grouped_linear(x, weight, offsets, bias=None if bias is None else bias[experts],
                                   is_transposed=base.is_transposed)
