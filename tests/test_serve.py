@@ -480,3 +480,27 @@ def test_moe_expert_lora_and_dora_served_side_by_side(tmp_path) -> None:
         texts = {name: future.result().json()["choices"][0]["text"] for name, future in futures.items()}
     assert texts["experts"] == expected["experts"] and texts["dora"] == expected["dora"]
     assert texts[names[2]] not in (expected["experts"], expected["dora"])
+
+
+def test_stacked_mixes_serve_requests_mixing_more_than_the_per_row_limit() -> None:
+    """``--stacked-mixes`` with one adapter per row: a request mixing two adapters is served
+    (its steps run the stacked product) with the text a per-row server (two per row) gives it,
+    next to single-adapter requests; without the flag it is a 400."""
+    mix = {"english": 0.5, "pirate": 0.5}
+    texts = {}
+    for stacked in (True, False):
+        config = ServeConfig(compile=False, max_rank=8, device_slots=3, stacked_mixes=stacked,
+                             max_adapters_per_request=1 if stacked else 2)
+        with BackgroundServer(build_app(config)) as url, httpx.Client(base_url=url, timeout=60) as client, \
+                ThreadPoolExecutor(2) as pool:
+            mixed = pool.submit(complete, client, MODEL_NAME, "Hello", adapters=mix, temperature=0)
+            single = pool.submit(complete, client, "french", "Hello", temperature=0)
+            assert single.result().json()["choices"][0]["text"] == " " + REPLIES["french"]
+            texts[stacked] = mixed.result().json()["choices"][0]["text"]
+    assert texts[True] == texts[False]
+    assert texts[True] not in (" " + REPLIES["english"], " " + REPLIES["pirate"])  # a mix, not one
+    refusing = ServeConfig(compile=False, max_rank=8, device_slots=3, max_adapters_per_request=1)
+    with BackgroundServer(build_app(refusing)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert complete(client, MODEL_NAME, "Hello", adapters=mix).status_code == 400
+    with pytest.raises(ValueError, match="stacked_mixes"):
+        ServeConfig(device_slots=2, max_adapters_per_request=2, stacked_mixes=True)

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one adapter at a time (the baseline the load benchmark compares)")
     parser.add_argument("--max-adapters-per-request", type=int, default=2,
                         help="adapters one request may mix (each row's cost follows it)")
+    parser.add_argument("--stacked-mixes", action="store_true",
+                        help="requests may mix up to --device-slots adapters; a step holding one that "
+                             "mixes more than --max-adapters-per-request runs the stacked product")
     parser.add_argument("--target-parameters", nargs="+", default=None, metavar="PARAM",
                         help="MoE expert parameters that get LoRA slots (PEFT's target_parameters, "
                              "e.g. mlp.experts.gate_up_proj mlp.experts.down_proj)")
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
         mixed_batches=not args.no_mixed_batches, torch_threads=args.torch_threads,
         api_keys=(*args.api_key, *(k for k in os.environ.get("HOTSWAP_API_KEY", "").split(",") if k)),
         admin_api_keys=tuple(args.admin_api_key),
-        max_adapters_per_request=args.max_adapters_per_request,
+        max_adapters_per_request=args.max_adapters_per_request, stacked_mixes=args.stacked_mixes,
         target_parameters=None if args.target_parameters is None else tuple(args.target_parameters),
         modules_to_save=None if args.modules_to_save is None else tuple(args.modules_to_save),
         scale_vectors=args.scale_vectors)

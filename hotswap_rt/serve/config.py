@@ -33,6 +33,10 @@ class ServeConfig:
         max_adapters_per_request: adapters one request may mix (``"adapters"``); each row of
             a forward is computed with that many adapters' factors, whatever runs next to it
             (``RuntimeConfig.max_adapters_per_row``), so keep it small.
+        stacked_mixes: requests may also mix more (up to ``device_slots``): a step holding such
+            a request runs the stacked product instead (``RuntimeConfig.per_row_overflow=
+            "stacked"``, both graphs compiled at start); needs ``max_adapters_per_request <
+            device_slots``.
         api_keys: accepted ``Authorization: Bearer`` keys on every ``/v1/*`` route and ``/stats``
             (none: no authentication); ``/health`` and ``/metrics`` stay open.
         admin_api_keys: if given, only these keys may load and unload adapters.
@@ -65,6 +69,7 @@ class ServeConfig:
     mixed_batches: bool = True
     torch_threads: int | None = None
     max_adapters_per_request: int = 2
+    stacked_mixes: bool = False
     target_parameters: tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
     scale_vectors: bool = False
@@ -81,6 +86,9 @@ class ServeConfig:
         for name in ("max_model_len", "kv_cache_tokens", "torch_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if self.stacked_mixes and self.max_adapters_per_request >= self.device_slots:
+            raise ValueError(f"stacked_mixes needs max_adapters_per_request ({self.max_adapters_per_request}) "
+                             f"< device_slots ({self.device_slots}): requests cannot mix more than that")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         if self.allow_runtime_adapter_updates and not self.adapter_root:

@@ -60,6 +60,7 @@ def build_runtime(config: ServeConfig) -> Served:
         max_batch_size=max(config.max_num_seqs, config.max_prefill_seqs),
         max_active_adapters=config.device_slots,
         max_adapters_per_row=min(config.max_adapters_per_request, config.device_slots),
+        per_row_overflow="stacked" if config.stacked_mixes else "refuse",
         target_parameters=config.target_parameters, modules_to_save=config.modules_to_save,
         scale_vectors=config.scale_vectors))
     for adapter_name, source in adapters.items():
