@@ -770,11 +770,11 @@ class HotswapRuntime:
         storage.update(self._selection.tensors())
         selection = self._selection
         # one graph per rank bucket, and per read path when a selection may switch paths
+        # (held while the warm-up runs, whatever selections it writes)
         buckets = selection.rank_buckets or (selection.rank_bucket,)
-        paths = (True, False) if selection.overflow_stacked else (selection.per_row,)
-        variants = [functools.partial(_set_graph_variant, selection, bucket, per_row)
-                    for bucket, per_row in itertools.product(buckets, paths)]
-        written_path = selection.per_row
+        paths = (True, False) if selection.overflow_stacked else (selection.per_row_capable,)
+        variants = [functools.partial(selection.use_variant, variant)
+                    for variant in itertools.product(buckets, paths)]
         try:
             self._forward.compile(
                 example, warmup_inputs, warmup, storage, fullgraph=fullgraph, dynamic=dynamic,
@@ -782,8 +782,7 @@ class HotswapRuntime:
                 variants=variants if len(variants) > 1 else [],
             )
         finally:
-            self._selector.restore_bucket()
-            selection.per_row = written_path
+            selection.use_variant(None)  # what the written selection needs
 
     def eject(self) -> nn.Module:
         """Undo injection: put the original layers and forward back; the runtime is then unusable."""
@@ -868,11 +867,6 @@ class _Mutation:
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
         self.gate.end_write()
-
-
-def _set_graph_variant(selection: Selection, bucket: int | None, per_row: bool) -> None:
-    """Point the layers at one of the graphs ``rt.compile`` warms up (see there)."""
-    selection.rank_bucket, selection.per_row = bucket, per_row
 
 
 def _device_of(model: nn.Module, weights: Sequence[torch.Tensor]) -> torch.device:

@@ -69,6 +69,12 @@ class Selection:
         # Whether layers gather each row's own slots (a plain bool: dynamo guards on it; it
         # follows the selection only with overflow_stacked, one graph each).
         self.per_row = self.per_row_capable
+        # What the written selection needs (rank bucket, per-row path); the layers read
+        # rank_bucket / per_row, which equal these except while rt.compile's warm-up holds a
+        # graph variant (use_variant): then every forward takes that variant's graph, whatever
+        # selections the warm-up writes.
+        self._needed: tuple[int | None, bool] = (self.rank_bucket, self.per_row)
+        self._variant: tuple[int | None, bool] | None = None
         self.in_place = in_place_slots is not None  # positions are the slots: no gather
         positions = in_place_slots if in_place_slots is not None else max_active
         self.positions = positions
@@ -82,6 +88,26 @@ class Selection:
         self.row_count = torch.ones((), dtype=torch.int64, device=device)
         self._row_count = 1
         self._host_tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def use_variant(self, variant: tuple[int | None, bool] | None) -> None:
+        """Make every forward take the graph of ``(rank_bucket, per_row)`` until called with
+        None, which returns to what the written selection needs (rt.compile's warm-up)."""
+        self._variant = variant
+        self.rank_bucket, self.per_row = variant if variant is not None else self._needed
+
+    def needs_bucket(self, rank_bucket: int | None) -> None:
+        """Record the rank bucket the written selection needs (held back while a variant is
+        used)."""
+        self._needs(rank_bucket, self._needed[1])
+
+    @property
+    def needed_bucket(self) -> int | None:
+        return self._needed[0]
+
+    def _needs(self, rank_bucket: int | None, per_row: bool) -> None:
+        self._needed = (rank_bucket, per_row)
+        if self._variant is None:
+            self.rank_bucket, self.per_row = self._needed
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the graph reads, by name."""
@@ -142,11 +168,12 @@ class Selection:
             active = slots + [0] * (self.max_active - len(slots))
             self.active_slots.copy_(self._host_tensor(active, torch.int64))
         self._write_rows(self.row_weights, weights, 0.0, uniform=len(rows) == 1)
+        per_row = self.per_row_capable
         if self.overflow_stacked:  # the stacked graph for a selection some row overflows
-            self.per_row = all(sum(weight != 0.0 for weight in row.values()) <= self.max_per_row
-                               for row in rows)
-        if self.per_row:  # only per-row layers read these
+            per_row = all(sum(weight != 0.0 for weight in row.values()) <= self.max_per_row for row in rows)
+        if per_row:  # only per-row layers read these
             self._write_row_slots(rows)
+        self._needs(self._needed[0], per_row)
         if len(rows) != self._row_count:
             self.row_count.fill_(len(rows))
             self._row_count = len(rows)
@@ -189,7 +216,7 @@ class Selection:
         """No adapter on any row: the model computes exactly its base outputs."""
         self.row_weights.zero_()
         self.row_slot_weights.zero_()
-        self.per_row = self.per_row_capable  # no row overflows
+        self._needs(self._needed[0], self.per_row_capable)  # no row overflows
 
 
 class Selector:
@@ -246,18 +273,14 @@ class Selector:
         served_rows = len(self.rows) if self.per_row and self.enabled else None
         bucket = self._bucket(slot_rows)
         if (slot_rows == self._written and served_rows == self._served_rows
-                and bucket == self.selection.rank_bucket):
+                and bucket == self.selection.needed_bucket):
             return
         if not any(slot_rows):
             self.selection.clear()
         else:
             self.selection.write(slot_rows)
-        self.selection.rank_bucket = bucket
+        self.selection.needs_bucket(bucket)
         self._written, self._served_rows = slot_rows, served_rows
-
-    def restore_bucket(self) -> None:
-        """Set the rank bucket the written selection needs again (after warm-up visited all)."""
-        self.selection.rank_bucket = self._bucket(self._written or [])
 
     def _bucket(self, slot_rows: list[dict[int, float]]) -> int | None:
         """The smallest rank bucket holding every selected slot's ranks (None: no buckets)."""

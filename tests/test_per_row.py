@@ -5,6 +5,8 @@ nothing changed."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch._dynamo
@@ -127,7 +129,15 @@ def test_overflowing_rows_run_the_stacked_graph_without_recompiling(env, input_i
     for name, path in paths.items():
         rt.load(name, path)
     rt.activate_rows(["a", "b", None, "c"])
-    rt.compile(input_ids, guard="raise")
+
+    calls = itertools.count()
+
+    def warm_up(model) -> None:  # writes a new selection each time, as the engine's warm-up
+        # does: the graph variant rt.compile holds must still be the one traced
+        rt.activate_rows([None] * 4 if next(calls) % 2 else ["a", None, None, None])
+        model(input_ids)
+
+    rt.compile(warmup=warm_up, guard="raise")
     stacked = runtime(env, 4)
     selections = [["b", None, "a", "c"], [{"a": 1.0, "b": 0.5}, "c", None, {"c": -0.25, "a": 2.0}],
                   ["a", "a", None, None], [{"a": 1.0, "c": 1.0}, None, None, None], [None] * 4]
