@@ -57,6 +57,9 @@ def enable_hotswap(
     max_adapters_per_row: int | None = None,
     target_modules: Sequence[str] | str | None = None,
     exclude_modules: Sequence[str] = (),
+    scale_vectors: bool = False,
+    target_parameters: Sequence[str] | None = None,
+    modules_to_save: Sequence[str] | None = None,
 ) -> HotswapRuntime:
     """Serve ``model``'s transformers adapter methods from a :class:`HotswapRuntime`.
 
@@ -64,6 +67,10 @@ def enable_hotswap(
         model: a transformers model (or any module); modified in place.
         max_rank, device_slots, host_slots, max_batch_size, max_active_adapters,
         max_adapters_per_row, exclude_modules: as in :class:`RuntimeConfig`.
+        scale_vectors, target_parameters, modules_to_save: as in :class:`RuntimeConfig`
+            (``scale_vectors=True`` lets IA3 / DoRA / LoRA-bias adapters load after your
+            ``torch.compile``; lazy injection infers the other two from the adapters loaded
+            before it).
         target_modules: None (default): lazy injection, the union of what the loaded adapters
             target, fixed once the model is compiled; or PEFT-style targets injected at once.
 
@@ -74,7 +81,9 @@ def enable_hotswap(
     config = RuntimeConfig(target_modules=target_modules, max_rank=max_rank, device_slots=device_slots,
                            host_slots=host_slots, max_batch_size=max_batch_size,
                            max_active_adapters=max_active_adapters,
-                           max_adapters_per_row=max_adapters_per_row, exclude_modules=exclude_modules)
+                           max_adapters_per_row=max_adapters_per_row, exclude_modules=exclude_modules,
+                           scale_vectors=scale_vectors, target_parameters=target_parameters,
+                           modules_to_save=modules_to_save)
     rt = HotswapRuntime(model, config)
     rt.guard.mode = "count"
     rt.guard.install()  # counts compiles of the forward whoever compiles it

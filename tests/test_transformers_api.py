@@ -281,3 +281,23 @@ def test_users_own_compile_with_the_registry_guard_filter(base, paths, ids) -> N
     LlamaDefinedAfterCompile(base.model.config)
     torch.testing.assert_close(logits(compiled, ids), before)
     assert counter.frame_count == 1
+
+
+def test_scale_vectors_let_a_dora_adapter_load_after_the_users_compile(base, paths, ids, tmp_path) -> None:
+    torch._dynamo.reset()
+    dora = base.make_adapter(tmp_path / "dora", seed=9, r=4, lora_alpha=8, target_modules=ATTN, use_dora=True)
+    model = base.clone()
+    rt = enable_hotswap(model, max_rank=16, scale_vectors=True)
+    model.load_adapter(str(paths["r7"]), adapter_name="a")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    logits(compiled, ids)
+    model.load_adapter(str(dora), adapter_name="d")  # after compiling: the vectors were reserved
+    model.set_adapter("d")
+    torch.testing.assert_close(logits(compiled, ids), peft_logits(base, {"d": dora}, "d", ids), **TOL)
+    assert counter.frame_count == 1 and rt.guard.recompiles == 0
+    plain = enable_hotswap(base.clone(), max_rank=16)  # without: refused, naming the setting
+    plain.model.load_adapter(str(paths["r7"]), adapter_name="a")
+    torch.compile(plain.model, backend="eager")(ids)
+    with pytest.raises(HotswapError, match="scale_vectors=True"):
+        plain.model.load_adapter(str(dora), adapter_name="d")
