@@ -217,7 +217,14 @@ class SlotArena:
 
     def _sizes(self) -> dict[torch.dtype, tuple[int, int]]:
         """dtype -> ``(V, W)`` of the current rows."""
-        return {dtype: (self.vector_sizes.get(dtype, 0), self._width(dtype)) for dtype in self.arenas}
+        return {dtype: self._row_size(dtype) for dtype in self.arenas}
+
+    def _row_size(self, dtype: torch.dtype) -> tuple[int, int]:
+        """``(V, W)`` of ``dtype``'s rows, kept until the tensor is replaced (:meth:`_regrow`)."""
+        sizes = self._row_sizes.get(dtype)
+        if sizes is None:
+            sizes = self._row_sizes[dtype] = (self.vector_sizes.get(dtype, 0), self._width(dtype))
+        return sizes
 
     def _regrow(self, before: Mapping[torch.dtype, tuple[int, int]],
                 after: Mapping[torch.dtype, tuple[int, int]]) -> None:
@@ -269,10 +276,6 @@ class SlotArena:
     def _width(self, dtype: torch.dtype) -> int:
         """W of ``dtype``'s ``[S, V + R * W]`` arena tensor."""
         return (self.arenas[dtype].shape[1] - self.vector_sizes.get(dtype, 0)) // self.max_rank
-
-    def prefix_size(self, dtype: torch.dtype, ranks: int) -> int:
-        """Values of a row prefix holding the vectors and ``ranks`` ranks (``V + ranks * W``)."""
-        return self.vector_sizes.get(dtype, 0) + ranks * self._width(dtype)
 
     @property
     def slot_nbytes(self) -> int:
@@ -333,14 +336,14 @@ class SlotArena:
     def _write(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor], non_blocking: bool) -> None:
         filled = self.filled[slot]
         for dtype in self.arenas:
-            vectors, width = self._row_sizes.get(dtype) or self._cache_row_sizes(dtype)
+            vectors, width = self._row_size(dtype)
             row = rows.get(dtype)
             size = 0 if row is None else row.numel()
             if size > vectors + self.max_rank * width or (
                     size and (size < vectors or (size - vectors) % max(width, 1))):
                 raise ValueError(f"a {dtype} row of {size} values is not a prefix of V={vectors} "
                                  f"vector values and whole rank blocks of W={width}")
-            stale = vectors + filled.get(dtype, 0) * width
+            stale = vectors + filled.get(dtype, 0) * width  # the prefix the previous occupant wrote
             filled[dtype] = self.max_rank  # unknown until the writes below complete: clear all next time
             if size:
                 target = self._prefixes.get((slot, dtype, size))
@@ -350,7 +353,3 @@ class SlotArena:
             if stale > size:
                 self.arenas[dtype][slot, size:stale].zero_()
             filled[dtype] = (size - vectors) // width if size and width else 0
-
-    def _cache_row_sizes(self, dtype: torch.dtype) -> tuple[int, int]:
-        sizes = self._row_sizes[dtype] = (self.vector_sizes.get(dtype, 0), self._width(dtype))
-        return sizes

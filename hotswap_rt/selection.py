@@ -51,6 +51,11 @@ def row_spec(spec: Activation) -> dict[str, float]:
     raise SelectionError(f"an activation is a name, a {{name: weight}} dict or None, got {spec!r}")
 
 
+def _used(row: Mapping[object, float]) -> list[object]:
+    """The adapters (or slots) one row spec gives a non-zero weight."""
+    return [key for key, weight in row.items() if weight != 0.0]
+
+
 class Selection:
     """The two tensors the LoRA slot layers read, and the code that writes them."""
 
@@ -122,7 +127,7 @@ class Selection:
         if not self.per_row_capable or self.overflow_stacked:
             return
         for b, row in enumerate(rows):
-            used = [key for key, weight in row.items() if weight != 0.0]
+            used = _used(row)
             if len(used) > self.max_per_row:
                 raise SelectionError(
                     f"row {b} combines {len(used)} adapters {used} but "
@@ -170,7 +175,7 @@ class Selection:
         self._write_rows(self.row_weights, weights, 0.0, uniform=len(rows) == 1)
         per_row = self.per_row_capable
         if self.overflow_stacked:  # the stacked graph for a selection some row overflows
-            per_row = all(sum(weight != 0.0 for weight in row.values()) <= self.max_per_row for row in rows)
+            per_row = all(len(_used(row)) <= self.max_per_row for row in rows)
         if per_row:  # only per-row layers read these
             self._write_row_slots(rows)
         self._needs(self._needed[0], per_row)
