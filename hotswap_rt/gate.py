@@ -20,22 +20,28 @@ class ForwardGate:
     """Readers-writer gate with its own lock; writers have priority over new readers."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._local = threading.local()
+        # the condition's own lock, entered directly where nothing waits (Condition's Python-level
+        # __enter__/__exit__ cost ~0.2 us more per use)
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._local = _Depth()
         self.readers = 0
         self._writers = 0  # writers waiting or writing
+        # threads blocked in _cond.wait(): a wake-up is sent only when someone waits
+        # (notify_all alone costs ~1 us, on every switch)
+        self._waiting = 0
 
     def depth(self) -> int:
         """How many times the current thread has entered (0: not a reader)."""
-        return getattr(self._local, "depth", 0)
+        return self._local.depth
 
     def enter(self) -> None:
         """Become a reader; waits while a write is pending unless already a reader."""
         depth = self.depth()
         if depth == 0:
-            with self._cond:
+            with self._mutex:
                 while self._writers:
-                    self._cond.wait()
+                    self._wait()
                 self.readers += 1
         self._local.depth = depth + 1
 
@@ -43,9 +49,9 @@ class ForwardGate:
         depth = self.depth() - 1
         self._local.depth = depth
         if depth == 0:
-            with self._cond:
+            with self._mutex:
                 self.readers -= 1
-                if self.readers == 0:
+                if self.readers == 0 and self._waiting:
                     self._cond.notify_all()
 
     def writing(self) -> "Writing":
@@ -64,15 +70,31 @@ class ForwardGate:
                 "cannot change the selection or a selected slot from inside a forward or an "
                 "rt.hold() block of the same thread (it would wait for itself)"
             )
-        with self._cond:
+        with self._mutex:
             self._writers += 1
             while self.readers:
-                self._cond.wait()
+                self._wait()
 
     def end_write(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._writers -= 1
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
+
+    def _wait(self) -> None:
+        """Wait on the condition (its lock held), counted in ``_waiting``."""
+        self._waiting += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiting -= 1
+
+
+class _Depth(threading.local):
+    """Per thread: how many times it entered the gate (a class default, so reading it in a
+    thread that never entered costs no failed attribute lookup, ~0.4 us)."""
+
+    depth = 0
 
 
 class Writing:

@@ -173,20 +173,26 @@ class AdapterRegistry:
         ]
 
     def pick_slot(self, protected: set[int], avoid: set[int] = frozenset()) -> int | None:
-        """A free slot, else the least-recently-used evictable slot outside ``protected``
-        (preferring one outside ``avoid`` too), else None."""
-        free = self.free_slot()
-        if free is not None:
-            return free
-        for excluded in (protected | avoid, protected):
-            candidates = [
-                (self.records[owner].last_used, slot)
-                for slot, owner in enumerate(self.slot_owner)
-                if slot not in excluded and owner is not None and self.records[owner].evictable
-            ]
-            if candidates:
-                return min(candidates)[1]
-        return None
+        """A free slot (the first), else the least-recently-used evictable slot outside
+        ``protected`` (preferring one outside ``avoid`` too), else None. One pass over the
+        slot table: this runs on every swap."""
+        best: tuple[int, int] | None = None  # (last_used, slot) outside protected and avoid
+        fallback: tuple[int, int] | None = None  # the same, in avoid
+        for slot, owner in enumerate(self.slot_owner):
+            if owner is None:
+                return slot
+            if slot in protected:
+                continue
+            record = self.records[owner]
+            if not record.evictable:
+                continue
+            candidate = (record.last_used, slot)
+            if slot in avoid:
+                fallback = candidate if fallback is None or candidate < fallback else fallback
+            elif best is None or candidate < best:
+                best = candidate
+        chosen = best if best is not None else fallback
+        return None if chosen is None else chosen[1]
 
     def vacate(self, slot: int) -> None:
         """Forget whatever ``slot`` held (its contents are no longer that adapter's)."""

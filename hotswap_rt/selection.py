@@ -241,6 +241,7 @@ class Selector:
         self.per_row = False
         self.enabled = True
         self._written: list[dict[int, float]] | None = None  # what the tensors hold, by slot
+        self._selected: frozenset[int] = frozenset()  # the slots of _written with a weight
         self._served_rows: int | None = None  # rows the tensors were written for (per-row)
 
     def names(self) -> list[str]:
@@ -286,6 +287,7 @@ class Selector:
             self.selection.write(slot_rows)
         self.selection.needs_bucket(bucket)
         self._written, self._served_rows = slot_rows, served_rows
+        self._selected = frozenset(slot for row in slot_rows for slot, weight in row.items() if weight)
 
     def _bucket(self, slot_rows: list[dict[int, float]]) -> int | None:
         """The smallest rank bucket holding every selected slot's ranks (None: no buckets)."""
@@ -296,9 +298,9 @@ class Selector:
         needed = max((self.slot_rank(s) for row in slot_rows for s, w in row.items() if w), default=0)
         return next(b for b in buckets if b >= needed)
 
-    def selected_slots(self) -> set[int]:
+    def selected_slots(self) -> frozenset[int]:
         """Slots the tensors currently give a non-zero weight: what forwards read."""
-        return {slot for row in self._written or [] for slot, weight in row.items() if weight}
+        return self._selected
 
     def check_batch(self, batch: int) -> None:
         """Raise unless a forward of ``batch`` rows matches what the tensors were written for.

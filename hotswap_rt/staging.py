@@ -13,6 +13,7 @@ hands to :class:`~hotswap_rt.residency.Residency`.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,7 +48,7 @@ class StagedAdapter:
     rows: dict[torch.dtype, torch.Tensor]
     sizes: dict[torch.dtype, tuple[int, int]]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(row.numel() * row.element_size() for row in self.rows.values())
 
@@ -129,6 +130,7 @@ class Stager:
             else:
                 staged.rows[dtype] = self.arena.relayout(row, staged.sizes[dtype], sizes)
             staged.sizes[dtype] = sizes
+        vars(staged).pop("nbytes", None)  # the cached size (a frozen dataclass refuses del)
 
     def read(
         self,
