@@ -2,15 +2,18 @@
 stack with Llama-7B layer shapes in bf16 (fp32 where the CPU has no bf16 matmul), all-linear
 adapters of rank 16 in ``max_rank=16`` slots, with k = 1, 4, 8, 16 distinct adapters over the
 rows, each model compiled. The reference is the uninjected compiled model, timed interleaved
-with three ways of reading the slots:
+with these ways of reading the slots:
 
 - ``gather``: each layer copies the 16 active positions' factors out of the arena, then two
   matmuls over all of them (``RuntimeConfig(slot_reads="gather")``, the layout before issue 19);
 - ``in_place``: the two matmuls read all 16 device slots where they lie in the arena (strided
   views, no copy), unselected slots weighted 0 (``slot_reads="in_place"``, the default when
-  ``max_active_adapters == device_slots``);
+  ``max_active_adapters == device_slots``, stacked only: ``max_adapters_per_row=16``);
 - ``per_row m=1`` / ``m=2``: each row gathers its own slots' factors (up to m) and multiplies
-  them alone (batched matmul, ``max_adapters_per_row=m``; the server runs m=2).
+  them alone (batched matmul, ``max_adapters_per_row=m``; the server runs m=2);
+- ``default``: ``RuntimeConfig``'s defaults (``max_adapters_per_row=None``): after
+  ``rt.compile``, per row with m=1 for these selections (no row mixes adapters), the stacked
+  in-place graph compiled next to it for selections that do.
 
 A decode step reads every weight once, so the floor for k adapters is the base weights plus k
 adapters' factors; the gather reads them, writes a copy and reads it again.
@@ -28,7 +31,9 @@ from .conftest import figure, interleaved, note, note_ratios
 from .gpu_check import random_state
 
 BATCH, RANK, SLOTS, KS = 16, 16, 16, (1, 4, 8, 16)
-MODES = {"gather": dict(slot_reads="gather"), "in_place": dict(slot_reads="in_place"),
+MODES = {"default": dict(),
+         "gather": dict(max_adapters_per_row=SLOTS, slot_reads="gather"),
+         "in_place": dict(max_adapters_per_row=SLOTS, slot_reads="in_place"),
          "per_row m=1": dict(max_adapters_per_row=1), "per_row m=2": dict(max_adapters_per_row=2)}
 DTYPE = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 IDS = torch.randint(0, 1024, (BATCH, 1), generator=torch.Generator().manual_seed(0))

@@ -31,16 +31,26 @@ class RuntimeConfig:
             distinct adapters of an ``activate_rows`` batch). Each costs one rank-``max_rank``
             LoRA product per layer whether used or not; ``None`` means ``device_slots``.
         max_adapters_per_row: how many adapters one batch row (or a uniform activation) may
-            combine; ``None`` means ``max_active_adapters``. When it is smaller, each row is
-            computed with only its own adapters' factors (gathered per row, a batched matmul:
-            cost ~ this number instead of ``max_active_adapters``), and a selection that
-            combines more in a row is refused (see ``per_row_overflow``).
+            combine in a per-row product. An int ``m`` smaller than ``max_active_adapters``:
+            each row is computed with only its own adapters' factors (gathered per row, a
+            batched matmul: cost ~ ``m`` instead of ``max_active_adapters``), and a selection
+            that combines more in a row is refused (see ``per_row_overflow``); equal to
+            ``max_active_adapters``: the stacked product only (every row times every active
+            slot). ``None`` (default, "auto"): ``rt.compile`` compiles both the per-row graph
+            with ``m = 1`` and the stacked one; a selection where no row combines adapters runs
+            per row, one mixing adapters in a row (a weighted sum) runs stacked. Per-row is the
+            faster at every shape measured with several slots (``benchmarks/test_mixed_decode.py``);
+            the cost is twice the graphs at ``rt.compile``. Without ``rt.compile`` (eager, or
+            your own ``torch.compile`` / :func:`~hotswap_rt.enable_hotswap`) ``None`` runs the
+            stacked product only: one graph, so no selection can recompile it.
         per_row_overflow: what a selection with a row combining more than
             ``max_adapters_per_row`` adapters does when that is smaller than
             ``max_active_adapters``: ``"refuse"`` (a :class:`SelectionError`) or ``"stacked"``:
             that selection runs the stacked product (every row times the active slots, up to
             ``max_active_adapters``), the others stay per row. Both graphs are compiled at
             ``rt.compile`` (twice the warm-up); switching between them never recompiles.
+            ``None`` (default): ``"stacked"`` with ``max_adapters_per_row=None``, else
+            ``"refuse"``.
         exclude_modules: names (same rules as ``target_modules``) never injected.
         batch_input: the forward argument whose dim 0 is the batch, checked against the rows
             the selection was written for; ``None`` finds it: ``input_ids``, else
@@ -84,7 +94,7 @@ class RuntimeConfig:
     max_active_adapters: int | None = None
     exclude_modules: Sequence[str] = field(default_factory=tuple)
     max_adapters_per_row: int | None = None
-    per_row_overflow: str = "refuse"
+    per_row_overflow: str | None = None
     batch_input: str | None = None
     slot_reads: str = "auto"
     rank_buckets: Sequence[int] | None = None
@@ -119,11 +129,17 @@ class RuntimeConfig:
                 f"({self.device_slots}): every device-resident adapter keeps its host copy"
             )
         self._default_or_up_to("max_active_adapters", "device_slots")
-        self._default_or_up_to("max_adapters_per_row", "max_active_adapters")
-        if self.per_row_overflow not in ("refuse", "stacked"):
+        if self.max_adapters_per_row is not None:
+            self._default_or_up_to("max_adapters_per_row", "max_active_adapters")
+        if self.per_row_overflow not in (None, "refuse", "stacked"):
             raise HotswapError(f"RuntimeConfig.per_row_overflow must be 'refuse' or 'stacked', "
                                f"got {self.per_row_overflow!r}")
-        if self.per_row_overflow == "stacked" and self.max_adapters_per_row >= self.max_active_adapters:
+        if self.max_adapters_per_row is None and self.per_row_overflow == "refuse":
+            raise HotswapError(
+                "RuntimeConfig.per_row_overflow='refuse' needs an explicit max_adapters_per_row: "
+                "with None (auto) rows that mix adapters run the stacked product")
+        if (self.per_row_overflow == "stacked" and self.max_adapters_per_row is not None
+                and self.max_adapters_per_row >= self.max_active_adapters):
             raise HotswapError(
                 f"RuntimeConfig.per_row_overflow='stacked' needs max_adapters_per_row "
                 f"({self.max_adapters_per_row}) < max_active_adapters ({self.max_active_adapters}): "
@@ -142,6 +158,26 @@ class RuntimeConfig:
         if self.slot_reads not in ("auto", "gather", "in_place"):
             raise HotswapError(f"RuntimeConfig.slot_reads must be 'auto', 'gather' or 'in_place', "
                                f"got {self.slot_reads!r}")
+
+    @property
+    def per_row_auto(self) -> bool:
+        """``max_adapters_per_row=None`` with several active adapters: ``rt.compile`` adds the
+        per-row graph (one adapter per row) next to the stacked one."""
+        return self.max_adapters_per_row is None and self.max_active_adapters > 1
+
+    @property
+    def adapters_per_row(self) -> int:
+        """The per-row product's ``m``: ``max_adapters_per_row``, or 1 when auto (which equals
+        ``max_active_adapters`` with a single active adapter: no per-row product)."""
+        return 1 if self.max_adapters_per_row is None else self.max_adapters_per_row
+
+    @property
+    def mixes_overflow(self) -> str:
+        """What a row combining more than :attr:`adapters_per_row` adapters does: ``"stacked"``
+        or ``"refuse"`` (``per_row_overflow`` resolved)."""
+        if self.per_row_overflow is not None:
+            return self.per_row_overflow
+        return "stacked" if self.max_adapters_per_row is None else "refuse"
 
     @property
     def reads_slots_in_place(self) -> bool:

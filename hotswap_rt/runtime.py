@@ -103,10 +103,11 @@ class HotswapRuntime:
         self._arena = SlotArena({}, config.max_rank, config.device_slots, device,
                                 vectors=config.scale_vectors)
         self._selection = Selection(config.max_batch_size, config.max_active_adapters, device,
-                                    config.max_adapters_per_row,
+                                    config.adapters_per_row,
                                     config.device_slots if config.reads_slots_in_place else None,
                                     config.rank_buckets or (),
-                                    overflow_stacked=config.per_row_overflow == "stacked")
+                                    overflow_stacked=config.mixes_overflow == "stacked",
+                                    per_row_at_compile=config.per_row_auto)
         self._selector = Selector(self._selection, self._arena.slot_rank)
         self._layers: dict[str, SlotLayer] = {}
         self._injection = replace_modules(model, {})
@@ -769,6 +770,9 @@ class HotswapRuntime:
         storage = {f"arena[{dtype}]": arena for dtype, arena in self._arena.arenas.items()}
         storage.update(self._selection.tensors())
         selection = self._selection
+        adds_per_row = selection.per_row_at_compile and not selection.per_row_capable
+        if adds_per_row:  # RuntimeConfig's auto: per row from now on, the stacked graph for mixes
+            self._set_per_row(True)
         # one graph per rank bucket, and per read path when a selection may switch paths
         # (held while the warm-up runs, whatever selections it writes)
         buckets = selection.rank_buckets or (selection.rank_bucket,)
@@ -781,8 +785,19 @@ class HotswapRuntime:
                 mode=mode, guard=guard, training=training,
                 variants=variants if len(variants) > 1 else [],
             )
+        except BaseException:
+            selection.use_variant(None)
+            if adds_per_row:  # the model runs as before the call
+                self._set_per_row(False)
+            raise
         finally:
             selection.use_variant(None)  # what the written selection needs
+
+    def _set_per_row(self, enabled: bool) -> None:
+        """Turn the auto per-row product on (or back off) and write the selection for it."""
+        with self._mutation():
+            self._selection.enable_per_row(enabled)
+            self._selector.write(self._residency.slot_and_scale, force=True)
 
     def eject(self) -> nn.Module:
         """Undo injection: put the original layers and forward back; the runtime is then unusable."""

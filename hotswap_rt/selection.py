@@ -61,14 +61,18 @@ class Selection:
 
     def __init__(self, max_batch_size: int, max_active: int, device: torch.device,
                  max_per_row: int | None = None, in_place_slots: int | None = None,
-                 rank_buckets: Sequence[int] = (), overflow_stacked: bool = False) -> None:
+                 rank_buckets: Sequence[int] = (), overflow_stacked: bool = False,
+                 per_row_at_compile: bool = False) -> None:
         self.max_batch_size = max_batch_size
         # The ranks layers multiply (a plain int: dynamo guards on it, one graph per bucket).
         self.rank_buckets = tuple(rank_buckets)
         self.rank_bucket: int | None = self.rank_buckets[-1] if self.rank_buckets else None
         self.max_active = max_active
         self.max_per_row = max_active if max_per_row is None else max_per_row
-        self.per_row_capable = self.max_per_row < max_active
+        # per_row_at_compile (RuntimeConfig's auto): the per-row product, with a stacked
+        # overflow, only once rt.compile calls enable_per_row (it compiles both graphs)
+        self.per_row_at_compile = per_row_at_compile and self.max_per_row < max_active
+        self.per_row_capable = self.max_per_row < max_active and not self.per_row_at_compile
         # a row combining more than max_per_row adapters runs the stacked product (else: refused)
         self.overflow_stacked = overflow_stacked and self.per_row_capable
         # Whether layers gather each row's own slots (a plain bool: dynamo guards on it; it
@@ -93,6 +97,14 @@ class Selection:
         self.row_count = torch.ones((), dtype=torch.int64, device=device)
         self._row_count = 1
         self._host_tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def enable_per_row(self, enabled: bool = True) -> None:
+        """Turn the per-row product (with a stacked overflow) on or back off, for a selection
+        built with ``per_row_at_compile`` (rt.compile, before it compiles both graphs). The
+        caller writes the selection again next."""
+        assert self.per_row_at_compile
+        self.per_row_capable = self.overflow_stacked = enabled
+        self._needs(self._needed[0], self.per_row_capable)
 
     def use_variant(self, variant: tuple[int | None, bool] | None) -> None:
         """Make every forward take the graph of ``(rank_bucket, per_row)`` until called with
@@ -259,9 +271,10 @@ class Selector:
         """Remove ``name`` from every row (its rows then use the other adapters, or the base)."""
         self.rows = [{n: w for n, w in row.items() if n != name} for row in self.rows]
 
-    def write(self, resolve: Callable[[str], tuple[int, float]]) -> None:
+    def write(self, resolve: Callable[[str], tuple[int, float]], force: bool = False) -> None:
         """Write the tensors for the current selection; ``resolve(name)`` gives the adapter's
-        device slot and the factor its weight is multiplied by.
+        device slot and the factor its weight is multiplied by. ``force``: even if they
+        already hold it (the read path changed).
 
         Raises:
             SelectionError: more distinct slots than ``max_active_adapters`` (before any write).
@@ -278,7 +291,7 @@ class Selector:
         slot_rows = [row for row in slot_rows if row] if len(slot_rows) == 1 else slot_rows
         served_rows = len(self.rows) if self.per_row and self.enabled else None
         bucket = self._bucket(slot_rows)
-        if (slot_rows == self._written and served_rows == self._served_rows
+        if (not force and slot_rows == self._written and served_rows == self._served_rows
                 and bucket == self.selection.needed_bucket):
             return
         if not any(slot_rows):

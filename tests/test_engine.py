@@ -207,5 +207,8 @@ def test_every_bucket_ran_and_nothing_recompiled(env) -> None:
                              SamplingParams(max_tokens=6, **GREEDY)) for i in range(4)]
     for handle in handles:
         assert tokens_of(handle)[1].reason == "length"
-    assert engine.rt.guard.compiles == len(engine.shapes.decode_buckets) + len(engine.shapes.prefill_buckets)
+    # each bucket twice: the per-row graph and the stacked one (RuntimeConfig's default)
+    assert engine.rt.config.per_row_auto
+    buckets = len(engine.shapes.decode_buckets) + len(engine.shapes.prefill_buckets)
+    assert engine.rt.guard.compiles == 2 * buckets
     assert engine.rt.guard.recompiles == 0, engine.rt.guard.report()

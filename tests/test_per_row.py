@@ -159,5 +159,45 @@ def test_overflowing_rows_run_the_stacked_graph_without_recompiling(env, input_i
 def test_per_row_overflow_is_validated() -> None:
     with pytest.raises(HotswapError, match="per_row_overflow"):
         RuntimeConfig(per_row_overflow="split")
-    with pytest.raises(HotswapError, match="max_adapters_per_row"):
-        RuntimeConfig(device_slots=4, per_row_overflow="stacked")  # per row = all 4: nothing overflows
+    with pytest.raises(HotswapError, match="max_adapters_per_row"):  # per row = all 4: nothing overflows
+        RuntimeConfig(device_slots=4, max_adapters_per_row=4, per_row_overflow="stacked")
+    with pytest.raises(HotswapError, match="explicit max_adapters_per_row"):  # auto always overflows
+        RuntimeConfig(device_slots=4, per_row_overflow="refuse")
+    auto = RuntimeConfig(device_slots=4)
+    assert auto.per_row_auto and auto.adapters_per_row == 1 and auto.mixes_overflow == "stacked"
+    assert RuntimeConfig(device_slots=4, max_adapters_per_row=2).mixes_overflow == "refuse"
+    assert not RuntimeConfig(device_slots=1).per_row_auto  # one active adapter: nothing to choose
+
+
+def test_default_reads_per_row_once_compiled_and_stacked_for_mixes(env, input_ids) -> None:
+    """``max_adapters_per_row=None`` (the default): eager (or under the user's own
+    ``torch.compile``) every selection runs the stacked product, one graph; ``rt.compile``
+    compiles the per-row graph (one adapter per row) next to it and selections without a mixed
+    row run per row; outputs equal PEFT's, no recompile; a failed ``rt.compile`` leaves the
+    stacked product."""
+    base, paths, reference = env
+    torch._dynamo.reset()
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16, device_slots=4))
+    for name, path in paths.items():
+        rt.load(name, path)
+    selection = rt.internals.selection
+    rows = ["c", "a", None, "b"]
+    rt.activate_rows(rows)
+    assert not selection.per_row and selection.row_slots.shape == (64, 1)
+    with pytest.raises(HotswapError, match="needs example_inputs"):
+        rt.compile()
+    assert not selection.per_row  # the failed compile put the stacked product back
+    rt.compile(input_ids, guard="raise")
+    assert selection.per_row  # the selection written before compiling now runs per row
+    assert selection.row_slots[:4, 0].tolist() == [rt.info(n).slot if n else 0 for n in rows]
+    expected = logits(reference, input_ids, adapter_names=[r or "__base__" for r in rows])
+    assert max_diff(logits(rt.model, input_ids), expected) <= TOL
+    stacked = runtime(env, 4)
+    for spec in [{"a": 1.0, "b": 0.5}, "b", [{"a": 2.0, "c": -1.0}, "c", None, "a"], None]:
+        select = rt.activate_rows if isinstance(spec, list) else rt.activate
+        select(spec)
+        (stacked.activate_rows if isinstance(spec, list) else stacked.activate)(spec)
+        mixed = isinstance(spec, dict) or isinstance(spec, list)
+        assert selection.per_row is not mixed
+        assert max_diff(logits(rt.model, input_ids), logits(stacked.model, input_ids)) <= 1e-5
+    assert rt.guard.recompiles == 0

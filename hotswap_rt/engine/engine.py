@@ -206,7 +206,7 @@ class GenerationEngine:
         for name in spec:
             self.rt.info(name)  # UnknownAdapterError
         config = self.rt.config
-        field = "max_adapters_per_row" if config.per_row_overflow == "refuse" else "max_active_adapters"
+        field = "max_adapters_per_row" if config.mixes_overflow == "refuse" else "max_active_adapters"
         limit = getattr(config, field)
         if len([w for w in spec.values() if w != 0.0]) > limit:
             raise RequestError("adapters", f"mixes {len(spec)} adapters; at most {limit} per "
