@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +27,7 @@ import torch
 
 from .config import lora_scaling, name_matches
 from .errors import AdapterFormatError
+from .safetensors_read import read_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -229,7 +229,7 @@ def read_adapter_dir(
 
     weights_path = directory / SAFETENSORS_NAME
     if weights_path.is_file():
-        return config, _read_safetensors(weights_path)
+        return config, read_safetensors(weights_path)
     bin_path = directory / BIN_NAME
     if bin_path.is_file():
         if not allow_pickle:
@@ -245,38 +245,6 @@ def read_adapter_dir(
             raise AdapterFormatError(f"{bin_path}: expected a state dict")
         return config, state
     raise AdapterFormatError(f"{weights_path}: missing (no adapter weights in {directory})")
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    _check_header_keys(path)
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # SafetensorError, OSError, ValueError on a corrupt header
-        raise AdapterFormatError(f"{path}: not a valid safetensors file ({exc})") from exc
-
-
-def _check_header_keys(path: Path) -> None:
-    """Refuse duplicate tensor names in the JSON header (safetensors keeps the last silently).
-    Other header problems are left to safetensors' own checks."""
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                return  # safetensors reports "header too small"
-            size = int.from_bytes(prefix, "little")
-            if size > 100_000_000:
-                return  # safetensors reports the bad header size
-            header = f.read(size)
-        pairs = json.loads(header, object_pairs_hook=lambda items: items)  # keeps duplicates
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return  # safetensors reports unreadable files and bad headers
-    if isinstance(pairs, list):
-        counts = Counter(key for key, _ in pairs)
-        duplicated = sorted(key for key, count in counts.items() if count > 1)
-        if duplicated:
-            raise AdapterFormatError(f"{path}: duplicate tensor name(s) {duplicated} in the header")
 
 
 # ----------------------------------------------------------------------------------------- parsing

@@ -55,8 +55,10 @@ def unet_case(tmp_path_factory):
 def test_unet_hotswap_compiled_equals_peft(unet_case) -> None:
     refs, inputs, hidden = unet_case["refs"], unet_case["inputs"], unet_case["hidden"]
     assert not torch.allclose(refs["a"], refs[None], **TOL) and not torch.allclose(refs["b"], refs["a"], **TOL)
+    # max_adapters_per_row=2: the stacked product only, one UNet graph to compile (per-row conv
+    # layers are tested in test_layer_kinds)
     rt = HotswapRuntime(copy.deepcopy(unet_case["base"]), RuntimeConfig(
-        target_modules=None, max_rank=8, device_slots=2, max_batch_size=2))
+        target_modules=None, max_rank=8, device_slots=2, max_batch_size=2, max_adapters_per_row=2))
     rt.load("style", unet_case["paths"]["a"])
     kinds = {type(rt.model.get_submodule(name)) for name in rt.targets}
     assert kinds == {LoraSlotConv2d, LoraSlotLinear}

@@ -1,0 +1,154 @@
+"""Read a safetensors file into one host buffer whose views are its tensors.
+
+``safetensors.torch.load_file`` creates every tensor on its own (a few microseconds apiece: most of
+a LoRA file's load time, hundreds of small tensors). Here the data region is read with one
+``readinto`` into a single uint8 tensor and each tensor is a view of it::
+
+    [8 bytes: N little-endian] [N bytes: JSON header] [data: every tensor's bytes, back to back]
+    header: {name: {"dtype": "F32", "shape": [d0, ...], "data_offsets": [start, end]}, ...,
+             "__metadata__": {str: str}}  (optional)
+
+Everything safetensors checks is checked (a JSON object header, known dtypes, shapes of
+non-negative ints, ``end - start`` = the shape's bytes, offsets that tile the data region with no
+gap or overlap, a file as long as the header says), and duplicate names, which safetensors
+accepts silently keeping the last. Any violation is an :class:`AdapterFormatError` naming the
+file, raised before any tensor exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .errors import AdapterFormatError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+class _Entry(NamedTuple):
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, by name: contiguous CPU views of one buffer holding
+    the file's data region (a tensor whose offset is not a multiple of its element size is
+    copied out instead).
+
+    Raises:
+        AdapterFormatError: the file is unreadable or not a valid safetensors file.
+    """
+    path = Path(path)
+    if sys.byteorder != "little":  # the views would need a byte swap: let safetensors do it
+        return _read_with_safetensors(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _invalid(path, "header too small")
+            header_size = int.from_bytes(prefix, "little")
+            if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
+                raise _invalid(path, f"header size {header_size} exceeds the file ({file_size} bytes)")
+            entries = _parse_header(path, f.read(header_size))
+            data_size = file_size - 8 - header_size
+            _check_offsets(path, entries, data_size)
+            buffer = torch.empty(data_size, dtype=torch.uint8)
+            if data_size and f.readinto(memoryview(buffer.numpy())) != data_size:
+                raise _invalid(path, "the file is shorter than its header says")
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
+    tensors = {}
+    for entry in entries:
+        piece = buffer[entry.start : entry.end]
+        if entry.start % entry.dtype.itemsize:
+            piece = piece.clone()  # a view of another dtype must start on its element size
+        tensors[entry.name] = piece.view(entry.dtype).view(entry.shape)
+    return tensors
+
+
+def _parse_header(path: Path, raw: bytes) -> list[_Entry]:
+    """The header's tensor entries, sorted by offset."""
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            counts = Counter(name for name, _ in pairs)
+            duplicated = sorted(name for name, count in counts.items() if count > 1)
+            raise AdapterFormatError(f"{path}: duplicate tensor name(s) {duplicated} in the header")
+        return result
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _invalid(path, f"the header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _invalid(path, "the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _invalid(path, "__metadata__ must map names to strings")
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise _invalid(path, f"tensor {name!r}: expected dtype, shape and data_offsets, got {info!r}")
+        dtype, shape, offsets = DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        if dtype is None:
+            raise _invalid(path, f"tensor {name!r}: unknown dtype {info['dtype']!r}")
+        if type(shape) is not list or not _are_counts(shape):
+            raise _invalid(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
+        if (type(offsets) is not list or len(offsets) != 2 or not _are_counts(offsets)
+                or offsets[0] > offsets[1]):
+            raise _invalid(path, f"tensor {name!r}: data_offsets {offsets!r} are not [start, end]")
+        if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
+            raise _invalid(path, f"tensor {name!r}: shape {shape} of {info['dtype']} is not the "
+                                 f"{offsets[1] - offsets[0]} bytes of its data_offsets")
+        entries.append(_Entry(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    return sorted(entries, key=lambda entry: (entry.start, entry.end))
+
+
+def _check_offsets(path: Path, entries: list[_Entry], data_size: int) -> None:
+    """The entries (sorted) tile ``[0, data_size)`` exactly."""
+    position = 0
+    for entry in entries:
+        if entry.start != position:
+            raise _invalid(path, f"tensor {entry.name!r} starts at byte {entry.start}, expected {position} "
+                                 f"(tensors must tile the data with no gap or overlap)")
+        position = entry.end
+    if position != data_size:
+        raise _invalid(path, f"the tensors cover {position} bytes but the data region has {data_size}")
+
+
+def _are_counts(values: list) -> bool:
+    """Every value is a non-negative int (not a bool). Runs once per tensor: a plain loop."""
+    for value in values:
+        if type(value) is not int or value < 0:
+            return False
+    return True
+
+
+def _invalid(path: Path, reason: str) -> AdapterFormatError:
+    return AdapterFormatError(f"{path}: not a valid safetensors file ({reason})")
+
+
+def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError, OSError, ValueError on a corrupt header
+        raise _invalid(path, str(exc)) from exc
