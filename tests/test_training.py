@@ -204,7 +204,7 @@ def test_freeze_turns_it_into_an_inference_adapter(env, tmp_path) -> None:
 def test_training_works_compiled_and_serves_after_freeze(env, toy_base) -> None:
     _, adapters = env
     torch._dynamo.reset()
-    rt = _runtime(toy_base, max_adapters_per_row=3)  # the stacked product only: half the compiles
+    rt = _runtime(toy_base)
     rt.load("other", adapters["other"])
     rt.add_adapter("new", rank=8, alpha=16)
     rt.activate("new")
