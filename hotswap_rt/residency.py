@@ -194,31 +194,35 @@ class Residency:
         if not replaces_selection:
             protected |= self._selector.selected_slots()
         missing = [r for r in records if r.slot is None]
-        reusable = self.registry.reusable_slots(protected) if missing else []
-        if len(missing) > len(reusable):
-            raise SlotsBusyError(
-                f"cannot make {[r.name for r in missing]} device-resident: only {len(reusable)} "
-                f"of {len(self.registry.slot_owner)} device slots are free or hold an adapter that "
-                f"is not pinned, leased, trained or needed by this selection"
-            )
-        keep = {r.name for r in records}
+        if len(missing) > 1:  # one alone: its slot is chosen (or refused) below, before any change
+            reusable = self.registry.reusable_slots(protected)
+            if len(missing) > len(reusable):
+                raise self._slots_busy(missing, len(reusable))
         for record in records:
             self.registry.touch(record)
             if record.slot is not None:
                 self.stats.hits["device"] += 1
         for record in missing:
+            slot = self._choose_slot(protected)
+            if slot is None:  # only with one missing record (more are counted above)
+                raise self._slots_busy(missing, 0)
             tier, extra = "host", 0.0
             if record.staged is None:
                 tier = "disk"
                 staged, extra = prestaged.get(record.name) or self.restage(record)
-                self.registry.make_room(record.name, keep)
+                self.registry.make_room(record.name, {r.name for r in records})
                 record.staged = staged
-            slot = self._choose_slot(protected)
-            assert slot is not None  # counted above
             self._copy_to_slot(slot, record.staged, tier, extra)
             self.registry.assign(record, slot)
             protected.add(slot)
             self.stats.hits[tier] += 1
+
+    def _slots_busy(self, missing: list[AdapterRecord], free: int) -> SlotsBusyError:
+        return SlotsBusyError(
+            f"cannot make {[r.name for r in missing]} device-resident: only {free} "
+            f"of {len(self.registry.slot_owner)} device slots are free or hold an adapter that "
+            f"is not pinned, leased, trained or needed by this selection"
+        )
 
     def rewrite(self, record: AdapterRecord, staged: StagedAdapter) -> None:
         """Replace a resident adapter's host row and copy it into its own slot (``freeze``)."""

@@ -87,13 +87,13 @@ def test_file_changing_under_a_prefetch_fails_cleanly(env, tmp_path, monkeypatch
     rt = _runtime(base, good)
     copy = tmp_path / "changing"
     shutil.copytree(good, copy)
-    real = peft_format._read_safetensors
+    real = peft_format.read_safetensors
 
     def read_after_rewrite(path):
         Path(path).write_bytes(b"\x00" * 64)  # rewritten by someone else mid-load
         return real(path)
 
-    monkeypatch.setattr(peft_format, "_read_safetensors", read_after_rewrite)
+    monkeypatch.setattr(peft_format, "read_safetensors", read_after_rewrite)
     before = snapshot_state(rt, IDS)
     with pytest.raises(AdapterFormatError, match="not a valid safetensors"):
         rt.prefetch("changing", copy).result(timeout=30)
