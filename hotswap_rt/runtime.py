@@ -779,19 +779,18 @@ class HotswapRuntime:
         paths = (True, False) if selection.overflow_stacked else (selection.per_row_capable,)
         variants = [functools.partial(selection.use_variant, variant)
                     for variant in itertools.product(buckets, paths)]
+        compiled = False
         try:
             self._forward.compile(
                 example, warmup_inputs, warmup, storage, fullgraph=fullgraph, dynamic=dynamic,
                 mode=mode, guard=guard, training=training,
                 variants=variants if len(variants) > 1 else [],
             )
-        except BaseException:
-            selection.use_variant(None)
-            if adds_per_row:  # the model runs as before the call
-                self._set_per_row(False)
-            raise
+            compiled = True
         finally:
             selection.use_variant(None)  # what the written selection needs
+            if adds_per_row and not compiled:  # the model runs as before the call
+                self._set_per_row(False)
 
     def _set_per_row(self, enabled: bool) -> None:
         """Turn the auto per-row product on (or back off) and write the selection for it."""
