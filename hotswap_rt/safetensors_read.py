@@ -99,8 +99,9 @@ def _parse_header(path: Path, raw: bytes) -> list[_Entry]:
         raise _invalid(path, f"the header is not JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise _invalid(path, "the header is not a JSON object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    metadata = header.pop("__metadata__", None)  # null is accepted, as safetensors does
+    if metadata is not None and (not isinstance(metadata, dict)
+                                 or not all(isinstance(v, str) for v in metadata.values())):
         raise _invalid(path, "__metadata__ must map names to strings")
     entries = []
     for name, info in header.items():

@@ -28,7 +28,8 @@ def env(tmp_path_factory):
     return base, paths, base.peft_reference(paths)
 
 
-@pytest.mark.parametrize("config", [dict(max_adapters_per_row=2), dict(max_adapters_per_row=2, slot_reads="gather"),
+@pytest.mark.parametrize("config", [dict(max_adapters_per_row=2),
+                                    dict(max_adapters_per_row=2, slot_reads="gather"),
                                     dict(max_adapters_per_row=1)],
                          ids=["in-place", "gather", "per-row"])
 def test_every_bucket_compiled_up_front_and_equal_to_peft(env, input_ids, config) -> None:

@@ -102,6 +102,7 @@ BAD = {
     "not an object": (lambda header: "[1, 2]", None, "not a JSON object"),
     "not JSON": (lambda header: b"{\xff", None, "not JSON"),
     "metadata": (lambda header: json.dumps({**header, "__metadata__": {"k": 1}}), None, "__metadata__"),
+    "metadata list": (lambda header: json.dumps({**header, "__metadata__": []}), None, "__metadata__"),
     "short data": (None, lambda data: data[:-4], "cover 128 bytes but the data region has 124"),
     "long data": (None, lambda data: data + b"\0" * 4, "cover 128 bytes but the data region has 132"),
     "duplicate": (lambda header: json.dumps(header)[:-1] + ', "w": ' + json.dumps(header["w"]) + "}",
@@ -120,6 +121,13 @@ def test_malformed_files_are_refused(tmp_path: Path, case: str) -> None:
     if case not in ("duplicate", "gap"):  # safetensors refuses these too (it keeps the last
         with pytest.raises(Exception):    # duplicate; a gap it reports differently per version)
             load_file(str(bad))
+
+
+def test_null_metadata_is_accepted_like_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.arange(4.0)}, str(path))
+    edited = _rewrite(path, lambda header: json.dumps({**header, "__metadata__": None}))
+    assert torch.equal(read_safetensors(edited)["w"], load_file(str(edited))["w"])
 
 
 def test_truncated_and_missing_files(tmp_path: Path) -> None:
