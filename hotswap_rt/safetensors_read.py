@@ -46,6 +46,10 @@ class _Entry(NamedTuple):
     end: int
 
 
+_KEPT_HEADERS = 64
+_VALID_HEADERS: dict[bytes, tuple[_Entry, ...]] = {}  # see _header_entries
+
+
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, by name: contiguous CPU views of one buffer holding
     the file's data region (a tensor whose offset is not a multiple of its element size is
@@ -66,7 +70,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             header_size = int.from_bytes(prefix, "little")
             if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
                 raise _invalid(path, f"header size {header_size} exceeds the file ({file_size} bytes)")
-            entries = _parse_header(path, f.read(header_size))
+            entries = _header_entries(path, f.read(header_size))
             data_size = file_size - 8 - header_size
             _check_offsets(path, entries, data_size)
             buffer = torch.empty(data_size, dtype=torch.uint8)
@@ -74,13 +78,49 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 raise _invalid(path, "the file is shorter than its header says")
     except OSError as exc:
         raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
+    return _views(buffer, entries)
+
+
+def _views(buffer: torch.Tensor, entries: tuple[_Entry, ...]) -> dict[str, torch.Tensor]:
+    """Each entry as a tensor over ``buffer`` (uint8 ``[data_size]``): one ``as_strided`` on a
+    view of the buffer in the entry's dtype (a third of the cost of slicing then viewing twice,
+    ~2 us a tensor); an entry whose offset is not a multiple of its element size is copied out."""
+    typed: dict[torch.dtype, torch.Tensor] = {}
     tensors = {}
     for entry in entries:
-        piece = buffer[entry.start : entry.end]
-        if entry.start % entry.dtype.itemsize:
-            piece = piece.clone()  # a view of another dtype must start on its element size
-        tensors[entry.name] = piece.view(entry.dtype).view(entry.shape)
+        itemsize = entry.dtype.itemsize
+        if entry.start % itemsize:  # a view of another dtype must start on its element size
+            piece = buffer[entry.start : entry.end].clone().view(entry.dtype).view(entry.shape)
+        else:
+            flat = typed.get(entry.dtype)
+            if flat is None:
+                usable = buffer.numel() - buffer.numel() % itemsize
+                flat = typed[entry.dtype] = buffer[:usable].view(entry.dtype)
+            piece = flat.as_strided(entry.shape, _contiguous_strides(entry.shape), entry.start // itemsize)
+        tensors[entry.name] = piece
     return tensors
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _header_entries(path: Path, raw: bytes) -> tuple[_Entry, ...]:
+    """:func:`_parse_header`, kept by the header's bytes: adapters trained with one configuration
+    share their header (names, dtypes, shapes, offsets), and parsing it is most of a small file's
+    Python cost (~130 us for 56 tensors). Only valid headers are kept (the data region's size is
+    checked against each file)."""
+    entries = _VALID_HEADERS.get(raw)
+    if entries is None:
+        entries = tuple(_parse_header(path, raw))
+        if len(_VALID_HEADERS) >= _KEPT_HEADERS:
+            _VALID_HEADERS.clear()
+        _VALID_HEADERS[raw] = entries
+    return entries
 
 
 def _parse_header(path: Path, raw: bytes) -> list[_Entry]:
@@ -122,7 +162,7 @@ def _parse_header(path: Path, raw: bytes) -> list[_Entry]:
     return sorted(entries, key=lambda entry: (entry.start, entry.end))
 
 
-def _check_offsets(path: Path, entries: list[_Entry], data_size: int) -> None:
+def _check_offsets(path: Path, entries: tuple[_Entry, ...], data_size: int) -> None:
     """The entries (sorted) tile ``[0, data_size)`` exactly."""
     position = 0
     for entry in entries:

@@ -26,9 +26,10 @@ from .arena import LayerLayout, SlotArena, factor_views, vector_views
 from .config import AdapterInfo
 from .errors import AdapterFormatError, HotswapError, IncompatibleAdapterError, RankTooLargeError
 from .peft_format import (
-    LoraModule, ParsedAdapter, all_finite, config_as_dict, nonfinite_error, nonfinite_key, parse_adapter,
+    LoraModule, ParsedAdapter, all_finite, config_as_dict, nonfinite_error, nonfinite_key,
     read_adapter_dir, resolve_source,
 )
+from .parse_cache import ParseCache
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Stager:
         self.base_weights = base_weights
         self.to_model = to_model
         self._column_scales: dict[tuple[tuple[float, ...], tuple[int, ...]], torch.Tensor] = {}
+        self._parse_cache = ParseCache()  # adapters of one structure are validated once
         self.layouts = arena.layouts  # the arena's own dict: layers it gains appear here
         self.max_rank = arena.max_rank
         self.pin = arena.pin_host_rows
@@ -159,8 +161,8 @@ class Stager:
                 raise HotswapError("state_dict= needs config= (the adapter_config as a dict)")
             config_dict = config_as_dict(config)
             state, where = dict(state_dict), "state_dict"
-        adapter = parse_adapter(config_dict, state, where, allow_nonfinite=allow_nonfinite,
-                                check_finite=not defer_finite)
+        adapter = self._parse_cache.parse(config_dict, state, where, allow_nonfinite=allow_nonfinite,
+                                          check_finite=not defer_finite)
         return self.to_model(adapter) if self.to_model is not None else adapter
 
     def check(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout] | None = None,

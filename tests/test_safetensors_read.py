@@ -140,3 +140,30 @@ def test_truncated_and_missing_files(tmp_path: Path) -> None:
         read_safetensors(path)
     with pytest.raises(AdapterFormatError, match="unreadable"):
         read_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_a_known_header_is_parsed_once_and_each_file_read_for_itself(tmp_path: Path, monkeypatch) -> None:
+    from hotswap_rt import safetensors_read
+
+    parsed: list[bytes] = []
+    parse = safetensors_read._parse_header
+    monkeypatch.setattr(safetensors_read, "_VALID_HEADERS", {})
+    monkeypatch.setattr(safetensors_read, "_parse_header",
+                        lambda path, raw: parsed.append(raw) or parse(path, raw))
+    files = []
+    for seed in (1, 2):  # one header (names, dtypes, shapes, offsets), other values
+        files.append(tmp_path / f"{seed}.safetensors")
+        save_file({"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(seed))}, str(files[-1]))
+    assert _header(files[0]) == _header(files[1])
+    for path in files:
+        assert torch.equal(read_safetensors(path)["w"], load_file(str(path))["w"])
+    assert len(parsed) == 1
+    short = tmp_path / "short.safetensors"  # the known header over too little data
+    short.write_bytes(files[0].read_bytes()[:-4])
+    with pytest.raises(AdapterFormatError, match="cover 64 bytes but the data region has 60"):
+        read_safetensors(short)
+    bad = _rewrite(files[0], _set("w", dtype="F12"))  # an invalid header is never kept
+    for _ in range(2):
+        with pytest.raises(AdapterFormatError, match="unknown dtype"):
+            read_safetensors(bad)
+    assert len(parsed) == 3
