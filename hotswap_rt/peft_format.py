@@ -27,7 +27,7 @@ import torch
 
 from .config import lora_scaling, name_matches
 from .errors import AdapterFormatError
-from .safetensors_read import read_safetensors
+from .safetensors_read import Allocate, read_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -201,7 +201,7 @@ def resolve_source(source: str | os.PathLike[str], local_files_only: bool = Fals
 
 
 def read_adapter_dir(
-    directory: str | os.PathLike[str], allow_pickle: bool = False
+    directory: str | os.PathLike[str], allow_pickle: bool = False, empty: Allocate | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read ``adapter_config.json`` and the weights file of a PEFT adapter directory.
 
@@ -209,6 +209,8 @@ def read_adapter_dir(
         directory: the adapter directory.
         allow_pickle: also accept ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``)
             when there is no safetensors file.
+        empty: allocates the buffer a safetensors file is read into (see
+            :func:`~hotswap_rt.safetensors_read.read_safetensors`).
 
     Returns:
         The config as a dict and the state dict (CPU tensors).
@@ -229,7 +231,7 @@ def read_adapter_dir(
 
     weights_path = directory / SAFETENSORS_NAME
     if weights_path.is_file():
-        return config, read_safetensors(weights_path)
+        return config, read_safetensors(weights_path, empty)
     bin_path = directory / BIN_NAME
     if bin_path.is_file():
         if not allow_pickle:

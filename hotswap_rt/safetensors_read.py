@@ -23,7 +23,7 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -38,22 +38,31 @@ DTYPES = {
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
+Allocate = Callable[[int, torch.dtype], torch.Tensor]  # (numel, dtype) -> a contiguous CPU tensor
+
+
+def _torch_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype)
+
+
 class _Entry(NamedTuple):
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     start: int
     end: int
+    strides: tuple[int, ...]  # contiguous, in elements
 
 
 _KEPT_HEADERS = 64
 _VALID_HEADERS: dict[bytes, tuple[_Entry, ...]] = {}  # see _header_entries
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, by name: contiguous CPU views of one buffer holding
     the file's data region (a tensor whose offset is not a multiple of its element size is
-    copied out instead).
+    copied out instead). ``empty(numel, dtype)`` allocates that buffer (``torch.empty`` by
+    default; the runtime lends memory it reuses, :mod:`hotswap_rt.host_memory`).
 
     Raises:
         AdapterFormatError: the file is unreadable or not a valid safetensors file.
@@ -73,7 +82,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             entries = _header_entries(path, f.read(header_size))
             data_size = file_size - 8 - header_size
             _check_offsets(path, entries, data_size)
-            buffer = torch.empty(data_size, dtype=torch.uint8)
+            buffer = (empty or _torch_empty)(data_size, torch.uint8)
             if data_size and f.readinto(memoryview(buffer.numpy())) != data_size:
                 raise _invalid(path, "the file is shorter than its header says")
     except OSError as exc:
@@ -96,12 +105,12 @@ def _views(buffer: torch.Tensor, entries: tuple[_Entry, ...]) -> dict[str, torch
             if flat is None:
                 usable = buffer.numel() - buffer.numel() % itemsize
                 flat = typed[entry.dtype] = buffer[:usable].view(entry.dtype)
-            piece = flat.as_strided(entry.shape, _contiguous_strides(entry.shape), entry.start // itemsize)
+            piece = flat.as_strided(entry.shape, entry.strides, entry.start // itemsize)
         tensors[entry.name] = piece
     return tensors
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)
@@ -158,7 +167,7 @@ def _parse_header(path: Path, raw: bytes) -> list[_Entry]:
         if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
             raise _invalid(path, f"tensor {name!r}: shape {shape} of {info['dtype']} is not the "
                                  f"{offsets[1] - offsets[0]} bytes of its data_offsets")
-        entries.append(_Entry(name, dtype, tuple(shape), offsets[0], offsets[1]))
+        entries.append(_Entry(name, dtype, tuple(shape), offsets[0], offsets[1], _contiguous_strides(shape)))
     return sorted(entries, key=lambda entry: (entry.start, entry.end))
 
 

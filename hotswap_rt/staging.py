@@ -29,6 +29,7 @@ from .peft_format import (
     LoraModule, ParsedAdapter, all_finite, config_as_dict, nonfinite_error, nonfinite_key,
     read_adapter_dir, resolve_source,
 )
+from .host_memory import HostMemoryPool
 from .parse_cache import ParseCache
 
 
@@ -101,6 +102,7 @@ class Stager:
         self.layouts = arena.layouts  # the arena's own dict: layers it gains appear here
         self.max_rank = arena.max_rank
         self.pin = arena.pin_host_rows
+        self.memory = HostMemoryPool()  # file buffers (and unpinned rows) of dropped adapters
 
     def row_nbytes(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout] | None = None) -> int:
         """Bytes of ``adapter``'s host rows (its true size), counting ``planned`` layers (about
@@ -154,7 +156,8 @@ class Stager:
             raise HotswapError("pass exactly one of a source (directory or Hub id) or state_dict=")
         if source is not None:
             directory = resolve_source(source)
-            config_dict, state = read_adapter_dir(directory, allow_pickle=allow_pickle)
+            config_dict, state = read_adapter_dir(directory, allow_pickle=allow_pickle,
+                                                  empty=self.memory.empty)
             where = str(directory)
         else:
             if config is None:
@@ -270,8 +273,7 @@ class Stager:
         widths, vector_sizes = self.arena.rank_widths, self.arena.vector_sizes
         ranks = _ranks_by_dtype(adapter, self.layouts, widths)
         rows = {  # every value is written below: zeros in the vector region, the blocks by one cat
-            dtype: torch.empty(vector_sizes.get(dtype, 0) + ranks[dtype] * width, dtype=dtype,
-                               pin_memory=self.pin)
+            dtype: self._empty_row(vector_sizes.get(dtype, 0) + ranks[dtype] * width, dtype)
             for dtype, width in widths.items()
         }
         fused = {}
@@ -305,6 +307,13 @@ class Stager:
             raise AdapterFormatError(f"{where}: lora_B * scaling overflows the slot dtype (Inf)")
         sizes = {dtype: (vector_sizes.get(dtype, 0), width) for dtype, width in widths.items()}
         return StagedAdapter(adapter=adapter, rows=rows, sizes=sizes)
+
+    def _empty_row(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A host row: pinned for an accelerator (PyTorch's caching host allocator reuses those),
+        else from :attr:`memory`."""
+        if self.pin:
+            return torch.empty(numel, dtype=dtype, pin_memory=True)
+        return self.memory.empty(numel, dtype)
 
     def _stage_full_rank_factors(self, row: torch.Tensor, adapter: ParsedAdapter, dtype: torch.dtype,
                                  ranks: int, fold_scaling: bool) -> set[str]:
