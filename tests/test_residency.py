@@ -295,3 +295,38 @@ def test_enable_brings_back_adapters_evicted_while_disabled(env) -> None:
         assert torch.allclose(logits(rt.model, IDS), expected[None], atol=1e-5)
     rt.enable()
     assert torch.allclose(logits(rt.model, IDS), expected["a"], atol=1e-4)
+
+
+def test_activating_a_loaded_name_skips_the_general_checks_and_ends_the_same(env, tmp_path) -> None:
+    """``activate(name)`` of an adapter in the ring or a slot takes the short path; a weighted
+    spec, a disk-tier adapter, a prefetch in flight and an unknown name take the general one;
+    both leave the same selection, slots and outputs."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=1, host_slots=2)
+    general = []
+    select = rt._select
+    rt._select = lambda rows, per_row: general.append(rows) or select(rows, per_row)
+    for name in "ab":
+        rt.load(name, paths[name])
+    rt.activate("b")  # host ring -> the one slot
+    assert general == []
+    short = snapshot_state(rt, IDS)
+    assert torch.allclose(short["logits"], expected["b"], atol=1e-4)
+    rt.activate({"a": 1.0})
+    rt.activate({"b": 1.0})  # the general path to the same selection
+    assert len(general) == 2
+    assert_unchanged(short, snapshot_state(rt, IDS))
+    rt.load("c", paths["c"])  # the ring holds 2: the least recently used ("a") drops to disk
+    assert rt.info("a").tier == "disk"
+    rt.activate("a")  # re-read from disk (and "c" drops there): the general path
+    assert len(general) == 3 and torch.allclose(logits(rt.model, IDS), expected["a"], atol=1e-4)
+    rt.pin("a")
+    assert {info.name: info.tier for info in rt.adapters()} == {"a": "device", "b": "host", "c": "disk"}
+    before = snapshot_state(rt, IDS)
+    with pytest.raises(SlotsBusyError):  # the short path refuses as the general one, changing nothing
+        rt.activate("b")
+    assert_unchanged(before, snapshot_state(rt, IDS))
+    assert len(general) == 3
+    with pytest.raises(HotswapError, match="no adapter named 'zz'"):
+        rt.activate("zz")
+    assert len(general) == 4
