@@ -31,18 +31,20 @@ ALIGNMENT = 64  # bytes, as PyTorch aligns its own CPU allocations
 
 class HostMemoryPool:
     """Pageable host tensors whose memory is reused after release: at most ``per_size`` idle
-    buffers of one size and ``limit`` in all (what it keeps idle).
+    buffers of one size, ``limit`` in all and ``limit_bytes`` together (what it keeps idle).
 
     Attributes:
         reused: buffers handed out again (instead of allocated).
     """
 
-    def __init__(self, per_size: int = 2, limit: int = 6) -> None:
+    def __init__(self, per_size: int = 2, limit: int = 6, limit_bytes: int = 256 << 20) -> None:
         self.per_size = per_size
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self.reused = 0
         self._idle: defaultdict[int, list[np.ndarray]] = defaultdict(list)  # nbytes -> buffers
         self._idle_count = 0
+        self._idle_bytes = 0
         # id of a weak reference to the view PyTorch holds -> (that reference, the buffer)
         self._lent: dict[int, tuple[weakref.ref, np.ndarray]] = {}
         self._lock = threading.RLock()  # loads on prefetch threads; releases on any thread
@@ -56,6 +58,7 @@ class HostMemoryPool:
             buffer = idle.pop() if idle else None
             if buffer is not None:
                 self._idle_count -= 1
+                self._idle_bytes -= nbytes
                 self.reused += 1
         if buffer is None:
             buffer = _aligned_bytes(nbytes)
@@ -70,15 +73,18 @@ class HostMemoryPool:
         with self._lock:
             _, buffer = self._lent.pop(id(ref))
             idle = self._idle[buffer.nbytes]
-            if len(idle) < self.per_size and self._idle_count < self.limit:
+            if (len(idle) < self.per_size and self._idle_count < self.limit
+                    and self._idle_bytes + buffer.nbytes <= self.limit_bytes):
                 idle.append(buffer)
                 self._idle_count += 1
+                self._idle_bytes += buffer.nbytes
 
     def clear(self) -> None:
         """Drop every idle buffer (its memory goes back to the allocator)."""
         with self._lock:
             self._idle.clear()
             self._idle_count = 0
+            self._idle_bytes = 0
 
 
 def _aligned_bytes(nbytes: int) -> np.ndarray:

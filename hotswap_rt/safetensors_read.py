@@ -55,6 +55,7 @@ class _Entry(NamedTuple):
 
 
 _KEPT_HEADERS = 64
+_KEPT_HEADER_BYTES = 1 << 20  # larger headers (up to MAX_HEADER_BYTES) are parsed every time
 _VALID_HEADERS: dict[bytes, tuple[_Entry, ...]] = {}  # see _header_entries
 
 
@@ -121,14 +122,15 @@ def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
 def _header_entries(path: Path, raw: bytes) -> tuple[_Entry, ...]:
     """:func:`_parse_header`, kept by the header's bytes: adapters trained with one configuration
     share their header (names, dtypes, shapes, offsets), and parsing it is most of a small file's
-    Python cost (~130 us for 56 tensors). Only valid headers are kept (the data region's size is
-    checked against each file)."""
+    Python cost (~130 us for 56 tensors). Only valid headers of at most 1 MiB are kept, 64 at most
+    (the data region's size is checked against each file)."""
     entries = _VALID_HEADERS.get(raw)
     if entries is None:
         entries = tuple(_parse_header(path, raw))
-        if len(_VALID_HEADERS) >= _KEPT_HEADERS:
-            _VALID_HEADERS.clear()
-        _VALID_HEADERS[raw] = entries
+        if len(raw) <= _KEPT_HEADER_BYTES:  # a LoRA file's header: ~70 KB for 448 tensors
+            if len(_VALID_HEADERS) >= _KEPT_HEADERS:
+                _VALID_HEADERS.clear()
+            _VALID_HEADERS[raw] = entries
     return entries
 
 

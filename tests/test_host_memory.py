@@ -48,6 +48,12 @@ def test_the_pool_keeps_at_most_its_limits() -> None:
     again = [pool.empty(64, torch.uint8) for _ in range(4)] + [pool.empty(128, torch.uint8) for _ in range(4)]
     assert pool.reused == 3
     del again
+    capped = HostMemoryPool(limit_bytes=200)
+    buffers = [capped.empty(64, torch.uint8) for _ in range(2)] + [capped.empty(128, torch.uint8)]
+    del buffers  # 64 + 64 fit in 200 bytes, the 128 then does not
+    kept = [capped.empty(64, torch.uint8) for _ in range(2)] + [capped.empty(128, torch.uint8)]
+    assert capped.reused == 2
+    del kept
     pool.clear()
     pool.empty(64, torch.uint8)
     assert pool.reused == 3  # cleared: nothing left to reuse

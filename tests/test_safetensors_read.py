@@ -167,3 +167,18 @@ def test_a_known_header_is_parsed_once_and_each_file_read_for_itself(tmp_path: P
         with pytest.raises(AdapterFormatError, match="unknown dtype"):
             read_safetensors(bad)
     assert len(parsed) == 3
+
+
+def test_a_header_over_a_mebibyte_is_not_kept(tmp_path: Path, monkeypatch) -> None:
+    from hotswap_rt import safetensors_read
+
+    parsed: list[bytes] = []
+    parse = safetensors_read._parse_header
+    monkeypatch.setattr(safetensors_read, "_VALID_HEADERS", {})
+    monkeypatch.setattr(safetensors_read, "_parse_header",
+                        lambda path, raw: parsed.append(raw) or parse(path, raw))
+    path = tmp_path / "big-header.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"notes": "x" * (1 << 20)})
+    for _ in range(2):
+        assert torch.equal(read_safetensors(path)["w"], torch.ones(2))
+    assert len(parsed) == 2 and safetensors_read._VALID_HEADERS == {}
