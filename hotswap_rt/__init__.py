@@ -9,6 +9,7 @@ Public API: :func:`enable_hotswap` (transformers' adapter methods on a runtime),
 
 from .config import AdapterInfo, RuntimeConfig
 from .errors import (
+    AdapterChangedError,
     AdapterFormatError,
     GraphBreakError,
     HotswapError,
@@ -28,6 +29,7 @@ from .transformers_api import enable_hotswap
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterChangedError",
     "AdapterFormatError",
     "AdapterInfo",
     "AdapterLease",

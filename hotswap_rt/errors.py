@@ -16,6 +16,12 @@ class AdapterFormatError(HotswapError):
     """An adapter's files or state dict are missing, corrupt, or use an unsupported PEFT feature."""
 
 
+class AdapterChangedError(AdapterFormatError):
+    """An adapter's files changed on disk after it was loaded, so the adapter the runtime holds
+    can no longer be read back from them (load it again with ``replace=True`` to take the new
+    files)."""
+
+
 class IncompatibleAdapterError(HotswapError):
     """An adapter does not fit the injected model (shape mismatch, target not injected)."""
 

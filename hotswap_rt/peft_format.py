@@ -200,6 +200,23 @@ def resolve_source(source: str | os.PathLike[str], local_files_only: bool = Fals
     return Path(local)
 
 
+FileStamp = tuple[str, int, int, int]  # file name, size, modification time (ns), inode
+
+
+def adapter_files_stamp(directory: str | os.PathLike[str]) -> tuple[FileStamp, ...]:
+    """What tells whether an adapter directory still holds the files once read: for each of its
+    config and weights files present, its name, size, modification time and inode (a rewrite
+    or a replacement changes at least one; symlinks, as in the Hub cache, are followed)."""
+    stamps = []
+    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
+        try:
+            stat = os.stat(Path(directory) / name)
+        except OSError:
+            continue
+        stamps.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(stamps)
+
+
 def read_adapter_dir(
     directory: str | os.PathLike[str], allow_pickle: bool = False, empty: Allocate | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

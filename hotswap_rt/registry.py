@@ -19,23 +19,44 @@ from pathlib import Path
 
 from .staging import StagedAdapter
 from .config import AdapterInfo
-from .errors import SlotsBusyError, UnknownAdapterError
+from .errors import AdapterChangedError, SlotsBusyError, UnknownAdapterError
+from .peft_format import FileStamp, adapter_files_stamp
 
 
 @dataclass(frozen=True)
 class Origin:
-    """Where an adapter can be read again, and with which load options."""
+    """Where an adapter can be read again, with which load options, and the stamp of the files
+    it was read from (:func:`adapter_files_stamp`, taken right after the read)."""
 
     directory: Path
     allow_pickle: bool = False
     allow_nonfinite: bool = False
+    stamp: tuple[FileStamp, ...] = ()
 
     @staticmethod
     def of(staged: StagedAdapter, allow_pickle: bool, allow_nonfinite: bool) -> Origin | None:
         """Where a directory-loaded adapter can be read again (its source is the resolved
         directory); None for one that has no file."""
         source = staged.adapter.source
-        return None if source is None else Origin(Path(source), allow_pickle, allow_nonfinite)
+        if source is None:
+            return None
+        return Origin(Path(source), allow_pickle, allow_nonfinite, adapter_files_stamp(source))
+
+    def check_unchanged(self, name: str) -> None:
+        """Raise unless the directory still holds the files adapter ``name`` was loaded from:
+        reading other files back would silently serve other weights under its name.
+
+        Raises:
+            AdapterChangedError: naming the files that changed.
+        """
+        now = adapter_files_stamp(self.directory)
+        if now != self.stamp:
+            changed = sorted({stamp[0] for stamp in set(now) ^ set(self.stamp)})
+            raise AdapterChangedError(
+                f"adapter {name!r}: {changed} in {self.directory} changed (or appeared, or went) "
+                f"since it was loaded, and only those files held it (it had dropped to the disk "
+                f"tier): load it again with replace=True to use the files as they are now, or "
+                f"unload it")
 
 
 @dataclass

@@ -131,10 +131,17 @@ class Residency:
         return prestaged
 
     def restage(self, record: AdapterRecord) -> tuple[StagedAdapter, float]:
-        """Read a disk-tier adapter again; its host row and the seconds it took."""
+        """Read a disk-tier adapter again; its host row and the seconds it took.
+
+        Raises:
+            AdapterChangedError: its files changed since it was loaded (checked before and
+                after the read).
+        """
         start = time.perf_counter()
         assert record.origin is not None
+        record.origin.check_unchanged(record.name)
         staged = self._read_origin(record.origin)
+        record.origin.check_unchanged(record.name)  # not rewritten while it was read
         return staged, time.perf_counter() - start
 
     # ----------------------------------------------------------------- under the mutation

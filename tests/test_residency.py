@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig, SlotsBusyError
+from hotswap_rt import AdapterChangedError, HotswapError, HotswapRuntime, RuntimeConfig, SlotsBusyError
 
 from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, assert_unchanged, logits, snapshot_state
 
@@ -154,8 +155,6 @@ def test_prefetch_failure_surfaces_from_future_and_next_activate(env, tmp_path) 
 
 
 def test_prefetch_of_a_file_that_disappears_fails_cleanly(env, tmp_path, monkeypatch) -> None:
-    import shutil
-
     from hotswap_rt import peft_format
 
     base, paths, _ = env
@@ -330,3 +329,30 @@ def test_activating_a_loaded_name_skips_the_general_checks_and_ends_the_same(env
     with pytest.raises(HotswapError, match="no adapter named 'zz'"):
         rt.activate("zz")
     assert len(general) == 4
+
+
+def test_a_disk_tier_adapter_whose_files_changed_is_refused_not_read_back(env, tmp_path) -> None:
+    """An adapter that dropped to the disk tier is read back only from the files it was loaded
+    from: after they are rewritten, activating or saving it raises AdapterChangedError and changes
+    nothing; ``load(..., replace=True)`` takes the new files."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=1, host_slots=2)
+    directory = tmp_path / "b"
+    shutil.copytree(paths["b"], directory)
+    rt.load("a", paths["a"])  # the one slot
+    rt.load("b", directory)
+    rt.load("c", paths["c"])  # the ring is full: "b", host-only, drops to the disk tier
+    assert rt.info("b").tier == "disk"
+    rt.activate("a")
+    shutil.rmtree(directory)
+    shutil.copytree(paths["d"], directory)  # someone saves another adapter there
+    before = snapshot_state(rt, IDS)
+    for change in (lambda: rt.activate("b"), lambda: rt.pin("b"), lambda: rt.save("b", tmp_path / "out")):
+        with pytest.raises(AdapterChangedError, match=r"adapter 'b': \['adapter_config.json', "
+                                                      r"'adapter_model.safetensors'\]"):
+            change()
+        assert_unchanged(before, snapshot_state(rt, IDS))
+    assert rt.info("b").tier == "disk" and not (tmp_path / "out").exists()
+    rt.load("b", directory, replace=True)  # the files as they are now
+    rt.activate("b")
+    assert torch.allclose(logits(rt.model, IDS), expected["d"], atol=1e-4)
