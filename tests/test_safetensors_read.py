@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hotswap_rt import safetensors_read
 from hotswap_rt.errors import AdapterFormatError
 from hotswap_rt.safetensors_read import read_safetensors
 
@@ -142,14 +143,18 @@ def test_truncated_and_missing_files(tmp_path: Path) -> None:
         read_safetensors(tmp_path / "missing.safetensors")
 
 
-def test_a_known_header_is_parsed_once_and_each_file_read_for_itself(tmp_path: Path, monkeypatch) -> None:
-    from hotswap_rt import safetensors_read
-
+@pytest.fixture()
+def parsed(monkeypatch) -> list[bytes]:
+    """The headers parsed from here on (none kept before)."""
     parsed: list[bytes] = []
     parse = safetensors_read._parse_header
     monkeypatch.setattr(safetensors_read, "_VALID_HEADERS", {})
     monkeypatch.setattr(safetensors_read, "_parse_header",
                         lambda path, raw: parsed.append(raw) or parse(path, raw))
+    return parsed
+
+
+def test_a_known_header_is_parsed_once_and_each_file_read_for_itself(tmp_path: Path, parsed: list) -> None:
     files = []
     for seed in (1, 2):  # one header (names, dtypes, shapes, offsets), other values
         files.append(tmp_path / f"{seed}.safetensors")
@@ -169,14 +174,7 @@ def test_a_known_header_is_parsed_once_and_each_file_read_for_itself(tmp_path: P
     assert len(parsed) == 3
 
 
-def test_a_header_over_a_mebibyte_is_not_kept(tmp_path: Path, monkeypatch) -> None:
-    from hotswap_rt import safetensors_read
-
-    parsed: list[bytes] = []
-    parse = safetensors_read._parse_header
-    monkeypatch.setattr(safetensors_read, "_VALID_HEADERS", {})
-    monkeypatch.setattr(safetensors_read, "_parse_header",
-                        lambda path, raw: parsed.append(raw) or parse(path, raw))
+def test_a_header_over_a_mebibyte_is_not_kept(tmp_path: Path, parsed: list) -> None:
     path = tmp_path / "big-header.safetensors"
     save_file({"w": torch.ones(2)}, str(path), metadata={"notes": "x" * (1 << 20)})
     for _ in range(2):
