@@ -78,6 +78,10 @@ class ParseCache:
                     raise nonfinite_error(source or "state_dict", key)
         return recipe.build(state_dict, source)
 
+    def clear(self) -> None:
+        """Forget every recipe (the next adapter of each structure is parsed key by key)."""
+        self._recipes.clear()
+
 
 def _structure(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Structure | None:
     """What a parse depends on besides the values: the config and each key's dtype and shape

@@ -134,6 +134,11 @@ def _header_entries(path: Path, raw: bytes) -> tuple[_Entry, ...]:
     return entries
 
 
+def forget_headers() -> None:
+    """Forget every kept header (the next file of each is parsed again)."""
+    _VALID_HEADERS.clear()
+
+
 def _parse_header(path: Path, raw: bytes) -> list[_Entry]:
     """The header's tensor entries, sorted by offset."""
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

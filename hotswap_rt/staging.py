@@ -98,7 +98,7 @@ class Stager:
         self.base_weights = base_weights
         self.to_model = to_model
         self._column_scales: dict[tuple[tuple[float, ...], tuple[int, ...]], torch.Tensor] = {}
-        self._parse_cache = ParseCache()  # adapters of one structure are validated once
+        self.parse_cache = ParseCache()  # adapters of one structure are validated once
         self.layouts = arena.layouts  # the arena's own dict: layers it gains appear here
         self.max_rank = arena.max_rank
         self.pin = arena.pin_host_rows
@@ -164,7 +164,7 @@ class Stager:
                 raise HotswapError("state_dict= needs config= (the adapter_config as a dict)")
             config_dict = config_as_dict(config)
             state, where = dict(state_dict), "state_dict"
-        adapter = self._parse_cache.parse(config_dict, state, where, allow_nonfinite=allow_nonfinite,
+        adapter = self.parse_cache.parse(config_dict, state, where, allow_nonfinite=allow_nonfinite,
                                           check_finite=not defer_finite)
         return self.to_model(adapter) if self.to_model is not None else adapter
 

@@ -72,6 +72,9 @@ def test_a_known_structure_is_rebuilt_from_its_recipe(adapters: list[Path], pars
     first = cache.parse(first_config, first_state, "first")
     second = cache.parse(config, state, "second")
     assert parses == ["first"]  # the second adapter was not parsed key by key
+    cache.clear()
+    cache.parse(config, state, "after clear")
+    assert parses == ["first", "after clear"]
     _same(first, parse_adapter(first_config, first_state, "first"))
     _same(second, parse_adapter(config, state, "second"))
     assert not torch.equal(second.modules[next(iter(second.modules))].lora_A,
