@@ -24,7 +24,10 @@ import torch
 
 from .peft_format import LoraModule, ParsedAdapter, all_finite, nonfinite_error, parse_adapter
 
-_FACTORS = ("lora_A", "lora_B")
+# what a recipe keeps of a module (all but its factors) and of the adapter (all but these two)
+_MODULE_FIELDS = tuple(f.name for f in dataclasses.fields(LoraModule) if f.name not in ("lora_A", "lora_B"))
+_ADAPTER_FIELDS = tuple(f.name for f in dataclasses.fields(ParsedAdapter)
+                        if f.name not in ("modules", "source"))
 Structure = tuple[str, tuple[tuple[str, torch.dtype, torch.Size], ...]]
 
 
@@ -111,8 +114,6 @@ def _recipe_of(adapter: ParsedAdapter, state_dict: Mapping[str, torch.Tensor]) -
         key_a, key_b = key_of.get(id(module.lora_A)), key_of.get(id(module.lora_B))
         if module.has_vectors or key_a is None or key_b is None:
             return None
-        fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in _FACTORS}
-        modules.append((name, key_a, key_b, fields))
-    fields = {f.name: getattr(adapter, f.name) for f in dataclasses.fields(adapter)
-              if f.name not in ("modules", "source")}
+        modules.append((name, key_a, key_b, {field: getattr(module, field) for field in _MODULE_FIELDS}))
+    fields = {field: getattr(adapter, field) for field in _ADAPTER_FIELDS}
     return _Recipe(modules=tuple(modules), fields=fields)

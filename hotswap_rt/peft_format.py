@@ -207,10 +207,10 @@ def adapter_files_stamp(directory: str | os.PathLike[str]) -> tuple[FileStamp, .
     """What tells whether an adapter directory still holds the files once read: for each of its
     config and weights files present, its name, size, modification time and inode (a rewrite
     or a replacement changes at least one; symlinks, as in the Hub cache, are followed)."""
-    stamps = []
+    stamps, base = [], os.fspath(directory)
     for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
         try:
-            stat = os.stat(Path(directory) / name)
+            stat = os.stat(os.path.join(base, name))
         except OSError:
             continue
         stamps.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
