@@ -136,6 +136,7 @@ def test_cold_load_vs_load_file(setup) -> None:
     rt.pin("resident")  # the slot stays taken: loads below stop in the ring
     rt.load("x", paths[1])
     file = str(paths[1] / "adapter_model.safetensors")
+
     def first_of_its_structure() -> None:  # nothing kept from earlier adapters of this shape
         forget_headers()
         rt.internals.stager.parse_cache.clear()
