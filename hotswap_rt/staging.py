@@ -332,11 +332,13 @@ class Stager:
         if not ranks or not layouts:
             return set()
         blocks = row[self.arena.vector_sizes.get(dtype, 0):].view(ranks, width)
-        zeros = torch.zeros(ranks, max(layout.width for layout in layouts), dtype=dtype)
+        zeros = None  # built when a layer needs it: at Llama-7B widths a ~0.7 MB fill per load
         pieces, scales, sizes, written = [], [], [], set()
         for layout in layouts:
             module = adapter.modules.get(layout.name)
             if module is None or module.rank != ranks or module.has_vectors:
+                if zeros is None:
+                    zeros = torch.zeros(ranks, max(layout.width for layout in layouts), dtype=dtype)
                 pieces.append(zeros[:, : layout.width])
                 scales.append(1.0)
                 sizes.append(layout.width)
