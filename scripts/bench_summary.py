@@ -126,9 +126,11 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
         one_pass = next(v for k, v in cases.items() if k.startswith("load_file + one pass"))
         first = cases.get("hotswap_rt load, first of its structure")
         floor = next((v for k, v in cases.items() if k.startswith("floor:")), None)
+        mapped = next((v for k, v in cases.items() if k.startswith("floor, mapped:")), None)
         extra = [f"first of its structure: {first / one_pass:.2f}x"] if first is not None else []
-        if floor is not None:
-            extra.append(f"floor of rank-major staging, a read and a transposing cat: {floor / one_pass:.2f}x")
+        if floor is not None and mapped is not None:
+            extra.append(f"floor of rank-major staging, a read and a transposing cat: {floor / one_pass:.2f}x, "
+                         f"from the mapped file with nothing kept: {mapped / one_pass:.2f}x")
         extra_text = f" ({'; '.join(extra)})" if extra else ""
         out.append((f"cold load disk -> ring, {_shape(group)}", f"{ours / one_pass:.2f}x "
                     f"load_file + one pass over the data{extra_text}", f"{r.ratio(group, REPEAT_LOAD):.2f}x "
