@@ -136,7 +136,8 @@ class AdapterRegistry:
             return
         raise SlotsBusyError(
             f"cannot stage adapter {name!r}: all host_slots={self.host_slots} entries hold "
-            f"adapters that are device-resident, pinned, leased or have no file to re-read "
+            f"adapters that are device-resident, pinned, leased or have no file to re-read (loaded "
+            f"from state_dict=, made by add_adapter, or trained: their values are not in a file) "
             f"({sorted(r.name for r in self.records.values() if r.staged is not None)}); "
             f"unload one or raise RuntimeConfig.host_slots"
         )

@@ -384,7 +384,10 @@ class HotswapRuntime:
         )
         if trainable:
             uniform_scaling(staged.adapter)
-        origin = Origin.of(staged, allow_pickle, allow_nonfinite) if source is not None else None
+        # a trainable adapter's values leave its files at the first step: it is never read again
+        # from them (no disk tier; `save` writes the slot's values)
+        readable = source is not None and not trainable
+        origin = Origin.of(staged, allow_pickle, allow_nonfinite) if readable else None
         return self._commit(name, staged, origin, replace, use_free_slot=True, trainable=trainable)
 
     def prefetch(self, name: str, source: str | os.PathLike[str], **load_kwargs: Any) -> Future:

@@ -200,6 +200,34 @@ def test_freeze_turns_it_into_an_inference_adapter(env, tmp_path) -> None:
     assert rt.info("new").slot is None
 
 
+def test_a_trained_adapter_is_never_read_back_from_its_files(env, tmp_path) -> None:
+    """An adapter loaded from a directory and trained has values its files do not hold: it must
+    never drop to the disk tier (whose re-read would serve, and save, the untrained values)."""
+    base, adapters = env
+    rt = _runtime(base, device_slots=1, host_slots=2)
+    rt.load("t", adapters["a"], trainable=True)
+    rt.activate("t")
+    _train(rt.model, rt.trainable_parameters(), steps=3, lr=5e-2)
+    trained = logits(rt.model, IDS)
+    from_files = logits(PeftModel.from_pretrained(base.clone(), str(adapters["a"])).eval(), IDS)
+    assert max_diff(trained, from_files) > 1e-3
+    rt.freeze("t")
+    rt.load("other", adapters["other"])
+    rt.activate("other")  # "t" leaves the device slot: a host entry, no file to read it from
+    before = snapshot_state(rt, IDS)
+    with pytest.raises(SlotsBusyError, match="trained"):
+        rt.load("patterned", adapters["patterned"])  # the ring is full; "t" cannot drop to disk
+    assert_unchanged(before, snapshot_state(rt, IDS))
+    assert {info.name: info.tier for info in rt.adapters()} == {"t": "host", "other": "device"}
+    rt.activate("t")
+    assert max_diff(logits(rt.model, IDS), trained) <= 1e-5
+    saved = rt.save("t", tmp_path / "t")
+    assert max_diff(logits(PeftModel.from_pretrained(base.clone(), str(saved)).eval(), IDS), trained) <= 1e-4
+    rt.unload("other")
+    rt.load("patterned", adapters["patterned"])  # room once an entry is free
+    assert rt.info("t").tier in ("host", "device")
+
+
 @pytest.mark.slow
 def test_training_works_compiled_and_serves_after_freeze(env, toy_base) -> None:
     _, adapters = env
