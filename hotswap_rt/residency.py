@@ -165,18 +165,14 @@ class Residency:
             SlotsBusyError: no host entry can take it, or ``trainable`` and no slot can be
                 freed; before any change.
         """
-        self.registry.check_room(name)
+        self.check_commit(name, trainable)
         old = self.registry.records.get(name)
         if old is not None and old.slot is not None:
             slot = self._choose_slot(protected=self._selector.selected_slots() | {old.slot})
             slot = old.slot if slot is None else slot
         elif trainable:
             slot = self._choose_slot(protected=self._selector.selected_slots())
-            if slot is None:
-                raise SlotsBusyError(
-                    f"no device slot can take trainable adapter {name!r}: every slot is read "
-                    f"by the current selection, pinned, leased or trained"
-                )
+            assert slot is not None  # check_commit
         else:
             slot = self.registry.free_slot() if use_free_slot else None
         if slot is not None:
@@ -187,6 +183,22 @@ class Residency:
             self.registry.assign(record, slot)
         self.stats.loads += 1
         return record
+
+    def check_commit(self, name: str, trainable: bool = False) -> None:
+        """Raise what :meth:`commit` of ``name`` would raise before any change, as things
+        stand now (a lazy runtime asks before it injects layers for the adapter).
+
+        Raises:
+            SlotsBusyError: no host entry can take it, or ``trainable`` and no slot can be freed.
+        """
+        self.registry.check_room(name)
+        old = self.registry.records.get(name)
+        if trainable and (old is None or old.slot is None) and self._choose_slot(
+                protected=self._selector.selected_slots()) is None:
+            raise SlotsBusyError(
+                f"no device slot can take trainable adapter {name!r}: every slot is read "
+                f"by the current selection, pinned, leased or trained"
+            )
 
     def ensure_resident(
         self, records: list[AdapterRecord], prestaged: Prestaged, replaces_selection: bool = False

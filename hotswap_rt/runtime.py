@@ -49,7 +49,7 @@ from .registry import AdapterRecord, AdapterRegistry, Origin
 from .residency import AdapterLease, Residency
 from .selection import Activation, Selection, Selector, row_spec
 from .staging import BackgroundLoads, StagedAdapter, Stager
-from .training import Init, Trainer, new_adapter, snapshot, uniform_scaling
+from .training import Init, Trainer, check_args, new_adapter, snapshot, uniform_scaling
 from .unfused_experts import fuse_per_expert_modules
 
 
@@ -236,8 +236,10 @@ class HotswapRuntime:
 
     def _read_and_stage(self, source: Any, state_dict: Any = None, config: Any = None,
                         allow_pickle: bool = False, allow_nonfinite: bool = False,
-                        fold_scaling: bool = True, inject: bool = True) -> StagedAdapter:
-        """Read and check an adapter; inject the layers it needs (lazy runtime, ``inject``);
+                        fold_scaling: bool = True, inject: bool = True,
+                        before_injecting: Callable[[], None] | None = None) -> StagedAdapter:
+        """Read and check an adapter; inject the layers it needs (lazy runtime, ``inject``;
+        ``before_injecting()`` first, which raises if the commit that follows would fail);
         stage it."""
         # NaN/Inf: checked in one pass over the staged rows, unless a lazy runtime may inject
         # layers for this adapter first (then every check runs before anything changes)
@@ -256,7 +258,7 @@ class HotswapRuntime:
                 raise IncompatibleAdapterError(
                     f"{adapter.source or 'state_dict'}: modules {missing[:8]} are not injected "
                     f"layers (a hotswap only replaces what exists; load it as a new adapter)")
-        self._inject_for(list(adapter.modules), adapter)
+        self._inject_for(list(adapter.modules), adapter, before_injecting)
         return self._stager.stage(adapter, fold_scaling=fold_scaling, check_finite=defer)
 
     def _check_saved_base_weights(self, adapter: ParsedAdapter) -> None:
@@ -282,11 +284,13 @@ class HotswapRuntime:
                     f"resized or trained embedding); only LoRA on the model's own weights is served"
                 )
 
-    def _inject_for(self, modules: Sequence[str], adapter: ParsedAdapter | None = None) -> None:
+    def _inject_for(self, modules: Sequence[str], adapter: ParsedAdapter | None = None,
+                    before_injecting: Callable[[], None] | None = None) -> None:
         """Check ``adapter`` (if given) against the layers it would have, then inject the
         missing ones of ``modules`` (lazy runtime) and add scale vectors if it needs them
-        (nothing changes when a check fails). With nothing to inject or add, nothing is checked
-        here: :meth:`Stager.stage` checks the adapter first (~50 us of Python a load)."""
+        (nothing changes when a check fails; ``before_injecting()`` is the caller's check, run
+        under the same lock just before). With nothing to inject or add, nothing is checked
+        here: :meth:`Stager.stage` checks the adapter first (~20 us of Python a load)."""
         full = list(adapter.saved_modules) if adapter is not None else []
         plan = self._plan_injection(modules, full)
         add_vectors = self._vectors_to_add(adapter)
@@ -296,6 +300,8 @@ class HotswapRuntime:
             self._stager.check(adapter, plan, vectors_planned=add_vectors)
         with self._mutation():
             plan = self._plan_injection(modules, full)  # again, under the lock: another load may have
+            if before_injecting is not None:
+                before_injecting()
             self._inject_layers({name: layout.shape for name, layout in plan.items()})
             if self._vectors_to_add(adapter):
                 self._arena.enable_vectors()
@@ -380,7 +386,7 @@ class HotswapRuntime:
             self._trainer.check_can_train()
         staged = self._read_and_stage(
             source, state_dict, config, allow_pickle, allow_nonfinite, fold_scaling=not trainable,
-            inject=inject,
+            inject=inject, before_injecting=lambda: self._residency.check_commit(name, trainable),
         )
         if trainable:
             uniform_scaling(staged.adapter)
@@ -408,7 +414,8 @@ class HotswapRuntime:
 
         def job() -> AdapterInfo:
             try:
-                staged = self._read_and_stage(source, **load_kwargs)
+                staged = self._read_and_stage(source, **load_kwargs,
+                                              before_injecting=lambda: self._residency.check_commit(name))
                 origin = Origin.of(staged, load_kwargs.get("allow_pickle", False),
                                    load_kwargs.get("allow_nonfinite", False))
                 return self._commit(name, staged, origin, replace, use_free_slot=False,
@@ -717,7 +724,9 @@ class HotswapRuntime:
         if trainable:
             self._trainer.check_can_train()
         if self.lazy and targets is not None:
-            self._inject_for(find_targets(self.model, targets))
+            check_args(rank, alpha, init, self._arena.max_rank)  # before any layer is injected
+            self._inject_for(find_targets(self.model, targets),
+                             before_injecting=lambda: self._residency.check_commit(name, trainable))
         adapter = new_adapter(self._arena, rank, alpha, use_rslora, targets, init)
         staged = self._stager.stage(adapter, fold_scaling=not trainable)
         return self._commit(name, staged, None, False, use_free_slot=True, trainable=trainable)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from hotswap_rt import AdapterFormatError, HotswapError, IncompatibleAdapterError, enable_hotswap
 
-from .conftest import VOCAB, BaseModel, logits
+from .conftest import VOCAB, BaseModel, assert_unchanged, logits, snapshot_state
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj"]
@@ -259,6 +259,38 @@ def test_lazy_runtime_checks_before_injecting_and_check_injects_nothing(base, pa
     rt.load("mlp", paths["mlp"])
     rt.activate("mlp")
     torch.testing.assert_close(logits(model, ids), peft_logits(base, {"m": paths["mlp"]}, "m", ids), **TOL)
+
+
+def test_a_lazy_load_that_cannot_commit_injects_nothing(base, paths, ids) -> None:
+    """A load, prefetch or add_adapter that needs new layers but would then fail to commit (no
+    host entry, no device slot for a trainable adapter, bad hyper-parameters) is refused before
+    any layer is injected: layers, slots, selection and outputs stay as they were."""
+    from hotswap_rt import HotswapRuntime, RuntimeConfig, SlotsBusyError
+
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(target_modules=None, max_rank=16, host_slots=1,
+                                                    device_slots=1))
+    rt.load("qv", paths["r13"])  # injects q/v; takes the one device slot and the one host entry
+    rt.activate("qv")
+    rt.pin("qv")
+    targets = list(rt.targets)
+    before = snapshot_state(rt, ids)
+    with pytest.raises(SlotsBusyError, match="host_slots=1"):
+        rt.load("mlp", paths["mlp"])
+    with pytest.raises(SlotsBusyError, match="host_slots=1"):
+        rt.prefetch("mlp", paths["mlp"]).result()
+    with pytest.raises(SlotsBusyError):
+        rt.load("mlp", paths["mlp"], trainable=True)
+    with pytest.raises(SlotsBusyError):
+        rt.add_adapter("new", rank=4, alpha=8, targets=["up_proj"])
+    with pytest.raises(HotswapError, match="rank must be"):
+        rt.add_adapter("new", rank=99, alpha=8, targets=["up_proj"])
+    assert rt.targets == targets and [info.name for info in rt.adapters()] == ["qv"]
+    assert_unchanged(before, snapshot_state(rt, ids))
+    rt.unpin("qv")
+    rt.unload("qv", force=True)
+    rt.load("mlp", paths["mlp"])  # room now: injected and served
+    rt.activate("mlp")
+    torch.testing.assert_close(logits(rt.model, ids), peft_logits(base, {"m": paths["mlp"]}, "m", ids), **TOL)
 
 
 def test_users_own_compile_with_the_registry_guard_filter(base, paths, ids) -> None:
