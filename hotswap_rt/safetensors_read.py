@@ -139,43 +139,67 @@ def forget_headers() -> None:
     _VALID_HEADERS.clear()
 
 
-def _parse_header(path: Path, raw: bytes) -> list[_Entry]:
-    """The header's tensor entries, sorted by offset."""
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result = dict(pairs)
-        if len(result) != len(pairs):
-            counts = Counter(name for name, _ in pairs)
-            duplicated = sorted(name for name, count in counts.items() if count > 1)
-            raise AdapterFormatError(f"{path}: duplicate tensor name(s) {duplicated} in the header")
-        return result
+class _Pairs(list):
+    """A JSON object as its ``(key, value)`` pairs in order (``json``'s ``object_pairs_hook``:
+    a C-level constructor, unlike a Python hook that checks keys, and a type arrays never have);
+    duplicate keys stay visible."""
 
+    __slots__ = ()
+
+
+def _unique(path: Path, pairs: _Pairs, what: str) -> dict[str, Any]:
+    """``pairs`` as a dict; duplicate keys (which ``json`` would silently drop) are refused."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        counts = Counter(name for name, _ in pairs)
+        duplicated = sorted(name for name, count in counts.items() if count > 1)
+        raise AdapterFormatError(f"{path}: duplicate {what} {duplicated} in the header")
+    return result
+
+
+def _parse_header(path: Path, raw: bytes) -> list[_Entry]:
+    """The header's tensor entries, sorted by offset (~2 us a tensor)."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+        pairs = json.loads(raw.decode("utf-8"), object_pairs_hook=_Pairs)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _invalid(path, f"the header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
+    if type(pairs) is not _Pairs:
         raise _invalid(path, "the header is not a JSON object")
+    header = _unique(path, pairs, "tensor name(s)")
     metadata = header.pop("__metadata__", None)  # null is accepted, as safetensors does
-    if metadata is not None and (not isinstance(metadata, dict)
-                                 or not all(isinstance(v, str) for v in metadata.values())):
+    if metadata is not None and (type(metadata) is not _Pairs or not all(
+            type(value) is str for value in _unique(path, metadata, "__metadata__ key(s)").values())):
         raise _invalid(path, "__metadata__ must map names to strings")
     entries = []
     for name, info in header.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise _invalid(path, f"tensor {name!r}: expected dtype, shape and data_offsets, got {info!r}")
-        dtype, shape, offsets = DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        fields = {}
+        if type(info) is _Pairs:
+            fields = dict(info)
+            if len(fields) != len(info):
+                _unique(path, info, f"field(s) of tensor {name!r}")  # raises, naming them
+        dtype_name, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
+        if dtype_name is None or shape is None or offsets is None:
+            raise _invalid(path, f"tensor {name!r}: expected dtype, shape and data_offsets, got "
+                                 f"{fields if type(info) is _Pairs else info!r}")
+        dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
-            raise _invalid(path, f"tensor {name!r}: unknown dtype {info['dtype']!r}")
+            raise _invalid(path, f"tensor {name!r}: unknown dtype {dtype_name!r}")
         if type(shape) is not list or not _are_counts(shape):
             raise _invalid(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
         if (type(offsets) is not list or len(offsets) != 2 or not _are_counts(offsets)
                 or offsets[0] > offsets[1]):
             raise _invalid(path, f"tensor {name!r}: data_offsets {offsets!r} are not [start, end]")
-        if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
-            raise _invalid(path, f"tensor {name!r}: shape {shape} of {info['dtype']} is not the "
-                                 f"{offsets[1] - offsets[0]} bytes of its data_offsets")
-        entries.append(_Entry(name, dtype, tuple(shape), offsets[0], offsets[1], _contiguous_strides(shape)))
-    return sorted(entries, key=lambda entry: (entry.start, entry.end))
+        start, end = offsets
+        if math.prod(shape) * dtype.itemsize != end - start:
+            raise _invalid(path, f"tensor {name!r}: shape {shape} of {dtype_name} is not the "
+                                 f"{end - start} bytes of its data_offsets")
+        entries.append(_Entry(name, dtype, tuple(shape), start, end, _contiguous_strides(shape)))
+    entries.sort(key=_by_offsets)
+    return entries
+
+
+def _by_offsets(entry: _Entry) -> tuple[int, int]:
+    return entry.start, entry.end
 
 
 def _check_offsets(path: Path, entries: tuple[_Entry, ...], data_size: int) -> None:

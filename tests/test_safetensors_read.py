@@ -92,10 +92,15 @@ def _set(name: str, **fields):
     return edit
 
 
+DUPLICATED_DTYPE = '"dtype": "F32", "dtype": "F32"'
 BAD = {
     "gap": (_set("w", data_offsets=[4, 68]), None, "starts at byte 4"),
     "shape": (_set("w", shape=[4, 5]), None, "is not the 64 bytes"),
     "dtype": (_set("w", dtype="F12"), None, "unknown dtype"),
+    "dtype not a string": (_set("w", dtype=["F32"]), None, "unknown dtype"),  # was a TypeError
+    "dtype an object": (_set("w", dtype={"F32": 1}), None, "unknown dtype"),
+    "duplicate field": (lambda header: json.dumps(header).replace('"dtype": "F32"', DUPLICATED_DTYPE, 1),
+                        None, "duplicate field"),
     "negative shape": (_set("w", shape=[-4, -4]), None, "non-negative"),
     "offsets": (_set("w", data_offsets=[8]), None, "data_offsets"),
     "missing field": (lambda header: json.dumps({**header, "w": {"dtype": "F32", "shape": [4, 4]}}),
