@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from hotswap_rt import safetensors_read
@@ -188,3 +190,33 @@ def test_a_header_over_a_mebibyte_is_not_kept(tmp_path: Path, parsed: list) -> N
     for _ in range(2):
         assert torch.equal(read_safetensors(path)["w"], torch.ones(2))
     assert len(parsed) == 2 and safetensors_read._VALID_HEADERS == {}
+
+
+_JSON_LEAF = (st.none() | st.booleans() | st.integers(-3, 70) | st.floats(allow_nan=False) | st.text(max_size=5)
+              | st.sampled_from(["F32", "BF16", "I8"]))
+_JSON = st.recursive(_JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=5)
+_ENTRY = st.fixed_dictionaries({}, optional={
+    "dtype": _JSON | st.sampled_from(["F32", "F16", "U8"]),
+    "shape": _JSON | st.lists(st.integers(0, 4), max_size=3),
+    "data_offsets": _JSON | st.lists(st.integers(0, 64), min_size=2, max_size=2),
+})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.dictionaries(st.text(max_size=4) | st.just("__metadata__"), _ENTRY | _JSON, max_size=4),
+       data=st.binary(max_size=64))
+def test_any_json_header_is_read_or_refused_with_a_format_error(tmp_path: Path, header, data: bytes) -> None:
+    """Headers of any JSON shape (wrong types anywhere, missing fields, nested objects): read,
+    or refused as an AdapterFormatError, never another exception; the same on a second read
+    (its header kept if it was valid)."""
+    raw = json.dumps(header).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    outcomes = []
+    for _ in range(2):
+        try:
+            outcomes.append(sorted(read_safetensors(path)))
+        except AdapterFormatError:
+            outcomes.append("refused")
+    assert outcomes[0] == outcomes[1]
