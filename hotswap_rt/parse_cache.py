@@ -88,14 +88,16 @@ class ParseCache:
 
 def _structure(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Structure | None:
     """What a parse depends on besides the values: the config and each key's dtype and shape
-    (None when the config is not plain JSON or a value is not a tensor: no recipe)."""
+    (None when the config is not plain JSON or a value is not a dense tensor with values: no
+    recipe, :func:`parse_adapter` then says what is wrong)."""
     try:
         config_text = json.dumps(config, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError):
         return None
     tensors = []
     for key, tensor in state_dict.items():
-        if type(key) is not str or not isinstance(tensor, torch.Tensor):
+        if type(key) is not str or not isinstance(tensor, torch.Tensor) or tensor.is_meta or (
+                tensor.layout is not torch.strided):
             return None
         tensors.append((key, tensor.dtype, tensor.shape))
     return config_text, tuple(tensors)

@@ -270,7 +270,10 @@ def read_adapter_dir(
 def config_as_dict(config: Mapping[str, Any] | Any) -> dict[str, Any]:
     """An adapter config given as a dict or a PEFT config object (``to_dict()``) as a plain
     dict, enum values as their values (``PeftType.LORA`` -> ``"LORA"``)."""
-    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    raw = config.to_dict() if hasattr(config, "to_dict") else config
+    if not isinstance(raw, Mapping) or not all(isinstance(key, str) for key in raw):
+        raise AdapterFormatError(f"config= must be an adapter config: a dict of field names, or a PEFT "
+                                 f"config object (to_dict()), got {type(config).__name__}")
     return {key: getattr(value, "value", value) for key, value in raw.items()}
 
 
@@ -801,6 +804,10 @@ def _check_tensor(
 ) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise AdapterFormatError(f"{where}: key {key!r} is a {type(tensor).__name__}, not a tensor")
+    if tensor.is_meta or tensor.layout is not torch.strided:
+        what = "a meta tensor (no values)" if tensor.is_meta else f"a {tensor.layout} tensor"
+        raise AdapterFormatError(f"{where}: key {key!r} is {what}; adapter weights must be dense tensors "
+                                 f"with values")
     if not tensor.dtype.is_floating_point:
         raise AdapterFormatError(
             f"{where}: key {key!r} has dtype {tensor.dtype}; LoRA weights must be floating point"

@@ -191,6 +191,24 @@ CASES: dict[str, Case] = {
         lambda b, r: {"state_dict": _lora_state()},
         HotswapError, "needs config=",
     ),
+    "config= not a dict": (  # was a TypeError / ValueError from dict()
+        lambda b, r: {"state_dict": _lora_state(), "config": "r=4"},
+        AdapterFormatError, "config= must be an adapter config",
+    ),
+    "config= with a non-string field": (
+        lambda b, r: {"state_dict": _lora_state(), "config": {**GOOD_CONFIG, 4: "r"}},
+        AdapterFormatError, "config= must be an adapter config",
+    ),
+    "meta tensors in state_dict": (  # was a NotImplementedError from the copy into the row
+        lambda b, r: {"state_dict": {key: value.to("meta") for key, value in _lora_state().items()},
+                      "config": GOOD_CONFIG},
+        AdapterFormatError, "is a meta tensor (no values)",
+    ),
+    "sparse tensor in state_dict": (
+        lambda b, r: {"state_dict": {key: value.to_sparse() if "lora_B" in key else value
+                                     for key, value in _lora_state().items()}, "config": GOOD_CONFIG},
+        AdapterFormatError, "torch.sparse_coo tensor",
+    ),
     "empty safetensors": (
         lambda b, r: {"source": _write_dir(r / "empty", GOOD_CONFIG, b"")},
         AdapterFormatError, "not a valid safetensors file",
