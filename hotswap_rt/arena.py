@@ -37,6 +37,8 @@ from typing import Mapping
 
 import torch
 
+from .errors import HotswapError
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -185,6 +187,7 @@ class SlotArena:
         (:meth:`relayout`). Only before compiling: a compiled graph reads the old tensor."""
         before = self._sizes()
         widths, vector_sizes = self.rank_widths, dict(self.vector_sizes)
+        added: dict[str, LayerLayout] = {}
         for name, spec in layers.items():
             shape = spec if isinstance(spec, LayerShape) else LayerShape(*spec)
             if name in self.layouts:
@@ -194,9 +197,12 @@ class SlotArena:
             if layout.kind == "full" or (self.vectors and layout.can_hold_vectors):
                 layout = dataclasses.replace(layout, vectors=vector_sizes.get(shape.dtype, 0))
                 vector_sizes[shape.dtype] = layout.vectors + layout.vector_width
-            self.layouts[name] = layout  # same dict object
+            added[name] = layout
             widths[shape.dtype] = offset + layout.width
-        self._regrow(before, {dtype: (vector_sizes.get(dtype, 0), width) for dtype, width in widths.items()})
+        after = {dtype: (vector_sizes.get(dtype, 0), width) for dtype, width in widths.items()}
+        grown = self._allocate(before, after)  # may raise: nothing has changed yet
+        self.layouts.update(added)  # same dict object
+        self._regrow(grown, before, after)
 
     def enable_vectors(self) -> None:
         """Give every linear layer scale vectors, now and when added later (IA3, DoRA and LoRA
@@ -205,15 +211,18 @@ class SlotArena:
         if self.vectors:
             return
         before = self._sizes()
-        self.vectors = True
         vector_sizes = dict(self.vector_sizes)  # appended after what is there ("full" modules)
+        moved: dict[str, LayerLayout] = {}
         for name, layout in self.layouts.items():
             if layout.can_hold_vectors:
                 start = vector_sizes.get(layout.dtype, 0)
-                self.layouts[name] = dataclasses.replace(layout, vectors=start)
+                moved[name] = dataclasses.replace(layout, vectors=start)
                 vector_sizes[layout.dtype] = start + layout.vector_width
-        self._regrow(before, {dtype: (vector_sizes.get(dtype, 0), width)
-                              for dtype, (_, width) in before.items()})
+        after = {dtype: (vector_sizes.get(dtype, 0), width) for dtype, (_, width) in before.items()}
+        grown = self._allocate(before, after)  # may raise: nothing has changed yet
+        self.vectors = True
+        self.layouts.update(moved)
+        self._regrow(grown, before, after)
 
     def _sizes(self) -> dict[torch.dtype, tuple[int, int]]:
         """dtype -> ``(V, W)`` of the current rows."""
@@ -226,21 +235,39 @@ class SlotArena:
             sizes = self._row_sizes[dtype] = (self.vector_sizes.get(dtype, 0), self._width(dtype))
         return sizes
 
-    def _regrow(self, before: Mapping[torch.dtype, tuple[int, int]],
-                after: Mapping[torch.dtype, tuple[int, int]]) -> None:
-        """New ``[S, V + R * W]`` tensors for the dtypes whose ``(V, W)`` changed, holding the
-        old values at the same (layer, rank) / vector positions."""
+    def _allocate(self, before: Mapping[torch.dtype, tuple[int, int]],
+                  after: Mapping[torch.dtype, tuple[int, int]]) -> dict[torch.dtype, torch.Tensor]:
+        """Zeroed ``[S, V + R * W]`` tensors for the dtypes whose ``(V, W)`` change.
+
+        Raises:
+            HotswapError: the memory cannot be allocated (naming the size and the knobs)."""
+        grown = {}
         for dtype, sizes in after.items():
-            old = self.arenas.get(dtype)
-            if old is not None and before[dtype] == sizes:
+            if dtype in self.arenas and before[dtype] == sizes:
                 continue
-            grown = torch.zeros(self.num_slots, sizes[0] + self.max_rank * sizes[1], dtype=dtype,
-                                device=self.device)
+            numel = self.num_slots * (sizes[0] + self.max_rank * sizes[1])
+            try:
+                grown[dtype] = torch.zeros(self.num_slots, numel // self.num_slots, dtype=dtype,
+                                           device=self.device)
+            except (RuntimeError, TypeError, ValueError) as exc:  # out of memory; a size past int64
+                raise HotswapError(
+                    f"cannot allocate the {dtype} slot arena on {self.device}: {numel * dtype.itemsize:,} "
+                    f"bytes (device_slots={self.num_slots} x max_rank={self.max_rank} x {sizes[1]:,} "
+                    f"values per rank, + {sizes[0]:,} vector values per slot); lower max_rank or "
+                    f"device_slots ({exc})") from None
+        return grown
+
+    def _regrow(self, grown: Mapping[torch.dtype, torch.Tensor], before: Mapping[torch.dtype, tuple[int, int]],
+                after: Mapping[torch.dtype, tuple[int, int]]) -> None:
+        """Put the new tensors (:meth:`_allocate`) in place, holding the old values at the same
+        (layer, rank) / vector positions."""
+        for dtype, tensor in grown.items():
+            old = self.arenas.get(dtype)
             if old is not None:
                 for slot in range(self.num_slots):
-                    grown[slot].copy_(self.relayout(old[slot], before[dtype], sizes, self.max_rank))
-            self.arenas[dtype] = grown
-            self.vector_sizes[dtype] = sizes[0]
+                    tensor[slot].copy_(self.relayout(old[slot], before[dtype], after[dtype], self.max_rank))
+            self.arenas[dtype] = tensor
+            self.vector_sizes[dtype] = after[dtype][0]
         self._prefixes.clear()
         self._row_sizes.clear()
 

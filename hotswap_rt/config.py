@@ -51,7 +51,8 @@ class RuntimeConfig:
             ``rt.compile`` (twice the warm-up); switching between them never recompiles.
             ``None`` (default): ``"stacked"`` with ``max_adapters_per_row=None``, else
             ``"refuse"``.
-        exclude_modules: names (same rules as ``target_modules``) never injected.
+        exclude_modules: never injected, by ``target_modules``' rules (a list of names or
+            suffixes, or one regex string over the whole name); excluding nothing is an error.
         batch_input: the forward argument whose dim 0 is the batch, checked against the rows
             the selection was written for; ``None`` finds it: ``input_ids``, else
             ``inputs_embeds``, else the forward's first parameter (``sample`` of a diffusers
@@ -92,7 +93,7 @@ class RuntimeConfig:
     host_slots: int = 16
     max_batch_size: int = 64
     max_active_adapters: int | None = None
-    exclude_modules: Sequence[str] = field(default_factory=tuple)
+    exclude_modules: Sequence[str] | str = field(default_factory=tuple)
     max_adapters_per_row: int | None = None
     per_row_overflow: str | None = None
     batch_input: str | None = None
@@ -105,20 +106,9 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.batch_input is not None and (not isinstance(self.batch_input, str) or not self.batch_input):
             raise HotswapError(f"RuntimeConfig.batch_input must be an argument name, got {self.batch_input!r}")
-        if self.target_modules is None:
-            pass
-        elif isinstance(self.target_modules, str):
-            if not self.target_modules:
-                raise HotswapError("RuntimeConfig.target_modules is an empty string")
-        else:
-            names = tuple(self.target_modules)
-            if not names or not all(isinstance(n, str) and n for n in names):
-                raise HotswapError(
-                    f"RuntimeConfig.target_modules must be a non-empty list of names, a regex "
-                    f"string or 'all-linear'; got {self.target_modules!r}"
-                )
-            object.__setattr__(self, "target_modules", names)
-        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        if self.target_modules is not None:
+            self._names_or_regex("target_modules", allow_empty=False)
+        self._names_or_regex("exclude_modules", allow_empty=True)
         for name in ("max_rank", "device_slots", "host_slots", "max_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -185,6 +175,25 @@ class RuntimeConfig:
         if self.slot_reads == "auto":
             return self.max_active_adapters == self.device_slots
         return self.slot_reads == "in_place"
+
+    def _names_or_regex(self, name: str, allow_empty: bool) -> None:
+        """Field ``name`` follows PEFT's rules: a regex string (full match; ``"all-linear"``
+        for ``target_modules``) or a list of names (exact or suffix match), kept as a tuple."""
+        value = getattr(self, name)
+        if isinstance(value, str):
+            if not value:
+                raise HotswapError(f"RuntimeConfig.{name} is an empty string")
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise HotswapError(f"RuntimeConfig.{name}={value!r} is not a valid regex ({exc})") from None
+            return
+        names = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else None
+        if names is None or (not names and not allow_empty) or not all(isinstance(n, str) and n for n in names):
+            expected = "a list of names or a regex string" if allow_empty else (
+                "a non-empty list of names, a regex string or 'all-linear'")
+            raise HotswapError(f"RuntimeConfig.{name} must be {expected}; got {value!r}")
+        object.__setattr__(self, name, names)
 
     def _names_or_none(self, name: str) -> None:
         """Field ``name`` is None or a non-empty list of names (kept as a tuple)."""

@@ -23,20 +23,25 @@ ALL_LINEAR = "all-linear"
 
 
 def find_targets(
-    model: nn.Module, target_modules: Sequence[str] | str, exclude_modules: Sequence[str] = ()
+    model: nn.Module, target_modules: Sequence[str] | str, exclude_modules: Sequence[str] | str = ()
 ) -> list[str]:
     """Names of the layers to inject, in ``named_modules`` order.
 
     Raises:
-        TargetNotFoundError: nothing matched, or a named target is not a linear layer.
+        TargetNotFoundError: nothing matched, a named target is not a linear layer, or
+            ``exclude_modules`` (given) excludes no module.
     """
     all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
     head = _output_head_name(model) if all_linear else None
     matched: list[str] = []
     unsupported: list[str] = []
     injected: list[str] = []
+    excluded = False
     for name, module in model.named_modules():
-        if not name or (exclude_modules and name_matches(exclude_modules, name)):
+        if not name:
+            continue
+        if exclude_modules and name_matches(exclude_modules, name):
+            excluded = True
             continue
         if any(name.startswith(prefix) for prefix in injected):
             continue  # inside a slot layer
@@ -58,6 +63,12 @@ def find_targets(
             f"target_modules={target_modules!r} matches no {LINEAR_TYPES} layer of "
             f"{type(model).__name__}; linear layers include {_some_linear_names(model)}"
         )
+    if exclude_modules and not excluded:  # PEFT warns; a setting that does nothing is refused here
+        hint = (" (a string is a regex matched against the whole module name, as in PEFT: use a list "
+                "of names or suffixes, or a pattern such as '.*down_proj')" if isinstance(exclude_modules, str)
+                else "")
+        raise TargetNotFoundError(f"exclude_modules={exclude_modules!r} matches no module of "
+                                  f"{type(model).__name__}{hint}")
     return matched
 
 

@@ -107,7 +107,7 @@ class AdapterRegistry:
         self._clock = 0
 
     def get(self, name: str) -> AdapterRecord:
-        record = self.records.get(name)
+        record = self.records.get(name) if isinstance(name, str) else None  # a list is unhashable
         if record is None:
             known = sorted(self.records) or "none"
             raise UnknownAdapterError(f"no adapter named {name!r} is loaded (loaded: {known})")

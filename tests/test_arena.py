@@ -6,10 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hotswap_rt import HotswapRuntime, RuntimeConfig
 from hotswap_rt.arena import SlotArena, factor_views
-from hotswap_rt.errors import IncompatibleAdapterError, RankTooLargeError
+from hotswap_rt.errors import HotswapError, IncompatibleAdapterError, RankTooLargeError
 from hotswap_rt.peft_format import LoraModule, ParsedAdapter
 from hotswap_rt.staging import Stager
+
+from .conftest import BaseModel
 
 LAYERS = {"q": (8, 4, torch.float32), "v": (8, 6, torch.float32), "h": (4, 4, torch.bfloat16)}
 
@@ -107,3 +110,11 @@ def test_staging_refuses_what_does_not_fit(module, error, match) -> None:
         bad = ParsedAdapter(2, 4.0, False, {"v": adapter(q=2).modules["q"]})
     with pytest.raises(error, match=match):
         Stager(arena()).stage(bad)
+
+
+def test_an_arena_too_large_to_allocate_is_a_clear_error() -> None:
+    """A size past what can be allocated (here past int64, so nothing is attempted) names the
+    arena's size and the knobs, instead of PyTorch's allocator error."""
+    base = BaseModel("llama", seed=1)
+    with pytest.raises(HotswapError, match=r"cannot allocate the torch.float32 slot arena .* lower max_rank"):
+        HotswapRuntime(base.clone(), RuntimeConfig(["q_proj"], max_rank=2**60))

@@ -337,6 +337,10 @@ def test_check_describes_a_good_adapter_and_changes_nothing(env, input_ids) -> N
         (lambda rt: rt.load("good", state_dict={}, config={}), HotswapError, "already loaded"),
         (lambda rt: rt.load("", state_dict={}, config={}), HotswapError, "non-empty strings"),
         (lambda rt: rt.load(7, state_dict={}, config={}), HotswapError, "non-empty strings"),
+        (lambda rt: rt.pin(["good"]), UnknownAdapterError, "['good']"),  # was a TypeError (unhashable)
+        (lambda rt: rt.lease(["good"]), UnknownAdapterError, "['good']"),
+        (lambda rt: rt.info(["good"]), UnknownAdapterError, "['good']"),
+        (lambda rt: rt.adapter_state_dict(["good"]), UnknownAdapterError, "['good']"),
     ],
 )
 def test_bad_operation_refused_and_nothing_changes(env, input_ids, operation, error, fragment) -> None:

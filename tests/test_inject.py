@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotswap_rt import HotswapRuntime, RuntimeConfig, TargetNotFoundError
+from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig, TargetNotFoundError
 from hotswap_rt.inject import find_targets
 from hotswap_rt.layers import LoraSlotLinear
 
@@ -44,6 +44,28 @@ def test_all_linear_excludes_output_head(llama: BaseModel) -> None:
 def test_exclude_modules(llama: BaseModel) -> None:
     names = find_targets(llama.model, "all-linear", exclude_modules=["o_proj", "mlp.up_proj"])
     assert not any(n.endswith(("o_proj", "up_proj")) for n in names) and len(names) == 2 * 5
+
+
+def test_exclude_modules_as_a_regex_string_as_peft_reads_it(llama: BaseModel) -> None:
+    """A string is one regex over the whole name (PEFT's rule); it used to be split into its
+    characters (``tuple("down_proj")``), excluding nothing, silently. A setting that excludes
+    nothing is refused (PEFT warns)."""
+    names = find_targets(llama.model, "all-linear", exclude_modules=r".*\.mlp\..*")
+    assert len(names) == 2 * 4 and not any(".mlp." in n for n in names)
+    config = RuntimeConfig("all-linear", exclude_modules=r".*down_proj")
+    assert config.exclude_modules == r".*down_proj"
+    runtime = HotswapRuntime(llama.clone(), config)
+    assert len(runtime.targets) == 2 * 6 and not any(n.endswith("down_proj") for n in runtime.targets)
+    with pytest.raises(TargetNotFoundError, match="a string is a regex matched against the whole"):
+        find_targets(llama.model, "all-linear", exclude_modules="down_proj")
+    with pytest.raises(TargetNotFoundError, match="matches no module"):
+        find_targets(llama.model, "all-linear", exclude_modules=["no_such_layer"])
+    for bad in (5, "[", [""], ["o_proj", 3]):
+        with pytest.raises(HotswapError, match="exclude_modules"):
+            RuntimeConfig("all-linear", exclude_modules=bad)
+    for bad in (123, "(", []):
+        with pytest.raises(HotswapError, match="target_modules"):
+            RuntimeConfig(bad)
 
 
 def test_unsupported_target_is_refused(llama: BaseModel) -> None:
