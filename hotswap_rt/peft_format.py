@@ -937,17 +937,34 @@ def _expert_key_modules(adapter: ParsedAdapter) -> dict[str, str]:
     return keys
 
 
+# what an adapter directory holds (PEFT's and transformers' save_pretrained): save(overwrite=True)
+# replaces a directory holding only these, never anything else
+REPLACEABLE_FILES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md", "generation_config.json"})
+
+
 def write_adapter_dir(
     adapter: ParsedAdapter, directory: str | os.PathLike[str], overwrite: bool = False
 ) -> Path:
     """Write ``adapter`` in PEFT's format, atomically: into a temp dir, then renamed into place.
+    ``overwrite`` replaces an existing adapter directory whole: one that holds only an adapter's
+    files (:data:`REPLACEABLE_FILES`), never any other directory or file.
 
     Raises:
-        AdapterFormatError: ``directory`` exists and is not empty, and ``overwrite`` is False.
+        AdapterFormatError: ``directory`` exists and is not empty, and ``overwrite`` is False;
+            or it holds anything but an adapter's files (or is a file).
     """
     target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise AdapterFormatError(f"{target}: exists and is not empty (pass overwrite=True)")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not overwrite:
+            raise AdapterFormatError(f"{target}: exists and is not empty (pass overwrite=True)")
+        others = ["(a file)"] if not target.is_dir() else sorted(
+            entry.name for entry in target.iterdir()
+            if entry.name not in REPLACEABLE_FILES or entry.is_symlink() or not entry.is_file())
+        if others:
+            raise AdapterFormatError(
+                f"{target}: overwrite=True replaces an adapter directory whole, and this one holds "
+                f"more than an adapter's files ({others[:5]}); nothing was written (remove it yourself, "
+                f"or save(..., into_existing=True) to replace only the adapter's two files)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

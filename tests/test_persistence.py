@@ -70,6 +70,28 @@ def test_save_round_trips_through_peft(llama_and_adapter, tmp_path, input_ids) -
     assert sorted(p.name for p in out.parent.iterdir()) == ["saved"]  # no temp dir left
 
 
+def test_overwrite_replaces_only_an_adapter_directory(llama_and_adapter, tmp_path) -> None:
+    """``overwrite=True`` deletes the target directory: never one holding anything but an
+    adapter's files (a mistyped path to a project or home directory)."""
+    base, path = llama_and_adapter
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16))
+    rt.load("a", path)
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("keep me")
+    (project / "adapter_config.json").write_text("{}")
+    for target in (project, project / "notes.txt"):
+        with pytest.raises(AdapterFormatError, match="more than an adapter's files"):
+            rt.save("a", target, overwrite=True)
+    assert (project / "notes.txt").read_text() == "keep me" and (project / "src").is_dir()
+    assert sorted(p.name for p in project.iterdir()) == ["adapter_config.json", "notes.txt", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no temp dir left
+    saved = Path(rt.save("a", tmp_path / "saved"))
+    (saved / "README.md").write_text("model card")
+    rt.save("a", saved, overwrite=True)  # an adapter directory (PEFT writes a README too): replaced
+    assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_prefetch_stages_on_host_then_activate_copies(llama_and_adapter, input_ids) -> None:
     base, path = llama_and_adapter
     rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=8))
