@@ -200,20 +200,23 @@ def resolve_source(source: str | os.PathLike[str], local_files_only: bool = Fals
     return Path(local)
 
 
-FileStamp = tuple[str, int, int, int]  # file name, size, modification time (ns), inode
+FileStamp = tuple[str, int, int, int, int, int]  # name, size, mtime (ns), ctime (ns), device, inode
 
 
 def adapter_files_stamp(directory: str | os.PathLike[str]) -> tuple[FileStamp, ...]:
     """What tells whether an adapter directory still holds the files once read: for each of its
-    config and weights files present, its name, size, modification time and inode (a rewrite
-    or a replacement changes at least one; symlinks, as in the Hub cache, are followed)."""
+    config and weights files present, its name, size, modification and change times, device and
+    inode. A replacement changes the inode; a rewrite in place changes the change time, which
+    the kernel sets on every write and no one can set back (``cp -p`` or ``touch -r`` restore
+    the modification time only); a ``chmod`` changes it too, a false alarm that errs on the
+    safe side. Symlinks, as in the Hub cache, are followed."""
     stamps, base = [], os.fspath(directory)
     for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
         try:
             stat = os.stat(os.path.join(base, name))
         except OSError:
             continue
-        stamps.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+        stamps.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_dev, stat.st_ino))
     return tuple(stamps)
 
 

@@ -8,6 +8,7 @@ the output of exactly one adapter version (or the base model), never a mix.
 from __future__ import annotations
 
 import gc
+import os
 import random
 import shutil
 import threading
@@ -356,3 +357,30 @@ def test_a_disk_tier_adapter_whose_files_changed_is_refused_not_read_back(env, t
     rt.load("b", directory, replace=True)  # the files as they are now
     rt.activate("b")
     assert torch.allclose(logits(rt.model, IDS), expected["d"], atol=1e-4)
+
+
+def test_a_rewrite_in_place_that_restores_size_and_mtime_is_still_seen(env, tmp_path) -> None:
+    """Same size, same inode, modification time set back (as ``cp -p`` leaves it): the change
+    time, which the kernel sets on every write, still tells."""
+    base, paths, _ = env
+    rt = _runtime(base, device_slots=1, host_slots=2)
+    directory = tmp_path / "b"
+    shutil.copytree(paths["b"], directory)
+    rt.load("a", paths["a"])
+    rt.load("b", directory)
+    rt.load("c", paths["c"])  # "b" drops to the disk tier
+    weights = directory / "adapter_model.safetensors"
+    before_stat = weights.stat()
+    raw = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    for i in range(header + 3, len(raw), 4):
+        raw[i] ^= 0x80  # every fp32 value negated: same size, other weights
+    time.sleep(0.01)  # a change time the write can move
+    with open(weights, "r+b") as f:
+        f.write(raw)
+    os.utime(weights, ns=(before_stat.st_atime_ns, before_stat.st_mtime_ns))
+    after_stat = weights.stat()
+    assert (after_stat.st_size, after_stat.st_mtime_ns, after_stat.st_ino) == (
+        before_stat.st_size, before_stat.st_mtime_ns, before_stat.st_ino)
+    with pytest.raises(AdapterChangedError, match=r"\['adapter_model.safetensors'\]"):
+        rt.activate("b")
