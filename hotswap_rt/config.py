@@ -183,10 +183,9 @@ class RuntimeConfig:
         if isinstance(value, str):
             if not value:
                 raise HotswapError(f"RuntimeConfig.{name} is an empty string")
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise HotswapError(f"RuntimeConfig.{name}={value!r} is not a valid regex ({exc})") from None
+            problem = regex_problem(value)
+            if problem is not None:
+                raise HotswapError(f"RuntimeConfig.{name}={value!r} is not a valid regex ({problem})")
             return
         names = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else None
         if names is None or (not names and not allow_empty) or not all(isinstance(n, str) and n for n in names):
@@ -256,6 +255,15 @@ class AdapterInfo:
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a valid regex (``re``'s message), or None."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    return None
 
 
 def name_matches(patterns: Sequence[str] | str, name: str) -> bool:

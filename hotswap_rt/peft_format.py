@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import lora_scaling, name_matches
+from .config import lora_scaling, name_matches, regex_problem
 from .errors import AdapterFormatError
 from .safetensors_read import Allocate, read_safetensors
 
@@ -741,10 +741,9 @@ def _parse_pattern(config: Mapping[str, Any], key: str, where: str, integer: boo
         )
         if not ok:
             raise AdapterFormatError(f"{where}: {key}[{name!r}] = {value!r} is not positive")
-        try:
-            re.compile(name)
-        except re.error as exc:
-            raise AdapterFormatError(f"{where}: {key} key {name!r} is not a valid regex") from exc
+        problem = regex_problem(name)
+        if problem is not None:
+            raise AdapterFormatError(f"{where}: {key} key {name!r} is not a valid regex ({problem})")
     return {name: (int(v) if integer else float(v)) for name, v in pattern.items()}
 
 
