@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hotswap-rt", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the demo on the embedded default model")
-    demo.add_argument("--rounds", type=int, default=2)
+    demo.add_argument("--rounds", type=_positive_int, default=2)
     inspect = commands.add_parser("inspect", help="describe an adapter; check it fits a runtime")
     inspect.add_argument("adapter", help="adapter directory or Hub id (local cache)")
     _runtime_options(inspect)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--model", help="model directory or Hub id (default: the demo model)")
     bench.add_argument("--adapters", nargs="*", default=[], help="adapter directories (>= 2)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    bench.add_argument("--rounds", type=int, default=50)
+    bench.add_argument("--rounds", type=_positive_int, default=50)
     _runtime_options(bench)
     bench.add_argument("--json", action="store_true")
     from .serve.cli import add_arguments as serve_arguments
@@ -73,8 +73,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (else a usage error saying so)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _load_model(name: str, meta: bool = False) -> torch.nn.Module:
+    """``AutoModelForCausalLM`` from a directory or Hub id (on the meta device: its config
+    only); a path or id that does not load is a :class:`HotswapError`, not a traceback."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if meta:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name))
+        return AutoModelForCausalLM.from_pretrained(name).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise HotswapError(f"--model {name!r} does not load as a causal LM ({exc})") from None
+
+
 def _runtime_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-rank", type=int, default=64)
+    parser.add_argument("--max-rank", type=_positive_int, default=64)
     parser.add_argument("--target-modules", nargs="*", default=None,
                         help="names/suffixes (default: the adapter's own, or all-linear)")
 
@@ -119,15 +144,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _check_against_model(args: argparse.Namespace, adapter: Any) -> list[str]:
     """Build the model's layers on the meta device and run the runtime's own shape checks."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .arena import SlotArena
     from .staging import Stager
     from .inject import find_targets
     from .layers import layer_shape
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
+    model = _load_model(args.model, meta=True)
     targets = args.target_modules or sorted({n.rsplit(".", 1)[-1] for n in adapter.modules})
     try:
         names = find_targets(model, targets)
@@ -146,11 +168,11 @@ def _bench(args: argparse.Namespace) -> int:
     from .demo import ADAPTER_RANKS, TARGETS, build_model, write_random_adapter
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HotswapError("--device cuda: this torch sees no CUDA device")
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+            model = _load_model(args.model)
             targets = args.target_modules or "all-linear"
         else:
             model, targets = build_model(), args.target_modules or TARGETS

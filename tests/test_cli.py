@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hotswap_rt.cli import main
 
@@ -51,3 +52,23 @@ def test_bench_on_the_default_model(capsys) -> None:
     result = json.loads(capsys.readouterr().out)
     assert result["swaps"] >= 3 and result["swap_ms"] > 0 and result["copy_ms"] > 0
     assert result["forward_overhead_vs_uninjected"] > 0 and result["device"] == "cpu"
+
+
+def test_bad_command_line_values_are_clear_errors(adapter, tmp_path, capsys) -> None:
+    """A model path that does not load is an error line, not a transformers traceback; counts
+    must be positive (usage errors); ``--device cuda`` without CUDA says so."""
+    path, _ = adapter
+    missing = str(tmp_path / "no-model")
+    assert main(["inspect", str(path), "--model", missing]) == 2
+    assert f"--model {missing!r} does not load as a causal LM" in capsys.readouterr().err
+    assert main(["bench", "--model", missing]) == 2
+    assert "does not load as a causal LM" in capsys.readouterr().err
+    bad_counts = (["inspect", str(path), "--max-rank", "0"], ["bench", "--rounds", "-1"],
+                  ["demo", "--rounds", "x"])
+    for argv in bad_counts:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda"]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
