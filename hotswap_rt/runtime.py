@@ -81,6 +81,11 @@ class HotswapRuntime:
     """
 
     def __init__(self, model: nn.Module, config: RuntimeConfig | None = None) -> None:
+        served = [name for name, module in model.named_modules()
+                  if isinstance(module, (SlotLayer, LoraSlotExperts))]
+        if served or isinstance(model.__dict__.get("forward"), ModelForward):
+            raise HotswapError(f"this model is already served by a HotswapRuntime (injected layers: "
+                               f"{served[:4]}); eject() that runtime first")
         self.config = config = config or RuntimeConfig()
         self.model = model
         self.lazy = config.target_modules is None  # inject what the adapters target, as they come
@@ -92,12 +97,6 @@ class HotswapRuntime:
         if config.target_parameters is not None and not params:
             raise TargetNotFoundError(f"target_parameters={list(config.target_parameters)!r} matches no "
                                       f"expert parameter of a fused-experts module of {type(model).__name__}")
-        taken = [name for name in names + full if isinstance(model.get_submodule(name), SlotLayer)]
-        taken += [name for name in params if isinstance(model.get_submodule(name.rsplit(".", 1)[0]),
-                                                         LoraSlotExperts)]
-        if taken:
-            raise HotswapError(f"layers {taken[:4]} are already injected by another runtime; "
-                               f"eject it first")
         shapes = {name: self._layer_shape(name, full=name in full) for name in names + full + params}
         device = _device_of(model, [self._weights_of(name) for name in shapes])
         self._arena = SlotArena({}, config.max_rank, config.device_slots, device,

@@ -146,6 +146,8 @@ class AdapterMethods:
             raise HotswapError(f"load_adapter: {sorted({*(adapter_kwargs or {}), *kwargs})} are not "
                                f"supported by hotswap_rt (pass a local directory or a cached Hub id)")
         name = adapter_name if adapter_name is not None else DEFAULT_NAME
+        if not isinstance(name, str) or not name:
+            raise HotswapError(f"adapter_name must be a non-empty string, got {name!r}")
         loaded = self._loaded()
         if hotswap == "auto":
             hotswap = self.hotswap_enabled and name in loaded
@@ -238,7 +240,7 @@ class AdapterMethods:
         """Make ``adapter_name`` (or every name of a list, contributions summed) the active
         adapter(s). Adapters disabled with :meth:`disable_adapters` stay disabled."""
         loaded = self._require_loaded()
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = _names(adapter_name, "set_adapter")
         missing = [n for n in names if n not in loaded]
         if missing:
             raise HotswapError(f"Adapter(s) {missing} not found. Loaded adapters: {sorted(loaded)}")
@@ -277,7 +279,7 @@ class AdapterMethods:
         """Unload adapters. Deleting an active one leaves the other active ones active, else (as
         PEFT does) activates the alphabetically first remaining adapter, with a warning."""
         loaded = self._require_loaded()
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = _names(adapter_names, "delete_adapter")
         missing = [n for n in names if n not in loaded]
         if missing:
             raise HotswapError(f"The following adapter(s) are not present and cannot be deleted: "
@@ -382,3 +384,12 @@ def _default_targets(model: nn.Module) -> list[str]:
         raise HotswapError(f"add_adapter: LoraConfig.target_modules is None and there is no default "
                            f"for model type {model_type!r}: name the target modules")
     return list(defaults[model_type])
+
+
+def _names(value: Any, method: str) -> list[str]:
+    """An adapter name or a list of names (transformers' forms) as a list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, dict)) and all(isinstance(name, str) for name in value):
+        return list(value)
+    raise HotswapError(f"{method}: expected an adapter name or a list of names, got {value!r}")

@@ -333,3 +333,33 @@ def test_scale_vectors_let_a_dora_adapter_load_after_the_users_compile(base, pat
     torch.compile(plain.model, backend="eager")(ids)
     with pytest.raises(HotswapError, match="scale_vectors=True"):
         plain.model.load_adapter(str(dora), adapter_name="d")
+
+
+def test_names_that_are_not_names_and_a_second_runtime_are_refused(base, paths, ids) -> None:
+    """Non-string names (a list, an int, None) are HotswapErrors (were TypeErrors), and a model
+    already served by a runtime refuses a second one (lazy or not) until the first is ejected."""
+    from hotswap_rt import HotswapRuntime, RuntimeConfig
+
+    model = base.clone()
+    rt = enable_hotswap(model, max_rank=16)
+    model.load_adapter(str(paths["r13"]), adapter_name="a")
+    before = logits(model, ids)
+    with pytest.raises(HotswapError, match="adapter_name must be a non-empty string"):
+        model.load_adapter(str(paths["r7"]), adapter_name=["b"])
+    for bad in (3, None, [1]):
+        with pytest.raises(HotswapError, match="expected an adapter name or a list of names"):
+            model.set_adapter(bad)
+        with pytest.raises(HotswapError, match="expected an adapter name or a list of names"):
+            model.delete_adapter(bad)
+    for second in (lambda: enable_hotswap(model, max_rank=16),
+                   lambda: HotswapRuntime(model, RuntimeConfig(target_modules=None)),
+                   lambda: HotswapRuntime(model, RuntimeConfig(["k_proj"]))):  # even on other layers
+        with pytest.raises(HotswapError, match="already served by a HotswapRuntime"):
+            second()
+    assert model.active_adapters() == ["a"] and [info.name for info in rt.adapters()] == ["a"]
+    torch.testing.assert_close(logits(model, ids), before, atol=0, rtol=0)
+    rt.eject()
+    again = HotswapRuntime(model, RuntimeConfig(["q_proj", "v_proj"], max_rank=16))  # ejected: fine
+    again.load("a", paths["r13"])
+    again.activate("a")
+    torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=0)
