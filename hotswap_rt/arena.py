@@ -245,13 +245,13 @@ class SlotArena:
         for dtype, sizes in after.items():
             if dtype in self.arenas and before[dtype] == sizes:
                 continue
-            numel = self.num_slots * (sizes[0] + self.max_rank * sizes[1])
+            row = sizes[0] + self.max_rank * sizes[1]
             try:
-                grown[dtype] = torch.zeros(self.num_slots, numel // self.num_slots, dtype=dtype,
-                                           device=self.device)
+                grown[dtype] = torch.zeros(self.num_slots, row, dtype=dtype, device=self.device)
             except (RuntimeError, TypeError, ValueError) as exc:  # out of memory; a size past int64
                 raise HotswapError(
-                    f"cannot allocate the {dtype} slot arena on {self.device}: {numel * dtype.itemsize:,} "
+                    f"cannot allocate the {dtype} slot arena on {self.device}: "
+                    f"{self.num_slots * row * dtype.itemsize:,} "
                     f"bytes (device_slots={self.num_slots} x max_rank={self.max_rank} x {sizes[1]:,} "
                     f"values per rank, + {sizes[0]:,} vector values per slot); lower max_rank or "
                     f"device_slots ({exc})") from None
