@@ -55,14 +55,14 @@ def test_any_config_peft_reads_back_is_served_as_peft_serves_it(runtimes, config
     torch.manual_seed(seed)
     try:
         model = get_peft_model(base.clone(), LoraConfig(init_lora_weights=False, **config))
-    except ValueError:
+    except Exception:  # noqa: BLE001 - PEFT refusing a configuration, whatever its error type
         event("PEFT refuses the config")
         return
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
         try:
             reference = PeftModel.from_pretrained(base.clone(), directory).eval()
-        except RuntimeError:  # e.g. overlapping rank_pattern keys: PEFT reads its save otherwise
+        except Exception:  # noqa: BLE001 - e.g. overlapping rank_pattern keys: PEFT reads its save otherwise
             event("PEFT cannot read its own save back")
             return
         expected = logits(reference, IDS)
