@@ -112,6 +112,8 @@ class ModelForward:
             raise HotswapError("the model is already compiled by this runtime")
         if example_inputs is None and warmup is None:
             raise HotswapError("rt.compile needs example_inputs, a warmup callable, or both")
+        options = _compile_options(warmup_inputs, warmup, fullgraph=fullgraph, dynamic=dynamic, mode=mode,
+                                   training=training)  # checked before anything changes
         self.guard.mode = guard
         self.guard.install()
         for tensor in static_storage.values():
@@ -120,11 +122,9 @@ class ModelForward:
         self.guard.watch_storage(dict(static_storage))
         generation_config = getattr(self.model, "generation_config", None)
         if generation_config is not None:  # generate() must call our compiled forward
-            self._restore_disable_compile = generation_config.disable_compile
+            if self._restore_disable_compile is None:  # the user's own value, not ours of a failed try
+                self._restore_disable_compile = generation_config.disable_compile
             generation_config.disable_compile = True
-        options: dict[str, Any] = {"guard_filter_fn": drop_process_registry_guards}
-        if mode is not None:  # a mode is a preset of options; both cannot be passed
-            options.update(torch._inductor.list_mode_options(mode, dynamic))
         self.impl = torch.compile(self.eager, fullgraph=fullgraph, dynamic=dynamic, options=options)
         self.guard.fallback = self.eager
         passes = 3 if mode is not None and "reduce-overhead" in mode else 1
@@ -163,3 +163,26 @@ class ModelForward:
         if self._restore_disable_compile is not None:
             self.model.generation_config.disable_compile = self._restore_disable_compile
         self.guard.uninstall()
+
+
+def _compile_options(warmup_inputs: Any, warmup: Any, *, fullgraph: Any, dynamic: Any, mode: Any,
+                     training: Any) -> dict[str, Any]:
+    """``torch.compile``'s options for :meth:`ModelForward.compile`, after checking its
+    arguments (a bad one is a :class:`HotswapError` before anything changes, not an error deep
+    in dynamo or the warm-up)."""
+    for name, value in (("fullgraph", fullgraph), ("training", training)):
+        if not isinstance(value, bool):
+            raise HotswapError(f"rt.compile: {name} must be a bool, got {value!r}")
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise HotswapError(f"rt.compile: dynamic must be None, True or False, got {dynamic!r}")
+    if warmup is not None and not callable(warmup):
+        raise HotswapError(f"rt.compile: warmup must be a callable taking the model, got {warmup!r}")
+    if not isinstance(warmup_inputs, (list, tuple)):
+        raise HotswapError(f"rt.compile: warmup_inputs must be a list of inputs, got {warmup_inputs!r}")
+    options: dict[str, Any] = {"guard_filter_fn": drop_process_registry_guards}
+    if mode is not None:  # a mode is a preset of options; both cannot be passed
+        try:
+            options.update(torch._inductor.list_mode_options(mode, dynamic))
+        except (RuntimeError, TypeError, KeyError, ValueError) as exc:
+            raise HotswapError(f"rt.compile: mode={mode!r} is not a torch.compile mode ({exc})") from None
+    return options

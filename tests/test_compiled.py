@@ -167,3 +167,33 @@ def test_gpt2_conv1d_compiled_swaps_match_peft(tmp_path, input_ids) -> None:
     expected = logits(reference, input_ids, adapter_names=["y", "__base__", "x", "y"])
     assert max_diff(_run(rt, input_ids), expected) <= TOL
     assert rt.guard.recompiles == 0
+
+
+def test_bad_compile_arguments_are_refused_before_anything_changes() -> None:
+    """Each bad option is a HotswapError naming it (were torch's RuntimeError / AssertionError /
+    TypeError from deep in dynamo or the warm-up), raised before the forward, the guard or the
+    generation config change; a good compile afterwards works and restores the user's
+    ``generation_config.disable_compile`` on eject."""
+    from hotswap_rt import HotswapError
+
+    base = BaseModel("llama", seed=3)
+    model = base.clone()
+    model.generation_config.disable_compile = False
+    rt = HotswapRuntime(model, RuntimeConfig(["q_proj"], max_rank=4, max_batch_size=2))
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    forward = rt.internals.forward
+    for kwargs, fragment in ((dict(mode="fastest"), "not a torch.compile mode"),
+                             (dict(dynamic="yes"), "dynamic must be None, True or False"),
+                             (dict(fullgraph="no"), "fullgraph must be a bool"),
+                             (dict(training=1), "training must be a bool"),
+                             (dict(warmup=5), "warmup must be a callable"),
+                             (dict(warmup_inputs=5), "warmup_inputs must be a list")):
+        with pytest.raises(HotswapError, match=fragment):
+            rt.compile(ids, **kwargs)
+        assert not rt.compiled and forward.impl == forward.eager and rt.guard._callback is None
+        assert model.generation_config.disable_compile is False
+    torch._dynamo.reset()
+    rt.compile(ids)
+    assert rt.compiled and model.generation_config.disable_compile is True
+    rt.eject()
+    assert model.generation_config.disable_compile is False
