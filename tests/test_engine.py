@@ -140,6 +140,21 @@ def test_bad_values_fail_alone_or_are_handled(env) -> None:
         engine.submit(prompt(11, 4), "ghost", SamplingParams(max_tokens=5))
     with pytest.raises(RequestError, match="logit_bias"):
         engine.submit(prompt(11, 4), "a", SamplingParams(logit_bias={VOCAB + 5: 1.0}))
+    # wrong types: RequestErrors naming the parameter (were AttributeError / TypeError / ValueError,
+    # or accepted and failed later on the engine thread)
+    for call, param in (
+            (lambda: engine.submit(prompt(11, 4), "a", {"max_tokens": 2}), "sampling"),
+            (lambda: engine.submit(prompt(11, 4), "a", sink=5), "sink"),
+            (lambda: engine.submit(prompt(11, 4), "a", request_id=[1]), "request_id"),
+            (lambda: engine.submit(5, "a"), "prompt"),
+            (lambda: engine.submit("hello", "a"), "prompt"),
+            (lambda: engine.submit([True, False], "a"), "prompt"),
+            (lambda: SamplingParams(stop=5), "stop"),
+            (lambda: SamplingParams(stop_token_ids=5), "stop_token_ids"),
+            (lambda: SamplingParams(logit_bias="x"), "logit_bias")):
+        with pytest.raises(RequestError) as error:
+            call()
+        assert error.value.param == param
     ids = prompt(12, 6)
     tiny_temperature = engine.submit(ids, "b", SamplingParams(max_tokens=8, temperature=1e-50,
                                                               ignore_eos=True))

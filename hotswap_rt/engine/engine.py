@@ -144,10 +144,19 @@ class GenerationEngine:
             RequestError: a bad prompt or parameter (``param`` names it); UnknownAdapterError:
                 an unknown adapter; SelectionError: a malformed adapter mix. Nothing is queued.
         """
-        params = sampling or SamplingParams()
-        prompt = list(prompt_ids)
-        if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
-            raise RequestError("prompt", f"must be 1 or more token ids in [0, {self.vocab_size})")
+        params = SamplingParams() if sampling is None else sampling
+        if not isinstance(params, SamplingParams):
+            raise RequestError("sampling", f"must be a SamplingParams, got {type(sampling).__name__}")
+        if sink is not None and not callable(sink):
+            raise RequestError("sink", f"must be a callable taking each event, got {sink!r}")
+        if request_id is not None and not isinstance(request_id, str):
+            raise RequestError("request_id", f"must be a string, got {request_id!r}")
+        try:
+            prompt = [] if isinstance(prompt_ids, (str, bytes)) else list(prompt_ids)
+        except TypeError:  # not iterable
+            prompt = []
+        if not prompt or not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt):
+            raise RequestError("prompt", f"must be 1 or more token ids (ints) in [0, {self.vocab_size})")
         remaining = self.max_len - len(prompt)
         if remaining < 1:
             raise RequestError("prompt", f"has {len(prompt)} tokens; the context holds {self.max_len}")

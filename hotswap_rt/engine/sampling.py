@@ -84,15 +84,21 @@ class SamplingParams:
         _number_in("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _number_in("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _number_in("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
+        if not isinstance(self.logit_bias, Mapping):
+            raise RequestError("logit_bias", f"must map token ids to biases, got {self.logit_bias!r}")
         bias = dict(self.logit_bias)
         for token, value in bias.items():
             _int_in("logit_bias", token, 0, None)
             _number_in("logit_bias", value, -100.0, 100.0)
         object.__setattr__(self, "logit_bias", bias)
+        if not isinstance(self.stop, (str, list, tuple)):
+            raise RequestError("stop", f"must be a string or a list of strings, got {self.stop!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
         if not all(isinstance(s, str) for s in stop):
             raise RequestError("stop", f"must be strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise RequestError("stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         for token in self.stop_token_ids:
             _int_in("stop_token_ids", token, 0, None)
