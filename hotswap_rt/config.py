@@ -177,22 +177,9 @@ class RuntimeConfig:
         return self.slot_reads == "in_place"
 
     def _names_or_regex(self, name: str, allow_empty: bool) -> None:
-        """Field ``name`` follows PEFT's rules: a regex string (full match; ``"all-linear"``
-        for ``target_modules``) or a list of names (exact or suffix match), kept as a tuple."""
-        value = getattr(self, name)
-        if isinstance(value, str):
-            if not value:
-                raise HotswapError(f"RuntimeConfig.{name} is an empty string")
-            problem = regex_problem(value)
-            if problem is not None:
-                raise HotswapError(f"RuntimeConfig.{name}={value!r} is not a valid regex ({problem})")
-            return
-        names = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else None
-        if names is None or (not names and not allow_empty) or not all(isinstance(n, str) and n for n in names):
-            expected = "a list of names or a regex string" if allow_empty else (
-                "a non-empty list of names, a regex string or 'all-linear'")
-            raise HotswapError(f"RuntimeConfig.{name} must be {expected}; got {value!r}")
-        object.__setattr__(self, name, names)
+        """Field ``name`` checked by :func:`names_or_regex` and kept in its form."""
+        object.__setattr__(self, name, names_or_regex(getattr(self, name), f"RuntimeConfig.{name}",
+                                                      allow_empty))
 
     def _names_or_none(self, name: str) -> None:
         """Field ``name`` is None or a non-empty list of names (kept as a tuple)."""
@@ -255,6 +242,36 @@ class AdapterInfo:
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def names_or_regex(value: object, what: str, allow_empty: bool = False) -> tuple[str, ...] | str:
+    """``value`` as PEFT's module patterns take it: a regex string (full match; also
+    ``"all-linear"``) or a list of names (exact or suffix match), returned as a tuple.
+
+    Raises:
+        HotswapError: neither (an int, an empty name, an invalid regex), naming ``what``.
+    """
+    if isinstance(value, str):
+        if not value:
+            raise HotswapError(f"{what} is an empty string")
+        problem = regex_problem(value)
+        if problem is not None:
+            raise HotswapError(f"{what}={value!r} is not a valid regex ({problem})")
+        return value
+    names = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else None
+    if names is None or (not names and not allow_empty) or not all(isinstance(n, str) and n for n in names):
+        expected = "a list of names or a regex string" if allow_empty else (
+            "a non-empty list of names, a regex string or 'all-linear'")
+        raise HotswapError(f"{what} must be {expected}; got {value!r}")
+    return names
+
+
+def check_flags(method: str, **flags: object) -> None:
+    """Raise :class:`HotswapError` unless every flag is a bool (``trainable="no"`` would
+    otherwise be read as True)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise HotswapError(f"{method}: {name} must be True or False, got {value!r}")
 
 
 def regex_problem(pattern: str) -> str | None:

@@ -176,6 +176,9 @@ def resolve_source(source: str | os.PathLike[str], local_files_only: bool = Fals
     Raises:
         AdapterFormatError: the path does not exist and the id is not in the cache / on the Hub.
     """
+    if not isinstance(source, (str, os.PathLike)) or isinstance(os.fspath(source), bytes):
+        raise AdapterFormatError(f"an adapter source is a directory (str or path) or a Hub id, got "
+                                 f"{type(source).__name__} {source!r}")
     path = Path(source).expanduser()
     if path.is_dir():
         return path

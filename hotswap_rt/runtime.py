@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .arena import LayerLayout, LayerShape, SlotArena
-from .config import AdapterInfo, RuntimeConfig, name_matches
+from .config import AdapterInfo, RuntimeConfig, check_flags, name_matches, names_or_regex
 from .errors import HotswapError, IncompatibleAdapterError, SelectionError, SlotsBusyError, TargetNotFoundError
 from .forward import ModelForward
 from .gate import ForwardGate
@@ -380,6 +380,8 @@ class HotswapRuntime:
         Raises:
             HotswapError: (a subclass) for any bad input; nothing changes.
         """
+        check_flags("load", replace=replace, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                    trainable=trainable, inject=inject)
         self._check_name(name, replace)
         if trainable:
             self._trainer.check_can_train()
@@ -409,6 +411,7 @@ class HotswapRuntime:
                 f"prefetch accepts replace/allow_pickle/allow_nonfinite, not {sorted(unknown)} "
                 f"(a trainable adapter needs a device slot: use load(..., trainable=True))"
             )
+        check_flags("prefetch", **load_kwargs)
         replace = load_kwargs.pop("replace", False)
 
         def job() -> AdapterInfo:
@@ -466,6 +469,7 @@ class HotswapRuntime:
         Raises:
             HotswapError: what ``load`` would raise for this source.
         """
+        check_flags("check", allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         adapter = self._stager.read(source, None, None, allow_pickle, allow_nonfinite)
         self._check_saved_base_weights(adapter)
         plan = self._plan_injection(list(adapter.modules), list(adapter.saved_modules))
@@ -489,6 +493,7 @@ class HotswapRuntime:
         Raises:
             UnknownAdapterError, AdapterFormatError: unknown name; non-empty target directory.
         """
+        check_flags("save", overwrite=overwrite, into_existing=into_existing)
         adapter = self._saved_values(name)
         if into_existing:
             return str(write_adapter_files(adapter, directory))
@@ -546,6 +551,7 @@ class HotswapRuntime:
             HotswapError: the adapter is part of the current selection (pass ``force=True`` to
                 drop it from the selection, its rows then use the base model), or leased.
         """
+        check_flags("unload", force=force)
         with self._mutation():
             record = self._residency.get(name)
             if record.leases and not force:
@@ -721,11 +727,14 @@ class HotswapRuntime:
             HotswapError: bad hyper-parameters, a name in use, another adapter in training, or
                 no device slot that can be freed (:class:`SlotsBusyError`); nothing changes.
         """
+        check_flags("add_adapter", use_rslora=use_rslora, trainable=trainable)
+        check_args(rank, alpha, init, self._arena.max_rank)  # before any layer is injected
+        if targets is not None:
+            targets = names_or_regex(targets, "add_adapter: targets")
         self._check_name(name, replace=False)
         if trainable:
             self._trainer.check_can_train()
         if self.lazy and targets is not None:
-            check_args(rank, alpha, init, self._arena.max_rank)  # before any layer is injected
             self._inject_for(find_targets(self.model, targets),
                              before_injecting=lambda: self._residency.check_commit(name, trainable))
         adapter = new_adapter(self._arena, rank, alpha, use_rslora, targets, init)

@@ -163,6 +163,9 @@ class Stager:
             if config is None:
                 raise HotswapError("state_dict= needs config= (the adapter_config as a dict)")
             config_dict = config_as_dict(config)
+            if not isinstance(state_dict, Mapping):
+                raise AdapterFormatError(f"state_dict= must map PEFT keys to tensors, got "
+                                         f"{type(state_dict).__name__}")
             state, where = dict(state_dict), "state_dict"
         adapter = self.parse_cache.parse(config_dict, state, where, allow_nonfinite=allow_nonfinite,
                                           check_finite=not defer_finite)

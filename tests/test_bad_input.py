@@ -341,6 +341,20 @@ def test_check_describes_a_good_adapter_and_changes_nothing(env, input_ids) -> N
         (lambda rt: rt.lease(["good"]), UnknownAdapterError, "['good']"),
         (lambda rt: rt.info(["good"]), UnknownAdapterError, "['good']"),
         (lambda rt: rt.adapter_state_dict(["good"]), UnknownAdapterError, "['good']"),
+        # wrong types: named errors (were TypeErrors / re.error, or a string flag read as True)
+        (lambda rt: rt.load("new", 5), AdapterFormatError, "an adapter source is a directory"),
+        (lambda rt: rt.load("new", b"/tmp"), AdapterFormatError, "an adapter source is a directory"),
+        (lambda rt: rt.check(5), AdapterFormatError, "an adapter source is a directory"),
+        (lambda rt: rt.load("new", state_dict=[1], config={"r": 2}), AdapterFormatError,
+         "state_dict= must map PEFT keys to tensors"),
+        (lambda rt: rt.load("new", state_dict={}, config={"r": 2}, trainable="no"), HotswapError,
+         "load: trainable must be True or False, got 'no'"),
+        (lambda rt: rt.prefetch("new", "x", replace="yes"), HotswapError, "prefetch: replace must be"),
+        (lambda rt: rt.unload("good", force="yes"), HotswapError, "unload: force must be"),
+        (lambda rt: rt.save("good", "/tmp/x", overwrite="no"), HotswapError, "save: overwrite must be"),
+        (lambda rt: rt.add_adapter("new", 2, 4, targets=5), HotswapError, "add_adapter: targets must be"),
+        (lambda rt: rt.add_adapter("new", 2, 4, targets="("), HotswapError, "is not a valid regex"),
+        (lambda rt: rt.add_adapter("new", 2, 4, trainable="no"), HotswapError, "add_adapter: trainable"),
     ],
 )
 def test_bad_operation_refused_and_nothing_changes(env, input_ids, operation, error, fragment) -> None:
