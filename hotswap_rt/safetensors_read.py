@@ -158,7 +158,7 @@ def _unique(path: Path, pairs: _Pairs, what: str) -> dict[str, Any]:
 
 
 def _parse_header(path: Path, raw: bytes) -> list[_Entry]:
-    """The header's tensor entries, sorted by offset (~2 us a tensor)."""
+    """The header's tensor entries, sorted by offset (~3 us a tensor: 160 us for 56)."""
     try:
         pairs = json.loads(raw.decode("utf-8"), object_pairs_hook=_Pairs)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
