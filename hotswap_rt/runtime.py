@@ -88,6 +88,7 @@ class HotswapRuntime:
                                f"{served[:4]}); eject() that runtime first")
         self.config = config = config or RuntimeConfig()
         self.model = model
+        self._ejected = False  # see eject()
         self.lazy = config.target_modules is None  # inject what the adapters target, as they come
         names = [] if self.lazy else find_targets(model, config.target_modules, config.exclude_modules)
         full = [] if config.modules_to_save is None else find_modules_to_save(
@@ -658,8 +659,17 @@ class HotswapRuntime:
     def _mutation(self) -> _Mutation:
         """Exclusive access for a change: wait until no forward runs (keeping new ones out),
         *then* take the runtime lock. In that order a writer never holds the lock while it
-        waits for a forward, so a forwarding thread may still call read-only methods."""
+        waits for a forward, so a forwarding thread may still call read-only methods.
+
+        Raises:
+            HotswapError: the runtime was ejected (its model no longer reads the slots)."""
+        self._check_not_ejected()
         return _Mutation(self._gate, self._lock)
+
+    def _check_not_ejected(self) -> None:
+        if self._ejected:
+            raise HotswapError("this runtime was ejected (rt.eject()): the model is restored and no longer "
+                               "reads its slots; create a new runtime to serve adapters again")
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -802,6 +812,7 @@ class HotswapRuntime:
         go in a dict (``rt.compile({"mode": ...})``). ``generate`` calls the runtime's compiled
         forward (transformers' own auto-compile is switched off on this model).
         """
+        self._check_not_ejected()
         if len(example_args) == 1 and isinstance(example_args[0], Mapping) and not example_kwargs:
             example: ExampleInput | None = dict(example_args[0])
         elif example_args or example_kwargs:
@@ -840,7 +851,11 @@ class HotswapRuntime:
             self._selector.write(self._residency.slot_and_scale, force=True)
 
     def eject(self) -> nn.Module:
-        """Undo injection: put the original layers and forward back; the runtime is then unusable."""
+        """Undo injection: put the original layers and forward back (once: ejecting again returns
+        the model). The runtime then refuses every change (``HotswapError``); what it reports
+        (``adapters``, ``info``, ``stats``) and ``save`` / ``adapter_state_dict`` still work."""
+        if self._ejected:
+            return self.model
         with self._mutation():
             self._trainer.restore_base()
             self._injection.undo()
@@ -848,6 +863,7 @@ class HotswapRuntime:
             for hook in self._eject_hooks:
                 hook()
             self._background.shutdown()
+            self._ejected = True
             return self.model
 
     # ------------------------------------------------------------------------------ reports
@@ -876,6 +892,7 @@ class HotswapRuntime:
 
     # ------------------------------------------------------------------------------ helpers
     def _check_name(self, name: Any, replace: bool, prefetched: bool = False) -> None:
+        self._check_not_ejected()  # before any read or staging work
         if not isinstance(name, str) or not name:
             raise HotswapError(f"adapter names are non-empty strings, got {name!r}")
         if self._background.in_flight(name) and not prefetched:

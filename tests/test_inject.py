@@ -98,3 +98,26 @@ def test_injection_keeps_base_weights_and_eject_restores(llama: BaseModel, input
     assert not any(isinstance(m, LoraSlotLinear) for m in model.modules())
     assert "forward" not in model.__dict__
     assert torch.equal(logits(model, input_ids), base_logits)
+
+
+def test_an_ejected_runtime_refuses_changes_and_still_reports(llama: BaseModel, input_ids, tmp_path) -> None:
+    """After ``eject`` the model no longer reads the slots: every change is refused (it used to
+    be accepted and do nothing visible: ``compile`` compiled a forward no one called), reports
+    and ``save`` still work, and ejecting again returns the model without undoing twice."""
+    model = llama.clone()
+    adapter = llama.make_adapter(tmp_path / "a", seed=1, r=4, lora_alpha=8)
+    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=8))
+    rt.load("a", adapter)
+    rt.activate("a")
+    assert rt.eject() is model and rt.eject() is model
+    base_logits = logits(llama.model, input_ids)
+    assert torch.equal(logits(model, input_ids), base_logits)
+    for change in (lambda: rt.activate("a"), lambda: rt.load("b", adapter), lambda: rt.unload("a"),
+                   lambda: rt.pin("a"), lambda: rt.compile(input_ids), lambda: rt.disable(),
+                   lambda: rt.add_adapter("n", 2, 4, trainable=False), lambda: rt.prefetch("c", adapter)):
+        with pytest.raises(HotswapError, match="this runtime was ejected"):
+            change()
+    assert [info.name for info in rt.adapters()] == ["a"] and rt.info("a").rank == 4
+    saved = rt.save("a", tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file() and saved.endswith("saved")
+    assert torch.equal(logits(model, input_ids), base_logits)
