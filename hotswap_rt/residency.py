@@ -122,6 +122,8 @@ class Residency:
             HotswapError: a background load of one of ``names`` failed, or a re-read fails.
         """
         for name in names:
+            if not isinstance(name, str):  # refused by name (a list would fail as unhashable below)
+                self.registry.get(name)
             self._background.wait(name)
         prestaged = {}
         for name in names:

@@ -685,7 +685,6 @@ class HotswapRuntime:
     # ------------------------------------------------------------------------ residency
     def pin(self, name: str) -> AdapterInfo:
         """Bring ``name`` into a device slot and keep it there until :meth:`unpin`."""
-        self._residency.get(name)  # an unknown name (or not a name) is refused first
         prestaged = self._residency.prepare([name])
         with self._mutation():
             record = self._residency.get(name)
@@ -706,7 +705,6 @@ class HotswapRuntime:
         Raises:
             SlotsBusyError: every slot is pinned, leased or read by the current selection.
         """
-        self._residency.get(name)  # an unknown name (or not a name) is refused first
         prestaged = self._residency.prepare([name])
         with self._mutation():
             record = self._residency.get(name)

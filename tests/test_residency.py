@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hotswap_rt import AdapterChangedError, HotswapError, HotswapRuntime, RuntimeConfig, SlotsBusyError
+from hotswap_rt import (
+    AdapterChangedError, HotswapError, HotswapRuntime, RuntimeConfig, SlotsBusyError, UnknownAdapterError,
+)
 
 from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, assert_unchanged, logits, snapshot_state
 
@@ -384,3 +386,26 @@ def test_a_rewrite_in_place_that_restores_size_and_mtime_is_still_seen(env, tmp_
         before_stat.st_size, before_stat.st_mtime_ns, before_stat.st_ino)
     with pytest.raises(AdapterChangedError, match=r"\['adapter_model.safetensors'\]"):
         rt.activate("b")
+
+
+def test_pin_and_lease_of_a_name_whose_prefetch_is_in_flight_wait_for_it(env) -> None:
+    """``pin`` / ``lease`` of a prefetching name wait for its load (as ``activate`` does) rather
+    than refusing it as unknown; a name that is not a string is refused by name."""
+    base, paths, expected = env
+    rt = _runtime(base)
+    read = rt.internals.stager.read
+
+    def slow_read(*args, **kwargs):
+        time.sleep(0.2)  # the prefetch is still in flight when pin / lease is called
+        return read(*args, **kwargs)
+
+    rt.internals.stager.read = slow_read
+    rt.prefetch("p", paths["a"])
+    assert rt.pin("p").slot is not None
+    rt.prefetch("q", paths["b"])
+    with rt.lease("q"):
+        assert rt.info("q").tier == "device"
+    rt.activate("p")
+    assert torch.allclose(logits(rt.model, IDS), expected["a"], atol=1e-4)
+    with pytest.raises(UnknownAdapterError, match=r"\['p'\]"):
+        rt.pin(["p"])
