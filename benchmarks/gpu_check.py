@@ -144,8 +144,11 @@ def stage_swap(setup: Setup) -> dict[str, Any]:
         rt.activate(next(flip))
 
     switch_us = median_us(switch, setup.rounds, setup.device)
+    switch_host_us = median_us(switch, setup.rounds, torch.device("cpu"))  # returns before the GPU is done
+    synchronize_us = median_us(lambda: None, setup.rounds, setup.device)  # what every figure above includes
     return {"slot_bytes": rt.slot_nbytes, "swaps": swaps, "copy_us": copy_us, "swap_us": swap_us,
             "swap_over_copy": swap_us / copy_us, "resident_switch_us": switch_us,
+            "resident_switch_host_us": switch_host_us, "synchronize_us": synchronize_us,
             "copy_GBps": rt.slot_nbytes / copy_us / 1e3}
 
 
@@ -202,34 +205,44 @@ def stage_overlap(setup: Setup) -> dict[str, Any]:
 
 
 def stage_decode_k(setup: Setup) -> dict[str, Any]:
-    """Decode step (batch 16) with k distinct adapters over the uninjected model."""
+    """Decode step (batch 16) with k distinct adapters over the uninjected model, compiled in
+    the default mode and (on CUDA) with CUDA graphs (``reduce-overhead``, the engine's mode
+    there): keys ``<product>_k<k>_...`` and ``graphs_<product>_k<k>_...``."""
     batch, rank, ks = 16, 16, (1, 4, 8, 16)
     ids = torch.randint(0, 1024, (batch, 1), device=setup.device)
 
     def timed(forward: Callable[[], object]) -> float:
         with torch.no_grad():
+            forward()  # CUDA graphs: the first calls warm up and record
             return median_us(forward, setup.rounds, setup.device)
 
-    base = llama(setup)
-    plain = torch.compile(base) if setup.compile else base
-    base_us = timed(lambda: plain(input_ids=ids))
-    result: dict[str, Any] = {"uninjected_us": base_us}
-    for mode, per_row in (("stacked", None), ("per_row", 1)):
-        rt = HotswapRuntime(llama(setup), RuntimeConfig(
-            target_modules="all-linear", max_rank=rank, device_slots=16, host_slots=16,
-            max_batch_size=batch, max_adapters_per_row=per_row))
-        for i in range(16):
-            state, config = random_state(rt, rank, seed=i)
-            rt.load(f"a{i}", state_dict=state, config=config)
-        rt.activate_rows([f"a{i % 16}" for i in range(batch)])
-        if setup.compile:
-            rt.compile(ids)
-        for k in ks:
-            rt.activate_rows([f"a{i % k}" for i in range(batch)])
-            us = timed(lambda: rt.model(input_ids=ids))
-            result[f"{mode}_k{k}_us"] = us
-            result[f"{mode}_k{k}_over_uninjected"] = us / base_us
-        result[f"{mode}_recompiles"] = rt.guard.recompiles
+    modes: list[str | None] = [None]
+    if setup.compile and setup.device.type == "cuda":
+        modes.append("reduce-overhead")
+    result: dict[str, Any] = {}
+    for mode in modes:
+        prefix = "graphs_" if mode else ""
+        torch._dynamo.reset()
+        base = llama(setup)
+        plain = torch.compile(base, mode=mode) if setup.compile else base
+        base_us = timed(lambda: plain(input_ids=ids))
+        result[f"{prefix}uninjected_us"] = base_us
+        for product, per_row in (("stacked", None), ("per_row", 1)):
+            rt = HotswapRuntime(llama(setup), RuntimeConfig(
+                target_modules="all-linear", max_rank=rank, device_slots=16, host_slots=16,
+                max_batch_size=batch, max_adapters_per_row=per_row))
+            for i in range(16):
+                state, config = random_state(rt, rank, seed=i)
+                rt.load(f"a{i}", state_dict=state, config=config)
+            rt.activate_rows([f"a{i % 16}" for i in range(batch)])
+            if setup.compile:
+                rt.compile(ids, mode=mode)
+            for k in ks:
+                rt.activate_rows([f"a{i % k}" for i in range(batch)])
+                us = timed(lambda: rt.model(input_ids=ids))
+                result[f"{prefix}{product}_k{k}_us"] = us
+                result[f"{prefix}{product}_k{k}_over_uninjected"] = us / base_us
+            result[f"{prefix}{product}_recompiles"] = rt.guard.recompiles
     return result
 
 

@@ -20,6 +20,7 @@ import torch._dynamo
 import torch._inductor
 from torch import nn
 
+from .cuda_graph_threads import prepare_thread_for_cuda_graphs
 from .errors import HotswapError
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
@@ -67,6 +68,7 @@ class ModelForward:
         self.params = positional_names(self.eager)
         self.batch_candidates = batch_argument(self.params, batch_input)
         self.compiled = False
+        self.cuda_graphs = False  # compiled with CUDA graphs: each calling thread is prepared
         self._restore_disable_compile: Any = None
         model.forward = self  # instance attribute: model(...) and generate() use it
 
@@ -80,6 +82,8 @@ class ModelForward:
         if self.compiled:
             kwargs = unview(kwargs)
         batch = batch_size(kwargs, self.batch_candidates)
+        if self.cuda_graphs:
+            prepare_thread_for_cuda_graphs()
         self.gate.enter()  # from here on the selection and the slots it reads cannot change
         try:
             if batch is not None:
@@ -126,6 +130,7 @@ class ModelForward:
                 self._restore_disable_compile = generation_config.disable_compile
             generation_config.disable_compile = True
         self.impl = torch.compile(self.eager, fullgraph=fullgraph, dynamic=dynamic, options=options)
+        self.cuda_graphs = bool(options.get("triton.cudagraphs"))
         self.guard.fallback = self.eager
         passes = 3 if mode is not None and "reduce-overhead" in mode else 1
         # One cache entry per graph: make room for every variant while they compile (the limit
@@ -136,6 +141,7 @@ class ModelForward:
                 self._warm_up(example_inputs, warmup_inputs, warmup, training, passes, variants)
         except BaseException:
             self.impl = self.eager
+            self.cuda_graphs = False
             raise
         self.compiled = True
         self.guard.arm()

@@ -84,6 +84,10 @@ class Selection:
         # selections the warm-up writes.
         self._needed: tuple[int | None, bool] = (self.rank_bucket, self.per_row)
         self._variant: tuple[int | None, bool] | None = None
+        # On CUDA each write's host values are pinned and copied without blocking: a pageable
+        # copy_ waits for every queued forward (cudaStreamSynchronize) before it returns.
+        # The copies queue behind those forwards on the same stream, which read the old values.
+        self.pinned_writes = device.type == "cuda"
         self.in_place = in_place_slots is not None  # positions are the slots: no gather
         positions = in_place_slots if in_place_slots is not None else max_active
         self.positions = positions
@@ -182,7 +186,7 @@ class Selection:
             self._plans[key] = plan
         copies, per_row = plan
         for target, source in copies:
-            target.copy_(source)
+            target.copy_(source, non_blocking=self.pinned_writes)
         self._needs(self._needed[0], per_row)
         if len(rows) != self._row_count:
             self.row_count.fill_(len(rows))
@@ -222,6 +226,10 @@ class Selection:
             copies.append((self.row_slots, self._rows_tensor(self.row_slots, row_slots, uniform)))
             copies.append((self.row_slot_weights,
                            self._rows_tensor(self.row_slot_weights, row_slot_weights, uniform)))
+        if self.pinned_writes:  # never written after this, so safe to copy without blocking;
+            # whole-shape (a broadcasting copy_ to CUDA stages an expanded pageable temporary)
+            copies = [(target, source.expand(target.shape).contiguous().pin_memory())
+                      for target, source in copies]
         return copies, per_row
 
     @staticmethod

@@ -40,7 +40,8 @@ if (( ${#missing[@]} )); then
 fi
 
 RESULTS="$ROOT/benchmarks/results/$(date +%F)-gpu"
-TESTS=(tests/test_cuda.py "tests/test_guard.py::test_reduce_overhead_cuda_graphs_switch_without_rerecord")
+TESTS=(tests/test_cuda.py "tests/test_guard.py::test_reduce_overhead_cuda_graphs_switch_without_rerecord"
+       "tests/test_guard.py::test_cuda_graph_forwards_from_other_threads_equal_eager")
 STEPS=(
   "environment: nvidia-smi; python -c 'import torch; torch.cuda.is_available()'"
   "tests (timeout 240 s): python -m pytest ${TESTS[*]} --junitxml $RESULTS-tests.xml"

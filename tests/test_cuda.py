@@ -71,6 +71,31 @@ def test_a_swap_waits_for_the_queued_forward_that_reads_the_slot(adapters) -> No
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_switch_between_resident_adapters_does_not_wait_for_queued_forwards(adapters) -> None:
+    """The selection is written from pinned memory without blocking: the host returns while the
+    GPU still runs the forward queued before it, and that forward reads the old selection."""
+    base, paths, reference = adapters
+    rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2))
+    for name, path in paths.items():
+        rt.load(name, path)
+    ids = torch.randint(0, VOCAB, (2, 9), device="cuda")
+    for name in ("a", "b", "a"):  # both resident; each selection's host values built once
+        rt.activate(name)
+        logits(rt.model, ids)
+    swaps = rt.stats()["swaps"]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # keeps the compute stream busy (~50 ms at 2 GHz)
+    out_a = logits(rt.model, ids)  # queued behind the sleep
+    rt.activate("b")
+    still_busy = not torch.cuda.current_stream().query()
+    out_b = logits(rt.model, ids)
+    torch.cuda.synchronize()
+    assert still_busy  # the switch did not wait for the sleep and the forward behind it
+    assert rt.stats()["swaps"] == swaps  # a switch, no copy into a slot
+    torch.testing.assert_close(out_a, peft_logits(reference, "a", ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_b, peft_logits(reference, "b", ids), atol=1e-4, rtol=1e-4)
+
+
 def test_engine_cuda_graph_buckets_equal_the_eager_engine_without_rerecording(adapters) -> None:
     base, paths, _ = adapters
     prompts = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()

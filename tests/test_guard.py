@@ -263,3 +263,32 @@ def test_another_model_class_created_after_compile_does_not_recompile() -> None:
     LlamaDefinedAfterCompile(rt.model.config)
     assert torch.equal(rt.model(ids).logits, before)  # guard="raise": a recompile would raise
     assert rt.guard.recompiles == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_forwards_from_other_threads_equal_eager() -> None:
+    """Compiled (and recorded) in this thread, run from two others, each with its own graph
+    trees (torch < 2.13 asserted in any thread but the importing one: see cuda_graph_threads).
+    Grad mode is per thread: the others run under no_grad too, as the compile's warm-up did
+    (with grad on, the guard rightly reports a recompile: GLOBAL_STATE changed: grad_mode)."""
+    from .test_cuda_graph_threads import in_new_thread
+
+    torch.manual_seed(0)
+    rt = HotswapRuntime(TinyLM().cuda(), RuntimeConfig(["up", "down"], max_rank=4))
+    state = {f"base_model.model.{layer}.lora_{kind}.weight": torch.randn(shape)
+             for layer in ("up", "down") for kind, shape in (("A", (2, 16)), ("B", (16, 2)))}
+    rt.load("x", state_dict=state, config={"r": 2, "lora_alpha": 4})
+    ids = IDS.cuda()
+    rt.activate("x")
+    eager = rt.model(ids).clone()
+    rt.compile(ids, mode="reduce-overhead", guard="raise")
+    for _ in range(2):
+        out = in_new_thread(lambda: _forwards_without_grad(rt, ids, 3))
+        torch.testing.assert_close(out, eager)
+    assert rt.guard.recompiles == 0
+
+
+def _forwards_without_grad(rt: HotswapRuntime, ids: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` forwards under no_grad (in the calling thread); the last output, cloned."""
+    with torch.no_grad():
+        return [rt.model(ids).clone() for _ in range(count)][-1]
