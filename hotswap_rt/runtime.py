@@ -649,6 +649,7 @@ class HotswapRuntime:
         prestaged = self._residency.prepare(names)  # outside the lock: prefetches, disk reads
         with self._mutation():
             records = [self._residency.get(n) for n in names]  # unknown name: raise before change
+            self._selector.check_weights(rows, lambda name: self._residency.get(name).weight_scale)
             self._residency.ensure_resident(records, prestaged, replaces_selection=True)
             self._selector.set(rows, per_row)
             self._write_selection()

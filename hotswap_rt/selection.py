@@ -30,6 +30,7 @@ import torch
 from .errors import SelectionError
 
 RowSpec = Mapping[int, float]  # slot index -> weight, for one batch row
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the selection weights' dtype
 Activation = str | Mapping[str, float] | None  # what rt.activate takes for one row
 
 
@@ -277,6 +278,22 @@ class Selector:
 
     def uses(self, name: str) -> bool:
         return any(name in row for row in self.rows)
+
+    @staticmethod
+    def check_weights(rows: Sequence[Mapping[str, float]], scale_of: Callable[[str], float]) -> None:
+        """Raise unless every weight times its adapter's factor (``scale_of(name)``: a trainable
+        adapter's scaling, else 1) fits the float32 selection tensors: a larger one would be
+        written as Inf and every output of its rows would be Inf / NaN.
+
+        Raises:
+            SelectionError: naming the adapter and the product.
+        """
+        for row in rows:
+            for name, weight in row.items():
+                if weight and not abs(weight * scale_of(name)) <= FLOAT32_MAX:
+                    raise SelectionError(
+                        f"weight {weight!r} of {name!r} (times its factor {scale_of(name)!r}) does not fit "
+                        f"the float32 selection weights (at most {FLOAT32_MAX:.4g} in magnitude)")
 
     def set(self, rows: list[dict[str, float]], per_row: bool) -> None:
         """Replace the selection by name (call :meth:`write` next)."""

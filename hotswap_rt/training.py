@@ -32,6 +32,7 @@ from .config import lora_scaling, name_matches
 from .errors import HotswapError, IncompatibleAdapterError
 from .layers import LayerTrainState, SlotLayer
 from .peft_format import LoraModule, ParsedAdapter
+from .selection import FLOAT32_MAX
 
 Init = Literal["kaiming", "gaussian", "zeros"]
 INITS = ("kaiming", "gaussian", "zeros")
@@ -119,9 +120,9 @@ def check_args(rank: object, alpha: object, init: object, max_rank: int) -> None
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
         raise HotswapError(f"rank must be an int in 1..max_rank ({max_rank}), got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
-        math.isfinite(alpha) and alpha > 0
-    ):
-        raise HotswapError(f"alpha must be a positive finite number, got {alpha!r}")
+        math.isfinite(alpha) and 0 < alpha <= FLOAT32_MAX
+    ):  # its scaling (alpha / r or alpha / sqrt(r), at most alpha) is a float32 selection weight
+        raise HotswapError(f"alpha must be a positive finite number (at most {FLOAT32_MAX:.4g}), got {alpha!r}")
     if init not in INITS:
         raise HotswapError(f"init must be one of {INITS}, got {init!r}")
 
@@ -150,7 +151,12 @@ def uniform_scaling(adapter: ParsedAdapter) -> float:
             f"{adapter.source or 'state_dict'}: a trainable adapter needs one scaling for all "
             f"modules, but its rank/alpha patterns give {sorted(scalings)}; load it for inference"
         )
-    return scalings.pop()
+    scaling = scalings.pop()
+    if not scaling <= FLOAT32_MAX:  # a selection weight: Inf in float32 would make every output Inf / NaN
+        raise IncompatibleAdapterError(
+            f"{adapter.source or 'state_dict'}: its scaling {scaling!r} does not fit a float32 selection "
+            f"weight; load it for inference (B * scaling is then checked in the slot dtype)")
+    return scaling
 
 
 def make_trainable(arena: SlotArena, slot: int, name: str, adapter: ParsedAdapter) -> TrainableAdapter:

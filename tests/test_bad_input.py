@@ -355,6 +355,11 @@ def test_check_describes_a_good_adapter_and_changes_nothing(env, input_ids) -> N
         (lambda rt: rt.add_adapter("new", 2, 4, targets=5), HotswapError, "add_adapter: targets must be"),
         (lambda rt: rt.add_adapter("new", 2, 4, targets="("), HotswapError, "is not a valid regex"),
         (lambda rt: rt.add_adapter("new", 2, 4, trainable="no"), HotswapError, "add_adapter: trainable"),
+        # weights beyond float32 (the selection's dtype) were written as Inf: NaN logits
+        (lambda rt: rt.activate({"good": 1e308}), SelectionError, "does not fit the float32"),
+        (lambda rt: rt.activate({"good": 1.0, "other": -1e39}), SelectionError, "'other'"),
+        (lambda rt: rt.activate_rows([{"good": 1e300}, None]), SelectionError, "does not fit the float32"),
+        (lambda rt: rt.add_adapter("new", 2, 1e300), HotswapError, "alpha must be a positive finite"),
     ],
 )
 def test_bad_operation_refused_and_nothing_changes(env, input_ids, operation, error, fragment) -> None:
@@ -386,3 +391,15 @@ def test_batch_size_must_match_rows(env, input_ids) -> None:
             logits(rt.model, input_ids)
     finally:
         rt.activate("good")
+
+
+def test_trainable_load_whose_scaling_overflows_float32_is_refused(env, input_ids) -> None:
+    """A trainable adapter's scaling is its selection weight (float32): alpha = 1e300 would be
+    written as Inf (an inference load folds it into B, where staging's check catches it)."""
+    _, _, rt = env
+    before = snapshot_state(rt, input_ids)
+    config = {**GOOD_CONFIG, "lora_alpha": 1e300}
+    with pytest.raises(IncompatibleAdapterError, match="does not fit a float32 selection weight"):
+        rt.load("bad", state_dict=_lora_state(), config=config, trainable=True)
+    assert "bad" not in rt.internals.registry.records
+    assert_unchanged(before, snapshot_state(rt, input_ids))
