@@ -85,6 +85,13 @@ class RuntimeConfig:
             suffix rule, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``) that get
             per-expert LoRA slots (:mod:`hotswap_rt.experts`). ``None``: none, or with lazy
             injection what the loaded adapters target, before compiling.
+        keep_factors: also keep each directory-loaded adapter's factors as read in the host
+            ring, beside its staged rows (about twice the host memory per entry), so that
+            ``save`` / ``adapter_state_dict`` write them without reading its files again.
+            ``False`` (default): the ring holds the staged rows only (``AdapterInfo.bytes``),
+            and those read its files again, as for the disk tier (``AdapterChangedError`` if
+            they changed since the load). Adapters with no files (``state_dict=``,
+            ``add_adapter``, trainable loads) always keep their factors.
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -102,6 +109,7 @@ class RuntimeConfig:
     scale_vectors: bool = False
     modules_to_save: Sequence[str] | None = None
     target_parameters: Sequence[str] | None = None
+    keep_factors: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_input is not None and (not isinstance(self.batch_input, str) or not self.batch_input):
@@ -109,6 +117,8 @@ class RuntimeConfig:
         if self.target_modules is not None:
             self._names_or_regex("target_modules", allow_empty=False)
         self._names_or_regex("exclude_modules", allow_empty=True)
+        if not isinstance(self.keep_factors, bool):
+            raise HotswapError(f"RuntimeConfig.keep_factors must be True or False, got {self.keep_factors!r}")
         for name in ("max_rank", "device_slots", "host_slots", "max_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

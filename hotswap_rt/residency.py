@@ -84,6 +84,8 @@ class Residency:
         background: in-flight prefetches (waited for before an adapter is needed).
         restage: re-reads a disk-tier adapter from its origin (a staging function).
         lock: the runtime's lock (taken by :meth:`release_lease`).
+        keep_factors: host entries of adapters with files keep their factors as read
+            (:attr:`RuntimeConfig.keep_factors`); else only their rows.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class Residency:
         background: BackgroundLoads,
         restage: Callable[[Origin], StagedAdapter],
         lock: threading.RLock,
+        keep_factors: bool = False,
     ) -> None:
         self.arena = arena
         self.registry = registry
@@ -102,6 +105,7 @@ class Residency:
         self._background = background
         self._read_origin = restage
         self._lock = lock
+        self.keep_factors = keep_factors
 
     def get(self, name: str) -> AdapterRecord:
         """The record of ``name``. Raises :class:`UnknownAdapterError`."""
@@ -179,7 +183,7 @@ class Residency:
             slot = self.registry.free_slot() if use_free_slot else None
         if slot is not None:
             self._copy_to_slot(slot, staged)
-        record = self.registry.put(name, staged, info, origin)
+        record = self.registry.put(name, self._host_entry(staged, origin, trainable), info, origin)
         self._background.forget(name)
         if slot is not None:
             self.registry.assign(record, slot)
@@ -232,11 +236,19 @@ class Residency:
                 tier = "disk"
                 staged, extra = prestaged.get(record.name) or self.restage(record)
                 self.registry.make_room(record.name, {r.name for r in records})
-                record.staged = staged
+                record.staged = self._host_entry(staged, record.origin)
             self._copy_to_slot(slot, record.staged, tier, extra)
             self.registry.assign(record, slot)
             protected.add(slot)
             self.stats.hits[tier] += 1
+
+    def _host_entry(self, staged: StagedAdapter, origin: Origin | None,
+                    trainable: bool = False) -> StagedAdapter:
+        """What the host ring keeps of ``staged``: without its factors when its files can be
+        read again for ``save`` (an origin) and the runtime does not keep them."""
+        if origin is None or trainable or self.keep_factors or staged.adapter is None:
+            return staged
+        return staged.without_factors()
 
     def _slots_busy(self, missing: list[AdapterRecord], free: int) -> SlotsBusyError:
         return SlotsBusyError(

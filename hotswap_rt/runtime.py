@@ -119,7 +119,7 @@ class HotswapRuntime:
         self._background = BackgroundLoads()
         self._residency = Residency(
             self._arena, AdapterRegistry(config.host_slots, config.device_slots), self._selector,
-            self._background, self._read_origin, self._lock,
+            self._background, self._read_origin, self._lock, keep_factors=config.keep_factors,
         )
         self._trainer = Trainer(model, self._layers, self._arena)
         self.guard = RecompileGuard()
@@ -535,9 +535,10 @@ class HotswapRuntime:
                 assert staged is not None and self._trainer.adapter is not None
                 adapter = snapshot(self._trainer.adapter, staged.adapter)  # the trained values
         if adapter is None:
-            if staged is None:  # disk tier: read it again (validated like any load)
-                staged, _ = self._residency.restage(record)
+            if staged is None or staged.adapter is None:  # disk tier, or the ring keeps rows only:
+                staged, _ = self._residency.restage(record)  # read its files again (checked unchanged)
             adapter = staged.adapter
+            assert adapter is not None
         if adapter.base_model_name_or_path is None:
             base = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
             adapter = dataclasses.replace(adapter, base_model_name_or_path=base)

@@ -38,7 +38,8 @@ class StagedAdapter:
     """An adapter validated against the layout and laid out as one host row per dtype.
 
     Attributes:
-        adapter: the parsed, unpadded, unscaled factors (kept for ``save``).
+        adapter: the parsed, unpadded, unscaled factors (for ``save``); None once the ring
+            keeps only the rows (:meth:`without_factors`: its files are read again instead).
         rows: dtype -> ``[V + r * W]`` host tensor: the prefix of a slot row holding the scale
             vectors (if the arena has them) and the adapter's ``r`` ranks (``r``: its largest
             rank on that dtype's layers, 0 if it has none), so its size is the adapter's true
@@ -46,9 +47,14 @@ class StagedAdapter:
         sizes: dtype -> ``(V, W)`` the rows were laid out for.
     """
 
-    adapter: ParsedAdapter
+    adapter: ParsedAdapter | None
     rows: dict[torch.dtype, torch.Tensor]
     sizes: dict[torch.dtype, tuple[int, int]]
+
+    def without_factors(self) -> StagedAdapter:
+        """The same rows without the factors as read (whose memory, a file buffer, is then
+        free for the next load)."""
+        return StagedAdapter(adapter=None, rows=self.rows, sizes=self.sizes)
 
     @functools.cached_property
     def nbytes(self) -> int:
@@ -58,6 +64,7 @@ class StagedAdapter:
         """The static part of this adapter's :class:`AdapterInfo` under ``name`` (kept when it
         drops to the disk tier)."""
         adapter = self.adapter
+        assert adapter is not None, "described before its factors are dropped"
         return AdapterInfo(
             name=name,
             rank=adapter.rank,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from hotswap_rt import AdapterFormatError, HotswapRuntime, RuntimeConfig
+from hotswap_rt import AdapterFormatError, HotswapError, HotswapRuntime, RuntimeConfig
 
 from .conftest import ATTENTION_TARGETS, BaseModel, logits, max_diff
 
@@ -201,3 +201,57 @@ def test_failed_copy_over_the_served_slot_restores_it(llama_and_adapter, tmp_pat
         rt.activate("b")  # the only slot is a's: copy fails, a is copied back
     assert torch.equal(logits(rt.model, input_ids), serving)
     assert rt.active == [{"a": 1.0}]
+
+
+def _factors_from_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_the_ring_keeps_rows_only_and_save_reads_the_files_again(llama_and_adapter, tmp_path) -> None:
+    """Default: a directory-loaded adapter's host entry is its staged rows (AdapterInfo.bytes),
+    not also its factors as read; save / adapter_state_dict read its files again, and refuse
+    once the files changed (they would no longer be what is served)."""
+    from hotswap_rt import AdapterChangedError
+
+    base, path = llama_and_adapter
+    source = tmp_path / "source"
+    shutil.copytree(path, source)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16))
+    rt.load("a", source)
+    staged = rt.internals.registry.records["a"].staged
+    assert staged.adapter is None and staged.nbytes == rt.info("a").bytes
+    expected = _factors_from_file(source)
+    state = rt.adapter_state_dict("a")
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], expected[key]) for key in expected)
+    rt.save("a", tmp_path / "saved")
+    saved = _factors_from_file(tmp_path / "saved")
+    assert all(torch.equal(saved[key], expected[key]) for key in expected)
+    rewritten = {key: value * 2 for key, value in expected.items()}
+    from safetensors.torch import save_file
+
+    save_file(rewritten, str(source / "adapter_model.safetensors"))
+    with pytest.raises(AdapterChangedError, match="adapter_model.safetensors"):
+        rt.save("a", tmp_path / "saved_after_change")
+    assert not (tmp_path / "saved_after_change").exists()
+    with pytest.raises(AdapterChangedError):
+        rt.adapter_state_dict("a")
+
+
+def test_keep_factors_saves_without_the_files(llama_and_adapter, tmp_path, input_ids) -> None:
+    base, path = llama_and_adapter
+    source = tmp_path / "source"
+    shutil.copytree(path, source)
+    expected = _factors_from_file(source)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16, keep_factors=True))
+    rt.load("a", source)
+    assert rt.internals.registry.records["a"].staged.adapter is not None
+    shutil.rmtree(source)
+    state = rt.adapter_state_dict("a")
+    assert all(torch.equal(state[key], expected[key]) for key in expected)
+    saved = _factors_from_file(Path(rt.save("a", tmp_path / "saved")))
+    assert all(torch.equal(saved[key], expected[key]) for key in expected)
+    with pytest.raises(HotswapError, match="keep_factors must be True or False"):
+        RuntimeConfig(ATTENTION_TARGETS["llama"], keep_factors="yes")
