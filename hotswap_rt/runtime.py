@@ -246,10 +246,12 @@ class HotswapRuntime:
         defer = not allow_nonfinite and not self.lazy
         adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite,
                                     defer_finite=defer)
-        if not fold_scaling and adapter.has_vectors:
-            raise IncompatibleAdapterError(
-                f"{adapter.source or 'state_dict'}: IA3 / DoRA / lora_bias adapters cannot be trained "
-                f"in a slot; load them for inference")
+        if not fold_scaling:  # trainable: refused before any layer is injected for it
+            if adapter.has_vectors:
+                raise IncompatibleAdapterError(
+                    f"{adapter.source or 'state_dict'}: IA3 / DoRA / lora_bias adapters cannot be trained "
+                    f"in a slot; load them for inference")
+            uniform_scaling(adapter)
         self._check_saved_base_weights(adapter)
         if not inject:
             missing = [name for name in [*adapter.modules, *adapter.saved_modules]
@@ -390,8 +392,6 @@ class HotswapRuntime:
             source, state_dict, config, allow_pickle, allow_nonfinite, fold_scaling=not trainable,
             inject=inject, before_injecting=lambda: self._residency.check_commit(name, trainable),
         )
-        if trainable:
-            uniform_scaling(staged.adapter)
         # a trainable adapter's values leave its files at the first step: it is never read again
         # from them (no disk tier; `save` writes the slot's values)
         readable = source is not None and not trainable

@@ -363,3 +363,21 @@ def test_names_that_are_not_names_and_a_second_runtime_are_refused(base, paths, 
     again.load("a", paths["r13"])
     again.activate("a")
     torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=0)
+
+
+def test_a_lazy_trainable_load_with_mixed_scalings_injects_nothing(base, paths, ids, tmp_path) -> None:
+    """A trainable adapter needs one scaling for all modules: refused before its new layers are
+    injected (the check ran after injecting, and the layers stayed)."""
+    from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig
+
+    mixed = base.make_adapter(tmp_path / "mixed", seed=5, r=4, lora_alpha=8, target_modules=["up_proj", "down_proj"],
+                              rank_pattern={"up_proj": 8})
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(target_modules=None, max_rank=16))
+    rt.load("qv", paths["r13"])
+    rt.activate("qv")
+    targets = list(rt.targets)
+    before = snapshot_state(rt, ids)
+    with pytest.raises(IncompatibleAdapterError, match="one scaling for all modules"):
+        rt.load("mixed", mixed, trainable=True)
+    assert rt.targets == targets and [info.name for info in rt.adapters()] == ["qv"]
+    assert_unchanged(before, snapshot_state(rt, ids))
