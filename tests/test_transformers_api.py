@@ -370,7 +370,8 @@ def test_a_lazy_trainable_load_with_mixed_scalings_injects_nothing(base, paths, 
     injected (the check ran after injecting, and the layers stayed)."""
     from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig
 
-    mixed = base.make_adapter(tmp_path / "mixed", seed=5, r=4, lora_alpha=8, target_modules=["up_proj", "down_proj"],
+    mixed = base.make_adapter(tmp_path / "mixed", seed=5, r=4, lora_alpha=8,
+                              target_modules=["up_proj", "down_proj"],
                               rank_pattern={"up_proj": 8})
     rt = HotswapRuntime(base.clone(), RuntimeConfig(target_modules=None, max_rank=16))
     rt.load("qv", paths["r13"])
