@@ -15,6 +15,9 @@ With *in-place* reads (``RuntimeConfig.slot_reads``) the k positions are the S d
 themselves: ``active_slots = arange(S)`` for life and ``row_weights[b, s]`` is slot ``s``'s weight,
 so layers read the arena as it lies, without gathering the active slots first.
 
+All of them (and ``row_count``) are views of one byte buffer, so a write is one ``copy_`` of a
+host image of the whole selection (one host-to-device copy on an accelerator).
+
 The compiled graph reads these tensors; this module only ever writes them in place (``copy_``), so
 the graph never sees a new Python object and never recompiles on a switch. Unused positions point
 at slot 0 with weight 0, which contributes exactly zero because slot contents are always finite.
@@ -23,6 +26,7 @@ at slot 0 with weight 0, which contributes exactly zero because slot contents ar
 from __future__ import annotations
 
 import math
+from array import array
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -31,6 +35,7 @@ from .errors import SelectionError
 
 RowSpec = Mapping[int, float]  # slot index -> weight, for one batch row
 FLOAT32_MAX = torch.finfo(torch.float32).max  # the selection weights' dtype
+assert array("q").itemsize == 8 and array("f").itemsize == 4  # host images: int64, float32
 Activation = str | Mapping[str, float] | None  # what rt.activate takes for one row
 
 
@@ -92,17 +97,22 @@ class Selection:
         self.in_place = in_place_slots is not None  # positions are the slots: no gather
         positions = in_place_slots if in_place_slots is not None else max_active
         self.positions = positions
-        self.active_slots = torch.arange(positions, dtype=torch.int64, device=device)
-        self.row_weights = torch.zeros(max_batch_size, positions, dtype=torch.float32, device=device)
-        self.row_slots = torch.zeros(max_batch_size, self.max_per_row, dtype=torch.int64, device=device)
-        self.row_slot_weights = torch.zeros(max_batch_size, self.max_per_row, dtype=torch.float32,
-                                            device=device)
+        fields = _fields(max_batch_size, positions, self.max_per_row)
+        self.packed = torch.zeros(_packed_nbytes(fields), dtype=torch.uint8, device=device)
+        views = _packed_views(self.packed, fields)
+        self._offsets = _packed_offsets(fields)
+        self.active_slots = views["active_slots"]
+        self.row_weights = views["row_weights"]
+        self.row_slots = views["row_slots"]
+        self.row_slot_weights = views["row_slot_weights"]
         # Rows the selection was written for (1: uniform): MoE experts see the batch flattened
         # to tokens and map token t of N to row t * row_count // N (hotswap_rt.experts).
-        self.row_count = torch.ones((), dtype=torch.int64, device=device)
-        self._row_count = 1
-        # selection (rows, per_row_capable) -> its copies and path (see write)
-        self._plans: dict[tuple, tuple[list[tuple[torch.Tensor, torch.Tensor]], bool]] = {}
+        self.row_count = views["row_count"]
+        with torch.no_grad():
+            self.active_slots.copy_(torch.arange(positions))
+            self.row_count.fill_(1)
+        # selection (rows, per_row_capable) -> its host image and path (see write)
+        self._plans: dict[tuple, tuple[torch.Tensor, bool]] = {}
 
     def enable_per_row(self, enabled: bool = True) -> None:
         """Turn the per-row product (with a stacked overflow) on or back off, for a selection
@@ -185,64 +195,57 @@ class Selection:
             if len(self._plans) >= 256:
                 self._plans.clear()
             self._plans[key] = plan
-        copies, per_row = plan
-        for target, source in copies:
-            target.copy_(source, non_blocking=self.pinned_writes)
+        image, per_row = plan
+        self.packed.copy_(image, non_blocking=self.pinned_writes)
         self._needs(self._needed[0], per_row)
-        if len(rows) != self._row_count:
-            self.row_count.fill_(len(rows))
-            self._row_count = len(rows)
 
-    def _plan(self, rows: Sequence[RowSpec]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], bool]:
-        """Validate ``rows``; the ``(selection tensor, host values)`` copies that write them and
-        whether they run per row."""
+    def _plan(self, rows: Sequence[RowSpec]) -> tuple[torch.Tensor, bool]:
+        """Validate ``rows``; the host image of the packed buffer that writes them (the per-row
+        fields zero when the selection runs stacked) and whether it runs per row.
+
+        The image is built as flat Python lists packed by :mod:`array` (element-wise tensor
+        writes cost ~us apiece, ``torch.tensor`` of a list several times ``array``); a single
+        row spec is repeated over every row."""
         slots = sorted({slot for row in rows for slot, weight in row.items() if weight != 0.0})
         self.check(len(rows), slots)
         self.check_rows(rows)
         position = {slot: slot if self.in_place else j for j, slot in enumerate(slots)}
-        # Built as Python lists, one tensor each (element-wise tensor writes cost ~us apiece);
-        # a single row spec is broadcast over every row by copy_.
-        weights = [[0.0] * self.positions for _ in rows]
+        positions, width = self.positions, self.max_per_row
+        copies = self.max_batch_size if len(rows) == 1 else 1  # uniform: row 0 into every row
+        weights = [0.0] * (len(rows) * positions)
         for b, row in enumerate(rows):
             for slot, weight in row.items():
                 if weight != 0.0:
-                    weights[b][position[slot]] = weight
-        uniform = len(rows) == 1
-        copies = []
-        if not self.in_place:  # in place: arange(S) for life
-            active = slots + [0] * (self.max_active - len(slots))
-            copies.append((self.active_slots, torch.tensor(active, dtype=torch.int64)))
-        copies.append((self.row_weights, self._rows_tensor(self.row_weights, weights, uniform)))
+                    weights[b * positions + position[slot]] = weight
+        image = bytearray(self.packed.numel())  # zeros: rows beyond len(rows), unused fields
+        # in place: arange(S) for life; else the active slots, unused positions at slot 0
+        active = list(range(positions)) if self.in_place else slots + [0] * (self.max_active - len(slots))
+        self._put(image, "active_slots", array("q", active))
+        self._put(image, "row_count", array("q", [len(rows)]))
+        self._put(image, "row_weights", array("f", weights * copies))
         per_row = self.per_row_capable
         if self.overflow_stacked:  # the stacked graph for a selection some row overflows
             per_row = all(len(_used(row)) <= self.max_per_row for row in rows)
         if per_row:  # only per-row layers read these
-            row_slots = [[0] * self.max_per_row for _ in rows]
-            row_slot_weights = [[0.0] * self.max_per_row for _ in rows]
+            row_slots = [0] * (len(rows) * width)
+            row_slot_weights = [0.0] * (len(rows) * width)
             for b, row in enumerate(rows):
                 used = [(slot, weight) for slot, weight in row.items() if weight != 0.0]
                 for j, (slot, weight) in enumerate(used):
-                    row_slots[b][j] = slot
-                    row_slot_weights[b][j] = weight
-            copies.append((self.row_slots, self._rows_tensor(self.row_slots, row_slots, uniform)))
-            copies.append((self.row_slot_weights,
-                           self._rows_tensor(self.row_slot_weights, row_slot_weights, uniform)))
-        if self.pinned_writes:  # never written after this, so safe to copy without blocking;
-            # whole-shape (a broadcasting copy_ to CUDA stages an expanded pageable temporary)
-            copies = [(target, source.expand(target.shape).contiguous().pin_memory())
-                      for target, source in copies]
-        return copies, per_row
+                    row_slots[b * width + j] = slot
+                    row_slot_weights[b * width + j] = weight
+            self._put(image, "row_slots", array("q", row_slots * copies))
+            self._put(image, "row_slot_weights", array("f", row_slot_weights * copies))
+        image = torch.frombuffer(image, dtype=torch.uint8)
+        assert image.numel() == self.packed.numel()
+        if self.pinned_writes:  # never written after this, so safe to copy without blocking
+            image = image.pin_memory()
+        return image, per_row
 
-    @staticmethod
-    def _rows_tensor(target: torch.Tensor, rows: list[list], uniform: bool) -> torch.Tensor:
-        """Host values for ``target [max_batch, n]``: ``rows`` as ``[1, n]`` (uniform: broadcast
-        over every row), else padded with zeros to the whole batch."""
-        values = torch.tensor(rows, dtype=target.dtype)
-        if uniform:
-            return values
-        padded = torch.zeros(target.shape, dtype=target.dtype)
-        padded[: len(rows)] = values
-        return padded
+    def _put(self, image: bytearray, field: str, values: array) -> None:
+        """Write ``values`` (native int64 / float32) at the start of ``field`` in ``image``."""
+        start = self._offsets[field]
+        image[start : start + len(values) * values.itemsize] = values.tobytes()
 
     @torch.no_grad()
     def clear(self) -> None:
@@ -250,6 +253,42 @@ class Selection:
         self.row_weights.zero_()
         self.row_slot_weights.zero_()
         self._needs(self._needed[0], self.per_row_capable)  # no row overflows
+
+
+def _fields(max_batch: int, positions: int, per_row: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The selection tensors' dtypes and shapes, in their order in the packed buffer (int64
+    first: every field then starts on its element size)."""
+    return {
+        "active_slots": (torch.int64, (positions,)),
+        "row_slots": (torch.int64, (max_batch, per_row)),
+        "row_count": (torch.int64, ()),
+        "row_weights": (torch.float32, (max_batch, positions)),
+        "row_slot_weights": (torch.float32, (max_batch, per_row)),
+    }
+
+
+def _packed_nbytes(fields: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    return sum(dtype.itemsize * math.prod(shape) for dtype, shape in fields.values())
+
+
+def _packed_offsets(fields: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, int]:
+    """Each field's byte offset in the packed buffer."""
+    offsets, offset = {}, 0
+    for name, (dtype, shape) in fields.items():
+        offsets[name] = offset
+        offset += dtype.itemsize * math.prod(shape)
+    return offsets
+
+
+def _packed_views(buffer: torch.Tensor, fields: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+                  ) -> dict[str, torch.Tensor]:
+    """Each field as a view of the uint8 ``buffer`` (laid out by :func:`_fields`)."""
+    offsets = _packed_offsets(fields)
+    views = {}
+    for name, (dtype, shape) in fields.items():
+        start = offsets[name]
+        views[name] = buffer[start : start + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
+    return views
 
 
 class Selector:
