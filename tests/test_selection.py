@@ -23,6 +23,26 @@ def test_write_lays_out_slots_and_per_row_weights() -> None:
         selection.write([{}] * 5)
 
 
+def test_every_field_of_a_write_lands_in_the_one_packed_buffer() -> None:
+    """Per-row selection (m = 1 of 3), in place over 3 slots: all five tensors are views of one
+    buffer (a write is one copy), and each holds exactly what the rows say."""
+    selection = Selection(max_batch_size=4, max_active=3, device=torch.device("cpu"), max_per_row=1,
+                          in_place_slots=3)
+    tensors = selection.tensors()
+    assert {t.untyped_storage().data_ptr() for t in tensors.values()} == {selection.packed.data_ptr()}
+    selection.write([{2: 0.5}, {}, {1: 2.0}])
+    assert selection.active_slots.tolist() == [0, 1, 2]  # in place: the slots themselves
+    assert selection.row_weights.tolist() == [[0, 0, 0.5], [0, 0, 0], [0, 2.0, 0], [0, 0, 0]]
+    assert selection.row_slots.tolist() == [[2], [0], [1], [0]]
+    assert selection.row_slot_weights.tolist() == [[0.5], [0], [2.0], [0]]
+    assert selection.row_count.item() == 3
+    selection.write([{1: 0.25}])  # uniform: every row, row_count 1
+    assert selection.row_slots.tolist() == [[1]] * 4 and selection.row_slot_weights.tolist() == [[0.25]] * 4
+    assert selection.row_weights[:, 1].tolist() == [0.25] * 4 and selection.row_count.item() == 1
+    selection.write([{2: 0.5}, {}, {1: 2.0}])  # a kept image, written again whole
+    assert selection.row_slots.tolist() == [[2], [0], [1], [0]] and selection.row_count.item() == 3
+
+
 def test_selector_translates_names_and_skips_unchanged_writes() -> None:
     selection = Selection(4, 2, torch.device("cpu"))
     selector = Selector(selection)
