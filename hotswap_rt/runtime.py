@@ -491,8 +491,12 @@ class HotswapRuntime:
         replacing only them, as transformers' ``save_pretrained`` does; otherwise the directory
         must be empty or absent (``overwrite=True`` replaces it whole).
 
+        A directory-loaded adapter's values are read again from its files (the host ring keeps
+        only its staged rows, unless ``RuntimeConfig.keep_factors``).
+
         Raises:
             UnknownAdapterError, AdapterFormatError: unknown name; non-empty target directory.
+            AdapterChangedError: its files changed since it was loaded.
         """
         check_flags("save", overwrite=overwrite, into_existing=into_existing)
         adapter = self._saved_values(name)
@@ -517,10 +521,12 @@ class HotswapRuntime:
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s factors as PEFT saves them: ``base_model.model.<module>.lora_A.weight``
         ``[r, d_in]`` and ``...lora_B.weight`` ``[d_out, r]``, true rank, unscaled, CPU (a
-        trainable adapter's current values).
+        trainable adapter's current values; a directory-loaded adapter's read again from its
+        files, as :meth:`save` does).
 
         Raises:
             UnknownAdapterError: no adapter of that name is loaded.
+            AdapterChangedError: its files changed since it was loaded.
         """
         return adapter_state_dict(self._saved_values(name))
 
