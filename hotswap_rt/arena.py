@@ -326,7 +326,7 @@ class SlotArena:
         the whole row beyond its prefix."""
         self.filled[slot] = dict.fromkeys(self.arenas, self.max_rank)
 
-    def write_slot(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor]) -> float:
+    def write_slot(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor], ordered: bool = True) -> float:
         """Copy host rows (dtype -> prefix ``[V + r * W]``) into device slot ``slot``: one
         ``copy_`` per dtype of the prefix, and a ``zero_`` of what the previous occupant wrote
         beyond it (nothing when it held no more ranks). The slot then holds exactly the row,
@@ -334,8 +334,9 @@ class SlotArena:
 
         On CUDA the copy runs on a side stream (``non_blocking`` from pinned memory) ordered
         after the work already queued on the compute stream (which may still read the slot);
-        the compute stream waits on its event, and the host waits for the copy itself (not for
-        the whole device) so the host row can be evicted or reused right after.
+        the compute stream waits on its event (``ordered``; not needed for a slot no forward
+        will read before this returns), and the host waits for the copy itself (not for the
+        whole device) so the host row can be evicted or reused right after.
 
         No ``no_grad`` (it costs ~3 us, a swap's fixed cost is what matters here): neither the
         arena tensors nor the host rows require grad (a trainable adapter's parameters are
@@ -352,7 +353,8 @@ class SlotArena:
                 self._write(slot, rows, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self._copy_stream)
-            compute.wait_event(done)
+            if ordered:
+                compute.wait_event(done)
             done.synchronize()
         else:
             self._write(slot, rows, non_blocking=self.pin_host_rows)

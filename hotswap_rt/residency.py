@@ -160,12 +160,15 @@ class Residency:
         *,
         use_free_slot: bool,
         trainable: bool = False,
+        ordered: bool = True,
     ) -> AdapterRecord:
         """Register a staged adapter (new, or replacing ``name``; ``info`` its static description)
         and copy it into a slot when
         it replaces a resident adapter (into a shadow slot when one can be freed), when
         ``use_free_slot`` and a slot is free, or always when ``trainable`` (evicting an
-        adapter the selection does not read: training needs its slot).
+        adapter the selection does not read: training needs its slot). ``ordered=False``: the
+        caller runs this without the forward gate, for a slot no forward reads (see
+        :meth:`SlotArena.write_slot`).
 
         Raises:
             SlotsBusyError: no host entry can take it, or ``trainable`` and no slot can be
@@ -182,7 +185,7 @@ class Residency:
         else:
             slot = self.registry.free_slot() if use_free_slot else None
         if slot is not None:
-            self._copy_to_slot(slot, staged)
+            self._copy_to_slot(slot, staged, ordered=ordered)
         record = self.registry.put(name, self._host_entry(staged, origin, trainable), info, origin)
         self._background.forget(name)
         if slot is not None:
@@ -298,11 +301,12 @@ class Residency:
         return self.registry.pick_slot(protected, avoid=self._selector.selected_slots())
 
     def _copy_to_slot(
-        self, slot: int, staged: StagedAdapter, tier: str = "host", extra_seconds: float = 0.0
+        self, slot: int, staged: StagedAdapter, tier: str = "host", extra_seconds: float = 0.0,
+        ordered: bool = True,
     ) -> None:
         """Copy a staged row into ``slot``; repair the slot if the copy fails, then re-raise."""
         try:
-            seconds = self.arena.write_slot(slot, staged.rows)
+            seconds = self.arena.write_slot(slot, staged.rows, ordered)
         except BaseException:
             self.arena.mark_unknown(slot)
             self._recover_slot(slot)

@@ -13,7 +13,8 @@
 Every method validates everything before it changes anything, does slow work (reading files,
 waiting for prefetches, staging) before taking the lock, and then makes one short change inside
 ``_mutation()``: it waits until no forward runs (the forward gate), takes the runtime lock, and
-calls the composed objects. Forwards never hold the lock while they run.
+calls the composed objects. Forwards never hold the lock while they run. A load that changes
+nothing a forward reads (a new adapter into the ring or a free slot) takes the lock only.
 """
 
 from __future__ import annotations
@@ -443,7 +444,21 @@ class HotswapRuntime:
         prefetched: bool = False,
     ) -> AdapterInfo:
         """Register a staged adapter (see :meth:`Residency.commit`); a trainable one always
-        gets a slot and starts training there."""
+        gets a slot and starts training there.
+
+        An adapter that is new, or replaces one in no device slot, changes nothing a forward
+        reads (a free slot at most, and no selection names it): that commit runs under the
+        runtime lock only, so forwards in other threads go on during its copy."""
+        if not trainable and not self._gate.depth():
+            with self._lock:
+                self._check_not_ejected()
+                old = self._residency.registry.records.get(name)
+                if old is None or old.slot is None:
+                    self._check_name(name, replace, prefetched)
+                    self._stager.fit_rows(staged)
+                    record = self._residency.commit(name, staged, staged.describe(name), origin,
+                                                    use_free_slot=use_free_slot, ordered=False)
+                    return self._info(record)
         with self._mutation():
             self._check_name(name, replace, prefetched)
             self._stager.fit_rows(staged)  # layers may have been injected since it was staged

@@ -63,12 +63,12 @@ def test_exception_in_the_middle_of_a_slot_copy_on_replace(env, monkeypatch) -> 
     real_write = rt.internals.arena.write_slot
     calls = {"n": 0}
 
-    def write_that_fails_once(slot, staged):
+    def write_that_fails_once(slot, staged, ordered=True):
         calls["n"] += 1
         if calls["n"] == 1:
             rt.internals.arena.arenas[torch.float32][slot].fill_(7.0)  # half-written garbage
             raise RuntimeError("injected fault while copying")
-        return real_write(slot, staged)
+        return real_write(slot, staged, ordered)
 
     monkeypatch.setattr(rt.internals.arena, "write_slot", write_that_fails_once)
     rt.pin("spare")  # no shadow slot: the copy goes over the served slot

@@ -159,7 +159,7 @@ def test_failed_slot_copy_keeps_serving_previous_adapter(llama_and_adapter, tmp_
     rt.load("c", other)  # host only: both slots are taken
     serving = logits(rt.model, input_ids)
 
-    def broken_copy(slot, staged):
+    def broken_copy(slot, staged, ordered=True):
         rt.internals.arena.arenas[torch.float32][slot].fill_(1e3)  # a half-done copy
         raise RuntimeError("device fault")
 
@@ -190,11 +190,11 @@ def test_failed_copy_over_the_served_slot_restores_it(llama_and_adapter, tmp_pat
     real_write = rt.internals.arena.write_slot
     b_staged = rt.internals.registry.records["b"].staged
 
-    def fails_for_b(slot, rows):
+    def fails_for_b(slot, rows, ordered=True):
         if rows is b_staged.rows:
             rt.internals.arena.arenas[torch.float32][slot].fill_(1e3)  # a half-done copy
             raise RuntimeError("device fault")
-        return real_write(slot, rows)
+        return real_write(slot, rows, ordered)
 
     monkeypatch.setattr(rt.internals.arena, "write_slot", fails_for_b)
     with pytest.raises(RuntimeError, match="device fault"):

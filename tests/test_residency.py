@@ -409,3 +409,42 @@ def test_pin_and_lease_of_a_name_whose_prefetch_is_in_flight_wait_for_it(env) ->
     assert torch.allclose(logits(rt.model, IDS), expected["a"], atol=1e-4)
     with pytest.raises(UnknownAdapterError, match=r"\['p'\]"):
         rt.pin(["p"])
+
+
+def test_a_load_into_a_free_slot_does_not_wait_for_running_forwards(env) -> None:
+    """A new adapter's copy into a free slot changes nothing a forward reads: it completes while
+    another thread is inside a forward (here ``rt.hold()``), which a change of the selection or
+    of a selected slot would wait for. Both outputs stay exact."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=3)
+    rt.load("a", paths["a"])
+    rt.activate("a")
+    inside, release = threading.Event(), threading.Event()
+
+    def forward_in_progress() -> None:
+        with rt.hold():
+            inside.set()
+            release.wait(10)
+            held_output.append(logits(rt.model, IDS))
+
+    held_output: list[torch.Tensor] = []
+    holder = threading.Thread(target=forward_in_progress)
+    holder.start()
+    assert inside.wait(10)
+    try:
+        loader = threading.Thread(
+            target=lambda: (rt.load("b", paths["b"]), rt.prefetch("c", paths["c"]).result()))
+        loader.start()
+        loader.join(10)
+        done = not loader.is_alive()
+        tiers = {info.name: info.tier for info in rt.adapters()}
+    finally:
+        release.set()
+        holder.join(10)
+        loader.join(10)
+    assert done and tiers == {"a": "device", "b": "device", "c": "host"}
+    assert _matches(held_output[0], expected) == ["a"]
+    rt.activate("b")
+    assert _matches(logits(rt.model, IDS), expected) == ["b"]
+    rt.activate("c")
+    assert _matches(logits(rt.model, IDS), expected) == ["c"]
