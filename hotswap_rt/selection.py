@@ -108,9 +108,8 @@ class Selection:
         # Rows the selection was written for (1: uniform): MoE experts see the batch flattened
         # to tokens and map token t of N to row t * row_count // N (hotswap_rt.experts).
         self.row_count = views["row_count"]
-        with torch.no_grad():
-            self.active_slots.copy_(torch.arange(positions))
-            self.row_count.fill_(1)
+        self.active_slots.copy_(torch.arange(positions))
+        self.row_count.fill_(1)
         # selection (rows, per_row_capable) -> its host image and path (see write)
         self._plans: dict[tuple, tuple[torch.Tensor, bool]] = {}
 
@@ -211,7 +210,7 @@ class Selection:
         self.check_rows(rows)
         position = {slot: slot if self.in_place else j for j, slot in enumerate(slots)}
         positions, width = self.positions, self.max_per_row
-        copies = self.max_batch_size if len(rows) == 1 else 1  # uniform: row 0 into every row
+        repeat = self.max_batch_size if len(rows) == 1 else 1  # uniform: row 0 into every row
         weights = [0.0] * (len(rows) * positions)
         for b, row in enumerate(rows):
             for slot, weight in row.items():
@@ -222,7 +221,7 @@ class Selection:
         active = list(range(positions)) if self.in_place else slots + [0] * (self.max_active - len(slots))
         self._put(image, "active_slots", array("q", active))
         self._put(image, "row_count", array("q", [len(rows)]))
-        self._put(image, "row_weights", array("f", weights * copies))
+        self._put(image, "row_weights", array("f", weights * repeat))
         per_row = self.per_row_capable
         if self.overflow_stacked:  # the stacked graph for a selection some row overflows
             per_row = all(len(_used(row)) <= self.max_per_row for row in rows)
@@ -234,8 +233,8 @@ class Selection:
                 for j, (slot, weight) in enumerate(used):
                     row_slots[b * width + j] = slot
                     row_slot_weights[b * width + j] = weight
-            self._put(image, "row_slots", array("q", row_slots * copies))
-            self._put(image, "row_slot_weights", array("f", row_slot_weights * copies))
+            self._put(image, "row_slots", array("q", row_slots * repeat))
+            self._put(image, "row_slot_weights", array("f", row_slot_weights * repeat))
         image = torch.frombuffer(image, dtype=torch.uint8)
         assert image.numel() == self.packed.numel()
         if self.pinned_writes:  # never written after this, so safe to copy without blocking
