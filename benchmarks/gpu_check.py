@@ -6,8 +6,10 @@ Stages (``--stages`` picks some):
 - ``swap``: ring -> slot swap (``rt.activate`` of an adapter held in host memory, one device
   slot) against a ``copy_`` of the same bytes from pinned memory, and a resident switch.
 - ``overlap``: a compiled decode loop (batch 16, one token per row) timed step by step, alone
-  and while another thread keeps loading adapters into free slots (``rt.load(...,
-  replace=True)``: staging plus a side-stream copy): the added p50 / p99 step latency.
+  and while another thread keeps loading adapters: replacing a device-resident one
+  (``rt.load(..., replace=True)``: staging, a side-stream copy into a shadow slot, the
+  selection moved) and loading a new one into a free slot then unloading it: the added p50 /
+  p99 step latency of each.
 - ``decode_k``: decode step (batch 16) of the compiled model with k = 1, 4, 8, 16 distinct
   adapters, one per row, stacked and per-row (``max_adapters_per_row=1``), over the uninjected
   compiled model.
@@ -153,7 +155,10 @@ def stage_swap(setup: Setup) -> dict[str, Any]:
 
 
 def stage_overlap(setup: Setup) -> dict[str, Any]:
-    """Decode step latency alone and while adapters are loaded by another thread."""
+    """Decode step latency alone and while another thread loads adapters: ``replace_*``
+    replaces a device-resident adapter (a shadow slot, then the selection moves: the forward
+    gate is taken), ``new_*`` loads a new adapter into a free slot and unloads it again (the
+    copy runs beside the forwards, under the runtime lock only)."""
     rank, batch = 16, 16
     model = llama(setup)
     rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=rank, device_slots=4,
@@ -180,28 +185,39 @@ def stage_overlap(setup: Setup) -> dict[str, Any]:
     alone = steps(count)
     other, other_config = random_state(rt, rank, seed=1)
     rt.load("other", state_dict=other, config=other_config)
-    loads = 0
-    stop = threading.Event()
 
-    def loader() -> None:
-        nonlocal loads
-        while not stop.is_set():
-            rt.load("other", state_dict=other, config=other_config, replace=True)
-            loads += 1
+    def replace() -> None:
+        rt.load("other", state_dict=other, config=other_config, replace=True)
 
-    thread = threading.Thread(target=loader, daemon=True)
-    thread.start()
-    try:
-        busy = steps(count)
-    finally:
-        stop.set()
-        thread.join()
+    def load_new() -> None:
+        rt.load("new", state_dict=other, config=other_config)
+        rt.unload("new")
+
     p50, p99 = statistics.median(alone), percentile(alone, 0.99)
-    busy_p50, busy_p99 = statistics.median(busy), percentile(busy, 0.99)
-    return {"steps": count, "loads_during": loads, "step_p50_ms": p50 * 1e3, "step_p99_ms": p99 * 1e3,
-            "busy_p50_ms": busy_p50 * 1e3, "busy_p99_ms": busy_p99 * 1e3,
-            "added_p50_ms": (busy_p50 - p50) * 1e3, "added_p99_ms": (busy_p99 - p99) * 1e3,
-            "recompiles": rt.guard.recompiles}
+    result: dict[str, Any] = {"steps": count, "step_p50_ms": p50 * 1e3, "step_p99_ms": p99 * 1e3}
+    for label, load in (("replace", replace), ("new", load_new)):
+        loads = 0
+        stop = threading.Event()
+
+        def loader() -> None:
+            nonlocal loads
+            while not stop.is_set():
+                load()
+                loads += 1
+
+        thread = threading.Thread(target=loader, daemon=True)
+        thread.start()
+        try:
+            busy = steps(count)
+        finally:
+            stop.set()
+            thread.join()
+        busy_p50, busy_p99 = statistics.median(busy), percentile(busy, 0.99)
+        result.update({f"{label}_loads_during": loads, f"{label}_busy_p50_ms": busy_p50 * 1e3,
+                       f"{label}_busy_p99_ms": busy_p99 * 1e3, f"{label}_added_p50_ms": (busy_p50 - p50) * 1e3,
+                       f"{label}_added_p99_ms": (busy_p99 - p99) * 1e3})
+    result["recompiles"] = rt.guard.recompiles
+    return result
 
 
 def stage_decode_k(setup: Setup) -> dict[str, Any]:
