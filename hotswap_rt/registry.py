@@ -102,6 +102,10 @@ class AdapterRegistry:
         self.host_slots = host_slots
         self.records: dict[str, AdapterRecord] = {}
         self.slot_owner: list[str | None] = [None] * device_slots
+        # Slots no record owns that the selection tensors still read: an adapter replaced into a
+        # shadow slot before the selection followed it. Not reused until a selection write stops
+        # reading them (Residency.selection_written).
+        self.stale: set[int] = set()
         self.evictions = 0  # device slot reuses
         self.host_evictions = 0  # host ring entries dropped to the disk tier
         self._clock = 0
@@ -184,14 +188,16 @@ class AdapterRegistry:
 
     # -- device slots --------------------------------------------------------------------------
     def free_slot(self) -> int | None:
-        """The first slot holding no adapter, or None."""
-        return next((slot for slot, owner in enumerate(self.slot_owner) if owner is None), None)
+        """The first slot holding no adapter (and not :attr:`stale`), or None."""
+        free = (slot for slot, owner in enumerate(self.slot_owner) if owner is None and slot not in self.stale)
+        return next(free, None)
 
     def reusable_slots(self, protected: set[int]) -> list[int]:
         """Slots that are free or hold an evictable adapter, outside ``protected``."""
         return [
             slot for slot, owner in enumerate(self.slot_owner)
-            if slot not in protected and (owner is None or self.records[owner].evictable)
+            if slot not in protected and slot not in self.stale
+            and (owner is None or self.records[owner].evictable)
         ]
 
     def pick_slot(self, protected: set[int], avoid: set[int] = frozenset()) -> int | None:
@@ -202,6 +208,8 @@ class AdapterRegistry:
         fallback: tuple[int, int] | None = None  # the same, in avoid
         for slot, owner in enumerate(self.slot_owner):
             if owner is None:
+                if slot in self.stale:
+                    continue
                 return slot
             if slot in protected:
                 continue

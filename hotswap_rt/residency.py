@@ -189,9 +189,24 @@ class Residency:
         record = self.registry.put(name, self._host_entry(staged, origin, trainable), info, origin)
         self._background.forget(name)
         if slot is not None:
+            previous = record.slot
             self.registry.assign(record, slot)
+            if previous is not None and previous != slot and previous in self._selector.selected_slots():
+                self.registry.stale.add(previous)  # still served until the selection is written
         self.stats.loads += 1
         return record
+
+    def shadow_slot_for(self, name: str) -> bool:
+        """Whether replacing resident adapter ``name`` now would copy into another slot (one
+        the selection does not read), leaving the one it is served from untouched."""
+        old = self.registry.records[name]
+        assert old.slot is not None
+        return self._choose_slot(protected=self._selector.selected_slots() | {old.slot}) is not None
+
+    def selection_written(self) -> None:
+        """After a selection write: release the stale slots it no longer reads."""
+        if self.registry.stale:
+            self.registry.stale &= self._selector.selected_slots()
 
     def check_commit(self, name: str, trainable: bool = False) -> None:
         """Raise what :meth:`commit` of ``name`` would raise before any change, as things
@@ -328,3 +343,4 @@ class Residency:
                 self._selector.drop(owner)
         self.registry.vacate(slot)
         self._selector.write(self.slot_and_scale)
+        self.selection_written()

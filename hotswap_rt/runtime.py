@@ -444,21 +444,12 @@ class HotswapRuntime:
         prefetched: bool = False,
     ) -> AdapterInfo:
         """Register a staged adapter (see :meth:`Residency.commit`); a trainable one always
-        gets a slot and starts training there.
-
-        An adapter that is new, or replaces one in no device slot, changes nothing a forward
-        reads (a free slot at most, and no selection names it): that commit runs under the
-        runtime lock only, so forwards in other threads go on during its copy."""
+        gets a slot and starts training there. Most commits copy beside the forwards
+        (:meth:`_commit_beside_forwards`); the others run with no forward running."""
         if not trainable and not self._gate.depth():
-            with self._lock:
-                self._check_not_ejected()
-                old = self._residency.registry.records.get(name)
-                if old is None or old.slot is None:
-                    self._check_name(name, replace, prefetched)
-                    self._stager.fit_rows(staged)
-                    record = self._residency.commit(name, staged, staged.describe(name), origin,
-                                                    use_free_slot=use_free_slot, ordered=False)
-                    return self._info(record)
+            info = self._commit_beside_forwards(name, staged, origin, replace, use_free_slot, prefetched)
+            if info is not None:
+                return info
         with self._mutation():
             self._check_name(name, replace, prefetched)
             self._stager.fit_rows(staged)  # layers may have been injected since it was staged
@@ -474,6 +465,35 @@ class HotswapRuntime:
                 self._residency.set_training(record, scaling)
             self._write_selection()  # a replaced adapter may now live in a new slot
             return self._info(record)
+
+    def _commit_beside_forwards(self, name: str, staged: StagedAdapter, origin: Origin | None, replace: bool,
+                                use_free_slot: bool, prefetched: bool) -> AdapterInfo | None:
+        """Commit while forwards in other threads go on, when the copy touches no slot they
+        read: a new adapter (or one replacing an adapter in no device slot) goes into the ring
+        and a free slot at most, and no selection names it; one replacing a resident adapter
+        goes into a shadow slot, the old version served from its own slot until the gate is
+        taken, briefly, to point the selection at the new one. None (nothing done): it would
+        have to overwrite the slot it is served from."""
+        with self._lock:
+            self._check_not_ejected()
+            old = self._residency.registry.records.get(name)
+            if old is not None and old.slot is not None and not self._residency.shadow_slot_for(name):
+                return None
+            self._check_name(name, replace, prefetched)
+            self._stager.fit_rows(staged)  # layers may have been injected since it was staged
+            record = self._residency.commit(name, staged, staged.describe(name), origin,
+                                            use_free_slot=use_free_slot, ordered=False)
+            info = self._info(record)
+            moved = bool(self._residency.registry.stale)  # a slot no record owns is still read
+            if moved:  # until the selection follows, no other change may evict the new slot
+                record.leases += 1
+        if moved:
+            try:
+                with self._mutation():
+                    self._write_selection()
+            finally:
+                self._residency.release_lease(record)
+        return info
 
     def check(
         self, source: str | os.PathLike[str], *, allow_pickle: bool = False,
@@ -678,6 +698,7 @@ class HotswapRuntime:
 
     def _write_selection(self) -> None:
         self._selector.write(self._residency.slot_and_scale)
+        self._residency.selection_written()
 
     def _mutation(self) -> _Mutation:
         """Exclusive access for a change: wait until no forward runs (keeping new ones out),
@@ -870,6 +891,7 @@ class HotswapRuntime:
         with self._mutation():
             self._selection.enable_per_row(enabled)
             self._selector.write(self._residency.slot_and_scale, force=True)
+            self._residency.selection_written()
 
     def eject(self) -> nn.Module:
         """Undo injection: put the original layers and forward back (once: ejecting again returns

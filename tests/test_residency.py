@@ -448,3 +448,39 @@ def test_a_load_into_a_free_slot_does_not_wait_for_running_forwards(env) -> None
     assert _matches(logits(rt.model, IDS), expected) == ["b"]
     rt.activate("c")
     assert _matches(logits(rt.model, IDS), expected) == ["c"]
+
+
+def test_replacing_a_served_adapter_copies_beside_running_forwards(env) -> None:
+    """``load(name, ..., replace=True)`` of the served adapter copies into a shadow slot while
+    another thread is inside a forward (``rt.hold()``), which keeps serving the old version
+    from the old slot; only pointing the selection at the new slot waits for it."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=3)
+    rt.load("a", paths["a"])
+    rt.activate("a")
+    old_slot = rt.info("a").slot
+    inside, release, outputs = threading.Event(), threading.Event(), []
+
+    def forward_in_progress() -> None:
+        with rt.hold():
+            inside.set()
+            release.wait(10)
+            outputs.append(logits(rt.model, IDS))
+
+    holder = threading.Thread(target=forward_in_progress)
+    holder.start()
+    assert inside.wait(10)
+    loader = threading.Thread(target=lambda: rt.load("a", paths["b"], replace=True))
+    loader.start()
+    deadline = time.monotonic() + 10
+    while not rt.internals.registry.stale and time.monotonic() < deadline:
+        time.sleep(0.005)
+    copied_beside = rt.internals.registry.stale == {old_slot} and rt.info("a").slot != old_slot
+    release.set()
+    holder.join(10)
+    loader.join(10)
+    assert copied_beside and not loader.is_alive()
+    assert _matches(outputs[0], expected) == ["a"]  # the old version, served during the copy
+    assert _matches(logits(rt.model, IDS), expected) == ["b"]  # the selection followed
+    assert rt.internals.registry.stale == set() and rt.info("a").leases == 0
+    assert rt.info("a").version == 2 and rt.stats()["swaps"] >= 2
