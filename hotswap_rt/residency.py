@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 from .arena import SlotArena
 from .config import AdapterInfo
@@ -29,6 +29,7 @@ from .selection import Selector
 from .staging import BackgroundLoads, StagedAdapter
 from .stats import SwapStats
 
+T = TypeVar("T")
 Prestaged = dict[str, tuple[StagedAdapter, float]]  # name -> (re-read host row, seconds it took)
 
 
@@ -144,11 +145,23 @@ class Residency:
                 after the read).
         """
         start = time.perf_counter()
+        staged = self.read_again(record, self._read_origin)
+        return staged, time.perf_counter() - start
+
+    @staticmethod
+    def read_again(record: AdapterRecord, read: Callable[[Origin], T]) -> T:
+        """``read(origin)`` of an adapter loaded from files, which must be the files it was
+        loaded from.
+
+        Raises:
+            AdapterChangedError: its files changed since it was loaded (checked before and
+                after the read).
+        """
         assert record.origin is not None
         record.origin.check_unchanged(record.name)
-        staged = self._read_origin(record.origin)
+        result = read(record.origin)
         record.origin.check_unchanged(record.name)  # not rewritten while it was read
-        return staged, time.perf_counter() - start
+        return result
 
     # ----------------------------------------------------------------- under the mutation
     def commit(

@@ -577,9 +577,9 @@ class HotswapRuntime:
                 adapter = snapshot(self._trainer.adapter, staged.adapter)  # the trained values
         if adapter is None:
             if staged is None or staged.adapter is None:  # disk tier, or the ring keeps rows only:
-                staged, _ = self._residency.restage(record)  # read its files again (checked unchanged)
-            adapter = staged.adapter
-            assert adapter is not None
+                adapter = self._residency.read_again(record, self._read_factors)  # checked unchanged
+            else:
+                adapter = staged.adapter
         if adapter.base_model_name_or_path is None:
             base = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
             adapter = dataclasses.replace(adapter, base_model_name_or_path=base)
@@ -944,6 +944,10 @@ class HotswapRuntime:
             raise HotswapError(f"adapter {name!r} is already loaded (pass replace=True)")
         if replace and self._trainer.is_training(name):
             raise HotswapError(f"adapter {name!r} is being trained; freeze or unload it first")
+
+    def _read_factors(self, origin: Origin) -> ParsedAdapter:
+        """An adapter's factors read again from its files (validated as a load does)."""
+        return self._stager.read(origin.directory, None, None, origin.allow_pickle, origin.allow_nonfinite)
 
     def _read_origin(self, origin: Origin) -> StagedAdapter:
         return self._stager.read_and_stage(
