@@ -627,6 +627,8 @@ class HotswapRuntime:
         (one row, one adapter, nothing to wait for or re-read), so this goes straight to the
         change. A swap's Python cost is most of a small adapter's swap; this skips ~15 calls
         (~10 us when the caches are cold). False: anything else, for :meth:`_select`."""
+        if self._is_selected([{name: 1.0}], False):
+            return True
         record = self._residency.registry.records.get(name)
         if record is None or (record.staged is None and record.slot is None) or self._background.knows(name):
             return False
@@ -680,6 +682,8 @@ class HotswapRuntime:
         return [dict(row) for row in self._selector.rows]
 
     def _select(self, rows: list[dict[str, float]], per_row: bool) -> None:
+        if self._is_selected(rows, per_row):
+            return
         names = sorted({n for row in rows for n, w in row.items() if w != 0.0})
         with self._lock:  # unknown names first: nothing is waited for or copied
             records = self._residency.registry.records
@@ -695,6 +699,20 @@ class HotswapRuntime:
             self._residency.ensure_resident(records, prestaged, replaces_selection=True)
             self._selector.set(rows, per_row)
             self._write_selection()
+
+    def _is_selected(self, rows: list[dict[str, float]], per_row: bool) -> bool:
+        """Whether ``rows`` already are the selection, so selecting them changes nothing (its
+        adapters are resident and the tensors hold it, or a change in flight is writing them
+        under the gate, which the next forward waits for). Read without the lock: the engine
+        selects its rows before every step, and a load copying under the lock must not stall
+        it. Not while a prefetch of one of its names is in flight (selecting a name waits for
+        that). Raises if the runtime was ejected."""
+        self._check_not_ejected()
+        selector = self._selector
+        if selector.per_row != per_row or selector.rows != rows:
+            return False
+        knows = self._background.knows
+        return not any(knows(name) for row in rows for name in row)
 
     def _write_selection(self) -> None:
         self._selector.write(self._residency.slot_and_scale)

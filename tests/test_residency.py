@@ -484,3 +484,29 @@ def test_replacing_a_served_adapter_copies_beside_running_forwards(env) -> None:
     assert _matches(logits(rt.model, IDS), expected) == ["b"]  # the selection followed
     assert rt.internals.registry.stale == set() and rt.info("a").leases == 0
     assert rt.info("a").version == 2 and rt.stats()["swaps"] >= 2
+
+
+def test_selecting_the_selection_again_waits_for_a_prefetch_of_its_adapter(env, monkeypatch) -> None:
+    """Re-selecting what is already selected changes nothing and returns at once, except while
+    a prefetch of one of its names is in flight: then it waits for it, as any activation of a
+    name being prefetched does, and the new version is served."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=3)
+    rt.load("a", paths["a"])
+    rt.activate("a")
+    rt.activate("a")  # already selected: nothing to do
+    assert _matches(logits(rt.model, IDS), expected) == ["a"]
+    go, real_read = threading.Event(), rt.internals.stager.read
+
+    def slow_read(*args, **kwargs):
+        go.wait(10)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(rt.internals.stager, "read", slow_read)
+    future = rt.prefetch("a", paths["b"], replace=True)
+    timer = threading.Timer(0.2, go.set)
+    timer.start()
+    rt.activate("a")
+    assert future.done() and future.result().version == 2
+    assert _matches(logits(rt.model, IDS), expected) == ["b"]
+    timer.join()
