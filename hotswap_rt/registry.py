@@ -106,6 +106,8 @@ class AdapterRegistry:
         # shadow slot before the selection followed it. Not reused until a selection write stops
         # reading them (Residency.selection_written).
         self.stale: set[int] = set()
+        # Slots a commit is copying into outside the runtime lock (Residency.reserve_slot).
+        self.reserved: set[int] = set()
         self.evictions = 0  # device slot reuses
         self.host_evictions = 0  # host ring entries dropped to the disk tier
         self._clock = 0
@@ -189,14 +191,19 @@ class AdapterRegistry:
     # -- device slots --------------------------------------------------------------------------
     def free_slot(self) -> int | None:
         """The first slot holding no adapter (and not :attr:`stale`), or None."""
-        free = (slot for slot, owner in enumerate(self.slot_owner) if owner is None and slot not in self.stale)
+        free = (slot for slot, owner in enumerate(self.slot_owner) if owner is None and not self.unusable(slot))
         return next(free, None)
+
+    def unusable(self, slot: int) -> bool:
+        """Whether ``slot`` is :attr:`stale` or :attr:`reserved` (taken by no other change; both
+        are owned by no record)."""
+        return slot in self.stale or slot in self.reserved
 
     def reusable_slots(self, protected: set[int]) -> list[int]:
         """Slots that are free or hold an evictable adapter, outside ``protected``."""
         return [
             slot for slot, owner in enumerate(self.slot_owner)
-            if slot not in protected and slot not in self.stale
+            if slot not in protected and not self.unusable(slot)
             and (owner is None or self.records[owner].evictable)
         ]
 
@@ -208,7 +215,7 @@ class AdapterRegistry:
         fallback: tuple[int, int] | None = None  # the same, in avoid
         for slot, owner in enumerate(self.slot_owner):
             if owner is None:
-                if slot in self.stale:
+                if self.unusable(slot):
                     continue
                 return slot
             if slot in protected:

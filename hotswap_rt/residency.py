@@ -174,6 +174,7 @@ class Residency:
         use_free_slot: bool,
         trainable: bool = False,
         ordered: bool = True,
+        copied: tuple[int, float] | None = None,
     ) -> AdapterRecord:
         """Register a staged adapter (new, or replacing ``name``; ``info`` its static description)
         and copy it into a slot when
@@ -181,24 +182,21 @@ class Residency:
         ``use_free_slot`` and a slot is free, or always when ``trainable`` (evicting an
         adapter the selection does not read: training needs its slot). ``ordered=False``: the
         caller runs this without the forward gate, for a slot no forward reads (see
-        :meth:`SlotArena.write_slot`).
+        :meth:`SlotArena.write_slot`). ``copied``: ``(slot, seconds)`` of a copy the caller made
+        into a slot it reserved (:meth:`reserve_slot`), which the adapter takes instead.
 
         Raises:
             SlotsBusyError: no host entry can take it, or ``trainable`` and no slot can be
                 freed; before any change.
         """
         self.check_commit(name, trainable)
-        old = self.registry.records.get(name)
-        if old is not None and old.slot is not None:
-            slot = self._choose_slot(protected=self._selector.selected_slots() | {old.slot})
-            slot = old.slot if slot is None else slot
-        elif trainable:
-            slot = self._choose_slot(protected=self._selector.selected_slots())
-            assert slot is not None  # check_commit
+        if copied is not None:
+            slot = copied[0]
+            self.stats.record_swap(staged.nbytes, copied[1], "host")
         else:
-            slot = self.registry.free_slot() if use_free_slot else None
-        if slot is not None:
-            self._copy_to_slot(slot, staged, ordered=ordered)
+            slot = self._commit_slot(name, use_free_slot, trainable)
+            if slot is not None:
+                self._copy_to_slot(slot, staged, ordered=ordered)
         record = self.registry.put(name, self._host_entry(staged, origin, trainable), info, origin)
         self._background.forget(name)
         if slot is not None:
@@ -208,6 +206,43 @@ class Residency:
                 self.registry.stale.add(previous)  # still served until the selection is written
         self.stats.loads += 1
         return record
+
+    def _commit_slot(self, name: str, use_free_slot: bool, trainable: bool) -> int | None:
+        """The slot :meth:`commit` of ``name`` copies into now (see there), or None."""
+        old = self.registry.records.get(name)
+        if old is not None and old.slot is not None:
+            slot = self._choose_slot(protected=self._selector.selected_slots() | {old.slot})
+            return old.slot if slot is None else slot
+        if trainable:
+            slot = self._choose_slot(protected=self._selector.selected_slots())
+            assert slot is not None  # check_commit
+            return slot
+        return self.registry.free_slot() if use_free_slot else None
+
+    def reserve_slot(self, name: str, use_free_slot: bool) -> int | None:
+        """Choose the slot :meth:`commit` of ``name`` would copy into, one no forward reads (a
+        shadow slot or a free one; the caller checked that it exists for a resident adapter),
+        and keep every other change off it while the caller copies into it outside the lock
+        (the adapter evicted from it, if any, leaves it now). None: it would take no slot.
+
+        Raises:
+            SlotsBusyError: no host entry can take ``name``.
+        """
+        self.check_commit(name)
+        slot = self._commit_slot(name, use_free_slot, trainable=False)
+        if slot is not None:
+            if self.registry.slot_owner[slot] is not None:
+                self.registry.vacate(slot)
+                self.registry.evictions += 1
+            self.registry.reserved.add(slot)
+        return slot
+
+    def release_reserved(self, slot: int, written: bool) -> None:
+        """Give a reserved slot back (after its commit, or ``written=False`` when the copy
+        into it failed: its contents are then unknown)."""
+        if not written:
+            self.arena.mark_unknown(slot)
+        self.registry.reserved.discard(slot)
 
     def shadow_slot_for(self, name: str) -> bool:
         """Whether replacing resident adapter ``name`` now would copy into another slot (one

@@ -468,12 +468,16 @@ class HotswapRuntime:
 
     def _commit_beside_forwards(self, name: str, staged: StagedAdapter, origin: Origin | None, replace: bool,
                                 use_free_slot: bool, prefetched: bool) -> AdapterInfo | None:
-        """Commit while forwards in other threads go on, when the copy touches no slot they
-        read: a new adapter (or one replacing an adapter in no device slot) goes into the ring
-        and a free slot at most, and no selection names it; one replacing a resident adapter
-        goes into a shadow slot, the old version served from its own slot until the gate is
-        taken, briefly, to point the selection at the new one. None (nothing done): it would
-        have to overwrite the slot it is served from."""
+        """Commit while forwards (and other changes) go on, when the copy touches no slot
+        forwards read: a new adapter (or one replacing an adapter in no device slot) goes into
+        the ring and a free slot at most, and no selection names it; one replacing a resident
+        adapter goes into a shadow slot, the old version served from its own slot until the
+        gate is taken, briefly, to point the selection at the new one. The slot is reserved
+        under the lock, copied into outside it, and taken under it again (the name checked
+        again: another thread may have loaded it meanwhile). A lazy runtime that may still
+        inject layers copies under the lock (an injection would change the slot layout).
+        None (nothing done): it would have to overwrite the slot it is served from."""
+        record = None
         with self._lock:
             self._check_not_ejected()
             old = self._residency.registry.records.get(name)
@@ -481,19 +485,47 @@ class HotswapRuntime:
                 return None
             self._check_name(name, replace, prefetched)
             self._stager.fit_rows(staged)  # layers may have been injected since it was staged
-            record = self._residency.commit(name, staged, staged.describe(name), origin,
-                                            use_free_slot=use_free_slot, ordered=False)
-            info = self._info(record)
-            moved = bool(self._residency.registry.stale)  # a slot no record owns is still read
-            if moved:  # until the selection follows, no other change may evict the new slot
-                record.leases += 1
-        if moved:
+            if self.lazy and not self.compiled:
+                record = self._residency.commit(name, staged, staged.describe(name), origin,
+                                                use_free_slot=use_free_slot, ordered=False)
+                info, moved = self._info(record), self._lease_until_selected(record)
+            else:
+                slot = self._residency.reserve_slot(name, use_free_slot)
+        if record is None:
+            copied = None
+            if slot is not None:
+                try:
+                    copied = (slot, self._arena.write_slot(slot, staged.rows, ordered=False))
+                except BaseException:
+                    with self._lock:
+                        self._residency.release_reserved(slot, written=False)
+                    raise
+            with self._lock:
+                try:
+                    self._check_not_ejected()
+                    self._check_name(name, replace, prefetched)
+                    record = self._residency.commit(name, staged, staged.describe(name), origin,
+                                                    use_free_slot=False, copied=copied)
+                finally:
+                    if slot is not None:
+                        self._residency.release_reserved(slot, written=True)
+                info, moved = self._info(record), self._lease_until_selected(record)
+        if moved:  # the selection still reads the slot the adapter left: point it at the new one
             try:
                 with self._mutation():
                     self._write_selection()
             finally:
                 self._residency.release_lease(record)
         return info
+
+    def _lease_until_selected(self, record: AdapterRecord) -> bool:
+        """Under the lock, after a commit beside the forwards: whether the selection still reads
+        a slot the commit moved the adapter out of (:attr:`AdapterRegistry.stale`); then the
+        adapter is leased, so no other change evicts it before the selection follows it."""
+        if not self._residency.registry.stale:
+            return False
+        record.leases += 1
+        return True
 
     def check(
         self, source: str | os.PathLike[str], *, allow_pickle: bool = False,

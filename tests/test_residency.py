@@ -510,3 +510,39 @@ def test_selecting_the_selection_again_waits_for_a_prefetch_of_its_adapter(env, 
     assert future.done() and future.result().version == 2
     assert _matches(logits(rt.model, IDS), expected) == ["b"]
     timer.join()
+
+
+def test_selection_changes_go_on_while_a_load_copies_into_its_slot(env, monkeypatch) -> None:
+    """The copy of a new adapter into a free slot runs outside the runtime lock: the engine's
+    per-step selection changes (here activating another resident adapter) do not wait for it,
+    and the slot is taken by nothing else meanwhile."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=3)
+    rt.load("a", paths["a"])
+    rt.load("b", paths["b"])
+    rt.activate("a")
+    copying, finish = threading.Event(), threading.Event()
+    real_write = rt.internals.arena.write_slot
+
+    def slow_write(slot, rows, ordered=True):
+        if threading.current_thread().name == "loader":
+            copying.set()
+            finish.wait(10)
+        return real_write(slot, rows, ordered)
+
+    monkeypatch.setattr(rt.internals.arena, "write_slot", slow_write)
+    loader = threading.Thread(target=lambda: rt.load("c", paths["c"]), name="loader")
+    loader.start()
+    try:
+        assert copying.wait(10)
+        reserved = set(rt.internals.registry.reserved)
+        rt.activate("b")  # waited for the whole copy when the lock was held through it
+        switched_during_copy = loader.is_alive()
+        served_during_copy = _matches(logits(rt.model, IDS), expected)
+    finally:
+        finish.set()
+        loader.join(10)
+    assert switched_during_copy and served_during_copy == ["b"] and len(reserved) == 1
+    assert rt.info("c").slot in reserved and rt.internals.registry.reserved == set()
+    rt.activate("c")
+    assert _matches(logits(rt.model, IDS), expected) == ["c"] and rt.stats()["swaps"] == 3
