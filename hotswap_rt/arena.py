@@ -326,6 +326,12 @@ class SlotArena:
         the whole row beyond its prefix."""
         self.filled[slot] = dict.fromkeys(self.arenas, self.max_rank)
 
+    def layout_token(self) -> tuple:
+        """Changes whenever the slot rows change layout or storage (a layer injected, scale
+        vectors added): a copy made into a slot before a change is not valid after it."""
+        return tuple((dtype, tensor.data_ptr(), tuple(tensor.shape), self._row_size(dtype))
+                     for dtype, tensor in self.arenas.items())
+
     def write_slot(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor], ordered: bool = True) -> float:
         """Copy host rows (dtype -> prefix ``[V + r * W]``) into device slot ``slot``: one
         ``copy_`` per dtype of the prefix, and a ``zero_`` of what the previous occupant wrote

@@ -474,8 +474,9 @@ class HotswapRuntime:
         adapter goes into a shadow slot, the old version served from its own slot until the
         gate is taken, briefly, to point the selection at the new one. The slot is reserved
         under the lock, copied into outside it, and taken under it again (the name checked
-        again: another thread may have loaded it meanwhile). A lazy runtime that may still
-        inject layers copies under the lock (an injection would change the slot layout).
+        again: another thread may have loaded it meanwhile). Before compiling, the slot layout
+        can still change (layers injected, scale vectors added): the copy then stays under the
+        lock.
         None (nothing done): it would have to overwrite the slot it is served from."""
         record = None
         with self._lock:
@@ -485,12 +486,13 @@ class HotswapRuntime:
                 return None
             self._check_name(name, replace, prefetched)
             self._stager.fit_rows(staged)  # layers may have been injected since it was staged
-            if self.lazy and not self.compiled:
+            if not self.compiled:
                 record = self._residency.commit(name, staged, staged.describe(name), origin,
                                                 use_free_slot=use_free_slot, ordered=False)
                 info, moved = self._info(record), self._lease_until_selected(record)
             else:
                 slot = self._residency.reserve_slot(name, use_free_slot)
+                layout = self._arena.layout_token()
         if record is None:
             copied = None
             if slot is not None:
@@ -504,8 +506,13 @@ class HotswapRuntime:
                 try:
                     self._check_not_ejected()
                     self._check_name(name, replace, prefetched)
+                    if copied is not None and self._arena.layout_token() != layout:  # not expected once
+                        self._residency.release_reserved(slot, written=False)  # compiled: copy again
+                        slot = copied = None
+                        self._stager.fit_rows(staged)
                     record = self._residency.commit(name, staged, staged.describe(name), origin,
-                                                    use_free_slot=False, copied=copied)
+                                                    use_free_slot=use_free_slot and copied is None,
+                                                    ordered=False, copied=copied)
                 finally:
                     if slot is not None:
                         self._residency.release_reserved(slot, written=True)

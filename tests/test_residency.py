@@ -513,14 +513,15 @@ def test_selecting_the_selection_again_waits_for_a_prefetch_of_its_adapter(env, 
 
 
 def test_selection_changes_go_on_while_a_load_copies_into_its_slot(env, monkeypatch) -> None:
-    """The copy of a new adapter into a free slot runs outside the runtime lock: the engine's
-    per-step selection changes (here activating another resident adapter) do not wait for it,
-    and the slot is taken by nothing else meanwhile."""
+    """Once compiled (the slot layout fixed), the copy of a new adapter into a free slot runs
+    outside the runtime lock: the engine's per-step selection changes (here activating another
+    resident adapter) do not wait for it, and the slot is taken by nothing else meanwhile."""
     base, paths, expected = env
     rt = _runtime(base, device_slots=3)
     rt.load("a", paths["a"])
     rt.load("b", paths["b"])
     rt.activate("a")
+    rt.compile(IDS)
     copying, finish = threading.Event(), threading.Event()
     real_write = rt.internals.arena.write_slot
 
@@ -546,3 +547,16 @@ def test_selection_changes_go_on_while_a_load_copies_into_its_slot(env, monkeypa
     assert rt.info("c").slot in reserved and rt.internals.registry.reserved == set()
     rt.activate("c")
     assert _matches(logits(rt.model, IDS), expected) == ["c"] and rt.stats()["swaps"] == 3
+
+
+def test_the_layout_token_changes_when_slots_are_relaid(env, tmp_path) -> None:
+    """What a copy outside the lock is checked against: adding scale vectors (a DoRA adapter
+    before compiling) re-lays every slot, and the token changes; a plain load does not."""
+    base, paths, _ = env
+    rt = _runtime(base, device_slots=3)
+    rt.load("a", paths["a"])
+    token = rt.internals.arena.layout_token()
+    rt.load("b", paths["b"])
+    assert rt.internals.arena.layout_token() == token
+    rt.load("dora", base.make_adapter(tmp_path / "dora", seed=9, r=4, use_dora=True))
+    assert rt.internals.arena.layout_token() != token
