@@ -503,19 +503,20 @@ class HotswapRuntime:
                         self._residency.release_reserved(slot, written=False)
                     raise
             with self._lock:
+                relaid = copied is not None and self._arena.layout_token() != layout  # unexpected once compiled
                 try:
                     self._check_not_ejected()
                     self._check_name(name, replace, prefetched)
-                    if copied is not None and self._arena.layout_token() != layout:  # not expected once
-                        self._residency.release_reserved(slot, written=False)  # compiled: copy again
-                        slot = copied = None
-                        self._stager.fit_rows(staged)
+                    old = self._residency.registry.records.get(name)
+                    # the copy is stale, or the adapter became resident meanwhile with no copy made
+                    # (committing now could copy over its served slot): the gated commit does it
+                    if relaid or (copied is None and old is not None and old.slot is not None):
+                        return None
                     record = self._residency.commit(name, staged, staged.describe(name), origin,
-                                                    use_free_slot=use_free_slot and copied is None,
-                                                    ordered=False, copied=copied)
+                                                    use_free_slot=False, ordered=False, copied=copied)
                 finally:
                     if slot is not None:
-                        self._residency.release_reserved(slot, written=True)
+                        self._residency.release_reserved(slot, written=not relaid)
                 info, moved = self._info(record), self._lease_until_selected(record)
         if moved:  # the selection still reads the slot the adapter left: point it at the new one
             try:
