@@ -560,3 +560,42 @@ def test_the_layout_token_changes_when_slots_are_relaid(env, tmp_path) -> None:
     assert rt.internals.arena.layout_token() == token
     rt.load("dora", base.make_adapter(tmp_path / "dora", seed=9, r=4, use_dora=True))
     assert rt.internals.arena.layout_token() != token
+
+
+def test_loads_beside_forwards_never_serve_a_torn_adapter(env) -> None:
+    """Compiled (loads copy outside the lock): one thread keeps replacing the served adapter
+    (its versions alternate between two files) and loading / unloading another; the forwarding
+    thread's every output is exactly one of the served adapter's versions, never a mix, and
+    nothing stays stale, reserved or leased afterwards."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=3)
+    rt.load("s", paths["a"])
+    rt.activate("s")
+    rt.compile(IDS)
+    stop, errors, loads = threading.Event(), [], [0]
+
+    def loader() -> None:
+        try:
+            while not stop.is_set():
+                rt.load("s", paths["b" if loads[0] % 2 == 0 else "a"], replace=True)
+                rt.load("n", paths["c"])
+                rt.unload("n")
+                loads[0] += 1
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    served = []
+    try:
+        for _ in range(60):
+            rt.activate("s")
+            served += _matches(logits(rt.model, IDS), expected)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors and loads[0] > 0 and len(served) == 60
+    assert set(served) <= {"a", "b"}  # each output one whole version
+    registry = rt.internals.registry
+    assert registry.stale == set() and registry.reserved == set() and rt.info("s").leases == 0
+    assert rt.guard.recompiles == 0
