@@ -190,7 +190,7 @@ class AdapterRegistry:
 
     # -- device slots --------------------------------------------------------------------------
     def free_slot(self) -> int | None:
-        """The first slot holding no adapter (and not :attr:`stale`), or None."""
+        """The first slot holding no adapter (and not :meth:`unusable`), or None."""
         free = (slot for slot, owner in enumerate(self.slot_owner) if owner is None and not self.unusable(slot))
         return next(free, None)
 

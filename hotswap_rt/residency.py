@@ -211,7 +211,7 @@ class Residency:
         """The slot :meth:`commit` of ``name`` copies into now (see there), or None."""
         old = self.registry.records.get(name)
         if old is not None and old.slot is not None:
-            slot = self._choose_slot(protected=self._selector.selected_slots() | {old.slot})
+            slot = self._shadow_slot(old)
             return old.slot if slot is None else slot
         if trainable:
             slot = self._choose_slot(protected=self._selector.selected_slots())
@@ -247,9 +247,13 @@ class Residency:
     def shadow_slot_for(self, name: str) -> bool:
         """Whether replacing resident adapter ``name`` now would copy into another slot (one
         the selection does not read), leaving the one it is served from untouched."""
-        old = self.registry.records[name]
+        return self._shadow_slot(self.registry.records[name]) is not None
+
+    def _shadow_slot(self, old: AdapterRecord) -> int | None:
+        """A slot resident ``old``'s replacement can take while ``old`` stays served (outside
+        the selection and ``old``'s own slot), or None."""
         assert old.slot is not None
-        return self._choose_slot(protected=self._selector.selected_slots() | {old.slot}) is not None
+        return self._choose_slot(protected=self._selector.selected_slots() | {old.slot})
 
     def selection_written(self) -> None:
         """After a selection write: release the stale slots it no longer reads."""

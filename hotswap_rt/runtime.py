@@ -754,8 +754,8 @@ class HotswapRuntime:
         knows = self._background.knows
         return not any(knows(name) for row in rows for name in row)
 
-    def _write_selection(self) -> None:
-        self._selector.write(self._residency.slot_and_scale)
+    def _write_selection(self, force: bool = False) -> None:
+        self._selector.write(self._residency.slot_and_scale, force)
         self._residency.selection_written()
 
     def _mutation(self) -> _Mutation:
@@ -948,8 +948,7 @@ class HotswapRuntime:
         """Turn the auto per-row product on (or back off) and write the selection for it."""
         with self._mutation():
             self._selection.enable_per_row(enabled)
-            self._selector.write(self._residency.slot_and_scale, force=True)
-            self._residency.selection_written()
+            self._write_selection(force=True)
 
     def eject(self) -> nn.Module:
         """Undo injection: put the original layers and forward back (once: ejecting again returns

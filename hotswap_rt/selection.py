@@ -99,8 +99,8 @@ class Selection:
         self.positions = positions
         fields = _fields(max_batch_size, positions, self.max_per_row)
         self.packed = torch.zeros(_packed_nbytes(fields), dtype=torch.uint8, device=device)
-        views = _packed_views(self.packed, fields)
         self._offsets = _packed_offsets(fields)
+        views = _packed_views(self.packed, fields, self._offsets)
         self.active_slots = views["active_slots"]
         self.row_weights = views["row_weights"]
         self.row_slots = views["row_slots"]
@@ -279,10 +279,9 @@ def _packed_offsets(fields: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -
     return offsets
 
 
-def _packed_views(buffer: torch.Tensor, fields: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
-                  ) -> dict[str, torch.Tensor]:
-    """Each field as a view of the uint8 ``buffer`` (laid out by :func:`_fields`)."""
-    offsets = _packed_offsets(fields)
+def _packed_views(buffer: torch.Tensor, fields: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                  offsets: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Each field as a view of the uint8 ``buffer`` at its ``offsets`` (:func:`_packed_offsets`)."""
     views = {}
     for name, (dtype, shape) in fields.items():
         start = offsets[name]
