@@ -11,8 +11,9 @@ Stages (``--stages`` picks some):
   selection moved) and loading a new one into a free slot then unloading it: the added p50 /
   p99 step latency of each.
 - ``decode_k``: decode step (batch 16) of the compiled model with k = 1, 4, 8, 16 distinct
-  adapters, one per row, stacked and per-row (``max_adapters_per_row=1``), over the uninjected
-  compiled model.
+  adapters, one per row, over the uninjected compiled model: the default (``auto``: per row once
+  compiled), the stacked product only (``max_adapters_per_row=16``: all 16 slots read in place)
+  and per row forced (``max_adapters_per_row=1``).
 - ``engine``: :class:`~hotswap_rt.engine.GenerationEngine` throughput, 32 requests over 8
   adapters against the same requests on the base model.
 
@@ -243,7 +244,9 @@ def stage_decode_k(setup: Setup) -> dict[str, Any]:
         plain = torch.compile(base, mode=mode) if setup.compile else base
         base_us = timed(lambda: plain(input_ids=ids))
         result[f"{prefix}uninjected_us"] = base_us
-        for product, per_row in (("stacked", None), ("per_row", 1)):
+        # auto (the default: per row once compiled, one adapter per row here), the stacked
+        # product only (every row times all 16 slots, read in place), per row forced
+        for product, per_row in (("auto", None), ("stacked", 16), ("per_row", 1)):
             rt = HotswapRuntime(llama(setup), RuntimeConfig(
                 target_modules="all-linear", max_rank=rank, device_slots=16, host_slots=16,
                 max_batch_size=batch, max_adapters_per_row=per_row))
@@ -259,6 +262,7 @@ def stage_decode_k(setup: Setup) -> dict[str, Any]:
                 result[f"{prefix}{product}_k{k}_us"] = us
                 result[f"{prefix}{product}_k{k}_over_uninjected"] = us / base_us
             result[f"{prefix}{product}_recompiles"] = rt.guard.recompiles
+            result[f"{prefix}{product}_ran_per_row"] = rt.internals.selection.per_row
     return result
 
 

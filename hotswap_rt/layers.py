@@ -10,7 +10,7 @@ One forward, for ``k`` active slots of rank ``R`` (``k = max_active_adapters``):
     A_act  = A_stack[active]           # [k, R, d_in]    -> [k*R, d_in]
     Bt_act = Bt_stack[active]          # [k, R, d_out]   -> [k*R, d_out]  (B^T, scaling folded in)
     h      = x @ A_act.T               # [B, ..., k*R]
-    h      = h * row_weights[:B]       # per-row, per-adapter weight (0 = adapter off)
+    h      = h * row_weights[:B]       # per-row, per-adapter weight (0 = adapter off: exactly 0)
     y      = base(x) + h @ Bt_act      # [B, ..., d_out]
 
 (``A_stack`` / ``Bt_stack`` are strided views of the rank-major arena, see :mod:`hotswap_rt.arena`.)
@@ -169,7 +169,11 @@ class SlotLayer(nn.Module):
         h = h.unflatten(dim, (n, -1))
         shape = [weights.shape[0]] + [1] * (h.dim() - 1)
         shape[dim] = n
-        return (h * weights.to(h.dtype).view(shape)).flatten(dim, dim + 1)
+        weights = weights.to(h.dtype).view(shape)
+        # A weight of 0 gives exactly 0, not 0 * h: an unselected slot read in place, a padding
+        # position or a freed slot's stale bytes may hold finite factors whose product with x
+        # overflows (inf * 0 = NaN would reach every row).
+        return torch.where(weights != 0, h * weights, 0.0).flatten(dim, dim + 1)
 
     def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-row mode: each row's ``m`` slots' factors, A ``[B, m, R, d_in]``,

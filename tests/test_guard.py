@@ -194,6 +194,12 @@ def test_guard_survives_dynamo_reset() -> None:
     assert rt.guard.recompiles == 1
 
 
+# Compiled CUDA kernels sum in another order than eager ones: on an H200 one element in 320
+# differed by 1.7e-5 (float32, values ~1), past assert_close's default 1e-5 (gpu_check run 5).
+# The adapters these tests tell apart differ by ~1, so 1e-4 still catches a wrong selection.
+CUDA_COMPILED_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_reduce_overhead_cuda_graphs_switch_without_rerecord() -> None:
     torch.manual_seed(0)
@@ -210,11 +216,12 @@ def test_reduce_overhead_cuda_graphs_switch_without_rerecord() -> None:
     for name in ("x", "y", None):
         rt.activate(name)
         eager[name] = rt.model(ids).clone()
+    assert (eager["x"] - eager["y"]).abs().max() > 100 * CUDA_COMPILED_TOLERANCE["atol"]
     rt.compile(ids, mode="reduce-overhead", guard="raise")
     assert rt.guard.recordings >= 1
     for name in ("y", "x", None, "y"):
         rt.activate(name)
-        torch.testing.assert_close(rt.model(ids).clone(), eager[name])
+        torch.testing.assert_close(rt.model(ids).clone(), eager[name], **CUDA_COMPILED_TOLERANCE)
     assert rt.guard.recompiles == 0 and rt.guard.rerecords == 0
     arena = rt.internals.arena.arenas[torch.float32]
     arena.data = arena.data.clone()
@@ -284,7 +291,7 @@ def test_cuda_graph_forwards_from_other_threads_equal_eager() -> None:
     rt.compile(ids, mode="reduce-overhead", guard="raise")
     for _ in range(2):
         out = in_new_thread(lambda: _forwards_without_grad(rt, ids, 3))
-        torch.testing.assert_close(out, eager)
+        torch.testing.assert_close(out, eager, **CUDA_COMPILED_TOLERANCE)
     assert rt.guard.recompiles == 0
 
 

@@ -201,3 +201,42 @@ def test_default_reads_per_row_once_compiled_and_stacked_for_mixes(env, input_id
         assert selection.per_row is not mixed
         assert max_diff(logits(rt.model, input_ids), logits(stacked.model, input_ids)) <= 1e-5
     assert rt.guard.recompiles == 0
+
+
+@pytest.mark.parametrize("layout", [dict(slot_reads="in_place"), dict(max_active_adapters=2),
+                                    dict(max_adapters_per_row=2)])
+def test_an_unselected_adapter_whose_product_overflows_changes_no_row(env, input_ids, layout) -> None:
+    """Finite factors whose product with x overflows float32 (inf) give inf * 0 = NaN if a weight
+    of 0 multiplies them: read in place while unselected, as a padding position (gathered or per
+    row: slot 0, which it holds), or as a freed slot's stale bytes. A weight of 0 adds exactly
+    nothing, so the other adapters' rows stay as they were, bit for bit."""
+    from safetensors.torch import load_file
+
+    base, paths, _ = env
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16, device_slots=4,
+                                                    **layout))
+    state = load_file(str(paths["a"] / "adapter_model.safetensors"))
+    huge = {key: torch.full_like(t, 3e38) if ".lora_A." in key else t for key, t in state.items()}
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ATTENTION_TARGETS["llama"]}
+    rt.load("huge", state_dict=huge, config=config)
+    assert rt.info("huge").slot == 0
+    rt.activate("huge")
+    assert not torch.isfinite(logits(rt.model, input_ids)).all()  # it does overflow when selected
+    rt.activate(None)
+    rt.unload("huge")
+    rt.load("a", paths["a"])
+    rt.load("c", paths["c"])
+    rows = ["a", None, "c", "a"]
+    rt.activate_rows(rows)
+    clean = logits(rt.model, input_ids)  # slot 0 now holds "a": nothing huge is left anywhere
+    assert torch.isfinite(clean).all()
+    rt.activate(None)
+    rt.unload("a")
+    rt.load("huge", state_dict=huge, config=config)
+    rt.load("a", paths["a"])
+    assert rt.info("huge").slot == 0
+    rt.activate_rows(rows)
+    assert torch.equal(logits(rt.model, input_ids), clean)  # resident, unselected
+    rt.unload("huge")
+    rt.activate_rows(rows)
+    assert torch.equal(logits(rt.model, input_ids), clean)  # its stale bytes in a freed slot
