@@ -12,8 +12,9 @@ Stages (``--stages`` picks some):
   p99 step latency of each.
 - ``decode_k``: decode step (batch 16) of the compiled model with k = 1, 4, 8, 16 distinct
   adapters, one per row, over the uninjected compiled model: the default (``auto``: per row once
-  compiled), the stacked product only (``max_adapters_per_row=16``: all 16 slots read in place)
-  and per row forced (``max_adapters_per_row=1``).
+  compiled), the stacked product only (``max_adapters_per_row=16``: all 16 slots read in place),
+  per row forced (``max_adapters_per_row=1``) and per row with one-token steps reading the
+  slots in place (``per_row_reduce``: ``per_row_decode="reduce"``).
 - ``engine``: :class:`~hotswap_rt.engine.GenerationEngine` throughput, 32 requests over 8
   adapters against the same requests on the base model.
 
@@ -245,11 +246,13 @@ def stage_decode_k(setup: Setup) -> dict[str, Any]:
         base_us = timed(lambda: plain(input_ids=ids))
         result[f"{prefix}uninjected_us"] = base_us
         # auto (the default: per row once compiled, one adapter per row here), the stacked
-        # product only (every row times all 16 slots, read in place), per row forced
-        for product, per_row in (("auto", None), ("stacked", 16), ("per_row", 1)):
+        # product only (every row times all 16 slots, read in place), per row forced, and per
+        # row with one-token steps reading the slots in place (per_row_decode="reduce")
+        for product, per_row, decode in (("auto", None, "bmm"), ("stacked", 16, "bmm"), ("per_row", 1, "bmm"),
+                                         ("per_row_reduce", 1, "reduce")):
             rt = HotswapRuntime(llama(setup), RuntimeConfig(
                 target_modules="all-linear", max_rank=rank, device_slots=16, host_slots=16,
-                max_batch_size=batch, max_adapters_per_row=per_row))
+                max_batch_size=batch, max_adapters_per_row=per_row, per_row_decode=decode))
             for i in range(16):
                 state, config = random_state(rt, rank, seed=i)
                 rt.load(f"a{i}", state_dict=state, config=config)

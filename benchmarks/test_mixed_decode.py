@@ -11,6 +11,8 @@ with these ways of reading the slots:
   ``max_active_adapters == device_slots``, stacked only: ``max_adapters_per_row=16``);
 - ``per_row m=1`` / ``m=2``: each row gathers its own slots' factors (up to m) and multiplies
   them alone (batched matmul, ``max_adapters_per_row=m``; the server runs m=2);
+- ``per_row m=1 reduce``: per row, the one-token step reading each row's slot in place (a
+  broadcast product summed, ``per_row_decode="reduce"``: compiled, no gathered copy);
 - ``default``: ``RuntimeConfig``'s defaults (``max_adapters_per_row=None``): after
   ``rt.compile``, per row with m=1 for these selections (no row mixes adapters), the stacked
   in-place graph compiled next to it for selections that do.
@@ -34,7 +36,8 @@ BATCH, RANK, SLOTS, KS = 16, 16, 16, (1, 4, 8, 16)
 MODES = {"default": dict(),
          "gather": dict(max_adapters_per_row=SLOTS, slot_reads="gather"),
          "in_place": dict(max_adapters_per_row=SLOTS, slot_reads="in_place"),
-         "per_row m=1": dict(max_adapters_per_row=1), "per_row m=2": dict(max_adapters_per_row=2)}
+         "per_row m=1": dict(max_adapters_per_row=1), "per_row m=2": dict(max_adapters_per_row=2),
+         "per_row m=1 reduce": dict(max_adapters_per_row=1, per_row_decode="reduce")}
 DTYPE = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 IDS = torch.randint(0, 1024, (BATCH, 1), generator=torch.Generator().manual_seed(0))
 

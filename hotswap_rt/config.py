@@ -65,6 +65,16 @@ class RuntimeConfig:
             ``max_active_adapters == device_slots`` (same product size, no copy). Fixed for the
             runtime's life. In place, every device slot is read by every forward, so a
             non-finite adapter (``allow_nonfinite``) poisons all outputs once resident.
+        per_row_decode: how the per-row product (see ``max_adapters_per_row``) runs a step of
+            one token per row: ``"bmm"`` gathers each row's slots' factors out of the arena and
+            multiplies with two batched matmuls (as for longer inputs); ``"reduce"`` reads them
+            where they lie, as a broadcast product summed over ``d_in`` then over the ranks:
+            compiled, the slot gather becomes the kernels' own loads (no gathered copy, no
+            matmul library call: two fused kernels a layer on a GPU, where the batched matmuls
+            of a decode step cost far more than their bytes). Inputs of more than one token
+            always use ``"bmm"``. Measure both on your device (``scripts/gpu_check.sh``'s
+            ``decode_k`` reports ``per_row_reduce``); a graph compiled with a dynamic token
+            dimension specializes on it with ``"reduce"``.
         rank_buckets: compute that follows the selected adapters' rank: e.g. ``(4, 16)`` with
             ``max_rank=64`` gives three graphs (ranks 4, 16, 64; ``max_rank`` is always the
             last bucket), all compiled at ``rt.compile``; each forward multiplies only the first
@@ -105,6 +115,7 @@ class RuntimeConfig:
     per_row_overflow: str | None = None
     batch_input: str | None = None
     slot_reads: str = "auto"
+    per_row_decode: str = "bmm"
     rank_buckets: Sequence[int] | None = None
     scale_vectors: bool = False
     modules_to_save: Sequence[str] | None = None
@@ -155,6 +166,9 @@ class RuntimeConfig:
             self._names_or_none(name)
         if not isinstance(self.scale_vectors, bool):
             raise HotswapError(f"RuntimeConfig.scale_vectors must be a bool, got {self.scale_vectors!r}")
+        if self.per_row_decode not in ("bmm", "reduce"):
+            raise HotswapError(f"RuntimeConfig.per_row_decode must be 'bmm' or 'reduce', "
+                               f"got {self.per_row_decode!r}")
         if self.slot_reads not in ("auto", "gather", "in_place"):
             raise HotswapError(f"RuntimeConfig.slot_reads must be 'auto', 'gather' or 'in_place', "
                                f"got {self.slot_reads!r}")

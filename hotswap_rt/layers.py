@@ -244,11 +244,29 @@ class LoraSlotLinear(SlotLayer):
     def _per_row(self, x: torch.Tensor) -> torch.Tensor:
         """Each row times its own ``m`` slots only (see the module doc); ``[B, ..., d_out]``."""
         batch, d_in, d_out = x.shape[0], self.in_features, self.out_features
+        if self._selection.per_row_decode_reduce and x.numel() == batch * d_in:  # one token a row
+            return self._per_row_reduce(x).view(*x.shape[:-1], d_out)
         a_row, bt_row, weights = self._row_slots(batch)
         a_row, bt_row = a_row.flatten(1, 2), bt_row.flatten(1, 2)  # [B, m*R, d_in], [B, m*R, d_out]
         flat = x.reshape(batch, -1, d_in).to(a_row.dtype)  # [B, T, d_in]
         h = self._weigh(torch.bmm(flat, a_row.transpose(1, 2)), weights, dim=-1)  # [B, T, m*R]
         return torch.bmm(h, bt_row).view(*x.shape[:-1], d_out)
+
+
+    def _per_row_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_per_row` for one token a row (``x`` holds ``B * d_in`` values), the factors
+        read where they lie: ``h[b, i, j] = sum_d x[b, d] * A[slot[b, i], j, d]``, weighted, then
+        ``out[b, o] = sum_{i, j} h[b, i, j] * Bt[slot[b, i], j, o]``. Compiled, each sum is one
+        kernel whose loads index the arena by the row's slot (nothing gathered first).
+        Returns ``[B, d_out]``."""
+        batch = x.shape[0]
+        a_stack, bt_stack = self.slot_views()  # [S, R, d_in], [S, R, d_out]
+        slots = self._selection.row_slots[:batch]  # [B, m]
+        per_row = slots.shape[1]
+        rows = x.reshape(batch, 1, 1, self.in_features).to(a_stack.dtype)
+        h = (rows * a_stack[slots]).sum(-1)  # [B, m, R]
+        h = self._weigh(h.flatten(1), self._selection.row_slot_weights[:batch], dim=-1)  # [B, m*R]
+        return (h.view(batch, per_row, -1, 1) * bt_stack[slots]).sum((1, 2))  # [B, d_out]
 
 
 class FullSlotLinear(SlotLayer):

@@ -108,7 +108,8 @@ class HotswapRuntime:
                                     config.device_slots if config.reads_slots_in_place else None,
                                     config.rank_buckets or (),
                                     overflow_stacked=config.mixes_overflow == "stacked",
-                                    per_row_at_compile=config.per_row_auto)
+                                    per_row_at_compile=config.per_row_auto,
+                                    per_row_decode_reduce=config.per_row_decode == "reduce")
         self._selector = Selector(self._selection, self._arena.slot_rank)
         self._layers: dict[str, SlotLayer] = {}
         self._injection = replace_modules(model, {})

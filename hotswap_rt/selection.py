@@ -68,8 +68,10 @@ class Selection:
     def __init__(self, max_batch_size: int, max_active: int, device: torch.device,
                  max_per_row: int | None = None, in_place_slots: int | None = None,
                  rank_buckets: Sequence[int] = (), overflow_stacked: bool = False,
-                 per_row_at_compile: bool = False) -> None:
+                 per_row_at_compile: bool = False, per_row_decode_reduce: bool = False) -> None:
         self.max_batch_size = max_batch_size
+        # one-token steps of the per-row product read the slots in place (RuntimeConfig.per_row_decode)
+        self.per_row_decode_reduce = per_row_decode_reduce
         # The ranks layers multiply (a plain int: dynamo guards on it, one graph per bucket).
         self.rank_buckets = tuple(rank_buckets)
         self.rank_bucket: int | None = self.rank_buckets[-1] if self.rank_buckets else None

@@ -123,3 +123,22 @@ def test_engine_cuda_graph_buckets_equal_the_eager_engine_without_rerecording(ad
             assert rt.guard.recordings >= 1
             assert rt.guard.recompiles == 0 and rt.guard.rerecords == 0
     assert outputs[True] == outputs[False]
+
+
+def test_per_row_decode_reduce_compiled_on_cuda_equals_peft(adapters) -> None:
+    """``per_row_decode="reduce"`` compiled on CUDA (triton kernels indexing the arena by each
+    row's slot): one-token rows equal PEFT's, no recompile across selections."""
+    base, paths, reference = adapters
+    rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2,
+                                                            max_adapters_per_row=1, per_row_decode="reduce"))
+    for name, path in paths.items():
+        rt.load(name, path)
+    ids = torch.randint(0, VOCAB, (4, 1), device="cuda")
+    rows = ["a", None, "b", "a"]
+    rt.activate_rows(rows)
+    rt.compile(ids, guard="raise")
+    for selection in (rows, ["b", "b", None, "a"]):
+        rt.activate_rows(selection)
+        expected = logits(reference, ids, adapter_names=[r or "__base__" for r in selection])
+        torch.testing.assert_close(logits(rt.model, ids), expected, atol=1e-4, rtol=1e-4)
+    assert rt.guard.recompiles == 0

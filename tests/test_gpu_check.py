@@ -51,9 +51,8 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
     overlap = stages["overlap"]
     assert overlap["replace_loads_during"] > 0 and overlap["new_loads_during"] > 0
     assert overlap["recompiles"] == 0
-    assert all(stages["decode_k"][f"{mode}_k{k}_us"] > 0 for mode in ("auto", "stacked", "per_row")
-               for k in (1, 4, 8, 16))
+    products = ("auto", "stacked", "per_row", "per_row_reduce")
+    assert all(stages["decode_k"][f"{mode}_k{k}_us"] > 0 for mode in products for k in (1, 4, 8, 16))
     # uncompiled, auto runs the stacked product (rt.compile adds the per-row graph)
-    assert [stages["decode_k"][f"{mode}_ran_per_row"] for mode in ("auto", "stacked", "per_row")] == [
-        False, False, True]
+    assert [stages["decode_k"][f"{mode}_ran_per_row"] for mode in products] == [False, False, True, True]
     assert stages["engine"]["base_tok_s"] > 0 and stages["engine"]["mixed8_tok_s"] > 0

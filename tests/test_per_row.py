@@ -240,3 +240,48 @@ def test_an_unselected_adapter_whose_product_overflows_changes_no_row(env, input
     rt.unload("huge")
     rt.activate_rows(rows)
     assert torch.equal(logits(rt.model, input_ids), clean)  # its stale bytes in a freed slot
+
+
+@pytest.mark.parametrize("per_row", [1, 2])
+def test_per_row_decode_reduce_equals_peft_eager_and_compiled(env, input_ids, per_row) -> None:
+    """``per_row_decode="reduce"``: one-token steps read each row's slots in place (a broadcast
+    product summed); PEFT's rows, eager and compiled without a recompile; longer inputs still
+    run the batched matmuls (PEFT's rows too)."""
+    base, paths, reference = env
+    torch._dynamo.reset()
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(
+        ATTENTION_TARGETS["llama"], max_rank=16, device_slots=4, max_adapters_per_row=per_row,
+        per_row_decode="reduce"))
+    for name, path in paths.items():
+        rt.load(name, path)
+    assert rt.internals.selection.per_row and rt.internals.selection.per_row_decode_reduce
+    one_token = input_ids[:, :1]
+    rows = ["b", None, "a", "c"]
+    calls = []
+    layer = rt.internals.layers["model.layers.0.self_attn.q_proj"]
+    original = layer._per_row_reduce
+    layer._per_row_reduce = lambda x: calls.append(x.shape) or original(x)
+    for ids in (one_token, input_ids):
+        rt.activate_rows(rows)
+        expected = logits(reference, ids, adapter_names=[r or "__base__" for r in rows])
+        assert max_diff(logits(rt.model, ids), expected) <= TOL
+    assert calls == [torch.Size([4, 1, 64])]  # the one-token step only
+    layer._per_row_reduce = original
+    if per_row == 2:  # weighted pairs in a row: the stacked runtime gives the reference
+        stacked = runtime(env, 4)
+        pairs = [{"a": 1.0, "b": 0.5}, "c", None, {"c": -0.25, "a": 2.0}]
+        rt.activate_rows(pairs)
+        stacked.activate_rows(pairs)
+        assert max_diff(logits(rt.model, one_token), logits(stacked.model, one_token)) <= 1e-5
+    rt.activate_rows(rows)
+    rt.compile(one_token, guard="raise")
+    for selection in (["a", "a", None, "b"], rows):
+        rt.activate_rows(selection)
+        expected = logits(reference, one_token, adapter_names=[r or "__base__" for r in selection])
+        assert max_diff(logits(rt.model, one_token), expected) <= TOL
+    assert rt.guard.recompiles == 0
+
+
+def test_per_row_decode_is_validated() -> None:
+    with pytest.raises(HotswapError, match="per_row_decode"):
+        RuntimeConfig(per_row_decode="fused")
