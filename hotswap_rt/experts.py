@@ -116,21 +116,22 @@ class ExpertFactors(SlotLayer):
         a_stack, bt_stack = self.slot_views()  # [S, r, E*in], [S, r, E*out]
         a_stack = a_stack.unflatten(2, (num_experts, -1))  # [S, r, E, in]
         bt_stack = bt_stack.unflatten(2, (num_experts, -1))  # [S, r, E, out]
-        slots, weights = self._pair_slots(rows)  # [P, n]
+        slots, weights, on = self._pair_slots(rows)  # [P, n] each
         a_pair = a_stack[slots, :, experts[:, None]]  # [P, n, r, in]
         bt_pair = bt_stack[slots, :, experts[:, None]]  # [P, n, r, out]
         h = torch.einsum("pi,pnri->pnr", x.to(a_pair.dtype), a_pair)
-        h = h * weights.to(h.dtype)[:, :, None]
+        # an off weight gives exactly 0, not 0 * h (h may overflow: see SlotLayer._weigh)
+        h = torch.where(on[:, :, None], h * weights.to(h.dtype)[:, :, None], self._selection.zero)
         return torch.einsum("pnr,pnro->po", h, bt_pair)
 
-    def _pair_slots(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slots each pair reads and their weights, ``[P, n]`` each: its row's own slots
-        (per-row mode), else the active positions with the row's weights."""
+    def _pair_slots(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The slots each pair reads, their weights and which weights are on, ``[P, n]`` each:
+        its row's own slots (per-row mode), else the active positions with the row's weights."""
         selection: Selection = self._selection
         if selection.per_row:
-            return selection.row_slots[rows], selection.row_slot_weights[rows]
+            return selection.row_slots[rows], selection.row_slot_weights[rows], selection.row_slot_on[rows]
         slots = selection.active_slots.expand(rows.shape[0], -1)
-        return slots, selection.row_weights[rows]
+        return slots, selection.row_weights[rows], selection.row_on[rows]
 
 
 def _batched_linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:

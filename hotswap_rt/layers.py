@@ -161,29 +161,33 @@ class SlotLayer(nn.Module):
             a_sel, bt_sel = self._train.attach(a_sel, bt_sel, active)
         return a_sel.flatten(0, 1), bt_sel.flatten(0, 1)
 
-    def _weigh(self, h: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
-        """``h`` with its ``[.., n*R, ..]`` dim ``dim`` (``n`` adapters of rank ``R``) scaled per
-        adapter by ``weights [B, n]`` (batch in dim 0 of ``h``)."""
+    def _weigh(self, h: torch.Tensor, dim: int, per_row: bool = False) -> torch.Tensor:
+        """``h`` with its ``[.., n*R, ..]`` dim ``dim`` (``n`` positions of ``R`` ranks) scaled per
+        position by the rows' weights (batch in dim 0 of ``h``): ``row_weights [B, n]``, or
+        ``row_slot_weights`` when ``per_row``. A weight of 0 gives exactly 0, not 0 * h: an
+        unselected slot read in place, a padding position or a freed slot's stale bytes may hold
+        finite factors whose product with x overflows (inf * 0 = NaN would reach every row)."""
+        selection = self._selection
+        batch = h.shape[0]
+        weights = (selection.row_slot_weights if per_row else selection.row_weights)[:batch]
+        on = (selection.row_slot_on if per_row else selection.row_on)[:batch]
         n = weights.shape[1]
         dim = dim % h.dim()
         h = h.unflatten(dim, (n, -1))
-        shape = [weights.shape[0]] + [1] * (h.dim() - 1)
+        shape = [batch] + [1] * (h.dim() - 1)
         shape[dim] = n
-        weights = weights.to(h.dtype).view(shape)
-        # A weight of 0 gives exactly 0, not 0 * h: an unselected slot read in place, a padding
-        # position or a freed slot's stale bytes may hold finite factors whose product with x
-        # overflows (inf * 0 = NaN would reach every row).
-        return torch.where(weights != 0, h * weights, 0.0).flatten(dim, dim + 1)
+        weighted = torch.where(on.view(shape), h * weights.to(h.dtype).view(shape), selection.zero)
+        return weighted.flatten(dim, dim + 1)
 
-    def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row mode: each row's ``m`` slots' factors, A ``[B, m, R, d_in]``,
-        B^T ``[B, m, R, d_out]``, and their weights ``[B, m]``."""
+    def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row mode: each row's ``m`` slots' factors, A ``[B, m, R, d_in]`` and
+        B^T ``[B, m, R, d_out]`` (their weights: :meth:`_weigh` with ``per_row``)."""
         a_stack, bt_stack = self.slot_views()
         slots = self._selection.row_slots[:batch]  # [B, m]
         per_row = slots.shape[1]
         a_row = a_stack.index_select(0, slots.flatten()).unflatten(0, (batch, per_row))
         bt_row = bt_stack.index_select(0, slots.flatten()).unflatten(0, (batch, per_row))
-        return a_row, bt_row, self._selection.row_slot_weights[:batch]
+        return a_row, bt_row
 
     def _row_vectors(self, batch: int, per_row: bool, training: bool, size: int | None = None) -> torch.Tensor:
         """Each row's part of the vector region, its adapters' weighted sum: ``[B, size]``
@@ -238,7 +242,7 @@ class LoraSlotLinear(SlotLayer):
             return y + self._per_row(x).to(y.dtype)
         a_act, bt_act = self._active_factors(training)
         h = F.linear(x.to(a_act.dtype), a_act)  # [B, ..., k*R]
-        h = self._weigh(h, self._selection.row_weights[: x.shape[0]], dim=-1)
+        h = self._weigh(h, dim=-1)
         return y + torch.matmul(h, bt_act).to(y.dtype)
 
     def _per_row(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,10 +250,10 @@ class LoraSlotLinear(SlotLayer):
         batch, d_in, d_out = x.shape[0], self.in_features, self.out_features
         if self._selection.per_row_decode_reduce and x.numel() == batch * d_in:  # one token a row
             return self._per_row_reduce(x).view(*x.shape[:-1], d_out)
-        a_row, bt_row, weights = self._row_slots(batch)
+        a_row, bt_row = self._row_slots(batch)
         a_row, bt_row = a_row.flatten(1, 2), bt_row.flatten(1, 2)  # [B, m*R, d_in], [B, m*R, d_out]
         flat = x.reshape(batch, -1, d_in).to(a_row.dtype)  # [B, T, d_in]
-        h = self._weigh(torch.bmm(flat, a_row.transpose(1, 2)), weights, dim=-1)  # [B, T, m*R]
+        h = self._weigh(torch.bmm(flat, a_row.transpose(1, 2)), dim=-1, per_row=True)  # [B, T, m*R]
         return torch.bmm(h, bt_row).view(*x.shape[:-1], d_out)
 
 
@@ -265,7 +269,7 @@ class LoraSlotLinear(SlotLayer):
         per_row = slots.shape[1]
         rows = x.reshape(batch, 1, 1, self.in_features).to(a_stack.dtype)
         h = (rows * a_stack[slots]).sum(-1)  # [B, m, R]
-        h = self._weigh(h.flatten(1), self._selection.row_slot_weights[:batch], dim=-1)  # [B, m*R]
+        h = self._weigh(h.flatten(1), dim=-1, per_row=True)  # [B, m*R]
         return (h.view(batch, per_row, -1, 1) * bt_stack[slots]).sum((1, 2))  # [B, d_out]
 
 
@@ -293,7 +297,7 @@ class FullSlotLinear(SlotLayer):
         region = self._active_region(size, training)  # [k, size]
         weights = self._selection.row_weights[:batch].to(region.dtype)  # [B, k]
         delta_w = region[:, : d_out * d_in].reshape(-1, d_in)  # [k*d_out, d_in]
-        h = self._weigh(F.linear(x.to(delta_w.dtype), delta_w), weights, dim=-1)  # [B, ..., k*d_out]
+        h = self._weigh(F.linear(x.to(delta_w.dtype), delta_w), dim=-1)  # [B, ..., k*d_out]
         out = h.unflatten(-1, (weights.shape[1], d_out)).sum(-2)  # [B, ..., d_out]
         shape = (batch,) + (1,) * (x.dim() - 2) + (-1,)
         out = out + (weights @ region[:, d_out * d_in :]).view(shape)
@@ -318,20 +322,20 @@ class LoraSlotConv2d(SlotLayer):
             return y + self._per_row(x).to(y.dtype)
         a_act, bt_act = self._active_factors(training)
         h = self._conv_a(x.to(a_act.dtype), a_act.reshape(-1, *self.shape.kernel), groups=1)
-        h = self._weigh(h, self._selection.row_weights[: x.shape[0]], dim=1)
+        h = self._weigh(h, dim=1)
         return y + F.conv2d(h, bt_act.t()[:, :, None, None]).to(y.dtype)
 
     def _per_row(self, x: torch.Tensor) -> torch.Tensor:
         """Each sample through its own ``m`` slots: the batch as conv groups."""
         batch, channels, height, width = x.shape
-        a_row, bt_row, weights = self._row_slots(batch)  # [B, m, R, d_in], [B, m, R, d_out]
+        a_row, bt_row = self._row_slots(batch)  # [B, m, R, d_in], [B, m, R, d_out]
         per_row = a_row.shape[1]
         rank = a_row.shape[2]
         kernels = a_row.reshape(batch * per_row * rank, *self.shape.kernel)
         flat = x.reshape(1, batch * channels, height, width).to(kernels.dtype)
         h = self._conv_a(flat, kernels, groups=batch)  # [1, B*m*R, H', W']
+        h = self._weigh(h.view(batch, per_row * rank, *h.shape[2:]), dim=1, per_row=True)
         h = h.view(batch, per_row, rank, *h.shape[2:])
-        h = h * weights.to(h.dtype).view(batch, per_row, 1, 1, 1)
         return torch.einsum("bmrhw,bmro->bohw", h, bt_row)
 
     def _conv_a(self, x: torch.Tensor, kernels: torch.Tensor, groups: int) -> torch.Tensor:
@@ -351,7 +355,7 @@ class LoraSlotEmbedding(SlotLayer):
             return y + self._per_row(ids).to(y.dtype)
         a_act, bt_act = self._active_factors(training)  # [k*R, V], [k*R, dim]
         h = F.embedding(ids, a_act.t())  # [B, ..., k*R]
-        h = self._weigh(h, self._selection.row_weights[: ids.shape[0]], dim=-1)
+        h = self._weigh(h, dim=-1)
         return y + torch.matmul(h, bt_act).to(y.dtype)
 
     def _per_row(self, ids: torch.Tensor) -> torch.Tensor:
@@ -360,8 +364,7 @@ class LoraSlotEmbedding(SlotLayer):
         slots = self._selection.row_slots[:batch]  # [B, m]
         flat = ids.reshape(batch, -1)  # [B, T]
         h = a_stack.permute(0, 2, 1)[slots[:, None, :], flat[:, :, None]]  # [B, T, m, R]
-        weights = self._selection.row_slot_weights[:batch]
-        h = self._weigh(h.flatten(2), weights, dim=-1)  # [B, T, m*R]
+        h = self._weigh(h.flatten(2), dim=-1, per_row=True)  # [B, T, m*R]
         bt_row = bt_stack.index_select(0, slots.flatten()).view(batch, -1, self.out_features)  # [B, m*R, dim]
         return torch.bmm(h, bt_row).view(*ids.shape, self.out_features)
 

@@ -7,6 +7,7 @@ the :class:`Selector`, which keeps the selection by adapter name and writes thos
     row_weights:  float32 [max_batch, k]   weight of active position j in batch row b (0 = off)
     row_slots:    int64   [max_batch, m]   the slots row b combines (m = max per row)
     row_slot_weights: float32 [max_batch, m]  their weights (0 = unused)
+    row_on, row_slot_on: bool, the same shapes  which of those weights are not 0
 
 The first two serve layers that multiply every row by all k active slots (stacked); the last
 two serve layers that gather only each row's own m slots (per row, when m < k).
@@ -20,7 +21,8 @@ host image of the whole selection (one host-to-device copy on an accelerator).
 
 The compiled graph reads these tensors; this module only ever writes them in place (``copy_``), so
 the graph never sees a new Python object and never recompiles on a switch. Unused positions point
-at slot 0 with weight 0, which contributes exactly zero because slot contents are always finite.
+at slot 0 with weight 0 and are off: layers take an exact 0 there, not 0 times the product (finite
+factors whose product with x overflows would give inf * 0 = NaN).
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ class Selection:
         self.row_weights = views["row_weights"]
         self.row_slots = views["row_slots"]
         self.row_slot_weights = views["row_slot_weights"]
+        # which weights are not 0, kept beside them: layers select h * w where a weight is on
+        # and an exact 0 elsewhere (an unused position's h may be inf: inf * 0 is NaN)
+        self.row_on = views["row_on"]
+        self.row_slot_on = views["row_slot_on"]
+        self.zero = views["zero"]  # the 0 selected where a weight is off
         # Rows the selection was written for (1: uniform): MoE experts see the batch flattened
         # to tokens and map token t of N to row t * row_count // N (hotswap_rt.experts).
         self.row_count = views["row_count"]
@@ -147,7 +154,8 @@ class Selection:
         """Every tensor the graph reads, by name."""
         return {"active_slots": self.active_slots, "row_weights": self.row_weights,
                 "row_slots": self.row_slots, "row_slot_weights": self.row_slot_weights,
-                "row_count": self.row_count}
+                "row_on": self.row_on, "row_slot_on": self.row_slot_on, "row_count": self.row_count,
+                "zero": self.zero}
 
     def check_rows(self, rows: Sequence[Mapping[object, float]]) -> None:
         """Raise unless no row combines more than ``max_per_row`` adapters (per-row mode
@@ -224,6 +232,7 @@ class Selection:
         self._put(image, "active_slots", array("q", active))
         self._put(image, "row_count", array("q", [len(rows)]))
         self._put(image, "row_weights", array("f", weights * repeat))
+        self._put(image, "row_on", array("b", [weight != 0.0 for weight in weights] * repeat))
         per_row = self.per_row_capable
         if self.overflow_stacked:  # the stacked graph for a selection some row overflows
             per_row = all(len(_used(row)) <= self.max_per_row for row in rows)
@@ -237,6 +246,7 @@ class Selection:
                     row_slot_weights[b * width + j] = weight
             self._put(image, "row_slots", array("q", row_slots * repeat))
             self._put(image, "row_slot_weights", array("f", row_slot_weights * repeat))
+            self._put(image, "row_slot_on", array("b", [weight != 0.0 for weight in row_slot_weights] * repeat))
         image = torch.frombuffer(image, dtype=torch.uint8)
         assert image.numel() == self.packed.numel()
         if self.pinned_writes:  # never written after this, so safe to copy without blocking
@@ -253,6 +263,8 @@ class Selection:
         """No adapter on any row: the model computes exactly its base outputs."""
         self.row_weights.zero_()
         self.row_slot_weights.zero_()
+        self.row_on.zero_()
+        self.row_slot_on.zero_()
         self._needs(self._needed[0], self.per_row_capable)  # no row overflows
 
 
@@ -265,6 +277,9 @@ def _fields(max_batch: int, positions: int, per_row: int) -> dict[str, tuple[tor
         "row_count": (torch.int64, ()),
         "row_weights": (torch.float32, (max_batch, positions)),
         "row_slot_weights": (torch.float32, (max_batch, per_row)),
+        "zero": (torch.float32, ()),  # always 0 (every image leaves it so)
+        "row_on": (torch.bool, (max_batch, positions)),  # row_weights != 0
+        "row_slot_on": (torch.bool, (max_batch, per_row)),  # row_slot_weights != 0
     }
 
 

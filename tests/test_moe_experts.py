@@ -10,13 +10,14 @@ running that row's adapter alone.
 from __future__ import annotations
 
 import copy
+import shutil
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig, TargetNotFoundError
@@ -245,3 +246,28 @@ def test_grouped_and_batched_expert_paths_equal_peft(moe, implementation) -> Non
     assert not experts._grouped(2)  # one token, two pairs over 4 experts: the batched gather
     for batch in (ids, ids[:1, :1]):
         assert max_diff(logits(rt.model, batch), logits(references["both"], batch)) <= TOL
+
+
+def test_an_unselected_expert_adapter_whose_product_overflows_changes_no_row(moe, tmp_path) -> None:
+    """Expert factors read at weight 0 (the other slots, read in place) whose product with x
+    overflows float32 add exactly nothing (inf * 0 would be NaN in every row)."""
+    base, dirs, _, _, ids = moe
+    huge = tmp_path / "huge"
+    shutil.copytree(dirs["both"], huge)
+    state = load_file(str(huge / "adapter_model.safetensors"))
+    save_file({key: torch.full_like(t, 3e38) if "lora_A" in key else t for key, t in state.items()},
+              str(huge / "adapter_model.safetensors"))
+    config = RuntimeConfig(["q_proj", "v_proj"], max_rank=8, device_slots=3, host_slots=4,
+                           target_parameters=EXPERT_PARAMS)
+    clean = HotswapRuntime(copy.deepcopy(base), config)
+    clean.load("down", dirs["down"])
+    clean.activate_rows(["down", None, "down", None])
+    expected = logits(clean.model, ids)
+    rt = HotswapRuntime(copy.deepcopy(base), config)
+    rt.load("huge", huge)
+    rt.activate("huge")
+    assert not torch.isfinite(logits(rt.model, ids)).all()  # it does overflow when selected
+    rt.load("down", dirs["down"])
+    rt.activate_rows(["down", None, "down", None])
+    ours = logits(rt.model, ids)
+    assert torch.isfinite(ours).all() and max_diff(ours, expected) <= 1e-5

@@ -24,7 +24,7 @@ def test_write_lays_out_slots_and_per_row_weights() -> None:
 
 
 def test_every_field_of_a_write_lands_in_the_one_packed_buffer() -> None:
-    """Per-row selection (m = 1 of 3), in place over 3 slots: all five tensors are views of one
+    """Per-row selection (m = 1 of 3), in place over 3 slots: all the tensors are views of one
     buffer (a write is one copy), and each holds exactly what the rows say."""
     selection = Selection(max_batch_size=4, max_active=3, device=torch.device("cpu"), max_per_row=1,
                           in_place_slots=3)
@@ -35,10 +35,13 @@ def test_every_field_of_a_write_lands_in_the_one_packed_buffer() -> None:
     assert selection.row_weights.tolist() == [[0, 0, 0.5], [0, 0, 0], [0, 2.0, 0], [0, 0, 0]]
     assert selection.row_slots.tolist() == [[2], [0], [1], [0]]
     assert selection.row_slot_weights.tolist() == [[0.5], [0], [2.0], [0]]
-    assert selection.row_count.item() == 3
+    assert selection.row_on.tolist() == (selection.row_weights != 0).tolist()
+    assert selection.row_slot_on.tolist() == [[True], [False], [True], [False]]
+    assert selection.row_count.item() == 3 and selection.zero.item() == 0
     selection.write([{1: 0.25}])  # uniform: every row, row_count 1
     assert selection.row_slots.tolist() == [[1]] * 4 and selection.row_slot_weights.tolist() == [[0.25]] * 4
     assert selection.row_weights[:, 1].tolist() == [0.25] * 4 and selection.row_count.item() == 1
+    assert selection.row_on[:, 1].all() and not selection.row_on[:, [0, 2]].any()
     selection.write([{2: 0.5}, {}, {1: 2.0}])  # a kept image, written again whole
     assert selection.row_slots.tolist() == [[2], [0], [1], [0]] and selection.row_count.item() == 3
 
