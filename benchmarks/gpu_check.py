@@ -5,8 +5,9 @@ Stages (``--stages`` picks some):
 
 - ``swap``: ring -> slot swap (``rt.activate`` of an adapter held in host memory, one device
   slot) against a ``copy_`` of the same bytes from pinned memory, and a resident switch.
-- ``overlap``: a compiled decode loop (batch 16, one token per row) timed step by step, alone
-  and while another thread keeps loading adapters: replacing a device-resident one
+- ``overlap``: a compiled decode loop (batch 16, one token per row; default mode, and CUDA
+  graphs on CUDA: ``graphs_*``) timed step by step, alone and while another thread keeps
+  loading adapters: replacing a device-resident one
   (``rt.load(..., replace=True)``: staging, a side-stream copy into a shadow slot, the
   selection moved) and loading a new one into a free slot then unloading it: the added p50 /
   p99 step latency of each.
@@ -160,7 +161,18 @@ def stage_overlap(setup: Setup) -> dict[str, Any]:
     """Decode step latency alone and while another thread loads adapters: ``replace_*``
     replaces a device-resident adapter (a shadow slot, then the selection moves: the forward
     gate is taken), ``new_*`` loads a new adapter into a free slot and unloads it again (the
-    copy runs beside the forwards, under the runtime lock only)."""
+    copy runs beside the forwards, under the runtime lock only). Compiled in the default mode
+    (a launch-bound step: the loader's Python competes with the step's) and, on CUDA, with
+    CUDA graphs too (the engine's mode there; keys ``graphs_*``)."""
+    result = _overlap(setup, mode=None)
+    if setup.compile and setup.device.type == "cuda":
+        torch._dynamo.reset()
+        result.update({f"graphs_{key}": value for key, value in _overlap(setup, "reduce-overhead").items()})
+    return result
+
+
+def _overlap(setup: Setup, mode: str | None) -> dict[str, Any]:
+    """:func:`stage_overlap` with the decode step compiled in ``mode``."""
     rank, batch = 16, 16
     model = llama(setup)
     rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=rank, device_slots=4,
@@ -170,7 +182,7 @@ def stage_overlap(setup: Setup) -> dict[str, Any]:
     rt.activate("served")
     ids = torch.randint(0, 1024, (batch, 1), device=setup.device)
     if setup.compile:
-        rt.compile(ids)
+        rt.compile(ids, mode=mode)
 
     def steps(count: int) -> list[float]:
         times = []
@@ -219,6 +231,7 @@ def stage_overlap(setup: Setup) -> dict[str, Any]:
                        f"{label}_busy_p99_ms": busy_p99 * 1e3, f"{label}_added_p50_ms": (busy_p50 - p50) * 1e3,
                        f"{label}_added_p99_ms": (busy_p99 - p99) * 1e3})
     result["recompiles"] = rt.guard.recompiles
+    result["rerecords"] = rt.guard.rerecords
     return result
 
 
