@@ -15,7 +15,9 @@ Stages (``--stages`` picks some):
   adapters, one per row, over the uninjected compiled model: the default (``auto``: per row once
   compiled), the stacked product only (``max_adapters_per_row=16``: all 16 slots read in place),
   per row forced (``max_adapters_per_row=1``) and per row with one-token steps reading the
-  slots in place (``per_row_reduce``: ``per_row_decode="reduce"``).
+  slots in place (``per_row_reduce``: ``per_row_decode="reduce"``). The default-mode step is
+  profiled too (uninjected, and each product at k = 8): kernels per step, their time (GPU
+  time on CUDA), the five slowest.
 - ``engine``: :class:`~hotswap_rt.engine.GenerationEngine` throughput, 32 requests over 8
   adapters against the same requests on the base model.
 
@@ -258,6 +260,8 @@ def stage_decode_k(setup: Setup) -> dict[str, Any]:
         plain = torch.compile(base, mode=mode) if setup.compile else base
         base_us = timed(lambda: plain(input_ids=ids))
         result[f"{prefix}uninjected_us"] = base_us
+        if mode is None:
+            result.update(kernel_profile("uninjected", lambda: plain(input_ids=ids), setup.device))
         # auto (the default: per row once compiled, one adapter per row here), the stacked
         # product only (every row times all 16 slots, read in place), per row forced, and per
         # row with one-token steps reading the slots in place (per_row_decode="reduce")
@@ -277,9 +281,36 @@ def stage_decode_k(setup: Setup) -> dict[str, Any]:
                 us = timed(lambda: rt.model(input_ids=ids))
                 result[f"{prefix}{product}_k{k}_us"] = us
                 result[f"{prefix}{product}_k{k}_over_uninjected"] = us / base_us
+                if k == 8 and mode is None:
+                    step = lambda: rt.model(input_ids=ids)  # noqa: E731
+                    result.update(kernel_profile(f"{product}_k8", step, setup.device))
             result[f"{prefix}{product}_recompiles"] = rt.guard.recompiles
             result[f"{prefix}{product}_ran_per_row"] = rt.internals.selection.per_row
     return result
+
+
+def kernel_profile(label: str, forward: Callable[[], object], device: torch.device,
+                   steps: int = 10) -> dict[str, Any]:
+    """The kernels of one step of ``forward`` (torch.profiler, no CUDA graphs): how many, their
+    summed time, and the five that take the most (name, per step, us per step). On CUDA the
+    GPU kernels and their device time (a step whose kernels take far longer than their bytes
+    needs other kernels, not fewer launches); elsewhere the operators and their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with torch.no_grad():
+        forward()
+        synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                forward()
+            synchronize(device)
+    rows = sorted(((e.key, e.count / steps, (e.device_time_total if cuda else e.self_cpu_time_total) / steps)
+                   for e in prof.key_averages()), key=lambda row: -row[2])
+    rows = [row for row in rows if row[2] > 0]
+    return {f"{label}_kernels_per_step": sum(row[1] for row in rows),
+            f"{label}_us_per_step": sum(row[2] for row in rows),
+            f"{label}_top_kernels": [(name[:80], count, round(us, 1)) for name, count, us in rows[:5]]}
 
 
 class _Tokens:

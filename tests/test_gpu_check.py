@@ -55,4 +55,9 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
     assert all(stages["decode_k"][f"{mode}_k{k}_us"] > 0 for mode in products for k in (1, 4, 8, 16))
     # uncompiled, auto runs the stacked product (rt.compile adds the per-row graph)
     assert [stages["decode_k"][f"{mode}_ran_per_row"] for mode in products] == [False, False, True, True]
+    decode = stages["decode_k"]
+    for label in ("uninjected", *(f"{mode}_k8" for mode in products)):  # the step's profile
+        assert decode[f"{label}_kernels_per_step"] > 0 and decode[f"{label}_top_kernels"]
+    assert (stages["decode_k"]["stacked_k8_kernels_per_step"]
+            > stages["decode_k"]["uninjected_kernels_per_step"])  # the LoRA layers' own ops
     assert stages["engine"]["base_tok_s"] > 0 and stages["engine"]["mixed8_tok_s"] > 0
