@@ -338,11 +338,14 @@ class SlotArena:
         beyond it (nothing when it held no more ranks). The slot then holds exactly the row,
         zero-padded to max_rank (a missing dtype: all zero).
 
-        On CUDA the copy runs on a side stream (``non_blocking`` from pinned memory) ordered
-        after the work already queued on the compute stream (which may still read the slot);
-        the compute stream waits on its event (``ordered``; not needed for a slot no forward
-        will read before this returns), and the host waits for the copy itself (not for the
-        whole device) so the host row can be evicted or reused right after.
+        On CUDA the copy (``non_blocking`` from pinned memory) is ordered after the work already
+        queued on the compute stream (which may still read the slot), and the host waits for it
+        (an event after the copy, not the whole device) so the host row can be evicted or
+        reused right after. ``ordered``: later forwards must see the new contents, so the copy
+        is queued on the compute stream itself (between the forwards before and after it: no
+        side stream, stream wait or cross-stream event to pay for). Not ordered (a slot no
+        forward reads before this returns: loads beside running forwards): on a side stream,
+        so forwards queued meanwhile do not wait for it.
 
         No ``no_grad`` (it costs ~3 us, a swap's fixed cost is what matters here): neither the
         arena tensors nor the host rows require grad (a trainable adapter's parameters are
@@ -354,13 +357,15 @@ class SlotArena:
         start = time.perf_counter()
         if self._copy_stream is not None:
             compute = torch.cuda.current_stream(self.device)
-            self._copy_stream.wait_stream(compute)
-            with torch.cuda.stream(self._copy_stream):
-                self._write(slot, rows, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self._copy_stream)
+            done = torch.cuda.Event()
             if ordered:
-                compute.wait_event(done)
+                self._write(slot, rows, non_blocking=True)
+                done.record(compute)
+            else:
+                self._copy_stream.wait_stream(compute)
+                with torch.cuda.stream(self._copy_stream):
+                    self._write(slot, rows, non_blocking=True)
+                    done.record(self._copy_stream)
             done.synchronize()
         else:
             self._write(slot, rows, non_blocking=self.pin_host_rows)

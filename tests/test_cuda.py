@@ -1,4 +1,4 @@
-"""CUDA paths: pinned host rows, side-stream copies ordered after the forwards that read a slot,
+"""CUDA paths: pinned host rows, slot copies ordered after the forwards that read a slot,
 and the engine's CUDA-graph buckets (``mode="reduce-overhead"``) with no re-recording.
 
 Skipped without a CUDA device (CI has none); ``scripts/gpu_check.sh`` runs them on a GPU.
@@ -66,7 +66,7 @@ def test_a_swap_waits_for_the_queued_forward_that_reads_the_slot(adapters) -> No
     torch.cuda.synchronize()
     torch.cuda._sleep(100_000_000)  # keeps the compute stream busy (~50 ms at 2 GHz)
     out = logits(rt.model, ids)  # queued, not run yet
-    rt.activate("b")  # copies b into the one slot on the side stream
+    rt.activate("b")  # copies b into the one slot, queued behind that forward
     torch.cuda.synchronize()
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
