@@ -26,6 +26,10 @@ slots' factors, so the cost follows m instead of k::
     h      = bmm(x, A_row.T) * row_slot_weights     # [B, T, m*R]
     y      = base(x) + bmm(h, Bt_row)
 
+(With ``RuntimeConfig.per_row_decode="reduce"``, one-token steps skip the gathered copies: each
+row's factors are read in place by a broadcast product summed over ``d_in``, then over the
+ranks: :meth:`LoraSlotLinear._per_row_reduce`.)
+
 With scale vectors (IA3, DoRA, LoRA bias: ``RuntimeConfig.scale_vectors``), each row's weighted
 sum of its adapters' vectors scales the base layer's input and output and adds a bias
 (:meth:`SlotLayer._scaled_base`); the LoRA product above is added to that.
@@ -255,7 +259,6 @@ class LoraSlotLinear(SlotLayer):
         flat = x.reshape(batch, -1, d_in).to(a_row.dtype)  # [B, T, d_in]
         h = self._weigh(torch.bmm(flat, a_row.transpose(1, 2)), dim=-1, per_row=True)  # [B, T, m*R]
         return torch.bmm(h, bt_row).view(*x.shape[:-1], d_out)
-
 
     def _per_row_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`_per_row` for one token a row (``x`` holds ``B * d_in`` values), the factors
