@@ -38,7 +38,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .arena import LayerShape
 from .config import name_matches
-from .layers import SlotLayer
+from .layers import SlotLayer, weigh
 from .peft_format import EXPERT_PARAMS
 from .selection import Selection
 
@@ -120,8 +120,7 @@ class ExpertFactors(SlotLayer):
         a_pair = a_stack[slots, :, experts[:, None]]  # [P, n, r, in]
         bt_pair = bt_stack[slots, :, experts[:, None]]  # [P, n, r, out]
         h = torch.einsum("pi,pnri->pnr", x.to(a_pair.dtype), a_pair)
-        # an off weight gives exactly 0, not 0 * h (h may overflow: see SlotLayer._weigh)
-        h = torch.where(on[:, :, None], h * weights.to(h.dtype)[:, :, None], self._selection.zero)
+        h = weigh(h, weights[:, :, None], on[:, :, None], self._selection.zero)
         return torch.einsum("pnr,pnro->po", h, bt_pair)
 
     def _pair_slots(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -80,6 +80,14 @@ class LayerTrainState:
         return a_sel + mask * zero_a, bt_sel + mask * zero_bt
 
 
+def weigh(h: torch.Tensor, weights: torch.Tensor, on: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``h * weights`` where ``on`` (the weight is not 0), an exact ``zero`` elsewhere (shapes
+    broadcast). Not ``h * 0``: an unselected slot read in place, a padding position or a freed
+    slot's stale bytes may hold finite factors whose product with x overflows, and inf * 0 is
+    NaN."""
+    return torch.where(on, h * weights.to(h.dtype), zero)
+
+
 class SlotLayer(nn.Module):
     """A frozen base layer plus the selected LoRA slots; the layer kinds below differ only in
     how the factors meet the input (see the module doc for the linear case).
@@ -168,9 +176,7 @@ class SlotLayer(nn.Module):
     def _weigh(self, h: torch.Tensor, dim: int, per_row: bool = False) -> torch.Tensor:
         """``h`` with its ``[.., n*R, ..]`` dim ``dim`` (``n`` positions of ``R`` ranks) scaled per
         position by the rows' weights (batch in dim 0 of ``h``): ``row_weights [B, n]``, or
-        ``row_slot_weights`` when ``per_row``. A weight of 0 gives exactly 0, not 0 * h: an
-        unselected slot read in place, a padding position or a freed slot's stale bytes may hold
-        finite factors whose product with x overflows (inf * 0 = NaN would reach every row)."""
+        ``row_slot_weights`` when ``per_row``; a weight of 0 gives exactly 0 (:func:`weigh`)."""
         selection = self._selection
         batch = h.shape[0]
         weights = (selection.row_slot_weights if per_row else selection.row_weights)[:batch]
@@ -180,8 +186,7 @@ class SlotLayer(nn.Module):
         h = h.unflatten(dim, (n, -1))
         shape = [batch] + [1] * (h.dim() - 1)
         shape[dim] = n
-        weighted = torch.where(on.view(shape), h * weights.to(h.dtype).view(shape), selection.zero)
-        return weighted.flatten(dim, dim + 1)
+        return weigh(h, weights.view(shape), on.view(shape), selection.zero).flatten(dim, dim + 1)
 
     def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row mode: each row's ``m`` slots' factors, A ``[B, m, R, d_in]`` and
