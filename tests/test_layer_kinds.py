@@ -8,6 +8,7 @@ then ``save_pretrained``: the files we load), and PEFT loading what we save.
 from __future__ import annotations
 
 import copy
+import shutil
 import json
 from pathlib import Path
 
@@ -311,3 +312,31 @@ def test_weighted_mix_at_an_embedding_equals_the_formula_from_the_files(emb) -> 
         expected = expected + weight * scaling * (a.t()[ids] @ b.t())
     with torch.no_grad():
         torch.testing.assert_close(layer(ids), expected, **TOL)
+
+
+@pytest.mark.parametrize("per_row", [None, 2], ids=["stacked-in-place", "per-row-padded"])
+def test_an_unselected_conv_adapter_whose_product_overflows_changes_no_row(conv, tmp_path, per_row) -> None:
+    """Conv factors read at weight 0 (another slot in place, or a row's padding position at
+    slot 0, which it holds) whose product overflows float32 add exactly nothing (inf * 0 = NaN)."""
+    huge = tmp_path / "huge"
+    shutil.copytree(conv["a"], huge)
+    state = load_file(str(huge / "adapter_model.safetensors"))
+    save_file({key: torch.full_like(t, 3e38) if ".lora_A." in key else t for key, t in state.items()},
+              str(huge / "adapter_model.safetensors"))
+    rt = HotswapRuntime(copy.deepcopy(conv["base"]), RuntimeConfig(
+        target_modules=CONV_TARGETS, max_rank=8, device_slots=3, max_batch_size=4,
+        max_adapters_per_row=per_row))
+    rt.load("huge", huge)
+    assert rt.info("huge").slot == 0
+    rt.load("a", conv["a"])
+    rt.load("b", conv["b"])
+    sample, refs = conv["sample"], conv["refs"]
+    with torch.no_grad():
+        rt.activate("huge")
+        assert not torch.isfinite(rt.model(sample)).all()  # it does overflow when selected
+        rt.activate_rows(["b", None, "a"])
+        out = rt.model(sample)
+    assert rt.internals.selection.per_row is (per_row == 2)
+    torch.testing.assert_close(out[0], refs["b"][0], **TOL)
+    torch.testing.assert_close(out[1], refs[None][1], **TOL)
+    torch.testing.assert_close(out[2], refs["a"][2], **TOL)
