@@ -7,9 +7,9 @@ Stages (``--stages`` picks some):
   slot) against a ``copy_`` of the same bytes from pinned memory, and a resident switch.
 - ``overlap``: a compiled decode loop (batch 16, one token per row; default mode, and CUDA
   graphs on CUDA: ``graphs_*``) timed step by step, alone and while another thread keeps
-  loading adapters: replacing a device-resident one
-  (``rt.load(..., replace=True)``: staging, a side-stream copy into a shadow slot, the
-  selection moved) and loading a new one into a free slot then unloading it: the added p50 /
+  loading adapters: replacing a device-resident one the loop does not serve
+  (``rt.load(..., replace=True)``: staging, a side-stream copy into a shadow slot; no
+  selection to move) and loading a new one into a free slot then unloading it: the added p50 /
   p99 step latency of each.
 - ``decode_k``: decode step (batch 16) of the compiled model with k = 1, 4, 8, 16 distinct
   adapters, one per row, over the uninjected compiled model: the default (``auto``: per row once
@@ -161,9 +161,9 @@ def stage_swap(setup: Setup) -> dict[str, Any]:
 
 def stage_overlap(setup: Setup) -> dict[str, Any]:
     """Decode step latency alone and while another thread loads adapters: ``replace_*``
-    replaces a device-resident adapter (a shadow slot, then the selection moves: the forward
-    gate is taken), ``new_*`` loads a new adapter into a free slot and unloads it again (the
-    copy runs beside the forwards, under the runtime lock only). Compiled in the default mode
+    replaces a device-resident adapter the loop does not serve (a shadow slot; the forward
+    gate is not taken, as no selection reads it), ``new_*`` loads a new adapter into a free
+    slot and unloads it again (the copy runs beside the forwards). Compiled in the default mode
     (a launch-bound step: the loader's Python competes with the step's) and, on CUDA, with
     CUDA graphs too (the engine's mode there; keys ``graphs_*``)."""
     result = _overlap(setup, mode=None)
