@@ -61,9 +61,15 @@ _VALID_HEADERS: dict[bytes, tuple[_Entry, ...]] = {}  # see _header_entries
 
 def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, by name: contiguous CPU views of one buffer holding
-    the file's data region (a tensor whose offset is not a multiple of its element size is
+    the whole file (a tensor whose bytes do not start on a multiple of its element size is
     copied out instead). ``empty(numel, dtype)`` allocates that buffer (``torch.empty`` by
     default; the runtime lends memory it reuses, :mod:`hotswap_rt.host_memory`).
+
+    The file is read whole, from its first byte, by unbuffered reads into the buffer: the page
+    cache's pages and the buffer then share their alignment, and the kernel's copy runs at a
+    plain copy's speed (reading only the data region, which starts at ``8 + N``, took ~1.6x as
+    long: a 10 MB file at Llama-7B widths, 1.15 vs 0.73 ms). The header is parsed from the
+    buffer, so it describes exactly the bytes read.
 
     Raises:
         AdapterFormatError: the file is unreadable or not a valid safetensors file.
@@ -72,41 +78,53 @@ def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None
     if sys.byteorder != "little":  # the views would need a byte swap: let safetensors do it
         return _read_with_safetensors(path)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
             file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
+            if file_size < 8:
                 raise _invalid(path, "header too small")
-            header_size = int.from_bytes(prefix, "little")
-            if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
-                raise _invalid(path, f"header size {header_size} exceeds the file ({file_size} bytes)")
-            entries = _header_entries(path, f.read(header_size))
-            data_size = file_size - 8 - header_size
-            _check_offsets(path, entries, data_size)
-            buffer = (empty or _torch_empty)(data_size, torch.uint8)
-            if data_size and f.readinto(memoryview(buffer.numpy())) != data_size:
-                raise _invalid(path, "the file is shorter than its header says")
+            buffer = (empty or _torch_empty)(file_size, torch.uint8)
+            if _read_into(f, memoryview(buffer.numpy())) != file_size:
+                raise _invalid(path, "the file is shorter than its size when opened (rewritten while read?)")
     except OSError as exc:
         raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
-    return _views(buffer, entries)
+    header_size = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
+    if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
+        raise _invalid(path, f"header size {header_size} exceeds the file ({file_size} bytes)")
+    entries = _header_entries(path, buffer[8 : 8 + header_size].numpy().tobytes())
+    _check_offsets(path, entries, file_size - 8 - header_size)
+    return _views(buffer, entries, 8 + header_size)
 
 
-def _views(buffer: torch.Tensor, entries: tuple[_Entry, ...]) -> dict[str, torch.Tensor]:
-    """Each entry as a tensor over ``buffer`` (uint8 ``[data_size]``): one ``as_strided`` on a
-    view of the buffer in the entry's dtype (~1 us a tensor, a third of slicing then viewing
-    twice); an entry whose offset is not a multiple of its element size is copied out."""
+def _read_into(file: Any, view: memoryview) -> int:
+    """Read ``file`` (unbuffered) into ``view`` until it is full or the file ends; the bytes
+    read (a single read may return fewer, e.g. Linux's ~2 GiB cap per call)."""
+    done = 0
+    while done < len(view):
+        count = file.readinto(view[done:])
+        if not count:
+            break
+        done += count
+    return done
+
+
+def _views(buffer: torch.Tensor, entries: tuple[_Entry, ...], data_start: int) -> dict[str, torch.Tensor]:
+    """Each entry as a tensor over ``buffer`` (uint8, the whole file; the data region from byte
+    ``data_start``): one ``as_strided`` on a view of the buffer in the entry's dtype (~1 us a
+    tensor, a third of slicing then viewing twice); an entry whose bytes do not start on a
+    multiple of its element size is copied out."""
     typed: dict[torch.dtype, torch.Tensor] = {}
     tensors = {}
     for entry in entries:
         itemsize = entry.dtype.itemsize
-        if entry.start % itemsize:  # a view of another dtype must start on its element size
-            piece = buffer[entry.start : entry.end].clone().view(entry.dtype).view(entry.shape)
+        start = data_start + entry.start
+        if start % itemsize:  # a view of another dtype must start on its element size
+            piece = buffer[start : data_start + entry.end].clone().view(entry.dtype).view(entry.shape)
         else:
             flat = typed.get(entry.dtype)
             if flat is None:
                 usable = buffer.numel() - buffer.numel() % itemsize
                 flat = typed[entry.dtype] = buffer[:usable].view(entry.dtype)
-            piece = flat.as_strided(entry.shape, entry.strides, entry.start // itemsize)
+            piece = flat.as_strided(entry.shape, entry.strides, start // itemsize)
         tensors[entry.name] = piece
     return tensors
 

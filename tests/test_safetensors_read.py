@@ -5,6 +5,7 @@ with a clear error, as safetensors refuses it."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,42 @@ def test_truncated_and_missing_files(tmp_path: Path) -> None:
         read_safetensors(path)
     with pytest.raises(AdapterFormatError, match="unreadable"):
         read_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_a_read_that_returns_in_pieces_is_read_to_the_end(tmp_path: Path, monkeypatch) -> None:
+    """A single read may return fewer bytes than asked (Linux caps one call near 2 GiB): the
+    reader goes on until the buffer is full, and a file that ends early is refused."""
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(64.0), "v": torch.arange(5, dtype=torch.int8)}, str(path))
+    calls: list[int] = []
+    real_open = open
+
+    class Trickle:  # an unbuffered file that hands out at most 100 bytes a call
+        def __init__(self, raw) -> None:
+            self.raw = raw
+
+        def readinto(self, view: memoryview) -> int:
+            calls.append(len(view))
+            return self.raw.readinto(view[:100])
+
+        def __getattr__(self, name: str):
+            return getattr(self.raw, name)
+
+        def __enter__(self) -> Trickle:
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.raw.close()
+
+    monkeypatch.setattr(safetensors_read, "open", lambda *args, **kwargs: Trickle(real_open(*args, **kwargs)),
+                        raising=False)
+    tensors = read_safetensors(path)
+    assert len(calls) == -(-path.stat().st_size // 100)  # every byte, 100 at a time
+    for name, tensor in load_file(str(path)).items():
+        assert torch.equal(tensors[name], tensor)
+    monkeypatch.setattr(os, "fstat", lambda fd: type("Stat", (), {"st_size": path.stat().st_size + 8})())
+    with pytest.raises(AdapterFormatError, match="shorter than its size when opened"):
+        read_safetensors(path)
 
 
 @pytest.fixture()
