@@ -4,7 +4,9 @@ ratios to a reference measured in the same run, and everything lands in one JSON
 Stages (``--stages`` picks some):
 
 - ``swap``: ring -> slot swap (``rt.activate`` of an adapter held in host memory, one device
-  slot) against a ``copy_`` of the same bytes from pinned memory, and a resident switch.
+  slot) against a ``copy_`` of the same bytes from pinned memory, and a resident switch; and
+  PEFT's ``hotswap_adapter_from_state_dict`` of the same adapters (state dicts in host memory,
+  and on the device): ``swap_speedup_vs_peft_*``.
 - ``overlap``: a compiled decode loop (batch 16, one token per row; default mode, and CUDA
   graphs on CUDA: ``graphs_*``) timed step by step, alone and while another thread keeps
   loading adapters: replacing a device-resident one the loop does not serve
@@ -118,9 +120,18 @@ def percentile(values: list[float], q: float) -> float:
 
 # ------------------------------------------------------------------------------------- stages
 def stage_swap(setup: Setup) -> dict[str, Any]:
-    """Ring -> slot swap and resident switch against a ``copy_`` of the same bytes."""
-    model = llama(setup)
+    """Ring -> slot swap and resident switch against a ``copy_`` of the same bytes; PEFT's swap
+    of the same adapters (measured once the runtime's model is freed)."""
     rank = 16
+    figures, states = _runtime_swap(setup, rank)
+    peft = _peft_swap_us(setup, rank, states)
+    speedups = {f"swap_speedup_vs_{key[:-3]}": value / figures["swap_us"] for key, value in peft.items()}
+    return {**figures, **peft, **speedups}
+
+
+def _runtime_swap(setup: Setup, rank: int) -> tuple[dict[str, Any], list[tuple[dict[str, torch.Tensor], Any]]]:
+    """:func:`stage_swap`'s runtime figures, and the state dicts of the two swapped adapters."""
+    model = llama(setup)
     rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=rank, device_slots=2,
                                              host_slots=4))
     for i, name in enumerate(("a", "b", "c")):
@@ -153,10 +164,36 @@ def stage_swap(setup: Setup) -> dict[str, Any]:
     switch_us = median_us(switch, setup.rounds, setup.device)
     switch_host_us = median_us(switch, setup.rounds, torch.device("cpu"))  # returns before the GPU is done
     synchronize_us = median_us(lambda: None, setup.rounds, setup.device)  # what every figure above includes
+    states = [random_state(rt, rank, seed=seed) for seed in (0, 2)]  # "a" and "c"
     return {"slot_bytes": rt.slot_nbytes, "swaps": swaps, "copy_us": copy_us, "swap_us": swap_us,
             "swap_over_copy": swap_us / copy_us, "resident_switch_us": switch_us,
             "resident_switch_host_us": switch_host_us, "synchronize_us": synchronize_us,
-            "copy_GBps": rt.slot_nbytes / copy_us / 1e3}
+            "copy_GBps": rt.slot_nbytes / copy_us / 1e3}, states
+
+
+def _peft_swap_us(setup: Setup, rank: int,
+                  states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> dict[str, float]:
+    """PEFT's in-memory hotswap (``hotswap_adapter_from_state_dict``) of the same two adapters
+    on a PeftModel of the same base, taking turns: the state dicts in host memory (what a
+    ring -> slot swap copies from) and already on the device. Median microseconds."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.hotswap import hotswap_adapter_from_state_dict
+    from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(llama(setup), config).eval()
+    host = [_insert_adapter_name_into_state_dict(dict(state), adapter_name="default", parameter_prefix="lora_")
+            for state, _ in states]
+    device = [{key: value.to(setup.device, setup.dtype) for key, value in state.items()} for state in host]
+    figures = {}
+    for label, pair in (("peft_state_dict_host_us", host), ("peft_state_dict_device_us", device)):
+        turns = iter(pair * (setup.rounds + 4))
+
+        def swap() -> None:
+            hotswap_adapter_from_state_dict(model, next(turns), "default", config)
+
+        figures[label] = median_us(swap, setup.rounds, setup.device)
+    return figures
 
 
 def stage_overlap(setup: Setup) -> dict[str, Any]:
