@@ -6,7 +6,8 @@ Stages (``--stages`` picks some):
 - ``swap``: ring -> slot swap (``rt.activate`` of an adapter held in host memory, one device
   slot) against a ``copy_`` of the same bytes from pinned memory, and a resident switch; and
   PEFT's ``hotswap_adapter_from_state_dict`` of the same adapters (state dicts in host memory,
-  and on the device): ``swap_speedup_vs_peft_*``.
+  and on the device): ``swap_speedup_vs_peft_*``; and rank 4 / 16 / 64 adapters swapped into
+  ``max_rank=64`` slots (``rank<r>_swap_us``, ``rank<r>_copy_us``, ``rank4_over_rank64``).
 - ``overlap``: a compiled decode loop (batch 16, one token per row; default mode, and CUDA
   graphs on CUDA: ``graphs_*``) timed step by step, alone and while another thread keeps
   loading adapters: replacing a device-resident one the loop does not serve
@@ -126,7 +127,42 @@ def stage_swap(setup: Setup) -> dict[str, Any]:
     figures, states = _runtime_swap(setup, rank)
     peft = _peft_swap_us(setup, rank, states)
     speedups = {f"swap_speedup_vs_{key[:-3]}": value / figures["swap_us"] for key, value in peft.items()}
-    return {**figures, **peft, **speedups}
+    return {**figures, **peft, **speedups, **_rank_swaps(setup)}
+
+
+SWAP_RANKS = (4, 16, 64)
+
+
+def _rank_swaps(setup: Setup) -> dict[str, float]:
+    """Swaps of rank 4, 16 and 64 adapters into ``max_rank=64`` slots (one evictable slot, two
+    adapters of each rank taking turns): ``rank<r>_swap_us``, a ``copy_`` of the same bytes from
+    pinned memory ``rank<r>_copy_us``, and ``rank4_over_rank64`` (issue 19's goal: <= 0.15x)."""
+    model = llama(setup)
+    top = max(SWAP_RANKS)
+    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=top, device_slots=1,
+                                             host_slots=2 * len(SWAP_RANKS)))
+    pinned = setup.device.type == "cuda"
+    slot = rt.internals.arena.arenas[setup.dtype][0]
+    figures: dict[str, float] = {}
+    for rank in SWAP_RANKS:
+        for turn in range(2):
+            state, config = random_state(rt, rank, seed=10 * rank + turn)
+            rt.load(f"r{rank}-{turn}", state_dict=state, config=config)
+        names = iter((f"r{rank}-1", f"r{rank}-0") * (setup.rounds + 4))
+        rt.activate(f"r{rank}-0")
+        swaps_before = rt.stats()["swaps"]
+        figures[f"rank{rank}_swap_us"] = median_us(lambda: rt.activate(next(names)), setup.rounds, setup.device)
+        assert rt.stats()["swaps"] - swaps_before == setup.rounds + 2, "a timed activation did not copy"
+        numel = rt.info(f"r{rank}-0").bytes // slot.element_size()
+        host = torch.empty(numel, dtype=slot.dtype, pin_memory=pinned).normal_()
+        target = slot[:numel]
+        figures[f"rank{rank}_copy_us"] = median_us(lambda: target.copy_(host, non_blocking=pinned),
+                                                   setup.rounds, setup.device)
+        rt.activate(None)
+        for turn in range(2):
+            rt.unload(f"r{rank}-{turn}", force=True)
+    figures["rank4_over_rank64"] = figures["rank4_swap_us"] / figures[f"rank{top}_swap_us"]
+    return figures
 
 
 def _runtime_swap(setup: Setup, rank: int) -> tuple[dict[str, Any], list[tuple[dict[str, torch.Tensor], Any]]]:

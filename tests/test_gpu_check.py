@@ -50,6 +50,8 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
     assert stages["swap"]["swaps"] >= 5  # every timed activation really copied a slot
     swap = stages["swap"]
     assert swap["peft_state_dict_host_us"] > 0 and swap["swap_speedup_vs_peft_state_dict_device"] > 0
+    assert all(swap[f"rank{rank}_swap_us"] > 0 and swap[f"rank{rank}_copy_us"] > 0 for rank in (4, 16, 64))
+    assert swap["rank4_over_rank64"] > 0
     overlap = stages["overlap"]
     assert overlap["replace_loads_during"] > 0 and overlap["new_loads_during"] > 0
     assert overlap["recompiles"] == 0
