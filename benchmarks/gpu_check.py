@@ -170,8 +170,8 @@ def _runtime_swap(setup: Setup, rank: int) -> tuple[dict[str, Any], list[tuple[d
     model = llama(setup)
     rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=rank, device_slots=2,
                                              host_slots=4))
-    for i, name in enumerate(("a", "b", "c")):
-        state, config = random_state(rt, rank, seed=i)
+    states = {name: random_state(rt, rank, seed=i) for i, name in enumerate(("a", "b", "c"))}
+    for name, (state, config) in states.items():
         rt.load(name, state_dict=state, config=config)
     slot = rt.internals.arena.arenas[setup.dtype][0]
     pinned = setup.device.type == "cuda"
@@ -200,11 +200,10 @@ def _runtime_swap(setup: Setup, rank: int) -> tuple[dict[str, Any], list[tuple[d
     switch_us = median_us(switch, setup.rounds, setup.device)
     switch_host_us = median_us(switch, setup.rounds, torch.device("cpu"))  # returns before the GPU is done
     synchronize_us = median_us(lambda: None, setup.rounds, setup.device)  # what every figure above includes
-    states = [random_state(rt, rank, seed=seed) for seed in (0, 2)]  # "a" and "c"
     return {"slot_bytes": rt.slot_nbytes, "swaps": swaps, "copy_us": copy_us, "swap_us": swap_us,
             "swap_over_copy": swap_us / copy_us, "resident_switch_us": switch_us,
             "resident_switch_host_us": switch_host_us, "synchronize_us": synchronize_us,
-            "copy_GBps": rt.slot_nbytes / copy_us / 1e3}, states
+            "copy_GBps": rt.slot_nbytes / copy_us / 1e3}, [states["a"], states["c"]]
 
 
 def _peft_swap_us(setup: Setup, rank: int,

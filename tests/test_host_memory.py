@@ -105,10 +105,13 @@ def _mapping_of(address: int) -> dict[str, str] | None:
     return fields
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists() or "[never]" in (
-    Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else "[never]"),
-    reason="Linux with transparent huge pages only")
+def _huge_pages_on() -> bool:
+    """Linux with transparent huge pages not switched off (``always`` or ``madvise``)."""
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return Path("/proc/self/smaps").exists() and setting.exists() and "[never]" not in setting.read_text()
+
+
+@pytest.mark.skipif(not _huge_pages_on(), reason="Linux with transparent huge pages only")
 def test_large_buffers_start_on_a_huge_page_are_advised_and_are_unmapped_once_released() -> None:
     pool = HostMemoryPool(per_size=0)  # keeps nothing: a released buffer is unmapped
     buffer = pool.empty(HUGE_PAGE * 2 + 12345, torch.float32)  # ~16 MB
