@@ -168,10 +168,10 @@ class SlotArena:
         self.arenas: dict[torch.dtype, torch.Tensor] = {}
         self.vector_sizes: dict[torch.dtype, int] = {}
         self.filled: list[dict[torch.dtype, int]] = [{} for _ in range(num_slots)]
-        # write_slot's per-call work kept small (a swap's fixed cost is Python): the slot-row
-        # prefixes it copies into, by (slot, dtype, size), and (V, W) by dtype; both dropped
+        # write_slot's per-call work kept small (a swap's fixed cost is Python): by (slot, dtype,
+        # size), the checked plan of a write (_prefix_plan), and (V, W) by dtype; both dropped
         # whenever a dtype's tensor is replaced (_regrow)
-        self._prefixes: dict[tuple[int, torch.dtype, int], torch.Tensor] = {}
+        self._prefixes: dict[tuple[int, torch.dtype, int], tuple[torch.Tensor, int, int, int]] = {}
         self._row_sizes: dict[torch.dtype, tuple[int, int]] = {}
         self.extend(layers)
         self.pin_host_rows = device.type != "cpu" and torch.accelerator.is_available()
@@ -375,21 +375,31 @@ class SlotArena:
 
     def _write(self, slot: int, rows: Mapping[torch.dtype, torch.Tensor], non_blocking: bool) -> None:
         filled = self.filled[slot]
-        for dtype in self.arenas:
-            vectors, width = self._row_size(dtype)
+        for dtype, arena in self.arenas.items():
             row = rows.get(dtype)
             size = 0 if row is None else row.numel()
-            if size > vectors + self.max_rank * width or (
-                    size and (size < vectors or (size - vectors) % max(width, 1))):
-                raise ValueError(f"a {dtype} row of {size} values is not a prefix of V={vectors} "
-                                 f"vector values and whole rank blocks of W={width}")
+            plan = self._prefixes.get((slot, dtype, size))
+            if plan is None:  # first write of this size into this slot: check it, keep the view
+                plan = self._prefixes[slot, dtype, size] = self._prefix_plan(slot, dtype, size)
+            target, ranks, vectors, width = plan
             stale = vectors + filled.get(dtype, 0) * width  # the prefix the previous occupant wrote
             filled[dtype] = self.max_rank  # unknown until the writes below complete: clear all next time
             if size:
-                target = self._prefixes.get((slot, dtype, size))
-                if target is None:
-                    target = self._prefixes[slot, dtype, size] = self.arenas[dtype][slot, :size]
                 target.copy_(row, non_blocking=non_blocking)
             if stale > size:
-                self.arenas[dtype][slot, size:stale].zero_()
-            filled[dtype] = (size - vectors) // width if size and width else 0
+                arena[slot, size:stale].zero_()
+            filled[dtype] = ranks
+
+    def _prefix_plan(self, slot: int, dtype: torch.dtype, size: int) -> tuple[torch.Tensor, int, int, int]:
+        """What :meth:`_write` needs to copy a ``size``-value row of ``dtype`` into ``slot``: the
+        slot row's prefix view, the ranks the row holds, ``V`` and ``W``.
+
+        Raises:
+            ValueError: ``size`` is not ``V`` plus whole rank blocks of ``W`` (at most R)."""
+        vectors, width = self._row_size(dtype)
+        if size > vectors + self.max_rank * width or (
+                size and (size < vectors or (size - vectors) % max(width, 1))):
+            raise ValueError(f"a {dtype} row of {size} values is not a prefix of V={vectors} "
+                             f"vector values and whole rank blocks of W={width}")
+        ranks = (size - vectors) // width if size and width else 0
+        return self.arenas[dtype][slot, :size], ranks, vectors, width

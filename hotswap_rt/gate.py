@@ -65,7 +65,7 @@ class ForwardGate:
 
     def begin_write(self) -> None:
         """Wait until no forward runs and keep new ones out (see :meth:`writing`)."""
-        if self.depth():
+        if self._local.depth:
             raise HotswapError(
                 "cannot change the selection or a selected slot from inside a forward or an "
                 "rt.hold() block of the same thread (it would wait for itself)"
@@ -76,10 +76,11 @@ class ForwardGate:
                 self._wait()
 
     def end_write(self) -> None:
-        with self._mutex:
-            self._writers -= 1
-            if self._waiting:
-                self._cond.notify_all()
+        self._mutex.acquire()  # not `with`: nothing below raises, and this runs on every change
+        self._writers -= 1
+        if self._waiting:
+            self._cond.notify_all()
+        self._mutex.release()
 
     def _wait(self) -> None:
         """Wait on the condition (its lock held), counted in ``_waiting``."""

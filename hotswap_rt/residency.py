@@ -285,18 +285,23 @@ class Residency:
         Raises:
             SlotsBusyError: they cannot all fit; before any copy.
         """
-        protected = {r.slot for r in records if r.slot is not None}
+        registry, hits = self.registry, self.stats.hits
+        protected: set[int] = set()
+        missing: list[AdapterRecord] = []
+        for record in records:  # one loop: this runs on every swap and switch
+            if record.slot is None:
+                missing.append(record)
+            else:
+                protected.add(record.slot)
         if not replaces_selection:
             protected |= self._selector.selected_slots()
-        missing = [r for r in records if r.slot is None]
         if len(missing) > 1:  # one alone: its slot is chosen (or refused) below, before any change
-            reusable = self.registry.reusable_slots(protected)
+            reusable = registry.reusable_slots(protected)
             if len(missing) > len(reusable):
                 raise self._slots_busy(missing, len(reusable))
         for record in records:
-            self.registry.touch(record)
-            if record.slot is not None:
-                self.stats.hits["device"] += 1
+            registry.touch(record)
+        hits["device"] += len(records) - len(missing)
         for record in missing:
             slot = self._choose_slot(protected)
             if slot is None:  # only with one missing record (more are counted above)
@@ -308,9 +313,9 @@ class Residency:
                 self.registry.make_room(record.name, {r.name for r in records})
                 record.staged = self._host_entry(staged, record.origin)
             self._copy_to_slot(slot, record.staged, tier, extra)
-            self.registry.assign(record, slot)
+            registry.assign(record, slot)
             protected.add(slot)
-            self.stats.hits[tier] += 1
+            hits[tier] += 1
 
     def _host_entry(self, staged: StagedAdapter, origin: Origin | None,
                     trainable: bool = False) -> StagedAdapter:

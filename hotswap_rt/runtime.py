@@ -116,6 +116,7 @@ class HotswapRuntime:
         self._inject_layers(shapes)
         self._lock = threading.RLock()
         self._gate = ForwardGate()
+        self._exclusive = _Mutation(self._gate, self._lock)  # holds no state: one for all changes
         self._stager = Stager(self._arena, self._base_weight,
                               to_model=lambda adapter: fuse_per_expert_modules(adapter, self.model))
         self._background = BackgroundLoads()
@@ -670,11 +671,12 @@ class HotswapRuntime:
         (~10 us when the caches are cold). False: anything else, for :meth:`_select`."""
         if self._is_selected([{name: 1.0}], False):
             return True
-        record = self._residency.registry.records.get(name)
+        records = self._residency.registry.records
+        record = records.get(name)
         if record is None or (record.staged is None and record.slot is None) or self._background.knows(name):
             return False
-        with self._mutation():
-            record = self._residency.get(name)  # unloaded meanwhile: UnknownAdapterError
+        with self._exclusive:  # _mutation() without its ejected check: _is_selected made it
+            record = records.get(name) or self._residency.get(name)  # unloaded meanwhile: raises
             self._residency.ensure_resident([record], {}, replaces_selection=True)
             self._selector.set([{name: 1.0}], per_row=False)
             self._write_selection()
@@ -767,7 +769,7 @@ class HotswapRuntime:
         Raises:
             HotswapError: the runtime was ejected (its model no longer reads the slots)."""
         self._check_not_ejected()
-        return _Mutation(self._gate, self._lock)
+        return self._exclusive
 
     def _check_not_ejected(self) -> None:
         if self._ejected:
@@ -1026,7 +1028,8 @@ class HotswapRuntime:
 
 class _Mutation:
     """:meth:`HotswapRuntime._mutation`'s context manager (a class: cheaper than a generator on
-    every switch)."""
+    every switch). It keeps no state of its own, so one instance serves every change, nested
+    ones and other threads' included."""
 
     __slots__ = ("gate", "lock")
 

@@ -374,9 +374,10 @@ class Selector:
                         slot, scale = resolve(name)
                         spec[slot] = weight * scale
                 slot_rows.append(spec)
-        slot_rows = [row for row in slot_rows if row] if len(slot_rows) == 1 else slot_rows
+            if len(slot_rows) == 1 and not slot_rows[0]:
+                slot_rows = []
         served_rows = len(self.rows) if self.per_row and self.enabled else None
-        bucket = self._bucket(slot_rows)
+        bucket = self._bucket(slot_rows) if self.selection.rank_buckets else None
         if (not force and slot_rows == self._written and served_rows == self._served_rows
                 and bucket == self.selection.needed_bucket):
             return

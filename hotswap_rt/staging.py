@@ -492,20 +492,21 @@ class BackgroundLoads:
 
     def _done(self, name: str, future: Future) -> None:
         with self._lock:
-            if self._pending.get(name) is future:
-                del self._pending[name]
             error = None if future.cancelled() else future.exception()
-            if isinstance(error, HotswapError):
-                self._failed[name] = error
+            if self._pending.get(name) is future:
+                if isinstance(error, HotswapError):  # before leaving _pending: see knows
+                    self._failed[name] = error
+                del self._pending[name]
 
     def in_flight(self, name: str) -> bool:
         future = self._pending.get(name)
         return future is not None and not future.done()
 
     def knows(self, name: str) -> bool:
-        """A load of ``name`` is in flight or failed unseen."""
-        with self._lock:
-            return name in self._pending or name in self._failed
+        """A load of ``name`` is in flight or failed unseen. Read without the lock (every swap
+        asks; taking it costs ~0.5 us when the caches are cold): a load's failure is recorded
+        before the load leaves ``_pending``, so a name never passes through neither."""
+        return name in self._pending or name in self._failed
 
     def wait(self, name: str) -> None:
         """Wait for the load of ``name`` if one is in flight; raise its (or an earlier unseen)

@@ -22,6 +22,8 @@ from hotswap_rt import (
     AdapterChangedError, HotswapError, HotswapRuntime, RuntimeConfig, SlotsBusyError, UnknownAdapterError,
 )
 
+from hotswap_rt.staging import BackgroundLoads
+
 from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, assert_unchanged, logits, snapshot_state
 
 IDS = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
@@ -599,3 +601,26 @@ def test_loads_beside_forwards_never_serve_a_torn_adapter(env) -> None:
     registry = rt.internals.registry
     assert registry.stale == set() and registry.reserved == set() and rt.info("s").leases == 0
     assert rt.guard.recompiles == 0
+
+
+def test_a_background_failure_waited_for_before_its_callback_runs_is_reported_once(monkeypatch) -> None:
+    """``wait`` can wake on a failed load before the Future's done-callback runs: that callback
+    must not record the failure again (it was raised already), or the next use of the name
+    would fail with it a second time."""
+    late_callbacks = []
+    monkeypatch.setattr(BackgroundLoads, "_done", lambda self, name, future: late_callbacks.append(
+        (self, name, future)))
+    loads = BackgroundLoads()
+
+    def fail() -> None:
+        raise HotswapError("the file is broken")
+
+    loads.submit("x", fail)
+    with pytest.raises(HotswapError, match="background load of 'x' failed: the file is broken"):
+        loads.wait("x")
+    monkeypatch.undo()
+    for loads_, name, future in late_callbacks:  # the callback, after the waiter
+        loads_._done(name, future)
+    assert late_callbacks and not loads.knows("x")
+    loads.wait("x")  # nothing in flight, nothing unseen: returns
+    loads.shutdown()
