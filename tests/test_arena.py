@@ -77,6 +77,23 @@ def test_write_slot_copies_the_prefix_and_clears_what_the_last_occupant_left() -
     assert torch.equal(b, adapter(q=1).modules["q"].lora_B * 2.0)
 
 
+def test_write_slot_refuses_a_row_that_is_not_a_whole_rank_prefix_every_time() -> None:
+    """The size check runs before the write plan is kept: a bad size raises on every write and
+    leaves the slot as it was; a good write of the same slot after it still lands."""
+    slots = arena()
+    good = Stager(slots).stage(adapter(q=2)).rows
+    slots.write_slot(0, good)
+    before = slots.arenas[torch.float32].clone()
+    for size in (25, 27, 4 * 26):  # not whole rank blocks of W=26, more than max_rank=3 blocks
+        for _ in range(2):
+            with pytest.raises(ValueError, match="not a prefix"):
+                slots.write_slot(0, {torch.float32: torch.ones(size)})
+            assert torch.equal(slots.arenas[torch.float32], before)
+    slots.write_slot(0, {torch.float32: torch.ones(26)})
+    assert torch.equal(slots.arenas[torch.float32][0, :26], torch.ones(26))
+    assert slots.arenas[torch.float32][0, 26:].abs().sum() == 0 and slots.filled[0][torch.float32] == 1
+
+
 def test_extend_keeps_slots_and_relayouts_rows() -> None:
     """Lazy injection appends a layer to every rank block: slot contents and staged rows keep
     their values at the same (layer, rank) positions, the new layer reads zero."""
