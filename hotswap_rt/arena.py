@@ -31,6 +31,7 @@ the views A ``[R, d_in]`` and B^T ``[R, d_out]`` of ``arena[s, V:].view(R, W)``
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -176,6 +177,7 @@ class SlotArena:
         self.extend(layers)
         self.pin_host_rows = device.type != "cpu" and torch.accelerator.is_available()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._copy_done = threading.local()  # per thread: the event write_slot waits on, reused
 
     def extend(self, layers: Mapping[str, LayerShape | tuple[int, int, torch.dtype]]) -> None:
         """Add layers (name -> :class:`LayerShape`) at the end of their dtype's rank blocks (and
@@ -341,11 +343,13 @@ class SlotArena:
         On CUDA the copy (``non_blocking`` from pinned memory) is ordered after the work already
         queued on the compute stream (which may still read the slot), and the host waits for it
         (an event after the copy, not the whole device) so the host row can be evicted or
-        reused right after. ``ordered``: later forwards must see the new contents, so the copy
-        is queued on the compute stream itself (between the forwards before and after it: no
-        side stream, stream wait or cross-stream event to pay for). Not ordered (a slot no
-        forward reads before this returns: loads beside running forwards): on a side stream,
-        so forwards queued meanwhile do not wait for it.
+        reused right after. The event is the calling thread's own, recorded again on each
+        write (creating one costs a CUDA call, and destroying it another). ``ordered``: later
+        forwards must see the new contents, so the copy is queued on the compute stream itself
+        (between the forwards before and after it: no side stream, stream wait or cross-stream
+        event to pay for). Not ordered (a slot no forward reads before this returns: loads
+        beside running forwards): on a side stream, so forwards queued meanwhile do not wait
+        for it.
 
         No ``no_grad`` (it costs ~3 us, a swap's fixed cost is what matters here): neither the
         arena tensors nor the host rows require grad (a trainable adapter's parameters are
@@ -357,7 +361,9 @@ class SlotArena:
         start = time.perf_counter()
         if self._copy_stream is not None:
             compute = torch.cuda.current_stream(self.device)
-            done = torch.cuda.Event()
+            done = getattr(self._copy_done, "event", None)
+            if done is None:  # one per thread: writes from several threads never share one
+                done = self._copy_done.event = torch.cuda.Event()
             if ordered:
                 self._write(slot, rows, non_blocking=True)
                 done.record(compute)

@@ -142,3 +142,45 @@ def test_per_row_decode_reduce_compiled_on_cuda_equals_peft(adapters) -> None:
         expected = logits(reference, ids, adapter_names=[r or "__base__" for r in selection])
         torch.testing.assert_close(logits(rt.model, ids), expected, atol=1e-4, rtol=1e-4)
     assert rt.guard.recompiles == 0
+
+
+def test_slot_writes_reuse_one_event_per_thread_and_land_before_returning() -> None:
+    """``write_slot`` waits on an event of the calling thread's own, recorded again on every
+    write (two threads never wait on each other's record); after each write returns, the slot
+    holds its row (read back on another stream, which does not wait for the compute stream)."""
+    import threading
+
+    from hotswap_rt.arena import SlotArena
+
+    arena = SlotArena({"layer": (4096, 4096, torch.float32)}, max_rank=16, num_slots=2,
+                      device=torch.device("cuda"))
+    rows = [torch.randn(16 * 8192).pin_memory() for _ in range(4)]
+    events: dict[str, list] = {}
+    reader = torch.cuda.Stream()
+
+    def write(slot: int, label: str, ordered: bool) -> None:
+        for i in range(8):
+            row = rows[(slot + i) % len(rows)]
+            arena.write_slot(slot, {torch.float32: row}, ordered=ordered)
+            events.setdefault(label, []).append(arena._copy_done.event)
+            with torch.cuda.stream(reader):
+                landed = arena.arenas[torch.float32][slot].to("cpu", non_blocking=False)
+            assert torch.equal(landed, row), (label, i)
+
+    failures: list[BaseException] = []
+
+    def write_in_thread() -> None:
+        try:
+            write(1, "other", False)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+
+    other = threading.Thread(target=write_in_thread)
+    other.start()
+    write(0, "main", True)
+    other.join()
+    assert not failures, failures
+    assert len(events["other"]) == 8 and len(events["main"]) == 8
+    assert all(e is events["main"][0] for e in events["main"])
+    assert all(e is events["other"][0] for e in events["other"])
+    assert events["main"][0] is not events["other"][0]
