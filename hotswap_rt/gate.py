@@ -17,7 +17,10 @@ from .errors import HotswapError
 
 
 class ForwardGate:
-    """Readers-writer gate with its own lock; writers have priority over new readers."""
+    """Readers-writer gate with its own lock. Writers have priority over new readers, but not
+    over readers that waited through a write: when a write ends, the readers then waiting are
+    let in before the next write starts (so a thread changing the selection in a loop cannot
+    starve the forwards)."""
 
     def __init__(self) -> None:
         # the condition's own lock, entered directly where nothing waits (Condition's Python-level
@@ -27,6 +30,9 @@ class ForwardGate:
         self._local = _Depth()
         self.readers = 0
         self._writers = 0  # writers waiting or writing
+        self._writing = 0  # writers past begin_write (the runtime lock orders them)
+        self._readers_waiting = 0
+        self._admitted = 0  # waiting readers let in ahead of the next write (see end_write)
         # threads blocked in _cond.wait(): a wake-up is sent only when someone waits
         # (notify_all alone costs ~1 us, on every switch)
         self._waiting = 0
@@ -40,10 +46,28 @@ class ForwardGate:
         depth = self.depth()
         if depth == 0:
             with self._mutex:
-                while self._writers:
-                    self._wait()
+                if self._writing or (self._writers and not self._admitted):
+                    self._wait_to_read()
+                if self._admitted:
+                    self._admitted -= 1
                 self.readers += 1
         self._local.depth = depth + 1
+
+    def _wait_to_read(self) -> None:
+        """Wait (the mutex held) until no write runs and none is pending, or this reader's
+        turn has come (:meth:`end_write`). A reader that leaves by an exception gives its turn
+        back, so no writer waits for a reader that will not come."""
+        self._readers_waiting += 1
+        try:
+            while self._writing or (self._writers and not self._admitted):
+                self._wait()
+        except BaseException:
+            self._readers_waiting -= 1
+            self._admitted = min(self._admitted, self._readers_waiting)
+            if self._waiting:
+                self._cond.notify_all()
+            raise
+        self._readers_waiting -= 1
 
     def exit(self) -> None:
         depth = self.depth() - 1
@@ -72,12 +96,22 @@ class ForwardGate:
             )
         with self._mutex:
             self._writers += 1
-            while self.readers:
-                self._wait()
+            try:
+                while self.readers or self._admitted:  # readers whose turn came go first
+                    self._wait()
+            except BaseException:
+                self._writers -= 1
+                if self._waiting:
+                    self._cond.notify_all()
+                raise
+            self._writing += 1
 
     def end_write(self) -> None:
         self._mutex.acquire()  # not `with`: nothing below raises, and this runs on every change
         self._writers -= 1
+        self._writing -= 1
+        if not self._writing and self._readers_waiting:
+            self._admitted = self._readers_waiting  # they waited through this write: their turn
         if self._waiting:
             self._cond.notify_all()
         self._mutex.release()

@@ -48,3 +48,64 @@ def test_readers_reenter_and_may_not_write() -> None:
     assert gate.depth() == 0 and gate.readers == 0
     with gate.writing():
         pass
+
+
+def test_a_stream_of_writes_does_not_starve_a_waiting_reader() -> None:
+    """A thread that changes the selection in a loop (each change a write) must let forwards
+    in: a reader that waited through a write enters before the next write starts."""
+    gate, stop, reads = ForwardGate(), threading.Event(), []
+
+    def write_forever() -> None:
+        while not stop.is_set():
+            with gate.writing():
+                time.sleep(0.0005)  # the change itself
+
+    def read_forever() -> None:
+        while not stop.is_set():
+            gate.enter()
+            reads.append(time.monotonic())
+            gate.exit()
+            time.sleep(0.0005)  # the forward's own work outside the gate's lock
+
+    threads = [threading.Thread(target=write_forever), threading.Thread(target=read_forever)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(reads) >= 50, len(reads)  # one per write at least: ~500 with fair turns
+
+
+def test_a_reader_that_stops_waiting_does_not_hold_writers_back(monkeypatch) -> None:
+    """A reader admitted ahead of the next write but interrupted before it entered (here its
+    wait raises) gives its turn back: the next writer does not wait for it forever."""
+    gate = ForwardGate()
+    gate.begin_write()
+    reader_waiting, failures = threading.Event(), []
+    real_wait = gate._cond.wait
+
+    def wait_then_fail_in_reader(*args):
+        if threading.current_thread().name == "reader":
+            reader_waiting.set()
+            real_wait(*args)
+            raise KeyboardInterrupt
+        return real_wait(*args)
+
+    monkeypatch.setattr(gate._cond, "wait", wait_then_fail_in_reader)
+
+    def read() -> None:
+        try:
+            gate.enter()
+        except KeyboardInterrupt as exc:
+            failures.append(exc)
+
+    reader = threading.Thread(target=read, name="reader")
+    reader.start()
+    assert reader_waiting.wait(2)
+    gate.end_write()  # the waiting reader's turn comes; it leaves instead of entering
+    reader.join(2)
+    writer = threading.Thread(target=lambda: (gate.begin_write(), gate.end_write()))
+    writer.start()
+    writer.join(2)
+    assert failures and not writer.is_alive() and gate.readers == 0
