@@ -12,8 +12,10 @@ Stages (``--stages`` picks some):
   graphs on CUDA: ``graphs_*``) timed step by step, alone and while another thread keeps
   loading adapters: replacing a device-resident one the loop does not serve
   (``rt.load(..., replace=True)``: staging, a side-stream copy into a shadow slot; no
-  selection to move) and loading a new one into a free slot then unloading it: the added p50 /
-  p99 step latency of each.
+  selection to move), loading a new one into a free slot then unloading it, and activating
+  adapters held in the host ring in turn (``activate_*``: each a copy into a slot, beside the
+  running step when a slot the selection does not read can take it, then the selection
+  moved to it; the loop then serves those adapters): the added p50 / p99 step latency of each.
 - ``decode_k``: decode step (batch 16) of the compiled model with k = 1, 4, 8, 16 distinct
   adapters, one per row, over the uninjected compiled model: the default (``auto``: per row once
   compiled), the stacked product only (``max_adapters_per_row=16``: all 16 slots read in place),
@@ -33,6 +35,7 @@ Usage: ``python -m benchmarks.gpu_check --out benchmarks/results/<date>-gpu.json
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -235,7 +238,9 @@ def stage_overlap(setup: Setup) -> dict[str, Any]:
     """Decode step latency alone and while another thread loads adapters: ``replace_*``
     replaces a device-resident adapter the loop does not serve (a shadow slot; the forward
     gate is not taken, as no selection reads it), ``new_*`` loads a new adapter into a free
-    slot and unloads it again (the copy runs beside the forwards). Compiled in the default mode
+    slot and unloads it again (the copy runs beside the forwards), ``activate_*`` activates
+    adapters of the host ring in turn (copies into slots, beside the step when one the
+    selection does not read can take them, and selection changes). Compiled in the default mode
     (a launch-bound step: the loader's Python competes with the step's) and, on CUDA, with
     CUDA graphs too (the engine's mode there; keys ``graphs_*``)."""
     result = _overlap(setup, mode=None)
@@ -281,9 +286,25 @@ def _overlap(setup: Setup, mode: str | None) -> dict[str, Any]:
         rt.load("new", state_dict=other, config=other_config)
         rt.unload("new")
 
+    # four slots: "served", "other" and two free: of five more adapters, three stay in the ring,
+    # and activating the five in turn copies each time (the least recently used slot goes)
+    ring = [f"ring{i}" for i in range(5)]
+    turns = itertools.cycle(ring)
+
+    def activate_from_ring() -> None:
+        rt.activate(next(turns))
+
+    def prepare_ring() -> None:
+        for i, name in enumerate(ring):
+            state_i, config_i = random_state(rt, rank, seed=10 + i)
+            rt.load(name, state_dict=state_i, config=config_i)
+
     p50, p99 = statistics.median(alone), percentile(alone, 0.99)
     result: dict[str, Any] = {"steps": count, "step_p50_ms": p50 * 1e3, "step_p99_ms": p99 * 1e3}
-    for label, load in (("replace", replace), ("new", load_new)):
+    for label, load in (("replace", replace), ("new", load_new), ("activate", activate_from_ring)):
+        if label == "activate":
+            prepare_ring()
+            swaps = rt.stats()["swaps"]
         loads = 0
         stop = threading.Event()
 
@@ -301,6 +322,8 @@ def _overlap(setup: Setup, mode: str | None) -> dict[str, Any]:
             stop.set()
             thread.join()
         busy_p50, busy_p99 = statistics.median(busy), percentile(busy, 0.99)
+        if label == "activate":
+            result["activate_copies_during"] = rt.stats()["swaps"] - swaps
         result.update({f"{label}_loads_during": loads, f"{label}_busy_p50_ms": busy_p50 * 1e3,
                        f"{label}_busy_p99_ms": busy_p99 * 1e3, f"{label}_added_p50_ms": (busy_p50 - p50) * 1e3,
                        f"{label}_added_p99_ms": (busy_p99 - p99) * 1e3})

@@ -231,11 +231,38 @@ class Residency:
         self.check_commit(name)
         slot = self._commit_slot(name, use_free_slot, trainable=False)
         if slot is not None:
-            if self.registry.slot_owner[slot] is not None:
-                self.registry.vacate(slot)
-                self.registry.evictions += 1
-            self.registry.reserved.add(slot)
+            self._reserve(slot)
         return slot
+
+    def reserve_slot_to_activate(self, record: AdapterRecord) -> int | None:
+        """For ``record`` (in the host ring, in no slot), about to be selected: reserve the slot
+        :meth:`ensure_resident` would copy it into, when that is a slot the selection does not
+        read (free, else the least-recently-used evictable one), so the caller can copy into
+        it outside the gate while forwards go on (:meth:`adopt_copy` then, under the lock).
+        The adapter evicted from it, if any, leaves it now. None: every slot it could take is
+        read by the selection (the copy must wait for the forwards)."""
+        selected = self._selector.selected_slots()
+        slot = self.registry.pick_slot(set(selected), avoid=selected)
+        if slot is not None:
+            self._reserve(slot)
+        return slot
+
+    def _reserve(self, slot: int) -> None:
+        """Keep every other change off ``slot`` (its adapter, if any, leaves it now)."""
+        if self.registry.slot_owner[slot] is not None:
+            self.registry.vacate(slot)
+            self.registry.evictions += 1
+        self.registry.reserved.add(slot)
+
+    def adopt_copy(self, record: AdapterRecord, slot: int, seconds: float) -> None:
+        """Under the lock: ``record`` now lives in reserved ``slot``, into which its host row
+        was copied in ``seconds`` (:meth:`reserve_slot_to_activate`; the caller releases the
+        reservation)."""
+        assert record.staged is not None and slot in self.registry.reserved
+        self.stats.record_swap(record.staged.nbytes, seconds, "host")
+        self.registry.touch(record)
+        self.registry.assign(record, slot)
+        self.stats.hits["host"] += 1
 
     def release_reserved(self, slot: int, written: bool) -> None:
         """Give a reserved slot back (after its commit, or ``written=False`` when the copy

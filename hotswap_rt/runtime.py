@@ -668,19 +668,57 @@ class HotswapRuntime:
         it in flight: what :meth:`_select` checks first always holds for one name at weight 1
         (one row, one adapter, nothing to wait for or re-read), so this goes straight to the
         change. A swap's Python cost is most of a small adapter's swap; this skips ~15 calls
-        (~10 us when the caches are cold). False: anything else, for :meth:`_select`."""
+        (~10 us when the caches are cold). While other threads' forwards run, a host-ring
+        adapter is copied beside them (:meth:`_activate_beside_forwards`). False: anything
+        else, for :meth:`_select`."""
         if self._is_selected([{name: 1.0}], False):
             return True
         records = self._residency.registry.records
         record = records.get(name)
         if record is None or (record.staged is None and record.slot is None) or self._background.knows(name):
             return False
+        gate = self._gate
+        if record.slot is None and gate.readers and not gate.depth() and self._activate_beside_forwards(name):
+            return True
         with self._exclusive:  # _mutation() without its ejected check: _is_selected made it
             record = records.get(name) or self._residency.get(name)  # unloaded meanwhile: raises
             self._residency.ensure_resident([record], {}, replaces_selection=True)
             self._selector.set([{name: 1.0}], per_row=False)
             self._write_selection()
         return True
+
+    def _activate_beside_forwards(self, name: str) -> bool:
+        """``activate(name)`` of an adapter in the host ring while other threads' forwards run:
+        its copy into a slot the selection does not read is made outside the gate, so those
+        forwards go on, and the gate is taken only to select it (the slot is reserved under the
+        lock meanwhile, as a load beside the forwards does). False (nothing selected): every
+        slot it could take is read by the selection, or the adapter was replaced, unloaded or
+        made resident during the copy, or the slots were re-laid (the gated path then does it).
+        A failed copy leaves the selection as it was; the slot is cleared at its next write."""
+        arena, residency = self._arena, self._residency
+        with self._lock:
+            record = residency.registry.records.get(name)
+            if record is None or record.slot is not None or record.staged is None:
+                return False
+            slot = residency.reserve_slot_to_activate(record)
+            if slot is None:
+                return False
+            staged, layout = record.staged, arena.layout_token()
+        written = False
+        try:
+            seconds = arena.write_slot(slot, staged.rows, ordered=False)
+            written = True
+            with self._mutation():
+                if (residency.registry.records.get(name) is not record or record.staged is not staged
+                        or record.slot is not None or arena.layout_token() != layout):
+                    return False
+                residency.adopt_copy(record, slot, seconds)
+                self._selector.set([{name: 1.0}], per_row=False)
+                self._write_selection()
+            return True
+        finally:
+            with self._lock:
+                residency.release_reserved(slot, written=written and arena.layout_token() == layout)
 
     def activate_rows(self, rows: Sequence[Activation]) -> None:
         """Select per batch row: ``rows[b]`` is a name, ``{name: weight}`` or None (base model).

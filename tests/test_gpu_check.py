@@ -54,6 +54,7 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
     assert swap["rank4_over_rank64"] > 0
     overlap = stages["overlap"]
     assert overlap["replace_loads_during"] > 0 and overlap["new_loads_during"] > 0
+    assert overlap["activate_loads_during"] > 0 and overlap["activate_copies_during"] > 0
     assert overlap["recompiles"] == 0
     products = ("auto", "stacked", "per_row", "per_row_reduce")
     assert all(stages["decode_k"][f"{mode}_k{k}_us"] > 0 for mode in products for k in (1, 4, 8, 16))

@@ -194,9 +194,15 @@ def test_save_of_a_disk_tier_adapter_reads_it_again(env, tmp_path) -> None:
 
 
 def _concurrent_run(rt: HotswapRuntime, paths: dict[str, Path], expected: dict,
-                    seconds: float = 3.0) -> dict[str, int]:
+                    seconds: float = 3.0, slots_busy_ok: bool = False,
+                    forwards_per_hold: int = 1, activation_pause: float = 0.0) -> dict[str, int]:
     """Forwards in a loop on one thread; three threads activate, load/replace/unload and
-    prefetch. Returns counts; raises if any output is not exactly one reference."""
+    prefetch. Returns counts; raises if any output is not exactly one reference.
+    ``slots_busy_ok``: an activation may find every slot reserved or leased by the loads
+    (with fewer slots than adapters), which it reports as SlotsBusyError.
+    ``forwards_per_hold``: forwards run in ``rt.hold()`` blocks of this many (one selection).
+    ``activation_pause``: seconds, at most, an activating thread sleeps between activations
+    (so some arrive while a forward runs, instead of queueing behind the last one)."""
     stop = threading.Event()
     errors: list[BaseException] = []
     counts = {"forwards": 0, "activations": 0, "loads": 0, "prefetches": 0}
@@ -205,21 +211,26 @@ def _concurrent_run(rt: HotswapRuntime, paths: dict[str, Path], expected: dict,
 
     def forwards() -> None:
         while not stop.is_set():
-            out = logits(rt.model, IDS)
-            matched = _matches(out, expected)
-            if len(matched) != 1:
-                errors.append(AssertionError(f"output matches {matched}, not exactly one"))
+            with rt.hold():
+                outputs = [logits(rt.model, IDS) for _ in range(forwards_per_hold)]
+            matched = [_matches(out, expected) for out in outputs]
+            if any(len(m) != 1 for m in matched) or any(m != matched[0] for m in matched):
+                errors.append(AssertionError(f"outputs match {matched}, not one reference each "
+                                             f"and the same in one hold"))
                 return
-            counts["forwards"] += 1
+            counts["forwards"] += len(outputs)
 
     def activations(rng: random.Random) -> None:
         while not stop.is_set():
             name = rng.choice(["a", "b", "c", None])
+            if activation_pause:
+                time.sleep(rng.random() * activation_pause)
             try:
                 rt.activate(name)
                 counts["activations"] += 1
             except (SlotsBusyError, HotswapError) as exc:
-                if "no adapter named" not in str(exc) and "in flight" not in str(exc):
+                busy = slots_busy_ok and isinstance(exc, SlotsBusyError)
+                if not busy and "no adapter named" not in str(exc) and "in flight" not in str(exc):
                     raise
 
     def loads(rng: random.Random) -> None:
@@ -269,6 +280,25 @@ def test_forwards_while_other_threads_load_replace_prefetch_activate(env) -> Non
     print(counts)
     assert counts["forwards"] > 20 and counts["activations"] > 20 and counts["loads"] > 5
     assert counts["prefetches"] > 2
+
+
+def test_forwards_while_other_threads_swap_adapters_in_from_the_host_ring(env) -> None:
+    """Two slots for three adapters: activations copy from the host ring (under the gate, or
+    beside a forward that is running when they start) while loads reserve shadow slots. Every
+    output is still exactly one reference; no reservation is left behind."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=2, host_slots=6)
+    for name in "abc":
+        rt.load(name, paths[name])
+    beside: list[bool] = []
+    activate_beside = rt._activate_beside_forwards
+    rt._activate_beside_forwards = lambda name: beside.append(activate_beside(name)) or beside[-1]
+    swaps = rt.stats()["swaps"]
+    counts = _concurrent_run(rt, paths, {k: expected[k] for k in ("a", "b", "c", None)},
+                             slots_busy_ok=True, forwards_per_hold=4, activation_pause=0.004)
+    assert counts["forwards"] > 20 and counts["activations"] > 20
+    assert rt.stats()["swaps"] - swaps > 20 and rt.internals.registry.reserved == set()
+    assert beside.count(True) > 2, beside.count(True)  # ~20 in a run here
 
 
 @pytest.mark.slow
@@ -486,6 +516,137 @@ def test_replacing_a_served_adapter_copies_beside_running_forwards(env) -> None:
     assert _matches(logits(rt.model, IDS), expected) == ["b"]  # the selection followed
     assert rt.internals.registry.stale == set() and rt.info("a").leases == 0
     assert rt.info("a").version == 2 and rt.stats()["swaps"] >= 2
+
+
+class _ForwardInProgress:
+    """Another thread inside a forward (``rt.hold()``) until :meth:`end`; its output then."""
+
+    def __init__(self, rt: HotswapRuntime) -> None:
+        self.rt, self.inside, self.release, self.outputs = rt, threading.Event(), threading.Event(), []
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        assert self.inside.wait(10)
+
+    def _run(self) -> None:
+        with self.rt.hold():
+            self.inside.set()
+            self.release.wait(10)
+            self.outputs.append(logits(self.rt.model, IDS))
+
+    def end(self) -> torch.Tensor:
+        self.release.set()
+        self.thread.join(10)
+        return self.outputs[0]
+
+
+def _in_thread(job) -> tuple[threading.Thread, list]:
+    """``job()`` on a thread of its own; the list gets the exception it raised, if any."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
+def _host_adapter_and_a_running_forward(env) -> tuple[HotswapRuntime, _ForwardInProgress]:
+    """Two slots: "a" selected, "b" resident, "c" in the host ring; a forward of "a" running."""
+    base, paths, _ = env
+    rt = _runtime(base, device_slots=2)
+    for name in "abc":
+        rt.load(name, paths[name])
+    rt.activate("a")
+    assert {i.name: i.tier for i in rt.adapters()} == {"a": "device", "b": "device", "c": "host"}
+    return rt, _ForwardInProgress(rt)
+
+
+def _poll(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def test_activating_a_host_adapter_copies_beside_running_forwards(env) -> None:
+    """``activate`` of an adapter in the host ring copies it into a slot the selection does not
+    read (here b's, the least recently used) while another thread is inside a forward, which
+    keeps serving "a"; only selecting it waits for that forward."""
+    _, _, expected = env
+    rt, forward = _host_adapter_and_a_running_forward(env)
+    b_slot = rt.info("b").slot
+    row = rt.internals.registry.records["c"].staged.rows[torch.float32]
+    slot_row = rt.internals.arena.arenas[torch.float32][b_slot, : row.numel()]
+    activator, errors = _in_thread(lambda: rt.activate("c"))
+    try:
+        copied_beside = _poll(lambda: rt.internals.registry.reserved == {b_slot} and torch.equal(slot_row, row))
+        still_waiting = activator.is_alive()
+    finally:
+        held = forward.end()
+        activator.join(10)
+    assert copied_beside and still_waiting and not errors
+    assert _matches(held, expected) == ["a"]  # served unchanged during the copy
+    assert _matches(logits(rt.model, IDS), expected) == ["c"]
+    assert {i.name: i.tier for i in rt.adapters()} == {"a": "device", "b": "host", "c": "device"}
+    assert rt.info("c").slot == b_slot and rt.internals.registry.reserved == set()
+
+
+def test_a_copy_beside_running_forwards_that_fails_leaves_the_selection(env, monkeypatch) -> None:
+    _, _, expected = env
+    rt, forward = _host_adapter_and_a_running_forward(env)
+    arena = rt.internals.arena
+    real_write = arena.write_slot
+
+    def failing_write(slot, rows, ordered=True):
+        real_write(slot, rows, ordered)  # the slot is written, then the copy is reported failed
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(arena, "write_slot", failing_write)
+    activator, errors = _in_thread(lambda: rt.activate("c"))
+    activator.join(10)
+    held = forward.end()
+    assert not activator.is_alive() and len(errors) == 1 and "copy failed" in str(errors[0])
+    assert _matches(held, expected) == ["a"] and _matches(logits(rt.model, IDS), expected) == ["a"]
+    assert rt.active == [{"a": 1.0}] and rt.internals.registry.reserved == set()
+    assert rt.info("c").tier == "host"
+    monkeypatch.undo()
+    rt.activate("c")
+    assert _matches(logits(rt.model, IDS), expected) == ["c"]
+    rt.activate("b")  # into the slot the failed copy wrote: cleared and rewritten
+    assert _matches(logits(rt.model, IDS), expected) == ["b"]
+
+
+def test_an_adapter_replaced_during_its_copy_beside_forwards_is_selected_in_its_new_version(
+        env, monkeypatch) -> None:
+    """The copy beside the forwards is of the version that was loaded when it started: if
+    ``load(..., replace=True)`` lands meanwhile, that copy is dropped and the gated path
+    copies and selects the new version."""
+    _, paths, expected = env
+    rt, forward = _host_adapter_and_a_running_forward(env)
+    arena = rt.internals.arena
+    real_write = arena.write_slot
+    replaced: list[bool] = []
+
+    def write_then_replace(slot, rows, ordered=True):
+        seconds = real_write(slot, rows, ordered)
+        if not replaced:
+            replaced.append(True)
+            rt.load("c", paths["d"], replace=True)  # beside the forwards: the lock only
+        return seconds
+
+    monkeypatch.setattr(arena, "write_slot", write_then_replace)
+    activator, errors = _in_thread(lambda: rt.activate("c"))
+    assert _poll(lambda: rt.info("c").version == 2)
+    held = forward.end()
+    activator.join(10)
+    assert replaced and not activator.is_alive() and not errors
+    assert _matches(held, expected) == ["a"]
+    assert _matches(logits(rt.model, IDS), expected) == ["d"]
+    assert rt.internals.registry.reserved == set()
 
 
 def test_selecting_the_selection_again_waits_for_a_prefetch_of_its_adapter(env, monkeypatch) -> None:
