@@ -241,8 +241,7 @@ class Residency:
         it outside the gate while forwards go on (:meth:`adopt_copy` then, under the lock).
         The adapter evicted from it, if any, leaves it now. None: every slot it could take is
         read by the selection (the copy must wait for the forwards)."""
-        selected = self._selector.selected_slots()
-        slot = self.registry.pick_slot(set(selected), avoid=selected)
+        slot = self._choose_slot(protected=set(self._selector.selected_slots()))
         if slot is not None:
             self._reserve(slot)
         return slot
