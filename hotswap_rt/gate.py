@@ -12,23 +12,21 @@ would wait for itself forever).
 from __future__ import annotations
 
 import threading
-import time
 
 from .errors import HotswapError
 
 
 class ForwardGate:
     """Readers-writer gate with its own lock. Writers have priority over new readers, but not
-    for long: when a write ends and readers have been waiting for more than
-    :attr:`READER_PATIENCE_S`, those readers go in before the next write starts (so a thread
-    changing the selection in a loop cannot starve the forwards, while a change that comes
-    between forwards still goes first)."""
+    for ever: once :attr:`READER_PATIENCE_WRITES` writes have ended while readers waited, those
+    readers go in before the next write starts (so a thread changing the selection in a loop
+    cannot starve the forwards, while a few changes that come between forwards go first)."""
 
-    # Long enough that a few quick changes in a row go first (each ~10 us of Python), short
-    # enough that a forward waits at most about one GIL switch interval (5 ms) behind a stream
-    # of changes. Letting waiting readers in after every write instead doubled the p99 of
-    # threads that each change the selection and then run a forward (ad hoc, 4 threads).
-    READER_PATIENCE_S = 0.005
+    # Letting waiting readers in after every write doubled the p99 of threads that each change
+    # the selection and then run a forward (ad hoc, 4 threads: 58 ms against 23-29 ms); a time
+    # limit (5 ms) kept that p99 but let a looping writer add ~8 ms to every step of a 0.4 ms
+    # decode loop; 4 writes keep the p99 (23-26 ms) and add ~2 ms, as every write did.
+    READER_PATIENCE_WRITES = 4
 
     def __init__(self) -> None:
         # the condition's own lock, entered directly where nothing waits (Condition's Python-level
@@ -40,7 +38,7 @@ class ForwardGate:
         self._writers = 0  # writers waiting or writing
         self._writing = 0  # writers past begin_write (the runtime lock orders them)
         self._readers_waiting = 0
-        self._readers_waiting_since = 0.0  # when the longest-waiting reader started to wait
+        self._writes_while_readers_wait = 0  # since the longest-waiting reader started to wait
         self._admitted = 0  # waiting readers let in ahead of the next write (see end_write)
         # threads blocked in _cond.wait(): a wake-up is sent only when someone waits
         # (notify_all alone costs ~1 us, on every switch)
@@ -67,7 +65,7 @@ class ForwardGate:
         turn has come (:meth:`end_write`). A reader that leaves by an exception gives its turn
         back, so no writer waits for a reader that will not come."""
         if not self._readers_waiting:
-            self._readers_waiting_since = time.monotonic()
+            self._writes_while_readers_wait = 0
         self._readers_waiting += 1
         try:
             while self._writing or (self._writers and not self._admitted):
@@ -121,10 +119,12 @@ class ForwardGate:
         self._mutex.acquire()  # not `with`: nothing below raises, and this runs on every change
         self._writers -= 1
         self._writing -= 1
-        if (not self._writing and self._readers_waiting and not self._admitted
-                and time.monotonic() - self._readers_waiting_since > self.READER_PATIENCE_S):
-            self._admitted = self._readers_waiting  # they waited long enough: their turn
-            self._readers_waiting_since = time.monotonic()  # the next turn: after as long again
+        if self._readers_waiting:
+            self._writes_while_readers_wait += 1
+            if (not self._writing and not self._admitted
+                    and self._writes_while_readers_wait >= self.READER_PATIENCE_WRITES):
+                self._admitted = self._readers_waiting  # they waited long enough: their turn
+                self._writes_while_readers_wait = 0  # the next turn: after as many writes again
         if self._waiting:
             self._cond.notify_all()
         self._mutex.release()
