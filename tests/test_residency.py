@@ -443,81 +443,6 @@ def test_pin_and_lease_of_a_name_whose_prefetch_is_in_flight_wait_for_it(env) ->
         rt.pin(["p"])
 
 
-def test_a_load_into_a_free_slot_does_not_wait_for_running_forwards(env) -> None:
-    """A new adapter's copy into a free slot changes nothing a forward reads: it completes while
-    another thread is inside a forward (here ``rt.hold()``), which a change of the selection or
-    of a selected slot would wait for. Both outputs stay exact."""
-    base, paths, expected = env
-    rt = _runtime(base, device_slots=3)
-    rt.load("a", paths["a"])
-    rt.activate("a")
-    inside, release = threading.Event(), threading.Event()
-
-    def forward_in_progress() -> None:
-        with rt.hold():
-            inside.set()
-            release.wait(10)
-            held_output.append(logits(rt.model, IDS))
-
-    held_output: list[torch.Tensor] = []
-    holder = threading.Thread(target=forward_in_progress)
-    holder.start()
-    assert inside.wait(10)
-    try:
-        loader = threading.Thread(
-            target=lambda: (rt.load("b", paths["b"]), rt.prefetch("c", paths["c"]).result()))
-        loader.start()
-        loader.join(10)
-        done = not loader.is_alive()
-        tiers = {info.name: info.tier for info in rt.adapters()}
-    finally:
-        release.set()
-        holder.join(10)
-        loader.join(10)
-    assert done and tiers == {"a": "device", "b": "device", "c": "host"}
-    assert _matches(held_output[0], expected) == ["a"]
-    rt.activate("b")
-    assert _matches(logits(rt.model, IDS), expected) == ["b"]
-    rt.activate("c")
-    assert _matches(logits(rt.model, IDS), expected) == ["c"]
-
-
-def test_replacing_a_served_adapter_copies_beside_running_forwards(env) -> None:
-    """``load(name, ..., replace=True)`` of the served adapter copies into a shadow slot while
-    another thread is inside a forward (``rt.hold()``), which keeps serving the old version
-    from the old slot; only pointing the selection at the new slot waits for it."""
-    base, paths, expected = env
-    rt = _runtime(base, device_slots=3)
-    rt.load("a", paths["a"])
-    rt.activate("a")
-    old_slot = rt.info("a").slot
-    inside, release, outputs = threading.Event(), threading.Event(), []
-
-    def forward_in_progress() -> None:
-        with rt.hold():
-            inside.set()
-            release.wait(10)
-            outputs.append(logits(rt.model, IDS))
-
-    holder = threading.Thread(target=forward_in_progress)
-    holder.start()
-    assert inside.wait(10)
-    loader = threading.Thread(target=lambda: rt.load("a", paths["b"], replace=True))
-    loader.start()
-    deadline = time.monotonic() + 10
-    while not rt.internals.registry.stale and time.monotonic() < deadline:
-        time.sleep(0.005)
-    copied_beside = rt.internals.registry.stale == {old_slot} and rt.info("a").slot != old_slot
-    release.set()
-    holder.join(10)
-    loader.join(10)
-    assert copied_beside and not loader.is_alive()
-    assert _matches(outputs[0], expected) == ["a"]  # the old version, served during the copy
-    assert _matches(logits(rt.model, IDS), expected) == ["b"]  # the selection followed
-    assert rt.internals.registry.stale == set() and rt.info("a").leases == 0
-    assert rt.info("a").version == 2 and rt.stats()["swaps"] >= 2
-
-
 class _ForwardInProgress:
     """Another thread inside a forward (``rt.hold()``) until :meth:`end`; its output then."""
 
@@ -570,6 +495,56 @@ def _poll(condition, seconds: float = 10) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.005)
     return condition()
+
+
+def test_a_load_into_a_free_slot_does_not_wait_for_running_forwards(env) -> None:
+    """A new adapter's copy into a free slot changes nothing a forward reads: it completes while
+    another thread is inside a forward (here ``rt.hold()``), which a change of the selection or
+    of a selected slot would wait for. Both outputs stay exact."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=3)
+    rt.load("a", paths["a"])
+    rt.activate("a")
+    forward = _ForwardInProgress(rt)
+    try:
+        loader = threading.Thread(
+            target=lambda: (rt.load("b", paths["b"]), rt.prefetch("c", paths["c"]).result()))
+        loader.start()
+        loader.join(10)
+        done = not loader.is_alive()
+        tiers = {info.name: info.tier for info in rt.adapters()}
+    finally:
+        held = forward.end()
+        loader.join(10)
+    assert done and tiers == {"a": "device", "b": "device", "c": "host"}
+    assert _matches(held, expected) == ["a"]
+    rt.activate("b")
+    assert _matches(logits(rt.model, IDS), expected) == ["b"]
+    rt.activate("c")
+    assert _matches(logits(rt.model, IDS), expected) == ["c"]
+
+
+def test_replacing_a_served_adapter_copies_beside_running_forwards(env) -> None:
+    """``load(name, ..., replace=True)`` of the served adapter copies into a shadow slot while
+    another thread is inside a forward (``rt.hold()``), which keeps serving the old version
+    from the old slot; only pointing the selection at the new slot waits for it."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=3)
+    rt.load("a", paths["a"])
+    rt.activate("a")
+    old_slot = rt.info("a").slot
+    forward = _ForwardInProgress(rt)
+    loader = threading.Thread(target=lambda: rt.load("a", paths["b"], replace=True))
+    loader.start()
+    _poll(lambda: rt.internals.registry.stale)
+    copied_beside = rt.internals.registry.stale == {old_slot} and rt.info("a").slot != old_slot
+    held = forward.end()
+    loader.join(10)
+    assert copied_beside and not loader.is_alive()
+    assert _matches(held, expected) == ["a"]  # the old version, served during the copy
+    assert _matches(logits(rt.model, IDS), expected) == ["b"]  # the selection followed
+    assert rt.internals.registry.stale == set() and rt.info("a").leases == 0
+    assert rt.info("a").version == 2 and rt.stats()["swaps"] >= 2
 
 
 def test_activating_a_host_adapter_copies_beside_running_forwards(env) -> None:
