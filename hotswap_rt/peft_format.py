@@ -857,8 +857,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """True when no value is NaN or +-Inf: min and max propagate NaN, and an Inf is an extreme.
-    One reduction pass (``isfinite(t).all()`` materializes a bool tensor: ~8x slower)."""
+    """True when no value is NaN or +-Inf. One reduction pass: a NaN or an Inf makes the sum NaN
+    or Inf; a finite sum settles it (a third faster than ``aminmax``, ~8x faster than
+    ``isfinite(t).all()``, which materializes a bool tensor). Only a sum that overflows (finite
+    values past the dtype's range, e.g. fp16's 65504) takes a second pass: min and max propagate
+    NaN, and an Inf is an extreme."""
+    if math.isfinite(tensor.sum().item()):
+        return True
     low, high = tensor.aminmax()
     return math.isfinite(low.item()) and math.isfinite(high.item())
 

@@ -58,6 +58,50 @@ def test_staged_rows_are_the_rank_prefix_scaled() -> None:
     assert torch.equal(b, parsed.modules["q"].lora_B)
 
 
+WIDE = {"q": (8, 4, torch.float32), "v": (8, 6, torch.float32), "o": (6, 8, torch.float32),
+        "k": (8, 5, torch.float32), "h": (4, 4, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("fold_scaling", [True, False])
+def test_large_layers_are_staged_piece_by_piece_to_the_same_bits(monkeypatch, fold_scaling: bool) -> None:
+    """Rank blocks of large layers are written piece by piece, B scaled by a matmul with a
+    scaled identity (instead of one cat and a scaling pass): the rows are bit for bit those of
+    the cat, with a layer the adapter leaves out (zeros), a module of a smaller rank (the
+    per-module path), scalings that differ per module, and a bf16 layer (always the cat). When
+    fp32 matmuls may run narrower (``set_float32_matmul_precision("medium")``) the cat is used."""
+    slots = SlotArena(WIDE, max_rank=3, num_slots=1, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    modules = {}
+    for name, rank, scaling in (("q", 3, 2.0), ("v", 3, 0.37), ("o", 2, 1.5), ("h", 3, 2.0)):
+        d_in, d_out, _ = WIDE[name]
+        modules[name] = LoraModule(torch.randn(rank, d_in), torch.randn(d_out, rank) * 1e3, rank,
+                                   alpha=scaling * rank, scaling=scaling)
+    parsed = ParsedAdapter(rank=3, alpha=6.0, use_rslora=False, modules=modules)  # "k": left out
+    stager = Stager(slots)
+    pieces = []
+    write_pieces = stager._write_pieces
+    monkeypatch.setattr(stager, "_write_pieces", lambda *args: pieces.append(1) or write_pieces(*args))
+
+    def stage(min_bytes: int) -> dict[torch.dtype, torch.Tensor]:
+        monkeypatch.setattr(Stager, "PIECEWISE_MIN_BYTES", min_bytes)
+        return stager.stage(parsed, fold_scaling=fold_scaling).rows
+
+    by_cat = stage(1 << 40)
+    assert not pieces
+    by_piece = stage(0)
+    assert pieces == [1]  # the fp32 row only
+    assert by_cat.keys() == by_piece.keys()
+    for dtype in by_cat:
+        assert torch.equal(by_cat[dtype], by_piece[dtype])
+    _, b_v = factor_views(by_piece[torch.float32], slots.layouts["v"], slots.rank_widths[torch.float32])
+    assert torch.equal(b_v, modules["v"].lora_B * (0.37 if fold_scaling else 1.0))
+    assert torch.equal(factor_views(by_piece[torch.float32], slots.layouts["k"],
+                                    slots.rank_widths[torch.float32])[0], torch.zeros(3, 8))
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    narrow = stage(0)
+    assert pieces == [1] and torch.equal(narrow[torch.float32], by_cat[torch.float32])
+
+
 def test_write_slot_copies_the_prefix_and_clears_what_the_last_occupant_left() -> None:
     slots = arena()
     stager = Stager(slots)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from hotswap_rt import HotswapRuntime, RuntimeConfig
 from hotswap_rt import parse_cache as parse_cache_module
 from hotswap_rt.errors import AdapterFormatError
 from hotswap_rt.parse_cache import ParseCache
-from hotswap_rt.peft_format import parse_adapter, read_adapter_dir
+from hotswap_rt.peft_format import all_finite, parse_adapter, read_adapter_dir
 
 from .conftest import BaseModel, logits, max_diff
 
@@ -105,6 +106,20 @@ def test_nonfinite_values_are_refused_as_parse_adapter_refuses_them(adapters: li
     assert str(raised.value) == str(expected.value) and key in str(raised.value)
     assert cache.parse(config, bad, "bad", allow_nonfinite=True).modules  # then accepted
     assert cache.parse(config, bad, "bad", check_finite=False).modules  # the caller checks later
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_finds_every_nan_and_inf_and_only_them(dtype: torch.dtype) -> None:
+    """The finite check sums first: a NaN or +-Inf anywhere (both infinities together sum to
+    NaN) is found; finite values whose sum overflows the dtype are still finite."""
+    big = torch.finfo(dtype).max / 2
+    assert all_finite(torch.full((4, 3), big, dtype=dtype))  # sums to Inf: a second pass
+    assert all_finite(torch.randn(5, 7).to(dtype)) and all_finite(torch.empty(0, 3, dtype=dtype))
+    for values in ([math.nan], [math.inf], [-math.inf], [math.inf, -math.inf], [big, big, math.nan]):
+        tensor = torch.randn(6, 9).to(dtype)
+        tensor.view(-1)[torch.tensor([5, 17, 40])[: len(values)]] = torch.tensor(values, dtype=dtype)
+        assert not all_finite(tensor), values
+        assert not all_finite(tensor.t()), values  # a strided view
 
 
 def test_another_config_or_shape_is_parsed_again(adapters: list[Path], parses: list) -> None:
