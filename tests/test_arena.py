@@ -67,7 +67,8 @@ def test_large_layers_are_staged_piece_by_piece_to_the_same_bits(monkeypatch, fo
     """Rank blocks of large layers are written piece by piece, B scaled by a matmul with a
     scaled identity (instead of one cat and a scaling pass): the rows are bit for bit those of
     the cat, with a layer the adapter leaves out (zeros), a module of a smaller rank (the
-    per-module path), scalings that differ per module, and a bf16 layer (always the cat). When
+    per-module path), scalings that differ per module, subnormal values, and a bf16 layer
+    (always the cat). When
     fp32 matmuls may run narrower (``set_float32_matmul_precision("medium")``) the cat is used."""
     slots = SlotArena(WIDE, max_rank=3, num_slots=1, device=torch.device("cpu"))
     torch.manual_seed(0)
@@ -76,6 +77,7 @@ def test_large_layers_are_staged_piece_by_piece_to_the_same_bits(monkeypatch, fo
         d_in, d_out, _ = WIDE[name]
         modules[name] = LoraModule(torch.randn(rank, d_in), torch.randn(d_out, rank) * 1e3, rank,
                                    alpha=scaling * rank, scaling=scaling)
+    modules["v"].lora_B[:2, 1] = torch.tensor([1e-40, -3e-39])  # subnormal: scaled exactly too
     parsed = ParsedAdapter(rank=3, alpha=6.0, use_rslora=False, modules=modules)  # "k": left out
     stager = Stager(slots)
     pieces = []
