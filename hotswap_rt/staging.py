@@ -359,7 +359,8 @@ class Stager:
             sizes += [layout.d_in, layout.d_out]
             written.add(layout.name)
         fp32 = dtype == torch.float32 and all(piece is None or piece.dtype == dtype for piece in pieces)
-        if fp32 and blocks.numel() * 4 >= self.PIECEWISE_MIN_BYTES * len(layouts) and _exact_fp32_matmul():
+        large = blocks.numel() * blocks.element_size() >= self.PIECEWISE_MIN_BYTES * len(layouts)
+        if fp32 and large and _exact_fp32_matmul():
             self._write_pieces(blocks, pieces, scales, sizes)
             return written
         zeros = None  # built when a layer needs it (a ~0.7 MB fill per load at Llama-7B widths)
@@ -404,25 +405,14 @@ class Stager:
 
     def _scaled_identity(self, rank: int, scale: float) -> torch.Tensor:
         """``scale * I`` ``[rank, rank]`` fp32, kept (an adapter's modules mostly share one)."""
-        identity = self._scaled_identities.get((rank, scale))
-        if identity is None:
-            if len(self._scaled_identities) >= 16:
-                self._scaled_identities.clear()
-            identity = self._scaled_identities[(rank, scale)] = torch.eye(rank) * scale
-        return identity
+        return _kept(self._scaled_identities, (rank, scale), lambda: torch.eye(rank) * scale)
 
     def _column_scale(self, scales: list[float], sizes: list[int]) -> torch.Tensor:
         """``[sum(sizes)]`` fp32: ``scales[i]`` repeated ``sizes[i]`` times; kept for the next
         adapter with the same scalings on the same layers (building it costs ~0.1 ms at Llama-7B
         widths; most adapters of a runtime share them)."""
-        key = (tuple(scales), tuple(sizes))
-        column_scale = self._column_scales.get(key)
-        if column_scale is None:
-            if len(self._column_scales) >= 16:
-                self._column_scales.clear()
-            column_scale = self._column_scales[key] = torch.repeat_interleave(
-                torch.tensor(scales, dtype=torch.float32), torch.tensor(sizes))
-        return column_scale
+        return _kept(self._column_scales, (tuple(scales), tuple(sizes)), lambda: torch.repeat_interleave(
+            torch.tensor(scales, dtype=torch.float32), torch.tensor(sizes)))
 
     def _base_weight(self, name: str, feature: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer ``name``'s base weight ``[d_out, d_in]`` and bias, which ``feature`` needs."""
@@ -490,6 +480,17 @@ def dora_scale(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
     delta = module.lora_B.to(device, torch.float32) @ module.lora_A.to(device, torch.float32)
     norm = torch.linalg.norm(weight.detach().float() + module.scaling * delta, dim=1)
     return (module.magnitude.to(device, torch.float32) / norm).cpu()
+
+
+def _kept(cache: dict[Any, torch.Tensor], key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``cache[key]``, built by ``build()`` the first time; the cache is emptied when it holds
+    16 (a runtime's adapters mostly share a few)."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= 16:
+            cache.clear()
+        value = cache[key] = build()
+    return value
 
 
 def _exact_fp32_matmul() -> bool:
