@@ -68,8 +68,8 @@ def test_large_layers_are_staged_piece_by_piece_to_the_same_bits(monkeypatch, fo
     scaled identity (instead of one cat and a scaling pass): the rows are bit for bit those of
     the cat, with a layer the adapter leaves out (zeros), a module of a smaller rank (the
     per-module path), scalings that differ per module, subnormal values, and a bf16 layer
-    (always the cat). When
-    fp32 matmuls may run narrower (``set_float32_matmul_precision("medium")``) the cat is used."""
+    (always the cat). When fp32 matmuls may run narrower
+    (``set_float32_matmul_precision("medium")``) the cat is used."""
     slots = SlotArena(WIDE, max_rank=3, num_slots=1, device=torch.device("cpu"))
     torch.manual_seed(0)
     modules = {}
