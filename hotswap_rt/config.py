@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from .errors import HotswapError
+
+if TYPE_CHECKING:
+    import torch
 
 Tier = Literal["device", "host", "disk"]
 
@@ -71,10 +74,13 @@ class RuntimeConfig:
             where they lie, as a broadcast product summed over ``d_in`` then over the ranks:
             compiled, the slot gather becomes the kernels' own loads (no gathered copy, no
             matmul library call: two fused kernels a layer on a GPU, where the batched matmuls
-            of a decode step cost far more than their bytes). Inputs of more than one token
-            always use ``"bmm"``. Measure both on your device (``scripts/gpu_check.sh``'s
-            ``decode_k`` reports ``per_row_reduce``); a graph compiled with a dynamic token
-            dimension specializes on it with ``"reduce"``.
+            of a decode step cost far more than their bytes). ``"auto"`` (default): ``"reduce"``
+            when the model is on a CUDA device (measured faster there by ``gpu_check``),
+            ``"bmm"`` elsewhere (on CPU both cost the same); fixed for the runtime's life.
+            Inputs of more than one token always use ``"bmm"``. Measure both on your device
+            (``scripts/gpu_check.sh``'s ``decode_k`` reports ``per_row`` and
+            ``per_row_reduce``); a graph compiled with a dynamic token dimension specializes on
+            it with ``"reduce"``.
         rank_buckets: compute that follows the selected adapters' rank: e.g. ``(4, 16)`` with
             ``max_rank=64`` gives three graphs (ranks 4, 16, 64; ``max_rank`` is always the
             last bucket), all compiled at ``rt.compile``; each forward multiplies only the first
@@ -115,7 +121,7 @@ class RuntimeConfig:
     per_row_overflow: str | None = None
     batch_input: str | None = None
     slot_reads: str = "auto"
-    per_row_decode: str = "bmm"
+    per_row_decode: str = "auto"
     rank_buckets: Sequence[int] | None = None
     scale_vectors: bool = False
     modules_to_save: Sequence[str] | None = None
@@ -166,8 +172,8 @@ class RuntimeConfig:
             self._names_or_none(name)
         if not isinstance(self.scale_vectors, bool):
             raise HotswapError(f"RuntimeConfig.scale_vectors must be a bool, got {self.scale_vectors!r}")
-        if self.per_row_decode not in ("bmm", "reduce"):
-            raise HotswapError(f"RuntimeConfig.per_row_decode must be 'bmm' or 'reduce', "
+        if self.per_row_decode not in ("auto", "bmm", "reduce"):
+            raise HotswapError(f"RuntimeConfig.per_row_decode must be 'auto', 'bmm' or 'reduce', "
                                f"got {self.per_row_decode!r}")
         if self.slot_reads not in ("auto", "gather", "in_place"):
             raise HotswapError(f"RuntimeConfig.slot_reads must be 'auto', 'gather' or 'in_place', "
@@ -192,6 +198,13 @@ class RuntimeConfig:
         if self.per_row_overflow is not None:
             return self.per_row_overflow
         return "stacked" if self.max_adapters_per_row is None else "refuse"
+
+    def reduces_per_row_decode(self, device: torch.device) -> bool:
+        """Whether one-token per-row steps read the slots in place on ``device`` (see
+        ``per_row_decode``; ``"auto"``: on CUDA devices only)."""
+        if self.per_row_decode == "auto":
+            return device.type == "cuda"
+        return self.per_row_decode == "reduce"
 
     @property
     def reads_slots_in_place(self) -> bool:

@@ -109,7 +109,7 @@ class HotswapRuntime:
                                     config.rank_buckets or (),
                                     overflow_stacked=config.mixes_overflow == "stacked",
                                     per_row_at_compile=config.per_row_auto,
-                                    per_row_decode_reduce=config.per_row_decode == "reduce")
+                                    per_row_decode_reduce=config.reduces_per_row_decode(device))
         self._selector = Selector(self._selection, self._arena.slot_rank)
         self._layers: dict[str, SlotLayer] = {}
         self._injection = replace_modules(model, {})

@@ -118,6 +118,7 @@ def test_engine_cuda_graph_buckets_equal_the_eager_engine_without_rerecording(ad
             outputs[compiled] = [h.text()[0] for h in handles]
         finally:
             engine.stop()
+        assert rt.internals.selection.per_row_decode_reduce  # per_row_decode="auto": in place on CUDA
         if compiled:
             assert engine.config.compile_mode is None  # default: reduce-overhead on CUDA
             assert rt.guard.recordings >= 1

@@ -61,6 +61,10 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
     # uncompiled, auto runs the stacked product (rt.compile adds the per-row graph)
     assert [stages["decode_k"][f"{mode}_ran_per_row"] for mode in products] == [False, False, True, True]
     decode = stages["decode_k"]
+    # ratios over the faster of the uninjected step timed before and after the products
+    assert decode["uninjected_us"] == min(decode["uninjected_first_us"], decode["uninjected_last_us"]) > 0
+    assert all(decode[f"{mode}_k{k}_over_uninjected"] == decode[f"{mode}_k{k}_us"] / decode["uninjected_us"]
+               for mode in products for k in (1, 4, 8, 16))
     for label in ("uninjected", *(f"{mode}_k8" for mode in products)):  # the step's profile
         assert decode[f"{label}_kernels_per_step"] > 0 and decode[f"{label}_top_kernels"]
     assert (stages["decode_k"]["stacked_k8_kernels_per_step"]

@@ -285,3 +285,17 @@ def test_per_row_decode_reduce_equals_peft_eager_and_compiled(env, input_ids, pe
 def test_per_row_decode_is_validated() -> None:
     with pytest.raises(HotswapError, match="per_row_decode"):
         RuntimeConfig(per_row_decode="fused")
+
+
+def test_per_row_decode_auto_reads_in_place_on_cuda_only(env) -> None:
+    """The default ``per_row_decode="auto"`` resolves by the model's device: in place
+    ("reduce") on CUDA, where gpu_check measured it faster, gathered ("bmm") elsewhere; an
+    explicit choice holds on every device."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert RuntimeConfig().per_row_decode == "auto"
+    assert RuntimeConfig().reduces_per_row_decode(cuda) and not RuntimeConfig().reduces_per_row_decode(cpu)
+    for device in (cuda, cpu):
+        assert RuntimeConfig(per_row_decode="reduce").reduces_per_row_decode(device)
+        assert not RuntimeConfig(per_row_decode="bmm").reduces_per_row_decode(device)
+    rt = runtime(env, 1)
+    assert rt.internals.selection.per_row and rt.internals.selection.per_row_decode_reduce is False  # CPU
