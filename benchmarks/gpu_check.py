@@ -4,7 +4,9 @@ ratios to a reference measured in the same run, and everything lands in one JSON
 Stages (``--stages`` picks some):
 
 - ``swap``: ring -> slot swap (``rt.activate`` of an adapter held in host memory, one device
-  slot) against a ``copy_`` of the same bytes from pinned memory, and a resident switch; and
+  slot) against a ``copy_`` of the same bytes from pinned memory, and a resident switch; the
+  swap's parts (``part_*``: the slot write with and without the host's wait on its event, a
+  selection write, an event wait alone); and
   PEFT's ``hotswap_adapter_from_state_dict`` of the same adapters (state dicts in host memory,
   and on the device): ``swap_speedup_vs_peft_*``; and rank 4 / 16 / 64 adapters swapped into
   ``max_rank=64`` slots (``rank<r>_swap_us``, ``rank<r>_copy_us``, ``rank4_over_rank64``).
@@ -27,6 +29,11 @@ Stages (``--stages`` picks some):
   step, their time (GPU time on CUDA), the five slowest.
 - ``engine``: :class:`~hotswap_rt.engine.GenerationEngine` throughput, 32 requests over 8
   adapters against the same requests on the base model.
+- ``kernels``: the per-row product's one-token forms alone (batch 16, rank 16, one slot a row,
+  8 layers of each of the model's layer shapes, CUDA graphs on CUDA): as
+  ``per_row_decode="reduce"`` computes it, with the rank sum unrolled into one pointwise
+  kernel (a candidate: the first H200 run found that sum ~10x its bytes' time at 11,008
+  outputs), and gathered with batched matmuls, against the base linears of the same shape.
 
 ``--quick`` shrinks every shape so that the whole script runs on a CPU in seconds (tests keep the
 code correct on machines without a GPU); ``--no-compile`` skips ``torch.compile``.
@@ -53,7 +60,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 
-STAGES = ("swap", "overlap", "decode_k", "engine")
+STAGES = ("swap", "overlap", "decode_k", "engine", "kernels")
 
 
 @dataclass(frozen=True)
@@ -205,10 +212,44 @@ def _runtime_swap(setup: Setup, rank: int) -> tuple[dict[str, Any], list[tuple[d
     switch_us = median_us(switch, setup.rounds, setup.device)
     switch_host_us = median_us(switch, setup.rounds, torch.device("cpu"))  # returns before the GPU is done
     synchronize_us = median_us(lambda: None, setup.rounds, setup.device)  # what every figure above includes
+    parts = _swap_parts(setup, rt, [rt.internals.registry.records[name].staged.rows for name in ("a", "c")])
     return {"slot_bytes": rt.slot_nbytes, "swaps": swaps, "copy_us": copy_us, "swap_us": swap_us,
             "swap_over_copy": swap_us / copy_us, "resident_switch_us": switch_us,
             "resident_switch_host_us": switch_host_us, "synchronize_us": synchronize_us,
-            "copy_GBps": rt.slot_nbytes / copy_us / 1e3}, [states["a"], states["c"]]
+            "copy_GBps": rt.slot_nbytes / copy_us / 1e3, **parts}, [states["a"], states["c"]]
+
+
+def _swap_parts(setup: Setup, rt: HotswapRuntime,
+                rows: list[dict[torch.dtype, torch.Tensor]]) -> dict[str, float]:
+    """Where a swap's time beyond the copy goes, each part on a second runtime of the same
+    layout (its slots and selection are nobody's): ``part_write_slot_us`` (the slot copy as a
+    swap makes it: queued on the compute stream, then the host waits on an event after it),
+    ``part_copy_nowait_us`` (the same copy without that wait: the figure includes the device
+    synchronize that ends every timing), ``part_selection_write_us`` (a cached selection's
+    packed tensors written, a non-blocking copy from pinned memory on CUDA) and, on CUDA,
+    ``part_event_wait_us`` (an event recorded and waited for on an idle device)."""
+    spare = HotswapRuntime(llama(setup), RuntimeConfig(target_modules="all-linear", max_rank=rt.config.max_rank,
+                                                       device_slots=2, host_slots=2))
+    arena, selection = spare.internals.arena, spare.internals.selection
+    pinned = setup.device.type == "cuda"
+    turns = iter(rows * (setup.rounds + 4))
+    parts = {"part_write_slot_us": median_us(lambda: arena.write_slot(0, next(turns)),
+                                             setup.rounds, setup.device)}
+    turns = iter(rows * (setup.rounds + 4))
+    parts["part_copy_nowait_us"] = median_us(lambda: arena._write(0, next(turns), non_blocking=pinned),
+                                             setup.rounds, setup.device)
+    specs = iter(([{0: 1.0}], [{1: 1.0}]) * (setup.rounds + 4))
+    parts["part_selection_write_us"] = median_us(lambda: selection.write(next(specs)),
+                                                 setup.rounds, setup.device)
+    if pinned:
+        event = torch.cuda.Event()
+
+        def event_wait() -> None:
+            event.record()
+            event.synchronize()
+
+        parts["part_event_wait_us"] = median_us(event_wait, setup.rounds, setup.device)
+    return parts
 
 
 def _peft_swap_us(setup: Setup, rank: int,
@@ -464,8 +505,91 @@ def stage_engine(setup: Setup) -> dict[str, Any]:
             "recompiles": rt.guard.recompiles, "rerecords": rt.guard.rerecords}
 
 
+KERNEL_LAYERS, KERNEL_SLOTS, KERNEL_DISTINCT = 8, 16, 8
+
+
+def _rank_sum_forms() -> dict[str, Callable[..., torch.Tensor]]:
+    """One-token LoRA deltas of ``KERNEL_LAYERS`` layers (``layers``: ``(A [S, R, d_in],
+    Bt [S, R, d_out])`` per layer, as the arena lays them), each row ``b`` times its own slot
+    ``slots[b]`` (``[B, 1]``), summed over the layers; ``x``: ``[B, d_in]``, returns
+    ``[B, d_out]``. ``reduce``: as ``per_row_decode="reduce"`` computes it (a broadcast product
+    summed over ``d_in``, then one summed over the ranks); ``rank_unrolled``: the same ``d_in``
+    sum, and the rank sum written as ``R`` broadcast products added (compiled: one pointwise
+    kernel with a load per rank, each along ``d_out``); ``bmm``: the factors gathered, two
+    batched matmuls (``per_row_decode="bmm"``)."""
+
+    def reduce(x: torch.Tensor, layers: list, slots: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((), dtype=x.dtype, device=x.device)
+        for a, bt in layers:
+            h = (x.view(x.shape[0], 1, 1, -1) * a[slots]).sum(-1)  # [B, 1, R]
+            out = out + (h.unsqueeze(-1) * bt[slots]).sum((1, 2))
+        return out
+
+    def rank_unrolled(x: torch.Tensor, layers: list, slots: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((), dtype=x.dtype, device=x.device)
+        for a, bt in layers:
+            h = (x.view(x.shape[0], 1, 1, -1) * a[slots]).sum(-1).flatten(1)  # [B, R]
+            rows = bt[slots].flatten(1, 2)  # [B, R, d_out]
+            for j in range(h.shape[1]):
+                out = out + h[:, j : j + 1] * rows[:, j]
+        return out
+
+    def bmm(x: torch.Tensor, layers: list, slots: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((), dtype=x.dtype, device=x.device)
+        for a, bt in layers:
+            h = torch.bmm(x.unsqueeze(1), a[slots].flatten(1, 2).transpose(1, 2))  # [B, 1, R]
+            out = out + torch.bmm(h, bt[slots].flatten(1, 2)).squeeze(1)
+        return out
+
+    return {"reduce": reduce, "rank_unrolled": rank_unrolled, "bmm": bmm}
+
+
+def stage_kernels(setup: Setup) -> dict[str, Any]:
+    """The per-row product's one-token forms alone (:func:`_rank_sum_forms`), batch 16, rank 16,
+    8 distinct slots of 16, over 8 layers of each of the model's layer shapes (``d_in -> d_out``),
+    compiled (CUDA graphs on CUDA), against the 8 base linears of that shape: keys
+    ``<d_in>x<d_out>_<form>_us`` and ``_over_base``, and each form's largest difference from
+    ``bmm`` computed in float32 (``_max_diff``)."""
+    batch, rank = 16, 16
+    generator = torch.Generator().manual_seed(0)
+    slots = (torch.arange(batch) % KERNEL_DISTINCT).view(batch, 1).to(setup.device)
+    mode = "reduce-overhead" if setup.device.type == "cuda" else None
+    result: dict[str, Any] = {}
+    hidden, intermediate = setup.hidden, setup.intermediate
+    shapes = {(hidden, hidden), (hidden, intermediate), (intermediate, hidden)}
+
+    def make(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * 0.02).to(setup.device, setup.dtype)
+
+    for d_in, d_out in sorted(shapes):
+        layers = [(make(KERNEL_SLOTS, rank, d_in), make(KERNEL_SLOTS, rank, d_out))
+                  for _ in range(KERNEL_LAYERS)]
+        weights = [make(d_out, d_in) for _ in range(KERNEL_LAYERS)]
+        x = make(batch, d_in)
+        exact = _rank_sum_forms()["bmm"](x.float(), [(a.float(), bt.float()) for a, bt in layers], slots)
+
+        def base(x: torch.Tensor) -> torch.Tensor:
+            return sum(torch.nn.functional.linear(x, weight) for weight in weights)
+
+        timed = {"base": lambda fn=base: fn(x)}
+        for form, fn in _rank_sum_forms().items():
+            timed[form] = lambda fn=fn: fn(x, layers, slots)
+        label = f"{d_in}x{d_out}"
+        for form, call in timed.items():
+            torch._dynamo.reset()
+            compiled = torch.compile(call, mode=mode) if setup.compile else call
+            with torch.no_grad():
+                out = compiled()
+                result[f"{label}_{form}_us"] = median_us(compiled, setup.rounds, setup.device)
+            if form != "base":
+                result[f"{label}_{form}_max_diff"] = (out.float() - exact).abs().max().item()
+                result[f"{label}_{form}_over_base"] = result[f"{label}_{form}_us"] / result[f"{label}_base_us"]
+    return result
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Setup], dict[str, Any]]] = {
     "swap": stage_swap, "overlap": stage_overlap, "decode_k": stage_decode_k, "engine": stage_engine,
+    "kernels": stage_kernels,
 }
 
 

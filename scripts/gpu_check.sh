@@ -45,7 +45,7 @@ TESTS=(tests/test_cuda.py "tests/test_guard.py::test_reduce_overhead_cuda_graphs
 STEPS=(
   "environment: nvidia-smi; python -c 'import torch; torch.cuda.is_available()'"
   "tests (timeout 240 s): python -m pytest ${TESTS[*]} --junitxml $RESULTS-tests.xml"
-  "benchmarks (timeout 330 s): python -m benchmarks.gpu_check --device cuda --out $RESULTS.json"
+  "benchmarks (timeout 400 s): python -m benchmarks.gpu_check --device cuda --out $RESULTS.json"
 )
 echo "gpu_check steps:"
 printf '  %s\n' "${STEPS[@]}"
@@ -85,7 +85,7 @@ EOF
 status=0
 timeout 240 "$PY" -m pytest "${TESTS[@]}" -q -p no:cacheprovider -o addopts="" -o log_level=WARNING \
   --junitxml "$RESULTS-tests.xml" || status=1
-timeout 330 "$PY" -m benchmarks.gpu_check --device cuda --out "$RESULTS.json" || status=1
+timeout 400 "$PY" -m benchmarks.gpu_check --device cuda --out "$RESULTS.json" || status=1
 if [[ -n "${OUT:-}" ]]; then
   cp -f "$RESULTS.json" "$RESULTS-tests.xml" "$OUT"/ 2>/dev/null || true
 fi

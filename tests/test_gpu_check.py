@@ -4,6 +4,7 @@ script is correct before a GPU ever runs it."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -46,12 +47,13 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
     results = json.loads(out.read_text())
     assert results["failed"] == []
     stages = results["stages"]
-    assert set(stages) == {"swap", "overlap", "decode_k", "engine"}
+    assert set(stages) == {"swap", "overlap", "decode_k", "engine", "kernels"}
     assert stages["swap"]["swaps"] >= 5  # every timed activation really copied a slot
     swap = stages["swap"]
     assert swap["peft_state_dict_host_us"] > 0 and swap["swap_speedup_vs_peft_state_dict_device"] > 0
     assert all(swap[f"rank{rank}_swap_us"] > 0 and swap[f"rank{rank}_copy_us"] > 0 for rank in (4, 16, 64))
     assert swap["rank4_over_rank64"] > 0
+    assert all(swap[f"part_{part}_us"] > 0 for part in ("write_slot", "copy_nowait", "selection_write"))
     overlap = stages["overlap"]
     assert overlap["replace_loads_during"] > 0 and overlap["new_loads_during"] > 0
     assert overlap["activate_loads_during"] > 0 and overlap["activate_copies_during"] > 0
@@ -70,3 +72,8 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
     assert (stages["decode_k"]["stacked_k8_kernels_per_step"]
             > stages["decode_k"]["uninjected_kernels_per_step"])  # the LoRA layers' own ops
     assert stages["engine"]["base_tok_s"] > 0 and stages["engine"]["mixed8_tok_s"] > 0
+    kernels = stages["kernels"]
+    shapes = ("64x64", "64x128", "128x64")  # --quick: hidden 64, intermediate 128
+    for shape, form in itertools.product(shapes, ("reduce", "rank_unrolled", "bmm")):
+        assert kernels[f"{shape}_{form}_us"] > 0 and kernels[f"{shape}_base_us"] > 0
+        assert kernels[f"{shape}_{form}_max_diff"] < 1e-6  # float32 on CPU: each form computes the delta
