@@ -237,13 +237,13 @@ class HotswapRuntime:
             plan[name] = LayerLayout.of(name, shape, -1)
         return plan
 
-    def _read_and_stage(self, source: Any, state_dict: Any = None, config: Any = None,
-                        allow_pickle: bool = False, allow_nonfinite: bool = False,
-                        fold_scaling: bool = True, inject: bool = True,
-                        before_injecting: Callable[[], None] | None = None) -> StagedAdapter:
-        """Read and check an adapter; inject the layers it needs (lazy runtime, ``inject``;
-        ``before_injecting()`` first, which raises if the commit that follows would fail);
-        stage it."""
+    def _read_and_commit(self, source: Any, state_dict: Any, config: Any, allow_pickle: bool,
+                         allow_nonfinite: bool, fold_scaling: bool, inject: bool,
+                         check_commit: Callable[[], None],
+                         commit: Callable[[StagedAdapter], AdapterInfo]) -> AdapterInfo:
+        """Read and check an adapter, stage it and ``commit`` it; a lazy runtime first injects
+        the layers it needs (``inject``; ``check_commit()`` first, which raises if the commit
+        would fail), see :meth:`_inject_stage_commit`."""
         # NaN/Inf: checked in one pass over the staged rows, unless a lazy runtime may inject
         # layers for this adapter first (then every check runs before anything changes)
         defer = not allow_nonfinite and not self.lazy
@@ -263,8 +263,25 @@ class HotswapRuntime:
                 raise IncompatibleAdapterError(
                     f"{adapter.source or 'state_dict'}: modules {missing[:8]} are not injected "
                     f"layers (a hotswap only replaces what exists; load it as a new adapter)")
-        self._inject_for(list(adapter.modules), adapter, before_injecting)
-        return self._stager.stage(adapter, fold_scaling=fold_scaling, check_finite=defer)
+        return self._inject_stage_commit(
+            list(adapter.modules), adapter, check_commit,
+            lambda: self._stager.stage(adapter, fold_scaling=fold_scaling, check_finite=defer), commit)
+
+    def _inject_stage_commit(self, modules: Sequence[str], adapter: ParsedAdapter | None,
+                             check_commit: Callable[[], None], stage: Callable[[], StagedAdapter],
+                             commit: Callable[[StagedAdapter], AdapterInfo]) -> AdapterInfo:
+        """``commit(stage())``; when a lazy runtime must first inject layers on ``modules`` (or
+        add scale vectors) for ``adapter``, the three run as one change: forwards and other
+        changes wait from the injection to the commit. Otherwise another thread could take the
+        last host entry (or the name) between ``check_commit()`` and the commit, and the failed
+        commit would leave layers injected for an adapter that was refused. Only loads that
+        inject wait so (before compiling); the rest stage beside forwards and other loads."""
+        if not self._plan_injection(modules, list(adapter.saved_modules) if adapter else []) and not (
+                self._vectors_to_add(adapter)):
+            return commit(stage())
+        with self._mutation():
+            self._inject_for(modules, adapter, check_commit)
+            return commit(stage())
 
     def _check_saved_base_weights(self, adapter: ParsedAdapter) -> None:
         """Base weights saved with the adapter (PEFT's ``save_embedding_layers``) must equal the
@@ -380,8 +397,10 @@ class HotswapRuntime:
         :meth:`add_adapter`); it needs one scaling for all modules.
 
         Lazy injection (``RuntimeConfig(target_modules=None)``): layers the adapter targets that
-        are not injected yet are injected first (refused once compiled). ``inject=False``
-        refuses such an adapter instead (PEFT's hotswap semantics: only layers that exist).
+        are not injected yet are injected first (refused once compiled); such a load runs from
+        the injection to its commit as one change (forwards and other changes wait), so a
+        refused load never leaves layers injected. ``inject=False`` refuses such an adapter
+        instead (PEFT's hotswap semantics: only layers that exist).
 
         Raises:
             HotswapError: (a subclass) for any bad input; nothing changes.
@@ -391,15 +410,17 @@ class HotswapRuntime:
         self._check_name(name, replace)
         if trainable:
             self._trainer.check_can_train()
-        staged = self._read_and_stage(
-            source, state_dict, config, allow_pickle, allow_nonfinite, fold_scaling=not trainable,
-            inject=inject, before_injecting=lambda: self._residency.check_commit(name, trainable),
-        )
         # a trainable adapter's values leave its files at the first step: it is never read again
         # from them (no disk tier; `save` writes the slot's values)
         readable = source is not None and not trainable
-        origin = Origin.of(staged, allow_pickle, allow_nonfinite) if readable else None
-        return self._commit(name, staged, origin, replace, use_free_slot=True, trainable=trainable)
+
+        def commit(staged: StagedAdapter) -> AdapterInfo:
+            origin = Origin.of(staged, allow_pickle, allow_nonfinite) if readable else None
+            return self._commit(name, staged, origin, replace, use_free_slot=True, trainable=trainable)
+
+        return self._read_and_commit(
+            source, state_dict, config, allow_pickle, allow_nonfinite, fold_scaling=not trainable,
+            inject=inject, check_commit=lambda: self._residency.check_commit(name, trainable), commit=commit)
 
     def prefetch(self, name: str, source: str | os.PathLike[str], **load_kwargs: Any) -> Future:
         """Read, validate and stage an adapter into the host ring on a background thread.
@@ -418,14 +439,19 @@ class HotswapRuntime:
         check_flags("prefetch", **load_kwargs)
         replace = load_kwargs.pop("replace", False)
 
+        allow_pickle = load_kwargs.get("allow_pickle", False)
+        allow_nonfinite = load_kwargs.get("allow_nonfinite", False)
+
+        def commit(staged: StagedAdapter) -> AdapterInfo:
+            origin = Origin.of(staged, allow_pickle, allow_nonfinite)
+            return self._commit(name, staged, origin, replace, use_free_slot=False, prefetched=True)
+
         def job() -> AdapterInfo:
             try:
-                staged = self._read_and_stage(source, **load_kwargs,
-                                              before_injecting=lambda: self._residency.check_commit(name))
-                origin = Origin.of(staged, load_kwargs.get("allow_pickle", False),
-                                   load_kwargs.get("allow_nonfinite", False))
-                return self._commit(name, staged, origin, replace, use_free_slot=False,
-                                    prefetched=True)
+                return self._read_and_commit(source, None, None, allow_pickle, allow_nonfinite,
+                                             fold_scaling=True, inject=True,
+                                             check_commit=lambda: self._residency.check_commit(name),
+                                             commit=commit)
             except HotswapError:
                 raise
             except Exception as exc:  # an OSError mid-read, ...: still a HotswapError to callers
@@ -885,12 +911,12 @@ class HotswapRuntime:
         self._check_name(name, replace=False)
         if trainable:
             self._trainer.check_can_train()
-        if self.lazy and targets is not None:
-            self._inject_for(find_targets(self.model, targets),
-                             before_injecting=lambda: self._residency.check_commit(name, trainable))
-        adapter = new_adapter(self._arena, rank, alpha, use_rslora, targets, init)
-        staged = self._stager.stage(adapter, fold_scaling=not trainable)
-        return self._commit(name, staged, None, False, use_free_slot=True, trainable=trainable)
+        modules = find_targets(self.model, targets) if self.lazy and targets is not None else []
+        return self._inject_stage_commit(
+            modules, None, lambda: self._residency.check_commit(name, trainable),
+            lambda: self._stager.stage(new_adapter(self._arena, rank, alpha, use_rslora, targets, init),
+                                       fold_scaling=not trainable),
+            lambda staged: self._commit(name, staged, None, False, use_free_slot=True, trainable=trainable))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Exactly what an optimizer should update: the trainable adapter's A and B of every

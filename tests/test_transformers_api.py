@@ -293,6 +293,51 @@ def test_a_lazy_load_that_cannot_commit_injects_nothing(base, paths, ids) -> Non
     torch.testing.assert_close(logits(rt.model, ids), peft_logits(base, {"m": paths["mlp"]}, "m", ids), **TOL)
 
 
+def test_a_lazy_load_injects_stages_and_commits_as_one_change(base, paths, ids) -> None:
+    """A load that injects layers holds the runtime from its injection to its commit: another
+    thread's load that would take the last host entry meanwhile waits until it has committed
+    (before, it could take it first, and the injecting load then failed with its layers left
+    injected). Both end served, each equal to PEFT."""
+    import threading
+
+    from hotswap_rt import HotswapRuntime, RuntimeConfig
+
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(target_modules=None, max_rank=16, host_slots=2,
+                                                    device_slots=1))
+    rt.load("qkvo", paths["r7"])  # injects the attention layers: the device slot, one host entry
+    rt.pin("qkvo")
+    with open(paths["r13b"] / "adapter_config.json", encoding="utf-8") as file:
+        attn_config = json.load(file)
+    attn_state = load_file(str(paths["r13b"] / "adapter_model.safetensors"))
+    stage, during = rt.internals.stager.stage, {}
+    other = threading.Thread(target=lambda: during.setdefault(
+        "info", rt.load("attn", state_dict=attn_state, config=attn_config)))  # no file: never dropped
+
+    def stage_while_another_loads(*args, **kwargs):
+        if not other.is_alive() and "started" not in during:  # the MLP load's staging, once
+            during["started"] = True
+            other.start()
+            other.join(timeout=1.0)
+            during["finished_first"] = not other.is_alive()
+        return stage(*args, **kwargs)
+
+    rt.internals.stager.stage = stage_while_another_loads
+    try:
+        rt.load("mlp", paths["mlp"])  # injects gate/up; its staging lets "attn" try meanwhile
+    finally:
+        other.join()
+        rt.internals.stager.stage = stage
+    assert during["started"] and not during["finished_first"]  # the other load waited for the commit
+    assert {"qkvo", "mlp", "attn"} <= {info.name for info in rt.adapters()}
+    assert any(name.endswith("up_proj") for name in rt.targets)
+    rt.unpin("qkvo")
+    for name, key in (("attn", "r13b"), ("mlp", "mlp")):  # "mlp" was dropped to the disk tier for "attn"
+        rt.activate(name)
+        torch.testing.assert_close(logits(rt.model, ids), peft_logits(base, {"x": paths[key]}, "x", ids), **TOL)
+        rt.activate(None)
+        rt.unload(name)  # room in the ring for the next
+
+
 def test_users_own_compile_with_the_registry_guard_filter(base, paths, ids) -> None:
     """``hotswap_rt.drop_process_registry_guards`` as the user's ``guard_filter_fn``: a model
     class instantiated after compiling recompiles nothing."""
