@@ -271,16 +271,31 @@ class HotswapRuntime:
                              check_commit: Callable[[], None], stage: Callable[[], StagedAdapter],
                              commit: Callable[[StagedAdapter], AdapterInfo]) -> AdapterInfo:
         """``commit(stage())``; when a lazy runtime must first inject layers on ``modules`` (or
-        add scale vectors) for ``adapter``, the three run as one change: forwards and other
-        changes wait from the injection to the commit. Otherwise another thread could take the
-        last host entry (or the name) between ``check_commit()`` and the commit, and the failed
-        commit would leave layers injected for an adapter that was refused. Only loads that
-        inject wait so (before compiling); the rest stage beside forwards and other loads."""
-        if not self._plan_injection(modules, list(adapter.saved_modules) if adapter else []) and not (
-                self._vectors_to_add(adapter)):
+        add scale vectors) for ``adapter``, ``adapter`` is checked against the layers it would
+        have, then the injection, staging and commit run as one change (``check_commit()``
+        first, which raises if the commit would fail): forwards and other changes wait from
+        the injection to the commit. Otherwise another thread could take the last host entry
+        (or the name) between ``check_commit()`` and the commit, and the failed commit would
+        leave layers injected for an adapter that was refused. Only loads that inject wait so
+        (before compiling); the rest stage beside forwards and other loads. With nothing to
+        inject or add, nothing is checked here: :meth:`Stager.stage` checks the adapter first
+        (~20 us of Python a load)."""
+        full = list(adapter.saved_modules) if adapter is not None else []
+        plan, add_vectors = self._plan_injection(modules, full), self._vectors_to_add(adapter)
+        if not plan and not add_vectors:
             return commit(stage())
+        if adapter is not None:  # before waiting for forwards: a refused adapter changes nothing
+            self._stager.check(adapter, plan, vectors_planned=add_vectors)
         with self._mutation():
-            self._inject_for(modules, adapter, check_commit)
+            check_commit()
+            plan = self._plan_injection(modules, full)  # again: another load may have injected some
+            self._inject_layers({name: layout.shape for name, layout in plan.items()})
+            if self._vectors_to_add(adapter):
+                self._arena.enable_vectors()
+                self._point_layers_at_arena()
+            for record in self._residency.registry.records.values():
+                if record.staged is not None:
+                    self._stager.fit_rows(record.staged)
             return commit(stage())
 
     def _check_saved_base_weights(self, adapter: ParsedAdapter) -> None:
@@ -305,32 +320,6 @@ class HotswapRuntime:
                     f"{name!r} (PEFT's save_embedding_layers) that differ from the model's (a "
                     f"resized or trained embedding); only LoRA on the model's own weights is served"
                 )
-
-    def _inject_for(self, modules: Sequence[str], adapter: ParsedAdapter | None = None,
-                    before_injecting: Callable[[], None] | None = None) -> None:
-        """Check ``adapter`` (if given) against the layers it would have, then inject the
-        missing ones of ``modules`` (lazy runtime) and add scale vectors if it needs them
-        (nothing changes when a check fails; ``before_injecting()`` is the caller's check, run
-        under the same lock just before). With nothing to inject or add, nothing is checked
-        here: :meth:`Stager.stage` checks the adapter first (~20 us of Python a load)."""
-        full = list(adapter.saved_modules) if adapter is not None else []
-        plan = self._plan_injection(modules, full)
-        add_vectors = self._vectors_to_add(adapter)
-        if not plan and not add_vectors:
-            return
-        if adapter is not None:
-            self._stager.check(adapter, plan, vectors_planned=add_vectors)
-        with self._mutation():
-            plan = self._plan_injection(modules, full)  # again, under the lock: another load may have
-            if before_injecting is not None:
-                before_injecting()
-            self._inject_layers({name: layout.shape for name, layout in plan.items()})
-            if self._vectors_to_add(adapter):
-                self._arena.enable_vectors()
-                self._point_layers_at_arena()
-            for record in self._residency.registry.records.values():
-                if record.staged is not None:
-                    self._stager.fit_rows(record.staged)
 
     def _vectors_to_add(self, adapter: ParsedAdapter | None) -> bool:
         """Whether loading ``adapter`` adds scale vectors to the arena: it needs them, the arena
@@ -438,7 +427,6 @@ class HotswapRuntime:
             )
         check_flags("prefetch", **load_kwargs)
         replace = load_kwargs.pop("replace", False)
-
         allow_pickle = load_kwargs.get("allow_pickle", False)
         allow_nonfinite = load_kwargs.get("allow_nonfinite", False)
 
