@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from hotswap_rt import HotswapRuntime, RuntimeConfig, UnknownAdapterError
+from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig, UnknownAdapterError
 from hotswap_rt.engine import (
     EngineConfig, FinishEvent, GenerationEngine, RequestError, SamplingParams, TokenEvent)
 
@@ -216,14 +216,34 @@ def test_stop_token_ids_end_the_output(env) -> None:
     assert finish.completion_tokens == cut + 1
 
 
+def test_dynamic_batch_counts_two_decode_graphs_and_is_validated() -> None:
+    """A dynamic decode batch compiles one graph for a single row (dynamo specializes size 1)
+    and one for every bucket above it; without it, one per bucket."""
+    from hotswap_rt.engine.step import StepShapes
+
+    def shapes(decode: tuple[int, ...], dynamic_batch: bool) -> StepShapes:
+        return StepShapes(decode, (1, 2), 64, 8, True, dynamic_batch)
+
+    assert shapes((1, 4, 16, 32), True).decode_graphs == 2
+    assert shapes((4, 16), True).decode_graphs == 1
+    assert shapes((1,), True).decode_graphs == 1
+    assert shapes((1, 4, 16, 32), False).decode_graphs == 4
+    with pytest.raises(HotswapError, match="dynamic_batch"):
+        EngineConfig(dynamic_batch="yes")
+    with pytest.raises(HotswapError, match="dynamic_lengths"):
+        EngineConfig(dynamic_lengths=1)
+
+
 def test_every_bucket_ran_and_nothing_recompiled(env) -> None:
     engine, _ = env
     handles = [engine.submit(prompt(30 + i, 2 + 5 * i), [None, "a", "b", "c"][i],
                              SamplingParams(max_tokens=6, **GREEDY)) for i in range(4)]
     for handle in handles:
         assert tokens_of(handle)[1].reason == "length"
-    # each bucket twice: the per-row graph and the stacked one (RuntimeConfig's default)
+    # each graph twice: the per-row graph and the stacked one (RuntimeConfig's default); on
+    # CPU the decode buckets of 2 and 4 rows share one graph with a dynamic batch
     assert engine.rt.config.per_row_auto
-    buckets = len(engine.shapes.decode_buckets) + len(engine.shapes.prefill_buckets)
-    assert engine.rt.guard.compiles == 2 * buckets
+    assert engine.shapes.dynamic_batch and engine.shapes.decode_buckets == (1, 2, 4)
+    assert engine.shapes.decode_graphs == 2
+    assert engine.rt.guard.compiles == 2 * (2 + len(engine.shapes.prefill_buckets))
     assert engine.rt.guard.recompiles == 0, engine.rt.guard.report()

@@ -31,6 +31,12 @@ class EngineConfig:
             for every length; default on CPU). Off, every prefill is padded to
             ``prefill_chunk`` and attention reads the whole KV row: fully static graphs, as CUDA
             graphs need (default on CUDA).
+        dynamic_batch: decode forwards of two or more rows share one graph whose batch
+            dimension is dynamic (compiled at the first such decode bucket; the buckets still
+            pad the rows), so a start compiles two decode graphs instead of one per bucket
+            (default on CPU). Off, a graph per decode bucket (default on CUDA, where CUDA
+            graphs are recorded per shape anyway). A model whose forward specializes on the
+            batch size gets a graph per bucket either way.
         compile: ``torch.compile`` every bucket at start (off only for quick tests).
         compile_mode: ``torch.compile`` mode (default: ``"reduce-overhead"`` on CUDA, i.e. CUDA
             graphs, else None).
@@ -49,6 +55,7 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] | None = None
     prefill_buckets: tuple[int, ...] | None = None
     dynamic_lengths: bool | None = None
+    dynamic_batch: bool | None = None
     compile: bool = True
     compile_mode: str | None = None
     mixed_adapters: bool = True
@@ -60,6 +67,10 @@ class EngineConfig:
         for name in ("max_model_len", "kv_cache_tokens", "torch_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        for name in ("dynamic_lengths", "dynamic_batch"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise HotswapError(f"EngineConfig.{name} must be True, False or None (by device), "
+                                   f"got {getattr(self, name)!r}")
         if self.prefill_chunk < 2:
             raise HotswapError("EngineConfig.prefill_chunk must be >= 2")
         for name, limit in (("decode_buckets", self.max_seqs),

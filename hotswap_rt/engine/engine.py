@@ -75,9 +75,11 @@ class GenerationEngine:
         self.max_seqs = rows_for_budget(config, KVMemory.bytes_per_token(layers, kv_heads, head_dim, dtype),
                                   self.max_len + 1, self.device)
         decode_buckets, prefill_buckets = config.buckets(self.max_seqs)
-        dynamic = config.dynamic_lengths if config.dynamic_lengths is not None else self.device.type == "cpu"
+        on_cpu = self.device.type == "cpu"
+        dynamic = config.dynamic_lengths if config.dynamic_lengths is not None else on_cpu
+        dynamic_batch = config.dynamic_batch if config.dynamic_batch is not None else on_cpu
         self.shapes = StepShapes(decode_buckets, prefill_buckets, self.max_len, config.prefill_chunk,
-                                 dynamic)
+                                 dynamic, dynamic_batch)
         largest = max(decode_buckets[-1], prefill_buckets[-1])
         if rt.config.max_batch_size < largest:
             raise HotswapError(f"RuntimeConfig.max_batch_size={rt.config.max_batch_size} is smaller "

@@ -38,6 +38,8 @@ class StepShapes:
         dynamic_lengths: chunk and KV lengths are dynamic dimensions (rounded up to
             ``CHUNK_ALIGN`` / ``KV_ALIGN``); otherwise every prefill is ``prefill_chunk`` long
             and attention reads the whole row (``max_len + 1``): static graphs.
+        dynamic_batch: decode buckets of two or more rows share one graph with a dynamic
+            batch dimension (see ``EngineConfig.dynamic_batch``).
     """
 
     decode_buckets: tuple[int, ...]
@@ -45,6 +47,15 @@ class StepShapes:
     max_len: int
     prefill_chunk: int
     dynamic_lengths: bool
+    dynamic_batch: bool = False
+
+    @property
+    def decode_graphs(self) -> int:
+        """How many decode graphs the buckets compile: with a dynamic batch, one for a single
+        row (dynamo specializes size 1) and one for every bucket above it."""
+        if not self.dynamic_batch:
+            return len(self.decode_buckets)
+        return (1 in self.decode_buckets) + any(bucket > 1 for bucket in self.decode_buckets)
 
     def chunk_length(self, longest: int) -> int:
         """T of a prefill forward whose longest chunk has ``longest`` tokens."""
@@ -76,6 +87,12 @@ class StepInputs:
                 torch._dynamo.mark_dynamic(tensor, 1)
             torch._dynamo.mark_dynamic(self.mask, 2)
         torch._dynamo.mark_dynamic(self.mask, 3)
+
+    def mark_dynamic_batch(self) -> None:
+        """Compile with the batch dimension dynamic where the model allows it (a forward that
+        specializes on the batch size gets a graph per size, with no error)."""
+        for tensor in (self.input_ids, self.position_ids, self.write_at, self.mask):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
 def build_inputs(chunks: list[tuple[list[int], int]], rows: int, length: int, kv_length: int,

@@ -28,7 +28,7 @@ def compile_buckets(rt: HotswapRuntime, runner: StepRunner, shapes: StepShapes, 
     if rt.compiled:
         raise HotswapError("the engine compiles the runtime's buckets itself: pass a runtime "
                            "that is not compiled yet")
-    graphs = len(shapes.decode_buckets) + len(shapes.prefill_buckets)
+    graphs = shapes.decode_graphs + len(shapes.prefill_buckets)
     limit = torch._dynamo.config.recompile_limit
     if graphs + 1 > limit:
         log.info("raising torch._dynamo.config.recompile_limit from %d to %d (one graph per "
@@ -71,4 +71,6 @@ def _padding_forward(runner: StepRunner, shapes: StepShapes, prefill: bool, buck
                           runner.memory.keys[0].device)
     if dynamic and first:
         inputs.mark_dynamic(length=prefill)
+    if shapes.dynamic_batch and first and not prefill and bucket > 1:
+        inputs.mark_dynamic_batch()  # the first such bucket compiles it; the larger ones reuse it
     runner.forward(prefill, inputs, [None] * bucket)
