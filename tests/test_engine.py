@@ -216,18 +216,7 @@ def test_stop_token_ids_end_the_output(env) -> None:
     assert finish.completion_tokens == cut + 1
 
 
-def test_dynamic_batch_counts_two_decode_graphs_and_is_validated() -> None:
-    """A dynamic decode batch compiles one graph for a single row (dynamo specializes size 1)
-    and one for every bucket above it; without it, one per bucket."""
-    from hotswap_rt.engine.step import StepShapes
-
-    def shapes(decode: tuple[int, ...], dynamic_batch: bool) -> StepShapes:
-        return StepShapes(decode, (1, 2), 64, 8, True, dynamic_batch)
-
-    assert shapes((1, 4, 16, 32), True).decode_graphs == 2
-    assert shapes((4, 16), True).decode_graphs == 1
-    assert shapes((1,), True).decode_graphs == 1
-    assert shapes((1, 4, 16, 32), False).decode_graphs == 4
+def test_dynamic_lengths_and_batch_are_validated() -> None:
     with pytest.raises(HotswapError, match="dynamic_batch"):
         EngineConfig(dynamic_batch="yes")
     with pytest.raises(HotswapError, match="dynamic_lengths"):
@@ -241,9 +230,9 @@ def test_every_bucket_ran_and_nothing_recompiled(env) -> None:
     for handle in handles:
         assert tokens_of(handle)[1].reason == "length"
     # each graph twice: the per-row graph and the stacked one (RuntimeConfig's default); on
-    # CPU the decode buckets of 2 and 4 rows share one graph with a dynamic batch
+    # CPU the decode buckets of 2 and 4 rows share one graph with a dynamic batch (dynamo
+    # specializes a single row: its own graph)
     assert engine.rt.config.per_row_auto
     assert engine.shapes.dynamic_batch and engine.shapes.decode_buckets == (1, 2, 4)
-    assert engine.shapes.decode_graphs == 2
     assert engine.rt.guard.compiles == 2 * (2 + len(engine.shapes.prefill_buckets))
     assert engine.rt.guard.recompiles == 0, engine.rt.guard.report()

@@ -49,14 +49,6 @@ class StepShapes:
     dynamic_lengths: bool
     dynamic_batch: bool = False
 
-    @property
-    def decode_graphs(self) -> int:
-        """How many decode graphs the buckets compile: with a dynamic batch, one for a single
-        row (dynamo specializes size 1) and one for every bucket above it."""
-        if not self.dynamic_batch:
-            return len(self.decode_buckets)
-        return (1 in self.decode_buckets) + any(bucket > 1 for bucket in self.decode_buckets)
-
     def chunk_length(self, longest: int) -> int:
         """T of a prefill forward whose longest chunk has ``longest`` tokens."""
         return _round_up(longest, CHUNK_ALIGN) if self.dynamic_lengths else self.prefill_chunk

@@ -28,7 +28,7 @@ def compile_buckets(rt: HotswapRuntime, runner: StepRunner, shapes: StepShapes, 
     if rt.compiled:
         raise HotswapError("the engine compiles the runtime's buckets itself: pass a runtime "
                            "that is not compiled yet")
-    graphs = shapes.decode_graphs + len(shapes.prefill_buckets)
+    graphs = len(shapes.decode_buckets) + len(shapes.prefill_buckets)  # at most (dynamic_batch: fewer)
     limit = torch._dynamo.config.recompile_limit
     if graphs + 1 > limit:
         log.info("raising torch._dynamo.config.recompile_limit from %d to %d (one graph per "
