@@ -31,12 +31,14 @@ class EngineConfig:
             for every length; default on CPU). Off, every prefill is padded to
             ``prefill_chunk`` and attention reads the whole KV row: fully static graphs, as CUDA
             graphs need (default on CUDA).
-        dynamic_batch: decode forwards of two or more rows share one graph whose batch
-            dimension is dynamic (compiled at the first such decode bucket; the buckets still
-            pad the rows), so a start compiles two decode graphs instead of one per bucket
-            (default on CPU). Off, a graph per decode bucket (default on CUDA, where CUDA
-            graphs are recorded per shape anyway). A model whose forward specializes on the
-            batch size gets a graph per bucket either way.
+        dynamic_batch: every decode bucket runs one graph whose batch dimension is dynamic
+            (an unbacked size, 1 included: compiled at the first bucket; the buckets still pad
+            the rows), and every prefill bucket another, so a start compiles two graphs
+            instead of one per bucket (default on CPU). A model whose forward branches on the
+            batch size cannot be traced so: its buckets then fall back (with a warning) to a
+            graph for one row and one dynamic graph for the others, or a graph per bucket if
+            it specializes on the size. Off, a graph per bucket (default on CUDA, where CUDA
+            graphs are recorded per shape anyway).
         compile: ``torch.compile`` every bucket at start (off only for quick tests).
         compile_mode: ``torch.compile`` mode (default: ``"reduce-overhead"`` on CUDA, i.e. CUDA
             graphs, else None).

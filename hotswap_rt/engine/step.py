@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -28,6 +29,7 @@ from .kv_cache import KVMemory, StepCache
 
 KV_ALIGN = 64  # dynamic KV lengths are rounded up to this (fewer distinct shapes)
 CHUNK_ALIGN = 16  # and chunk lengths to this (>= 2: a size-1 dimension would specialize)
+BATCH_SHAPE_ID = "engine_batch"  # the unbacked batch symbol the inputs of one forward share
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,8 @@ class StepShapes:
         dynamic_lengths: chunk and KV lengths are dynamic dimensions (rounded up to
             ``CHUNK_ALIGN`` / ``KV_ALIGN``); otherwise every prefill is ``prefill_chunk`` long
             and attention reads the whole row (``max_len + 1``): static graphs.
-        dynamic_batch: decode buckets of two or more rows share one graph with a dynamic
-            batch dimension (see ``EngineConfig.dynamic_batch``).
+        dynamic_batch: the decode buckets share one graph with a dynamic batch dimension, and
+            the prefill buckets another (see ``EngineConfig.dynamic_batch``).
     """
 
     decode_buckets: tuple[int, ...]
@@ -80,11 +82,20 @@ class StepInputs:
             torch._dynamo.mark_dynamic(self.mask, 2)
         torch._dynamo.mark_dynamic(self.mask, 3)
 
-    def mark_dynamic_batch(self) -> None:
-        """Compile with the batch dimension dynamic where the model allows it (a forward that
-        specializes on the batch size gets a graph per size, with no error)."""
+    def mark_dynamic_batch(self, largest: int, unbacked: bool) -> None:
+        """Compile with the batch dimension dynamic.
+
+        ``unbacked``: any batch from 1 to ``largest`` rows, one symbol shared by the four
+        tensors. An unbacked size is never specialized to 1 as a dynamic one is, so a single row
+        reuses the graph; the forward may not branch on the batch size (tracing it then fails:
+        see :func:`~hotswap_rt.engine.warmup.compile_buckets`). Otherwise a dynamic size where
+        the model allows it: 2 rows and up (dynamo gives a single row a graph of its own, and a
+        forward that specializes on the batch size a graph per size, with no error)."""
         for tensor in (self.input_ids, self.position_ids, self.write_at, self.mask):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            if unbacked:
+                torch._dynamo.decorators.mark_unbacked(tensor, 0, shape_id=BATCH_SHAPE_ID, min=1, max=largest)
+            else:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
 def build_inputs(chunks: list[tuple[list[int], int]], rows: int, length: int, kv_length: int,
@@ -106,6 +117,20 @@ def build_inputs(chunks: list[tuple[list[int], int]], rows: int, length: int, kv
     return StepInputs(input_ids, positions, write_at, mask)
 
 
+def cache_argument(forward: Callable[..., Any], model: torch.nn.Module) -> str:
+    """The name ``forward`` takes the KV cache by: ``cache`` (transformers 5.x) or
+    ``past_key_values`` (older releases). A forward that names neither (an override taking
+    ``**kwargs``) passes it on: the nearest forward up the model's classes that names one
+    decides (transformers 5 still takes ``past_key_values``, deprecated)."""
+    overrides = [vars(klass)["forward"] for klass in type(model).__mro__ if "forward" in vars(klass)]
+    for candidate in [forward, *overrides]:
+        parameters = inspect.signature(candidate).parameters
+        for name in ("cache", "past_key_values"):
+            if name in parameters:
+                return name
+    return "past_key_values"
+
+
 class StepRunner:
     """Runs prefill and decode forwards of ``rt``'s model over the KV memory.
 
@@ -119,9 +144,7 @@ class StepRunner:
         self.memory = memory
         self.decode_cache = StepCache(memory, 0)
         self.prefill_cache = StepCache(memory, prefill_offset)
-        forward_params = inspect.signature(rt.internals.forward.eager).parameters
-        # transformers 5.x names the cache argument ``cache``; older releases ``past_key_values``.
-        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        self.cache_arg = cache_argument(rt.internals.forward.eager, rt.model)  # the KV cache keyword
 
     @torch.no_grad()
     def forward(self, prefill: bool, inputs: StepInputs, adapters: list[Activation]) -> torch.Tensor:
@@ -133,6 +156,6 @@ class StepRunner:
         output = self.rt.model(
             input_ids=inputs.input_ids, position_ids=inputs.position_ids,
             attention_mask=inputs.mask, use_cache=True, logits_to_keep=1,
-            **{self._cache_arg: cache},
+            **{self.cache_arg: cache},
         )
         return output.logits[:, -1]

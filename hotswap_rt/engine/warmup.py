@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 import torch._dynamo
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ..errors import HotswapError
 from ..runtime import HotswapRuntime
@@ -37,13 +38,23 @@ def compile_buckets(rt: HotswapRuntime, runner: StepRunner, shapes: StepShapes, 
 
     def warm_up(model: torch.nn.Module) -> None:
         kinds = [(False, b) for b in shapes.decode_buckets] + [(True, b) for b in shapes.prefill_buckets]
+        unbacked = {False: shapes.dynamic_batch, True: shapes.dynamic_batch}  # by prefill
         for done, (prefill, bucket) in enumerate(kinds, start=1):
-            _padding_forward(runner, shapes, prefill, bucket, first=True)
+            try:
+                _padding_forward(runner, shapes, prefill, bucket, first=True, unbacked=unbacked[prefill])
+            except _UNBACKED_FAILURES as error:
+                if not unbacked[prefill]:
+                    raise
+                unbacked[prefill] = False  # this kind's buckets as before: a graph per size below 2
+                log.warning("the model's forward needs to know the batch size (%s): %s buckets "
+                            "compile a graph for one row and one for the others", _first_line(error),
+                            "prefill" if prefill else "decode")
+                _padding_forward(runner, shapes, prefill, bucket, first=True, unbacked=False)
             if progress is not None:
                 progress(done, len(kinds), f"{'prefill' if prefill else 'decode'} x{bucket}")
         compiles = rt.guard.compiles
         for prefill, bucket in kinds:  # other lengths must reuse the graphs
-            _padding_forward(runner, shapes, prefill, bucket, first=False)
+            _padding_forward(runner, shapes, prefill, bucket, first=False, unbacked=False)
         if rt.guard.compiles != compiles:
             raise HotswapError(
                 "the model's compiled forward specializes on the sequence or KV length; run the "
@@ -56,9 +67,11 @@ def compile_buckets(rt: HotswapRuntime, runner: StepRunner, shapes: StepShapes, 
 
 
 def _padding_forward(runner: StepRunner, shapes: StepShapes, prefill: bool, bucket: int,
-                     first: bool) -> None:
+                     first: bool, unbacked: bool) -> None:
     """A forward of padding rows only (they write the scratch position alone): traced at
-    lengths inside the range steps use (``first``), then checked at other ones (the top)."""
+    lengths inside the range steps use (``first``), then checked at other ones (the top).
+    With ``shapes.dynamic_batch``, a traced batch is dynamic: ``unbacked``, any size up to the
+    kind's largest bucket; else the sizes above one row."""
     dynamic = shapes.dynamic_lengths
     if prefill:
         length = (2 * CHUNK_ALIGN if first else CHUNK_ALIGN) if dynamic else shapes.prefill_chunk
@@ -71,6 +84,15 @@ def _padding_forward(runner: StepRunner, shapes: StepShapes, prefill: bool, buck
                           runner.memory.keys[0].device)
     if dynamic and first:
         inputs.mark_dynamic(length=prefill)
-    if shapes.dynamic_batch and first and not prefill and bucket > 1:
-        inputs.mark_dynamic_batch()  # the first such bucket compiles it; the larger ones reuse it
+    if shapes.dynamic_batch and first and (unbacked or bucket > 1):  # the first compiles it
+        inputs.mark_dynamic_batch((shapes.prefill_buckets if prefill else shapes.decode_buckets)[-1], unbacked)
     runner.forward(prefill, inputs, [None] * bucket)
+
+
+# What tracing a forward that branches on an unbacked batch size raises (dynamo wraps the
+# symbolic-shapes error in a UserError).
+_UNBACKED_FAILURES = (torch._dynamo.exc.UserError, GuardOnDataDependentSymNode)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().split("\n", 1)[0]
