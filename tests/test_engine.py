@@ -216,6 +216,20 @@ def test_stop_token_ids_end_the_output(env) -> None:
     assert finish.completion_tokens == cut + 1
 
 
+def test_a_handle_hands_out_each_event_once_and_text_returns_the_whole_output(env) -> None:
+    engine, reference = env
+    ids = prompt(17, 6)
+    expected = reference_tokens(reference, "b", ids, 9)
+    handle = engine.submit(ids, "b", SamplingParams(max_tokens=9, **GREEDY))
+    events = iter(handle)
+    first = [next(events) for _ in range(3)]  # iterated in part, then the rest by text()
+    assert [event.token_id for event in first] == expected[:3]
+    text, finish = handle.text()
+    assert [int(t) for t in text.split()] == expected and finish.reason == "length"
+    assert handle.text() == (text, finish)  # again: the same, at once (it used to block forever)
+    assert list(handle) == [] and list(events) == []  # nothing left to hand out
+
+
 def test_dynamic_lengths_and_batch_are_validated() -> None:
     with pytest.raises(HotswapError, match="dynamic_batch"):
         EngineConfig(dynamic_batch="yes")

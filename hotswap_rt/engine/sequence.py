@@ -55,6 +55,10 @@ class RequestHandle:
     With no ``sink`` the events queue up here and iterating blocks until the next one; with a
     ``sink`` (e.g. ``loop.call_soon_threadsafe`` into an asyncio queue) every event is passed to
     it on the engine thread instead, and the handle is not iterable.
+
+    Each event is handed out once: a second loop over the handle goes on after the events
+    the first one took (none once the finish was taken), and :meth:`text` returns the whole
+    output however much of it was iterated before, again on every later call.
     """
 
     def __init__(self, request_id: str, sink: Callable[[Event], None] | None,
@@ -64,6 +68,8 @@ class RequestHandle:
         self.sink: Callable[[Event], None] = sink if sink is not None else self._queue.put
         self.cancelled = threading.Event()
         self._wake = wake
+        self._text_taken: list[str] = []  # the text of the token events handed out so far
+        self._finish: FinishEvent | None = None  # set once the finish event was handed out
 
     def cancel(self) -> None:
         """End the request at the next step: its KV row is freed, it finishes "cancelled"."""
@@ -73,22 +79,20 @@ class RequestHandle:
     def __iter__(self) -> Iterator[Event]:
         if self._queue is None:
             raise TypeError("this request streams to its sink; it cannot be iterated")
-        while True:
+        while self._finish is None:
             event = self._queue.get()
-            yield event
             if isinstance(event, FinishEvent):
-                return
+                self._finish = event
+            else:
+                self._text_taken.append(event.text)
+            yield event
 
     def text(self) -> tuple[str, FinishEvent]:
         """Wait for the end; the whole output text and the finish event."""
-        parts, finish = [], None
-        for event in self:
-            if isinstance(event, FinishEvent):
-                finish = event
-            else:
-                parts.append(event.text)
-        assert finish is not None
-        return "".join(parts), finish
+        for _ in self:
+            pass
+        assert self._finish is not None
+        return "".join(self._text_taken), self._finish
 
 
 class Detokenizer:
