@@ -105,6 +105,8 @@ def test_a_short_request_arriving_during_a_long_one_finishes_first(env) -> None:
         time.sleep(0.01)
     assert finished == ["short", "long"]
     assert long.cancelled.is_set() is False
+    with pytest.raises(TypeError, match="streams to its sink"):
+        iter(long)  # at once, not at the first next()
 
 
 def test_cancel_mid_stream_frees_the_row_at_once(env) -> None:

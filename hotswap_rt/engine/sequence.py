@@ -77,10 +77,15 @@ class RequestHandle:
         self._wake()
 
     def __iter__(self) -> Iterator[Event]:
+        """The events not handed out yet, blocking for each. Raises ``TypeError`` at once (at
+        ``iter()``, not at the first ``next()``) for a request that streams to its sink."""
         if self._queue is None:
             raise TypeError("this request streams to its sink; it cannot be iterated")
+        return self._events(self._queue)
+
+    def _events(self, events: queue.SimpleQueue[Event]) -> Iterator[Event]:
         while self._finish is None:
-            event = self._queue.get()
+            event = events.get()
             if isinstance(event, FinishEvent):
                 self._finish = event
             else:
