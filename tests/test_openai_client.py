@@ -19,12 +19,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from hotswap_rt import HotswapRuntime, RuntimeConfig
 from hotswap_rt.serve import ServeConfig, build_app
 from hotswap_rt.serve.background import BackgroundServer
-from hotswap_rt.serve.default_model import MODEL_NAME, TARGETS, build_default_model
+from hotswap_rt.serve.default_model import MODEL_NAME, build_default_model
 from hotswap_rt.serve.demo_adapters import REPLIES, demo_adapter_paths
-from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer
+from hotswap_rt.serve.tokenizers import ByteTokenizer
+
+from .test_serve import mix_reference_text
 
 pytestmark = pytest.mark.slow  # compiles the engine's buckets once
 KEY, ADMIN = "sk-test-key", "sk-admin-key"
@@ -190,16 +191,7 @@ def test_per_request_adapter_mixes(server) -> None:
     assert one.choices[0].text == solo("french")  # {"a": 1.0} is model "a"
     mix = {"english": 0.5, "pirate": 0.5}
     served = complete(client, MODEL_NAME, temperature=0, extra_body={"adapters": mix}).choices[0].text
-    rt = HotswapRuntime(build_default_model(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2))
-    for name in mix:
-        rt.load(name, demo_adapter_paths()[name])
-    rt.activate(mix)
-    ids = torch.tensor([TOKENIZER.encode(PROMPT)])
-    with torch.no_grad():
-        out = rt.model.generate(input_ids=ids, max_new_tokens=48, do_sample=False,
-                                pad_token_id=TOKENIZER.pad_token_id, eos_token_id=EOS_ID)
-    new = out[0, ids.shape[1]:].tolist()
-    assert served == TOKENIZER.decode(new[: new.index(EOS_ID)] if EOS_ID in new else new)
+    assert served == mix_reference_text(mix, PROMPT)
     with pytest.raises(openai.NotFoundError):
         complete(client, MODEL_NAME, extra_body={"adapters": {"ghost": 1.0}})
     with pytest.raises(openai.BadRequestError):

@@ -20,7 +20,7 @@ from hotswap_rt.serve.default_model import MODEL_NAME  # noqa: E402
 from hotswap_rt.serve.demo_adapters import REPLIES, demo_adapter_paths  # noqa: E402
 from hotswap_rt.serve.ray.app import build_ray_app  # noqa: E402
 
-from .test_serve import reference_text  # noqa: E402
+from .test_serve import mix_reference_text, reference_text  # noqa: E402
 
 pytestmark = pytest.mark.slow  # starts Ray and compiles on every replica
 
@@ -97,6 +97,37 @@ def test_concurrent_requests_match_the_single_process_reference(cluster) -> None
     for case, response in zip(cases, responses):
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["text"] == expected[case], case
+
+
+def test_adapter_mixes_are_served_as_the_single_process_server_serves_them(cluster) -> None:
+    """Per-request mixes through the ingress: routed by their heaviest adapter, every adapter
+    they weight leased on that replica (all or none, so mixes that overlap on 2-slot replicas,
+    sent together, do not wait on each other for good), each text equal to the weighted
+    activation's; bad mixes answered as the single-process server answers them."""
+    client, _ = cluster
+    mixes = [{"english": 0.5, "pirate": 0.5}, {"french": 0.6, "english": 0.4},
+             {"pirate": 0.3, "french": 0.7}]
+    expected = [mix_reference_text(mix, "Say hello") for mix in mixes]
+    solos = {" " + reply for reply in REPLIES.values()}
+    assert not solos & set(expected) and len(set(expected)) == len(mixes)  # each mix is its own
+
+    def mixed(case: tuple[dict[str, float], str]) -> httpx.Response:
+        adapters, model = case
+        return client.post("/v1/completions", json={
+            "model": model, "prompt": "Say hello", "max_tokens": 48, "adapters": adapters})
+
+    with ThreadPoolExecutor(2 * len(mixes)) as pool:
+        responses = list(pool.map(mixed, [(mix, MODEL_NAME) for mix in mixes * 2]))
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == expected[i % len(mixes)], mixes[i % len(mixes)]
+    for adapters, model, status, param in [
+            ({"ghost": 1.0}, MODEL_NAME, 404, "adapters"),
+            ({"english": 1.0}, "french", 400, "model"),
+            ({"english": 0.4, "french": 0.3, "pirate": 0.3}, MODEL_NAME, 400, "adapters")]:
+        response = mixed((adapters, model))
+        assert response.status_code == status, (adapters, response.text)
+        assert response.json()["error"]["param"] == param
 
 
 def test_streaming_through_the_ingress(cluster) -> None:

@@ -18,9 +18,10 @@ import torch
 from peft import PeftModel
 from prometheus_client.parser import text_string_to_metric_families
 
+from hotswap_rt import HotswapRuntime, RuntimeConfig
 from hotswap_rt.serve import ServeConfig, build_app
 from hotswap_rt.serve.background import BackgroundServer
-from hotswap_rt.serve.default_model import MODEL_NAME, build_default_model
+from hotswap_rt.serve.default_model import MODEL_NAME, TARGETS, build_default_model
 from hotswap_rt.serve.demo_adapters import PROMPTS, REPLIES, demo_adapter_paths
 from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer
 
@@ -39,6 +40,22 @@ def reference_text(adapter: str | None, prompt: str) -> str:
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=MAX_NEW, do_sample=False,
                              pad_token_id=TOKENIZER.pad_token_id, eos_token_id=EOS_ID)
+    new = out[0, ids.shape[1]:].tolist()
+    return TOKENIZER.decode(new[: new.index(EOS_ID)] if EOS_ID in new else new)
+
+
+def mix_reference_text(mix: dict[str, float], prompt: str) -> str:
+    """Greedy text for ``prompt`` alone with the weighted sum of the demo adapters in ``mix``:
+    the runtime's weighted activation (eager, uncompiled; tested against the formula in
+    ``test_compiled.py``), transformers' ``generate``."""
+    rt = HotswapRuntime(build_default_model(), RuntimeConfig(TARGETS, max_rank=8, device_slots=len(mix)))
+    for name in mix:
+        rt.load(name, demo_adapter_paths()[name])
+    rt.activate(mix)
+    ids = torch.tensor([TOKENIZER.encode(prompt)])
+    with torch.no_grad():
+        out = rt.model.generate(input_ids=ids, max_new_tokens=MAX_NEW, do_sample=False,
+                                pad_token_id=TOKENIZER.pad_token_id, eos_token_id=EOS_ID)
     new = out[0, ids.shape[1]:].tolist()
     return TOKENIZER.decode(new[: new.index(EOS_ID)] if EOS_ID in new else new)
 

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence as Seq
+from typing import Any, Callable, Mapping, Sequence as Seq
 
 import torch
 import torch._dynamo
@@ -213,16 +213,28 @@ class GenerationEngine:
     def _check_adapter(self, adapter: Activation) -> Activation:
         if adapter is None:
             return None
-        spec = row_spec(adapter)  # SelectionError for a malformed one
+        spec = self.check_mix(adapter)
         for name in spec:
             self.rt.info(name)  # UnknownAdapterError
+        return adapter if isinstance(adapter, str) else spec
+
+    def check_mix(self, adapter: str | Mapping[str, float]) -> dict[str, float]:
+        """``adapter`` as ``{name: weight}``, checked for what :meth:`submit` checks before
+        the names: well formed, and no more adapters with a non-zero weight than one request
+        may mix (whether the names are loaded is not checked).
+
+        Raises:
+            SelectionError: a malformed mix. RequestError: it mixes too many adapters.
+        """
+        spec = row_spec(adapter)
         config = self.rt.config
         field = "max_adapters_per_row" if config.mixes_overflow == "refuse" else "max_active_adapters"
         limit = getattr(config, field)
-        if len([w for w in spec.values() if w != 0.0]) > limit:
-            raise RequestError("adapters", f"mixes {len(spec)} adapters; at most {limit} per "
+        used = len([w for w in spec.values() if w != 0.0])
+        if used > limit:
+            raise RequestError("adapters", f"mixes {used} adapters; at most {limit} per "
                                            f"request (RuntimeConfig.{field})")
-        return adapter if isinstance(adapter, str) else spec
+        return spec
 
     def _prefetch_if_cold(self, name: str) -> None:
         info = self.rt.info(name)

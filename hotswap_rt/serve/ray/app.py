@@ -4,8 +4,9 @@ Three deployments (extra ``ray``):
 
 - ``Ingress``: the same FastAPI routes as the single-process server, over :class:`RayBackend`.
   Each request goes to the worker deployment with ``multiplexed_model_id`` = its adapter (none
-  for the base model), so Ray routes it to a replica that already holds that adapter; every
-  response names the replica in an ``x-hotswap-replica`` header.
+  for the base model; for a mix, ``"adapters"``, its heaviest adapter), so Ray routes it to a
+  replica that already holds that adapter; every response names the replica in an
+  ``x-hotswap-replica`` header.
 - ``HotswapWorker``: one :class:`~hotswap_rt.serve.backend.LocalBackend` (runtime + generation
   engine) per replica (:mod:`.worker`). Its ``@serve.multiplexed`` loader
   loads the adapter if needed and returns a lease on its slot; when Ray evicts it (LRU,
@@ -92,12 +93,12 @@ class RayBackend:
     async def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]:
         """Events from a worker replica. A replica that dies before its first token is retried on
         another (up to ``RETRIES`` times); after a token has gone out, the failure is a 500."""
-        if body.adapters is not None:  # a replica holds the adapters Ray routes to it, one each
-            raise ApiError(400, "per-request adapter mixes are not supported with Ray Serve yet "
-                                "(a single-process server serves them)", "adapters")
-        adapter = "" if body.model == self.model_name else body.model
-        if adapter and not await self.knows(adapter):
-            raise ApiError(404, f"The model `{body.model}` does not exist.", "model")
+        if body.adapters is not None:
+            adapter = await self._route_of_mix(body)
+        else:
+            adapter = "" if body.model == self.model_name else body.model
+            if adapter and not await self.knows(adapter):
+                raise ApiError(404, f"The model `{body.model}` does not exist.", "model")
         handle = self.worker.options(stream=True, multiplexed_model_id=adapter)
         payload, chat = body.model_dump(), isinstance(body, ChatCompletionRequest)
         for attempt in range(self.RETRIES + 1):
@@ -122,6 +123,22 @@ class RayBackend:
             finally:
                 response.cancel()  # a client that left stops its row on the replica
     RETRIES = 2
+
+    async def _route_of_mix(self, body: GenerationRequest) -> str:
+        """The adapter a mix (``adapters``) is routed by: its heaviest adapter (the largest
+        weight, then the first name), so it goes to a replica that already holds that one; the
+        replica leases the others too. "" (the base model) when every weight is 0. Checks what
+        the single-process server checks first: ``model`` is the base model, every name is
+        known (404)."""
+        assert body.adapters is not None
+        if body.model != self.model_name:
+            raise ApiError(400, f"with `adapters`, `model` must be the base model "
+                                f"`{self.model_name}`", "model")
+        for name in body.adapters:
+            if name == self.model_name or not await self.knows(name):
+                raise ApiError(404, f"The adapter `{name}` does not exist.", "adapters")
+        weighted = sorted((-abs(weight), name) for name, weight in body.adapters.items() if weight != 0.0)
+        return weighted[0][1] if weighted else ""
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import random
 import threading
 import time
 from typing import Any, AsyncIterator
@@ -22,7 +23,8 @@ from typing import Any, AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ...errors import HotswapError, SlotsBusyError
+from ...engine.sampling import RequestError
+from ...errors import HotswapError, SelectionError, SlotsBusyError
 from ..backend import LocalBackend
 from ..config import ServeConfig
 from ..model import build_runtime
@@ -111,21 +113,32 @@ class HotswapWorker:
         self._background: asyncio.Task | None = None
         self.directory.report.remote(self.replica, self.stats())
 
-    async def _lease_with_retries(self, name: str) -> LeaseHandle:
-        """Ray's cached lease, or a new one. When every slot is leased by requests in flight,
-        Ray has just evicted its least-recently-used lease (released when its requests end):
-        try again shortly, each try evicting the next one, until the request's timeout."""
+    async def _leases_with_retries(self, names: list[str]) -> list[LeaseHandle]:
+        """A lease on each of ``names`` (one adapter, or those a mix weights), all or none:
+        Ray's cached lease, or a new one. When every slot is leased by requests in flight, Ray
+        has just evicted its least-recently-used lease (released when its requests end): give
+        back what this try took, then try again shortly (a random share longer, so two mixes
+        that each hold what the other needs do not retry in step), each try evicting the next
+        one, until the request's timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.backend.config.request_timeout_s
         for attempt in itertools.count():
+            taken: list[LeaseHandle] = []
             try:
-                handle = await self.get_lease(name)  # Ray's cache, or _load_and_lease
-                handle.acquire()
-                return handle
+                for name in names:
+                    handle = await self.get_lease(name)  # Ray's cache, or _load_and_lease
+                    handle.acquire()
+                    taken.append(handle)
+                return taken
             except SlotsBusyError:
+                _release_uses(taken)
                 if loop.time() > deadline:
-                    raise ApiError(503, f"no device slot became free for {name!r}") from None
-                await asyncio.sleep(min(0.005 * 2 ** attempt, 0.1))
+                    what = repr(names[0]) if len(names) == 1 else f"all of {names}"
+                    raise ApiError(503, f"no device slot became free for {what}") from None
+                await asyncio.sleep(min(0.005 * 2 ** attempt, 0.1) * (1.0 + random.random()))
+            except BaseException:
+                _release_uses(taken)
+                raise
         raise AssertionError("unreachable")
 
     async def _entry(self, name: str) -> dict:
@@ -182,18 +195,27 @@ class HotswapWorker:
 
     async def generate(self, payload: dict, chat: bool) -> AsyncIterator[tuple[str, Any]]:
         """Events of one request; the first is ``("replica", {"id", "resident"})`` (resident:
-        the adapter was already in one of this replica's device slots). Errors travel as
-        ``("error", {"status", "message", "param"})``."""
-        name, handle = serve.get_multiplexed_model_id(), None
-        tiers = {i.name: i.tier for i in self.backend.served.rt.adapters()}
-        yield "replica", {"id": self.replica, "resident": not name or tiers.get(name) == "device"}
+        the adapter, or every adapter a mix weights, was already in this replica's device
+        slots). A mix (``"adapters"``) is checked, then each adapter it weights is leased (all
+        or none: see :meth:`_leases_with_retries`) and every adapter it names is loaded here.
+        Errors travel as ``("error", {"status", "message", "param"})``."""
+        name, handles = serve.get_multiplexed_model_id(), []
+        rt = self.backend.served.rt
+        tiers = {i.name: i.tier for i in rt.adapters()}
+        mix = payload.get("adapters")
+        leased = ([name] if name else []) + sorted(n for n, w in (mix or {}).items() if w != 0.0 and n != name)
+        resident = all(tiers.get(n) == "device" for n in leased)
+        yield "replica", {"id": self.replica, "resident": resident}
         try:
             body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(payload)
-            if name:
-                entry = await self._entry(name)
-                handle = await self._lease_with_retries(name)
-                if self.versions.get(name) != entry["version"]:  # re-added since it was leased
-                    await asyncio.to_thread(self._ensure_loaded, self.backend.served.rt, name, entry)
+            if body.adapters is not None:
+                self._check_mix(body.adapters)  # before waiting for any slot
+            entries = {n: await self._entry(n) for n in leased}
+            handles = await self._leases_with_retries(leased)
+            for n in [*leased, *(n for n in body.adapters or () if n not in entries)]:
+                entry = entries.get(n) or await self._entry(n)
+                if self.versions.get(n) != entry["version"]:  # re-added since leased, or weight 0
+                    await asyncio.to_thread(self._ensure_loaded, rt, n, entry)
             async for event in _coalesced(self.backend.generate(body)):
                 yield event
         except ApiError as exc:
@@ -203,11 +225,22 @@ class HotswapWorker:
         except Exception as exc:  # noqa: BLE001 - reported, the replica goes on
             yield "error", {"status": 500, "message": f"generation failed: {exc!r}", "param": None}
         finally:
-            if handle is not None:
-                handle.release_use()
+            if handles:
+                _release_uses(handles)
                 self.backend.engine.notify()  # a released slot may let waiting rows run
             self._stats_changed = True
             self._start_background()
+
+    def _check_mix(self, adapters: dict[str, float]) -> None:
+        """What the engine checks of a mix before its names (see
+        :meth:`~hotswap_rt.engine.GenerationEngine.check_mix`), as the single-process server
+        answers it (400)."""
+        try:
+            self.backend.engine.check_mix(adapters)
+        except RequestError as exc:
+            raise ApiError(400, str(exc), exc.param) from exc
+        except SelectionError as exc:
+            raise ApiError(400, str(exc), "adapters") from exc
 
     def check_adapter(self, path: str) -> str | None:
         """Validate ``path`` against this replica's runtime; the problem, or None."""
@@ -219,6 +252,11 @@ class HotswapWorker:
 
     def stats(self) -> dict:
         return {"replica": self.replica, **self.backend.stats()}
+
+def _release_uses(handles: list[LeaseHandle]) -> None:
+    for handle in handles:
+        handle.release_use()
+
 
 async def _coalesced(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[tuple[str, Any]]:
     """``events`` with consecutive token events of one choice that are ready together merged
