@@ -98,12 +98,19 @@ class LayerLayout:
         ``"full"`` module (``modules_to_save``) its weight delta ``[d_out, d_in]`` and bias delta."""
         if self.kind == "full":
             return self.d_out * (self.d_in + 1)
-        return self.d_in + 2 * self.d_out
+        return self.vector_in + 2 * self.d_out
+
+    @property
+    def vector_in(self) -> int:
+        """Values of the input scale: ``d_in``, or a Conv2d's input channels (its ``d_in`` is
+        ``C_in * kh * kw``, what A reads)."""
+        return self.kernel[0] if self.kind == "conv" else self.d_in
 
     @property
     def can_hold_vectors(self) -> bool:
-        """Scale vectors exist for linear layers only (IA3/DoRA/LoRA bias on Linear, Conv1D)."""
-        return self.kind == "linear"
+        """Scale vectors (IA3/DoRA/LoRA bias) exist for linear layers (Linear, Conv1D) and
+        Conv2d layers (DoRA / LoRA bias on a grouped one are refused when read)."""
+        return self.kind in ("linear", "conv")
 
 
 def factor_views(row: torch.Tensor, layout: LayerLayout, width: int,
@@ -123,11 +130,12 @@ def factor_views(row: torch.Tensor, layout: LayerLayout, width: int,
 
 def vector_views(row: torch.Tensor, layout: LayerLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer's scale vectors in a row ``[..., V + ...]`` (a slot row, a staged host row, or
-    the whole arena ``[S, P]``): input scale ``[..., d_in]``, output scale ``[..., d_out]`` and
-    output bias ``[..., d_out]``, each as its difference from the identity."""
+    the whole arena ``[S, P]``): input scale ``[..., d_in]`` (a Conv2d's: ``[..., C_in]``),
+    output scale ``[..., d_out]`` and output bias ``[..., d_out]``, each as its difference from
+    the identity."""
     if layout.vectors < 0:
         raise ValueError(f"layer {layout.name!r} has no scale vectors")
-    start, d_in, d_out = layout.vectors, layout.d_in, layout.d_out
+    start, d_in, d_out = layout.vectors, layout.vector_in, layout.d_out
     return (row[..., start : start + d_in], row[..., start + d_in : start + d_in + d_out],
             row[..., start + d_in + d_out : start + d_in + 2 * d_out])
 

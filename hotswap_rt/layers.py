@@ -127,6 +127,7 @@ class SlotLayer(nn.Module):
         self._arena = arena
         self.offset = layout.offset
         self.vector_offset = layout.vectors  # -1: no scale vectors (fixed once compiled)
+        self._vector_in = layout.vector_in  # values of the input scale
         self._vector_size = vector_size
 
     def attach_trainable(self, state: LayerTrainState) -> None:
@@ -200,9 +201,9 @@ class SlotLayer(nn.Module):
 
     def _row_vectors(self, batch: int, per_row: bool, training: bool, size: int | None = None) -> torch.Tensor:
         """Each row's part of the vector region, its adapters' weighted sum: ``[B, size]``
-        (default: the scale vectors, ``d_in + 2*d_out``: input scale, output scale, output bias,
-        differences from the identity)."""
-        size = self.in_features + 2 * self.out_features if size is None else size
+        (default: the scale vectors, ``d_in + 2*d_out``, a Conv2d's ``C_in + 2*C_out``: input
+        scale, output scale, output bias, differences from the identity)."""
+        size = self._vector_in + 2 * self.out_features if size is None else size
         if per_row:
             vectors = self._arena.narrow(1, self.vector_offset, size)  # [S, size]
             slots = self._selection.row_slots[:batch]  # [B, m]
@@ -224,9 +225,12 @@ class SlotLayer(nn.Module):
         """The base layer with the rows' scale vectors: ``base(x * (1 + in)) * (1 + out) + bias``
         (IA3 scales, DoRA's ``s - 1`` and bias correction, LoRA bias), written as additions so
         a zero vector changes nothing and a small one survives bf16."""
-        d_in, d_out = self.in_features, self.out_features
+        d_in, d_out = self._vector_in, self.out_features
         vectors = self._row_vectors(x.shape[0], per_row, training)
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+        if self.shape.kind == "conv":  # [B, C, H, W]: channels first
+            shape: tuple[int, ...] = (x.shape[0], -1, 1, 1)
+        else:  # [B, ..., features]
+            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
         in_scale = vectors[:, :d_in].reshape(shape).to(x.dtype)
         y = self.base(x + x * in_scale)
         out_scale = vectors[:, d_in : d_in + d_out].reshape(shape).to(y.dtype)
@@ -324,9 +328,13 @@ class LoraSlotConv2d(SlotLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"LoRA slots on Conv2d need a batched [B, C, H, W] input, got {tuple(x.shape)}")
-        y = self.base(x)  # [B, C_out, H', W']
         training = self._training()
-        if self._selection.per_row and not training:
+        per_row = self._selection.per_row and not training  # fixed for the runtime's life
+        if self.vector_offset >= 0:  # fixed once compiled
+            y = self._scaled_base(x, per_row, training)  # [B, C_out, H', W']
+        else:
+            y = self.base(x)  # [B, C_out, H', W']
+        if per_row:
             return y + self._per_row(x).to(y.dtype)
         a_act, bt_act = self._active_factors(training)
         h = self._conv_a(x.to(a_act.dtype), a_act.reshape(-1, *self.shape.kernel), groups=1)

@@ -75,7 +75,7 @@ class LoraModule:
     - ``"embedding"`` (``nn.Embedding``): ``lora_embedding_A`` ``[rank, num_embeddings]`` and
       ``lora_embedding_B`` ``[embedding_dim, rank]``, already matrices.
 
-    Besides the factors a module may carry vectors (linear layers only), held in a slot's scale
+    Besides the factors a module may carry vectors (linear and Conv2d layers), held in a slot's scale
     vectors (:func:`~hotswap_rt.arena.vector_views`):
 
     - ``magnitude`` (DoRA, ``use_dora``): ``m [d_out]``; the layer computes
@@ -83,7 +83,10 @@ class LoraModule:
       (the norm of each output row, computed at staging from the base weight).
     - ``bias`` (``lora_bias``): ``lora_B.bias [d_out]``, added as ``scaling * bias``.
     - ``ia3`` (an IA3 adapter, rank 0, no factors): the vector ``l``, scaling the layer's output
-      ``[d_out]``, or with ``ia3_feedforward`` its input ``[d_in]``.
+      ``[d_out]``, or with ``ia3_feedforward`` its input ``[d_in]`` (a Conv2d: its output or
+      input channels; ``kind`` is then ``"conv"``).
+
+    On a Conv2d (ungrouped) these act per channel; its magnitude is ``[1, C_out, 1, 1]`` on disk.
 
     Attributes:
         lora_A: ``[rank, d_in]`` (``[0, 0]`` for IA3).
@@ -331,8 +334,9 @@ def parse_adapter(
             if which == "ia3":
                 raise AdapterFormatError(f"{where}: key {key!r} is an IA3 vector but peft_type is "
                                          f"{config.get('peft_type', 'LORA')!r}")
-            vectors.setdefault(module, {})[which] = _check_tensor(
-                key, tensor, where, allow_nonfinite or not check_finite, dims=(1,))
+            vectors.setdefault(module, {})[which] = _check_tensor(  # a Conv2d's magnitude: 4-D
+                key, tensor, where, allow_nonfinite or not check_finite,
+                dims=(1, 4) if which == "magnitude" else (1,))
             continue
         kind = EMBEDDING if which.startswith("embedding") else LINEAR
         which = which[-1]
@@ -416,7 +420,7 @@ def _flag(config: Mapping[str, Any], key: str, where: str) -> bool:
 def _check_lora_vectors(vectors: Mapping[str, Mapping[str, torch.Tensor]], pairs: Mapping[str, Any],
                         kinds: Mapping[str, str], use_dora: bool, lora_bias: bool, where: str) -> None:
     """DoRA magnitudes / LoRA biases exactly for the LoRA modules, as the config's flags say,
-    on linear layers only (what the slots' scale vectors represent)."""
+    on linear and Conv2d layers only (what the slots' scale vectors represent)."""
     stray = sorted(set(vectors) - set(pairs))
     if stray:
         raise AdapterFormatError(f"{where}: DoRA magnitude or lora_B.bias keys for {stray[:3]}, "
@@ -434,28 +438,35 @@ def _check_lora_vectors(vectors: Mapping[str, Mapping[str, torch.Tensor]], pairs
             not_linear = sorted(name for name in pairs if kinds[name] != LINEAR)
             if not_linear:
                 raise AdapterFormatError(f"{where}: {feature} on the embedding {not_linear[0]!r} is not "
-                                         f"supported (linear layers only)")
+                                         f"supported (linear and Conv2d layers only)")
 
 
 def _with_lora_vectors(module: LoraModule, held: Mapping[str, torch.Tensor], name: str,
                        where: str) -> LoraModule:
+    """``module`` with its DoRA magnitude / LoRA bias (``[d_out]``; a Conv2d's magnitude is
+    ``[1, C_out, 1, 1]`` on disk, held flat)."""
     if not held:
         return module
-    if module.kind != LINEAR:
-        raise AdapterFormatError(f"{where}: DoRA / lora_bias on the Conv2d {name!r} is not supported "
-                                 f"(linear layers only)")
+    if module.kind == CONV and module.groups > 1:
+        raise AdapterFormatError(f"{where}: DoRA / lora_bias on the grouped Conv2d {name!r} is not "
+                                 f"supported (linear and ungrouped Conv2d layers only)")
     d_out = module.lora_B.shape[0]
+    flat = {}
     for which, vector in held.items():
-        if vector.shape[0] != d_out:
-            raise AdapterFormatError(f"{where}: module {name!r}: its {which} vector has {vector.shape[0]} "
-                                     f"values but lora_B has {d_out} output features")
-    return dataclasses.replace(module, magnitude=held.get("magnitude"), bias=held.get("bias"))
+        expected = (1, d_out, 1, 1) if module.kind == CONV and which == "magnitude" else (d_out,)
+        if tuple(vector.shape) != expected:
+            raise AdapterFormatError(f"{where}: module {name!r}: its {which} vector has shape "
+                                     f"{tuple(vector.shape)}; lora_B's {d_out} output features "
+                                     f"make it {expected}")
+        flat[which] = vector.flatten()
+    return dataclasses.replace(module, magnitude=flat.get("magnitude"), bias=flat.get("bias"))
 
 
 def _parse_ia3(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], where: str,
                allow_nonfinite: bool) -> ParsedAdapter:
     """An IA3 adapter: ``<module>.ia3_l`` vectors, ``[d_out, 1]`` (output scale) or, for the
-    ``feedforward_modules``, ``[1, d_in]`` (input scale)."""
+    ``feedforward_modules``, ``[1, d_in]`` (input scale); on a Conv2d ``[1, C, 1, 1]`` (C_out,
+    or for feed-forward modules C_in), held flat with ``kind="conv"``."""
     _reject_unsupported_fields(config, where)
     feedforward = config.get("feedforward_modules") or []
     if not isinstance(feedforward, (str, list, tuple, set, frozenset)) or (
@@ -473,19 +484,25 @@ def _parse_ia3(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
                                      f"vectors")
         if module in modules:
             raise AdapterFormatError(f"{where}: duplicate ia3_l for module {module!r}")
-        vector = _check_tensor(key, tensor, where, allow_nonfinite, dims=(2,))
+        vector = _check_tensor(key, tensor, where, allow_nonfinite, dims=(2, 4))
         try:
             is_feedforward = bool(patterns) and name_matches(patterns, module)
         except re.error as exc:
             raise AdapterFormatError(f"{where}: feedforward_modules regex {patterns!r}: {exc}") from exc
-        expected = "[1, d_in]" if is_feedforward else "[d_out, 1]"
-        if vector.shape[1 - int(is_feedforward)] != 1:
+        conv = vector.dim() == 4
+        if conv:
+            misfit, expected = vector.shape[0] * vector.shape[2] * vector.shape[3] != 1, "[1, C, 1, 1]"
+        else:
+            misfit = vector.shape[1 - int(is_feedforward)] != 1
+            expected = "[1, d_in]" if is_feedforward else "[d_out, 1]"
+        if misfit:
             raise AdapterFormatError(
                 f"{where}: key {key!r} has shape {tuple(vector.shape)}; IA3 on a "
-                f"{'feed-forward' if is_feedforward else 'non-feed-forward'} module is {expected}")
+                f"{'feed-forward' if is_feedforward else 'non-feed-forward'} "
+                f"{'Conv2d' if conv else 'module'} is {expected}")
         empty = torch.zeros(0, 0, dtype=vector.dtype)
         modules[module] = LoraModule(empty, empty, 0, 0.0, 0.0, ia3=vector.flatten(),
-                                     ia3_feedforward=is_feedforward)
+                                     ia3_feedforward=is_feedforward, kind=CONV if conv else LINEAR)
     if not modules:
         raise AdapterFormatError(f"{where}: no IA3 weights (no '*.ia3_l' keys)")
     _check_target_modules(config.get("target_modules"), sorted(modules), where)
@@ -914,11 +931,14 @@ def adapter_state_dict(adapter: ParsedAdapter) -> dict[str, torch.Tensor]:
     key_modules = _expert_key_modules(adapter)
     for name, module in adapter.modules.items():
         name = key_modules.get(name, name)
+        conv_shape = (1, -1, 1, 1)  # a Conv2d's ia3_l and DoRA magnitude on disk
         if module.ia3 is not None:
-            shape = (1, -1) if module.ia3_feedforward else (-1, 1)
+            shape = conv_shape if module.kind == CONV else (1, -1) if module.ia3_feedforward else (-1, 1)
             state[f"base_model.model.{name}.ia3_l"] = module.ia3.detach().cpu().reshape(shape).contiguous()
             continue
         for key, vector in module.vectors().items():
+            if module.kind == CONV and key == "lora_magnitude_vector":
+                vector = vector.reshape(conv_shape)
             state[f"base_model.model.{name}.{key}"] = vector.detach().cpu().contiguous()
         lora_A, lora_B = disk_factors(module)
         keys = ("lora_embedding_A", "lora_embedding_B") if module.kind == EMBEDDING else (

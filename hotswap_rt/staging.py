@@ -247,16 +247,22 @@ class Stager:
         if not layout.can_hold_vectors:
             kind = _describe(layout.kind, layout.kernel, layout.groups)
             raise IncompatibleAdapterError(f"{where}: module {name!r}: IA3 / DoRA / lora_bias on {kind} "
-                                           f"layer is not supported (linear layers only)")
+                                           f"layer is not supported (linear and Conv2d layers "
+                                           f"only)")
+        if module.rank == 0 and (module.kind == "conv") != (layout.kind == "conv"):  # IA3
+            held = "a Conv2d's [1, C, 1, 1]" if module.kind == "conv" else "a linear layer's"
+            raise IncompatibleAdapterError(
+                f"{where}: module {name!r}: its ia3_l has {held} shape but the layer is "
+                f"{_describe(layout.kind, layout.kernel, layout.groups)}")
         if not (self.arena.vectors or vectors_planned):
             raise IncompatibleAdapterError(
                 f"{where}: an IA3 / DoRA / lora_bias adapter needs scale vectors in the slots, which "
                 f"this compiled runtime does not have (adding them would recompile it): create it "
                 f"with RuntimeConfig(scale_vectors=True), or load such an adapter before compiling")
         if module.ia3 is not None:
-            expected = layout.d_in if module.ia3_feedforward else layout.d_out
+            expected = layout.vector_in if module.ia3_feedforward else layout.d_out
             if module.ia3.numel() != expected:
-                side = "d_in" if module.ia3_feedforward else "d_out"
+                side = ("C_in" if layout.kind == "conv" else "d_in") if module.ia3_feedforward else "d_out"
                 raise IncompatibleAdapterError(
                     f"{where}: module {name!r}: its ia3_l has {module.ia3.numel()} values but the "
                     f"layer's {side} is {expected}")
@@ -474,11 +480,12 @@ class Stager:
 
 def dora_scale(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
     """DoRA's ``s = m / ||W + scaling * B A||`` (norm of each output row), computed in fp32
-    on ``weight``'s device (``[d_out, d_in]``), returned on the CPU as ``[d_out]`` fp32."""
+    on ``weight``'s device (``[d_out, d_in]``; a Conv2d's ``[C_out, C_in, kh, kw]``, whose rows
+    are flattened as A's are), returned on the CPU as ``[d_out]`` fp32."""
     assert module.magnitude is not None
     device = weight.device
     delta = module.lora_B.to(device, torch.float32) @ module.lora_A.to(device, torch.float32)
-    norm = torch.linalg.norm(weight.detach().float() + module.scaling * delta, dim=1)
+    norm = torch.linalg.norm(weight.detach().float().flatten(1) + module.scaling * delta, dim=1)
     return (module.magnitude.to(device, torch.float32) / norm).cpu()
 
 

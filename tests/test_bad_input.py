@@ -162,7 +162,7 @@ CASES: dict[str, Case] = {
         lambda b, r: {"source": _write_dir(r / "doralen", {**GOOD_CONFIG, "use_dora": True}, {
             **_lora_state(),
             "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(HIDDEN + 1)})},
-        AdapterFormatError, "its magnitude vector has 65 values",
+        AdapterFormatError, "its magnitude vector has shape (65,); lora_B's 64 output features make it (64,)",
     ),
     "DoRA with lora_bias": (
         lambda b, r: {"source": _write_dir(r / "dorabias", {**GOOD_CONFIG, "use_dora": True, "lora_bias": True},

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hotswap_rt import HotswapError, HotswapRuntime, IncompatibleAdapterError, RuntimeConfig
+from hotswap_rt import (AdapterFormatError, HotswapError, HotswapRuntime, IncompatibleAdapterError,
+                        RuntimeConfig)
 from hotswap_rt.layers import LoraSlotConv2d, LoraSlotEmbedding
 
 from .conftest import VOCAB, BaseModel, logits
@@ -149,6 +150,109 @@ def test_conv_adapter_for_other_groups_or_kernel_is_refused(conv, tmp_path) -> N
     with pytest.raises(IncompatibleAdapterError, match="a linear LoRA but the layer is a Conv2d"):
         rt.load("c", state_dict=flat, config=config)
     assert [info.name for info in rt.adapters()] == ["a", "b"]
+    for dtype, arena in rt.internals.arena.arenas.items():
+        assert torch.equal(arena, before[dtype])
+
+
+VECTOR_CONFIGS = {  # IA3, DoRA and LoRA bias on Conv2d layers (DoRA and the bias: ungrouped ones)
+    "dora": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["conv1", "head"],
+                               init_lora_weights=False),
+    "bias": lambda: LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=["conv1", "head"],
+                               init_lora_weights=False),
+    "ia3": lambda: IA3Config(target_modules=CONV_TARGETS, feedforward_modules=["conv2"],  # grouped
+                             init_ia3_weights=False),
+}
+
+
+@pytest.fixture(scope="module")
+def conv_vectors(conv, tmp_path_factory):
+    """PEFT adapters carrying vectors on the ConvNet's convs (DoRA magnitudes and LoRA biases
+    moved away from their initial values, so they matter), and PEFT's output for each."""
+    root = tmp_path_factory.mktemp("conv-vectors")
+    paths, refs = {}, {}
+    for seed, (name, make_config) in enumerate(VECTOR_CONFIGS.items()):
+        torch.manual_seed(20 + seed)
+        model = get_peft_model(copy.deepcopy(conv["base"]), make_config()).eval()
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if "magnitude" in key:
+                    param.mul_(1 + 0.5 * torch.rand_like(param))
+                elif "lora_B" in key and key.endswith(".bias"):
+                    param.normal_()
+            refs[name] = model(conv["sample"])
+        model.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths, refs
+
+
+def test_conv_ia3_dora_and_bias_compiled_equal_peft_with_zero_recompiles(conv, conv_vectors) -> None:
+    """Loaded before compile (the scale vectors are added for them), then swapped and mixed per
+    row in the one graph: each adapter, and each row of a mixed batch, as PEFT computes it."""
+    paths, refs = conv_vectors
+    rt = HotswapRuntime(copy.deepcopy(conv["base"]), RuntimeConfig(
+        target_modules=CONV_TARGETS, max_rank=8, device_slots=4, max_batch_size=4))
+    for name, path in paths.items():
+        rt.load(name, path)
+    rt.load("a", conv["a"])  # plain LoRA next to them
+    sample = conv["sample"]
+    for name in (*paths, "a"):
+        assert not torch.allclose(({**refs, "a": conv["refs"]["a"]})[name], conv["refs"][None])
+    with torch.no_grad():
+        rt.compile(sample, warmup_inputs=[(sample[:2],)])
+        for name in paths:
+            rt.activate(name)
+            torch.testing.assert_close(rt.model(sample), refs[name], **TOL)
+        rows = ["dora", "ia3", "bias"]
+        rt.activate_rows(rows)
+        out = rt.model(sample)
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(out[i], refs[name][i], **TOL)
+        rt.activate_rows(["a", None, "ia3"])
+        out = rt.model(sample)
+    torch.testing.assert_close(out[0], conv["refs"]["a"][0], **TOL)
+    torch.testing.assert_close(out[1], conv["refs"][None][1], **TOL)
+    torch.testing.assert_close(out[2], refs["ia3"][2], **TOL)
+    assert rt.guard.recompiles == 0
+
+
+def test_conv_vector_adapters_save_in_peft_shapes_and_load_in_peft(conv, conv_vectors, tmp_path) -> None:
+    paths, refs = conv_vectors
+    rt = HotswapRuntime(copy.deepcopy(conv["base"]), RuntimeConfig(
+        target_modules=CONV_TARGETS, max_rank=8, device_slots=1, scale_vectors=True))
+    for name, path in paths.items():
+        rt.load(name, path)
+        rt.save(name, tmp_path / name)
+        saved = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        original = load_file(str(path / "adapter_model.safetensors"))
+        assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in original.items()}
+        reference = PeftModel.from_pretrained(copy.deepcopy(conv["base"]), tmp_path / name).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(reference(conv["sample"]), refs[name], **TOL)
+    assert tuple(saved["base_model.model.conv2.ia3_l"].shape) == (1, 8, 1, 1)
+
+
+def test_conv_vectors_that_do_not_fit_are_refused_and_change_nothing(conv, conv_vectors, tmp_path) -> None:
+    """DoRA on a grouped conv; an IA3 vector of a linear layer's shape on a conv, and a conv
+    vector that is not [1, C, 1, 1]: clear errors, nothing loaded or written."""
+    paths, _ = conv_vectors
+    rt = HotswapRuntime(copy.deepcopy(conv["base"]), RuntimeConfig(
+        target_modules=CONV_TARGETS, max_rank=8, device_slots=2, scale_vectors=True))
+    rt.load("ia3", paths["ia3"])
+    before = {dtype: arena.clone() for dtype, arena in rt.internals.arena.arenas.items()}
+    torch.manual_seed(5)
+    grouped = get_peft_model(copy.deepcopy(conv["base"]), LoraConfig(
+        r=4, use_dora=True, target_modules=["conv2"], init_lora_weights=False))
+    grouped.save_pretrained(tmp_path / "grouped")
+    with pytest.raises(AdapterFormatError, match="grouped Conv2d 'conv2'"):
+        rt.load("g", tmp_path / "grouped")
+    state = load_file(str(paths["ia3"] / "adapter_model.safetensors"))
+    config = json.loads((paths["ia3"] / "adapter_config.json").read_text())
+    key = "base_model.model.conv1.ia3_l"
+    with pytest.raises(IncompatibleAdapterError, match="linear layer's shape but the layer is a Conv2d"):
+        rt.load("flat", state_dict={**state, key: state[key].reshape(-1, 1)}, config=config)
+    with pytest.raises(AdapterFormatError, match=r"\[1, C, 1, 1\]"):
+        rt.load("tall", state_dict={**state, key: state[key].reshape(1, 4, 2, 1)}, config=config)
+    assert [info.name for info in rt.adapters()] == ["ia3"]
     for dtype, arena in rt.internals.arena.arenas.items():
         assert torch.equal(arena, before[dtype])
 
