@@ -102,15 +102,18 @@ class LayerLayout:
 
     @property
     def vector_in(self) -> int:
-        """Values of the input scale: ``d_in``, or a Conv2d's input channels (its ``d_in`` is
-        ``C_in * kh * kw``, what A reads)."""
+        """Values of the input scale: ``d_in``, a Conv2d's input channels (its ``d_in`` is
+        ``C_in * kh * kw``, what A reads), none for an Embedding (its input is token ids)."""
+        if self.kind == "embedding":
+            return 0
         return self.kernel[0] if self.kind == "conv" else self.d_in
 
     @property
     def can_hold_vectors(self) -> bool:
-        """Scale vectors (IA3/DoRA/LoRA bias) exist for linear layers (Linear, Conv1D) and
-        Conv2d layers (DoRA / LoRA bias on a grouped one are refused when read)."""
-        return self.kind in ("linear", "conv")
+        """Scale vectors (IA3/DoRA/LoRA bias) exist for linear layers (Linear, Conv1D), Conv2d
+        layers (DoRA / LoRA bias on a grouped one are refused when read) and Embedding layers
+        (DoRA only: output scale)."""
+        return self.kind in ("linear", "conv", "embedding")
 
 
 def factor_views(row: torch.Tensor, layout: LayerLayout, width: int,

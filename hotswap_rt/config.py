@@ -87,10 +87,10 @@ class RuntimeConfig:
             ``b`` ranks of every slot, ``b`` the smallest bucket holding every selected
             adapter's rank. Switching buckets then runs another compiled graph (no recompile).
             ``None``: one graph at ``max_rank``.
-        scale_vectors: reserve in every slot, for each injected linear or Conv2d layer, an
-            input scale, an output scale and an output bias vector: what IA3, DoRA and
-            ``lora_bias`` adapters need (``d_in + 2*d_out`` values per layer per slot, a
-            Conv2d's ``C_in + 2*C_out``; every forward then
+        scale_vectors: reserve in every slot, for each injected layer, an input scale, an
+            output scale and an output bias vector: what IA3, DoRA and ``lora_bias`` adapters
+            need (``d_in + 2*d_out`` values per layer per slot, a Conv2d's ``C_in + 2*C_out``,
+            an Embedding's ``2*dim``; every forward then
             applies them, ~ two elementwise passes). ``False``: added when the first such
             adapter is loaded before compiling; once compiled, such an adapter is refused.
         modules_to_save: ``nn.Linear`` modules (PEFT's names and matching rules, e.g.

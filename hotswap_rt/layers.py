@@ -229,10 +229,12 @@ class SlotLayer(nn.Module):
         vectors = self._row_vectors(x.shape[0], per_row, training)
         if self.shape.kind == "conv":  # [B, C, H, W]: channels first
             shape: tuple[int, ...] = (x.shape[0], -1, 1, 1)
-        else:  # [B, ..., features]
-            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        in_scale = vectors[:, :d_in].reshape(shape).to(x.dtype)
-        y = self.base(x + x * in_scale)
+        else:  # [B, ..., features]; an Embedding's output has one dim more than its ids
+            shape = (x.shape[0],) + (1,) * (x.dim() - 2 + (self.shape.kind == "embedding")) + (-1,)
+        if d_in:
+            y = self.base(x + x * vectors[:, :d_in].reshape(shape).to(x.dtype))
+        else:  # an Embedding: no input scale
+            y = self.base(x)
         out_scale = vectors[:, d_in : d_in + d_out].reshape(shape).to(y.dtype)
         out_bias = vectors[:, d_in + d_out :].reshape(shape).to(y.dtype)
         return y + y * out_scale + out_bias
@@ -365,9 +367,13 @@ class LoraSlotEmbedding(SlotLayer):
     of A are looked up in place (no gather of the slots' full A)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        y = self.base(ids)  # [B, ..., dim]
         training = self._training()
-        if self._selection.per_row and not training:
+        per_row = self._selection.per_row and not training  # fixed for the runtime's life
+        if self.vector_offset >= 0:  # fixed once compiled: DoRA's output scale
+            y = self._scaled_base(ids, per_row, training)  # [B, ..., dim]
+        else:
+            y = self.base(ids)  # [B, ..., dim]
+        if per_row:
             return y + self._per_row(ids).to(y.dtype)
         a_act, bt_act = self._active_factors(training)  # [k*R, V], [k*R, dim]
         h = F.embedding(ids, a_act.t())  # [B, ..., k*R]

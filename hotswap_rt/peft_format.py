@@ -75,8 +75,8 @@ class LoraModule:
     - ``"embedding"`` (``nn.Embedding``): ``lora_embedding_A`` ``[rank, num_embeddings]`` and
       ``lora_embedding_B`` ``[embedding_dim, rank]``, already matrices.
 
-    Besides the factors a module may carry vectors (linear and Conv2d layers), held in a slot's scale
-    vectors (:func:`~hotswap_rt.arena.vector_views`):
+    Besides the factors a module may carry vectors (on linear and Conv2d layers; on an
+    Embedding DoRA only), held in a slot's scale vectors (:func:`~hotswap_rt.arena.vector_views`):
 
     - ``magnitude`` (DoRA, ``use_dora``): ``m [d_out]``; the layer computes
       ``base(x) + (s - 1) * (W x) + s * scaling * B A x`` with ``s = m / ||W + scaling B A||``
@@ -419,8 +419,8 @@ def _flag(config: Mapping[str, Any], key: str, where: str) -> bool:
 
 def _check_lora_vectors(vectors: Mapping[str, Mapping[str, torch.Tensor]], pairs: Mapping[str, Any],
                         kinds: Mapping[str, str], use_dora: bool, lora_bias: bool, where: str) -> None:
-    """DoRA magnitudes / LoRA biases exactly for the LoRA modules, as the config's flags say,
-    on linear and Conv2d layers only (what the slots' scale vectors represent)."""
+    """DoRA magnitudes / LoRA biases exactly for the LoRA modules, as the config's flags say
+    (LoRA biases not on embeddings: PEFT has none there)."""
     stray = sorted(set(vectors) - set(pairs))
     if stray:
         raise AdapterFormatError(f"{where}: DoRA magnitude or lora_B.bias keys for {stray[:3]}, "
@@ -435,10 +435,10 @@ def _check_lora_vectors(vectors: Mapping[str, Mapping[str, torch.Tensor]], pairs
             lacking = sorted(set(pairs) - set(having))
             if lacking:
                 raise AdapterFormatError(f"{where}: {feature}=true but module {lacking[0]!r} has no {key}")
-            not_linear = sorted(name for name in pairs if kinds[name] != LINEAR)
-            if not_linear:
-                raise AdapterFormatError(f"{where}: {feature} on the embedding {not_linear[0]!r} is not "
-                                         f"supported (linear and Conv2d layers only)")
+            embeddings = sorted(name for name in pairs if kinds[name] == EMBEDDING)
+            if embeddings and which == "bias":  # PEFT cannot create one either
+                raise AdapterFormatError(f"{where}: lora_bias on the embedding {embeddings[0]!r} is not "
+                                         f"supported (PEFT has no lora_bias for embeddings)")
 
 
 def _with_lora_vectors(module: LoraModule, held: Mapping[str, torch.Tensor], name: str,

@@ -330,11 +330,14 @@ class HotswapRuntime:
         return not self.compiled and self._trainer.adapter is None
 
     def _base_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Injected layer ``name``'s base weight as ``[d_out, d_in]`` and its bias (DoRA)."""
+        """Injected layer ``name``'s base weight as ``[d_out, d_in]`` (an Embedding's as
+        ``[embedding_dim, num_embeddings]``; a Conv2d's ``[C_out, C_in, kh, kw]``) and its bias
+        (DoRA)."""
         base = self._layers[name].base
         weight = base.weight.detach()
         bias = getattr(base, "bias", None)
-        return (weight.t() if is_conv1d(base) else weight), (None if bias is None else bias.detach())
+        transposed = is_conv1d(base) or isinstance(base, nn.Embedding)
+        return (weight.t() if transposed else weight), (None if bias is None else bias.detach())
 
     @property
     def targets(self) -> list[str]:

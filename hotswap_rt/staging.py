@@ -247,8 +247,10 @@ class Stager:
         if not layout.can_hold_vectors:
             kind = _describe(layout.kind, layout.kernel, layout.groups)
             raise IncompatibleAdapterError(f"{where}: module {name!r}: IA3 / DoRA / lora_bias on {kind} "
-                                           f"layer is not supported (linear and Conv2d layers "
-                                           f"only)")
+                                           f"layer is not supported")
+        if module.rank == 0 and layout.kind == "embedding":  # IA3
+            raise IncompatibleAdapterError(f"{where}: module {name!r}: IA3 on an Embedding is not "
+                                           f"supported (PEFT has no IA3 for embeddings)")
         if module.rank == 0 and (module.kind == "conv") != (layout.kind == "conv"):  # IA3
             held = "a Conv2d's [1, C, 1, 1]" if module.kind == "conv" else "a linear layer's"
             raise IncompatibleAdapterError(

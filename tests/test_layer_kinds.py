@@ -350,6 +350,60 @@ def test_embedding_save_loads_in_peft_without_the_base_weight(emb, tmp_path) -> 
     torch.testing.assert_close(logits(reference, emb["ids"]), emb["refs"]["a"], atol=1e-4, rtol=1e-4)
 
 
+def _moved_magnitudes(path: Path, seed: int) -> Path:
+    """Multiply the DoRA magnitudes in ``path``'s file by random factors in [1, 1.5): at PEFT's
+    init they equal the norms, which makes DoRA's scale exactly 1."""
+    file = str(path / "adapter_model.safetensors")
+    state = load_file(file)
+    generator = torch.Generator().manual_seed(seed)
+    for key in [k for k in state if k.endswith("lora_magnitude_vector")]:
+        state[key] = state[key] * (1 + 0.5 * torch.rand(state[key].shape, generator=generator))
+    save_file(state, file, metadata={"format": "pt"})
+    return path
+
+
+def test_dora_on_an_embedding_equals_peft_stacked_per_row_and_saved(emb, tmp_path) -> None:
+    """DoRA on ``embed_tokens`` (an output scale per embedding feature, the norm over the
+    vocabulary) next to q_proj: equal to PEFT alone, in mixed rows, and after a save."""
+    base, ids = emb["base"], emb["ids"]
+    path = _moved_magnitudes(base.make_adapter(tmp_path / "dora", seed=3, r=4, lora_alpha=8, use_dora=True,
+                                               target_modules=["embed_tokens", "q_proj"]), seed=4)
+    assert tuple(load_file(str(path / "adapter_model.safetensors"))[
+        "base_model.model.model.embed_tokens.lora_magnitude_vector"].shape) == (64,)
+    reference = logits(base.peft_reference({"dora": path}), ids)
+    assert not torch.allclose(reference, emb["refs"][None])
+    for per_row in (2, 1):
+        rt = _emb_runtime(emb, max_adapters_per_row=per_row)
+        rt.load("dora", path)
+        rt.activate("dora")
+        torch.testing.assert_close(logits(rt.model, ids), reference, **TOL)
+        rt.activate_rows(["dora", "a", None])
+        out = logits(rt.model, ids)
+        torch.testing.assert_close(out[0], reference[0], **TOL)
+        torch.testing.assert_close(out[1], emb["refs"]["a"][1], **TOL)
+        torch.testing.assert_close(out[2], emb["refs"][None][2], **TOL)
+    rt.save("dora", tmp_path / "saved")
+    torch.testing.assert_close(logits(base.peft_reference({"dora": tmp_path / "saved"}), ids), reference, **TOL)
+
+
+def test_ia3_or_lora_bias_on_an_embedding_is_refused_and_changes_nothing(emb, tmp_path) -> None:
+    """PEFT has neither: a file that holds one anyway is refused, nothing loaded or written."""
+    rt = _emb_runtime(emb, scale_vectors=True)
+    before = {dtype: arena.clone() for dtype, arena in rt.internals.arena.arenas.items()}
+    state = load_file(str(emb["b"] / "adapter_model.safetensors"))
+    config = json.loads((emb["b"] / "adapter_config.json").read_text())
+    key = "base_model.model.model.embed_tokens"
+    biased = {**state, f"{key}.lora_B.bias": torch.ones(64)}
+    with pytest.raises(AdapterFormatError, match="lora_bias on the embedding"):
+        rt.load("bias", state_dict=biased, config={**config, "lora_bias": True})
+    ia3 = {f"{key}.ia3_l": torch.ones(64, 1)}
+    with pytest.raises(IncompatibleAdapterError, match="IA3 on an Embedding"):
+        rt.load("ia3", state_dict=ia3, config={"peft_type": "IA3", "target_modules": ["embed_tokens"]})
+    assert [info.name for info in rt.adapters()] == ["a", "b"]
+    for dtype, arena in rt.internals.arena.arenas.items():
+        assert torch.equal(arena, before[dtype])
+
+
 def test_embedding_adapter_with_a_different_base_weight_is_refused(emb, tmp_path) -> None:
     """A resized or trained embedding saved with the adapter cannot be served: refused, and the
     runtime is unchanged."""
