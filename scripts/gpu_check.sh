@@ -26,6 +26,7 @@ NEEDED=(
   hotswap_rt/engine/engine.py
   tests/conftest.py
   tests/test_cuda.py
+  tests/test_layer_kinds.py
   tests/test_guard.py
   benchmarks/__init__.py
   benchmarks/gpu_check.py

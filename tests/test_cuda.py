@@ -145,6 +145,45 @@ def test_per_row_decode_reduce_compiled_on_cuda_equals_peft(adapters) -> None:
     assert rt.guard.recompiles == 0
 
 
+def test_scale_vector_adapters_on_linear_and_conv_layers_equal_peft_on_cuda(tmp_path) -> None:
+    """DoRA (its norm taken on the base weight's device), LoRA bias and IA3 on a ConvNet's convs
+    and linear head, staged into pinned rows and run on CUDA: each equal to PEFT on CUDA,
+    alone and mixed per row."""
+    import copy
+
+    from peft import PeftModel, get_peft_model
+
+    from .test_layer_kinds import CONV_TARGETS, VECTOR_CONFIGS, ConvNet
+
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    sample = torch.randn(3, 4, 8, 8, device="cuda")
+    rt = HotswapRuntime(copy.deepcopy(base).cuda(), RuntimeConfig(
+        CONV_TARGETS, max_rank=8, device_slots=3, max_batch_size=4, scale_vectors=True))
+    expected = {}
+    for seed, (name, make_config) in enumerate(VECTOR_CONFIGS.items()):
+        torch.manual_seed(30 + seed)
+        model = get_peft_model(copy.deepcopy(base), make_config())
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if "magnitude" in key:
+                    param.mul_(1 + 0.5 * torch.rand_like(param))
+        model.save_pretrained(tmp_path / name)
+        reference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).cuda().eval()
+        with torch.no_grad():
+            expected[name] = reference(sample)
+        rt.load(name, tmp_path / name)
+    with torch.no_grad():
+        for name in expected:
+            rt.activate(name)
+            torch.testing.assert_close(rt.model(sample), expected[name], atol=1e-4, rtol=1e-4)
+        rows = list(expected)
+        rt.activate_rows(rows)
+        out = rt.model(sample)
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(out[i], expected[name][i], atol=1e-4, rtol=1e-4)
+
+
 def test_slot_writes_reuse_one_event_per_thread_and_land_before_returning() -> None:
     """``write_slot`` waits on an event of the calling thread's own, recorded again on every
     write (two threads never wait on each other's record); after each write returns, the slot
