@@ -7,6 +7,13 @@ Public API: :func:`enable_hotswap` (transformers' adapter methods on a runtime),
 (``rt.internals`` exposes the composed objects to tests and tools).
 """
 
+import os as _os
+
+# Read before anything below imports torch._dynamo, which sets it to inductor's temp-dir
+# default: the user's own setting, which `hotswap-rt serve` keeps (see serve.cli).
+_STARTUP_INDUCTOR_CACHE_DIR = _os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+# ruff: noqa: E402 (the imports below come after that read)
 from .config import AdapterInfo, RuntimeConfig
 from .errors import (
     AdapterChangedError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,56 @@ def test_bad_command_line_values_are_clear_errors(adapter, tmp_path, capsys) -> 
     if not torch.cuda.is_available():
         assert main(["bench", "--device", "cuda"]) == 2
         assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_the_server_keeps_its_compile_cache_where_a_reboot_does_not_empty_it(tmp_path) -> None:
+    """``--compile-cache``, else ``$TORCHINDUCTOR_CACHE_DIR``, else under ``$XDG_CACHE_HOME``
+    (``~/.cache``), never inductor's temp-dir default; a real ``hotswap-rt serve`` (eager, so
+    nothing compiles here) says which directory and whether it is warm, and answers."""
+    import os
+
+    from hotswap_rt.serve.cli import compile_cache_dir
+
+    assert compile_cache_dir("~/x", {"TORCHINDUCTOR_CACHE_DIR": "/y"}) == (Path.home() / "x").resolve()
+    assert compile_cache_dir(None, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "env"),
+                                    "XDG_CACHE_HOME": "/z"}) == tmp_path / "env"
+    assert compile_cache_dir(None, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}) == \
+        tmp_path / "xdg" / "hotswap_rt" / "inductor"
+    assert compile_cache_dir(None, {}) == Path.home() / ".cache" / "hotswap_rt" / "inductor"
+
+    base_env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    for env, expected in [({**base_env, "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+                           tmp_path / "xdg" / "hotswap_rt" / "inductor"),  # the default
+                          ({**base_env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "own")},
+                           tmp_path / "own")]:  # the user's own, kept
+        assert f"compile cache {expected} (empty: the first start compiles)" in _serve_eagerly(env)
+
+
+def _serve_eagerly(env: dict[str, str]) -> str:
+    """Start ``hotswap-rt serve --no-compile`` with ``env``, wait for /health, stop it: its stderr."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "hotswap_rt.cli", "serve", "--no-compile",
+                               "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("the server did not answer /health")
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=30)
+    return stderr
