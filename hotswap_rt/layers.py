@@ -224,7 +224,8 @@ class SlotLayer(nn.Module):
     def _scaled_base(self, x: torch.Tensor, per_row: bool, training: bool) -> torch.Tensor:
         """The base layer with the rows' scale vectors: ``base(x * (1 + in)) * (1 + out) + bias``
         (IA3 scales, DoRA's ``s - 1`` and bias correction, LoRA bias), written as additions so
-        a zero vector changes nothing and a small one survives bf16."""
+        a zero vector changes nothing and a small one survives bf16. On a Conv2d they act per
+        channel (``[B, C, 1, 1]``); an Embedding has no input scale (its input is ids)."""
         d_in, d_out = self._vector_in, self.out_features
         vectors = self._row_vectors(x.shape[0], per_row, training)
         if self.shape.kind == "conv":  # [B, C, H, W]: channels first
