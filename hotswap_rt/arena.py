@@ -41,6 +41,9 @@ import torch
 from .errors import HotswapError
 
 
+FULL_KINDS = ("full", "full_embedding")  # LayerShape.kind of modules held in full (modules_to_save)
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What a slot row holds for one layer: its LoRA as matrices A ``[R, d_in]``, B ``[d_out, R]``.
@@ -50,7 +53,9 @@ class LayerShape:
             ``C_in*kh*kw``, ``kernel`` = ``(C_in, kh, kw)``, ``groups`` its groups),
             ``"embedding"`` (``nn.Embedding``: ``d_in`` = ``num_embeddings``), ``"full"`` (an
             ``nn.Linear`` in ``modules_to_save``: each slot holds a whole weight and bias delta
-            in the vector region, nothing in the rank blocks) or ``"experts"`` (one 3-D expert
+            in the vector region, nothing in the rank blocks), ``"full_embedding"`` (an
+            ``nn.Embedding`` in ``modules_to_save``: its weight delta ``[num_embeddings, dim]``,
+            ``d_in`` = ``num_embeddings``) or ``"experts"`` (one 3-D expert
             parameter of a fused MoE experts module, PEFT's ``target_parameters``: ``kernel`` =
             ``(E,)``, ``d_in`` = ``E * in``, ``d_out`` = ``E * out``: each rank holds every
             expert's A row and B column).
@@ -89,15 +94,23 @@ class LayerLayout:
 
     @property
     def width(self) -> int:
-        """Values this layer adds to each rank block (none for a ``"full"`` module)."""
-        return 0 if self.kind == "full" else self.d_in + self.d_out
+        """Values this layer adds to each rank block (none for a module held in full)."""
+        return 0 if self.full else self.d_in + self.d_out
+
+    @property
+    def full(self) -> bool:
+        """A ``modules_to_save`` module (kind ``"full"`` or ``"full_embedding"``)."""
+        return self.kind in FULL_KINDS
 
     @property
     def vector_width(self) -> int:
         """Values of its part of the vector region: input scale, output scale, output bias; for a
-        ``"full"`` module (``modules_to_save``) its weight delta ``[d_out, d_in]`` and bias delta."""
+        ``"full"`` module (``modules_to_save``) its weight delta ``[d_out, d_in]`` and bias delta;
+        for a ``"full_embedding"`` one its weight delta ``[num_embeddings, dim]``."""
         if self.kind == "full":
             return self.d_out * (self.d_in + 1)
+        if self.kind == "full_embedding":
+            return self.d_in * self.d_out
         return self.vector_in + 2 * self.d_out
 
     @property
@@ -207,7 +220,7 @@ class SlotArena:
                 raise ValueError(f"layer {name!r} is already in the arena")
             offset = widths.get(shape.dtype, 0)
             layout = LayerLayout.of(name, shape, offset)
-            if layout.kind == "full" or (self.vectors and layout.can_hold_vectors):
+            if layout.full or (self.vectors and layout.can_hold_vectors):
                 layout = dataclasses.replace(layout, vectors=vector_sizes.get(shape.dtype, 0))
                 vector_sizes[shape.dtype] = layout.vectors + layout.vector_width
             added[name] = layout

@@ -93,11 +93,13 @@ class RuntimeConfig:
             an Embedding's ``2*dim``; every forward then
             applies them, ~ two elementwise passes). ``False``: added when the first such
             adapter is loaded before compiling; once compiled, such an adapter is refused.
-        modules_to_save: ``nn.Linear`` modules (PEFT's names and matching rules, e.g.
-            ``["score"]`` or ``["lm_head"]``) that adapters may train in full: every slot holds
-            a whole weight (and bias) delta for each (``d_out * (d_in + 1)`` values), selected
-            per row like the LoRA factors. ``None``: none, or with lazy injection
-            (``target_modules=None``) what the loaded adapters name, before compiling.
+        modules_to_save: ``nn.Linear`` and ``nn.Embedding`` modules (PEFT's names and
+            matching rules, e.g. ``["score"]``, ``["lm_head"]``, ``["embed_tokens"]``) that
+            adapters may train in full: every slot holds a whole weight (and bias) delta for
+            each (``d_out * (d_in + 1)`` values; an embedding's ``num_embeddings * dim``),
+            selected per row like the LoRA factors (an embedding's rows looked up in place).
+            ``None``: none, or with lazy injection (``target_modules=None``) what the loaded
+            adapters name, before compiling.
         target_parameters: expert parameters of fused MoE experts modules (PEFT's names and
             suffix rule, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``) that get
             per-expert LoRA slots (:mod:`hotswap_rt.experts`). ``None``: none, or with lazy

@@ -73,20 +73,20 @@ def find_targets(
 
 
 def find_modules_to_save(model: nn.Module, names: Sequence[str], targets: Sequence[str]) -> list[str]:
-    """Names of the ``nn.Linear`` modules matching ``names`` (PEFT's ``modules_to_save`` rule:
-    exact name or suffix), held in full per slot.
+    """Names of the ``nn.Linear`` and ``nn.Embedding`` modules matching ``names`` (PEFT's
+    ``modules_to_save`` rule: exact name or suffix), held in full per slot.
 
     Raises:
-        TargetNotFoundError: nothing matched, a match is not an ``nn.Linear``, or it is also a
+        TargetNotFoundError: nothing matched, a match is of another type, or it is also a
             LoRA target (``targets``).
     """
     matched = [name for name, module in model.named_modules()
                if name and name_matches(list(names), name) and not isinstance(module, SlotLayer)]
-    wrong = [name for name in matched if type(model.get_submodule(name)) is not nn.Linear]
+    wrong = [name for name in matched if type(model.get_submodule(name)) not in (nn.Linear, nn.Embedding)]
     if wrong or not matched:
         found = f"{wrong[:3]} ({type(model.get_submodule(wrong[0])).__name__})" if wrong else "no module"
         raise TargetNotFoundError(f"modules_to_save={list(names)!r} matches {found}; modules held in "
-                                  f"full must be nn.Linear")
+                                  f"full must be nn.Linear or nn.Embedding")
     both = sorted(set(matched) & set(targets))
     if both:
         raise TargetNotFoundError(f"{both[:3]} are both LoRA targets and modules_to_save")

@@ -319,6 +319,32 @@ class FullSlotLinear(SlotLayer):
         return y + out.to(y.dtype)
 
 
+class FullSlotEmbedding(SlotLayer):
+    """Wraps a frozen ``nn.Embedding`` named in an adapter's ``modules_to_save``: each slot holds
+    the module's weight minus the base's, ``[num_embeddings, dim]``, so a row computes
+    ``base(ids) + sum_i w_i dE_i[ids]`` (with weight 1: the adapter's own embedding; a row
+    without it: the base one). Only the looked-up rows of each slot's delta are read."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)  # [B, ..., dim]
+        batch, vocab, dim = ids.shape[0], self.in_features, self.out_features
+        training = self._training()
+        deltas = self._arena.narrow(1, self.vector_offset, vocab * dim).unflatten(1, (vocab, dim))  # [S,V,dim]
+        flat = ids.reshape(batch, -1)  # [B, T]
+        if self._selection.per_row and not training:
+            slots = self._selection.row_slots[:batch]  # [B, m]
+            picked = deltas[slots[:, :, None], flat[:, None, :]]  # [B, m, T, dim]
+            weights = self._selection.row_slot_weights[:batch].to(picked.dtype)  # [B, m]
+            out = (picked * weights[:, :, None, None]).sum(1)  # [B, T, dim]
+        else:
+            if not (self._selection.in_place and not training):
+                deltas = deltas.index_select(0, self._selection.active_slots)  # [k, V, dim]
+            weights = self._selection.row_weights[:batch].to(deltas.dtype)  # [B, k]
+            picked = deltas[:, flat]  # [k, B, T, dim]
+            out = torch.einsum("bk,kbtd->btd", weights, picked)
+        return y + out.view(*ids.shape, dim).to(y.dtype)
+
+
 class LoraSlotConv2d(SlotLayer):
     """Wraps a frozen ``nn.Conv2d`` (input ``[B, C_in, H, W]``), as PEFT does: A is a conv with
     the base's kernel, stride and padding (``[R, C_in, kh, kw]``), B a 1x1 conv, stored as its
@@ -398,13 +424,14 @@ def make_slot_layer(
 ) -> SlotLayer:
     """The slot layer for ``layout``'s kind."""
     classes = {"linear": LoraSlotLinear, "conv": LoraSlotConv2d, "embedding": LoraSlotEmbedding,
-               "full": FullSlotLinear}
+               "full": FullSlotLinear, "full_embedding": FullSlotEmbedding}
     return classes[layout.kind](base, arena, layout, vector_size, max_rank, selection)
 
 
 def layer_shape(layer: nn.Module, full: bool = False) -> LayerShape:
     """What a slot row holds for ``layer`` (see :class:`~hotswap_rt.arena.LayerShape`);
-    ``full``: as a ``modules_to_save`` module (whole weight deltas; ``nn.Linear`` only).
+    ``full``: as a ``modules_to_save`` module (whole weight deltas; ``nn.Linear`` and
+    ``nn.Embedding``).
 
     Raises:
         TypeError: not a layer a slot layer can wrap.
@@ -413,8 +440,14 @@ def layer_shape(layer: nn.Module, full: bool = False) -> LayerShape:
         return layer.shape
     dtype = layer.weight.dtype if hasattr(layer, "weight") else torch.float32
     if full:
+        if type(layer) is nn.Embedding:
+            unsupported = unsupported_reason(layer)
+            if unsupported:
+                raise TypeError(unsupported)
+            return LayerShape(layer.num_embeddings, layer.embedding_dim, dtype, "full_embedding")
         if type(layer) is not nn.Linear:
-            raise TypeError(f"modules_to_save holds nn.Linear modules only, not {type(layer).__name__}")
+            raise TypeError(f"modules_to_save holds nn.Linear and nn.Embedding modules only, not "
+                            f"{type(layer).__name__}")
         return LayerShape(layer.in_features, layer.out_features, dtype, "full")
     if isinstance(layer, nn.Linear):
         return LayerShape(layer.in_features, layer.out_features, dtype)

@@ -119,7 +119,7 @@ class Stager:
         layouts = {**self.layouts, **(planned or {})}
         vectors = self.arena.vectors or adapter.has_vectors  # vectors now or once it is loaded
         grown = [layout for layout in layouts.values() if layout.vectors < 0 and (
-            layout.kind == "full" or (vectors and layout.can_hold_vectors))]  # regions it would add
+            layout.full or (vectors and layout.can_hold_vectors))]  # regions it would add
         for layout in (planned or {}).values():
             widths[layout.dtype] = widths.get(layout.dtype, 0) + layout.width
         for layout in grown:
@@ -226,20 +226,25 @@ class Stager:
 
     def _check_saved_modules(self, adapter: ParsedAdapter, planned: Mapping[str, LayerLayout],
                              where: str) -> None:
-        """Every ``modules_to_save`` module must be held per slot here (kind ``"full"``) with
-        the same shapes."""
+        """Every ``modules_to_save`` module must be held per slot here (held in full) with the
+        same shapes (an embedding's weight ``[num_embeddings, dim]``, no bias)."""
         for name, params in adapter.saved_modules.items():
             layout = self.layouts.get(name) or planned.get(name)
-            if layout is None or layout.kind != "full":
+            if layout is None or not layout.full:
                 held = "is not held" if layout is None else "is a LoRA layer, not held in full"
                 raise IncompatibleAdapterError(
                     f"{where}: the adapter trains {name!r} in full (modules_to_save), which {held} "
                     f"per slot by this runtime (name it in RuntimeConfig.modules_to_save)")
             weight = params["weight"]
-            if tuple(weight.shape) != (layout.d_out, layout.d_in):
+            embedding = layout.kind == "full_embedding"
+            expected = (layout.d_in, layout.d_out) if embedding else (layout.d_out, layout.d_in)
+            if tuple(weight.shape) != expected:
                 raise IncompatibleAdapterError(
                     f"{where}: the saved module {name!r} has weight {tuple(weight.shape)}, the model's "
-                    f"is {(layout.d_out, layout.d_in)}")
+                    f"is {expected}")
+            if embedding and "bias" in params:
+                raise IncompatibleAdapterError(f"{where}: the saved module {name!r} has a bias, but "
+                                               f"the model's is an nn.Embedding")
 
     def _check_vectors(self, module: LoraModule, layout: LayerLayout, vectors_planned: bool,
                        where: str) -> None:
@@ -432,9 +437,13 @@ class Stager:
                             params: Mapping[str, torch.Tensor]) -> None:
         """A ``modules_to_save`` module's weight and bias minus the base's, into its region of
         ``row`` (``[d_out * d_in]`` row-major, then ``[d_out]``; a saved bias on a base without
-        one is its own delta)."""
+        one is its own delta; an embedding's: ``[num_embeddings * dim]`` row-major, no bias)."""
         weight, bias = self._base_weight(layout.name, "modules_to_save")
         region = row[layout.vectors : layout.vectors + layout.vector_width]
+        if layout.kind == "full_embedding":  # the base weight comes as [dim, num_embeddings]
+            region.view(layout.d_in, layout.d_out).copy_(
+                params["weight"].float() - weight.detach().float().cpu().t())
+            return
         d_weights = layout.d_out * layout.d_in
         region[:d_weights].view(layout.d_out, layout.d_in).copy_(
             params["weight"].float() - weight.detach().float().cpu())

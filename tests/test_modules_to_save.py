@@ -130,8 +130,8 @@ def test_runtime_without_the_head_refuses_and_changes_nothing(heads) -> None:
 
 def test_config_errors(heads) -> None:
     base, _, _, _, _ = heads
-    with pytest.raises(TargetNotFoundError, match="must be nn.Linear"):
-        HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, modules_to_save=["embed_tokens"]))
+    with pytest.raises(TargetNotFoundError, match="must be nn.Linear or nn.Embedding"):
+        HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, modules_to_save=["model.norm"]))
     with pytest.raises(TargetNotFoundError, match="both LoRA targets and modules_to_save"):
         HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, modules_to_save=["q_proj"]))
 
@@ -161,3 +161,78 @@ def test_per_row_mode_equals_peft(heads) -> None:
     rt.activate_rows(rows)
     ours = logits(rt.model, ids)
     assert_rows_equal_alone(ours, ids, rows, references, base, TOL)
+
+
+# ---------------------------------------------------------------------- an nn.Embedding in full
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    """A tiny Llama, two adapters training ``embed_tokens`` in full (plus LoRA on q/v), PEFT
+    alone on each, and a compiled runtime holding ``embed_tokens`` per slot."""
+    base = BaseModel("llama", seed=8)
+    root = tmp_path_factory.mktemp("embeddings")
+    dirs = {name: make_adapter(base.model, root / name, seed, modules_to_save=["embed_tokens"])
+            for seed, name in enumerate(("emb_a", "emb_b"), start=11)}
+    references = {name: peft_alone(base.model, path) for name, path in dirs.items()}
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2, max_batch_size=4,
+                                                    modules_to_save=["embed_tokens"]))
+    for name, path in dirs.items():
+        rt.load(name, path)
+    ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(5))
+    rt.compile(input_ids=ids)
+    return base, dirs, references, rt, ids
+
+
+def test_embed_tokens_in_full_compiled_alone_and_mixed_equal_peft(embeddings) -> None:
+    base, dirs, references, rt, ids = embeddings
+    state = load_file(str(dirs["emb_a"] / "adapter_model.safetensors"))
+    assert state["base_model.model.model.embed_tokens.weight"].shape == (VOCAB, 64)
+    for name in dirs:
+        rt.activate(name)
+        expected = logits(references[name], ids)
+        assert max_diff(expected, logits(base.model, ids)) > 0.1  # the trained embedding matters
+        assert max_diff(logits(rt.model, ids), expected) <= TOL
+    rows = ["emb_b", None, "emb_a", "emb_b"]
+    rt.activate_rows(rows)
+    assert_rows_equal_alone(logits(rt.model, ids), ids, rows, references, base.model, TOL)
+    assert rt.guard.recompiles == 0
+
+
+def test_weighted_embeddings_are_the_weighted_deltas(embeddings) -> None:
+    base, dirs, _, rt, ids = embeddings
+    rt.activate({"emb_a": 0.25, "emb_b": 0.5})
+    expected = base.model.model.embed_tokens(ids)
+    for name, weight in (("emb_a", 0.25), ("emb_b", 0.5)):
+        file = load_file(str(dirs[name] / "adapter_model.safetensors"))
+        saved = file["base_model.model.model.embed_tokens.weight"]
+        expected = expected + weight * (saved - base.model.model.embed_tokens.weight)[ids]
+    with torch.no_grad():
+        assert max_diff(rt.model.model.embed_tokens(ids), expected) <= 1e-6
+    assert rt.slot_nbytes - HotswapRuntime(base.clone(), RuntimeConfig(
+        TARGETS, max_rank=8, device_slots=2)).slot_nbytes == VOCAB * 64 * 4
+
+
+def test_embed_tokens_save_loads_in_peft_and_a_lazy_runtime_holds_it(embeddings, tmp_path) -> None:
+    base, dirs, references, rt, ids = embeddings
+    out = Path(rt.save("emb_a", tmp_path / "a"))
+    assert max_diff(logits(peft_alone(base.model, out), ids), logits(references["emb_a"], ids)) <= TOL
+    lazy = HotswapRuntime(base.clone(), RuntimeConfig(None, max_rank=8, device_slots=2))
+    lazy.load("emb_b", dirs["emb_b"])
+    assert "model.embed_tokens" in lazy.targets
+    lazy.activate_rows(["emb_b", None])
+    ours = logits(lazy.model, ids[:2])
+    assert max_diff(ours[0], logits(references["emb_b"], ids[:1])[0]) <= TOL
+    assert max_diff(ours[1], logits(base.model, ids[1:2])[0]) <= TOL
+
+
+def test_a_resized_embedding_is_refused_and_changes_nothing(embeddings, tmp_path) -> None:
+    """An adapter whose trained embedding has another vocabulary size (a resized model)."""
+    base, dirs, _, rt, ids = embeddings
+    state = load_file(str(dirs["emb_a"] / "adapter_model.safetensors"))
+    config = json.loads((dirs["emb_a"] / "adapter_config.json").read_text())
+    key = "base_model.model.model.embed_tokens.weight"
+    resized = {**state, key: torch.cat([state[key], state[key][:1]])}
+    rt.activate("emb_a")
+    before = snapshot_state(rt, ids)
+    with pytest.raises(IncompatibleAdapterError, match=r"has weight \(129, 64\), the model's is \(128, 64\)"):
+        rt.load("resized", state_dict=resized, config=config)
+    assert_unchanged(before, snapshot_state(rt, ids))
