@@ -141,3 +141,16 @@ def assert_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
         assert torch.equal(before[key], after[key]), f"{key} changed"
     for key in ("registry", "slot_owner", "rows"):
         assert before[key] == after[key], f"{key} changed"
+
+
+def loaded_and_compiled(model: torch.nn.Module, config: Any, adapters: dict[str, Path],
+                        input_ids: torch.Tensor) -> Any:
+    """A runtime over ``model`` with ``config`` (a ``RuntimeConfig``), every adapter of
+    ``adapters`` loaded under its name, compiled for ``input_ids``."""
+    from hotswap_rt import HotswapRuntime
+
+    rt = HotswapRuntime(model, config)
+    for name, path in adapters.items():
+        rt.load(name, path)
+    rt.compile(input_ids=input_ids)
+    return rt

@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig, TargetNotFoundError
 
 from .conftest import (
-    VOCAB, BaseModel, assert_rows_equal_alone, assert_unchanged, logits, max_diff, snapshot_state,
+    VOCAB, BaseModel, assert_rows_equal_alone, assert_unchanged, loaded_and_compiled, logits, max_diff,
+    snapshot_state,
 )
 
 TARGETS = ["q_proj", "v_proj"]
@@ -60,12 +61,9 @@ def heads(tmp_path_factory):
         "plain": make_adapter(base, root / "plain", 3),
     }
     references = {name: peft_alone(base, path) for name, path in dirs.items()}
-    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(TARGETS, max_rank=8, device_slots=3,
-                                                           host_slots=4, modules_to_save=["score"]))
-    for name, path in dirs.items():
-        rt.load(name, path)
     ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(2))
-    rt.compile(input_ids=ids)
+    rt = loaded_and_compiled(copy.deepcopy(base), RuntimeConfig(
+        TARGETS, max_rank=8, device_slots=3, host_slots=4, modules_to_save=["score"]), dirs, ids)
     return base, dirs, references, rt, ids
 
 
@@ -173,12 +171,9 @@ def embeddings(tmp_path_factory):
     dirs = {name: make_adapter(base.model, root / name, seed, modules_to_save=["embed_tokens"])
             for seed, name in enumerate(("emb_a", "emb_b"), start=11)}
     references = {name: peft_alone(base.model, path) for name, path in dirs.items()}
-    rt = HotswapRuntime(base.clone(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2, max_batch_size=4,
-                                                    modules_to_save=["embed_tokens"]))
-    for name, path in dirs.items():
-        rt.load(name, path)
     ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(5))
-    rt.compile(input_ids=ids)
+    rt = loaded_and_compiled(base.clone(), RuntimeConfig(
+        TARGETS, max_rank=8, device_slots=2, max_batch_size=4, modules_to_save=["embed_tokens"]), dirs, ids)
     return base, dirs, references, rt, ids
 
 

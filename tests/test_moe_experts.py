@@ -23,7 +23,9 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig, TargetNotFoundError
 from hotswap_rt.experts import LoraSlotExperts
 
-from .conftest import VOCAB, assert_rows_equal_alone, assert_unchanged, logits, max_diff, snapshot_state
+from .conftest import (
+    VOCAB, assert_rows_equal_alone, assert_unchanged, loaded_and_compiled, logits, max_diff, snapshot_state,
+)
 
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 TOL = 1e-4
@@ -60,12 +62,10 @@ def moe(tmp_path_factory):
         "plain": make_adapter(base, root / "plain", 3, r=4, target_modules=["q_proj", "v_proj"]),
     }
     references = {name: peft_alone(base, path) for name, path in dirs.items()}
-    rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(["q_proj", "v_proj"], max_rank=8, device_slots=3,
-                                                           host_slots=4, target_parameters=EXPERT_PARAMS))
-    for name, path in dirs.items():
-        rt.load(name, path)
     ids = torch.randint(0, VOCAB, (4, 7), generator=torch.Generator().manual_seed(2))
-    rt.compile(input_ids=ids)
+    rt = loaded_and_compiled(copy.deepcopy(base), RuntimeConfig(
+        ["q_proj", "v_proj"], max_rank=8, device_slots=3, host_slots=4, target_parameters=EXPERT_PARAMS),
+        dirs, ids)
     return base, dirs, references, rt, ids
 
 
