@@ -81,7 +81,7 @@ def test_the_server_keeps_its_compile_cache_where_a_reboot_does_not_empty_it(tmp
     nothing compiles here) says which directory and whether it is warm, and answers."""
     import os
 
-    from hotswap_rt.serve.cli import compile_cache_dir
+    from hotswap_rt.serve.compile_cache import compile_cache_dir
 
     assert compile_cache_dir("~/x", {"TORCHINDUCTOR_CACHE_DIR": "/y"}) == (Path.home() / "x").resolve()
     assert compile_cache_dir(None, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "env"),

@@ -4,10 +4,12 @@ greedy generation of each prompt alone (as in ``test_serve.py``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from .test_serve import mix_reference_text, reference_text  # noqa: E402
 
 pytestmark = pytest.mark.slow  # starts Ray and compiles on every replica
 
+COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # this session's (torch sets it): stays warm
 EXPECTED = {**REPLIES, "greeter": REPLIES["english"]}  # "greeter" is a copy of "english"
 ADAPTERS = list(EXPECTED)
 
@@ -35,7 +38,7 @@ def cluster(tmp_path_factory):
     shutil.copytree(demo_adapter_paths()["english"], root / "english-copy")
     config = ServeConfig(adapters={"greeter": str(root / "greeter")}, max_rank=8, device_slots=2,
                          max_num_seqs=4, max_prefill_seqs=1, allow_runtime_adapter_updates=True,
-                         adapter_root=str(root))
+                         adapter_root=str(root), compile_cache=COMPILE_CACHE)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -212,6 +215,9 @@ def test_no_replica_recompiled(cluster) -> None:
     client, _ = cluster
     stats = replica_stats(client)
     assert stats and all(s["recompiles"] == 0 and s["compiles"] >= 1 for s in stats.values())
+    # every replica compiled into ServeConfig.compile_cache (hotswap_rt.serve.compile_cache)
+    assert COMPILE_CACHE
+    assert {s["compile_cache"] for s in stats.values()} == {str(Path(COMPILE_CACHE).resolve())}
     metrics = client.get("/metrics").text
     assert "hotswap_replica_recompiles" in metrics and "hotswap_requests_total" in metrics
     info = [line for line in metrics.splitlines() if line.startswith("hotswap_rt:lora_requests_info{")]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
-from typing import Mapping
+
+from .compile_cache import use_compile_cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +97,7 @@ def config_from_args(args: argparse.Namespace):
         max_adapters_per_request=args.max_adapters_per_request, stacked_mixes=args.stacked_mixes,
         target_parameters=None if args.target_parameters is None else tuple(args.target_parameters),
         modules_to_save=None if args.modules_to_save is None else tuple(args.modules_to_save),
-        scale_vectors=args.scale_vectors)
+        scale_vectors=args.scale_vectors, compile_cache=args.compile_cache)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,27 +117,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hotswap-rt serve: {exc}", file=sys.stderr)
         return 2
-    from .. import _STARTUP_INDUCTOR_CACHE_DIR as user_setting  # os.environ holds torch's default by now
-
-    cache = compile_cache_dir(args.compile_cache, {**os.environ, "TORCHINDUCTOR_CACHE_DIR": user_setting or ""})
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by inductor (and Ray's local workers)
-    warm = cache.is_dir() and any(cache.iterdir())
+    cache, warm = use_compile_cache(config.compile_cache)  # Ray replicas do the same with it
     print(f"hotswap-rt serve: compile cache {cache} ({'warm' if warm else 'empty: the first start compiles'})",
           file=sys.stderr)
     return _serve_ray(config, args) if args.ray else _serve_local(config, args)
-
-
-def compile_cache_dir(flag: str | None, environ: Mapping[str, str]) -> Path:
-    """Where the server keeps inductor's compile cache: ``--compile-cache``, else
-    ``$TORCHINDUCTOR_CACHE_DIR``, else ``$XDG_CACHE_HOME/hotswap_rt/inductor`` (``~/.cache``
-    when unset). Inductor's own default is a directory under the system's temp dir, which a
-    reboot (or a container's fresh /tmp) empties, so every start after one compiled again."""
-    if flag:
-        return Path(flag).expanduser().resolve()
-    if environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(environ["TORCHINDUCTOR_CACHE_DIR"]).expanduser().resolve()
-    root = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return (root / "hotswap_rt" / "inductor").resolve()
 
 
 def _serve_local(config, args: argparse.Namespace) -> int:

@@ -47,6 +47,10 @@ class ServeConfig:
         torch_threads: intra-op threads of the engine thread (``torch.set_num_threads`` there);
             default on CPU: every core but one, which the HTTP side keeps (on 2 cores a small model's
             decode step is also faster on one thread than on two).
+        compile_cache: inductor's compile cache for ``hotswap-rt serve`` and each Ray replica
+            (:mod:`~hotswap_rt.serve.compile_cache`): None is ``$TORCHINDUCTOR_CACHE_DIR`` as the
+            process started, else ``~/.cache/hotswap_rt/inductor`` (``$XDG_CACHE_HOME``), which
+            outlives reboots. ``build_app`` in your own process leaves inductor's setting alone.
     """
 
     model: str | None = None
@@ -75,6 +79,7 @@ class ServeConfig:
     scale_vectors: bool = False
     api_keys: tuple[str, ...] = ()
     admin_api_keys: tuple[str, ...] = ()
+    compile_cache: str | None = None
 
     def __post_init__(self) -> None:
         self.api_keys, self.admin_api_keys = tuple(self.api_keys), tuple(self.admin_api_keys)

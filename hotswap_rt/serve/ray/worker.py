@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from ...engine.sampling import RequestError
 from ...errors import HotswapError, SelectionError, SlotsBusyError
 from ..backend import LocalBackend
+from ..compile_cache import use_compile_cache
 from ..config import ServeConfig
 from ..model import build_runtime
 from ..protocol import ApiError, ChatCompletionRequest, CompletionRequest
@@ -103,6 +104,8 @@ class HotswapWorker:
     def __init__(self, config: ServeConfig, directory: DeploymentHandle, threads: int) -> None:
         if config.torch_threads is None:  # the replica's CPU share, unless configured
             config = dataclasses.replace(config, torch_threads=max(1, threads))
+        self.compile_cache, warm = use_compile_cache(config.compile_cache)  # this node's, before compiling
+        log.info("compile cache %s (%s)", self.compile_cache, "warm" if warm else "empty")
         self.backend = LocalBackend(config, build_runtime(config))
         self.backend.start()  # compiles before the replica takes traffic
         self.directory = directory
@@ -251,7 +254,7 @@ class HotswapWorker:
         return None
 
     def stats(self) -> dict:
-        return {"replica": self.replica, **self.backend.stats()}
+        return {"replica": self.replica, "compile_cache": str(self.compile_cache), **self.backend.stats()}
 
 def _release_uses(handles: list[LeaseHandle]) -> None:
     for handle in handles:
