@@ -95,7 +95,20 @@ def test_the_server_keeps_its_compile_cache_where_a_reboot_does_not_empty_it(tmp
                            tmp_path / "xdg" / "hotswap_rt" / "inductor"),  # the default
                           ({**base_env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "own")},
                            tmp_path / "own")]:  # the user's own, kept
-        assert f"compile cache {expected} (empty: the first start compiles)" in _serve_eagerly(env)
+        assert f"compile cache {expected} (unused: --no-compile)" in _serve_eagerly(env)
+    # in a fresh process (it sets the process's TORCHINDUCTOR_CACHE_DIR): empty, then warm
+    import subprocess
+    import sys
+
+    probe = ("import os; from hotswap_rt.serve.compile_cache import use_compile_cache; "
+             "print(*use_compile_cache(None), os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    env = {**base_env, "XDG_CACHE_HOME": str(tmp_path / "fresh")}
+    cache = tmp_path / "fresh" / "hotswap_rt" / "inductor"
+    for warm in (False, True):
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [str(cache), str(warm), str(cache)]
+        (cache / "entry").parent.mkdir(parents=True, exist_ok=True)
+        (cache / "entry").write_text("")
 
 
 def _serve_eagerly(env: dict[str, str]) -> str:

@@ -118,8 +118,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"hotswap-rt serve: {exc}", file=sys.stderr)
         return 2
     cache, warm = use_compile_cache(config.compile_cache)  # Ray replicas do the same with it
-    print(f"hotswap-rt serve: compile cache {cache} ({'warm' if warm else 'empty: the first start compiles'})",
-          file=sys.stderr)
+    state = "warm" if warm else "empty: the first start compiles"
+    if not config.compile:
+        state = "unused: --no-compile"
+    print(f"hotswap-rt serve: compile cache {cache} ({state})", file=sys.stderr)
     return _serve_ray(config, args) if args.ray else _serve_local(config, args)
 
 
