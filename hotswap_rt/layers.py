@@ -228,17 +228,20 @@ class SlotLayer(nn.Module):
         channel (``[B, C, 1, 1]``); an Embedding has no input scale (its input is ids)."""
         d_in, d_out = self._vector_in, self.out_features
         vectors = self._row_vectors(x.shape[0], per_row, training)
-        if self.shape.kind == "conv":  # [B, C, H, W]: channels first
-            shape: tuple[int, ...] = (x.shape[0], -1, 1, 1)
-        else:  # [B, ..., features]; an Embedding's output has one dim more than its ids
-            shape = (x.shape[0],) + (1,) * (x.dim() - 2 + (self.shape.kind == "embedding")) + (-1,)
         if d_in:
-            y = self.base(x + x * vectors[:, :d_in].reshape(shape).to(x.dtype))
+            y = self.base(x + x * self._per_sample(vectors[:, :d_in], x))
         else:  # an Embedding: no input scale
             y = self.base(x)
-        out_scale = vectors[:, d_in : d_in + d_out].reshape(shape).to(y.dtype)
-        out_bias = vectors[:, d_in + d_out :].reshape(shape).to(y.dtype)
+        out_scale = self._per_sample(vectors[:, d_in : d_in + d_out], y)
+        out_bias = self._per_sample(vectors[:, d_in + d_out :], y)
         return y + y * out_scale + out_bias
+
+    def _per_sample(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``values [B, n]`` shaped to broadcast over ``like`` sample by sample, in its dtype:
+        along a Conv2d's channels (dim 1), else along the last dim."""
+        if self.shape.kind == "conv":  # [B, C, H, W]
+            return values.reshape(values.shape[0], -1, 1, 1).to(like.dtype)
+        return values.reshape(values.shape[0], *(1,) * (like.dim() - 2), -1).to(like.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}"
@@ -329,17 +332,16 @@ class FullSlotEmbedding(SlotLayer):
         y = self.base(ids)  # [B, ..., dim]
         batch, vocab, dim = ids.shape[0], self.in_features, self.out_features
         training = self._training()
-        deltas = self._arena.narrow(1, self.vector_offset, vocab * dim).unflatten(1, (vocab, dim))  # [S,V,dim]
         flat = ids.reshape(batch, -1)  # [B, T]
         if self._selection.per_row and not training:
+            deltas = self._arena.narrow(1, self.vector_offset, vocab * dim).view(-1, vocab, dim)  # [S, V, dim]
             slots = self._selection.row_slots[:batch]  # [B, m]
             picked = deltas[slots[:, :, None], flat[:, None, :]]  # [B, m, T, dim]
             weights = self._selection.row_slot_weights[:batch].to(picked.dtype)  # [B, m]
             out = (picked * weights[:, :, None, None]).sum(1)  # [B, T, dim]
         else:
-            if not (self._selection.in_place and not training):
-                deltas = deltas.index_select(0, self._selection.active_slots)  # [k, V, dim]
-            weights = self._selection.row_weights[:batch].to(deltas.dtype)  # [B, k]
+            deltas = self._active_region(vocab * dim, training).unflatten(1, (vocab, dim))  # [k or S, V, dim]
+            weights = self._selection.row_weights[:batch].to(deltas.dtype)  # [B, k or S]
             picked = deltas[:, flat]  # [k, B, T, dim]
             out = torch.einsum("bk,kbtd->btd", weights, picked)
         return y + out.view(*ids.shape, dim).to(y.dtype)
@@ -439,15 +441,15 @@ def layer_shape(layer: nn.Module, full: bool = False) -> LayerShape:
     if isinstance(layer, SlotLayer):
         return layer.shape
     dtype = layer.weight.dtype if hasattr(layer, "weight") else torch.float32
+    if full and type(layer) not in (nn.Linear, nn.Embedding):
+        raise TypeError(f"modules_to_save holds nn.Linear and nn.Embedding modules only, not "
+                        f"{type(layer).__name__}")
+    unsupported = unsupported_reason(layer)
+    if unsupported:
+        raise TypeError(unsupported)
+    if full and type(layer) is nn.Embedding:
+        return LayerShape(layer.num_embeddings, layer.embedding_dim, dtype, "full_embedding")
     if full:
-        if type(layer) is nn.Embedding:
-            unsupported = unsupported_reason(layer)
-            if unsupported:
-                raise TypeError(unsupported)
-            return LayerShape(layer.num_embeddings, layer.embedding_dim, dtype, "full_embedding")
-        if type(layer) is not nn.Linear:
-            raise TypeError(f"modules_to_save holds nn.Linear and nn.Embedding modules only, not "
-                            f"{type(layer).__name__}")
         return LayerShape(layer.in_features, layer.out_features, dtype, "full")
     if isinstance(layer, nn.Linear):
         return LayerShape(layer.in_features, layer.out_features, dtype)
@@ -455,16 +457,10 @@ def layer_shape(layer: nn.Module, full: bool = False) -> LayerShape:
         d_in, d_out = layer.weight.shape
         return LayerShape(int(d_in), int(d_out), dtype)
     if isinstance(layer, nn.Conv2d):
-        unsupported = unsupported_reason(layer)
-        if unsupported:
-            raise TypeError(unsupported)
         c_out, c_in_per_group, kh, kw = layer.weight.shape
         kernel = (layer.in_channels, int(kh), int(kw))
         return LayerShape(layer.in_channels * kh * kw, int(c_out), dtype, "conv", kernel, layer.groups)
     if isinstance(layer, nn.Embedding):
-        unsupported = unsupported_reason(layer)
-        if unsupported:
-            raise TypeError(unsupported)
         return LayerShape(layer.num_embeddings, layer.embedding_dim, dtype, "embedding")
     raise TypeError(f"unsupported layer type {type(layer).__name__}")
 

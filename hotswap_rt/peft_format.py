@@ -929,9 +929,9 @@ def adapter_state_dict(adapter: ParsedAdapter) -> dict[str, torch.Tensor]:
     """PEFT key names to unpadded, unscaled, contiguous CPU tensors."""
     state: dict[str, torch.Tensor] = {}
     key_modules = _expert_key_modules(adapter)
+    conv_shape = (1, -1, 1, 1)  # a Conv2d's ia3_l and DoRA magnitude on disk
     for name, module in adapter.modules.items():
         name = key_modules.get(name, name)
-        conv_shape = (1, -1, 1, 1)  # a Conv2d's ia3_l and DoRA magnitude on disk
         if module.ia3 is not None:
             shape = conv_shape if module.kind == CONV else (1, -1) if module.ia3_feedforward else (-1, 1)
             state[f"base_model.model.{name}.ia3_l"] = module.ia3.detach().cpu().reshape(shape).contiguous()
