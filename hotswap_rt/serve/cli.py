@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-cache", metavar="DIR", default=None,
                         help="inductor's compile cache (default: $TORCHINDUCTOR_CACHE_DIR, else "
                              "~/.cache/hotswap_rt/inductor, which outlives reboots; a warm cache "
-                             "saves most of the start: the built-in model 72 s cold, 14 s warm)")
+                             "saves most of the start: 125 s cold, 25 s warm in benchmarks/vs_vllm.py)")
     parser.add_argument("--no-mixed-batches", action="store_true",
                         help="one adapter at a time (the baseline the load benchmark compares)")
     parser.add_argument("--max-adapters-per-request", type=int, default=2,
