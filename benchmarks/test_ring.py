@@ -9,8 +9,11 @@ MLP 11008), both with all-linear r=16 adapters:
    ``hotswap_adapter_from_state_dict`` (state dicts already in memory) and PEFT
    ``hotswap_adapter`` (from disk). Goals: <= 1.5x the copy; >= 15x / >= 25x faster than PEFT.
 2. Switching between two device-resident adapters: time, and that no copy happens (<= 50 us).
-3. Cold load from disk into the ring (``rt.load``: read, validate, pad, stage) vs
-   ``safetensors.torch.load_file`` of the same file. Goal <= 1.5x.
+3. Cold load from disk into the ring (``rt.load``: read, validate, pad, stage; by default
+   staged from a private memory map of the file, ``RuntimeConfig.map_adapter_files``) vs
+   ``safetensors.torch.load_file`` of the same file, and vs ``load_file`` + one pass over the
+   data. Goal <= 1.5x the latter. Beside it: ``rt.load`` with the file read into memory first
+   (``map_adapter_files=False``), and the two floors of rank-major staging (read, mapped).
 
 All cases of a group are timed interleaved, call by call. Printed as ratios, never asserted.
 """
@@ -66,9 +69,9 @@ def setup(request, tmp_path_factory):
     return request.param, base, paths, rounds
 
 
-def _runtime(base, adapters: dict, device_slots: int) -> HotswapRuntime:
+def _runtime(base, adapters: dict, device_slots: int, **options) -> HotswapRuntime:
     rt = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(
-        "all-linear", max_rank=RANK, device_slots=device_slots, host_slots=4))
+        "all-linear", max_rank=RANK, device_slots=device_slots, host_slots=4, **options))
     for name, path in adapters.items():
         rt.load(name, path)
     return rt
@@ -137,9 +140,11 @@ def test_switch_between_resident_adapters(setup) -> None:
 def test_cold_load_vs_load_file(setup) -> None:
     label, base, paths, rounds = setup
     group = f"cold load disk -> ring, {label} (ratio to safetensors load_file)"
-    rt = _runtime(base, {"resident": paths[0]}, device_slots=1)
-    rt.pin("resident")  # the slot stays taken: loads below stop in the ring
-    rt.load("x", paths[1])
+    rt, reading = (_runtime(base, {"resident": paths[0]}, device_slots=1, map_adapter_files=maps)
+                   for maps in (True, False))
+    for runtime in (rt, reading):
+        runtime.pin("resident")  # the slot stays taken: loads below stop in the ring
+        runtime.load("x", paths[1])
     file = str(paths[1] / "adapter_model.safetensors")
 
     pool = HostMemoryPool()  # the floor's file buffers, reused as rt.load's are
@@ -154,21 +159,25 @@ def test_cold_load_vs_load_file(setup) -> None:
         "load_file + one pass over the data": lambda: [t.clone() for t in load_file(file).values()],
         "hotswap_rt load (read+validate+stage)": lambda: rt.load("x", paths[1], replace=True),
         "hotswap_rt load, first of its structure": first_of_its_structure,
+        READ_INTO_MEMORY: lambda: reading.load("x", paths[1], replace=True),
         FLOOR: _rank_major_floor(file, lambda: read_safetensors(file, empty=pool.empty)),
         MAPPED_FLOOR: _rank_major_floor(file, lambda: _mapped_fp32_tensors(file)),
     }, rounds=max(rounds // 2, 20))
-    assert rt.adapters()[-1].tier == "host"
-    note(group, "load_file maps the file lazily: its pages are read by whoever touches them first")
+    assert rt.adapters()[-1].tier == reading.adapters()[-1].tier == "host"
+    note(group, "load_file maps the file lazily: its pages are read by whoever touches them first; "
+                "so does rt.load (map_adapter_files=True)")
     note_ratios(group, medians, "safetensors load_file", "")
     one_pass = medians["load_file + one pass over the data"]
     note(group, f"vs load_file + one pass: {medians['hotswap_rt load (read+validate+stage)'] / one_pass:.2f}x; "
                 f"first of its structure (header and parse not kept): "
                 f"{medians['hotswap_rt load, first of its structure'] / one_pass:.2f}x; "
+                f"file read into memory first: {medians[READ_INTO_MEMORY] / one_pass:.2f}x; "
                 f"the floor of rank-major staging (a read + B transposed into the row, nothing else): "
                 f"{medians[FLOOR] / one_pass:.2f}x, from the mapped file (nothing kept): "
                 f"{medians[MAPPED_FLOOR] / one_pass:.2f}x")
 
 
+READ_INTO_MEMORY = "hotswap_rt load, file read into memory (map_adapter_files=False)"
 FLOOR = "floor: file read into reused memory + rank-major row (no check, no scale)"
 MAPPED_FLOOR = "floor, mapped: file mapped + rank-major row (file bytes not kept)"
 
@@ -188,8 +197,8 @@ def _mapped_fp32_tensors(file: str) -> dict[str, torch.Tensor]:
 
 def _rank_major_floor(file: str, read: Callable[[], dict[str, torch.Tensor]]) -> Callable[[], None]:
     """The least a load into rank-major rows must do, timed as one case: ``read()`` the file
-    (into reused memory as ``rt.load`` does, which keeps those bytes for ``save``; or mapped,
-    the row's writes then reading the page cache) and write every factor into a
+    (into reused memory, as ``rt.load`` does with ``map_adapter_files=False``; or mapped, the
+    row's writes then reading the page cache, as ``rt.load`` does by default) and write every factor into a
     ``[r, W]`` row, each module's A row ``j`` then B column ``j`` in rank block ``j`` (B is
     ``[d_out, r]`` on disk: a transposing copy): by one ``torch.cat``, or for layers as large
     as ``rt.load`` writes piece by piece (:attr:`Stager.PIECEWISE_MIN_BYTES`), A by a

@@ -111,6 +111,16 @@ class RuntimeConfig:
             and those read its files again, as for the disk tier (``AdapterChangedError`` if
             they changed since the load). Adapters with no files (``state_dict=``,
             ``add_adapter``, trainable loads) always keep their factors.
+        map_adapter_files: stage a loaded adapter (``load``, ``prefetch``, a disk-tier adapter
+            read again) straight from a private memory map of its safetensors file, when its
+            factors are not kept (``keep_factors=False``, not trainable): one pass over the
+            data fewer than reading the file into memory first. The file must then not be
+            truncated while it is staged (a few milliseconds per load): reading a page past
+            its new end raises ``SIGBUS``, which ends the process, as it does with
+            ``safetensors.torch.load_file``, which maps files too. Saving into a directory by
+            writing a new file and renaming it (this runtime's ``save``) is safe; PEFT's
+            ``save_pretrained`` rewrites the file in place. ``False``: files are read into
+            memory (reused buffers) and staged from there.
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -130,6 +140,7 @@ class RuntimeConfig:
     modules_to_save: Sequence[str] | None = None
     target_parameters: Sequence[str] | None = None
     keep_factors: bool = False
+    map_adapter_files: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_input is not None and (not isinstance(self.batch_input, str) or not self.batch_input):
@@ -137,8 +148,9 @@ class RuntimeConfig:
         if self.target_modules is not None:
             self._names_or_regex("target_modules", allow_empty=False)
         self._names_or_regex("exclude_modules", allow_empty=True)
-        if not isinstance(self.keep_factors, bool):
-            raise HotswapError(f"RuntimeConfig.keep_factors must be True or False, got {self.keep_factors!r}")
+        for name in ("keep_factors", "map_adapter_files"):
+            if not isinstance(getattr(self, name), bool):
+                raise HotswapError(f"RuntimeConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("max_rank", "device_slots", "host_slots", "max_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -227,7 +227,8 @@ def adapter_files_stamp(directory: str | os.PathLike[str]) -> tuple[FileStamp, .
 
 
 def read_adapter_dir(
-    directory: str | os.PathLike[str], allow_pickle: bool = False, empty: Allocate | None = None
+    directory: str | os.PathLike[str], allow_pickle: bool = False, empty: Allocate | None = None,
+    mapped: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read ``adapter_config.json`` and the weights file of a PEFT adapter directory.
 
@@ -237,6 +238,8 @@ def read_adapter_dir(
             when there is no safetensors file.
         empty: allocates the buffer a safetensors file is read into (see
             :func:`~hotswap_rt.safetensors_read.read_safetensors`).
+        mapped: a safetensors file's tensors are views of a private memory map of it, read
+            when used (see :func:`~hotswap_rt.safetensors_read.read_safetensors`).
 
     Returns:
         The config as a dict and the state dict (CPU tensors).
@@ -257,7 +260,7 @@ def read_adapter_dir(
 
     weights_path = directory / SAFETENSORS_NAME
     if weights_path.is_file():
-        return config, read_safetensors(weights_path, empty)
+        return config, read_safetensors(weights_path, empty, mapped)
     bin_path = directory / BIN_NAME
     if bin_path.is_file():
         if not allow_pickle:

@@ -128,6 +128,8 @@ class HotswapRuntime:
         self.guard = RecompileGuard()
         self._forward = ModelForward(model, self._gate, self.guard, self._selector, config.batch_input)
         self._eject_hooks: list[Callable[[], None]] = []
+        # files of adapters whose factors are dropped once staged are staged from a memory map
+        self._maps_files = config.map_adapter_files and not config.keep_factors
 
     def on_eject(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` when :meth:`eject` restores the model (e.g. to remove methods bound
@@ -248,7 +250,7 @@ class HotswapRuntime:
         # layers for this adapter first (then every check runs before anything changes)
         defer = not allow_nonfinite and not self.lazy
         adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite,
-                                    defer_finite=defer)
+                                    defer_finite=defer, mapped=fold_scaling and self._maps_files)
         if not fold_scaling:  # trainable: refused before any layer is injected for it
             if adapter.has_vectors:
                 raise IncompatibleAdapterError(
@@ -565,7 +567,8 @@ class HotswapRuntime:
             HotswapError: what ``load`` would raise for this source.
         """
         check_flags("check", allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-        adapter = self._stager.read(source, None, None, allow_pickle, allow_nonfinite)
+        adapter = self._stager.read(source, None, None, allow_pickle, allow_nonfinite,
+                                    mapped=self._maps_files)
         self._check_saved_base_weights(adapter)
         plan = self._plan_injection(list(adapter.modules), list(adapter.saved_modules))
         add_vectors = self._vectors_to_add(adapter)
@@ -1066,8 +1069,8 @@ class HotswapRuntime:
 
     def _read_origin(self, origin: Origin) -> StagedAdapter:
         return self._stager.read_and_stage(
-            origin.directory, None, None, origin.allow_pickle, origin.allow_nonfinite
-        )
+            origin.directory, None, None, origin.allow_pickle, origin.allow_nonfinite,
+            mapped=self._maps_files)
 
     def _info(self, record: AdapterRecord) -> AdapterInfo:
         return dataclasses.replace(

@@ -2,7 +2,8 @@
 
 ``safetensors.torch.load_file`` creates every tensor on its own (a few microseconds apiece: most of
 a LoRA file's load time, hundreds of small tensors). Here the data region is read with one
-``readinto`` into a single uint8 tensor and each tensor is a view of it::
+``readinto`` into a single uint8 tensor (or the file is memory-mapped, ``mapped=True``) and each
+tensor is a view of it::
 
     [8 bytes: N little-endian] [N bytes: JSON header] [data: every tensor's bytes, back to back]
     header: {name: {"dtype": "F32", "shape": [d0, ...], "data_offsets": [start, end]}, ...,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import sys
 from collections import Counter
@@ -59,11 +61,17 @@ _KEPT_HEADER_BYTES = 1 << 20  # larger headers (up to MAX_HEADER_BYTES) are pars
 _VALID_HEADERS: dict[bytes, tuple[_Entry, ...]] = {}  # see _header_entries
 
 
-def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None) -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None,
+                     mapped: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, by name: contiguous CPU views of one buffer holding
     the whole file (a tensor whose bytes do not start on a multiple of its element size is
     copied out instead). ``empty(numel, dtype)`` allocates that buffer (``torch.empty`` by
     default; the runtime lends memory it reuses, :mod:`hotswap_rt.host_memory`).
+
+    ``mapped=True``: the buffer is a private, copy-on-write memory map of the file instead
+    (:func:`_mapped`): nothing is read up front, and whoever reads a tensor reads the page
+    cache directly. For tensors that are read once and dropped (staging a load whose factors
+    are not kept); ``empty`` is then unused.
 
     The file is read whole, from its first byte, by unbuffered reads into the buffer: the page
     cache's pages and the buffer then share their alignment, and the kernel's copy runs at a
@@ -77,16 +85,58 @@ def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None
     path = Path(path)
     if sys.byteorder != "little":  # the views would need a byte swap: let safetensors do it
         return _read_with_safetensors(path)
+    if mapped:
+        return _mapped(path)
     try:
         with open(path, "rb", buffering=0) as f:
-            file_size = os.fstat(f.fileno()).st_size
-            if file_size < 8:
-                raise _invalid(path, "header too small")
+            file_size = _checked_size(path, f)
             buffer = (empty or _torch_empty)(file_size, torch.uint8)
             if _read_into(f, memoryview(buffer.numpy())) != file_size:
                 raise _invalid(path, "the file is shorter than its size when opened (rewritten while read?)")
     except OSError as exc:
         raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
+    return _tensors_of(path, buffer)
+
+
+def _mapped(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of a private memory map of it (checked as a
+    file read into memory is).
+
+    Nothing is copied until a tensor is read, and then straight from the page cache: staging
+    from the map skips the pass over the data that reading the file into memory is (the ring
+    benchmark's cold-load floors, read vs mapped, show what that pass costs). The map is
+    copy-on-write (``ACCESS_COPY``): writing to a view never reaches the file. It is unmapped
+    once the last view is gone.
+
+    The file must stay as it is while the views are read: a rewrite in place shows through,
+    and reading a page past the end of a file truncated meanwhile raises ``SIGBUS``, which ends
+    the process. ``safetensors.torch.load_file`` maps files too, with the same hazard; PEFT's
+    ``save_pretrained`` rewrites the file in place, while this project's ``save`` writes a new
+    file and renames it over the old one (the map keeps the old file: safe).
+
+    Raises:
+        AdapterFormatError: the file is unreadable or not a valid safetensors file.
+    """
+    try:
+        with open(path, "rb", buffering=0) as f:
+            file_size = _checked_size(path, f)
+            mapping = mmap.mmap(f.fileno(), file_size, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as exc:  # ValueError: the file shrank before it was mapped
+        raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
+    return _tensors_of(path, torch.frombuffer(mapping, dtype=torch.uint8))  # the views hold the map
+
+
+def _checked_size(path: Path, file: Any) -> int:
+    """The open ``file``'s size in bytes, at least a header's 8."""
+    file_size = os.fstat(file.fileno()).st_size
+    if file_size < 8:
+        raise _invalid(path, "header too small")
+    return file_size
+
+
+def _tensors_of(path: Path, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of the whole file held in ``buffer`` (uint8), its header checked."""
+    file_size = buffer.numel()
     header_size = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
     if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
         raise _invalid(path, f"header size {header_size} exceeds the file ({file_size} bytes)")

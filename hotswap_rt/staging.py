@@ -152,10 +152,13 @@ class Stager:
         allow_pickle: bool = False,
         allow_nonfinite: bool = False,
         defer_finite: bool = False,
+        mapped: bool = False,
     ) -> ParsedAdapter:
         """Parse and validate an adapter from a directory / Hub id, or ``state_dict`` + ``config``
         (a dict or a PEFT config object). ``defer_finite``: leave the NaN/Inf check to
         :meth:`stage` (``check_finite=True``), which does it in one pass over the staged rows.
+        ``mapped``: a safetensors file's tensors are views of a private memory map of it (for
+        an adapter staged and then dropped: see ``RuntimeConfig.map_adapter_files``).
 
         Raises:
             HotswapError: (a subclass) naming the file, key or value at fault.
@@ -165,7 +168,7 @@ class Stager:
         if source is not None:
             directory = resolve_source(source)
             config_dict, state = read_adapter_dir(directory, allow_pickle=allow_pickle,
-                                                  empty=self.memory.empty)
+                                                  empty=self.memory.empty, mapped=mapped)
             where = str(directory)
         else:
             if config is None:
@@ -482,10 +485,11 @@ class Stager:
         allow_pickle: bool = False,
         allow_nonfinite: bool = False,
         fold_scaling: bool = True,
+        mapped: bool = False,
     ) -> StagedAdapter:
         """:meth:`read` then :meth:`stage`."""
         adapter = self.read(source, state_dict, config, allow_pickle, allow_nonfinite,
-                            defer_finite=not allow_nonfinite)
+                            defer_finite=not allow_nonfinite, mapped=mapped)
         return self.stage(adapter, fold_scaling=fold_scaling, check_finite=not allow_nonfinite)
 
 

@@ -128,6 +128,10 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
         floor = next((v for k, v in cases.items() if k.startswith("floor:")), None)
         mapped = next((v for k, v in cases.items() if k.startswith("floor, mapped:")), None)
         extra = [f"first of its structure: {first / one_pass:.2f}x"] if first is not None else []
+        read_first = next((v for k, v in cases.items()
+                           if k.startswith("hotswap_rt load, file read into memory")), None)
+        if read_first is not None:
+            extra.append(f"file read into memory first (map_adapter_files=False): {read_first / one_pass:.2f}x")
         if floor is not None and mapped is not None:
             extra.append(f"floor of rank-major staging, a read and the transposing writes: "
                          f"{floor / one_pass:.2f}x, from the mapped file with nothing kept: "

@@ -89,9 +89,9 @@ def test_file_changing_under_a_prefetch_fails_cleanly(env, tmp_path, monkeypatch
     shutil.copytree(good, copy)
     real = peft_format.read_safetensors
 
-    def read_after_rewrite(path, empty=None):
+    def read_after_rewrite(path, empty=None, mapped=False):
         Path(path).write_bytes(b"\x00" * 64)  # rewritten by someone else mid-load
-        return real(path, empty)
+        return real(path, empty, mapped)
 
     monkeypatch.setattr(peft_format, "read_safetensors", read_after_rewrite)
     before = snapshot_state(rt, IDS)

@@ -1,6 +1,6 @@
 """hotswap_rt.safetensors_read: the same tensors as safetensors' own ``load_file`` (every dtype
-LoRA files hold, unaligned offsets, scalars, empty tensors), and every malformed header refused
-with a clear error, as safetensors refuses it."""
+LoRA files hold, unaligned offsets, scalars, empty tensors), read into memory or mapped, and
+every malformed header refused with a clear error, as safetensors refuses it."""
 
 from __future__ import annotations
 
@@ -49,14 +49,15 @@ def _write_in_order(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     path.write_bytes(len(text).to_bytes(8, "little") + text + data)
 
 
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
 @pytest.mark.parametrize("writer", ["safetensors", "unaligned"])
-def test_equals_safetensors_load_file(tmp_path: Path, writer: str) -> None:
+def test_equals_safetensors_load_file(tmp_path: Path, writer: str, mapped: bool) -> None:
     path = tmp_path / "x.safetensors"
     if writer == "safetensors":
         save_file(_tensors(), str(path), metadata={"format": "pt"})
     else:
         _write_in_order(path, _tensors())
-    ours, theirs = read_safetensors(path), load_file(str(path))
+    ours, theirs = read_safetensors(path, mapped=mapped), load_file(str(path))
     assert set(ours) == set(theirs) == set(_tensors())
     for name, tensor in theirs.items():
         mine = ours[name]
@@ -125,8 +126,9 @@ def test_malformed_files_are_refused(tmp_path: Path, case: str) -> None:
     save_file({"v": torch.ones(4, 4), "w": torch.ones(4, 4)}, str(path))
     edit, data_edit, message = BAD[case]
     bad = _rewrite(path, edit, data_edit)
-    with pytest.raises(AdapterFormatError, match=message):
-        read_safetensors(bad)
+    for mapped in (False, True):
+        with pytest.raises(AdapterFormatError, match=message):
+            read_safetensors(bad, mapped=mapped)
     if case not in ("duplicate", "gap"):  # safetensors refuses these too (it keeps the last
         with pytest.raises(Exception):    # duplicate; a gap it reports differently per version)
             load_file(str(bad))
@@ -139,16 +141,64 @@ def test_null_metadata_is_accepted_like_safetensors(tmp_path: Path) -> None:
     assert torch.equal(read_safetensors(edited)["w"], load_file(str(edited))["w"])
 
 
-def test_truncated_and_missing_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+def test_truncated_and_missing_files(tmp_path: Path, mapped: bool) -> None:
     path = tmp_path / "t.safetensors"
-    path.write_bytes(b"\x05\x00")
-    with pytest.raises(AdapterFormatError, match="header too small"):
-        read_safetensors(path)
+    for content in (b"", b"\x05\x00"):  # an empty file cannot be mapped: refused before
+        path.write_bytes(content)
+        with pytest.raises(AdapterFormatError, match="header too small"):
+            read_safetensors(path, mapped=mapped)
     path.write_bytes((10**6).to_bytes(8, "little") + b"{}")
     with pytest.raises(AdapterFormatError, match="exceeds the file"):
-        read_safetensors(path)
+        read_safetensors(path, mapped=mapped)
     with pytest.raises(AdapterFormatError, match="unreadable"):
-        read_safetensors(tmp_path / "missing.safetensors")
+        read_safetensors(tmp_path / "missing.safetensors", mapped=mapped)
+    with pytest.raises(AdapterFormatError, match="unreadable"):
+        read_safetensors(tmp_path, mapped=mapped)  # a directory
+
+
+def test_mapped_tensors_are_private_and_outlive_a_replaced_file(tmp_path: Path) -> None:
+    """A mapped file's views: writing one never reaches the file (copy-on-write); a file
+    replaced by a rename (as ``save`` replaces one) leaves the views holding the old bytes; the
+    map is released with the last view."""
+    import gc
+
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.arange(6.0), "v": torch.ones(3)}, str(path))
+    original = path.read_bytes()
+    tensors = read_safetensors(path, mapped=True)
+    tensors["w"].mul_(-1.0)  # a private page now
+    assert path.read_bytes() == original
+    assert torch.equal(tensors["w"], -torch.arange(6.0))
+    assert torch.equal(read_safetensors(path, mapped=True)["w"], torch.arange(6.0))
+
+    replacement = tmp_path / "new.safetensors"
+    save_file({"w": torch.full((6,), 9.0), "v": torch.zeros(3)}, str(replacement))
+    os.replace(replacement, path)
+    assert torch.equal(tensors["v"], torch.ones(3))  # the old file, still mapped
+    assert torch.equal(read_safetensors(path, mapped=True)["v"], torch.zeros(3))
+
+    del tensors
+    gc.collect()
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("the rest reads /proc/self/maps (Linux)")
+    inode = str(path.stat().st_ino)
+
+    def mapped_here() -> bool:
+        return any(inode in line.split() for line in maps.read_text().splitlines())
+
+    assert not mapped_here()
+    views = read_safetensors(path, mapped=True)
+    assert views["v"].untyped_storage().nbytes() == path.stat().st_size  # the whole file, mapped
+    assert mapped_here()
+    view = views["v"][1:]
+    del views
+    gc.collect()
+    assert mapped_here()  # a view still holds it
+    del view
+    gc.collect()
+    assert not mapped_here()  # unmapped with its last view
 
 
 def test_a_read_that_returns_in_pieces_is_read_to_the_end(tmp_path: Path, monkeypatch) -> None:
