@@ -521,3 +521,28 @@ def test_stacked_mixes_serve_requests_mixing_more_than_the_per_row_limit() -> No
         assert complete(client, MODEL_NAME, "Hello", adapters=mix).status_code == 400
     with pytest.raises(ValueError, match="stacked_mixes"):
         ServeConfig(device_slots=2, max_adapters_per_request=2, stacked_mixes=True)
+
+
+def test_no_map_adapter_files_reads_adapter_files_into_memory(monkeypatch) -> None:
+    """``--no-map-adapter-files`` (parsed from the CLI) reaches the runtime: the start-up
+    adapters are read into memory, not mapped (by default they are mapped), and are served the
+    same."""
+    import argparse
+
+    from hotswap_rt import safetensors_read
+    from hotswap_rt.serve.cli import add_arguments, config_from_args
+
+    mapped: list[str] = []
+    real = safetensors_read._mapped
+    monkeypatch.setattr(safetensors_read, "_mapped", lambda path: mapped.append(str(path)) or real(path))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    texts = {}
+    for flags in ([], ["--no-map-adapter-files"]):
+        config = config_from_args(parser.parse_args(["--no-compile", "--max-rank", "8", *flags]))
+        assert config.map_adapter_files == (not flags)
+        before = len(mapped)
+        with BackgroundServer(build_app(config)) as url, httpx.Client(base_url=url, timeout=60) as client:
+            texts[bool(flags)] = complete(client, "pirate", "Hello", temperature=0).json()["choices"][0]["text"]
+        assert (len(mapped) > before) == (not flags)
+    assert texts[False] == texts[True] == " " + REPLIES["pirate"]

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="modules adapters may train in full (PEFT's modules_to_save, e.g. lm_head)")
     parser.add_argument("--scale-vectors", action="store_true",
                         help="reserve IA3 / DoRA / LoRA-bias vectors for adapters loaded after start")
+    parser.add_argument("--no-map-adapter-files", action="store_true",
+                        help="read adapter files into memory before staging them instead of staging "
+                             "from a memory map (slower loads; for adapter directories a trainer "
+                             "rewrites in place: a file truncated while mapped ends the process)")
     parser.add_argument("--api-key", action="append", default=[],
                         help="accepted bearer key on /v1/* (repeatable; also HOTSWAP_API_KEY, "
                              "comma-separated)")
@@ -97,7 +101,8 @@ def config_from_args(args: argparse.Namespace):
         max_adapters_per_request=args.max_adapters_per_request, stacked_mixes=args.stacked_mixes,
         target_parameters=None if args.target_parameters is None else tuple(args.target_parameters),
         modules_to_save=None if args.modules_to_save is None else tuple(args.modules_to_save),
-        scale_vectors=args.scale_vectors, compile_cache=args.compile_cache)
+        scale_vectors=args.scale_vectors, compile_cache=args.compile_cache,
+        map_adapter_files=not args.no_map_adapter_files)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ def build_runtime(config: ServeConfig) -> Served:
         max_adapters_per_row=min(config.max_adapters_per_request, config.device_slots),
         per_row_overflow="stacked" if config.stacked_mixes else "refuse",
         target_parameters=config.target_parameters, modules_to_save=config.modules_to_save,
-        scale_vectors=config.scale_vectors))
+        scale_vectors=config.scale_vectors, map_adapter_files=config.map_adapter_files))
     for adapter_name, source in adapters.items():
         if adapter_name == name:
             raise ValueError(f"adapter name {adapter_name!r} is the base model's name")
