@@ -120,7 +120,8 @@ class RuntimeConfig:
             ``safetensors.torch.load_file``, which maps files too. Saving into a directory by
             writing a new file and renaming it (this runtime's ``save``) is safe; PEFT's
             ``save_pretrained`` rewrites the file in place. ``False``: files are read into
-            memory (reused buffers) and staged from there.
+            memory (reused buffers) and staged from there, as they are where the file system
+            cannot map them.
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")

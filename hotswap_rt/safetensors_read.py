@@ -71,7 +71,8 @@ def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None
     ``mapped=True``: the buffer is a private, copy-on-write memory map of the file instead
     (:func:`_mapped`): nothing is read up front, and whoever reads a tensor reads the page
     cache directly. For tensors that are read once and dropped (staging a load whose factors
-    are not kept); ``empty`` is then unused.
+    are not kept); ``empty`` is then unused, unless the file system cannot map the file, which
+    is then read as with ``mapped=False``.
 
     The file is read whole, from its first byte, by unbuffered reads into the buffer: the page
     cache's pages and the buffer then share their alignment, and the kernel's copy runs at a
@@ -86,7 +87,9 @@ def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None
     if sys.byteorder != "little":  # the views would need a byte swap: let safetensors do it
         return _read_with_safetensors(path)
     if mapped:
-        return _mapped(path)
+        tensors = _mapped(path)
+        if tensors is not None:
+            return tensors
     try:
         with open(path, "rb", buffering=0) as f:
             file_size = _checked_size(path, f)
@@ -98,9 +101,10 @@ def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None
     return _tensors_of(path, buffer)
 
 
-def _mapped(path: Path) -> dict[str, torch.Tensor]:
+def _mapped(path: Path) -> dict[str, torch.Tensor] | None:
     """The tensors of a safetensors file as views of a private memory map of it (checked as a
-    file read into memory is).
+    file read into memory is); None where the file system cannot map it (the caller reads it
+    instead: the same tensors, one pass slower).
 
     Nothing is copied until a tensor is read, and then straight from the page cache: staging
     from the map skips the pass over the data that reading the file into memory is (the ring
@@ -120,7 +124,10 @@ def _mapped(path: Path) -> dict[str, torch.Tensor]:
     try:
         with open(path, "rb", buffering=0) as f:
             file_size = _checked_size(path, f)
-            mapping = mmap.mmap(f.fileno(), file_size, access=mmap.ACCESS_COPY)
+            try:
+                mapping = mmap.mmap(f.fileno(), file_size, access=mmap.ACCESS_COPY)
+            except OSError:  # e.g. ENODEV: a file system without mmap
+                return None
     except (OSError, ValueError) as exc:  # ValueError: the file shrank before it was mapped
         raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
     return _tensors_of(path, torch.frombuffer(mapping, dtype=torch.uint8))  # the views hold the map

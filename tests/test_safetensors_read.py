@@ -307,3 +307,30 @@ def test_any_json_header_is_read_or_refused_with_a_format_error(tmp_path: Path, 
         except AdapterFormatError:
             outcomes.append("refused")
     assert outcomes[0] == outcomes[1]
+
+
+def test_a_file_that_cannot_be_mapped_is_read_instead(tmp_path: Path, monkeypatch) -> None:
+    """A file system without mmap (``ENODEV``): ``mapped=True`` reads the file into memory and
+    returns the same tensors (not views of a map); a file that shrank before it was mapped is
+    refused as unreadable."""
+    import errno
+    import mmap
+
+    path = tmp_path / "x.safetensors"
+    save_file(_tensors(), str(path))
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    tensors = read_safetensors(path, mapped=True)
+    for name, tensor in load_file(str(path)).items():
+        assert torch.equal(tensors[name], tensor)
+    assert tensors["a.lora_A.weight"].untyped_storage().nbytes() == path.stat().st_size  # the read buffer
+
+    def shrunk(*args, **kwargs):
+        raise ValueError("mmap length is greater than file size")
+
+    monkeypatch.setattr(mmap, "mmap", shrunk)
+    with pytest.raises(AdapterFormatError, match="unreadable"):
+        read_safetensors(path, mapped=True)
