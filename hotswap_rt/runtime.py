@@ -249,6 +249,7 @@ class HotswapRuntime:
         # NaN/Inf: checked in one pass over the staged rows, unless a lazy runtime may inject
         # layers for this adapter first (then every check runs before anything changes)
         defer = not allow_nonfinite and not self.lazy
+        # a trainable load (fold_scaling False) keeps its factors: read into memory, never mapped
         adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite,
                                     defer_finite=defer, mapped=fold_scaling and self._maps_files)
         if not fold_scaling:  # trainable: refused before any layer is injected for it

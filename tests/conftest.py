@@ -154,3 +154,29 @@ def loaded_and_compiled(model: torch.nn.Module, config: Any, adapters: dict[str,
         rt.load(name, path)
     rt.compile(input_ids=input_ids)
     return rt
+
+
+def file_is_mapped(path: Path) -> bool:
+    """Whether this process maps the file ``path`` (Linux's ``/proc/self/maps``, by inode)."""
+    inode = str(path.stat().st_ino)
+    return any(inode in line.split() for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+CAN_SEE_MAPS = Path("/proc/self/maps").exists()
+
+
+@pytest.fixture
+def mapped_reads(monkeypatch) -> list[Path]:
+    """The files ``hotswap_rt.safetensors_read`` maps during the test, in order (it still maps
+    them)."""
+    from hotswap_rt import safetensors_read
+
+    files: list[Path] = []
+    real = safetensors_read._mapped
+
+    def recording(path: Path):
+        files.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(safetensors_read, "_mapped", recording)
+    return files

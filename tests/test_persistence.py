@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from hotswap_rt import AdapterFormatError, HotswapError, HotswapRuntime, RuntimeConfig
 
-from .conftest import ATTENTION_TARGETS, BaseModel, logits, max_diff
+from .conftest import ATTENTION_TARGETS, CAN_SEE_MAPS, BaseModel, file_is_mapped, logits, max_diff
 
 
 @pytest.fixture(scope="module")
@@ -257,33 +257,18 @@ def test_keep_factors_saves_without_the_files(llama_and_adapter, tmp_path, input
         RuntimeConfig(ATTENTION_TARGETS["llama"], keep_factors="yes")
 
 
-def _file_is_mapped(path: Path) -> bool:
-    """Whether this process maps the file ``path`` (Linux's /proc/self/maps, by inode)."""
-    inode = str(path.stat().st_ino)
-    return any(inode in line.split() for line in Path("/proc/self/maps").read_text().splitlines())
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.skipif(not CAN_SEE_MAPS, reason="reads /proc/self/maps (Linux)")
 def test_loads_stage_from_a_mapped_file_only_when_its_factors_are_dropped(llama_and_adapter, tmp_path,
-                                                                        monkeypatch) -> None:
+                                                                        mapped_reads) -> None:
     """RuntimeConfig.map_adapter_files: load, prefetch and a disk-tier adapter read again stage
     from a memory map of the file, unmapped once staged, with the same rows as a file read into
     memory; nothing is mapped when the factors are kept (keep_factors, trainable) or with
     ``map_adapter_files=False``; save reads into memory (its factors go to the caller)."""
     import gc
 
-    from hotswap_rt import safetensors_read
-
     base, path = llama_and_adapter
     weights = path / "adapter_model.safetensors"
-    maps: list[Path] = []
-    real = safetensors_read._mapped
-
-    def counting(file: Path):
-        maps.append(Path(file))
-        return real(file)
-
-    monkeypatch.setattr(safetensors_read, "_mapped", counting)
+    maps = mapped_reads
 
     def runtime(**options) -> HotswapRuntime:
         return HotswapRuntime(base.clone(), RuntimeConfig(
@@ -292,7 +277,7 @@ def test_loads_stage_from_a_mapped_file_only_when_its_factors_are_dropped(llama_
     mapping, reading = runtime(), runtime(map_adapter_files=False)
     mapping.load("a", path)
     gc.collect()
-    assert maps == [weights] and not _file_is_mapped(weights)
+    assert maps == [weights] and not file_is_mapped(weights)
     assert mapping.internals.registry.records["a"].staged.adapter is None
     reading.load("a", path)
     assert len(maps) == 1
@@ -307,7 +292,7 @@ def test_loads_stage_from_a_mapped_file_only_when_its_factors_are_dropped(llama_
     mapping.activate("b")  # read again, mapped
     assert len(maps) == 4 and mapping.info("b").tier == "device"
     gc.collect()
-    assert not _file_is_mapped(weights)
+    assert not file_is_mapped(weights)
     saved = _factors_from_file(Path(mapping.save("a", tmp_path / "saved")))
     assert len(maps) == 4  # save read the file into memory
     assert all(torch.equal(saved[key], value) for key, value in _factors_from_file(path).items())

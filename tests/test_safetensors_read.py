@@ -18,6 +18,8 @@ from hotswap_rt import safetensors_read
 from hotswap_rt.errors import AdapterFormatError
 from hotswap_rt.safetensors_read import read_safetensors
 
+from .conftest import CAN_SEE_MAPS, file_is_mapped
+
 
 def _tensors() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
@@ -180,25 +182,19 @@ def test_mapped_tensors_are_private_and_outlive_a_replaced_file(tmp_path: Path) 
 
     del tensors
     gc.collect()
-    maps = Path("/proc/self/maps")
-    if not maps.exists():
+    if not CAN_SEE_MAPS:
         pytest.skip("the rest reads /proc/self/maps (Linux)")
-    inode = str(path.stat().st_ino)
-
-    def mapped_here() -> bool:
-        return any(inode in line.split() for line in maps.read_text().splitlines())
-
-    assert not mapped_here()
+    assert not file_is_mapped(path)
     views = read_safetensors(path, mapped=True)
     assert views["v"].untyped_storage().nbytes() == path.stat().st_size  # the whole file, mapped
-    assert mapped_here()
+    assert file_is_mapped(path)
     view = views["v"][1:]
     del views
     gc.collect()
-    assert mapped_here()  # a view still holds it
+    assert file_is_mapped(path)  # a view still holds it
     del view
     gc.collect()
-    assert not mapped_here()  # unmapped with its last view
+    assert not file_is_mapped(path)  # unmapped with its last view
 
 
 def test_a_read_that_returns_in_pieces_is_read_to_the_end(tmp_path: Path, monkeypatch) -> None:

@@ -523,18 +523,15 @@ def test_stacked_mixes_serve_requests_mixing_more_than_the_per_row_limit() -> No
         ServeConfig(device_slots=2, max_adapters_per_request=2, stacked_mixes=True)
 
 
-def test_no_map_adapter_files_reads_adapter_files_into_memory(monkeypatch) -> None:
+def test_no_map_adapter_files_reads_adapter_files_into_memory(mapped_reads) -> None:
     """``--no-map-adapter-files`` (parsed from the CLI) reaches the runtime: the start-up
     adapters are read into memory, not mapped (by default they are mapped), and are served the
     same."""
     import argparse
 
-    from hotswap_rt import safetensors_read
     from hotswap_rt.serve.cli import add_arguments, config_from_args
 
-    mapped: list[str] = []
-    real = safetensors_read._mapped
-    monkeypatch.setattr(safetensors_read, "_mapped", lambda path: mapped.append(str(path)) or real(path))
+    mapped = mapped_reads
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     texts = {}
