@@ -17,7 +17,7 @@ from hotswap_rt import HotswapRuntime, RuntimeConfig
 from hotswap_rt import parse_cache as parse_cache_module
 from hotswap_rt.errors import AdapterFormatError
 from hotswap_rt.parse_cache import ParseCache
-from hotswap_rt.peft_format import all_finite, parse_adapter, read_adapter_dir
+from hotswap_rt.peft_format import LoraModule, all_finite, parse_adapter, read_adapter_dir
 
 from .conftest import BaseModel, logits, max_diff
 
@@ -58,6 +58,7 @@ def _same(ours, reference) -> None:
     assert list(ours.modules) == list(reference.modules)
     for name, module in reference.modules.items():
         mine = ours.modules[name]
+        assert type(mine) is LoraModule and mine == module
         for field in dataclasses.fields(module):
             value, expected = getattr(mine, field.name), getattr(module, field.name)
             if isinstance(expected, torch.Tensor):
@@ -80,6 +81,20 @@ def test_a_known_structure_is_rebuilt_from_its_recipe(adapters: list[Path], pars
     _same(second, parse_adapter(config, state, "second"))
     assert not torch.equal(second.modules[next(iter(second.modules))].lora_A,
                            first.modules[next(iter(first.modules))].lora_A)
+
+
+def test_recipe_modules_are_what_the_dataclass_builds() -> None:
+    """A recipe fills a module's ``__dict__`` instead of calling the frozen dataclass's
+    ``__init__``: that is only the same while ``LoraModule`` has no ``__post_init__``."""
+    assert not hasattr(LoraModule, "__post_init__")
+    a, b = torch.randn(2, 8), torch.randn(4, 2)
+    fields = {"rank": 2, "alpha": 4.0, "scaling": 2.0, "kind": "linear", "kernel": (), "groups": 1,
+              "magnitude": None, "bias": None, "ia3": None, "ia3_feedforward": False}
+    built = parse_cache_module._module(fields, a, b)
+    expected = LoraModule(lora_A=a, lora_B=b, **fields)
+    assert built == expected and repr(built) == repr(expected) and hash(built) == hash(expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.rank = 3
 
 
 def test_recipes_hand_out_their_own_dicts(adapters: list[Path]) -> None:
