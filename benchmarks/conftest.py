@@ -55,12 +55,16 @@ def _table_lines(table: dict[str, list]) -> list[str]:
             *("| " + " | ".join(str(cell) for cell in row) + " |" for row in table["rows"])]
 
 
-def interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int,
+                before: Callable[[], object] | None = None) -> dict[str, float]:
     """Median seconds of each case, timed call by call in turn (case 1, case 2, ..., case 1,
-    ...), so drift in CPU frequency and caches hits every case alike."""
+    ...), so drift in CPU frequency and caches hits every case alike. ``before``: run (not
+    timed) before every timed call."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

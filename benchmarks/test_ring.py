@@ -9,6 +9,8 @@ MLP 11008), both with all-linear r=16 adapters:
    ``hotswap_adapter_from_state_dict`` (state dicts already in memory) and PEFT
    ``hotswap_adapter`` (from disk). Goals: <= 1.5x the copy; >= 15x / >= 25x faster than PEFT.
 2. Switching between two device-resident adapters: time, and that no copy happens (<= 50 us).
+   Both again with the CPU caches flushed before every call (as a forward over a model leaves
+   them), next to the same ``copy_`` and a one-op ``copy_`` of 4 floats.
 3. Cold load from disk into the ring (``rt.load``: read, validate, pad, stage; by default
    staged from a private memory map of the file, ``RuntimeConfig.map_adapter_files``) vs
    ``safetensors.torch.load_file`` of the same file, and vs ``load_file`` + one pass over the
@@ -135,6 +137,43 @@ def test_switch_between_resident_adapters(setup) -> None:
     note(group, f"rt.activate between resident adapters: {medians['rt.activate (resident)'] * 1e6:.1f}"
                 f" us median, copies during 2000 switches: {after['swaps'] - before['swaps']}")
     assert after["swaps"] == before["swaps"]
+
+
+FLUSH_BYTES = 32 << 20  # 8x this VM's 4 MiB of L2: what a forward over a model leaves of them
+
+
+def test_swap_and_switch_after_the_caches_are_flushed(setup) -> None:
+    """The same swap and switch as above, with the CPU caches flushed (a pass over 32 MB, not
+    timed) before every timed call, as a forward over a model's weights leaves them between
+    two changes in a server: a swap's Python and the tensors' dispatch then run cold. Next to
+    the ``copy_`` of the same bytes and a ``copy_`` of 4 floats (one dispatched op: the least
+    any change does), under the same flush."""
+    label, base, paths, _ = setup
+    group = f"swap and switch after a cache flush, {label} (ratio to copy_ of the same bytes)"
+    rt = _runtime(base, {"a": paths[0], "b": paths[1]}, device_slots=1)
+    resident = _runtime(base, {"a": paths[0], "b": paths[1]}, device_slots=2)
+    swaps, switches = itertools.cycle(["b", "a"]), itertools.cycle(["b", "a"])
+    nbytes = rt.slot_nbytes
+    sources = itertools.cycle([torch.randn(nbytes // 4), torch.randn(nbytes // 4)])
+    destination = torch.empty(nbytes // 4)
+    tiny, tiny_source = torch.empty(4), torch.randn(4)
+    flush = torch.zeros(FLUSH_BYTES // 4)
+    swaps_before, switch_copies = rt.stats()["swaps"], resident.stats()["swaps"]
+    medians = interleaved({
+        "copy_ (2 sources -> 1 destination)": lambda: destination.copy_(next(sources)),
+        "copy_ of 4 floats (one op)": lambda: tiny.copy_(tiny_source),
+        "hotswap_rt activate (ring -> slot + flip)": lambda: rt.activate(next(swaps)),
+        "hotswap_rt activate (resident switch)": lambda: resident.activate(next(switches)),
+    }, rounds=200, before=lambda: flush.add_(1.0))
+    assert rt.stats()["swaps"] - swaps_before == 200  # every swap copied, every switch did not
+    assert resident.stats()["swaps"] == switch_copies
+    note(group, f"{nbytes / 2**20:.2f} MiB per slot row, 200 rounds interleaved, "
+                f"{FLUSH_BYTES >> 20} MB pass before each call")
+    note_ratios(group, medians, "copy_ (2 sources -> 1 destination)", "")
+    figure(f"flushed_switch_us/{label}", medians["hotswap_rt activate (resident switch)"] * 1e6)
+    figure(f"flushed_one_op_us/{label}", medians["copy_ of 4 floats (one op)"] * 1e6)
+    figure(f"flushed_swap_over_copy/{label}", medians["hotswap_rt activate (ring -> slot + flip)"]
+           / medians["copy_ (2 sources -> 1 destination)"])
 
 
 def test_cold_load_vs_load_file(setup) -> None:

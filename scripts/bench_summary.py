@@ -80,6 +80,13 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
         low, high = f"{min(switches):.0f}", f"{max(switches):.0f}"
         out.append(("switch between device-resident adapters",
                     f"{low if low == high else low + '-' + high} us, no copy", ""))
+    flushed = [k.split("/", 1)[1] for k in f if k.startswith("flushed_switch_us/")]
+    if flushed:
+        out.append(("swap and switch with the CPU caches flushed before each call (as after a forward)",
+                    "; ".join(f"{label}: swap {f[f'flushed_swap_over_copy/{label}']:.2f}x a `copy_`, "
+                              f"switch {f[f'flushed_switch_us/{label}']:.0f} us" for label in sorted(flushed)),
+                    "one dispatched op (`copy_` of 4 floats) under the same flush: " + ", ".join(
+                        f"{f[f'flushed_one_op_us/{label}']:.0f} us" for label in sorted(flushed))))
     for group in r.groups("switch + forward"):
         out.append(("switch + forward, compiled, 4 resident adapters",
                     f"{r.ratio(group, 'hotswap_rt'):.2f}x the forward alone",
