@@ -47,6 +47,7 @@ from .peft_format import (
     ParsedAdapter, adapter_state_dict, resolve_source, task_type_for, write_adapter_dir,
     write_adapter_files)
 from .registry import AdapterRecord, AdapterRegistry, Origin
+from .release import release_later
 from .residency import AdapterLease, Residency
 from .selection import Activation, Selection, Selector, row_spec
 from .staging import BackgroundLoads, StagedAdapter, Stager
@@ -250,8 +251,20 @@ class HotswapRuntime:
         # layers for this adapter first (then every check runs before anything changes)
         defer = not allow_nonfinite and not self.lazy
         # a trainable load (fold_scaling False) keeps its factors: read into memory, never mapped
+        mapped = fold_scaling and self._maps_files and source is not None
         adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite,
-                                    defer_finite=defer, mapped=fold_scaling and self._maps_files)
+                                    defer_finite=defer, mapped=mapped)
+        try:
+            return self._check_inject_stage_commit(adapter, fold_scaling, inject, defer, check_commit, commit)
+        finally:
+            if mapped:  # its factors are views of the file's map, which their last reference
+                release_later(adapter)  # unmaps: on the release thread, not on the way out
+                del adapter
+
+    def _check_inject_stage_commit(self, adapter: ParsedAdapter, fold_scaling: bool, inject: bool, defer: bool,
+                                   check_commit: Callable[[], None],
+                                   commit: Callable[[StagedAdapter], AdapterInfo]) -> AdapterInfo:
+        """The rest of :meth:`_read_and_commit` once ``adapter`` is read."""
         if not fold_scaling:  # trainable: refused before any layer is injected for it
             if adapter.has_vectors:
                 raise IncompatibleAdapterError(

@@ -157,7 +157,11 @@ def loaded_and_compiled(model: torch.nn.Module, config: Any, adapters: dict[str,
 
 
 def file_is_mapped(path: Path) -> bool:
-    """Whether this process maps the file ``path`` (Linux's ``/proc/self/maps``, by inode)."""
+    """Whether this process maps the file ``path`` (Linux's ``/proc/self/maps``, by inode), once
+    the values handed to the release thread (a load's mapped factors) have been dropped."""
+    from hotswap_rt.release import wait_for_releases
+
+    wait_for_releases()
     inode = str(path.stat().st_ino)
     return any(inode in line.split() for line in Path("/proc/self/maps").read_text().splitlines())
 
