@@ -26,7 +26,7 @@ from .peft_format import FileStamp, adapter_files_stamp
 @dataclass(frozen=True)
 class Origin:
     """Where an adapter can be read again, with which load options, and the stamp of the files
-    it was read from (:func:`adapter_files_stamp`, taken right after the read)."""
+    it was read from (:func:`adapter_files_stamp`, taken before the read and checked after it)."""
 
     directory: Path
     allow_pickle: bool = False
@@ -34,13 +34,15 @@ class Origin:
     stamp: tuple[FileStamp, ...] = ()
 
     @staticmethod
-    def of(staged: StagedAdapter, allow_pickle: bool, allow_nonfinite: bool) -> Origin | None:
+    def of(staged: StagedAdapter, allow_pickle: bool, allow_nonfinite: bool,
+           stamp: tuple[FileStamp, ...]) -> Origin | None:
         """Where a directory-loaded adapter can be read again (its source is the resolved
-        directory); None for one that has no file."""
+        directory), ``stamp`` the files' stamp, taken before they were read and found again
+        after; None for one that has no file."""
         source = staged.adapter.source
         if source is None:
             return None
-        return Origin(Path(source), allow_pickle, allow_nonfinite, adapter_files_stamp(source))
+        return Origin(Path(source), allow_pickle, allow_nonfinite, stamp)
 
     def check_unchanged(self, name: str) -> None:
         """Raise unless the directory still holds the files adapter ``name`` was loaded from:

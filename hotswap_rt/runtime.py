@@ -27,6 +27,7 @@ import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -34,7 +35,9 @@ from torch import nn
 
 from .arena import LayerLayout, LayerShape, SlotArena
 from .config import AdapterInfo, RuntimeConfig, check_flags, name_matches, names_or_regex
-from .errors import HotswapError, IncompatibleAdapterError, SelectionError, SlotsBusyError, TargetNotFoundError
+from .errors import (
+    AdapterChangedError, HotswapError, IncompatibleAdapterError, SelectionError, SlotsBusyError,
+    TargetNotFoundError)
 from .forward import ModelForward
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
@@ -44,8 +47,8 @@ from .inject import find_modules_to_save, find_targets, replace_modules
 from .inputs import ExampleInput, bind_positional
 from .layers import LINEAR_TYPES, SlotLayer, is_conv1d, layer_shape, make_slot_layer
 from .peft_format import (
-    ParsedAdapter, adapter_state_dict, resolve_source, task_type_for, write_adapter_dir,
-    write_adapter_files)
+    FileStamp, ParsedAdapter, adapter_files_stamp, adapter_state_dict, resolve_source, task_type_for,
+    write_adapter_dir, write_adapter_files)
 from .registry import AdapterRecord, AdapterRegistry, Origin
 from .release import release_later
 from .residency import AdapterLease, Residency
@@ -243,19 +246,42 @@ class HotswapRuntime:
     def _read_and_commit(self, source: Any, state_dict: Any, config: Any, allow_pickle: bool,
                          allow_nonfinite: bool, fold_scaling: bool, inject: bool,
                          check_commit: Callable[[], None],
-                         commit: Callable[[StagedAdapter], AdapterInfo]) -> AdapterInfo:
-        """Read and check an adapter, stage it and ``commit`` it; a lazy runtime first injects
-        the layers it needs (``inject``; ``check_commit()`` first, which raises if the commit
-        would fail), see :meth:`_inject_stage_commit`."""
+                         commit: Callable[[StagedAdapter, tuple[FileStamp, ...]], AdapterInfo]) -> AdapterInfo:
+        """Read and check an adapter, stage it and ``commit`` it with the stamp of the files it
+        was read from (``()`` for a state dict); a lazy runtime first injects the layers it
+        needs (``inject``; ``check_commit()`` first, which raises if the commit would fail),
+        see :meth:`_inject_stage_commit`.
+
+        The files are stamped (:func:`adapter_files_stamp`) before they are read and again once
+        nothing more is read from them: after the read, or, for a memory-mapped file, after
+        staging (whose copies read its pages). Rewritten in place meanwhile, the adapter could
+        hold old and new bytes mixed: it is refused (:class:`AdapterChangedError`), before any
+        change. A lazy runtime that may still inject layers reads into memory, so that check
+        comes before the injection.
+
+        Raises:
+            HotswapError: (a subclass) for any bad input; nothing changes."""
         # NaN/Inf: checked in one pass over the staged rows, unless a lazy runtime may inject
         # layers for this adapter first (then every check runs before anything changes)
         defer = not allow_nonfinite and not self.lazy
+        directory = resolve_source(source) if source is not None else None
+        stamp = adapter_files_stamp(directory) if directory is not None else ()
         # a trainable load (fold_scaling False) keeps its factors: read into memory, never mapped
-        mapped = fold_scaling and self._maps_files and source is not None
-        adapter = self._stager.read(source, state_dict, config, allow_pickle, allow_nonfinite,
+        mapped = (fold_scaling and self._maps_files and directory is not None
+                  and not (self.lazy and not self.compiled))
+        adapter = self._stager.read(directory, state_dict, config, allow_pickle, allow_nonfinite,
                                     defer_finite=defer, mapped=mapped)
+        if directory is not None and not mapped:
+            _check_read_unchanged(directory, stamp)
+
+        def commit_unchanged(staged: StagedAdapter) -> AdapterInfo:
+            if mapped:
+                _check_read_unchanged(directory, stamp)
+            return commit(staged, stamp)
+
         try:
-            return self._check_inject_stage_commit(adapter, fold_scaling, inject, defer, check_commit, commit)
+            return self._check_inject_stage_commit(adapter, fold_scaling, inject, defer, check_commit,
+                                                   commit_unchanged)
         finally:
             if mapped:  # its factors are views of the file's map, which their last reference
                 release_later(adapter)  # unmaps: on the release thread, not on the way out
@@ -422,8 +448,8 @@ class HotswapRuntime:
         # from them (no disk tier; `save` writes the slot's values)
         readable = source is not None and not trainable
 
-        def commit(staged: StagedAdapter) -> AdapterInfo:
-            origin = Origin.of(staged, allow_pickle, allow_nonfinite) if readable else None
+        def commit(staged: StagedAdapter, stamp: tuple[FileStamp, ...]) -> AdapterInfo:
+            origin = Origin.of(staged, allow_pickle, allow_nonfinite, stamp) if readable else None
             return self._commit(name, staged, origin, replace, use_free_slot=True, trainable=trainable)
 
         return self._read_and_commit(
@@ -449,8 +475,8 @@ class HotswapRuntime:
         allow_pickle = load_kwargs.get("allow_pickle", False)
         allow_nonfinite = load_kwargs.get("allow_nonfinite", False)
 
-        def commit(staged: StagedAdapter) -> AdapterInfo:
-            origin = Origin.of(staged, allow_pickle, allow_nonfinite)
+        def commit(staged: StagedAdapter, stamp: tuple[FileStamp, ...]) -> AdapterInfo:
+            origin = Origin.of(staged, allow_pickle, allow_nonfinite, stamp)
             return self._commit(name, staged, origin, replace, use_free_slot=False, prefetched=True)
 
         def job() -> AdapterInfo:
@@ -1119,6 +1145,22 @@ class _Mutation:
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
         self.gate.end_write()
+
+
+def _check_read_unchanged(directory: Path, stamp: tuple[FileStamp, ...]) -> None:
+    """Raise unless ``directory``'s adapter files still have the ``stamp`` taken before they
+    were read (see :meth:`HotswapRuntime._read_and_commit`).
+
+    Raises:
+        AdapterChangedError: naming the files that changed."""
+    now = adapter_files_stamp(directory)
+    if now != stamp:
+        changed = sorted({entry[0] for entry in set(now) ^ set(stamp)})
+        raise AdapterChangedError(
+            f"{directory}: {changed} changed (or appeared, or went) while the adapter was read, so "
+            f"it may hold old and new bytes mixed (a file rewritten in place?): nothing was loaded; "
+            f"load it again once the files are written (a writer that renames a finished file "
+            f"over the old one, as this runtime's save does, never shows a half-written file)")
 
 
 def _device_of(model: nn.Module, weights: Sequence[torch.Tensor]) -> torch.device:

@@ -11,6 +11,8 @@ import torch
 from peft import PeftModel
 
 from hotswap_rt import AdapterFormatError, HotswapError, HotswapRuntime, RuntimeConfig
+from hotswap_rt.errors import AdapterChangedError
+from hotswap_rt.peft_format import adapter_files_stamp
 
 from .conftest import ATTENTION_TARGETS, CAN_SEE_MAPS, BaseModel, file_is_mapped, logits, max_diff
 
@@ -303,3 +305,64 @@ def test_loads_stage_from_a_mapped_file_only_when_its_factors_are_dropped(llama_
     assert len(maps) == 4
     with pytest.raises(HotswapError, match="map_adapter_files must be True or False"):
         RuntimeConfig(ATTENTION_TARGETS["llama"], map_adapter_files=1)
+
+
+def _touch_in_place(path: Path) -> None:
+    """Write a file's first byte back over itself: the same bytes, a new change time (what any
+    in-place rewrite leaves, whatever it writes)."""
+    with open(path, "r+b") as file:
+        first = file.read(1)
+        file.seek(0)
+        file.write(first)
+
+
+@pytest.mark.parametrize("maps", [True, False], ids=["mapped", "read into memory"])
+def test_files_rewritten_in_place_while_read_are_refused(llama_and_adapter, tmp_path, maps) -> None:
+    """Stamped before the read and checked once nothing more is read from them (after staging
+    when mapped, after the read otherwise): a rewrite in between (which could leave old and new
+    bytes mixed in the adapter) refuses the load and the prefetch, changing nothing; the same
+    files load once left alone."""
+    base, source = llama_and_adapter
+    path = tmp_path / "a"
+    shutil.copytree(source, path)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16, device_slots=1,
+                                                    host_slots=2, map_adapter_files=maps))
+    stager = rt.internals.stager
+    rt.load("old", source)
+    before = (rt.adapters(), rt.active, rt.stats()["swaps"])
+    hooked = "stage" if maps else "read"  # the last step that reads the files
+    real = getattr(stager, hooked)
+
+    def rewriting(*args, **kwargs):
+        result = real(*args, **kwargs)
+        _touch_in_place(path / "adapter_model.safetensors")
+        return result
+
+    setattr(stager, hooked, rewriting)
+    with pytest.raises(AdapterChangedError, match=r"adapter_model.safetensors.*while the adapter was read"):
+        rt.load("a", path)
+    with pytest.raises(AdapterChangedError, match="while the adapter was read"):
+        rt.prefetch("b", path).result(timeout=60)
+    with pytest.raises(AdapterChangedError):
+        rt.load("old", path, replace=True)
+    assert (rt.adapters(), rt.active, rt.stats()["swaps"]) == before
+    setattr(stager, hooked, real)
+    rt.load("a", path)  # a copy of "old"'s files
+    records = rt.internals.registry.records
+    rows, expected = records["a"].staged.rows, records["old"].staged.rows
+    assert rows.keys() == expected.keys() and all(torch.equal(rows[d], expected[d]) for d in rows)
+    assert records["a"].origin.stamp == adapter_files_stamp(path)
+
+
+@pytest.mark.skipif(not CAN_SEE_MAPS, reason="reads /proc/self/maps (Linux)")
+def test_a_lazy_runtime_maps_files_once_no_layer_can_be_injected(llama_and_adapter, mapped_reads) -> None:
+    """Before compiling, a lazy runtime may inject layers for an adapter after reading it: its
+    files are read into memory, so their stamp is checked before any layer is injected; once
+    compiled (no more injection) they are mapped."""
+    base, path = llama_and_adapter
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(None, max_rank=16, device_slots=2, host_slots=4))
+    rt.load("a", path)
+    assert mapped_reads == [] and rt.targets
+    rt.compile(torch.ones(1, 8, dtype=torch.long))
+    rt.load("b", path)
+    assert mapped_reads == [path / "adapter_model.safetensors"]
