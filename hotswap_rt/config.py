@@ -122,8 +122,9 @@ class RuntimeConfig:
             ``save_pretrained`` rewrites the file in place. ``False``: files are read into
             memory (reused buffers) and staged from there, as they are where the file system
             cannot map them. Either way, files rewritten in place while they are read are
-            detected (their stamp, before and after) and the load refused. Before compiling,
-            a lazy runtime reads into memory (so that check precedes any injection).
+            detected (their stamp, before and after) and the load refused; a load that
+            injects layers or adds scale vectors first copies its factors out of the map
+            before that change, so the check precedes it.
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")

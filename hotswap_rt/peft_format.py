@@ -871,6 +871,24 @@ def nonfinite_key(adapter: ParsedAdapter) -> str | None:
     return None
 
 
+def with_tensors_copied(adapter: ParsedAdapter) -> ParsedAdapter:
+    """``adapter`` with every tensor it holds copied into memory of its own (e.g. out of a
+    file's memory map, which may then be dropped)."""
+
+    def own(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.clone()
+
+    modules = {name: dataclasses.replace(module, lora_A=own(module.lora_A), lora_B=own(module.lora_B),
+                                         magnitude=own(module.magnitude), bias=own(module.bias),
+                                         ia3=own(module.ia3))
+               for name, module in adapter.modules.items()}
+    return dataclasses.replace(
+        adapter, modules=modules,
+        saved_base_weights={name: own(weight) for name, weight in adapter.saved_base_weights.items()},
+        saved_modules={name: {key: own(value) for key, value in params.items()}
+                       for name, params in adapter.saved_modules.items()})
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """True when no value of ``tensor`` is NaN or +-Inf (one reduction pass)."""
     return tensor.numel() == 0 or _all_finite(tensor)

@@ -48,7 +48,7 @@ from .inputs import ExampleInput, bind_positional
 from .layers import LINEAR_TYPES, SlotLayer, is_conv1d, layer_shape, make_slot_layer
 from .peft_format import (
     FileStamp, ParsedAdapter, adapter_files_stamp, adapter_state_dict, resolve_source, task_type_for,
-    write_adapter_dir, write_adapter_files)
+    with_tensors_copied, write_adapter_dir, write_adapter_files)
 from .registry import AdapterRecord, AdapterRegistry, Origin
 from .release import release_later
 from .residency import AdapterLease, Residency
@@ -256,8 +256,8 @@ class HotswapRuntime:
         nothing more is read from them: after the read, or, for a memory-mapped file, after
         staging (whose copies read its pages). Rewritten in place meanwhile, the adapter could
         hold old and new bytes mixed: it is refused (:class:`AdapterChangedError`), before any
-        change. A lazy runtime that may still inject layers reads into memory, so that check
-        comes before the injection.
+        change. A mapped load that changes the layout first (layers injected, scale vectors
+        added) copies its factors out of the map before that change and is checked then.
 
         Raises:
             HotswapError: (a subclass) for any bad input; nothing changes."""
@@ -267,10 +267,13 @@ class HotswapRuntime:
         directory = resolve_source(source) if source is not None else None
         stamp = adapter_files_stamp(directory) if directory is not None else ()
         # a trainable load (fold_scaling False) keeps its factors: read into memory, never mapped
-        mapped = (fold_scaling and self._maps_files and directory is not None
-                  and not (self.lazy and not self.compiled))
+        mapped = fold_scaling and self._maps_files and directory is not None
         adapter = self._stager.read(directory, state_dict, config, allow_pickle, allow_nonfinite,
                                     defer_finite=defer, mapped=mapped)
+        if mapped and self._changes_layout(adapter):  # the change comes before staging: read
+            mapped_adapter, adapter, mapped = adapter, with_tensors_copied(adapter), False  # it all now
+            release_later(mapped_adapter)
+            del mapped_adapter
         if directory is not None and not mapped:
             _check_read_unchanged(directory, stamp)
 
@@ -339,6 +342,16 @@ class HotswapRuntime:
                 if record.staged is not None:
                     self._stager.fit_rows(record.staged)
             return commit(stage())
+
+    def _changes_layout(self, adapter: ParsedAdapter) -> bool:
+        """Whether loading ``adapter`` would inject layers or add scale vectors (before staging
+        it, see :meth:`_inject_stage_commit`). Layers and vectors are only ever added, so a
+        False stays False. An adapter that cannot be loaded: False (it is refused later)."""
+        try:
+            plan = self._plan_injection(list(adapter.modules), list(adapter.saved_modules))
+        except HotswapError:
+            return False
+        return bool(plan) or self._vectors_to_add(adapter)
 
     def _check_saved_base_weights(self, adapter: ParsedAdapter) -> None:
         """Base weights saved with the adapter (PEFT's ``save_embedding_layers``) must equal the

@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from hotswap_rt import AdapterFormatError, HotswapError, HotswapRuntime, RuntimeConfig
 from hotswap_rt.errors import AdapterChangedError
-from hotswap_rt.peft_format import adapter_files_stamp
+from hotswap_rt.peft_format import adapter_files_stamp, parse_adapter, read_adapter_dir, with_tensors_copied
 
 from .conftest import ATTENTION_TARGETS, CAN_SEE_MAPS, BaseModel, file_is_mapped, logits, max_diff
 
@@ -354,15 +354,51 @@ def test_files_rewritten_in_place_while_read_are_refused(llama_and_adapter, tmp_
     assert records["a"].origin.stamp == adapter_files_stamp(path)
 
 
-@pytest.mark.skipif(not CAN_SEE_MAPS, reason="reads /proc/self/maps (Linux)")
-def test_a_lazy_runtime_maps_files_once_no_layer_can_be_injected(llama_and_adapter, mapped_reads) -> None:
-    """Before compiling, a lazy runtime may inject layers for an adapter after reading it: its
-    files are read into memory, so their stamp is checked before any layer is injected; once
-    compiled (no more injection) they are mapped."""
-    base, path = llama_and_adapter
-    rt = HotswapRuntime(base.clone(), RuntimeConfig(None, max_rank=16, device_slots=2, host_slots=4))
+@pytest.mark.parametrize("maps", [True, False], ids=["mapped", "read into memory"])
+def test_a_load_that_injects_layers_is_checked_before_it_injects_them(llama_and_adapter, tmp_path,
+                                                                      monkeypatch, maps) -> None:
+    """A lazy runtime injects layers for an adapter before staging it: a mapped one is copied
+    out of its map first, so that the rewrite check comes before any injection (a rewrite
+    during staging no longer matters); refused, nothing is injected; then it loads."""
+    base, source = llama_and_adapter
+    path = tmp_path / "a"
+    shutil.copytree(source, path)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(None, max_rank=16, device_slots=2, host_slots=4,
+                                                    map_adapter_files=maps))
+    stager = rt.internals.stager
+    real = stager.read
+
+    def rewriting(*args, **kwargs):
+        result = real(*args, **kwargs)
+        _touch_in_place(path / "adapter_model.safetensors")
+        return result
+
+    monkeypatch.setattr(stager, "read", rewriting)
+    with pytest.raises(AdapterChangedError, match="while the adapter was read"):
+        rt.load("a", path)
+    assert rt.targets == [] and rt.adapters() == []
+    monkeypatch.setattr(stager, "read", real)
     rt.load("a", path)
-    assert mapped_reads == [] and rt.targets
-    rt.compile(torch.ones(1, 8, dtype=torch.long))
-    rt.load("b", path)
-    assert mapped_reads == [path / "adapter_model.safetensors"]
+    assert rt.targets and rt.info("a").tier == "device"
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_with_tensors_copied_owns_every_tensor(llama_and_adapter, tmp_path, kind) -> None:
+    base, path = llama_and_adapter
+    if kind == "dora":
+        path = base.make_adapter(tmp_path / "dora", seed=5, r=4, use_dora=True)
+    adapter = parse_adapter(*read_adapter_dir(path, mapped=True), str(path))
+    copied = with_tensors_copied(adapter)
+    assert list(copied.modules) == list(adapter.modules) and copied.rank == adapter.rank
+    held = 0
+    for name, module in adapter.modules.items():
+        assert copied.modules[name].scaling == module.scaling
+        for field in ("lora_A", "lora_B", "magnitude", "bias", "ia3"):
+            mine, theirs = getattr(copied.modules[name], field), getattr(module, field)
+            if theirs is None:
+                assert mine is None
+                continue
+            held += 1
+            assert torch.equal(mine, theirs)
+            assert mine.untyped_storage().data_ptr() != theirs.untyped_storage().data_ptr()
+    assert held == len(adapter.modules) * (3 if kind == "dora" else 2)
