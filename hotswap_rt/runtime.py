@@ -264,12 +264,13 @@ class HotswapRuntime:
         # NaN/Inf: checked in one pass over the staged rows, unless a lazy runtime may inject
         # layers for this adapter first (then every check runs before anything changes)
         defer = not allow_nonfinite and not self.lazy
-        directory = resolve_source(source) if source is not None else None
+        # (a source with a state dict too: left to the read, which refuses the pair)
+        directory = resolve_source(source) if source is not None and state_dict is None else None
         stamp = adapter_files_stamp(directory) if directory is not None else ()
         # a trainable load (fold_scaling False) keeps its factors: read into memory, never mapped
         mapped = fold_scaling and self._maps_files and directory is not None
-        adapter = self._stager.read(directory, state_dict, config, allow_pickle, allow_nonfinite,
-                                    defer_finite=defer, mapped=mapped)
+        adapter = self._stager.read(source if directory is None else directory, state_dict, config,
+                                    allow_pickle, allow_nonfinite, defer_finite=defer, mapped=mapped)
         if mapped and self._changes_layout(adapter):  # the change comes before staging: read
             mapped_adapter, adapter, mapped = adapter, with_tensors_copied(adapter), False  # it all now
             release_later(mapped_adapter)

@@ -402,3 +402,13 @@ def test_with_tensors_copied_owns_every_tensor(llama_and_adapter, tmp_path, kind
             assert torch.equal(mine, theirs)
             assert mine.untyped_storage().data_ptr() != theirs.untyped_storage().data_ptr()
     assert held == len(adapter.modules) * (3 if kind == "dora" else 2)
+
+
+@pytest.mark.parametrize("source", ["valid", "tmp/no/such/adapter"])
+def test_a_source_and_a_state_dict_together_are_refused_as_a_pair(llama_and_adapter, source) -> None:
+    base, path = llama_and_adapter
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16))
+    config, state = read_adapter_dir(path)
+    with pytest.raises(HotswapError, match="exactly one of a source"):
+        rt.load("a", path if source == "valid" else source, state_dict=state, config=config)
+    assert rt.adapters() == []
