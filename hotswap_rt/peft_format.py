@@ -226,6 +226,15 @@ def adapter_files_stamp(directory: str | os.PathLike[str]) -> tuple[FileStamp, .
     return tuple(stamps)
 
 
+def changed_files(directory: str | os.PathLike[str], stamp: tuple[FileStamp, ...]) -> list[str]:
+    """The names of ``directory``'s adapter files whose :func:`adapter_files_stamp` differs from
+    ``stamp`` (changed, appeared or gone), sorted; empty when none does."""
+    now = adapter_files_stamp(directory)
+    if now == stamp:
+        return []
+    return sorted({entry[0] for entry in set(now) ^ set(stamp)})
+
+
 def read_adapter_dir(
     directory: str | os.PathLike[str], allow_pickle: bool = False, empty: Allocate | None = None,
     mapped: bool = False,

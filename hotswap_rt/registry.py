@@ -20,7 +20,7 @@ from pathlib import Path
 from .staging import StagedAdapter
 from .config import AdapterInfo
 from .errors import AdapterChangedError, SlotsBusyError, UnknownAdapterError
-from .peft_format import FileStamp, adapter_files_stamp
+from .peft_format import FileStamp, changed_files
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,8 @@ class Origin:
         Raises:
             AdapterChangedError: naming the files that changed.
         """
-        now = adapter_files_stamp(self.directory)
-        if now != self.stamp:
-            changed = sorted({stamp[0] for stamp in set(now) ^ set(self.stamp)})
+        changed = changed_files(self.directory, self.stamp)
+        if changed:
             raise AdapterChangedError(
                 f"adapter {name!r}: {changed} in {self.directory} changed (or appeared, or went) "
                 f"since it was loaded, and only those files held it (it had dropped to the disk "

@@ -47,8 +47,8 @@ from .inject import find_modules_to_save, find_targets, replace_modules
 from .inputs import ExampleInput, bind_positional
 from .layers import LINEAR_TYPES, SlotLayer, is_conv1d, layer_shape, make_slot_layer
 from .peft_format import (
-    FileStamp, ParsedAdapter, adapter_files_stamp, adapter_state_dict, resolve_source, task_type_for,
-    with_tensors_copied, write_adapter_dir, write_adapter_files)
+    FileStamp, ParsedAdapter, adapter_files_stamp, adapter_state_dict, changed_files, resolve_source,
+    task_type_for, with_tensors_copied, write_adapter_dir, write_adapter_files)
 from .registry import AdapterRecord, AdapterRegistry, Origin
 from .release import release_later
 from .residency import AdapterLease, Residency
@@ -1167,9 +1167,8 @@ def _check_read_unchanged(directory: Path, stamp: tuple[FileStamp, ...]) -> None
 
     Raises:
         AdapterChangedError: naming the files that changed."""
-    now = adapter_files_stamp(directory)
-    if now != stamp:
-        changed = sorted({entry[0] for entry in set(now) ^ set(stamp)})
+    changed = changed_files(directory, stamp)
+    if changed:
         raise AdapterChangedError(
             f"{directory}: {changed} changed (or appeared, or went) while the adapter was read, so "
             f"it may hold old and new bytes mixed (a file rewritten in place?): nothing was loaded; "
