@@ -307,17 +307,24 @@ def test_loads_stage_from_a_mapped_file_only_when_its_factors_are_dropped(llama_
         RuntimeConfig(ATTENTION_TARGETS["llama"], map_adapter_files=1)
 
 
-def _touch_in_place(path: Path) -> None:
-    """Write a file's first byte back over itself: the same bytes, a new change time (what any
-    in-place rewrite leaves, whatever it writes)."""
-    with open(path, "r+b") as file:
-        first = file.read(1)
-        file.seek(0)
-        file.write(first)
+def _rewriting_after(step, path: Path):
+    """``step`` that, once done, writes ``path``'s first byte back over itself: the same bytes,
+    a new change time (what any in-place rewrite leaves, whatever it writes)."""
+
+    def rewriting(*args, **kwargs):
+        result = step(*args, **kwargs)
+        with open(path, "r+b") as file:
+            first = file.read(1)
+            file.seek(0)
+            file.write(first)
+        return result
+
+    return rewriting
 
 
 @pytest.mark.parametrize("maps", [True, False], ids=["mapped", "read into memory"])
-def test_files_rewritten_in_place_while_read_are_refused(llama_and_adapter, tmp_path, maps) -> None:
+def test_files_rewritten_in_place_while_read_are_refused(llama_and_adapter, tmp_path, monkeypatch,
+                                                         maps) -> None:
     """Stamped before the read and checked once nothing more is read from them (after staging
     when mapped, after the read otherwise): a rewrite in between (which could leave old and new
     bytes mixed in the adapter) refuses the load and the prefetch, changing nothing; the same
@@ -332,13 +339,7 @@ def test_files_rewritten_in_place_while_read_are_refused(llama_and_adapter, tmp_
     before = (rt.adapters(), rt.active, rt.stats()["swaps"])
     hooked = "stage" if maps else "read"  # the last step that reads the files
     real = getattr(stager, hooked)
-
-    def rewriting(*args, **kwargs):
-        result = real(*args, **kwargs)
-        _touch_in_place(path / "adapter_model.safetensors")
-        return result
-
-    setattr(stager, hooked, rewriting)
+    monkeypatch.setattr(stager, hooked, _rewriting_after(real, path / "adapter_model.safetensors"))
     with pytest.raises(AdapterChangedError, match=r"adapter_model.safetensors.*while the adapter was read"):
         rt.load("a", path)
     with pytest.raises(AdapterChangedError, match="while the adapter was read"):
@@ -346,7 +347,7 @@ def test_files_rewritten_in_place_while_read_are_refused(llama_and_adapter, tmp_
     with pytest.raises(AdapterChangedError):
         rt.load("old", path, replace=True)
     assert (rt.adapters(), rt.active, rt.stats()["swaps"]) == before
-    setattr(stager, hooked, real)
+    monkeypatch.setattr(stager, hooked, real)
     rt.load("a", path)  # a copy of "old"'s files
     records = rt.internals.registry.records
     rows, expected = records["a"].staged.rows, records["old"].staged.rows
@@ -367,13 +368,7 @@ def test_a_load_that_injects_layers_is_checked_before_it_injects_them(llama_and_
                                                     map_adapter_files=maps))
     stager = rt.internals.stager
     real = stager.read
-
-    def rewriting(*args, **kwargs):
-        result = real(*args, **kwargs)
-        _touch_in_place(path / "adapter_model.safetensors")
-        return result
-
-    monkeypatch.setattr(stager, "read", rewriting)
+    monkeypatch.setattr(stager, "read", _rewriting_after(real, path / "adapter_model.safetensors"))
     with pytest.raises(AdapterChangedError, match="while the adapter was read"):
         rt.load("a", path)
     assert rt.targets == [] and rt.adapters() == []
