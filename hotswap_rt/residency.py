@@ -312,6 +312,10 @@ class Residency:
             SlotsBusyError: they cannot all fit; before any copy.
         """
         registry, hits = self.registry, self.stats.hits
+        if len(records) == 1 and records[0].slot is not None:  # a switch to one resident adapter
+            registry.touch(records[0])
+            hits["device"] += 1
+            return
         protected: set[int] = set()
         missing: list[AdapterRecord] = []
         for record in records:  # one loop: this runs on every swap and switch

@@ -183,7 +183,8 @@ class Selection:
                 f"RuntimeConfig.max_active_adapters={self.max_active}"
             )
 
-    def write(self, rows: Sequence[RowSpec]) -> None:
+    def write(self, rows: Sequence[RowSpec], rows_key: tuple | None = None,
+              rank_bucket: int | None | bool = False) -> None:
         """Write a selection: ``rows[b]`` maps slot -> weight for batch row ``b``.
 
         A single row spec applies to every row of any batch (uniform activation); otherwise rows
@@ -193,11 +194,18 @@ class Selection:
 
         No ``torch.no_grad()`` needed (~2 us): these tensors never require grad.
 
+        Args:
+            rows_key: ``tuple(tuple(row.items()) for row in rows)``, when the caller has it.
+            rank_bucket: the rank bucket the selection needs (:meth:`needs_bucket`), recorded
+                with the write; False: keep the one recorded.
+
         Raises:
             SelectionError: more distinct slots than ``max_active``, more rows than
                 ``max_batch_size`` (before any write).
         """
-        key = (tuple(tuple(row.items()) for row in rows), self.per_row_capable)
+        if rows_key is None:
+            rows_key = tuple(tuple(row.items()) for row in rows)
+        key = (rows_key, self.per_row_capable)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(rows)  # validates
@@ -206,7 +214,7 @@ class Selection:
             self._plans[key] = plan
         image, per_row = plan
         self.packed.copy_(image, non_blocking=self.pinned_writes)
-        self._needs(self._needed[0], per_row)
+        self._needs(self._needed[0] if rank_bucket is False else rank_bucket, per_row)
 
     def _plan(self, rows: Sequence[RowSpec]) -> tuple[torch.Tensor, bool]:
         """Validate ``rows``; the host image of the packed buffer that writes them (the per-row
@@ -366,28 +374,34 @@ class Selector:
             SelectionError: more distinct slots than ``max_active_adapters`` (before any write).
         """
         slot_rows: list[dict[int, float]] = []
-        if self.enabled:
+        row_keys: list[tuple] = []  # each row's items: the selection's key (Selection.write)
+        selected: set[int] = set()
+        if self.enabled:  # one loop, no generators: this runs on every switch
             for row in self.rows:
                 spec: dict[int, float] = {}
                 for name, weight in row.items():
                     if weight != 0.0:
                         slot, scale = resolve(name)
-                        spec[slot] = weight * scale
+                        spec[slot] = weighted = weight * scale
+                        if weighted:
+                            selected.add(slot)
                 slot_rows.append(spec)
+                row_keys.append(tuple(spec.items()))
             if len(slot_rows) == 1 and not slot_rows[0]:
-                slot_rows = []
+                slot_rows, row_keys = [], []
         served_rows = len(self.rows) if self.per_row and self.enabled else None
-        bucket = self._bucket(slot_rows) if self.selection.rank_buckets else None
+        selection = self.selection
+        bucket = self._bucket(slot_rows) if selection.rank_buckets else None
         if (not force and slot_rows == self._written and served_rows == self._served_rows
-                and bucket == self.selection.needed_bucket):
+                and bucket == selection.needed_bucket):
             return
-        if not any(slot_rows):
-            self.selection.clear()
+        if not selected:
+            selection.clear()
+            selection.needs_bucket(bucket)
         else:
-            self.selection.write(slot_rows)
-        self.selection.needs_bucket(bucket)
+            selection.write(slot_rows, tuple(row_keys), bucket)
         self._written, self._served_rows = slot_rows, served_rows
-        self._selected = frozenset(slot for row in slot_rows for slot, weight in row.items() if weight)
+        self._selected = frozenset(selected)
 
     def _bucket(self, slot_rows: list[dict[int, float]]) -> int | None:
         """The smallest rank bucket holding every selected slot's ranks (None: no buckets)."""
