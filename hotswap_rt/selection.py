@@ -16,8 +16,9 @@ With *in-place* reads (``RuntimeConfig.slot_reads``) the k positions are the S d
 themselves: ``active_slots = arange(S)`` for life and ``row_weights[b, s]`` is slot ``s``'s weight,
 so layers read the arena as it lies, without gathering the active slots first.
 
-All of them (and ``row_count``) are views of one byte buffer, so a write is one ``copy_`` of a
-host image of the whole selection (one host-to-device copy on an accelerator).
+All of them (and ``row_count``) are views of one byte buffer, so a write is one copy of a host
+image of the whole selection: one host-to-device ``copy_`` on an accelerator, a memcpy into the
+buffer's memory on the CPU (with autograd's version counter bumped, as ``copy_`` would).
 
 The compiled graph reads these tensors; this module only ever writes them in place (``copy_``), so
 the graph never sees a new Python object and never recompiles on a switch. Unused positions point
@@ -32,6 +33,7 @@ from array import array
 from typing import Callable, Mapping, Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .errors import SelectionError
 
@@ -120,7 +122,11 @@ class Selection:
         self.active_slots.copy_(torch.arange(positions))
         self.row_count.fill_(1)
         # selection (rows, per_row_capable) -> its host image and path (see write)
-        self._plans: dict[tuple, tuple[torch.Tensor, bool]] = {}
+        self._plans: dict[tuple, tuple[torch.Tensor | bytes, bool]] = {}
+        # On the CPU a write is a memcpy into the buffer's memory (a memoryview's slice
+        # assignment), with autograd's version counter bumped as copy_ bumps it: no dispatched
+        # op, which costs ~2 us warm and ~15-20 us when a forward has left the caches cold.
+        self._memory = memoryview(self.packed.numpy()) if self.packed.device.type == "cpu" else None
 
     def enable_per_row(self, enabled: bool = True) -> None:
         """Turn the per-row product (with a stacked overflow) on or back off, for a selection
@@ -188,9 +194,9 @@ class Selection:
         """Write a selection: ``rows[b]`` maps slot -> weight for batch row ``b``.
 
         A single row spec applies to every row of any batch (uniform activation); otherwise rows
-        beyond ``len(rows)`` get no adapter. What a selection writes (host tensors, one per
-        selection tensor it changes) is kept for the next write of the same selection
-        (switching between the same few selections then builds nothing: ~2 us).
+        beyond ``len(rows)`` get no adapter. The host image a selection writes is kept for the
+        next write of the same selection (switching between the same few selections then
+        builds nothing).
 
         No ``torch.no_grad()`` needed (~2 us): these tensors never require grad.
 
@@ -213,12 +219,17 @@ class Selection:
                 self._plans.clear()
             self._plans[key] = plan
         image, per_row = plan
-        self.packed.copy_(image, non_blocking=self.pinned_writes)
+        if self._memory is not None:
+            self._memory[:] = image
+            increment_version(self.packed)  # what copy_ does: a saved selection is seen changed
+        else:
+            self.packed.copy_(image, non_blocking=self.pinned_writes)
         self._needs(self._needed[0] if rank_bucket is False else rank_bucket, per_row)
 
-    def _plan(self, rows: Sequence[RowSpec]) -> tuple[torch.Tensor, bool]:
+    def _plan(self, rows: Sequence[RowSpec]) -> tuple[torch.Tensor | bytes, bool]:
         """Validate ``rows``; the host image of the packed buffer that writes them (the per-row
-        fields zero when the selection runs stacked) and whether it runs per row.
+        fields zero when the selection runs stacked; bytes on the CPU, else a tensor) and
+        whether it runs per row.
 
         The image is built as flat Python lists packed by :mod:`array` (element-wise tensor
         writes cost ~us apiece, ``torch.tensor`` of a list several times ``array``); a single
@@ -255,11 +266,13 @@ class Selection:
             self._put(image, "row_slots", array("q", row_slots * repeat))
             self._put(image, "row_slot_weights", array("f", row_slot_weights * repeat))
             self._put(image, "row_slot_on", array("b", [weight != 0.0 for weight in row_slot_weights] * repeat))
-        image = torch.frombuffer(image, dtype=torch.uint8)
-        assert image.numel() == self.packed.numel()
+        assert len(image) == self.packed.numel()
+        if self._memory is not None:
+            return bytes(image), per_row
+        tensor = torch.frombuffer(image, dtype=torch.uint8)
         if self.pinned_writes:  # never written after this, so safe to copy without blocking
-            image = image.pin_memory()
-        return image, per_row
+            tensor = tensor.pin_memory()
+        return tensor, per_row
 
     def _put(self, image: bytearray, field: str, values: array) -> None:
         """Write ``values`` (native int64 / float32) at the start of ``field`` in ``image``."""

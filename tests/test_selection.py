@@ -46,6 +46,22 @@ def test_every_field_of_a_write_lands_in_the_one_packed_buffer() -> None:
     assert selection.row_slots.tolist() == [[2], [0], [1], [0]] and selection.row_count.item() == 3
 
 
+def test_a_write_is_seen_by_autograd_as_an_in_place_change() -> None:
+    """On the CPU a write copies the image into the buffer's memory without a dispatched op; it
+    must still bump the version counter, so a backward through a forward that read the old
+    selection fails loudly instead of computing gradients with the new weights."""
+    selection = Selection(max_batch_size=2, max_active=2, device=torch.device("cpu"))
+    selection.write([{0: 1.0}])
+    versions = {name: t._version for name, t in selection.tensors().items()}
+    x = torch.ones(2, 2, requires_grad=True)
+    loss = (x * selection.row_weights).sum()  # saves row_weights for x's gradient
+    selection.write([{1: 3.0}])
+    assert all(t._version > versions[name] for name, t in selection.tensors().items())
+    assert selection.row_weights[:, 0].tolist() == [3.0, 3.0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_selector_translates_names_and_skips_unchanged_writes() -> None:
     selection = Selection(4, 2, torch.device("cpu"))
     selector = Selector(selection)
