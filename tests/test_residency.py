@@ -760,3 +760,24 @@ def test_a_background_failure_waited_for_before_its_callback_runs_is_reported_on
     assert late_callbacks and not loads.knows("x")
     loads.wait("x")  # nothing in flight, nothing unseen: returns
     loads.shutdown()
+
+
+def test_switching_to_a_resident_adapter_counts_a_device_hit_and_makes_it_the_most_recent(env) -> None:
+    """A switch to a resident adapter copies nothing, counts a device hit, and makes that
+    adapter the most recently used: the next swap evicts the other one."""
+    base, paths, expected = env
+    rt = _runtime(base, device_slots=2)
+    for name in ("a", "b", "c"):
+        rt.load(name, paths[name])
+    rt.activate("a")
+    rt.activate("b")  # both resident now; "a" the least recently used
+    before = rt.stats()
+    rt.activate("a")  # resident: no copy, a device hit, "a" becomes the most recent
+    after = rt.stats()
+    assert after["swaps"] == before["swaps"]
+    assert after["hits"]["device"] == before["hits"]["device"] + 1
+    assert _matches(logits(rt.model, IDS), expected) == ["a"]
+    rt.activate(None)  # no slot read by the selection: the next copy goes by recency alone
+    rt.activate("c")  # one copy: into "b"'s slot, not "a"'s
+    assert rt.info("a").tier == "device" and rt.info("b").tier != "device"
+    assert _matches(logits(rt.model, IDS), expected) == ["c"]
