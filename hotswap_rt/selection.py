@@ -16,9 +16,8 @@ With *in-place* reads (``RuntimeConfig.slot_reads``) the k positions are the S d
 themselves: ``active_slots = arange(S)`` for life and ``row_weights[b, s]`` is slot ``s``'s weight,
 so layers read the arena as it lies, without gathering the active slots first.
 
-All of them (and ``row_count``) are views of one byte buffer, so a write is one copy of a host
-image of the whole selection: one host-to-device ``copy_`` on an accelerator, a memcpy into the
-buffer's memory on the CPU (with autograd's version counter bumped, as ``copy_`` would).
+All of them (and ``row_count``) are views of one byte buffer, so a write is one ``copy_`` of a
+host image of the whole selection (one host-to-device copy on an accelerator).
 
 The compiled graph reads these tensors; this module only ever writes them in place (``copy_``), so
 the graph never sees a new Python object and never recompiles on a switch. Unused positions point
@@ -36,7 +35,6 @@ import torch
 
 from .errors import SelectionError
 
-_increment_version = torch._C._increment_version  # (tensors,): bump their autograd version counters
 RowSpec = Mapping[int, float]  # slot index -> weight, for one batch row
 FLOAT32_MAX = torch.finfo(torch.float32).max  # the selection weights' dtype
 assert array("q").itemsize == 8 and array("f").itemsize == 4  # host images: int64, float32
@@ -122,12 +120,7 @@ class Selection:
         self.active_slots.copy_(torch.arange(positions))
         self.row_count.fill_(1)
         # selection (rows, per_row_capable) -> its host image and path (see write)
-        self._plans: dict[tuple, tuple[torch.Tensor | bytes, bool]] = {}
-        # On the CPU a write is a memcpy into the buffer's memory (a memoryview's slice
-        # assignment), with autograd's version counter bumped as copy_ bumps it: no dispatched
-        # op, which costs ~2 us warm and ~15-20 us when a forward has left the caches cold.
-        self._memory = memoryview(self.packed.numpy()) if self.packed.device.type == "cpu" else None
-        self._packed_alone = (self.packed,)
+        self._plans: dict[tuple, tuple[torch.Tensor, bool]] = {}
 
     def enable_per_row(self, enabled: bool = True) -> None:
         """Turn the per-row product (with a stacked overflow) on or back off, for a selection
@@ -220,19 +213,16 @@ class Selection:
                 self._plans.clear()
             self._plans[key] = plan
         image, per_row = plan
-        if self._memory is not None:
-            self._memory[:] = image
-            # what copy_ does: a forward's saved selection is seen changed. The C function that
-            # torch.autograd.graph.increment_version calls: ~5 us less when the caches are cold.
-            _increment_version(self._packed_alone)
-        else:
-            self.packed.copy_(image, non_blocking=self.pinned_writes)
+        # A dispatched copy_, not a memcpy into the buffer's memory (~2 us less warm, ~13 us
+        # less with the caches cold, ad hoc): copy_ releases the GIL, and without that a thread
+        # switching in a loop starved other threads' forwards and loads (the concurrency test
+        # in tests/test_residency.py: 15-22 forwards in 5 s against 150-200).
+        self.packed.copy_(image, non_blocking=self.pinned_writes)
         self._needs(self._needed[0] if rank_bucket is False else rank_bucket, per_row)
 
-    def _plan(self, rows: Sequence[RowSpec]) -> tuple[torch.Tensor | bytes, bool]:
+    def _plan(self, rows: Sequence[RowSpec]) -> tuple[torch.Tensor, bool]:
         """Validate ``rows``; the host image of the packed buffer that writes them (the per-row
-        fields zero when the selection runs stacked; bytes on the CPU, else a tensor) and
-        whether it runs per row.
+        fields zero when the selection runs stacked) and whether it runs per row.
 
         The image is built as flat Python lists packed by :mod:`array` (element-wise tensor
         writes cost ~us apiece, ``torch.tensor`` of a list several times ``array``); a single
@@ -269,13 +259,11 @@ class Selection:
             self._put(image, "row_slots", array("q", row_slots * repeat))
             self._put(image, "row_slot_weights", array("f", row_slot_weights * repeat))
             self._put(image, "row_slot_on", array("b", [weight != 0.0 for weight in row_slot_weights] * repeat))
-        assert len(image) == self.packed.numel()
-        if self._memory is not None:
-            return bytes(image), per_row
-        tensor = torch.frombuffer(image, dtype=torch.uint8)
+        image = torch.frombuffer(image, dtype=torch.uint8)
+        assert image.numel() == self.packed.numel()
         if self.pinned_writes:  # never written after this, so safe to copy without blocking
-            tensor = tensor.pin_memory()
-        return tensor, per_row
+            image = image.pin_memory()
+        return image, per_row
 
     def _put(self, image: bytearray, field: str, values: array) -> None:
         """Write ``values`` (native int64 / float32) at the start of ``field`` in ``image``."""

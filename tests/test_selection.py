@@ -44,12 +44,16 @@ def test_every_field_of_a_write_lands_in_the_one_packed_buffer() -> None:
     assert selection.row_on[:, 1].all() and not selection.row_on[:, [0, 2]].any()
     selection.write([{2: 0.5}, {}, {1: 2.0}])  # a kept image, written again whole
     assert selection.row_slots.tolist() == [[2], [0], [1], [0]] and selection.row_count.item() == 3
+    selection.clear()  # every weight and flag off; the slot indices may stay
+    for name in ("row_weights", "row_slot_weights", "row_on", "row_slot_on"):
+        assert not tensors[name].any(), name
+    assert selection.zero.item() == 0 and selection.active_slots.tolist() == [0, 1, 2]
 
 
-def test_a_write_is_seen_by_autograd_as_an_in_place_change() -> None:
-    """On the CPU a write copies the image into the buffer's memory without a dispatched op; it
-    must still bump the version counter, so a backward through a forward that read the old
-    selection fails loudly instead of computing gradients with the new weights."""
+def test_a_write_or_clear_is_seen_by_autograd_as_an_in_place_change() -> None:
+    """A write (or a clear) bumps the selection tensors' version counter, so a backward through
+    a forward that read the old selection fails loudly instead of computing gradients with the
+    new weights."""
     selection = Selection(max_batch_size=2, max_active=2, device=torch.device("cpu"))
     selection.write([{0: 1.0}])
     versions = {name: t._version for name, t in selection.tensors().items()}
@@ -60,6 +64,11 @@ def test_a_write_is_seen_by_autograd_as_an_in_place_change() -> None:
     assert selection.row_weights[:, 0].tolist() == [3.0, 3.0]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    version = selection.packed._version
+    selection.clear()  # no adapter on any row: every weight and flag zero, the version bumped
+    assert selection.packed._version > version
+    assert not selection.row_weights.any() and not selection.row_on.any()
+    assert not selection.row_slot_weights.any() and not selection.row_slot_on.any()
 
 
 def test_selector_translates_names_and_skips_unchanged_writes() -> None:
