@@ -114,17 +114,18 @@ class RuntimeConfig:
         map_adapter_files: stage a loaded adapter (``load``, ``prefetch``, a disk-tier adapter
             read again) straight from a private memory map of its safetensors file, when its
             factors are not kept (``keep_factors=False``, not trainable): one pass over the
-            data fewer than reading the file into memory first. The file must then not be
-            truncated while it is staged (a few milliseconds per load): reading a page past
-            its new end raises ``SIGBUS``, which ends the process, as it does with
-            ``safetensors.torch.load_file``, which maps files too. Saving into a directory by
-            writing a new file and renaming it (this runtime's ``save``) is safe; PEFT's
-            ``save_pretrained`` rewrites the file in place. ``False``: files are read into
-            memory (reused buffers) and staged from there, as they are where the file system
-            cannot map them. Either way, files rewritten in place while they are read are
-            detected (their stamp, before and after) and the load refused; a load that
-            injects layers or adds scale vectors first copies its factors out of the map
-            before that change, so the check precedes it.
+            data fewer than reading the file into memory first. A file truncated while its map
+            is read would raise ``SIGBUS`` and end the process, so a file is mapped only under a
+            read lease (Linux, :mod:`hotswap_rt.file_lease`): until it is staged (a few
+            milliseconds per load), another open of the file for writing (PEFT's
+            ``save_pretrained`` truncates it) or a truncate waits. Where no lease can be taken
+            (other systems, a file another user owns or another process holds open for
+            writing, file systems without leases) the file is read into memory, as with
+            ``False``: files are read into memory (reused buffers) and staged from there.
+            Either way, files rewritten in place while they are read are detected (their
+            stamp, before and after) and the load refused; a load that injects layers or adds
+            scale vectors first copies its factors out of the map before that change, so the
+            check precedes it.
     """
 
     target_modules: Sequence[str] | str | None = ("q_proj", "k_proj", "v_proj", "o_proj")

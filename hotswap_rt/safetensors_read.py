@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -30,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from .errors import AdapterFormatError
+from .file_lease import take_read_lease
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -70,9 +72,10 @@ def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None
 
     ``mapped=True``: the buffer is a private, copy-on-write memory map of the file instead
     (:func:`_mapped`): nothing is read up front, and whoever reads a tensor reads the page
-    cache directly. For tensors that are read once and dropped (staging a load whose factors
-    are not kept); ``empty`` is then unused, unless the file system cannot map the file, which
-    is then read as with ``mapped=False``.
+    cache directly, while a read lease keeps writers out of the file. For tensors that are read
+    once and dropped (staging a load whose factors are not kept); ``empty`` is then unused,
+    unless no lease can be taken or the file system cannot map the file, which is then read as
+    with ``mapped=False``.
 
     The file is read whole, from its first byte, by unbuffered reads into the buffer: the page
     cache's pages and the buffer then share their alignment, and the kernel's copy runs at a
@@ -92,7 +95,7 @@ def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None
             return tensors
     try:
         with open(path, "rb", buffering=0) as f:
-            file_size = _checked_size(path, f)
+            file_size = _checked_size(path, f.fileno())
             buffer = (empty or _torch_empty)(file_size, torch.uint8)
             if _read_into(f, memoryview(buffer.numpy())) != file_size:
                 raise _invalid(path, "the file is shorter than its size when opened (rewritten while read?)")
@@ -103,39 +106,53 @@ def read_safetensors(path: str | os.PathLike[str], empty: Allocate | None = None
 
 def _mapped(path: Path) -> dict[str, torch.Tensor] | None:
     """The tensors of a safetensors file as views of a private memory map of it (checked as a
-    file read into memory is); None where the file system cannot map it (the caller reads it
-    instead: the same tensors, one pass slower).
+    file read into memory is), the file kept safe from writers by a read lease until the map
+    is gone; None where no lease can be taken or the file system cannot map the file (the
+    caller reads it instead: the same tensors, one pass slower).
 
     Nothing is copied until a tensor is read, and then straight from the page cache: staging
     from the map skips the pass over the data that reading the file into memory is (the ring
     benchmark's cold-load floors, read vs mapped, show what that pass costs). The map is
     copy-on-write (``ACCESS_COPY``): writing to a view never reaches the file. It is unmapped
-    once the last view is gone.
+    once the last view is gone, and the file's descriptor closed then.
 
-    The file must stay as it is while the views are read: a rewrite in place shows through,
-    and reading a page past the end of a file truncated meanwhile raises ``SIGBUS``, which ends
-    the process. ``safetensors.torch.load_file`` maps files too, with the same hazard; PEFT's
-    ``save_pretrained`` rewrites the file in place, while this project's ``save`` writes a new
-    file and renames it over the old one (the map keeps the old file: safe).
+    The file must stay as it is while the views are read: reading a page past the end of a
+    file truncated meanwhile raises ``SIGBUS``, which ends the process. So the file is mapped
+    only under a read lease (:func:`hotswap_rt.file_lease.take_read_lease`, Linux), held by
+    the descriptor the map keeps open: meanwhile another open of the file for writing (PEFT's
+    ``save_pretrained``) or a truncate waits (at most the kernel's lease-break-time, 45 s by
+    default). Without a lease (another OS, a file another user owns or another process has
+    open for writing, a file system without leases) the file is read into memory.
 
     Raises:
         AdapterFormatError: the file is unreadable or not a valid safetensors file.
     """
     try:
-        with open(path, "rb", buffering=0) as f:
-            file_size = _checked_size(path, f)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
+    mapping = None
+    try:
+        if take_read_lease(fd):
+            file_size = _checked_size(path, fd)  # under the lease: the file keeps this size
             try:
-                mapping = mmap.mmap(f.fileno(), file_size, access=mmap.ACCESS_COPY)
+                mapping = mmap.mmap(fd, file_size, access=mmap.ACCESS_COPY)
             except OSError:  # e.g. ENODEV: a file system without mmap
-                return None
+                pass
     except (OSError, ValueError) as exc:  # ValueError: the file shrank before it was mapped
         raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
+    finally:
+        if mapping is None:
+            os.close(fd)
+    if mapping is None:
+        return None
+    weakref.finalize(mapping, os.close, fd)  # the lease lasts as long as the map
     return _tensors_of(path, torch.frombuffer(mapping, dtype=torch.uint8))  # the views hold the map
 
 
-def _checked_size(path: Path, file: Any) -> int:
-    """The open ``file``'s size in bytes, at least a header's 8."""
-    file_size = os.fstat(file.fileno()).st_size
+def _checked_size(path: Path, fd: int) -> int:
+    """The size in bytes of the file open as ``fd``, at least a header's 8."""
+    file_size = os.fstat(fd).st_size
     if file_size < 8:
         raise _invalid(path, "header too small")
     return file_size

@@ -8,6 +8,9 @@ output) and saved with ``save_pretrained``: exactly what users load.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -167,6 +170,23 @@ def file_is_mapped(path: Path) -> bool:
 
 
 CAN_SEE_MAPS = Path("/proc/self/maps").exists()
+
+CAN_LEASE = sys.platform.startswith("linux")  # read leases keep writers out of mapped files
+
+
+def start_writer(path: Path, data: bytes) -> subprocess.Popen:
+    """Another process that truncates ``path`` and writes ``data`` into it (``open(path,
+    "wb")``, as PEFT's ``save_pretrained`` writes a file), started and given 0.3 s past the
+    moment it opens the file: a writer not kept out by a lease has finished by then."""
+    code = ("import sys; print('opening', flush=True); "
+            f"f = open({str(path)!r}, 'wb'); f.write(sys.stdin.buffer.read()); f.close()")
+    writer = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert writer.stdin is not None and writer.stdout is not None
+    writer.stdin.write(data)
+    writer.stdin.close()
+    assert writer.stdout.readline() == b"opening\n"
+    time.sleep(0.3)
+    return writer
 
 
 @pytest.fixture

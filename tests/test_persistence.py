@@ -14,7 +14,8 @@ from hotswap_rt import AdapterFormatError, HotswapError, HotswapRuntime, Runtime
 from hotswap_rt.errors import AdapterChangedError
 from hotswap_rt.peft_format import adapter_files_stamp, parse_adapter, read_adapter_dir, with_tensors_copied
 
-from .conftest import ATTENTION_TARGETS, CAN_SEE_MAPS, BaseModel, file_is_mapped, logits, max_diff
+from .conftest import (ATTENTION_TARGETS, CAN_LEASE, CAN_SEE_MAPS, BaseModel, file_is_mapped, logits, max_diff,
+                       start_writer)
 
 
 @pytest.fixture(scope="module")
@@ -322,16 +323,28 @@ def _rewriting_after(step, path: Path):
     return rewriting
 
 
+def _map_without_a_lease(monkeypatch) -> None:
+    """Map files as if no lease kept writers out (where the kernel revoked one after its
+    lease-break-time): a rewrite in place during a mapped load is then possible, from this
+    thread too (under a lease this thread's open for writing would wait for the load)."""
+    from hotswap_rt import safetensors_read
+
+    monkeypatch.setattr(safetensors_read, "take_read_lease", lambda fd: True)
+
+
 @pytest.mark.parametrize("maps", [True, False], ids=["mapped", "read into memory"])
 def test_files_rewritten_in_place_while_read_are_refused(llama_and_adapter, tmp_path, monkeypatch,
                                                          maps) -> None:
     """Stamped before the read and checked once nothing more is read from them (after staging
     when mapped, after the read otherwise): a rewrite in between (which could leave old and new
     bytes mixed in the adapter) refuses the load and the prefetch, changing nothing; the same
-    files load once left alone."""
+    files load once left alone. (Mapped: with the lease left out, which keeps other writers
+    out, see the next test.)"""
     base, source = llama_and_adapter
     path = tmp_path / "a"
     shutil.copytree(source, path)
+    if maps:
+        _map_without_a_lease(monkeypatch)
     rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16, device_slots=1,
                                                     host_slots=2, map_adapter_files=maps))
     stager = rt.internals.stager
@@ -355,6 +368,37 @@ def test_files_rewritten_in_place_while_read_are_refused(llama_and_adapter, tmp_
     assert records["a"].origin.stamp == adapter_files_stamp(path)
 
 
+@pytest.mark.skipif(not CAN_LEASE, reason="read leases are Linux's")
+def test_a_writer_waits_for_a_mapped_load_to_be_staged(llama_and_adapter, tmp_path, monkeypatch) -> None:
+    """A trainer saving into the directory (``open(path, "wb")`` truncates the file, as PEFT's
+    ``save_pretrained`` does) while a mapped load stages it: the lease keeps the writer out
+    until the load has staged and dropped its map (a truncated page read would be ``SIGBUS``,
+    the end of the process), so the load stages the old file whole, and then the writer
+    writes."""
+    base, source = llama_and_adapter
+    path = tmp_path / "a"
+    shutil.copytree(source, path)
+    weights = path / "adapter_model.safetensors"
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16, device_slots=1,
+                                                    host_slots=2))
+    stager = rt.internals.stager
+    real, writers = stager.stage, []
+
+    def stage_while_a_writer_waits(*args, **kwargs):
+        writers.append(start_writer(weights, b"not a safetensors file"))
+        assert writers[0].poll() is None  # kept out (without the lease: truncated by now)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stager, "stage", stage_while_a_writer_waits)
+    rt.load("a", path)
+    assert writers[0].wait(timeout=30) == 0 and weights.read_bytes() == b"not a safetensors file"
+    monkeypatch.setattr(stager, "stage", real)
+    rt.load("reference", source)
+    records = rt.internals.registry.records
+    rows, expected = records["a"].staged.rows, records["reference"].staged.rows
+    assert rows.keys() == expected.keys() and all(torch.equal(rows[d], expected[d]) for d in rows)
+
+
 @pytest.mark.parametrize("maps", [True, False], ids=["mapped", "read into memory"])
 def test_a_load_that_injects_layers_is_checked_before_it_injects_them(llama_and_adapter, tmp_path,
                                                                       monkeypatch, maps) -> None:
@@ -364,6 +408,8 @@ def test_a_load_that_injects_layers_is_checked_before_it_injects_them(llama_and_
     base, source = llama_and_adapter
     path = tmp_path / "a"
     shutil.copytree(source, path)
+    if maps:
+        _map_without_a_lease(monkeypatch)
     rt = HotswapRuntime(base.clone(), RuntimeConfig(None, max_rank=16, device_slots=2, host_slots=4,
                                                     map_adapter_files=maps))
     stager = rt.internals.stager

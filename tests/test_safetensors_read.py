@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import safetensors.torch
 from safetensors.torch import load_file, save_file
 
 from hotswap_rt import safetensors_read
 from hotswap_rt.errors import AdapterFormatError
 from hotswap_rt.safetensors_read import read_safetensors
 
-from .conftest import CAN_SEE_MAPS, file_is_mapped
+from .conftest import CAN_LEASE, CAN_SEE_MAPS, file_is_mapped, start_writer
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -330,3 +332,87 @@ def test_a_file_that_cannot_be_mapped_is_read_instead(tmp_path: Path, monkeypatc
     monkeypatch.setattr(mmap, "mmap", shrunk)
     with pytest.raises(AdapterFormatError, match="unreadable"):
         read_safetensors(path, mapped=True)
+
+
+@pytest.mark.skipif(not CAN_LEASE, reason="read leases are Linux's")
+def test_a_mapped_file_keeps_writers_out_until_its_map_is_gone(tmp_path: Path) -> None:
+    """Mapped under a read lease: while any view of the map lives, opening the file for writing
+    (non-blocking here) is refused and another process's ``open(path, "wb")`` (which truncates:
+    a page of the map read after it would raise ``SIGBUS``) waits; once the map is gone, both
+    go through. The lease's break signal ends nothing (``SIGIO`` would end the process)."""
+    import gc
+
+    path = tmp_path / "x.safetensors"
+    save_file(_tensors(), str(path))
+    original = path.read_bytes()
+    tensors = read_safetensors(path, mapped=True)
+    if CAN_SEE_MAPS:
+        assert file_is_mapped(path)
+    with pytest.raises(BlockingIOError):
+        os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    view = tensors["a.lora_A.weight"][1:]
+    del tensors
+    gc.collect()
+    writer = start_writer(path, b"new")
+    assert writer.poll() is None  # waiting: a view still holds the map
+    assert path.read_bytes() == original
+    assert torch.equal(view, load_file(str(path))["a.lora_A.weight"][1:])  # every page still reads
+    del view
+    gc.collect()
+    assert writer.wait(timeout=30) == 0 and path.read_bytes() == b"new"
+    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.skipif(not CAN_LEASE or not CAN_SEE_MAPS, reason="read leases are Linux's; reads /proc/self/maps")
+def test_without_a_lease_a_file_is_read_not_mapped(tmp_path: Path, monkeypatch) -> None:
+    """Where no read lease can be taken (the file is open for writing elsewhere, or Python
+    handles both signals a lease break could send), ``mapped=True`` reads the file into memory:
+    the same tensors, no map, and a writer is not held up."""
+    import signal
+
+    path = tmp_path / "x.safetensors"
+    save_file(_tensors(), str(path))
+    expected = safetensors.torch.load(path.read_bytes())  # load_file would map the file
+
+    def check_read() -> None:
+        tensors = read_safetensors(path, mapped=True)
+        assert not file_is_mapped(path)
+        assert tensors.keys() == expected.keys()
+        assert all(torch.equal(tensors[name], tensor) for name, tensor in expected.items())
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # no lease held
+
+    with open(path, "r+b"):  # open for writing: no read lease
+        check_read()
+    calls: list[int] = []
+
+    def both_handled(signum: int, real=signal.getsignal):
+        calls.append(signum)
+        return (lambda *args: None) if signum in (signal.SIGURG, signal.SIGWINCH) else real(signum)
+
+    monkeypatch.setattr(signal, "getsignal", both_handled)
+    check_read()
+    assert calls == [signal.SIGURG, signal.SIGWINCH]  # both asked, both handled: no lease
+
+
+@pytest.mark.skipif(not CAN_LEASE, reason="read leases are Linux's")
+def test_a_lease_break_reaches_no_python_handler(tmp_path: Path) -> None:
+    """With a Python handler on ``SIGURG``, a lease is taken with ``SIGWINCH`` as its break
+    signal: a writer breaking it calls no handler of this process, and waits for the map."""
+    import gc
+    import signal
+
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGURG, lambda signum, frame: calls.append(signum))
+    try:
+        path = tmp_path / "x.safetensors"
+        save_file(_tensors(), str(path))
+        tensors = read_safetensors(path, mapped=True)
+        writer = start_writer(path, b"new")
+        assert writer.poll() is None  # kept out: a lease was taken
+        del tensors
+        gc.collect()
+        assert writer.wait(timeout=30) == 0
+        time.sleep(0.05)  # a signal handler runs between bytecodes
+        assert calls == []
+    finally:
+        signal.signal(signal.SIGURG, previous)

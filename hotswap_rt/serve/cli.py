@@ -56,8 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reserve IA3 / DoRA / LoRA-bias vectors for adapters loaded after start")
     parser.add_argument("--no-map-adapter-files", action="store_true",
                         help="read adapter files into memory before staging them instead of staging "
-                             "from a memory map (slower loads; for adapter directories a trainer "
-                             "rewrites in place: a file truncated while mapped ends the process)")
+                             "from a memory map held under a read lease (slower loads)")
     parser.add_argument("--api-key", action="append", default=[],
                         help="accepted bearer key on /v1/* (repeatable; also HOTSWAP_API_KEY, "
                              "comma-separated)")

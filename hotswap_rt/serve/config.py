@@ -47,10 +47,10 @@ class ServeConfig:
         torch_threads: intra-op threads of the engine thread (``torch.set_num_threads`` there);
             default on CPU: every core but one, which the HTTP side keeps (on 2 cores a small model's
             decode step is also faster on one thread than on two).
-        map_adapter_files: stage adapters from a private memory map of their files
-            (``RuntimeConfig.map_adapter_files``: faster loads; a file truncated while it is
-            staged ends the process with ``SIGBUS``). False: read each file into memory first,
-            for adapter directories that a trainer may rewrite in place while they are loaded.
+        map_adapter_files: stage adapters from a private memory map of their files under a
+            read lease that holds writers off meanwhile (``RuntimeConfig.map_adapter_files``:
+            faster loads; files that cannot be leased are read). False: read each file into
+            memory first.
         compile_cache: inductor's compile cache for ``hotswap-rt serve`` and each Ray replica
             (:mod:`~hotswap_rt.serve.compile_cache`): None is ``$TORCHINDUCTOR_CACHE_DIR`` as the
             process started, else ``~/.cache/hotswap_rt/inductor`` (``$XDG_CACHE_HOME``), which

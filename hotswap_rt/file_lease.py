@@ -1,0 +1,65 @@
+"""Read leases (Linux): keep writers out of a file while this process reads it through a map.
+
+A file memory-mapped for reading must not be truncated while its pages are read: a page past
+the new end raises ``SIGBUS``, which ends the process (Python cannot recover from it). A read
+lease (``fcntl(F_SETLEASE, F_RDLCK)``) closes that hole: as long as the descriptor it was taken
+on is open, another ``open`` of the file for writing (PEFT's ``save_pretrained`` opens it with
+``O_TRUNC``) or a ``truncate`` waits until the lease is released (or fails with ``EAGAIN`` if
+opened non-blocking, as coreutils' ``truncate`` does), for at most
+``/proc/sys/fs/lease-break-time`` seconds (45 by default), after which the kernel revokes it.
+
+The kernel tells the lease holder of such a writer with a signal, ``SIGIO`` unless set with
+``F_SETSIG``, and ``SIGIO``'s default action ends the process: the lease is taken with its
+signal set to one this process ignores (``SIGURG``, else ``SIGWINCH``, while Python has no
+handler for it), so a waiting writer only waits for the release. Nothing reacts to the signal:
+the holders here read a file for a few milliseconds and then close it.
+
+A lease needs Linux, a file this process owns (or ``CAP_LEASE``), no descriptor of the file open
+for writing anywhere (``EAGAIN``) and a file system with leases (not e.g. NFS): where one cannot
+be taken, :func:`take_read_lease` says so and the caller reads the file instead of mapping it.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+fcntl: Any
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+_QUIET_SIGNALS = tuple(getattr(signal, name) for name in ("SIGURG", "SIGWINCH") if hasattr(signal, name))
+
+
+def take_read_lease(fd: int) -> bool:
+    """Take a read lease on the file open (read-only) as ``fd``, held until ``fd`` is closed.
+
+    Returns:
+        False where none can be taken: not Linux, the file is open for writing somewhere, not
+        owned by this process's user, on a file system without leases, or Python handles both
+        quiet signals (a lease break would call its handler).
+    """
+    set_lease = getattr(fcntl, "F_SETLEASE", None)
+    set_signal = getattr(fcntl, "F_SETSIG", None)
+    if set_lease is None or set_signal is None:
+        return False
+    quiet = _quiet_signal()
+    if quiet is None:
+        return False
+    try:
+        fcntl.fcntl(fd, set_signal, quiet)  # before the lease: a break never sends SIGIO
+        fcntl.fcntl(fd, set_lease, fcntl.F_RDLCK)
+    except OSError:  # EAGAIN (open for writing), EACCES (not ours), EINVAL (no leases here)
+        return False
+    return True
+
+
+def _quiet_signal() -> int | None:
+    """A signal whose delivery does nothing here: ignored by default, and not handled from
+    Python (``signal.getsignal`` is the default or ``SIG_IGN``); None if there is none."""
+    for signum in _QUIET_SIGNALS:
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.SIG_IGN):
+            return signum
+    return None
