@@ -33,7 +33,8 @@ Stages (``--stages`` picks some):
   8 layers of each of the model's layer shapes, CUDA graphs on CUDA): as
   ``per_row_decode="reduce"`` computes it, with the rank sum unrolled into one pointwise
   kernel (a candidate: the first H200 run found that sum ~10x its bytes' time at 11,008
-  outputs), and gathered with batched matmuls, against the base linears of the same shape.
+  outputs), gathered with batched matmuls, and as a segment matmul over the rows grouped by
+  slot (``torch._grouped_mm``, bfloat16 only), against the base linears of the same shape.
 
 ``--quick`` shrinks every shape so that the whole script runs on a CPU in seconds (tests keep the
 code correct on machines without a GPU); ``--no-compile`` skips ``torch.compile``.
@@ -516,7 +517,10 @@ def _rank_sum_forms() -> dict[str, Callable[..., torch.Tensor]]:
     summed over ``d_in``, then one summed over the ranks); ``rank_unrolled``: the same ``d_in``
     sum, and the rank sum written as ``R`` broadcast products added (compiled: one pointwise
     kernel with a load per rank, each along ``d_out``); ``bmm``: the factors gathered, two
-    batched matmuls (``per_row_decode="bmm"``)."""
+    batched matmuls (``per_row_decode="bmm"``); ``grouped``: a segment matmul, the rows sorted
+    by slot and each slot's factors read once for its rows where they lie
+    (``torch._grouped_mm`` with the groups' ends as a tensor, so any mix runs one graph;
+    compiled only in bfloat16)."""
 
     def reduce(x: torch.Tensor, layers: list, slots: torch.Tensor) -> torch.Tensor:
         out = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -541,7 +545,19 @@ def _rank_sum_forms() -> dict[str, Callable[..., torch.Tensor]]:
             out = out + torch.bmm(h, bt[slots].flatten(1, 2)).squeeze(1)
         return out
 
-    return {"reduce": reduce, "rank_unrolled": rank_unrolled, "bmm": bmm}
+    def grouped(x: torch.Tensor, layers: list, slots: torch.Tensor) -> torch.Tensor:
+        flat = slots[:, 0]
+        order = torch.argsort(flat, stable=True)  # rows grouped by slot
+        every_slot = torch.arange(layers[0][0].shape[0], device=x.device)
+        ends = torch.cumsum((flat[:, None] == every_slot).sum(0), 0).to(torch.int32)  # [S]
+        rows = x[order]
+        out = torch.zeros((), dtype=x.dtype, device=x.device)
+        for a, bt in layers:
+            h = torch._grouped_mm(rows, a.transpose(1, 2), offs=ends)  # [B, R]
+            out = out + torch._grouped_mm(h, bt, offs=ends)  # [B, d_out]
+        return torch.empty_like(out).index_copy_(0, order, out)  # back in row order
+
+    return {"reduce": reduce, "rank_unrolled": rank_unrolled, "bmm": bmm, "grouped": grouped}
 
 
 def stage_kernels(setup: Setup) -> dict[str, Any]:
@@ -571,10 +587,13 @@ def stage_kernels(setup: Setup) -> dict[str, Any]:
         def base(x: torch.Tensor) -> torch.Tensor:
             return sum(torch.nn.functional.linear(x, weight) for weight in weights)
 
+        label = f"{d_in}x{d_out}"
         timed = {"base": lambda fn=base: fn(x)}
         for form, fn in _rank_sum_forms().items():
+            if form == "grouped" and setup.dtype != torch.bfloat16:  # torch._grouped_mm's meta
+                result[f"{label}_{form}_skipped"] = "torch._grouped_mm compiles in bfloat16 only"
+                continue
             timed[form] = lambda fn=fn: fn(x, layers, slots)
-        label = f"{d_in}x{d_out}"
         for form, call in timed.items():
             torch._dynamo.reset()
             compiled = torch.compile(call, mode=mode) if setup.compile else call

@@ -77,3 +77,29 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
     for shape, form in itertools.product(shapes, ("reduce", "rank_unrolled", "bmm")):
         assert kernels[f"{shape}_{form}_us"] > 0 and kernels[f"{shape}_base_us"] > 0
         assert kernels[f"{shape}_{form}_max_diff"] < 1e-6  # float32 on CPU: each form computes the delta
+    for shape in shapes:  # the segment-matmul candidate says why it did not run in float32
+        assert "bfloat16" in kernels[f"{shape}_grouped_skipped"] and f"{shape}_grouped_us" not in kernels
+
+
+def test_the_grouped_kernel_form_equals_the_gathered_one_compiled_in_bfloat16() -> None:
+    """``gpu_check``'s segment-matmul candidate (rows grouped by slot, ``torch._grouped_mm``)
+    computes what the gathered batched matmuls do, for any mix of slots (empty groups, a slot
+    for every row, all rows on one), and compiled once it runs every mix without recompiling."""
+    import torch._dynamo.testing
+
+    from benchmarks.gpu_check import _rank_sum_forms
+
+    forms = _rank_sum_forms()
+    generator = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(8, 16, 32, generator=generator).bfloat16(),
+               torch.randn(8, 16, 48, generator=generator).bfloat16()) for _ in range(2)]
+    x = torch.randn(6, 32, generator=generator).bfloat16()
+    exact = lambda slots: forms["bmm"](x.float(), [(a.float(), bt.float()) for a, bt in layers], slots)  # noqa: E731
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(forms["grouped"], backend=counter, fullgraph=True)
+    for slots in ([3, 1, 3, 0, 7, 1], [5] * 6, [0, 1, 2, 3, 4, 5]):
+        slots = torch.tensor(slots).view(6, 1)
+        expected = exact(slots)
+        for got in (forms["grouped"](x, layers, slots), compiled(x, layers, slots)):
+            assert torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert counter.frame_count == 1
