@@ -73,24 +73,50 @@ def find_targets(
 
 
 def find_modules_to_save(model: nn.Module, names: Sequence[str], targets: Sequence[str]) -> list[str]:
-    """Names of the ``nn.Linear`` and ``nn.Embedding`` modules matching ``names`` (PEFT's
-    ``modules_to_save`` rule: exact name or suffix), held in full per slot.
+    """Names of the ``nn.Linear`` and ``nn.Embedding`` modules held in full per slot for
+    ``names`` (PEFT's ``modules_to_save`` rule: exact name or suffix). A matched module made of
+    such layers (a classification head of ``dense`` and ``out_proj`` linears, as RoBERTa's) is
+    held as its layers: PEFT saves a module to save by its parameters' full names, so those
+    layers are what an adapter's file holds.
 
     Raises:
-        TargetNotFoundError: nothing matched, a match is of another type, or it is also a
-            LoRA target (``targets``).
+        TargetNotFoundError: nothing matched, a match holds a parameter outside such layers
+            (a norm, a bare parameter), or a layer is also a LoRA target (``targets``).
     """
     matched = [name for name, module in model.named_modules()
                if name and name_matches(list(names), name) and not isinstance(module, SlotLayer)]
-    wrong = [name for name in matched if type(model.get_submodule(name)) not in (nn.Linear, nn.Embedding)]
-    if wrong or not matched:
-        found = f"{wrong[:3]} ({type(model.get_submodule(wrong[0])).__name__})" if wrong else "no module"
-        raise TargetNotFoundError(f"modules_to_save={list(names)!r} matches {found}; modules held in "
-                                  f"full must be nn.Linear or nn.Embedding")
-    both = sorted(set(matched) & set(targets))
+    if not matched:
+        raise TargetNotFoundError(f"modules_to_save={list(names)!r} matches no module; modules held in "
+                                  f"full must be nn.Linear or nn.Embedding, or modules made of them")
+    held: list[str] = []
+    for name in matched:
+        layers, stray = _full_layers(model.get_submodule(name), name)
+        if stray:
+            raise TargetNotFoundError(
+                f"modules_to_save={list(names)!r} matches {name!r} "
+                f"({type(model.get_submodule(name)).__name__}), whose parameters {stray[:3]} are not in an "
+                f"nn.Linear or nn.Embedding; modules held in full must be nn.Linear or nn.Embedding, or "
+                f"modules made of them")
+        held += [layer for layer in layers if layer not in held]
+    both = sorted(set(held) & set(targets))
     if both:
         raise TargetNotFoundError(f"{both[:3]} are both LoRA targets and modules_to_save")
-    return matched
+    return held
+
+
+def _full_layers(module: nn.Module, name: str) -> tuple[list[str], list[str]]:
+    """The ``nn.Linear`` / ``nn.Embedding`` layers ``module`` (named ``name``) is or holds, and
+    the names of its parameters that are in none of them."""
+    if type(module) in (nn.Linear, nn.Embedding):
+        return [name], []
+    layers = [f"{name}.{child}" for child, sub in module.named_modules()
+              if child and type(sub) in (nn.Linear, nn.Embedding)]
+    inside = tuple(f"{layer}." for layer in layers)
+    stray = [f"{name}.{param}" for param, _ in module.named_parameters()
+             if not f"{name}.{param}".startswith(inside)]
+    if not layers and not stray:
+        stray = [f"(none: {name} holds no nn.Linear or nn.Embedding)"]
+    return layers, stray
 
 
 def _output_head_name(model: nn.Module) -> str | None:

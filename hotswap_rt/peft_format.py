@@ -531,7 +531,9 @@ def _split_saved_modules(
     config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], where: str, allow_nonfinite: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], tuple[str, ...]]:
     """Take the ``modules_to_save`` modules' parameters (``<module>.weight`` / ``.bias``, the
-    module matching a config name by PEFT's suffix rule) out of ``state_dict``.
+    module matching a config name by PEFT's suffix rule, or inside one that does: PEFT saves a
+    saved head made of layers, RoBERTa's ``classifier``, as ``classifier.dense.weight``, ...)
+    out of ``state_dict``, by the layer that holds them.
 
     Returns:
         The other keys, module -> ``{"weight", "bias"}`` tensors, the config's names.
@@ -549,7 +551,7 @@ def _split_saved_modules(
         body = _key_body(str(key))
         match = _MODULE_PARAM_KEY.match(body)
         module = match.group("module") if match else ""
-        if not match or ".lora_" in body or ".base_layer." in body or not name_matches(names, module):
+        if not match or ".lora_" in body or ".base_layer." in body or not _in_saved_module(names, module):
             rest[key] = tensor
             continue
         param = match.group("param")
@@ -567,6 +569,12 @@ def _split_saved_modules(
             raise AdapterFormatError(f"{where}: the saved module {module!r}: bias {tuple(bias.shape)} "
                                      f"does not fit weight {tuple(weight.shape)}")
     return rest, dict(sorted(saved.items())), tuple(names)
+
+
+def _in_saved_module(names: list[str], module: str) -> bool:
+    """Whether ``module`` or a module holding it matches ``names`` (PEFT's suffix rule)."""
+    parts = module.split(".")
+    return any(name_matches(names, ".".join(parts[:end])) for end in range(len(parts), 0, -1))
 
 
 def _key_body(key: str) -> str:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import (LlamaConfig, LlamaForSequenceClassification, RobertaConfig,
+                          RobertaForSequenceClassification)
 
 from hotswap_rt import HotswapRuntime, IncompatibleAdapterError, RuntimeConfig, TargetNotFoundError
 
@@ -33,10 +34,11 @@ def tiny_classifier() -> LlamaForSequenceClassification:
 
 
 def make_adapter(base: torch.nn.Module, directory: Path, seed: int, **lora: object) -> Path:
-    """A PEFT LoRA adapter; the fully trained modules' copies randomised (PEFT copies the base)."""
+    """A PEFT LoRA adapter (on ``TARGETS`` unless ``target_modules=``); the fully trained
+    modules' copies randomised (PEFT copies the base)."""
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                           target_modules=TARGETS, **lora))
+    lora.setdefault("target_modules", TARGETS)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "modules_to_save" in name:
@@ -231,3 +233,73 @@ def test_a_resized_embedding_is_refused_and_changes_nothing(embeddings, tmp_path
     with pytest.raises(IncompatibleAdapterError, match=r"has weight \(129, 64\), the model's is \(128, 64\)"):
         rt.load("resized", state_dict=resized, config=config)
     assert_unchanged(before, snapshot_state(rt, ids))
+
+
+# ------------------------------------------------------- a head made of layers (RoBERTa's classifier)
+ROBERTA_TARGETS = ["query", "value"]
+
+
+def tiny_roberta_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_labels=3, max_position_embeddings=64)
+    return RobertaForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def roberta_heads(tmp_path_factory):
+    """A RoBERTa classifier (its ``classifier`` a head of two linears, ``dense`` and
+    ``out_proj``), two SEQ_CLS adapters (PEFT saves the head as ``classifier.dense.weight``,
+    ...), PEFT alone on each, and a compiled runtime holding ``classifier`` per slot."""
+    base = tiny_roberta_classifier()
+    root = tmp_path_factory.mktemp("roberta")
+    dirs = {name: make_adapter(base, root / name, seed, task_type="SEQ_CLS", target_modules=ROBERTA_TARGETS)
+            for seed, name in enumerate(("head_a", "head_b"), start=21)}
+    references = {name: peft_alone(base, path) for name, path in dirs.items()}
+    ids = torch.randint(3, VOCAB, (4, 9), generator=torch.Generator().manual_seed(6))
+    rt = loaded_and_compiled(copy.deepcopy(base), RuntimeConfig(
+        ROBERTA_TARGETS, max_rank=8, device_slots=2, max_batch_size=4, modules_to_save=["classifier"]),
+        dirs, ids)
+    return base, dirs, references, rt, ids
+
+
+def test_a_head_made_of_linears_is_held_as_its_linears(roberta_heads) -> None:
+    _, dirs, _, rt, _ = roberta_heads
+    state = load_file(str(dirs["head_a"] / "adapter_model.safetensors"))
+    assert {key for key in state if "lora" not in key} == {
+        f"base_model.model.classifier.{layer}.{param}"
+        for layer in ("dense", "out_proj") for param in ("weight", "bias")}
+    assert [t for t in rt.targets if t.startswith("classifier")] == ["classifier.dense", "classifier.out_proj"]
+    assert rt.info("head_a").modules_to_save == ("classifier.dense", "classifier.out_proj")
+
+
+def test_a_head_made_of_linears_alone_and_mixed_equals_peft(roberta_heads) -> None:
+    base, _, references, rt, ids = roberta_heads
+    for name in ("head_a", "head_b"):
+        rt.activate(name)
+        assert max_diff(logits(rt.model, ids), logits(references[name], ids)) <= TOL
+    rows = ["head_b", None, "head_a", "head_b"]
+    rt.activate_rows(rows)
+    assert_rows_equal_alone(logits(rt.model, ids), ids, rows, references, base, TOL)
+    assert rt.guard.recompiles == 0
+
+
+def test_a_head_made_of_linears_saves_for_peft_and_a_lazy_runtime_holds_it(roberta_heads, tmp_path) -> None:
+    base, dirs, references, rt, ids = roberta_heads
+    out = Path(rt.save("head_a", tmp_path / "saved"))
+    assert max_diff(logits(peft_alone(base, out), ids), logits(references["head_a"], ids)) <= TOL
+    lazy = HotswapRuntime(copy.deepcopy(base), RuntimeConfig(None, max_rank=8, device_slots=2))
+    lazy.load("head_a", dirs["head_a"])
+    assert {"classifier.dense", "classifier.out_proj"} <= set(lazy.targets)
+    lazy.activate("head_a")
+    assert max_diff(logits(lazy.model, ids), logits(references["head_a"], ids)) <= TOL
+
+
+def test_a_module_to_save_with_parameters_outside_linears_is_refused() -> None:
+    """RoBERTa's ``embeddings`` hold a LayerNorm beside their embedding tables: not held."""
+    stray = r"roberta\.embeddings\.LayerNorm\.weight.*must be nn\.Linear"
+    with pytest.raises(TargetNotFoundError, match=stray):
+        HotswapRuntime(tiny_roberta_classifier(), RuntimeConfig(ROBERTA_TARGETS,
+                                                                modules_to_save=["embeddings"]))
+    with pytest.raises(TargetNotFoundError, match="both LoRA targets and modules_to_save"):
+        HotswapRuntime(tiny_roberta_classifier(), RuntimeConfig(["dense"], modules_to_save=["classifier"]))
