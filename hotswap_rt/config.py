@@ -100,8 +100,8 @@ class RuntimeConfig:
             selected per row like the LoRA factors (an embedding's rows looked up in place).
             A module made of such layers (RoBERTa's ``classifier`` head: ``dense``,
             ``out_proj``) is held as its layers, as PEFT saves it; one with any other
-            parameter (a norm) is refused. ``None``: none, or with lazy injection (``target_modules=None``) what the loaded
-            adapters name, before compiling.
+            parameter (a norm) is refused. ``None``: none, or with lazy injection
+            (``target_modules=None``) what the loaded adapters name, before compiling.
         target_parameters: expert parameters of fused MoE experts modules (PEFT's names and
             suffix rule, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``) that get
             per-expert LoRA slots (:mod:`hotswap_rt.experts`). ``None``: none, or with lazy

@@ -14,6 +14,11 @@ signal set to one this process ignores (``SIGURG``, else ``SIGWINCH``, while Pyt
 handler for it), so a waiting writer only waits for the release. Nothing reacts to the signal:
 the holders here read a file for a few milliseconds and then close it.
 
+The descriptor, and with it the lease, lives as long as what reads the file (:func:`close_with`:
+the map). A forked child closes its copies at once: the lease belongs to the open file, which a
+child shares, so a child that kept it (a worker forked during a load) would hold writers off
+until it exits.
+
 A lease needs Linux, a file this process owns (or ``CAP_LEASE``), no descriptor of the file open
 for writing anywhere (``EAGAIN``) and a file system with leases (not e.g. NFS): where one cannot
 be taken, :func:`take_read_lease` says so and the caller reads the file instead of mapping it.
@@ -21,7 +26,9 @@ be taken, :func:`take_read_lease` says so and the caller reads the file instead 
 
 from __future__ import annotations
 
+import os
 import signal
+import weakref
 from typing import Any
 
 fcntl: Any
@@ -63,3 +70,28 @@ def _quiet_signal() -> int | None:
         if signal.getsignal(signum) in (signal.SIG_DFL, signal.SIG_IGN):
             return signum
     return None
+
+
+_held: dict[int, weakref.finalize] = {}  # fd -> what closes it (plain dict operations: atomic)
+
+
+def close_with(owner: object, fd: int) -> None:
+    """Close ``fd`` (releasing its lease) once ``owner`` is freed, or at once in a process
+    forked meanwhile (there ``owner`` is left alone: the child never reads through it)."""
+    _held[fd] = weakref.finalize(owner, _close, fd)
+
+
+def _close(fd: int) -> None:
+    _held.pop(fd, None)  # before the close: the number may be reused at once
+    os.close(fd)
+
+
+def _close_all_in_child() -> None:
+    for fd, finalizer in list(_held.items()):
+        if finalizer.detach() is not None:
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_all_in_child)

@@ -23,7 +23,6 @@ import math
 import mmap
 import os
 import sys
-import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -31,7 +30,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from .errors import AdapterFormatError
-from .file_lease import take_read_lease
+from .file_lease import close_with, take_read_lease
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -128,26 +127,37 @@ def _mapped(path: Path) -> dict[str, torch.Tensor] | None:
         AdapterFormatError: the file is unreadable or not a valid safetensors file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        lease_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
     mapping = None
     try:
-        if take_read_lease(fd):
-            file_size = _checked_size(path, fd)  # under the lease: the file keeps this size
-            try:
-                mapping = mmap.mmap(fd, file_size, access=mmap.ACCESS_COPY)
-            except OSError:  # e.g. ENODEV: a file system without mmap
-                pass
+        if take_read_lease(lease_fd):
+            # The map gets an open file of its own (Python's mmap keeps a duplicate of the
+            # descriptor it maps): the lease stays on lease_fd's alone, which a forked child
+            # closes at once (file_lease), so the child does not hold the lease until it exits.
+            with open(path, "rb", buffering=0) as f:
+                file_size = _checked_size(path, f.fileno())  # under the lease: the file keeps this size
+                if _file_id(lease_fd) == _file_id(f.fileno()):  # not replaced in between
+                    try:
+                        mapping = mmap.mmap(f.fileno(), file_size, access=mmap.ACCESS_COPY)
+                    except OSError:  # e.g. ENODEV: a file system without mmap
+                        pass
     except (OSError, ValueError) as exc:  # ValueError: the file shrank before it was mapped
         raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
     finally:
         if mapping is None:
-            os.close(fd)
+            os.close(lease_fd)
     if mapping is None:
         return None
-    weakref.finalize(mapping, os.close, fd)  # the lease lasts as long as the map
+    close_with(mapping, lease_fd)  # the lease lasts as long as the map
     return _tensors_of(path, torch.frombuffer(mapping, dtype=torch.uint8))  # the views hold the map
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    """The device and inode of the file open as ``fd``."""
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino
 
 
 def _checked_size(path: Path, fd: int) -> int:

@@ -416,3 +416,31 @@ def test_a_lease_break_reaches_no_python_handler(tmp_path: Path) -> None:
         assert calls == []
     finally:
         signal.signal(signal.SIGURG, previous)
+
+
+@pytest.mark.skipif(not CAN_LEASE, reason="read leases are Linux's")
+def test_a_child_forked_during_a_mapped_read_does_not_keep_writers_out(tmp_path: Path) -> None:
+    """The lease belongs to the open file, which a forked child shares: the child closes its
+    copy at once and maps through another open file, so once this process drops the map a
+    writer goes through while the child still lives."""
+    import gc
+
+    path = tmp_path / "x.safetensors"
+    save_file(_tensors(), str(path))
+    tensors = read_safetensors(path, mapped=True)
+    release_child, child_done = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: wait to be told, touch nothing
+        os.read(release_child, 1)
+        os._exit(0)
+    try:
+        with pytest.raises(BlockingIOError):
+            os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # leased while the map lives here
+        del tensors
+        gc.collect()
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # the child lives on, holding nothing
+    finally:
+        os.write(child_done, b"x")
+        assert os.waitpid(pid, 0)[1] == 0
+        os.close(release_child)
+        os.close(child_done)
