@@ -117,8 +117,8 @@ def _mapped(path: Path) -> dict[str, torch.Tensor] | None:
 
     The file must stay as it is while the views are read: reading a page past the end of a
     file truncated meanwhile raises ``SIGBUS``, which ends the process. So the file is mapped
-    only under a read lease (:func:`hotswap_rt.file_lease.take_read_lease`, Linux), held by
-    the descriptor the map keeps open: meanwhile another open of the file for writing (PEFT's
+    only under a read lease (:func:`hotswap_rt.file_lease.take_read_lease`, Linux), held by a
+    descriptor closed with the map: meanwhile another open of the file for writing (PEFT's
     ``save_pretrained``) or a truncate waits (at most the kernel's lease-break-time, 45 s by
     default). Without a lease (another OS, a file another user owns or another process has
     open for writing, a file system without leases) the file is read into memory.
@@ -134,8 +134,8 @@ def _mapped(path: Path) -> dict[str, torch.Tensor] | None:
     try:
         if take_read_lease(lease_fd):
             # The map gets an open file of its own (Python's mmap keeps a duplicate of the
-            # descriptor it maps): the lease stays on lease_fd's alone, which a forked child
-            # closes at once (file_lease), so the child does not hold the lease until it exits.
+            # descriptor it maps), so the lease is held by lease_fd's open file alone, which a
+            # forked child closes at once (file_lease): the child does not hold it until it exits.
             with open(path, "rb", buffering=0) as f:
                 file_size = _checked_size(path, f.fileno())  # under the lease: the file keeps this size
                 if _file_id(lease_fd) == _file_id(f.fileno()):  # not replaced in between
