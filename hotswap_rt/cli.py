@@ -84,18 +84,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _load_model(name: str, meta: bool = False) -> torch.nn.Module:
-    """``AutoModelForCausalLM`` from a directory or Hub id (on the meta device: its config
-    only); a path or id that does not load is a :class:`HotswapError`, not a traceback."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+_TASK_MODELS = {  # PEFT's task_type -> the transformers Auto class and what to call it
+    "SEQ_CLS": ("AutoModelForSequenceClassification", "sequence classifier"),
+    "TOKEN_CLS": ("AutoModelForTokenClassification", "token classifier"),
+    "QUESTION_ANS": ("AutoModelForQuestionAnswering", "question-answering model"),
+    "SEQ_2_SEQ_LM": ("AutoModelForSeq2SeqLM", "sequence-to-sequence LM"),
+    "FEATURE_EXTRACTION": ("AutoModel", "base model"),
+}
 
+
+def _load_model(name: str, meta: bool = False, task_type: str | None = None) -> torch.nn.Module:
+    """The model from a directory or Hub id, as ``task_type`` (PEFT's; default
+    ``AutoModelForCausalLM``) needs it (on the meta device: its config only); a path or id
+    that does not load is a :class:`HotswapError`, not a traceback."""
+    import transformers
+
+    class_name, what = _TASK_MODELS.get(task_type or "", ("AutoModelForCausalLM", "causal LM"))
+    auto = getattr(transformers, class_name)
     try:
         if meta:
             with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name))
-        return AutoModelForCausalLM.from_pretrained(name).eval()
+                return auto.from_config(transformers.AutoConfig.from_pretrained(name))
+        return auto.from_pretrained(name).eval()
     except (OSError, ValueError, KeyError) as exc:
-        raise HotswapError(f"--model {name!r} does not load as a causal LM ({exc})") from None
+        raise HotswapError(f"--model {name!r} does not load as a {what} ({exc})") from None
 
 
 def _runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +132,9 @@ def _inspect(args: argparse.Namespace) -> int:
         "max_module_rank": max(m.rank for m in modules.values()),
         "modules": len(modules),
         "target_suffixes": sorted({name.rsplit(".", 1)[-1] for name in modules}),
-        "bytes": sum(m.lora_A.nbytes + m.lora_B.nbytes for m in modules.values()),
+        "modules_to_save": list(adapter.saved_modules),
+        "bytes": sum(m.lora_A.nbytes + m.lora_B.nbytes for m in modules.values())
+        + sum(t.nbytes for params in adapter.saved_modules.values() for t in params.values()),
         "base_model_name_or_path": adapter.base_model_name_or_path,
     }
     problems = []
@@ -143,17 +157,24 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _check_against_model(args: argparse.Namespace, adapter: Any) -> list[str]:
-    """Build the model's layers on the meta device and run the runtime's own shape checks."""
+    """Build the model (as the adapter's ``task_type`` needs it) on the meta device and run the
+    runtime's own shape checks, its ``modules_to_save`` held in full as a lazy runtime would."""
     from .arena import SlotArena
     from .staging import Stager
     from .inject import find_targets
     from .layers import layer_shape
 
-    model = _load_model(args.model, meta=True)
+    model = _load_model(args.model, meta=True, task_type=adapter.task_type)
     targets = args.target_modules or sorted({n.rsplit(".", 1)[-1] for n in adapter.modules})
     try:
         names = find_targets(model, targets)
         shapes = {name: layer_shape(model.get_submodule(name)) for name in names}
+        for name in adapter.saved_modules:
+            try:
+                shapes[name] = layer_shape(model.get_submodule(name), full=True)
+            except (AttributeError, TypeError) as exc:
+                return [f"the adapter trains {name!r} in full (modules_to_save), which "
+                        f"{type(model).__name__} cannot hold per slot ({exc})"]
         Stager(SlotArena(shapes, args.max_rank, 1, torch.device("meta"))).check(adapter)
     except HotswapError as exc:
         return [str(exc)]

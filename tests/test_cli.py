@@ -42,6 +42,38 @@ def test_inspect_explains_why_it_does_not_fit(adapter, capsys) -> None:
     assert code == 1 and "max_rank=4" in " ".join(json.loads(capsys.readouterr().out)["problems"])
 
 
+def test_inspect_holds_modules_to_save_and_builds_the_adapters_task_model(adapter, tmp_path,
+                                                                           capsys) -> None:
+    """An adapter training modules in full fits the model it was made for: ``lm_head`` on a
+    causal LM, and a SEQ_CLS adapter's RoBERTa ``classifier`` head (its two linears) on a
+    sequence classifier, built as its ``task_type`` says; ``bytes`` counts every tensor."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    _, model_dir = adapter
+    base = BaseModel("llama", seed=72)
+    head = base.make_adapter(tmp_path / "head", seed=2, r=4, modules_to_save=["lm_head"])
+    config = RobertaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, num_labels=3, max_position_embeddings=64)
+    config.save_pretrained(str(tmp_path / "roberta"))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(RobertaForSequenceClassification(config),
+                                LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    peft_model.save_pretrained(str(tmp_path / "cls"))
+    cases = ((head, model_dir, ["lm_head"]),
+             (tmp_path / "cls", tmp_path / "roberta", ["classifier.dense", "classifier.out_proj"]))
+    for path, model, saved in cases:
+        assert main(["inspect", str(path), "--max-rank", "8", "--model", str(model), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["fits"] is True and report["modules_to_save"] == saved
+        state = load_file(str(path / "adapter_model.safetensors"))
+        assert report["bytes"] == sum(t.nbytes for t in state.values())
+    # the RoBERTa adapter against a Llama config: built as a Llama sequence classifier, refused
+    assert main(["inspect", str(tmp_path / "cls"), "--model", str(model_dir), "--json"]) == 1
+    assert "LlamaForSequenceClassification" in " ".join(json.loads(capsys.readouterr().out)["problems"])
+
+
 def test_inspect_of_a_bad_adapter_is_a_clear_error(tmp_path, capsys) -> None:
     (tmp_path / "adapter_config.json").write_text("{not json")
     assert main(["inspect", str(tmp_path)]) == 2
