@@ -35,8 +35,8 @@ def release_later(value: object) -> None:
 
 def wait_for_releases() -> None:
     """Return once every value handed to :func:`release_later` so far has been dropped (e.g.
-    before asserting that a file is no longer mapped, or replacing it where a mapped file
-    cannot be replaced, as on Windows)."""
+    before asserting that a file is no longer mapped, or before rewriting in place a file a
+    load mapped, which would otherwise wait for the map's read lease, :mod:`hotswap_rt.file_lease`)."""
     _pending.join()
 
 
