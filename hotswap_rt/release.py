@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import traceback
 
 _pending: queue.Queue = queue.Queue()
 _thread: threading.Thread | None = None
@@ -38,6 +39,23 @@ def wait_for_releases() -> None:
     before asserting that a file is no longer mapped, or before rewriting in place a file a
     load mapped, which would otherwise wait for the map's read lease, :mod:`hotswap_rt.file_lease`)."""
     _pending.join()
+
+
+def clear_failed_frames(error: BaseException) -> None:
+    """Clear the locals of the finished frames ``error`` (and each exception it chains) passed
+    through, so that the exception, kept (a notebook's last traceback, a logged error), holds
+    no views of a load's memory map: the map, and its read lease (which keeps writers of the
+    file waiting, :mod:`hotswap_rt.file_lease`), go with the load that failed. The frame
+    handling the error is still running and keeps its own locals."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        chained = pending.pop()
+        if chained is None or id(chained) in seen:
+            continue
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)
+        pending += [chained.__cause__, chained.__context__]
 
 
 def _release_forever() -> None:

@@ -50,7 +50,7 @@ from .peft_format import (
     FileStamp, ParsedAdapter, adapter_files_stamp, adapter_state_dict, changed_files, resolve_source,
     task_type_for, with_tensors_copied, write_adapter_dir, write_adapter_files)
 from .registry import AdapterRecord, AdapterRegistry, Origin
-from .release import release_later
+from .release import clear_failed_frames, release_later
 from .residency import AdapterLease, Residency
 from .selection import Activation, Selection, Selector, row_spec
 from .staging import BackgroundLoads, StagedAdapter, Stager
@@ -247,6 +247,22 @@ class HotswapRuntime:
                          allow_nonfinite: bool, fold_scaling: bool, inject: bool,
                          check_commit: Callable[[], None],
                          commit: Callable[[StagedAdapter, tuple[FileStamp, ...]], AdapterInfo]) -> AdapterInfo:
+        """:meth:`_read_files_and_commit`; when it fails, the frames it went through let go of
+        a mapped file (:func:`clear_failed_frames`), so a kept exception holds no map, nor the
+        read lease that keeps writers of the file waiting."""
+        try:
+            return self._read_files_and_commit(source, state_dict, config, allow_pickle, allow_nonfinite,
+                                               fold_scaling, inject, check_commit, commit)
+        except BaseException as error:
+            if self._maps_files:
+                clear_failed_frames(error)
+            raise
+
+    def _read_files_and_commit(self, source: Any, state_dict: Any, config: Any, allow_pickle: bool,
+                               allow_nonfinite: bool, fold_scaling: bool, inject: bool,
+                               check_commit: Callable[[], None],
+                               commit: Callable[[StagedAdapter, tuple[FileStamp, ...]], AdapterInfo],
+                               ) -> AdapterInfo:
         """Read and check an adapter, stage it and ``commit`` it with the stamp of the files it
         was read from (``()`` for a state dict); a lazy runtime first injects the layers it
         needs (``inject``; ``check_commit()`` first, which raises if the commit would fail),
@@ -311,7 +327,10 @@ class HotswapRuntime:
                     f"layers (a hotswap only replaces what exists; load it as a new adapter)")
         return self._inject_stage_commit(
             list(adapter.modules), adapter, check_commit,
-            lambda: self._stager.stage(adapter, fold_scaling=fold_scaling, check_finite=defer), commit)
+            # a partial, not a lambda: a failed stage's traceback then holds no closure over the
+            # adapter (whose factors may be views of a leased map: clear_failed_frames)
+            functools.partial(self._stager.stage, adapter, fold_scaling=fold_scaling, check_finite=defer),
+            commit)
 
     def _inject_stage_commit(self, modules: Sequence[str], adapter: ParsedAdapter | None,
                              check_commit: Callable[[], None], stage: Callable[[], StagedAdapter],
@@ -621,6 +640,14 @@ class HotswapRuntime:
             HotswapError: what ``load`` would raise for this source.
         """
         check_flags("check", allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        try:
+            return self._check(source, allow_pickle, allow_nonfinite)
+        except BaseException as error:
+            if self._maps_files:  # a kept exception holds no map (see _read_and_commit)
+                clear_failed_frames(error)
+            raise
+
+    def _check(self, source: str | os.PathLike[str], allow_pickle: bool, allow_nonfinite: bool) -> AdapterInfo:
         adapter = self._stager.read(source, None, None, allow_pickle, allow_nonfinite,
                                     mapped=self._maps_files)
         self._check_saved_base_weights(adapter)
@@ -1122,9 +1149,14 @@ class HotswapRuntime:
         return self._stager.read(origin.directory, None, None, origin.allow_pickle, origin.allow_nonfinite)
 
     def _read_origin(self, origin: Origin) -> StagedAdapter:
-        return self._stager.read_and_stage(
-            origin.directory, None, None, origin.allow_pickle, origin.allow_nonfinite,
-            mapped=self._maps_files)
+        try:
+            return self._stager.read_and_stage(
+                origin.directory, None, None, origin.allow_pickle, origin.allow_nonfinite,
+                mapped=self._maps_files)
+        except BaseException as error:
+            if self._maps_files:  # a kept exception holds no map (see _read_and_commit)
+                clear_failed_frames(error)
+            raise
 
     def _info(self, record: AdapterRecord) -> AdapterInfo:
         return dataclasses.replace(

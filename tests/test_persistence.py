@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -397,6 +398,42 @@ def test_a_writer_waits_for_a_mapped_load_to_be_staged(llama_and_adapter, tmp_pa
     records = rt.internals.registry.records
     rows, expected = records["a"].staged.rows, records["reference"].staged.rows
     assert rows.keys() == expected.keys() and all(torch.equal(rows[d], expected[d]) for d in rows)
+
+
+@pytest.mark.skipif(not CAN_LEASE or not CAN_SEE_MAPS, reason="read leases are Linux's; reads /proc/self/maps")
+def test_a_failed_mapped_load_kept_as_an_exception_holds_no_map(llama_and_adapter, tmp_path) -> None:
+    """A mapped load that fails after mapping its file (a NaN found while staging, a corrupt
+    header, a rank over max_rank; also ``check`` and ``prefetch``), its exception kept (as
+    pytest, a notebook's last traceback or a log keeps one): the file is not mapped and not
+    leased, so this process, or a trainer, can rewrite it at once (not after the kernel's
+    45 s lease-break time)."""
+    from safetensors.torch import load_file, save_file
+
+    base, source = llama_and_adapter
+    nan, header, wide = (tmp_path / name for name in ("nan", "header", "wide"))
+    for path in (nan, header):
+        shutil.copytree(source, path)
+    state = {key: value.clone() for key, value in load_file(str(nan / "adapter_model.safetensors")).items()}
+    state[next(key for key in state if "lora_A" in key)][0, 0] = float("nan")
+    save_file(state, str(nan / "adapter_model.safetensors"))
+    weights = header / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:8] + b"[" + weights.read_bytes()[9:])  # not a JSON object
+    base.make_adapter(wide, seed=3, r=32)
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16, device_slots=1,
+                                                    host_slots=2))
+    attempts = [(nan, lambda p: rt.load("a", p)), (header, lambda p: rt.load("a", p)),
+                (wide, lambda p: rt.load("a", p)), (nan, rt.check),
+                (nan, lambda p: rt.prefetch("b", p).result(timeout=60))]
+    kept = []
+    for path, attempt in attempts:
+        with pytest.raises(HotswapError) as failure:
+            attempt(path)
+        kept.append(failure)
+        assert not file_is_mapped(path / "adapter_model.safetensors"), (path.name, failure.value)
+        os.close(os.open(path / "adapter_model.safetensors", os.O_WRONLY | os.O_NONBLOCK))  # no lease
+    assert [type(f.value).__name__ for f in kept] == ["AdapterFormatError", "AdapterFormatError",
+                                                      "RankTooLargeError", "AdapterFormatError",
+                                                      "AdapterFormatError"]
 
 
 @pytest.mark.parametrize("maps", [True, False], ids=["mapped", "read into memory"])
