@@ -15,13 +15,13 @@ handler for it), so a waiting writer only waits for the release. Nothing reacts 
 the holders here read a file for a few milliseconds and then close it.
 
 The descriptor, and with it the lease, lives as long as what reads the file (:func:`close_with`:
-the map). A forked child closes its copies at once: the lease belongs to the open file, which a
-child shares, so a child that kept it (a worker forked during a load) would hold writers off
-until it exits.
+the map). A forked child closes its copies at once, from the moment they are open: the lease
+belongs to the open file, which a child shares, so a child that kept it (a worker forked
+during a load) would hold writers off until it exits.
 
 A lease needs Linux, a file this process owns (or ``CAP_LEASE``), no descriptor of the file open
 for writing anywhere (``EAGAIN``) and a file system with leases (not e.g. NFS): where one cannot
-be taken, :func:`take_read_lease` says so and the caller reads the file instead of mapping it.
+be taken, :func:`open_leased` says so and the caller reads the file instead of mapping it.
 """
 
 from __future__ import annotations
@@ -72,13 +72,37 @@ def _quiet_signal() -> int | None:
     return None
 
 
-_held: dict[int, weakref.finalize] = {}  # fd -> what closes it (plain dict operations: atomic)
+_opened: set[int] = set()  # leased descriptors not yet given to close_with
+_held: dict[int, weakref.finalize] = {}  # fd -> what closes it (plain dict/set operations: atomic)
+
+
+def open_leased(path: str | os.PathLike[str]) -> int | None:
+    """Open ``path`` read-only and take a read lease on it (:func:`take_read_lease`); the
+    descriptor, or None (closed again) where no lease can be taken. From the moment it is
+    open, a process forked meanwhile closes its copy at once. Hand it to :func:`close_with`
+    or :func:`close_now`.
+
+    Raises:
+        OSError: the file cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    _opened.add(fd)
+    if not take_read_lease(fd):
+        close_now(fd)
+        return None
+    return fd
 
 
 def close_with(owner: object, fd: int) -> None:
     """Close ``fd`` (releasing its lease) once ``owner`` is freed, or at once in a process
     forked meanwhile (there ``owner`` is left alone: the child never reads through it)."""
     _held[fd] = weakref.finalize(owner, _close, fd)
+    _opened.discard(fd)
+
+
+def close_now(fd: int) -> None:
+    """Close an :func:`open_leased` descriptor no owner holds."""
+    _opened.discard(fd)  # before the close: the number may be reused at once
+    os.close(fd)
 
 
 def _close(fd: int) -> None:
@@ -90,7 +114,10 @@ def _close_all_in_child() -> None:
     for fd, finalizer in list(_held.items()):
         if finalizer.detach() is not None:
             os.close(fd)
+    for fd in list(_opened):
+        os.close(fd)
     _held.clear()
+    _opened.clear()
 
 
 if hasattr(os, "register_at_fork"):

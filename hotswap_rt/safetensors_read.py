@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from .errors import AdapterFormatError
-from .file_lease import close_with, take_read_lease
+from .file_lease import close_now, close_with, open_leased
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -117,7 +117,7 @@ def _mapped(path: Path) -> dict[str, torch.Tensor] | None:
 
     The file must stay as it is while the views are read: reading a page past the end of a
     file truncated meanwhile raises ``SIGBUS``, which ends the process. So the file is mapped
-    only under a read lease (:func:`hotswap_rt.file_lease.take_read_lease`, Linux), held by a
+    only under a read lease (:func:`hotswap_rt.file_lease.open_leased`, Linux), held by a
     descriptor closed with the map: meanwhile another open of the file for writing (PEFT's
     ``save_pretrained``) or a truncate waits (at most the kernel's lease-break-time, 45 s by
     default). Without a lease (another OS, a file another user owns or another process has
@@ -127,27 +127,28 @@ def _mapped(path: Path) -> dict[str, torch.Tensor] | None:
         AdapterFormatError: the file is unreadable or not a valid safetensors file.
     """
     try:
-        lease_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        lease_fd = open_leased(path)
     except OSError as exc:
         raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
+    if lease_fd is None:
+        return None
     mapping = None
     try:
-        if take_read_lease(lease_fd):
-            # The map gets an open file of its own (Python's mmap keeps a duplicate of the
-            # descriptor it maps), so the lease is held by lease_fd's open file alone, which a
-            # forked child closes at once (file_lease): the child does not hold it until it exits.
-            with open(path, "rb", buffering=0) as f:
-                file_size = _checked_size(path, f.fileno())  # under the lease: the file keeps this size
-                if _file_id(lease_fd) == _file_id(f.fileno()):  # not replaced in between
-                    try:
-                        mapping = mmap.mmap(f.fileno(), file_size, access=mmap.ACCESS_COPY)
-                    except OSError:  # e.g. ENODEV: a file system without mmap
-                        pass
+        # The map gets an open file of its own (Python's mmap keeps a duplicate of the
+        # descriptor it maps), so the lease is held by lease_fd's open file alone, which a
+        # forked child closes at once (file_lease): the child does not hold it until it exits.
+        with open(path, "rb", buffering=0) as f:
+            file_size = _checked_size(path, f.fileno())  # under the lease: the file keeps this size
+            if _file_id(lease_fd) == _file_id(f.fileno()):  # not replaced in between
+                try:
+                    mapping = mmap.mmap(f.fileno(), file_size, access=mmap.ACCESS_COPY)
+                except OSError:  # e.g. ENODEV: a file system without mmap
+                    pass
     except (OSError, ValueError) as exc:  # ValueError: the file shrank before it was mapped
         raise AdapterFormatError(f"{path}: unreadable ({exc})") from exc
     finally:
         if mapping is None:
-            os.close(lease_fd)
+            close_now(lease_fd)
     if mapping is None:
         return None
     close_with(mapping, lease_fd)  # the lease lasts as long as the map

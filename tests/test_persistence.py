@@ -328,9 +328,9 @@ def _map_without_a_lease(monkeypatch) -> None:
     """Map files as if no lease kept writers out (where the kernel revoked one after its
     lease-break-time): a rewrite in place during a mapped load is then possible, from this
     thread too (under a lease this thread's open for writing would wait for the load)."""
-    from hotswap_rt import safetensors_read
+    from hotswap_rt import file_lease
 
-    monkeypatch.setattr(safetensors_read, "take_read_lease", lambda fd: True)
+    monkeypatch.setattr(file_lease, "take_read_lease", lambda fd: True)
 
 
 @pytest.mark.parametrize("maps", [True, False], ids=["mapped", "read into memory"])
