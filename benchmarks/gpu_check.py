@@ -565,7 +565,8 @@ def stage_kernels(setup: Setup) -> dict[str, Any]:
     8 distinct slots of 16, over 8 layers of each of the model's layer shapes (``d_in -> d_out``),
     compiled (CUDA graphs on CUDA), against the 8 base linears of that shape: keys
     ``<d_in>x<d_out>_<form>_us`` and ``_over_base``, and each form's largest difference from
-    ``bmm`` computed in float32 (``_max_diff``)."""
+    ``bmm`` computed in float32 (``_max_diff``); a form that fails records ``_error`` and the
+    others still run."""
     batch, rank = 16, 16
     generator = torch.Generator().manual_seed(0)
     slots = (torch.arange(batch) % KERNEL_DISTINCT).view(batch, 1).to(setup.device)
@@ -596,12 +597,19 @@ def stage_kernels(setup: Setup) -> dict[str, Any]:
             timed[form] = lambda fn=fn: fn(x, layers, slots)
         for form, call in timed.items():
             torch._dynamo.reset()
-            compiled = torch.compile(call, mode=mode) if setup.compile else call
-            with torch.no_grad():
-                out = compiled().float()  # before the timing: a CUDA graph's next replay overwrites it
-                if form != "base":
-                    result[f"{label}_{form}_max_diff"] = (out - exact).abs().max().item()
-                result[f"{label}_{form}_us"] = median_us(compiled, setup.rounds, setup.device)
+            try:
+                compiled = torch.compile(call, mode=mode) if setup.compile else call
+                with torch.no_grad():
+                    out = compiled().float()  # before the timing: a CUDA graph's next replay overwrites it
+                    if form != "base":
+                        result[f"{label}_{form}_max_diff"] = (out - exact).abs().max().item()
+                    result[f"{label}_{form}_us"] = median_us(compiled, setup.rounds, setup.device)
+            except Exception as exc:  # a candidate that fails here must not hide the others' figures
+                if form == "base":
+                    raise
+                traceback.print_exc()
+                result[f"{label}_{form}_error"] = f"{type(exc).__name__}: {exc}"
+                continue
             if form != "base":
                 result[f"{label}_{form}_over_base"] = result[f"{label}_{form}_us"] / result[f"{label}_base_us"]
     return result
