@@ -171,7 +171,28 @@ def file_is_mapped(path: Path) -> bool:
 
 CAN_SEE_MAPS = Path("/proc/self/maps").exists()
 
-CAN_LEASE = sys.platform.startswith("linux")  # read leases keep writers out of mapped files
+def _can_lease() -> bool:
+    """Whether this process gets read leases on files where pytest's ``tmp_path`` lives (the
+    system's temp dir): without them (not Linux, a file system without leases) adapter files
+    are read, not mapped, and the tests of mapping are skipped, saying why."""
+    import os
+    import tempfile
+
+    from hotswap_rt.file_lease import close_now, open_leased
+
+    handle, name = tempfile.mkstemp()
+    os.close(handle)  # no descriptor open for writing, or no lease
+    try:
+        fd = open_leased(name)
+        if fd is None:
+            return False
+        close_now(fd)
+        return True
+    finally:
+        os.unlink(name)
+
+
+CAN_LEASE = _can_lease()  # read leases keep writers out of mapped files
 
 
 def start_writer(path: Path, data: bytes) -> subprocess.Popen:

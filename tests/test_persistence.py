@@ -369,7 +369,7 @@ def test_files_rewritten_in_place_while_read_are_refused(llama_and_adapter, tmp_
     assert records["a"].origin.stamp == adapter_files_stamp(path)
 
 
-@pytest.mark.skipif(not CAN_LEASE, reason="read leases are Linux's")
+@pytest.mark.skipif(not CAN_LEASE, reason="no read leases here (not Linux, or the temp dir's file system)")
 def test_a_writer_waits_for_a_mapped_load_to_be_staged(llama_and_adapter, tmp_path, monkeypatch) -> None:
     """A trainer saving into the directory (``open(path, "wb")`` truncates the file, as PEFT's
     ``save_pretrained`` does) while a mapped load stages it: the lease keeps the writer out
@@ -400,7 +400,7 @@ def test_a_writer_waits_for_a_mapped_load_to_be_staged(llama_and_adapter, tmp_pa
     assert rows.keys() == expected.keys() and all(torch.equal(rows[d], expected[d]) for d in rows)
 
 
-@pytest.mark.skipif(not CAN_LEASE or not CAN_SEE_MAPS, reason="read leases are Linux's; reads /proc/self/maps")
+@pytest.mark.skipif(not CAN_LEASE or not CAN_SEE_MAPS, reason="no read leases here, or no /proc/self/maps")
 def test_a_failed_mapped_load_kept_as_an_exception_holds_no_map(llama_and_adapter, tmp_path) -> None:
     """A mapped load that fails after mapping its file (a NaN found while staging, a corrupt
     header, a rank over max_rank; also ``check`` and ``prefetch``), its exception kept (as

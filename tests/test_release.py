@@ -10,7 +10,7 @@ import pytest
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 from hotswap_rt.release import release_later, wait_for_releases
 
-from .conftest import ATTENTION_TARGETS, CAN_SEE_MAPS, BaseModel, file_is_mapped
+from .conftest import ATTENTION_TARGETS, CAN_LEASE, CAN_SEE_MAPS, BaseModel, file_is_mapped
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def test_values_are_dropped_on_the_release_thread_and_waited_for() -> None:
     assert dropped_on == ["hotswap_rt-release"]
 
 
-@pytest.mark.skipif(not CAN_SEE_MAPS, reason="reads /proc/self/maps (Linux)")
+@pytest.mark.skipif(not CAN_SEE_MAPS or not CAN_LEASE,
+                    reason="reads /proc/self/maps (Linux); files are mapped only under read leases")
 def test_a_mapped_load_is_unmapped_on_the_release_thread(llama_and_adapter) -> None:
     """The load returns with the file still mapped while the release thread is busy, and the
     map goes once that thread drops the load's factors; the rows are staged already."""

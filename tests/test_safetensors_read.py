@@ -184,8 +184,8 @@ def test_mapped_tensors_are_private_and_outlive_a_replaced_file(tmp_path: Path) 
 
     del tensors
     gc.collect()
-    if not CAN_SEE_MAPS:
-        pytest.skip("the rest reads /proc/self/maps (Linux)")
+    if not CAN_SEE_MAPS or not CAN_LEASE:
+        pytest.skip("the rest reads /proc/self/maps (Linux), and files are mapped only under read leases")
     assert not file_is_mapped(path)
     views = read_safetensors(path, mapped=True)
     assert views["v"].untyped_storage().nbytes() == path.stat().st_size  # the whole file, mapped
@@ -334,7 +334,7 @@ def test_a_file_that_cannot_be_mapped_is_read_instead(tmp_path: Path, monkeypatc
         read_safetensors(path, mapped=True)
 
 
-@pytest.mark.skipif(not CAN_LEASE, reason="read leases are Linux's")
+@pytest.mark.skipif(not CAN_LEASE, reason="no read leases here (not Linux, or the temp dir's file system)")
 def test_a_mapped_file_keeps_writers_out_until_its_map_is_gone(tmp_path: Path) -> None:
     """Mapped under a read lease: while any view of the map lives, opening the file for writing
     (non-blocking here) is refused and another process's ``open(path, "wb")`` (which truncates:
@@ -363,7 +363,7 @@ def test_a_mapped_file_keeps_writers_out_until_its_map_is_gone(tmp_path: Path) -
     os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
-@pytest.mark.skipif(not CAN_LEASE or not CAN_SEE_MAPS, reason="read leases are Linux's; reads /proc/self/maps")
+@pytest.mark.skipif(not CAN_LEASE or not CAN_SEE_MAPS, reason="no read leases here, or no /proc/self/maps")
 def test_without_a_lease_a_file_is_read_not_mapped(tmp_path: Path, monkeypatch) -> None:
     """Where no read lease can be taken (the file is open for writing elsewhere, or Python
     handles both signals a lease break could send), ``mapped=True`` reads the file into memory:
@@ -394,7 +394,7 @@ def test_without_a_lease_a_file_is_read_not_mapped(tmp_path: Path, monkeypatch) 
     assert calls == [signal.SIGURG, signal.SIGWINCH]  # both asked, both handled: no lease
 
 
-@pytest.mark.skipif(not CAN_LEASE, reason="read leases are Linux's")
+@pytest.mark.skipif(not CAN_LEASE, reason="no read leases here (not Linux, or the temp dir's file system)")
 def test_a_lease_break_reaches_no_python_handler(tmp_path: Path) -> None:
     """With a Python handler on ``SIGURG``, a lease is taken with ``SIGWINCH`` as its break
     signal: a writer breaking it calls no handler of this process, and waits for the map."""
@@ -418,7 +418,7 @@ def test_a_lease_break_reaches_no_python_handler(tmp_path: Path) -> None:
         signal.signal(signal.SIGURG, previous)
 
 
-@pytest.mark.skipif(not CAN_LEASE, reason="read leases are Linux's")
+@pytest.mark.skipif(not CAN_LEASE, reason="no read leases here (not Linux, or the temp dir's file system)")
 def test_a_child_forked_during_a_mapped_read_does_not_keep_writers_out(tmp_path: Path) -> None:
     """The lease belongs to the open file, which a forked child shares: the child closes its
     copy at once and maps through another open file, so once this process drops the map a
