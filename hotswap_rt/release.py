@@ -11,10 +11,12 @@ held up. The map lives a moment longer; nothing reads it after staging.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 import traceback
+from collections.abc import Iterator
 
 _pending: queue.Queue = queue.Queue()
 _thread: threading.Thread | None = None
@@ -56,6 +58,19 @@ def clear_failed_frames(error: BaseException) -> None:
         seen.add(id(chained))
         traceback.clear_frames(chained.__traceback__)
         pending += [chained.__cause__, chained.__context__]
+
+
+@contextlib.contextmanager
+def frames_cleared_on_failure(enabled: bool = True) -> Iterator[None]:
+    """``with frames_cleared_on_failure(maps_files):`` around a call that may map adapter
+    files: if it raises, :func:`clear_failed_frames` (when ``enabled``), then the error goes on.
+    Locals of the frame holding the ``with`` are kept: call a function inside it."""
+    try:
+        yield
+    except BaseException as error:
+        if enabled:
+            clear_failed_frames(error)
+        raise
 
 
 def _release_forever() -> None:

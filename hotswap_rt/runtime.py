@@ -50,7 +50,7 @@ from .peft_format import (
     FileStamp, ParsedAdapter, adapter_files_stamp, adapter_state_dict, changed_files, resolve_source,
     task_type_for, with_tensors_copied, write_adapter_dir, write_adapter_files)
 from .registry import AdapterRecord, AdapterRegistry, Origin
-from .release import clear_failed_frames, release_later
+from .release import frames_cleared_on_failure, release_later
 from .residency import AdapterLease, Residency
 from .selection import Activation, Selection, Selector, row_spec
 from .staging import BackgroundLoads, StagedAdapter, Stager
@@ -248,15 +248,11 @@ class HotswapRuntime:
                          check_commit: Callable[[], None],
                          commit: Callable[[StagedAdapter, tuple[FileStamp, ...]], AdapterInfo]) -> AdapterInfo:
         """:meth:`_read_files_and_commit`; when it fails, the frames it went through let go of
-        a mapped file (:func:`clear_failed_frames`), so a kept exception holds no map, nor the
-        read lease that keeps writers of the file waiting."""
-        try:
+        a mapped file (:func:`~hotswap_rt.release.frames_cleared_on_failure`), so a kept
+        exception holds no map, nor the read lease that keeps writers of the file waiting."""
+        with frames_cleared_on_failure(self._maps_files):
             return self._read_files_and_commit(source, state_dict, config, allow_pickle, allow_nonfinite,
                                                fold_scaling, inject, check_commit, commit)
-        except BaseException as error:
-            if self._maps_files:
-                clear_failed_frames(error)
-            raise
 
     def _read_files_and_commit(self, source: Any, state_dict: Any, config: Any, allow_pickle: bool,
                                allow_nonfinite: bool, fold_scaling: bool, inject: bool,
@@ -640,12 +636,8 @@ class HotswapRuntime:
             HotswapError: what ``load`` would raise for this source.
         """
         check_flags("check", allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-        try:
+        with frames_cleared_on_failure(self._maps_files):  # a kept exception holds no map
             return self._check(source, allow_pickle, allow_nonfinite)
-        except BaseException as error:
-            if self._maps_files:  # a kept exception holds no map (see _read_and_commit)
-                clear_failed_frames(error)
-            raise
 
     def _check(self, source: str | os.PathLike[str], allow_pickle: bool, allow_nonfinite: bool) -> AdapterInfo:
         adapter = self._stager.read(source, None, None, allow_pickle, allow_nonfinite,
@@ -1149,14 +1141,10 @@ class HotswapRuntime:
         return self._stager.read(origin.directory, None, None, origin.allow_pickle, origin.allow_nonfinite)
 
     def _read_origin(self, origin: Origin) -> StagedAdapter:
-        try:
+        with frames_cleared_on_failure(self._maps_files):  # a kept exception holds no map
             return self._stager.read_and_stage(
                 origin.directory, None, None, origin.allow_pickle, origin.allow_nonfinite,
                 mapped=self._maps_files)
-        except BaseException as error:
-            if self._maps_files:  # a kept exception holds no map (see _read_and_commit)
-                clear_failed_frames(error)
-            raise
 
     def _info(self, record: AdapterRecord) -> AdapterInfo:
         return dataclasses.replace(
