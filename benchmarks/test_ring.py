@@ -104,9 +104,10 @@ def test_swap_from_ring_vs_copy_and_peft(setup) -> None:
     ours = "hotswap_rt activate (ring -> slot + flip)"
     staged = itertools.cycle([rt.internals.registry.records[n].staged for n in ("a", "b")])
     spare = _runtime(base, {}, device_slots=1)  # a second arena, so rt's slot stays rt's
+    spare_arena = spare.internals.arena  # rt.internals builds an object: not in the timed call
     floor = interleaved({
         "copy_ (2 sources -> 1 destination)": lambda: destination.copy_(next(source_cycle)),
-        "hotswap_rt arena.write_slot (the copy alone)": lambda: spare.internals.arena.write_slot(
+        "hotswap_rt arena.write_slot (the copy alone)": lambda: spare_arena.write_slot(
             0, next(staged).rows),
         ours: lambda: rt.activate(next(names)),
     }, rounds=rounds)
