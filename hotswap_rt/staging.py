@@ -137,8 +137,8 @@ class Stager:
         for dtype, width in self.arena.rank_widths.items():
             sizes = (self.arena.vector_sizes.get(dtype, 0), width)
             row = staged.rows.get(dtype)
-            if row is None:
-                staged.rows[dtype] = torch.zeros(sizes[0], dtype=dtype)
+            if row is None:  # a host row like any other: pinned for an accelerator
+                staged.rows[dtype] = torch.zeros(sizes[0], dtype=dtype, pin_memory=self.pin)
             else:
                 staged.rows[dtype] = self.arena.relayout(row, staged.sizes[dtype], sizes)
             staged.sizes[dtype] = sizes

@@ -159,6 +159,24 @@ def test_extend_keeps_slots_and_relayouts_rows() -> None:
     assert torch.equal(slots.arenas[torch.float32][1], slots.arenas[torch.float32][0])
 
 
+def test_fit_rows_gives_a_new_dtype_a_zero_row_that_writes_zeros() -> None:
+    """Layers of another dtype injected after an adapter was staged: its rows get a zero row of
+    that dtype (pinned on an accelerator: tests/test_cuda.py), and a write of them clears what
+    the slot held there."""
+    slots = arena()
+    stager = Stager(slots)
+    staged = stager.stage(adapter(q=2))
+    slots.extend({"half": (4, 4, torch.float16)})
+    slots.enable_vectors()  # the new dtype's row then holds its scale vectors: not empty
+    slots.write_slot(0, {torch.float16: torch.ones(slots.row_sizes[torch.float16], dtype=torch.float16)})
+    stager.fit_rows(staged)
+    row = staged.rows[torch.float16]
+    assert row.dtype == torch.float16 and row.numel() == slots.vector_sizes[torch.float16] > 0
+    assert not row.is_pinned()  # a CPU arena: nothing to pin for
+    slots.write_slot(0, staged.rows)
+    assert slots.arenas[torch.float16][0].abs().sum() == 0
+
+
 @pytest.mark.parametrize("module, error, match", [
     ("k", IncompatibleAdapterError, "not an injected layer"),
     ("rank", RankTooLargeError, "max_rank=3"),

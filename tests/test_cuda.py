@@ -224,3 +224,25 @@ def test_slot_writes_reuse_one_event_per_thread_and_land_before_returning() -> N
     assert all(e is events["main"][0] for e in events["main"])
     assert all(e is events["other"][0] for e in events["other"])
     assert events["main"][0] is not events["other"][0]
+
+
+def test_a_row_added_for_layers_of_a_new_dtype_is_pinned() -> None:
+    """Layers of another dtype injected after an adapter was staged (a lazy runtime): the zero
+    row its staged rows get for that dtype is pinned like every host row (the copy into a slot
+    is a non-blocking one from pinned memory)."""
+    from hotswap_rt.arena import SlotArena
+    from hotswap_rt.peft_format import LoraModule, ParsedAdapter
+    from hotswap_rt.staging import Stager
+
+    arena = SlotArena({"q": (8, 4, torch.float32)}, max_rank=2, num_slots=2, device=torch.device("cuda"))
+    stager = Stager(arena)
+    module = LoraModule(torch.randn(2, 8), torch.randn(4, 2), 2, alpha=4.0, scaling=2.0)
+    staged = stager.stage(ParsedAdapter(rank=2, alpha=4.0, use_rslora=False, modules={"q": module}))
+    arena.extend({"half": (4, 4, torch.float16)})
+    arena.enable_vectors()  # the new dtype's row then holds its scale vectors: not empty
+    arena.write_slot(0, {torch.float16: torch.ones(arena.row_sizes[torch.float16], dtype=torch.float16)})
+    stager.fit_rows(staged)
+    assert staged.rows[torch.float16].numel() == arena.vector_sizes[torch.float16] > 0
+    assert all(row.is_pinned() for row in staged.rows.values())
+    arena.write_slot(0, staged.rows)
+    assert arena.arenas[torch.float16][0].abs().sum().item() == 0
