@@ -113,9 +113,10 @@ def rows(r: Results) -> list[tuple[str, str, str]]:
                     f" a max_rank-4 runtime{bucketed}", ""))
     modes = sorted({k.split("/")[1] for k in f if k.startswith("mixed_decode/")})
     if modes:
-        # the dtype it ran in (bf16 where the CPU has bf16 matmuls, else fp32), from its group
+        # the dtype it ran in (bf16 where the CPU has bf16 matmuls, else fp32), named in its group
         group = next(iter(r.groups("decode step, batch 16, Llama-7B layer shapes x2")), "")
-        dtype = {"bfloat16": " bf16", "float32": " fp32"}.get(group.split(" x2 ")[-1].split(",")[0], "")
+        match = re.search(r"x2 (bfloat16|float32),", group)
+        dtype = {"bfloat16": " bf16", "float32": " fp32"}[match.group(1)] if match else ""
         out.append((f"decode step, batch 16, Llama-7B layer shapes x2{dtype}, all-linear r=16, 8 / 16 "
                     "distinct adapters", "; ".join(f"{mode}: {f[f'mixed_decode/{mode}/k8']:.2f}x / "
                                           f"{f[f'mixed_decode/{mode}/k16']:.2f}x" for mode in modes),
