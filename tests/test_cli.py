@@ -171,3 +171,35 @@ def _serve_eagerly(env: dict[str, str]) -> str:
         server.terminate()
         _, stderr = server.communicate(timeout=30)
     return stderr
+
+
+def test_compile_only_fills_the_cache_a_second_run_takes_every_graph_from(capsys) -> None:
+    """``hotswap-rt serve --compile-only`` (the built-in model, a real process each time)
+    compiles every bucket and exits 0 without listening; a second run on the same cache
+    builds nothing (inductor's own cache counters, which it prints). Run on inductor's cache
+    of this test process, so a warm suite does not compile here."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    command = [sys.executable, "-m", "hotswap_rt.cli", "serve", "--compile-only",
+               "--compile-cache", cache_dir()]
+    counts = []
+    for _ in range(2):
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "Uvicorn running" not in run.stderr and "listening" not in run.stderr
+        found = re.search(r"--compile-only: (\d+) graphs from the cache, (\d+) built, (\d+) not cacheable",
+                          run.stderr)
+        assert found, run.stderr[-3000:]
+        counts.append(tuple(int(n) for n in found.groups()))
+    (hit, built, bypassed), (hit_again, built_again, bypassed_again) = counts
+    assert hit + built >= 1 and bypassed == 0
+    assert (hit_again, built_again, bypassed_again) == (hit + built, 0, 0)
+    for flags, refused in ((["--no-compile"], "--no-compile"), (["--ray"], "--ray")):
+        assert main(["serve", "--compile-only", *flags]) == 2
+        assert f"--compile-only cannot be combined with {refused}" in capsys.readouterr().err

@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inductor's compile cache (default: $TORCHINDUCTOR_CACHE_DIR, else "
                              "~/.cache/hotswap_rt/inductor, which outlives reboots; a warm cache "
                              "saves most of the start: 125 s cold, 25 s warm in benchmarks/vs_vllm.py)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="build every graph these flags serve with into the compile cache, "
+                             "say how many came from it, and exit without listening (a deploy "
+                             "step: the same command without it then starts warm)")
     parser.add_argument("--no-mixed-batches", action="store_true",
                         help="one adapter at a time (the baseline the load benchmark compares)")
     parser.add_argument("--max-adapters-per-request", type=int, default=2,
@@ -106,6 +110,10 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Serve with uvicorn in this process, or (``--ray``) through Ray Serve replicas."""
+    if args.compile_only and (args.no_compile or args.ray):
+        other = "--no-compile" if args.no_compile else "--ray (Ray replicas compile in their own processes)"
+        print(f"hotswap-rt serve: --compile-only cannot be combined with {other}", file=sys.stderr)
+        return 2
     extra = "ray" if args.ray else "serve"
     try:
         import uvicorn  # noqa: F401 - both need the serve extra; --ray needs ray too
@@ -126,7 +134,31 @@ def run(args: argparse.Namespace) -> int:
     if not config.compile:
         state = "unused: --no-compile"
     print(f"hotswap-rt serve: compile cache {cache} ({state})", file=sys.stderr)
+    if args.compile_only:
+        return _compile_only(config, cache)
     return _serve_ray(config, args) if args.ray else _serve_local(config, args)
+
+
+def _compile_only(config, cache) -> int:
+    """Load the model and adapters and compile every bucket as a start does (into ``cache``),
+    then stop the engine and exit: what a deploy step runs before the server's first start.
+    Prints how many graphs inductor took from the cache and how many it built."""
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    from .backend import LocalBackend
+    from .model import build_runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    backend = LocalBackend(config, build_runtime(config))
+    backend.start()
+    backend.stop()
+    inductor = counters["inductor"]
+    print(f"hotswap-rt serve --compile-only: {inductor['fxgraph_cache_hit']} graphs from the cache, "
+          f"{inductor['fxgraph_cache_miss']} built, {inductor['fxgraph_cache_bypass']} not cacheable, "
+          f"in {backend.engine.startup_seconds or 0.0:.1f} s; cache {cache}", file=sys.stderr)
+    return 0
 
 
 def _serve_local(config, args: argparse.Namespace) -> int:
