@@ -152,8 +152,10 @@ def _compile_only(config, cache) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     backend = LocalBackend(config, build_runtime(config))
-    backend.start()
-    backend.stop()
+    try:
+        backend.start()
+    finally:  # a failed compile stops the engine thread too
+        backend.stop()
     inductor = counters["inductor"]
     print(f"hotswap-rt serve --compile-only: {inductor['fxgraph_cache_hit']} graphs from the cache, "
           f"{inductor['fxgraph_cache_miss']} built, {inductor['fxgraph_cache_bypass']} not cacheable, "
