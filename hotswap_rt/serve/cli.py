@@ -143,14 +143,12 @@ def _compile_only(config, cache) -> int:
     """Load the model and adapters and compile every bucket as a start does (into ``cache``),
     then stop the engine and exit: what a deploy step runs before the server's first start.
     Prints how many graphs inductor took from the cache and how many it built."""
-    import logging
-
     from torch._dynamo.utils import counters
 
     from .backend import LocalBackend
     from .model import build_runtime
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    _log_like_uvicorn()
     backend = LocalBackend(config, build_runtime(config))
     try:
         backend.start()
@@ -163,12 +161,17 @@ def _compile_only(config, cache) -> int:
     return 0
 
 
-def _serve_local(config, args: argparse.Namespace) -> int:
+def _log_like_uvicorn() -> None:
+    """Log INFO and up to stderr in uvicorn's format (the engine's compile progress)."""
     import logging
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+
+
+def _serve_local(config, args: argparse.Namespace) -> int:
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    _log_like_uvicorn()
 
     from .app import build_app
 
