@@ -13,6 +13,7 @@ The runtime installs a :class:`ModelForward` as the model's instance attribute `
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -69,6 +70,10 @@ class ModelForward:
         self.batch_candidates = batch_argument(self.params, batch_input)
         self.compiled = False
         self.cuda_graphs = False  # compiled with CUDA graphs: each calling thread is prepared
+        # compile(eager_meanwhile=True): the thread whose forwards are the warm-up, and the
+        # compiled forward they call; every other thread runs the eager forward meanwhile
+        self._warm_up_thread: int | None = None
+        self._compiling: Callable[..., Any] = self.eager
         self._restore_disable_compile: Any = None
         model.forward = self  # instance attribute: model(...) and generate() use it
 
@@ -79,6 +84,11 @@ class ModelForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:  # one calling convention, so model(x) and model(input_ids=x) share a graph
             kwargs = bind_positional(args, kwargs, self.params)
+        warm_up_thread = self._warm_up_thread  # read before `compiled`: set after it at the end
+        if warm_up_thread is not None and warm_up_thread == threading.get_ident():
+            # a warm-up forward of compile(eager_meanwhile=True): it selects nothing and other
+            # threads change the selection meanwhile, so no gate and no batch check
+            return self.guard.call(self._compiling, **kwargs)
         if self.compiled:
             kwargs = unview(kwargs)
         batch = batch_size(kwargs, self.batch_candidates)
@@ -105,19 +115,24 @@ class ModelForward:
         guard: GuardMode,
         training: bool,
         variants: Sequence[Callable[[], None]] = (),
+        eager_meanwhile: bool = False,
     ) -> None:
         """``torch.compile`` the original forward, run the warm-up, arm the guard (see
         :meth:`HotswapRuntime.compile` for the arguments). ``static_storage``: tensors the graph
         reads in place for life (slot arena, selection): static shape and address, watched by
         the guard. ``variants``: callables that each switch the model to another graph (rank
-        buckets); the whole warm-up runs once under each. A failed warm-up leaves the forward
+        buckets); the whole warm-up runs once under each. ``eager_meanwhile``: forwards of
+        other threads run the eager forward until the warm-up is done; the warm-up's own run
+        outside the gate, unchecked against the selection. A failed warm-up leaves the forward
         eager."""
-        if self.compiled:
-            raise HotswapError("the model is already compiled by this runtime")
+        if self.compiled or self._warm_up_thread is not None:
+            raise HotswapError("the model is already compiled (or compiling) by this runtime")
         if example_inputs is None and warmup is None:
             raise HotswapError("rt.compile needs example_inputs, a warmup callable, or both")
         options = _compile_options(warmup_inputs, warmup, fullgraph=fullgraph, dynamic=dynamic, mode=mode,
                                    training=training)  # checked before anything changes
+        if eager_meanwhile:
+            check_eager_meanwhile(len(variants) or 1, options)
         self.guard.mode = guard
         self.guard.install()
         for tensor in static_storage.values():
@@ -129,7 +144,12 @@ class ModelForward:
             if self._restore_disable_compile is None:  # the user's own value, not ours of a failed try
                 self._restore_disable_compile = generation_config.disable_compile
             generation_config.disable_compile = True
-        self.impl = torch.compile(self.eager, fullgraph=fullgraph, dynamic=dynamic, options=options)
+        compiled = torch.compile(self.eager, fullgraph=fullgraph, dynamic=dynamic, options=options)
+        if eager_meanwhile:
+            self._compiling = compiled
+            self._warm_up_thread = threading.get_ident()
+        else:
+            self.impl = compiled
         self.cuda_graphs = bool(options.get("triton.cudagraphs"))
         self.guard.fallback = self.eager
         passes = 3 if mode is not None and "reduce-overhead" in mode else 1
@@ -140,11 +160,17 @@ class ModelForward:
             with torch._dynamo.config.patch(recompile_limit=limit):
                 self._warm_up(example_inputs, warmup_inputs, warmup, training, passes, variants)
         except BaseException:
-            self.impl = self.eager
+            self.impl = self._compiling = self.eager
+            self._warm_up_thread = None
             self.cuda_graphs = False
             raise
-        self.compiled = True
+        # in this order: a forward of another thread that finds no warm-up thread any more
+        # finds the compiled forward, and the guard armed for it
         self.guard.arm()
+        self.compiled = True
+        self.impl = compiled
+        self._warm_up_thread = None
+        self._compiling = self.eager
 
     def _warm_up(self, example_inputs: ExampleInput | None, warmup_inputs: Sequence[ExampleInput],
                  warmup: Callable[[nn.Module], Any] | None, training: bool, passes: int,
@@ -169,6 +195,20 @@ class ModelForward:
         if self._restore_disable_compile is not None:
             self.model.generation_config.disable_compile = self._restore_disable_compile
         self.guard.uninstall()
+
+
+def check_eager_meanwhile(graphs_per_shape: int, options: Mapping[str, Any]) -> None:
+    """Refuse ``eager_meanwhile`` where it cannot work: several graphs per shape (rank
+    buckets, a per-row and a stacked path: the warm-up switches the layers' graph, which other
+    threads' forwards would follow) or CUDA graphs (recording while other threads launch work)."""
+    if graphs_per_shape > 1:
+        raise HotswapError(
+            f"rt.compile(eager_meanwhile=True) needs one graph per input shape; this runtime "
+            f"compiles {graphs_per_shape} (RuntimeConfig.rank_buckets, or a per-row and a stacked "
+            f"path): compile without eager_meanwhile")
+    if options.get("triton.cudagraphs"):
+        raise HotswapError("rt.compile(eager_meanwhile=True) cannot record CUDA graphs while other "
+                           "threads run: use another mode (e.g. mode=None or 'max-autotune-no-cudagraphs')")
 
 
 def _compile_options(warmup_inputs: Any, warmup: Any, *, fullgraph: Any, dynamic: Any, mode: Any,

@@ -38,7 +38,7 @@ from .config import AdapterInfo, RuntimeConfig, check_flags, name_matches, names
 from .errors import (
     AdapterChangedError, HotswapError, IncompatibleAdapterError, SelectionError, SlotsBusyError,
     TargetNotFoundError)
-from .forward import ModelForward
+from .forward import ModelForward, check_eager_meanwhile
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
 from .hub import push_adapter_folder
@@ -1023,6 +1023,7 @@ class HotswapRuntime:
         mode: str | None = None,
         guard: GuardMode = "raise",
         training: bool = False,
+        eager_meanwhile: bool = False,
         **example_kwargs: Any,
     ) -> None:
         """``torch.compile`` the model's forward in place, warm it up, then arm the guard.
@@ -1041,6 +1042,13 @@ class HotswapRuntime:
                 graphs) each warm-up runs three times so every graph is recorded before arming.
             guard: what a recompile after warm-up does: "raise", "warn" or "count".
             training: also warm up with autograd on (add the trainable adapter first).
+            eager_meanwhile: for a compile on a thread of its own while other threads keep
+                running the model (a server answering during its start): their forwards run
+                the eager forward until the warm-up is done, then the compiled one. The warm-up
+                must not change the selection (its forwards run outside the gate, unchecked
+                against it, while other threads change it: their outputs are meaningless, only
+                the graphs count). Refused with more than one graph per input shape
+                (:attr:`graphs_per_shape`) and with CUDA graphs.
 
         The compile options are keyword-only; a forward argument with one of their names must
         go in a dict (``rt.compile({"mode": ...})``). ``generate`` calls the runtime's compiled
@@ -1056,6 +1064,10 @@ class HotswapRuntime:
         storage = {f"arena[{dtype}]": arena for dtype, arena in self._arena.arenas.items()}
         storage.update(self._selection.tensors())
         selection = self._selection
+        if not isinstance(eager_meanwhile, bool):
+            raise HotswapError(f"rt.compile: eager_meanwhile must be a bool, got {eager_meanwhile!r}")
+        if eager_meanwhile:
+            check_eager_meanwhile(self.graphs_per_shape, {})
         adds_per_row = selection.per_row_at_compile and not selection.per_row_capable
         if adds_per_row:  # RuntimeConfig's auto: per row from now on, the stacked graph for mixes
             self._set_per_row(True)
@@ -1070,13 +1082,22 @@ class HotswapRuntime:
             self._forward.compile(
                 example, warmup_inputs, warmup, storage, fullgraph=fullgraph, dynamic=dynamic,
                 mode=mode, guard=guard, training=training,
-                variants=variants if len(variants) > 1 else [],
+                variants=variants if len(variants) > 1 else [], eager_meanwhile=eager_meanwhile,
             )
             compiled = True
         finally:
             selection.use_variant(None)  # what the written selection needs
             if adds_per_row and not compiled:  # the model runs as before the call
                 self._set_per_row(False)
+
+    @property
+    def graphs_per_shape(self) -> int:
+        """How many graphs :meth:`compile` compiles for each input shape: one per rank bucket,
+        times two where a selection may switch between the per-row and the stacked product."""
+        selection = self._selection
+        adds_per_row = selection.per_row_at_compile and not selection.per_row_capable
+        paths = 2 if selection.overflow_stacked or adds_per_row else 1
+        return len(selection.rank_buckets or (selection.rank_bucket,)) * paths
 
     def _set_per_row(self, enabled: bool) -> None:
         """Turn the auto per-row product on (or back off) and write the selection for it."""

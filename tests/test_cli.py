@@ -203,3 +203,67 @@ def test_compile_only_fills_the_cache_a_second_run_takes_every_graph_from(capsys
     for flags, refused in ((["--no-compile"], "--no-compile"), (["--ray"], "--ray")):
         assert main(["serve", "--compile-only", *flags]) == 2
         assert f"--compile-only cannot be combined with {refused}" in capsys.readouterr().err
+
+
+def test_serve_while_compiling_answers_before_its_graphs_are_compiled(capsys) -> None:
+    """``hotswap-rt serve --serve-while-compiling`` (the built-in model, a real process, real
+    HTTP): /health answers while /stats still says the graphs compile, completions are answered
+    meanwhile (eagerly), and once compiled the same greedy completions come back unchanged, with
+    nothing recompiled. On this test process's inductor cache (the test above filled it)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    server = subprocess.Popen([sys.executable, "-m", "hotswap_rt.cli", "serve", "--serve-while-compiling",
+                               "--compile-cache", cache_dir(), "--port", str(port)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "hotswap-rt/tiny-llama", "prompt": "The cat", "max_tokens": 8, "temperature": 0}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("the server did not answer /health")
+        assert httpx.get(f"{url}/stats").json()["compile"]["state"] == "compiling"
+        answered_while_compiling, texts = 0, set()
+        while True:
+            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert reply.status_code == 200, reply.text
+            texts.add(reply.json()["choices"][0]["text"])
+            stats = httpx.get(f"{url}/stats").json()
+            if stats["compile"]["state"] != "compiling":
+                break
+            answered_while_compiling += 1
+            assert time.monotonic() < deadline + 300, "the compile did not end"
+        assert answered_while_compiling >= 1
+        assert stats["compile"]["state"] == "compiled" and stats["compile"]["error"] is None
+        compiled = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        assert texts == {compiled}  # eager and compiled greedy outputs agree
+        stats = httpx.get(f"{url}/stats").json()
+        assert stats["compiles"] >= 1 and stats["recompiles"] == 0
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=60)
+    assert "answering with the eager forward until every graph is compiled" in stderr
+    assert "every bucket compiled in" in stderr
+    refusals = ((["--compile-only"], "--compile-only cannot be combined with --serve-while-compiling"),
+                (["--ray"], "not supported with --ray"),
+                (["--no-compile"], "serve_while_compiling needs compile"),
+                (["--stacked-mixes"], "cannot be combined with stacked_mixes"))
+    for flags, message in refusals:
+        assert main(["serve", "--serve-while-compiling", *flags]) == 2
+        assert message in capsys.readouterr().err

@@ -40,6 +40,11 @@ class EngineConfig:
             it specializes on the size. Off, a graph per bucket (default on CUDA, where CUDA
             graphs are recorded per shape anyway).
         compile: ``torch.compile`` every bucket at start (off only for quick tests).
+        serve_while_compiling: ``start`` returns at once and steps run the eager forward
+            while every bucket compiles on a thread of its own, then the compiled graphs (no
+            step waits for the switch). Adapter loads and unloads (``call``) wait until the
+            compile has ended. Needs ``compile``; refused with CUDA graphs and with a runtime
+            that compiles more than one graph per shape (``rt.graphs_per_shape``).
         compile_mode: ``torch.compile`` mode (default: ``"reduce-overhead"`` on CUDA, i.e. CUDA
             graphs, else None).
         torch_threads: intra-op threads of the engine thread (``torch.set_num_threads`` there,
@@ -59,6 +64,7 @@ class EngineConfig:
     dynamic_lengths: bool | None = None
     dynamic_batch: bool | None = None
     compile: bool = True
+    serve_while_compiling: bool = False
     compile_mode: str | None = None
     mixed_adapters: bool = True
     torch_threads: int | None = None
@@ -69,6 +75,11 @@ class EngineConfig:
         for name in ("max_model_len", "kv_cache_tokens", "torch_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        for name in ("compile", "serve_while_compiling", "mixed_adapters"):
+            if not isinstance(getattr(self, name), bool):
+                raise HotswapError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.serve_while_compiling and not self.compile:
+            raise HotswapError("EngineConfig.serve_while_compiling needs compile=True")
         for name in ("dynamic_lengths", "dynamic_batch"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise HotswapError(f"EngineConfig.{name} must be True, False or None (by device), "

@@ -30,8 +30,10 @@ from typing import Any, Callable, Mapping, Sequence as Seq
 
 import torch
 import torch._dynamo
+import torch._inductor
 
 from ..errors import HotswapError
+from ..forward import check_eager_meanwhile
 from ..runtime import HotswapRuntime
 from ..selection import Activation, row_spec
 from .config import EngineConfig, bucket_for, context_length
@@ -109,12 +111,21 @@ class GenerationEngine:
         self._ids = itertools.count()
         self._progress: Progress | None = None
         self.startup_seconds: float | None = None
+        self._compile_mode = config.compile_mode or ("reduce-overhead" if self.device.type == "cuda" else None)
+        if config.serve_while_compiling:
+            check_eager_meanwhile(rt.graphs_per_shape, _mode_options(self._compile_mode))
+        # "off", "compiling", "compiled" or "failed" (compile_error says why)
+        self.compile_state = "compiling" if config.compile else "off"
+        self.compile_error: BaseException | None = None
+        self.compile_seconds: float | None = None  # how long compiling every bucket took
         self._thread = threading.Thread(target=self._main, name="hotswap-engine", daemon=True)
+        self._compiler: threading.Thread | None = None  # serve_while_compiling's compile thread
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self, progress: Progress | None = None, timeout: float | None = None) -> None:
-        """Start the engine thread; return once every bucket is compiled and warmed up.
-        ``progress(done, total, what)`` is called as each graph is ready."""
+        """Start the engine thread; return once every bucket is compiled and warmed up (with
+        ``serve_while_compiling``: at once, the compile running on). ``progress(done, total,
+        what)`` is called as each graph is ready."""
         self._progress = progress
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -123,11 +134,15 @@ class GenerationEngine:
             raise self._startup_error
 
     def stop(self) -> None:
-        """Finish every request ("error": shutting down) and stop the thread."""
+        """Finish every request ("error": shutting down) and stop the thread (and wait for a
+        compile in flight to end: it cannot be interrupted)."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         self._thread.join(timeout=60)
+        if self._compiler is not None and self._compiler.is_alive():
+            log.info("waiting for the compile in flight to end")
+            self._compiler.join()
 
     # --------------------------------------------------------------------------- any thread
     def submit(self, prompt_ids: Seq[int], adapter: Activation = None,
@@ -257,23 +272,29 @@ class GenerationEngine:
         if self.config.torch_threads is not None:
             _own_thread_count(self.config.torch_threads)
         try:
-            if self.config.compile:
-                mode = self.config.compile_mode or ("reduce-overhead" if self.device.type == "cuda" else None)
-                compile_buckets(self.rt, self._runner, self.shapes, mode, self._progress)
+            if self.config.serve_while_compiling:
+                self._compiler = threading.Thread(target=self._compile_meanwhile, args=(start,),
+                                                  name="hotswap-engine-compile", daemon=True)
+                self._compiler.start()
+            elif self.config.compile:
+                compile_buckets(self.rt, self._runner, self.shapes, self._compile_mode, self._progress)
+                self._compiled(start)
         except BaseException as exc:  # reported by start()
-            self._startup_error = exc
+            self._startup_error, self.compile_error, self.compile_state = exc, exc, "failed"
             self._ready.set()
             return
         self.startup_seconds = time.perf_counter() - start
         self._ready.set()
         while True:
             with self._wake:
-                while not (self._stopping or self._commands or self._runnable()):
+                while not (self._stopping or self._runnable_commands() or self._runnable()):
                     self._wake.wait(timeout=0.05 if self._waiting else None)
                 if self._stopping:
                     break
-                commands = list(self._commands)
-                self._commands.clear()
+                commands = []
+                if self._runnable_commands():
+                    commands = list(self._commands)
+                    self._commands.clear()
             try:
                 stepped = self._iterate(commands)
             except Exception:  # noqa: BLE001 - the engine thread must outlive any step
@@ -283,6 +304,36 @@ class GenerationEngine:
                 with self._wake:
                     self._wake.wait(timeout=0.02)
         self._shutdown()
+
+    def _compile_meanwhile(self, start: float) -> None:
+        """serve_while_compiling: compile every bucket on this thread while the engine thread
+        runs steps eagerly; a failed compile leaves the engine eager (logged, compile_state)."""
+        if self.config.torch_threads is not None:  # dynamo guards on the thread count
+            _own_thread_count(self.config.torch_threads)
+        try:
+            compile_buckets(self.rt, self._runner, self.shapes, self._compile_mode, self._progress,
+                            eager_meanwhile=True)
+        except BaseException as exc:  # noqa: BLE001 - the engine serves on, eagerly
+            log.error("compiling the engine's buckets failed; steps keep running the eager "
+                      "forward: %s", exc, exc_info=exc)
+            with self._wake:
+                self.compile_error, self.compile_state = exc, "failed"
+                self._wake.notify_all()
+            return
+        self._compiled(start)
+        log.info("every bucket compiled in %.1f s: steps run the compiled graphs from now on",
+                 self.compile_seconds)
+
+    def _compiled(self, start: float) -> None:
+        with self._wake:
+            self.compile_seconds = time.perf_counter() - start
+            self.compile_state = "compiled"
+            self._wake.notify_all()  # commands held back while compiling may run
+
+    def _runnable_commands(self) -> bool:
+        """Commands wait while the compile thread runs (an adapter load may change what it
+        traces)."""
+        return bool(self._commands) and self.compile_state != "compiling"
 
     def _runnable(self) -> bool:
         return bool(self._prefilling or self._decoding or any(self._ready_to_admit(s) for s in self._waiting))
@@ -486,3 +537,13 @@ def _own_thread_count(threads: int) -> None:
     restore = threading.Thread(target=torch.set_num_threads, args=(previous,))
     restore.start()
     restore.join()
+
+
+def _mode_options(mode: str | None) -> dict[str, Any]:
+    """``torch.compile``'s options for ``mode`` (what :func:`check_eager_meanwhile` reads)."""
+    if mode is None:
+        return {}
+    try:
+        return dict(torch._inductor.list_mode_options(mode, None))
+    except (RuntimeError, TypeError, KeyError, ValueError) as exc:
+        raise HotswapError(f"EngineConfig.compile_mode={mode!r} is not a torch.compile mode ({exc})") from None

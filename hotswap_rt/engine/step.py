@@ -144,6 +144,8 @@ class StepRunner:
         self.memory = memory
         self.decode_cache = StepCache(memory, 0)
         self.prefill_cache = StepCache(memory, prefill_offset)
+        # a compile on another thread while steps run (warm_up_forward) sets its own
+        self._warm_up_caches = (StepCache(memory, 0), StepCache(memory, prefill_offset))
         self.cache_arg = cache_argument(rt.internals.forward.eager, rt.model)  # the KV cache keyword
 
     @torch.no_grad()
@@ -151,7 +153,16 @@ class StepRunner:
         """Select one adapter spec per row (``len(adapters)`` = the bucket) and run the model;
         the next-token logits ``[B, V]``."""
         self.rt.activate_rows(adapters)
-        cache = self.prefill_cache if prefill else self.decode_cache
+        return self._call(self.prefill_cache if prefill else self.decode_cache, inputs)
+
+    @torch.no_grad()
+    def warm_up_forward(self, prefill: bool, inputs: StepInputs) -> None:
+        """A forward of padding rows that selects nothing, with caches of its own: the warm-up
+        of a compile on another thread while :meth:`forward` runs steps (its padding rows write
+        only the KV memory's scratch position, which no step reads)."""
+        self._call(self._warm_up_caches[1 if prefill else 0], inputs)
+
+    def _call(self, cache: StepCache, inputs: StepInputs) -> torch.Tensor:
         cache.write_at, cache.mask = inputs.write_at, inputs.mask
         output = self.rt.model(
             input_ids=inputs.input_ids, position_ids=inputs.position_ids,

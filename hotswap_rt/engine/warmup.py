@@ -20,8 +20,10 @@ Progress = Callable[[int, int, str], None]  # (graphs done, graphs in all, what)
 
 
 def compile_buckets(rt: HotswapRuntime, runner: StepRunner, shapes: StepShapes, mode: str | None,
-                    progress: Progress | None = None) -> None:
+                    progress: Progress | None = None, eager_meanwhile: bool = False) -> None:
     """``rt.compile`` with a warm-up of every bucket (``progress`` per graph).
+    ``eager_meanwhile``: on a thread of its own while the engine thread runs steps eagerly
+    (``rt.compile(eager_meanwhile=True)``; the warm-up selects nothing).
 
     Raises:
         HotswapError: ``rt`` is already compiled, or its forward specializes on a length.
@@ -41,7 +43,8 @@ def compile_buckets(rt: HotswapRuntime, runner: StepRunner, shapes: StepShapes, 
         unbacked = {False: shapes.dynamic_batch, True: shapes.dynamic_batch}  # by prefill
         for done, (prefill, bucket) in enumerate(kinds, start=1):
             try:
-                _padding_forward(runner, shapes, prefill, bucket, first=True, unbacked=unbacked[prefill])
+                _padding_forward(runner, shapes, prefill, bucket, first=True, unbacked=unbacked[prefill],
+                                 select=not eager_meanwhile)
             except _UNBACKED_FAILURES as error:
                 if not unbacked[prefill]:
                     raise
@@ -49,29 +52,33 @@ def compile_buckets(rt: HotswapRuntime, runner: StepRunner, shapes: StepShapes, 
                 log.warning("the model's forward needs to know the batch size (%s): %s buckets "
                             "compile a graph for one row and one for the others", _first_line(error),
                             "prefill" if prefill else "decode")
-                _padding_forward(runner, shapes, prefill, bucket, first=True, unbacked=False)
+                _padding_forward(runner, shapes, prefill, bucket, first=True, unbacked=False,
+                                 select=not eager_meanwhile)
             if progress is not None:
                 progress(done, len(kinds), f"{'prefill' if prefill else 'decode'} x{bucket}")
         compiles = rt.guard.compiles
         for prefill, bucket in kinds:  # other lengths must reuse the graphs
-            _padding_forward(runner, shapes, prefill, bucket, first=False, unbacked=False)
+            _padding_forward(runner, shapes, prefill, bucket, first=False, unbacked=False,
+                             select=not eager_meanwhile)
         if rt.guard.compiles != compiles:
             raise HotswapError(
                 "the model's compiled forward specializes on the sequence or KV length; run the "
                 "engine with EngineConfig(dynamic_lengths=False)")
-        rt.activate(None)
+        if not eager_meanwhile:
+            rt.activate(None)
 
     # Automatic dynamic shapes would merge the batch buckets into one dynamic graph.
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        rt.compile(warmup=warm_up, dynamic=None, mode=mode, guard="count")
+        rt.compile(warmup=warm_up, dynamic=None, mode=mode, guard="count", eager_meanwhile=eager_meanwhile)
 
 
 def _padding_forward(runner: StepRunner, shapes: StepShapes, prefill: bool, bucket: int,
-                     first: bool, unbacked: bool) -> None:
+                     first: bool, unbacked: bool, select: bool) -> None:
     """A forward of padding rows only (they write the scratch position alone): traced at
     lengths inside the range steps use (``first``), then checked at other ones (the top).
     With ``shapes.dynamic_batch``, a traced batch is dynamic: ``unbacked``, any size up to the
-    kind's largest bucket; else the sizes above one row."""
+    kind's largest bucket; else the sizes above one row. ``select``: the base model for every
+    row first (else the selection is left to the engine thread's steps)."""
     dynamic = shapes.dynamic_lengths
     if prefill:
         length = (2 * CHUNK_ALIGN if first else CHUNK_ALIGN) if dynamic else shapes.prefill_chunk
@@ -86,7 +93,10 @@ def _padding_forward(runner: StepRunner, shapes: StepShapes, prefill: bool, buck
         inputs.mark_dynamic(length=prefill)
     if shapes.dynamic_batch and first and (unbacked or bucket > 1):  # the first compiles it
         inputs.mark_dynamic_batch((shapes.prefill_buckets if prefill else shapes.decode_buckets)[-1], unbacked)
-    runner.forward(prefill, inputs, [None] * bucket)
+    if select:
+        runner.forward(prefill, inputs, [None] * bucket)
+    else:
+        runner.warm_up_forward(prefill, inputs)
 
 
 # What tracing a forward that branches on an unbacked batch size raises (dynamo wraps the

@@ -93,7 +93,11 @@ class LocalBackend:
             log.info("compiled %s (%d/%d graphs)", what, done, total)
 
         self.engine.start(progress=progress)
-        log.info("engine ready in %.1f s", self.engine.startup_seconds or 0.0)
+        if self.engine.compile_state == "compiling":
+            log.info("engine ready in %.1f s, answering with the eager forward until every graph "
+                     "is compiled", self.engine.startup_seconds or 0.0)
+        else:
+            log.info("engine ready in %.1f s", self.engine.startup_seconds or 0.0)
 
     def stop(self) -> None:
         self.engine.stop()
@@ -131,7 +135,10 @@ class LocalBackend:
     def stats(self) -> dict[str, Any]:
         rt = self.served.rt
         load = self.engine.load()
+        engine = self.engine
         return {**rt.stats(), "recompiles": rt.guard.recompiles, "compiles": rt.guard.compiles,
+                "compile": {"state": engine.compile_state, "seconds": engine.compile_seconds,
+                            "error": None if engine.compile_error is None else str(engine.compile_error)},
                 "requests_waiting": load["waiting"], "requests_running": load["running"],
                 "waiting_adapters": load["waiting_adapters"],
                 "running_adapters": load["running_adapters"], "max_lora": rt.config.device_slots,

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="build every graph these flags serve with into the compile cache, "
                              "say how many came from it, and exit without listening (a deploy "
                              "step: the same command without it then starts warm)")
+    parser.add_argument("--serve-while-compiling", action="store_true",
+                        help="listen at once and answer with the eager forward while the graphs "
+                             "compile on another thread, then with them (a cold start answers in "
+                             "seconds, slower until compiled; adapter loads wait for the compile)")
     parser.add_argument("--no-mixed-batches", action="store_true",
                         help="one adapter at a time (the baseline the load benchmark compares)")
     parser.add_argument("--max-adapters-per-request", type=int, default=2,
@@ -98,6 +102,7 @@ def config_from_args(args: argparse.Namespace):
         max_body_bytes=args.max_body_bytes,
         allow_runtime_adapter_updates=args.allow_runtime_adapter_updates,
         adapter_root=args.adapter_root, device=args.device, compile=not args.no_compile,
+        serve_while_compiling=args.serve_while_compiling,
         mixed_batches=not args.no_mixed_batches, torch_threads=args.torch_threads,
         api_keys=(*args.api_key, *(k for k in os.environ.get("HOTSWAP_API_KEY", "").split(",") if k)),
         admin_api_keys=tuple(args.admin_api_key),
@@ -110,9 +115,14 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Serve with uvicorn in this process, or (``--ray``) through Ray Serve replicas."""
-    if args.compile_only and (args.no_compile or args.ray):
-        other = "--no-compile" if args.no_compile else "--ray (Ray replicas compile in their own processes)"
+    if args.compile_only and (args.no_compile or args.ray or args.serve_while_compiling):
+        other = "--no-compile" if args.no_compile else "--ray (Ray replicas compile in their own processes)" \
+            if args.ray else "--serve-while-compiling (nothing is served)"
         print(f"hotswap-rt serve: --compile-only cannot be combined with {other}", file=sys.stderr)
+        return 2
+    if args.serve_while_compiling and args.ray:
+        print("hotswap-rt serve: --serve-while-compiling is not supported with --ray (untested with "
+              "Ray Serve's replica health checks)", file=sys.stderr)
         return 2
     extra = "ray" if args.ray else "serve"
     try:
@@ -175,8 +185,8 @@ def _serve_local(config, args: argparse.Namespace) -> int:
 
     from .app import build_app
 
-    print(f"hotswap-rt serve: loading and compiling; then listening on http://{args.host}:{args.port}",
-          file=sys.stderr)
+    then = "listening while compiling" if config.serve_while_compiling else "compiling; then listening"
+    print(f"hotswap-rt serve: loading, {then} on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(build_app(config), host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -28,6 +28,10 @@ class ServeConfig:
         allow_runtime_adapter_updates: expose ``/v1/load_lora_adapter`` and
             ``/v1/unload_lora_adapter``; paths must lie under ``adapter_root``.
         compile: ``torch.compile`` the engine's buckets at start (off only for quick tests).
+        serve_while_compiling: take requests at once, answered by the eager forward while the
+            buckets compile on a thread of their own, then by the compiled graphs
+            (``EngineConfig.serve_while_compiling``); adapter loads and unloads wait for the
+            compile. Needs ``compile``; not with ``stacked_mixes`` (two graphs per shape).
         mixed_batches: requests for different adapters run together; False runs one adapter
             at a time (the PEFT-style baseline of ``benchmarks/serve_load.py``).
         max_adapters_per_request: adapters one request may mix (``"adapters"``); each row of
@@ -74,6 +78,7 @@ class ServeConfig:
     adapter_root: str | None = None
     device: str = "cpu"
     compile: bool = True
+    serve_while_compiling: bool = False
     mixed_batches: bool = True
     torch_threads: int | None = None
     max_adapters_per_request: int = 2
@@ -99,6 +104,11 @@ class ServeConfig:
         if self.stacked_mixes and self.max_adapters_per_request >= self.device_slots:
             raise ValueError(f"stacked_mixes needs max_adapters_per_request ({self.max_adapters_per_request}) "
                              f"< device_slots ({self.device_slots}): requests cannot mix more than that")
+        if self.serve_while_compiling and not self.compile:
+            raise ValueError("serve_while_compiling needs compile (nothing compiles without it)")
+        if self.serve_while_compiling and self.stacked_mixes:
+            raise ValueError("serve_while_compiling cannot be combined with stacked_mixes (a per-row "
+                             "and a stacked graph per shape; it compiles one)")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         if self.allow_runtime_adapter_updates and not self.adapter_root:
@@ -118,7 +128,8 @@ class ServeConfig:
             max_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
             kv_cache_tokens=self.kv_cache_tokens, prefill_chunk=self.prefill_chunk,
             max_prefill_seqs=self.max_prefill_seqs, compile=self.compile,
-            mixed_adapters=self.mixed_batches, torch_threads=self.threads())
+            serve_while_compiling=self.serve_while_compiling, mixed_adapters=self.mixed_batches,
+            torch_threads=self.threads())
 
 
 def _positive(name: str, value: object) -> None:
