@@ -8,6 +8,7 @@ output is compared with PEFT's greedy ``generate`` of the prompt alone.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -67,9 +68,11 @@ def test_serve_while_compiling_answers_eagerly_at_once_then_compiled(meanwhile_p
     engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(**MEANWHILE_CONFIG),
                               on_step=lambda *_: step_states.append(engine.compile_state))
     ran_at: list[str] = []
+    before: list[tuple[str, int, bool]] = []  # before_compile: the state, compiles, which thread
     expected = _peft_cases(reference)
     try:
-        engine.start()
+        engine.start(before_compile=lambda: before.append(
+            (engine.compile_state, rt.guard.compiles, threading.current_thread().name)))
         assert engine.compile_state == "compiling" and not rt.compiled  # start did not wait
         held = engine.call(lambda rt: ran_at.append(engine.compile_state))  # an adapter command
         while engine.compile_state == "compiling":  # requests answered meanwhile
@@ -81,6 +84,7 @@ def test_serve_while_compiling_answers_eagerly_at_once_then_compiled(meanwhile_p
         print(f"{eager_steps} steps ran eagerly during a {engine.compile_seconds:.1f} s compile")
         held.result(timeout=30)
         assert ran_at == ["compiled"]
+        assert before == [("compiling", 0, "hotswap-engine-compile")]
         assert _run_cases(engine) == expected  # the compiled graphs now
         assert step_states[-1] == "compiled"
         assert rt.compiled and rt.guard.armed
@@ -135,4 +139,8 @@ def test_serve_while_compiling_refuses_what_it_cannot_do(meanwhile_parts) -> Non
         GenerationEngine(rt, IdTokenizer(), EngineConfig(**MEANWHILE_CONFIG, compile_mode="reduce-overhead"))
     with pytest.raises(HotswapError, match="eager_meanwhile must be a bool"):
         rt.compile(torch.ones(1, 4, dtype=torch.long), eager_meanwhile=1)
+    blocking = GenerationEngine(rt, IdTokenizer(),
+                                EngineConfig(**{**MEANWHILE_CONFIG, "serve_while_compiling": False}))
+    with pytest.raises(HotswapError, match="before_compile runs only with EngineConfig.serve_while_compiling"):
+        blocking.start(before_compile=lambda: None)
     assert not rt.compiled and not buckets.compiled and rt.guard.compiles == 0

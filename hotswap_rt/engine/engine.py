@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence as Seq
 import torch
 import torch._dynamo
 import torch._inductor
+from torch._dynamo.utils import counters
 
 from ..errors import HotswapError
 from ..forward import check_eager_meanwhile
@@ -110,6 +111,7 @@ class GenerationEngine:
         self._startup_error: BaseException | None = None
         self._ids = itertools.count()
         self._progress: Progress | None = None
+        self._before_compile: Callable[[], None] | None = None
         self.startup_seconds: float | None = None
         self._compile_mode = config.compile_mode or ("reduce-overhead" if self.device.type == "cuda" else None)
         if config.serve_while_compiling:
@@ -122,11 +124,17 @@ class GenerationEngine:
         self._compiler: threading.Thread | None = None  # serve_while_compiling's compile thread
 
     # ------------------------------------------------------------------------------- lifecycle
-    def start(self, progress: Progress | None = None, timeout: float | None = None) -> None:
+    def start(self, progress: Progress | None = None, timeout: float | None = None, *,
+              before_compile: Callable[[], None] | None = None) -> None:
         """Start the engine thread; return once every bucket is compiled and warmed up (with
         ``serve_while_compiling``: at once, the compile running on). ``progress(done, total,
-        what)`` is called as each graph is ready."""
+        what)`` is called as each graph is ready. ``before_compile``: with
+        ``serve_while_compiling``, run on the compile thread before it compiles (e.g. fill the
+        compile cache from another process); what it raises fails the compile."""
+        if before_compile is not None and not self.config.serve_while_compiling:
+            raise HotswapError("before_compile runs only with EngineConfig.serve_while_compiling")
         self._progress = progress
+        self._before_compile = before_compile
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError("the engine did not finish compiling in time")
@@ -311,6 +319,12 @@ class GenerationEngine:
         if self.config.torch_threads is not None:  # dynamo guards on the thread count
             _own_thread_count(self.config.torch_threads)
         try:
+            if self._before_compile is not None:
+                self._before_compile()
+                if self._stopping:  # stopped meanwhile: nothing left to compile for
+                    return
+            inductor = counters["inductor"]
+            hits, misses = inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"]
             compile_buckets(self.rt, self._runner, self.shapes, self._compile_mode, self._progress,
                             eager_meanwhile=True)
         except BaseException as exc:  # noqa: BLE001 - the engine serves on, eagerly
@@ -321,8 +335,9 @@ class GenerationEngine:
                 self._wake.notify_all()
             return
         self._compiled(start)
-        log.info("every bucket compiled in %.1f s: steps run the compiled graphs from now on",
-                 self.compile_seconds)
+        log.info("every bucket compiled in %.1f s (%d graphs from the compile cache, %d built): "
+                 "steps run the compiled graphs from now on", self.compile_seconds,
+                 inductor["fxgraph_cache_hit"] - hits, inductor["fxgraph_cache_miss"] - misses)
 
     def _compiled(self, start: float) -> None:
         with self._wake:

@@ -128,7 +128,7 @@ class RequestId:
 def build_app(config: ServeConfig | None = None, served: Served | None = None) -> FastAPI:
     """The single-process server for ``config``; the engine compiles in the app's lifespan."""
     config = config or ServeConfig()
-    backend = LocalBackend(config, served or build_runtime(config))
+    backend = LocalBackend(config, served or build_runtime(config), rebuildable=served is None)
     app = create_app(backend, config, RequestMetrics(backend.collectors()),
                      startup=backend.start, shutdown=backend.stop)
     app.state.server = backend

@@ -18,6 +18,7 @@ from ..errors import HotswapError, SelectionError, UnknownAdapterError
 from .config import ServeConfig
 from .metrics import RuntimeCollector, StepMetrics
 from .model import Served
+from .precompile import CompileInAnotherProcess
 from .protocol import ApiError, ChatCompletionRequest, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,13 @@ def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
 class LocalBackend:
     """One runtime and its engine thread, in this process (see the module doc)."""
 
-    def __init__(self, config: ServeConfig, served: Served) -> None:
+    def __init__(self, config: ServeConfig, served: Served, *, rebuildable: bool = False) -> None:
         self.config = config
         self.served = served
+        # served is what build_runtime(config) builds: another process can build the same
+        # (serve_while_compiling compiles there first on CPU, see .precompile)
+        self.rebuildable = rebuildable
+        self._elsewhere: CompileInAnotherProcess | None = None
         self.model_name = served.model_name
         self.step_metrics = StepMetrics()
         self.engine = GenerationEngine(served.rt, served.tokenizer, config.engine_config(),
@@ -92,7 +97,9 @@ class LocalBackend:
         def progress(done: int, total: int, what: str) -> None:
             log.info("compiled %s (%d/%d graphs)", what, done, total)
 
-        self.engine.start(progress=progress)
+        if self.config.serve_while_compiling and self.rebuildable and self.engine.device.type == "cpu":
+            self._elsewhere = CompileInAnotherProcess(self.config, self.engine)
+        self.engine.start(progress=progress, before_compile=self._elsewhere)
         if self.engine.compile_state == "compiling":
             log.info("engine ready in %.1f s, answering with the eager forward until every graph "
                      "is compiled", self.engine.startup_seconds or 0.0)
@@ -100,6 +107,8 @@ class LocalBackend:
             log.info("engine ready in %.1f s", self.engine.startup_seconds or 0.0)
 
     def stop(self) -> None:
+        if self._elsewhere is not None:
+            self._elsewhere.cancel()
         self.engine.stop()
 
     def collectors(self) -> list:

@@ -145,30 +145,32 @@ def run(args: argparse.Namespace) -> int:
         state = "unused: --no-compile"
     print(f"hotswap-rt serve: compile cache {cache} ({state})", file=sys.stderr)
     if args.compile_only:
-        return _compile_only(config, cache)
+        _log_like_uvicorn()
+        hit, built, bypassed, seconds = compile_only(config)
+        print(f"hotswap-rt serve --compile-only: {hit} graphs from the cache, {built} built, {bypassed} "
+              f"not cacheable, in {seconds:.1f} s; cache {cache}", file=sys.stderr)
+        return 0
     return _serve_ray(config, args) if args.ray else _serve_local(config, args)
 
 
-def _compile_only(config, cache) -> int:
-    """Load the model and adapters and compile every bucket as a start does (into ``cache``),
-    then stop the engine and exit: what a deploy step runs before the server's first start.
-    Prints how many graphs inductor took from the cache and how many it built."""
+def compile_only(config) -> tuple[int, int, int, float]:
+    """Load the model and adapters and compile every bucket as a start does (into inductor's
+    cache), then stop the engine: what a deploy step runs before the server's first start, and
+    :mod:`.precompile`'s child process. Returns how many graphs inductor took from the cache,
+    built, and could not cache, and the seconds the compile took."""
     from torch._dynamo.utils import counters
 
     from .backend import LocalBackend
     from .model import build_runtime
 
-    _log_like_uvicorn()
     backend = LocalBackend(config, build_runtime(config))
     try:
         backend.start()
     finally:  # a failed compile stops the engine thread too
         backend.stop()
     inductor = counters["inductor"]
-    print(f"hotswap-rt serve --compile-only: {inductor['fxgraph_cache_hit']} graphs from the cache, "
-          f"{inductor['fxgraph_cache_miss']} built, {inductor['fxgraph_cache_bypass']} not cacheable, "
-          f"in {backend.engine.startup_seconds or 0.0:.1f} s; cache {cache}", file=sys.stderr)
-    return 0
+    return (inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"], inductor["fxgraph_cache_bypass"],
+            backend.engine.startup_seconds or 0.0)
 
 
 def _log_like_uvicorn() -> None:
