@@ -29,8 +29,7 @@ def env(tmp_path_factory):
     torch._dynamo.reset()
     root = tmp_path_factory.mktemp("engine")
     base = BaseModel("llama", seed=11)
-    paths = {name: base.make_adapter(root / name, seed=40 + i, r=4 * (i + 1), lora_alpha=8)
-             for i, name in enumerate("abc")}
+    paths = abc_adapters(base, root)
     reference = base.peft_reference(paths)
     rt = HotswapRuntime(base.clone(), RuntimeConfig(
         ATTENTION_TARGETS["llama"], max_rank=16, device_slots=3, max_batch_size=4))
@@ -41,6 +40,12 @@ def env(tmp_path_factory):
     engine.start()
     yield engine, reference
     engine.stop()
+
+
+def abc_adapters(base: BaseModel, root) -> dict:
+    """Adapters "a", "b", "c" (ranks 4, 8, 12) of ``base``, written under ``root``: name -> dir."""
+    return {name: base.make_adapter(root / name, seed=40 + i, r=4 * (i + 1), lora_alpha=8)
+            for i, name in enumerate("abc")}
 
 
 def prompt(seed: int, length: int) -> list[int]:

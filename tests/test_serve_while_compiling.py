@@ -18,7 +18,7 @@ from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig
 from hotswap_rt.engine import EngineConfig, GenerationEngine, SamplingParams
 
 from .conftest import ATTENTION_TARGETS, BaseModel, IdTokenizer
-from .test_engine import GREEDY, prompt, reference_tokens, tokens_of
+from .test_engine import GREEDY, abc_adapters, prompt, reference_tokens, tokens_of
 
 pytestmark = pytest.mark.slow  # compiles two graphs, on a thread of its own
 
@@ -39,8 +39,7 @@ def meanwhile_parts(tmp_path_factory):
     torch._dynamo.reset()
     root = tmp_path_factory.mktemp("meanwhile")
     base = BaseModel("llama", seed=11)
-    paths = {name: base.make_adapter(root / name, seed=40 + i, r=4 * (i + 1), lora_alpha=8)
-             for i, name in enumerate("abc")}
+    paths = abc_adapters(base, root)
     return base, paths, base.peft_reference(paths)
 
 
