@@ -229,6 +229,7 @@ def test_serve_while_compiling_answers_before_its_graphs_are_compiled(tmp_path, 
     deadline = time.monotonic() + 420
     try:
         assert httpx.get(f"{url}/stats").json()["compile"]["state"] == "compiling"
+        assert 'hotswap_compile_state{state="compiling"} 1.0' in httpx.get(f"{url}/metrics").text
         reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert reply.status_code == 200, reply.text
         eager = reply.json()["choices"][0]["text"]
@@ -239,6 +240,7 @@ def test_serve_while_compiling_answers_before_its_graphs_are_compiled(tmp_path, 
             time.sleep(0.5)
             stats = httpx.get(f"{url}/stats").json()
         assert stats["compile"]["state"] == "compiled" and stats["compile"]["error"] is None
+        assert 'hotswap_compile_state{state="compiled"} 1.0' in httpx.get(f"{url}/metrics").text
         compiled = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         assert compiled == eager  # eager and compiled greedy outputs agree
         stats = httpx.get(f"{url}/stats").json()

@@ -7,6 +7,8 @@ References are independent of the runtime: PEFT on the same device, and the engi
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -124,6 +126,44 @@ def test_engine_cuda_graph_buckets_equal_the_eager_engine_without_rerecording(ad
             assert rt.guard.recordings >= 1
             assert rt.guard.recompiles == 0 and rt.guard.rerecords == 0
     assert outputs[True] == outputs[False]
+
+
+def test_engine_serving_while_compiling_on_cuda_answers_the_same_before_and_after(adapters) -> None:
+    """``EngineConfig(serve_while_compiling=True)`` on CUDA (mode "default": no CUDA graphs; a
+    graph per bucket): steps run eagerly on the engine thread while the compile thread traces
+    and launches its warm-up on the same device, then the compiled graphs; greedy outputs are
+    the same in both phases, nothing recompiles."""
+    base, paths, _ = adapters
+    prompts = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (5, 11, 3, 17)]
+    rows = ["a", "b", None, "a"]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    torch._dynamo.reset()
+    rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2,
+                                                           max_batch_size=4, max_adapters_per_row=2))
+    for name, path in paths.items():
+        rt.load(name, path)
+    engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
+        max_seqs=4, max_model_len=64, max_prefill_seqs=2, prefill_chunk=16, decode_buckets=(1, 4),
+        serve_while_compiling=True, compile_mode="default"))
+    engine.start()
+    try:
+        assert engine.compile_state == "compiling"
+        by_phase: dict[str, list] = {}
+        deadline = time.monotonic() + 300
+        while "compiled" not in by_phase:
+            phase = engine.compile_state
+            handles = [engine.submit(p, adapter, params) for p, adapter in zip(prompts, rows)]
+            outputs = [h.text()[0] for h in handles]
+            if engine.compile_state == phase:  # the whole round ran in one phase
+                by_phase.setdefault(phase, outputs)
+            assert phase != "failed", engine.compile_error
+            assert time.monotonic() < deadline, "the compile did not end"
+    finally:
+        engine.stop()
+    assert "compiling" in by_phase, "no round ran wholly before the compile ended"
+    assert by_phase["compiling"] == by_phase["compiled"]
+    assert rt.guard.recordings == 0 and rt.guard.recompiles == 0, rt.guard.report()
 
 
 def test_per_row_decode_reduce_compiled_on_cuda_equals_peft(adapters) -> None:

@@ -342,6 +342,8 @@ def test_metrics_count_what_happened_and_nothing_recompiled(server) -> None:
             if s.name.endswith("_count")}
     assert ttft["pirate"] >= 3
     assert [s.value for s in after["hotswap_recompiles"]] == [0.0]
+    assert {s.labels["state"]: s.value for s in after["hotswap_compile_state"]} == \
+        {"off": 0.0, "compiling": 0.0, "compiled": 1.0, "failed": 0.0}
     tiers = {s.labels["tier"]: s.value for s in after["hotswap_adapters_resident"]}
     assert sum(tiers.values()) == len(state.adapter_names()) and tiers["device"] <= 2
     assert any(s.labels["tier"] == "host" for s in after["hotswap_swap_latency_seconds"])

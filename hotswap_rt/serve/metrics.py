@@ -99,6 +99,12 @@ class RuntimeCollector(Collector):
         swaps = CounterMetricFamily("hotswap_swaps", "Adapter copies into device slots")
         swaps.add_metric([], stats["swaps"])
         yield swaps
+        compile_state = GaugeMetricFamily(
+            "hotswap_compile_state", "1 for the engine's compile state (off, compiling: steps run "
+            "eagerly, compiled, failed: eager for good)", labels=["state"])
+        for state in ("off", "compiling", "compiled", "failed"):
+            compile_state.add_metric([state], float(self.engine.compile_state == state))
+        yield compile_state
         recompiles = CounterMetricFamily("hotswap_recompiles", "Recompiles after warm-up (guard)")
         recompiles.add_metric([], rt.guard.recompiles)
         yield recompiles
