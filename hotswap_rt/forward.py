@@ -84,11 +84,12 @@ class ModelForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:  # one calling convention, so model(x) and model(input_ids=x) share a graph
             kwargs = bind_positional(args, kwargs, self.params)
-        warm_up_thread = self._warm_up_thread  # read before `compiled`: set after it at the end
+        warm_up_thread = self._warm_up_thread
         if warm_up_thread is not None and warm_up_thread == threading.get_ident():
             # a warm-up forward of compile(eager_meanwhile=True): it selects nothing and other
             # threads change the selection meanwhile, so no gate and no batch check
             return self.guard.call(self._compiling, **kwargs)
+        impl = self.impl  # read before `compiled`, which the end of a compile sets first
         if self.compiled:
             kwargs = unview(kwargs)
         batch = batch_size(kwargs, self.batch_candidates)
@@ -98,7 +99,7 @@ class ModelForward:
         try:
             if batch is not None:
                 self.selector.check_batch(batch)
-            return self.guard.call(self.impl, **kwargs)
+            return self.guard.call(impl, **kwargs)
         finally:
             self.gate.exit()
 
@@ -164,8 +165,8 @@ class ModelForward:
             self._warm_up_thread = None
             self.cuda_graphs = False
             raise
-        # in this order: a forward of another thread that finds no warm-up thread any more
-        # finds the compiled forward, and the guard armed for it
+        # in this order: the guard is armed before any other thread runs the compiled forward,
+        # and one that reads the compiled forward finds `compiled` set (its inputs unviewed)
         self.guard.arm()
         self.compiled = True
         self.impl = compiled
