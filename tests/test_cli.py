@@ -261,3 +261,35 @@ def test_serve_while_compiling_answers_before_its_graphs_are_compiled(tmp_path, 
     for flags, message in refusals:
         assert main(["serve", "--serve-while-compiling", *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_server_stopped_while_compiling_ends_its_compile_process(tmp_path) -> None:
+    """A ``--serve-while-compiling`` server stopped (SIGTERM) while the other process still
+    builds its graphs (an empty cache) exits promptly and takes that process with it."""
+    import os
+    import re
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    server, _ = _start_server(["--serve-while-compiling", "--compile-cache", str(tmp_path / "cache")], env)
+    seen = ""
+    while (found := re.search(r"compiling in another process first \(pid (\d+)\)", seen)) is None:
+        line = server.stderr.readline()
+        assert line, f"the server ended before compiling: {seen[-3000:]}"
+        seen += line
+    child = int(found.group(1))
+    os.kill(child, 0)  # it runs
+    started = time.monotonic()
+    server.terminate()
+    _, rest = server.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    assert "the compile in another process was stopped" in seen + rest
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # killed; reaped by the server before it exited
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the compile process {child} outlived the server")
