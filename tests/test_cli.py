@@ -257,7 +257,8 @@ def test_serve_while_compiling_answers_before_its_graphs_are_compiled(tmp_path, 
     refusals = ((["--compile-only"], "--compile-only cannot be combined with --serve-while-compiling"),
                 (["--ray"], "not supported with --ray"),
                 (["--no-compile"], "serve_while_compiling needs compile"),
-                (["--stacked-mixes"], "cannot be combined with stacked_mixes"))
+                (["--stacked-mixes"], "cannot be combined with stacked_mixes"),
+                (["--device", "cuda"], "serve_while_compiling runs on CPU only"))
     for flags, message in refusals:
         assert main(["serve", "--serve-while-compiling", *flags]) == 2
         assert message in capsys.readouterr().err

@@ -31,7 +31,8 @@ class ServeConfig:
         serve_while_compiling: take requests at once, answered by the eager forward while the
             buckets compile on a thread of their own, then by the compiled graphs
             (``EngineConfig.serve_while_compiling``); adapter loads and unloads wait for the
-            compile. Needs ``compile``; not with ``stacked_mixes`` (two graphs per shape).
+            compile. Needs ``compile``; not with ``stacked_mixes`` (two graphs per shape); CPU
+            only (on CUDA the server records CUDA graphs).
         mixed_batches: requests for different adapters run together; False runs one adapter
             at a time (the PEFT-style baseline of ``benchmarks/serve_load.py``).
         max_adapters_per_request: adapters one request may mix (``"adapters"``); each row of
@@ -106,6 +107,9 @@ class ServeConfig:
                              f"< device_slots ({self.device_slots}): requests cannot mix more than that")
         if self.serve_while_compiling and not self.compile:
             raise ValueError("serve_while_compiling needs compile (nothing compiles without it)")
+        if self.serve_while_compiling and self.device != "cpu":
+            raise ValueError(f"serve_while_compiling runs on CPU only (device {self.device!r}: the "
+                             f"server records CUDA graphs, which cannot be recorded while steps run)")
         if self.serve_while_compiling and self.stacked_mixes:
             raise ValueError("serve_while_compiling cannot be combined with stacked_mixes (a per-row "
                              "and a stacked graph per shape; it compiles one)")
