@@ -124,16 +124,15 @@ class ModelForward:
         the guard. ``variants``: callables that each switch the model to another graph (rank
         buckets); the whole warm-up runs once under each. ``eager_meanwhile``: forwards of
         other threads run the eager forward until the warm-up is done; the warm-up's own run
-        outside the gate, unchecked against the selection. A failed warm-up leaves the forward
-        eager."""
+        outside the gate, unchecked against the selection (:func:`check_eager_meanwhile`, by
+        :meth:`HotswapRuntime.compile` before anything changes, says where it works). A failed
+        warm-up leaves the forward eager."""
         if self.compiled or self._warm_up_thread is not None:
             raise HotswapError("the model is already compiled (or compiling) by this runtime")
         if example_inputs is None and warmup is None:
             raise HotswapError("rt.compile needs example_inputs, a warmup callable, or both")
         options = _compile_options(warmup_inputs, warmup, fullgraph=fullgraph, dynamic=dynamic, mode=mode,
                                    training=training)  # checked before anything changes
-        if eager_meanwhile:
-            check_eager_meanwhile(len(variants) or 1, options)
         self.guard.mode = guard
         self.guard.install()
         for tensor in static_storage.values():
@@ -226,10 +225,16 @@ def _compile_options(warmup_inputs: Any, warmup: Any, *, fullgraph: Any, dynamic
         raise HotswapError(f"rt.compile: warmup must be a callable taking the model, got {warmup!r}")
     if not isinstance(warmup_inputs, (list, tuple)):
         raise HotswapError(f"rt.compile: warmup_inputs must be a list of inputs, got {warmup_inputs!r}")
-    options: dict[str, Any] = {"guard_filter_fn": drop_process_registry_guards}
-    if mode is not None:  # a mode is a preset of options; both cannot be passed
-        try:
-            options.update(torch._inductor.list_mode_options(mode, dynamic))
-        except (RuntimeError, TypeError, KeyError, ValueError) as exc:
-            raise HotswapError(f"rt.compile: mode={mode!r} is not a torch.compile mode ({exc})") from None
-    return options
+    # a mode is a preset of options; both cannot be passed
+    return {"guard_filter_fn": drop_process_registry_guards, **mode_options(mode, dynamic, "rt.compile: mode")}
+
+
+def mode_options(mode: str | None, dynamic: bool | None, name: str) -> dict[str, Any]:
+    """The ``torch.compile`` options ``mode`` stands for (none for None); a mode torch does not
+    know is a :class:`HotswapError` naming the setting (``name``)."""
+    if mode is None:
+        return {}
+    try:
+        return dict(torch._inductor.list_mode_options(mode, dynamic))
+    except (RuntimeError, TypeError, KeyError, ValueError) as exc:
+        raise HotswapError(f"{name}={mode!r} is not a torch.compile mode ({exc})") from None

@@ -38,7 +38,7 @@ from .config import AdapterInfo, RuntimeConfig, check_flags, name_matches, names
 from .errors import (
     AdapterChangedError, HotswapError, IncompatibleAdapterError, SelectionError, SlotsBusyError,
     TargetNotFoundError)
-from .forward import ModelForward, check_eager_meanwhile
+from .forward import ModelForward, check_eager_meanwhile, mode_options
 from .gate import ForwardGate
 from .guard import GuardMode, RecompileGuard
 from .hub import push_adapter_folder
@@ -1067,7 +1067,7 @@ class HotswapRuntime:
         if not isinstance(eager_meanwhile, bool):
             raise HotswapError(f"rt.compile: eager_meanwhile must be a bool, got {eager_meanwhile!r}")
         if eager_meanwhile:
-            check_eager_meanwhile(self.graphs_per_shape, {})
+            check_eager_meanwhile(self.graphs_per_shape, mode_options(mode, dynamic, "rt.compile: mode"))
         adds_per_row = selection.per_row_at_compile and not selection.per_row_capable
         if adds_per_row:  # RuntimeConfig's auto: per row from now on, the stacked graph for mixes
             self._set_per_row(True)

@@ -30,11 +30,10 @@ from typing import Any, Callable, Mapping, Sequence as Seq
 
 import torch
 import torch._dynamo
-import torch._inductor
 from torch._dynamo.utils import counters
 
 from ..errors import HotswapError
-from ..forward import check_eager_meanwhile
+from ..forward import check_eager_meanwhile, mode_options
 from ..runtime import HotswapRuntime
 from ..selection import Activation, row_spec
 from .config import EngineConfig, bucket_for, context_length
@@ -46,6 +45,9 @@ from .step import StepRunner, StepShapes, build_inputs
 from .warmup import Progress, compile_buckets
 
 log = logging.getLogger(__name__)
+# compile_cache_counts' names for inductor's FX graph cache counters
+_CACHE_COUNTERS = {"hit": "fxgraph_cache_hit", "built": "fxgraph_cache_miss",
+                   "bypassed": "fxgraph_cache_bypass"}
 StepObserver = Callable[[str, list[Sequence], float], None]  # (kind, rows, seconds)
 
 
@@ -115,11 +117,14 @@ class GenerationEngine:
         self.startup_seconds: float | None = None
         self._compile_mode = config.compile_mode or ("reduce-overhead" if self.device.type == "cuda" else None)
         if config.serve_while_compiling:
-            check_eager_meanwhile(rt.graphs_per_shape, _mode_options(self._compile_mode))
+            check_eager_meanwhile(rt.graphs_per_shape,
+                                  mode_options(self._compile_mode, None, "EngineConfig.compile_mode"))
         # "off", "compiling", "compiled" or "failed" (compile_error says why)
         self.compile_state = "compiling" if config.compile else "off"
         self.compile_error: BaseException | None = None
         self.compile_seconds: float | None = None  # how long compiling every bucket took
+        # graphs inductor's compile cache gave ("hit"), "built", could not cache ("bypassed")
+        self.compile_cache_counts: dict[str, int] | None = None
         self._thread = threading.Thread(target=self._main, name="hotswap-engine", daemon=True)
         self._compiler: threading.Thread | None = None  # serve_while_compiling's compile thread
 
@@ -285,7 +290,7 @@ class GenerationEngine:
                                                   name="hotswap-engine-compile", daemon=True)
                 self._compiler.start()
             elif self.config.compile:
-                compile_buckets(self.rt, self._runner, self.shapes, self._compile_mode, self._progress)
+                self._compile(eager_meanwhile=False)
                 self._compiled(start)
         except BaseException as exc:  # reported by start()
             self._startup_error, self.compile_error, self.compile_state = exc, exc, "failed"
@@ -323,10 +328,7 @@ class GenerationEngine:
                 self._before_compile()
                 if self._stopping:  # stopped meanwhile: nothing left to compile for
                     return
-            inductor = counters["inductor"]
-            hits, misses = inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"]
-            compile_buckets(self.rt, self._runner, self.shapes, self._compile_mode, self._progress,
-                            eager_meanwhile=True)
+            self._compile(eager_meanwhile=True)
         except BaseException as exc:  # noqa: BLE001 - the engine serves on, eagerly
             log.error("compiling the engine's buckets failed; steps keep running the eager "
                       "forward: %s", exc, exc_info=exc)
@@ -335,9 +337,19 @@ class GenerationEngine:
                 self._wake.notify_all()
             return
         self._compiled(start)
+        counts = self.compile_cache_counts
         log.info("every bucket compiled in %.1f s (%d graphs from the compile cache, %d built): "
-                 "steps run the compiled graphs from now on", self.compile_seconds,
-                 inductor["fxgraph_cache_hit"] - hits, inductor["fxgraph_cache_miss"] - misses)
+                 "steps run the compiled graphs from now on", self.compile_seconds, counts["hit"],
+                 counts["built"])
+
+    def _compile(self, eager_meanwhile: bool) -> None:
+        """:func:`compile_buckets`, counting what inductor's FX graph cache gave meanwhile."""
+        before = {name: counters["inductor"][key] for name, key in _CACHE_COUNTERS.items()}
+        compile_buckets(self.rt, self._runner, self.shapes, self._compile_mode, self._progress,
+                        eager_meanwhile=eager_meanwhile)
+        # read again: the first compile of a process may put a new counter in place
+        self.compile_cache_counts = {name: counters["inductor"][key] - before[name]
+                                     for name, key in _CACHE_COUNTERS.items()}
 
     def _compiled(self, start: float) -> None:
         with self._wake:
@@ -553,12 +565,3 @@ def _own_thread_count(threads: int) -> None:
     restore.start()
     restore.join()
 
-
-def _mode_options(mode: str | None) -> dict[str, Any]:
-    """``torch.compile``'s options for ``mode`` (what :func:`check_eager_meanwhile` reads)."""
-    if mode is None:
-        return {}
-    try:
-        return dict(torch._inductor.list_mode_options(mode, None))
-    except (RuntimeError, TypeError, KeyError, ValueError) as exc:
-        raise HotswapError(f"EngineConfig.compile_mode={mode!r} is not a torch.compile mode ({exc})") from None

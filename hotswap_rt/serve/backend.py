@@ -97,7 +97,7 @@ class LocalBackend:
         def progress(done: int, total: int, what: str) -> None:
             log.info("compiled %s (%d/%d graphs)", what, done, total)
 
-        if self.config.serve_while_compiling and self.rebuildable and self.engine.device.type == "cpu":
+        if self.config.serve_while_compiling and self.rebuildable:  # CPU only (ServeConfig)
             self._elsewhere = CompileInAnotherProcess(self.config, self.engine)
         self.engine.start(progress=progress, before_compile=self._elsewhere)
         if self.engine.compile_state == "compiling":

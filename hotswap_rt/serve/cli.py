@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "step: the same command without it then starts warm)")
     parser.add_argument("--serve-while-compiling", action="store_true",
                         help="listen at once and answer with the eager forward while the graphs "
-                             "compile on another thread, then with them (a cold start answers in "
-                             "seconds, slower until compiled; adapter loads wait for the compile)")
+                             "compile (in another process first, CPU only), then with them (a cold "
+                             "start answers in seconds, slower until compiled; adapter loads wait "
+                             "for the compile)")
     parser.add_argument("--no-mixed-batches", action="store_true",
                         help="one adapter at a time (the baseline the load benchmark compares)")
     parser.add_argument("--max-adapters-per-request", type=int, default=2,
@@ -115,9 +116,11 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Serve with uvicorn in this process, or (``--ray``) through Ray Serve replicas."""
-    if args.compile_only and (args.no_compile or args.ray or args.serve_while_compiling):
-        other = "--no-compile" if args.no_compile else "--ray (Ray replicas compile in their own processes)" \
-            if args.ray else "--serve-while-compiling (nothing is served)"
+    conflicts = {"--no-compile": args.no_compile,
+                 "--ray (Ray replicas compile in their own processes)": args.ray,
+                 "--serve-while-compiling (nothing is served)": args.serve_while_compiling}
+    if args.compile_only and any(conflicts.values()):
+        other = next(flag for flag, given in conflicts.items() if given)
         print(f"hotswap-rt serve: --compile-only cannot be combined with {other}", file=sys.stderr)
         return 2
     if args.serve_while_compiling and args.ray:
@@ -146,20 +149,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"hotswap-rt serve: compile cache {cache} ({state})", file=sys.stderr)
     if args.compile_only:
         _log_like_uvicorn()
-        hit, built, bypassed, seconds = compile_only(config)
-        print(f"hotswap-rt serve --compile-only: {hit} graphs from the cache, {built} built, {bypassed} "
-              f"not cacheable, in {seconds:.1f} s; cache {cache}", file=sys.stderr)
+        counts, seconds = compile_only(config)
+        print(f"hotswap-rt serve --compile-only: {counts['hit']} graphs from the cache, {counts['built']} "
+              f"built, {counts['bypassed']} not cacheable, in {seconds:.1f} s; cache {cache}", file=sys.stderr)
         return 0
     return _serve_ray(config, args) if args.ray else _serve_local(config, args)
 
 
-def compile_only(config) -> tuple[int, int, int, float]:
+def compile_only(config) -> tuple[dict[str, int], float]:
     """Load the model and adapters and compile every bucket as a start does (into inductor's
     cache), then stop the engine: what a deploy step runs before the server's first start, and
     :mod:`.precompile`'s child process. Returns how many graphs inductor took from the cache,
-    built, and could not cache, and the seconds the compile took."""
-    from torch._dynamo.utils import counters
-
+    built, and could not cache (the engine's ``compile_cache_counts``), and the seconds the
+    compile took."""
     from .backend import LocalBackend
     from .model import build_runtime
 
@@ -168,9 +170,7 @@ def compile_only(config) -> tuple[int, int, int, float]:
         backend.start()
     finally:  # a failed compile stops the engine thread too
         backend.stop()
-    inductor = counters["inductor"]
-    return (inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"], inductor["fxgraph_cache_bypass"],
-            backend.engine.startup_seconds or 0.0)
+    return backend.engine.compile_cache_counts, backend.engine.startup_seconds or 0.0
 
 
 def _log_like_uvicorn() -> None:

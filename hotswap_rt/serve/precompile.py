@@ -36,7 +36,7 @@ def child_config(config: ServeConfig, engine: GenerationEngine) -> dict[str, Any
     nothing served."""
     data = dataclasses.asdict(config)
     data.update(serve_while_compiling=False, max_num_seqs=engine.max_seqs, max_model_len=engine.max_len,
-                kv_cache_tokens=(engine.max_seqs + config.max_prefill_seqs) * (engine.max_len + 1),
+                kv_cache_tokens=engine.memory.rows * (engine.memory.max_len + 1),
                 api_keys=[], admin_api_keys=[], allow_runtime_adapter_updates=False, adapter_root=None)
     return data
 
@@ -101,8 +101,8 @@ def main() -> int:
     from .cli import compile_only
 
     logging.basicConfig(level=logging.WARNING)
-    hit, built, bypassed, _ = compile_only(ServeConfig(**data))
-    print(json.dumps({"hit": hit, "built": built, "bypassed": bypassed}))
+    counts, _ = compile_only(ServeConfig(**data))
+    print(json.dumps(counts))
     return 0
 
 
