@@ -271,7 +271,9 @@ class AdapterInfo:
     ``peft_type`` is ``"LORA"`` or ``"IA3"`` (rank, alpha and scaling 0: scaling vectors only);
     ``use_dora`` / ``lora_bias`` PEFT's LoRA flags; ``modules_to_save`` the modules it
     replaces in full (their weight deltas live in its slot row).
-    ``bytes`` is the size of its padded slot row(s); ``version`` counts loads under this name.
+    ``bytes`` is the size of its padded slot row(s); ``version`` counts loads under this name;
+    ``weights_id`` names the weights served under it now: a new number at each load,
+    replacement, and start and end of training (``freeze``), never reused in the process.
     ``tier`` is "device", "host" (staged in the host ring) or "disk" (re-read on activation);
     ``slot`` the device slot it occupies (None unless ``tier == "device"``).
     """
@@ -296,6 +298,7 @@ class AdapterInfo:
     use_dora: bool = False
     lora_bias: bool = False
     modules_to_save: tuple[str, ...] = ()
+    weights_id: int = 0
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:

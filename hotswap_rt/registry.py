@@ -14,13 +14,22 @@ bookkeeping only; :mod:`hotswap_rt.residency` decides and does the copies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .staging import StagedAdapter
 from .config import AdapterInfo
 from .errors import AdapterChangedError, SlotsBusyError, UnknownAdapterError
 from .peft_format import FileStamp, changed_files
+
+# Numbers the weights served under a name (AdapterRecord.weights_id); never reused in a process.
+_weights_ids = itertools.count(1)
+
+
+def next_weights_id() -> int:
+    """A number no weights of this process had before."""
+    return next(_weights_ids)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,8 @@ class AdapterRecord:
         pinned: never evicted from its device slot (``rt.pin``).
         leases: outstanding ``rt.lease`` handles; a leased adapter is never evicted.
         training: it is the trainable adapter (its slot is its only up-to-date copy).
+        weights_id: names the weights it serves: new at each load, replacement and change of
+            ``training`` (what a KV prefix computed with it is keyed on), never reused.
     """
 
     name: str
@@ -86,6 +97,7 @@ class AdapterRecord:
     pinned: bool = False
     leases: int = 0
     training: bool = False
+    weights_id: int = field(default_factory=next_weights_id)
 
     @property
     def tier(self) -> str:
@@ -174,6 +186,7 @@ class AdapterRegistry:
             record.staged, record.info, record.origin = staged, info, origin
             record.version += 1
             record.weight_scale = 1.0
+            record.weights_id = next_weights_id()
         self.records[name] = record
         self.touch(record)
         return record

@@ -24,7 +24,7 @@ from typing import Callable, TypeVar
 from .arena import SlotArena
 from .config import AdapterInfo
 from .errors import SlotsBusyError
-from .registry import AdapterRecord, AdapterRegistry, Origin
+from .registry import AdapterRecord, AdapterRegistry, Origin, next_weights_id
 from .selection import Selector
 from .staging import BackgroundLoads, StagedAdapter
 from .stats import SwapStats
@@ -383,6 +383,7 @@ class Residency:
         slot holds B unscaled and is never evicted), or (None) an ordinary adapter again."""
         record.training = scaling is not None
         record.weight_scale = 1.0 if scaling is None else scaling
+        record.weights_id = next_weights_id()  # trained weights are other weights
 
     def lease(self, record: AdapterRecord) -> AdapterLease:
         """A lease on a resident ``record`` (call :meth:`ensure_resident` first)."""

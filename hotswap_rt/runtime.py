@@ -1173,6 +1173,7 @@ class HotswapRuntime:
             tier=record.tier,
             version=record.version,
             trainable=record.training,
+            weights_id=record.weights_id,
             pinned=record.pinned,
             leases=record.leases,
             slot=record.slot,

@@ -49,6 +49,10 @@ class EngineConfig:
             graphs, else None).
         torch_threads: intra-op threads of the engine thread (``torch.set_num_threads`` there,
             where every graph is compiled and run; dynamo guards on it); None leaves torch's.
+        prefix_cache_tokens: KV of prompt prefixes kept for later requests with the same first
+            tokens and the same adapters (whole blocks of 16 tokens; least recently used
+            evicted first), allocated once beside the KV rows, in tokens. Default: an eighth of
+            the KV rows' tokens; 0: no prefix cache.
         mixed_adapters: requests for different adapters run together (False: a request joins
             only while every running request has its adapter; the one-adapter-per-batch
             baseline that benchmarks compare with).
@@ -68,6 +72,7 @@ class EngineConfig:
     compile_mode: str | None = None
     mixed_adapters: bool = True
     torch_threads: int | None = None
+    prefix_cache_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_seqs", "prefill_chunk", "max_prefill_seqs"):
@@ -75,6 +80,11 @@ class EngineConfig:
         for name in ("max_model_len", "kv_cache_tokens", "torch_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if self.prefix_cache_tokens is not None and (
+                not isinstance(self.prefix_cache_tokens, int) or isinstance(self.prefix_cache_tokens, bool)
+                or self.prefix_cache_tokens < 0):
+            raise HotswapError(f"EngineConfig.prefix_cache_tokens must be an int >= 0 (0: off) or "
+                               f"None, got {self.prefix_cache_tokens!r}")
         for name in ("compile", "serve_while_compiling", "mixed_adapters"):
             if not isinstance(getattr(self, name), bool):
                 raise HotswapError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")

@@ -4,10 +4,14 @@ One thread owns the compiled model. Each iteration::
 
     run queued commands (adapter loads/unloads)          between steps, never under a forward
     drop cancelled requests, admit waiting ones           leases keep their adapters in slots
+                   a prompt that begins with blocks of tokens an earlier request computed
+                   under the same adapters copies their KV from the prefix cache
     prefill step   every prefilling prompt feeds its next chunk (<= prefill_chunk tokens);
                    prompts that are done sample their first token and join the decode rows
+                   (their KV is kept in the prefix cache)
     decode step    every decoding sequence feeds its last token and samples the next
-    retire         finished sequences leave at once; their rows are refilled by moving others
+    retire         finished sequences leave at once (their KV kept in the prefix cache); their
+                   rows are refilled by moving others
 
 A request joins at the next step and never waits for running sequences to end; a long prompt
 takes several steps, and running sequences decode one token between each of them. Each forward
@@ -32,12 +36,13 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from ..errors import HotswapError
+from ..errors import HotswapError, UnknownAdapterError
 from ..forward import check_eager_meanwhile, mode_options
 from ..runtime import HotswapRuntime
 from ..selection import Activation, row_spec
 from .config import EngineConfig, bucket_for, context_length
 from .kv_cache import KVMemory, rows_for_budget
+from .prefix_cache import PrefixCache
 from .leases import AdapterLeases
 from .sampling import RequestError, RowSampling, Sampler, SamplingParams
 from .sequence import Event, RequestHandle, Sequence, Tokenizer
@@ -91,6 +96,10 @@ class GenerationEngine:
                                f"than the largest engine bucket ({largest} rows)")
         self.memory = KVMemory(layers, kv_heads, head_dim, self.max_seqs + config.max_prefill_seqs,
                                self.max_len, dtype, self.device)
+        prefix_tokens = config.prefix_cache_tokens
+        if prefix_tokens is None:
+            prefix_tokens = self.memory.rows * (self.max_len + 1) // 8
+        self.prefix_cache = PrefixCache(self.memory, prefix_tokens) if prefix_tokens else None
         self.vocab_size = rt.model.get_output_embeddings().weight.shape[0]
         generation = getattr(rt.model, "generation_config", None)
         eos = getattr(generation, "eos_token_id", None)
@@ -418,6 +427,46 @@ class GenerationEngine:
                 continue
             self._unqueue(sequence)
             self._prefilling.append(sequence)
+            self._reuse_prefix(sequence, self.max_seqs + len(self._prefilling) - 1)
+
+    # -- prefix cache ----------------------------------------------------------------------------
+    def _weights_key(self, sequence: Sequence) -> tuple | None:
+        """What ``sequence``'s KV is computed with: each adapter's name, mix weight and
+        ``weights_id``; None (never cached) while one of them trains, or once one is unloaded."""
+        adapter = sequence.adapter
+        spec = {} if adapter is None else {adapter: 1.0} if isinstance(adapter, str) else adapter
+        key = []
+        for name, weight in sorted(spec.items()):
+            if weight == 0.0:
+                continue
+            try:
+                info = self.rt.info(name)
+            except UnknownAdapterError:
+                return None
+            if info.trainable:
+                return None
+            key.append((name, float(weight), info.weights_id))
+        return tuple(key)
+
+    def _reuse_prefix(self, sequence: Sequence, row: int) -> None:
+        """A new prefill row: the KV of its prompt's longest cached prefix into row ``row``."""
+        if self.prefix_cache is None:
+            return
+        sequence.weights_key = self._weights_key(sequence)
+        if sequence.weights_key is None:
+            return
+        match = self.prefix_cache.match(sequence.weights_key, sequence.prompt_ids)
+        self.prefix_cache.load(match, row)
+        sequence.cached = sequence.cached_prompt_tokens = match.tokens
+
+    def _keep_prefix(self, sequence: Sequence, row: int) -> None:
+        """Keep the KV row ``row`` holds for ``sequence`` in the prefix cache, unless one of
+        its adapters changed since it was admitted."""
+        if self.prefix_cache is None or sequence.weights_key is None:
+            return
+        if self._weights_key(sequence) != sequence.weights_key:
+            return
+        self.prefix_cache.store(sequence.weights_key, sequence.computed_ids, row)
 
     def _may_join(self, sequence: Sequence) -> bool:
         """Mixed adapters, or (the baseline) every running request has this one's adapter."""
@@ -457,8 +506,10 @@ class GenerationEngine:
 
     def _compact(self, rows: list[Sequence], base: int) -> list[Sequence]:
         kept = [s for s in rows if not s.finished]
-        for sequence in rows:
+        for row, sequence in enumerate(rows):
             if sequence.finished:
+                if sequence.finish_reason in ("stop", "length"):
+                    self._keep_prefix(sequence, base + row)
                 self._leases.release(sequence.adapter_names)
         holes = [i for i in range(len(kept)) if rows[i].finished]
         movers = [(i, s) for i, s in enumerate(rows) if i >= len(kept) and not s.finished]
@@ -481,6 +532,8 @@ class GenerationEngine:
         for sequence, (tokens, _) in zip(rows, chunks):
             sequence.cached += len(tokens)
         done = [i for i, s in enumerate(rows) if s.prefill_done]
+        for i in done:
+            self._keep_prefix(rows[i], self.max_seqs + i)
         if done:
             self._sample(logits[done], [rows[i] for i in done])
         for i in done:

@@ -38,12 +38,14 @@ class TokenEvent:
 @dataclass(frozen=True)
 class FinishEvent:
     """The end of a request. ``reason``: "stop", "length", "cancelled" or "error" (``error``
-    says why). All of the output text has come with the token events before it."""
+    says why). All of the output text has come with the token events before it.
+    ``cached_tokens``: prompt tokens whose KV came from the prefix cache."""
 
     reason: str
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0
 
 
 Event = TokenEvent | FinishEvent
@@ -135,6 +137,8 @@ class Sequence:
         adapter: its activation (a name, ``{name: weight}`` or None).
         cached: tokens of this sequence written to its KV row.
         output_ids: generated tokens; the last one is not yet in the KV row while decoding.
+        weights_key: what its KV is computed with (the prefix cache's key; None: not cached).
+        cached_prompt_tokens: prompt tokens whose KV the prefix cache gave.
     """
 
     def __init__(self, handle: RequestHandle, prompt_ids: list[int], adapter: object,
@@ -149,6 +153,8 @@ class Sequence:
         self.max_len = max_len
         self.cached = 0
         self.output_ids: list[int] = []
+        self.weights_key: tuple | None = None
+        self.cached_prompt_tokens = 0
         self.finish_reason: str | None = None
         self.arrived = time.perf_counter()
         self.first_token_at: float | None = None
@@ -171,6 +177,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def computed_ids(self) -> list[int]:
+        """The tokens whose KV its row holds (positions ``0 .. cached - 1``)."""
+        return (self.prompt_ids + self.output_ids)[:self.cached]
 
     def next_chunk(self, size: int) -> list[int]:
         """The next prompt tokens to prefill (at positions ``cached ..``)."""
@@ -215,4 +226,5 @@ class Sequence:
         if self.finish_reason is not None:
             return
         self.finish_reason = reason
-        self.handle.sink(FinishEvent(reason, len(self.prompt_ids), len(self.output_ids), error))
+        self.handle.sink(FinishEvent(reason, len(self.prompt_ids), len(self.output_ids), error,
+                                     self.cached_prompt_tokens))
