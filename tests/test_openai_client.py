@@ -230,3 +230,24 @@ def test_streaming_n_and_usage_with_the_client(server) -> None:
     assert texts == {0: solo("english"), 1: solo("english")}
     assert usage.prompt_tokens == 2 * len(TOKENIZER.encode(PROMPT))
     assert json.loads(json.dumps(usage.model_dump()))["completion_tokens"] == 2 * (len(solo("english")) + 1)
+
+
+def test_a_repeated_prompt_prefix_comes_from_the_prefix_cache(server) -> None:
+    client, url, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    before = httpx.get(f"{url}/stats", headers=auth).json()["prefix_cache"]
+    prompt = "A long shared instruction that every request of this test begins with: "
+    length = len(TOKENIZER.encode(prompt + "hi"))
+    first = complete(client, "pirate", prompt=prompt + "hi", max_tokens=12, temperature=0)
+    second = complete(client, "pirate", prompt=prompt + "hi", max_tokens=12, temperature=0)
+    other = complete(client, "french", prompt=prompt + "hi", max_tokens=12, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == (length - 1) // 16 * 16 > 0
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another adapter's KV differs
+    assert second.choices[0].text == first.choices[0].text
+    after = httpx.get(f"{url}/stats", headers=auth).json()["prefix_cache"]
+    assert after["hit"] - before["hit"] == (length - 1) // 16 * 16
+    assert after["block_tokens"] == 16 and after["capacity_blocks"] > 0
+    metrics = httpx.get(f"{url}/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("hotswap_prefix_cache_hits_total ")]
+    assert hits and float(hits[0].split()[1]) == after["hit"]

@@ -279,12 +279,15 @@ async def _next_event(stream: AsyncIterator) -> tuple[str, Any] | None:
         return None
 
 
-def _usage(finishes: list[dict], n: int) -> dict[str, int]:
+def _usage(finishes: list[dict], n: int) -> dict[str, Any]:
     """Token counts of a request: each prompt counted once (not once per ``n``), every choice's
-    generated tokens."""
-    prompt = sum(f["prompt_tokens"] for f in finishes if f["index"] % n == 0)
+    generated tokens; ``prompt_tokens_details.cached_tokens``: prompt tokens whose KV came from
+    the prefix cache."""
+    firsts = [f for f in finishes if f["index"] % n == 0]
+    prompt = sum(f["prompt_tokens"] for f in firsts)
     completion = sum(f["completion_tokens"] for f in finishes)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(f.get("cached_tokens", 0) for f in firsts)}}
 
 
 def _logprobs(entries: list[dict], chat: bool, offset: int = 0) -> dict:

@@ -148,6 +148,7 @@ class LocalBackend:
         return {**rt.stats(), "recompiles": rt.guard.recompiles, "compiles": rt.guard.compiles,
                 "compile": {"state": engine.compile_state, "seconds": engine.compile_seconds,
                             "error": None if engine.compile_error is None else str(engine.compile_error)},
+                "prefix_cache": None if engine.prefix_cache is None else engine.prefix_cache.stats.as_dict(),
                 "requests_waiting": load["waiting"], "requests_running": load["running"],
                 "waiting_adapters": load["waiting_adapters"],
                 "running_adapters": load["running_adapters"], "max_lora": rt.config.device_slots,
@@ -224,7 +225,8 @@ class LocalBackend:
                     running -= 1
                     yield "finish", {"index": index, "reason": event.reason,
                                      "prompt_tokens": event.prompt_tokens,
-                                     "completion_tokens": event.completion_tokens}
+                                     "completion_tokens": event.completion_tokens,
+                                     "cached_tokens": event.cached_tokens}
                     continue
                 logprobs = None
                 if event.logprob is not None:

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-tokens", type=int, default=None,
                         help="KV memory budget in tokens (default: what --max-num-seqs needs, "
                              "at most 40%% of free memory)")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=None,
+                        help="KV of prompt prefixes kept for later requests with the same first "
+                             "tokens and adapter, in tokens (default: an eighth of the KV rows'; 0: off)")
     parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens per sequence per step")
     parser.add_argument("--max-prefill-seqs", type=int, default=4,
@@ -99,6 +102,7 @@ def config_from_args(args: argparse.Namespace):
         device_slots=args.device_slots, host_slots=args.host_slots,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
+        prefix_cache_tokens=args.prefix_cache_tokens,
         max_prefill_seqs=args.max_prefill_seqs, request_timeout_s=args.request_timeout,
         max_body_bytes=args.max_body_bytes,
         allow_runtime_adapter_updates=args.allow_runtime_adapter_updates,

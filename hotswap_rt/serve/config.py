@@ -25,6 +25,9 @@ class ServeConfig:
             capped at 40% of the free memory).
         prefill_chunk, max_prefill_seqs: prompt tokens per sequence per step; prompts
             prefilled together.
+        prefix_cache_tokens: KV of prompt prefixes kept for later requests with the same first
+            tokens and adapters (``EngineConfig.prefix_cache_tokens``), in tokens, beside the
+            KV budget; default: an eighth of the KV rows' tokens; 0: off.
         allow_runtime_adapter_updates: expose ``/v1/load_lora_adapter`` and
             ``/v1/unload_lora_adapter``; paths must lie under ``adapter_root``.
         compile: ``torch.compile`` the engine's buckets at start (off only for quick tests).
@@ -73,6 +76,7 @@ class ServeConfig:
     kv_cache_tokens: int | None = None
     prefill_chunk: int = 256
     max_prefill_seqs: int = 4
+    prefix_cache_tokens: int | None = None
     request_timeout_s: float = 60.0
     max_body_bytes: int = 1 << 20
     allow_runtime_adapter_updates: bool = False
@@ -102,6 +106,11 @@ class ServeConfig:
         for name in ("max_model_len", "kv_cache_tokens", "torch_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if self.prefix_cache_tokens is not None and (
+                not isinstance(self.prefix_cache_tokens, int) or isinstance(self.prefix_cache_tokens, bool)
+                or self.prefix_cache_tokens < 0):
+            raise ValueError(f"prefix_cache_tokens must be an int >= 0 (0: off), "
+                             f"got {self.prefix_cache_tokens!r}")
         if self.stacked_mixes and self.max_adapters_per_request >= self.device_slots:
             raise ValueError(f"stacked_mixes needs max_adapters_per_request ({self.max_adapters_per_request}) "
                              f"< device_slots ({self.device_slots}): requests cannot mix more than that")
@@ -131,7 +140,8 @@ class ServeConfig:
         return EngineConfig(
             max_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
             kv_cache_tokens=self.kv_cache_tokens, prefill_chunk=self.prefill_chunk,
-            max_prefill_seqs=self.max_prefill_seqs, compile=self.compile,
+            max_prefill_seqs=self.max_prefill_seqs, prefix_cache_tokens=self.prefix_cache_tokens,
+            compile=self.compile,
             serve_while_compiling=self.serve_while_compiling, mixed_adapters=self.mixed_batches,
             torch_threads=self.threads())
 

@@ -105,6 +105,13 @@ class RuntimeCollector(Collector):
         for state in ("off", "compiling", "compiled", "failed"):
             compile_state.add_metric([state], float(self.engine.compile_state == state))
         yield compile_state
+        prefix = self.engine.prefix_cache
+        if prefix is not None:  # as vLLM's vllm:prefix_cache_queries / _hits, in tokens
+            for name, value, what in (("queries", prefix.stats.queried, "Prompt tokens looked up"),
+                                      ("hits", prefix.stats.hit, "Prompt tokens whose KV came from")):
+                family = CounterMetricFamily(f"hotswap_prefix_cache_{name}", f"{what} the prefix cache")
+                family.add_metric([], value)
+                yield family
         recompiles = CounterMetricFamily("hotswap_recompiles", "Recompiles after warm-up (guard)")
         recompiles.add_metric([], rt.guard.recompiles)
         yield recompiles

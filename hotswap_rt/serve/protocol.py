@@ -7,7 +7,7 @@ names it, never silently ignored.
 A backend turns a validated body into a stream of events for its choices (one per prompt and
 per ``n``, numbered ``index`` in order): optionally ``("replica", {"id", "resident"})`` first,
 then ``("token", {"index", "text", "logprobs"})`` ... and one ``("finish", {"index", "reason",
-"prompt_tokens", "completion_tokens"})`` per choice. ``logprobs`` is None or a list with one
+"prompt_tokens", "completion_tokens", "cached_tokens"})`` per choice. ``logprobs`` is None or a list with one
 ``{"token", "logprob", "top": [[token, logprob], ...]}`` per generated token. A request that
 cannot run raises :class:`ApiError` before its first event.
 """
