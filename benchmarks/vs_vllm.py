@@ -14,7 +14,9 @@ adapters of rank 8/16 on every linear layer) unless ``--model-dir`` has one, the
 4. hotswap-rt serve again, reusing torch's compile caches (time to ready: warm)
 
 and against each, ``vllm bench serve`` with random 64-token prompts, 32 output tokens,
-``--ignore-eos``, a random adapter per request, at each concurrency. Writes
+``--ignore-eos``, a random adapter per request, at each concurrency; then at concurrency 16
+with a 448-token prefix every prompt shares before its 64 random tokens (a system prompt:
+vLLM's automatic prefix caching and hotswap-rt's prefix cache both keep its KV per adapter). Writes
 ``benchmarks/results/<date>-vs-vllm.{json,md}``; ``--readme`` replaces the README's table
 between ``<!-- vs-vllm:start -->`` and ``<!-- vs-vllm:end -->``. Figures are medians from one
 run; both servers run on the same machine one after the other, never at the same time.
@@ -66,14 +68,20 @@ def wait_ready(port: int, process: subprocess.Popen | None, timeout: float = 900
     raise TimeoutError("the server did not become ready")
 
 
+SHARED_PREFIX = 448  # tokens of the shared-prefix workload's common prefix
+SHARED_PREFIX_CONCURRENCY = 16
+
+
 def bench(port: int, model_dir: Path, adapters: list[str], concurrency: int, prompts: int,
-          result_dir: Path, name: str) -> dict:
-    """vLLM's serving benchmark client against the server on ``port``; its medians."""
+          result_dir: Path, name: str, prefix: int = 0) -> dict:
+    """vLLM's serving benchmark client against the server on ``port``; its medians.
+    ``prefix``: tokens every prompt shares before its random 64."""
     subprocess.run(
         [str(PEERS / "vllm_cpu.sh"), "bench", "--backend", "openai",
          "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
          "--model", "base", "--tokenizer", str(model_dir), "--dataset-name", "random",
          "--random-input-len", "64", "--random-output-len", "32", "--num-prompts", str(prompts),
+         "--random-prefix-len", str(prefix),
          "--max-concurrency", str(concurrency), "--ignore-eos", "--lora-modules", *adapters,
          "--save-result", "--result-dir", str(result_dir), "--result-filename", f"{name}.json"],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=1200)
@@ -134,17 +142,20 @@ def run(model_root: Path, concurrencies: list[int], work: Path) -> dict:
     model_dir, adapter_root = model_root / "model", model_root / "adapters"
     adapters = {p.name: p for p in sorted(adapter_root.iterdir()) if p.is_dir()}
     names = list(adapters)
-    prompts = {c: max(24, 6 * c) for c in concurrencies}
     cache = work / "inductor-cache"
     runs: dict[str, dict] = {}
 
+    workloads = [(str(c), c, 0) for c in concurrencies]
+    workloads.append((f"{SHARED_PREFIX_CONCURRENCY} shared-prefix", SHARED_PREFIX_CONCURRENCY, SHARED_PREFIX))
+
     def measure(label: str, port: int, started: float | None = None) -> dict:
         results = {}
-        for c in concurrencies:
+        for key, c, prefix in workloads:
             begun = time.monotonic()
-            results[str(c)] = bench(port, model_dir, names, c, prompts[c], work, f"{label}-c{c}")
+            results[key] = bench(port, model_dir, names, c, max(24, 6 * c), work,
+                                 f"{label}-{key.replace(' ', '-')}", prefix)
             if started is not None:  # when it ran, in seconds after the server started
-                results[str(c)]["ran_s"] = [begun - started, time.monotonic() - started]
+                results[key]["ran_s"] = [begun - started, time.monotonic() - started]
         return results
 
     for label, cold in (("hotswap_rt", True), ("hotswap_rt_meanwhile", True), ("vllm", None),
@@ -235,7 +246,8 @@ def main() -> int:
         runs = run(model_root, args.concurrency, work)
     payload = {"date": str(date.today()), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                "setup": "4-layer hidden-256 Llama, 8 adapters r8/r16 all-linear, 64-token prompts, 32 "
-                        "output tokens, --ignore-eos, random adapter per request, fp32, CPU",
+                        "output tokens, --ignore-eos, random adapter per request, fp32, CPU; "
+                        f"'shared-prefix': the same {SHARED_PREFIX} tokens before each prompt",
                "runs": runs}
     payload["table"] = table(payload)
     args.out.mkdir(parents=True, exist_ok=True)
