@@ -545,3 +545,30 @@ def test_no_map_adapter_files_reads_adapter_files_into_memory(mapped_reads) -> N
             texts[bool(flags)] = complete(client, "pirate", "Hello", temperature=0).json()["choices"][0]["text"]
         assert (len(mapped) > before) == (not flags)
     assert texts[False] == texts[True] == " " + REPLIES["pirate"]
+
+
+def test_prefix_cache_tokens_from_the_command_line_sizes_or_turns_off_the_cache() -> None:
+    import argparse
+
+    from hotswap_rt.serve.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    prompt = "Hello there, a prompt long enough for two blocks of the cache"
+    for flags, capacity in ((["--prefix-cache-tokens", "64"], 4), (["--prefix-cache-tokens", "0"], None)):
+        config = config_from_args(parser.parse_args(["--no-compile", "--max-rank", "8", *flags]))
+        app = build_app(config)
+        with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            texts, cached = [], []
+            for _ in range(2):
+                body = complete(client, "pirate", prompt, temperature=0, max_tokens=8).json()
+                texts.append(body["choices"][0]["text"])
+                cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+            stats = client.get("/stats").json()["prefix_cache"]
+        if capacity is None:
+            assert stats is None and cached == [0, 0]
+        else:
+            assert stats["capacity_blocks"] == capacity and cached[0] == 0 and cached[1] > 0
+        assert texts[0] == texts[1]
+    with pytest.raises(ValueError, match="prefix_cache_tokens"):
+        ServeConfig(prefix_cache_tokens=-1)
