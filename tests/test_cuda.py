@@ -286,3 +286,32 @@ def test_a_row_added_for_layers_of_a_new_dtype_is_pinned() -> None:
     assert all(row.is_pinned() for row in staged.rows.values())
     arena.write_slot(0, staged.rows)
     assert arena.arenas[torch.float16][0].abs().sum().item() == 0
+
+
+def test_prefix_cache_with_cuda_graphs_answers_as_without_it(adapters) -> None:
+    """Static CUDA-graph shapes: a prefill that starts after the cached blocks (32 positions)
+    gives what the whole prefill gives, with no re-recording."""
+    base, paths, _ = adapters
+    shared = torch.randint(0, VOCAB, (35,), generator=torch.Generator().manual_seed(7)).tolist()
+    prompts = [shared + [1, 2, 3, 4, 5], shared + [9, 8, 7, 6, 5, 4, 3]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outputs, cached = {}, {}
+    for tokens in (0, 128):
+        torch._dynamo.reset()
+        rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2,
+                                                               max_batch_size=4))
+        for name, path in paths.items():
+            rt.load(name, path)
+        engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
+            max_seqs=4, max_model_len=64, max_prefill_seqs=2, prefill_chunk=16, decode_buckets=(4,),
+            prefix_cache_tokens=tokens))
+        engine.start()
+        try:
+            results = [engine.submit(p, "a", params).text() for p in prompts]  # one after the other
+        finally:
+            engine.stop()
+        outputs[tokens] = [text for text, _ in results]
+        cached[tokens] = [finish.cached_tokens for _, finish in results]
+        assert rt.guard.recompiles == 0 and rt.guard.rerecords == 0
+    assert cached == {0: [0, 0], 128: [0, 32]}
+    assert outputs[128] == outputs[0]
