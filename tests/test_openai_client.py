@@ -251,3 +251,20 @@ def test_a_repeated_prompt_prefix_comes_from_the_prefix_cache(server) -> None:
     metrics = httpx.get(f"{url}/metrics").text
     hits = [line for line in metrics.splitlines() if line.startswith("hotswap_prefix_cache_hits_total ")]
     assert hits and float(hits[0].split()[1]) == after["hit"]
+
+
+def test_a_cache_salt_keeps_prefix_cache_hits_within_its_tenant(server) -> None:
+    client, _, _ = server
+    prompt = "Another long shared instruction, salted per tenant, that these requests begin with: "
+    length = len(TOKENIZER.encode(prompt + "ok"))
+
+    def cached(salt):
+        extra = {} if salt is None else {"extra_body": {"cache_salt": salt}}
+        out = complete(client, "english", prompt=prompt + "ok", max_tokens=4, temperature=0, **extra)
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    assert [cached(s) for s in ("tenant-a", "tenant-a", "tenant-b", None, None)] == [
+        0, (length - 1) // 16 * 16, 0, 0, (length - 1) // 16 * 16]
+    with pytest.raises(openai.BadRequestError) as error:
+        complete(client, "english", extra_body={"cache_salt": ""})
+    assert "cache_salt" in str(error.value)

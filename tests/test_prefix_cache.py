@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig
-from hotswap_rt.engine import EngineConfig, GenerationEngine, SamplingParams
+from hotswap_rt.engine import EngineConfig, GenerationEngine, RequestError, SamplingParams
 from hotswap_rt.engine.kv_cache import KVMemory
 from hotswap_rt.engine.prefix_cache import BLOCK, PrefixCache
 
@@ -156,6 +156,28 @@ def test_a_shared_prefix_is_reused_under_the_same_adapter_only(env) -> None:
         assert finish.prompt_tokens == len(ids)
     assert engine.prefix_cache.stats.hit - hits == 6 * BLOCK
     assert engine.rt.guard.recompiles == 0
+
+
+def test_a_cache_salt_shares_kv_only_with_the_same_salt(env) -> None:
+    engine, reference, _ = env
+    ids = prompt(91, 2 * BLOCK + 4)
+    params = SamplingParams(max_tokens=5, **GREEDY)
+
+    def salted(salt):
+        return tokens_of(engine.submit(ids, "a", params, cache_salt=salt))
+
+    run(engine, ids, "a", 1)  # unsalted
+    cached = []
+    for salt in ("tenant-1", "tenant-1", "tenant-2", None):
+        tokens, finish = salted(salt)
+        assert tokens == reference_tokens(reference, "a", ids, 5)
+        cached.append(finish.cached_tokens)
+    assert cached == [0, 2 * BLOCK, 0, 2 * BLOCK]
+    waiting = engine.load()["waiting"]
+    for bad in ("", 5, b"x"):
+        with pytest.raises(RequestError, match="cache_salt"):
+            engine.submit(ids, "a", params, cache_salt=bad)
+    assert engine.load()["waiting"] == waiting
 
 
 def test_a_weighted_mix_is_a_key_of_its_own(env) -> None:

@@ -42,7 +42,7 @@ from ..runtime import HotswapRuntime
 from ..selection import Activation, row_spec
 from .config import EngineConfig, bucket_for, context_length
 from .kv_cache import KVMemory, rows_for_budget
-from .prefix_cache import PrefixCache
+from .prefix_cache import BLOCK, PrefixCache
 from .leases import AdapterLeases
 from .sampling import RequestError, RowSampling, Sampler, SamplingParams
 from .sequence import Event, RequestHandle, Sequence, Tokenizer
@@ -100,6 +100,10 @@ class GenerationEngine:
         if prefix_tokens is None:
             prefix_tokens = self.memory.rows * (self.max_len + 1) // 8
         self.prefix_cache = PrefixCache(self.memory, prefix_tokens) if prefix_tokens else None
+        if self.prefix_cache is not None:
+            log.info("prefix cache: %d blocks of %d tokens (%.1f MiB beside %.1f MiB of KV rows)",
+                     self.prefix_cache.stats.capacity_blocks, BLOCK, self.prefix_cache.nbytes / 2**20,
+                     self.memory.nbytes / 2**20)
         self.vocab_size = rt.model.get_output_embeddings().weight.shape[0]
         generation = getattr(rt.model, "generation_config", None)
         eos = getattr(generation, "eos_token_id", None)
@@ -169,7 +173,7 @@ class GenerationEngine:
     # --------------------------------------------------------------------------- any thread
     def submit(self, prompt_ids: Seq[int], adapter: Activation = None,
                sampling: SamplingParams | None = None, *, sink: Callable[[Event], None] | None = None,
-               request_id: str | None = None) -> RequestHandle:
+               request_id: str | None = None, cache_salt: str | None = None) -> RequestHandle:
         """Queue a request; it joins the running batch at the next step.
 
         Args:
@@ -178,6 +182,9 @@ class GenerationEngine:
             sampling: defaults to :class:`SamplingParams()`; ``max_tokens=None`` means what
                 remains of the context.
             sink: where events go (see :class:`RequestHandle`); default: the handle's queue.
+            cache_salt: its prompt reuses (and leaves) prefix-cache KV only for requests with
+                the same salt (a non-empty string; None: those without one), so that one tenant
+                cannot tell from its latency what another one's prompts begin with.
 
         Raises:
             RequestError: a bad prompt or parameter (``param`` names it); UnknownAdapterError:
@@ -190,6 +197,8 @@ class GenerationEngine:
             raise RequestError("sink", f"must be a callable taking each event, got {sink!r}")
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError("request_id", f"must be a string, got {request_id!r}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise RequestError("cache_salt", f"must be a non-empty string, got {cache_salt!r}")
         try:
             prompt = [] if isinstance(prompt_ids, (str, bytes)) else list(prompt_ids)
         except TypeError:  # not iterable
@@ -211,6 +220,7 @@ class GenerationEngine:
         sampling_state = RowSampling(params, prompt, self.vocab_size, self.device, banned)
         sequence = Sequence(handle, prompt, adapter, params, sampling_state, self.tokenizer,
                             self.eos_ids, self.max_len)
+        sequence.cache_salt = cache_salt
         for name in sequence.adapter_names:
             self._prefetch_if_cold(name)
         with self._wake:
@@ -431,8 +441,9 @@ class GenerationEngine:
 
     # -- prefix cache ----------------------------------------------------------------------------
     def _weights_key(self, sequence: Sequence) -> tuple | None:
-        """What ``sequence``'s KV is computed with: each adapter's name, mix weight and
-        ``weights_id``; None (never cached) while one of them trains, or once one is unloaded."""
+        """The prefix cache's key of ``sequence``'s KV: its cache salt, and what the KV is
+        computed with (each adapter's name, mix weight and ``weights_id``); None (never
+        cached) while one of them trains, or once one is unloaded."""
         adapter = sequence.adapter
         spec = {} if adapter is None else {adapter: 1.0} if isinstance(adapter, str) else adapter
         key = []
@@ -446,7 +457,7 @@ class GenerationEngine:
             if info.trainable:
                 return None
             key.append((name, float(weight), info.weights_id))
-        return tuple(key)
+        return (sequence.cache_salt, tuple(key))
 
     def _reuse_prefix(self, sequence: Sequence, row: int) -> None:
         """A new prefill row: the KV of its prompt's longest cached prefix into row ``row``."""

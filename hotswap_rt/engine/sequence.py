@@ -137,7 +137,9 @@ class Sequence:
         adapter: its activation (a name, ``{name: weight}`` or None).
         cached: tokens of this sequence written to its KV row.
         output_ids: generated tokens; the last one is not yet in the KV row while decoding.
-        weights_key: what its KV is computed with (the prefix cache's key; None: not cached).
+        cache_salt: only requests with the same salt share prefix-cache KV (None: no salt).
+        weights_key: its cache salt and what its KV is computed with (the prefix cache's key;
+            None: not cached).
         cached_prompt_tokens: prompt tokens whose KV the prefix cache gave.
     """
 
@@ -153,6 +155,7 @@ class Sequence:
         self.max_len = max_len
         self.cached = 0
         self.output_ids: list[int] = []
+        self.cache_salt: str | None = None
         self.weights_key: tuple | None = None
         self.cached_prompt_tokens = 0
         self.finish_reason: str | None = None

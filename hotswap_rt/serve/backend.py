@@ -196,8 +196,9 @@ class LocalBackend:
                     index = p * body.n + i
                     choice = params if params.seed is None or body.n == 1 else \
                         dataclasses.replace(params, seed=params.seed + i)  # choices differ
-                    handles.append(self.engine.submit(ids, adapter, choice, sink=(
-                        lambda event, index=index: relay.put(events, (index, event)))))
+                    handles.append(self.engine.submit(ids, adapter, choice, cache_salt=body.cache_salt,
+                                                      sink=(lambda event, index=index: relay.put(
+                                                          events, (index, event)))))
         except RequestError as exc:
             _cancel(handles)
             raise ApiError(400, str(exc), exc.param) from exc

@@ -61,6 +61,7 @@ class SamplingFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=16)
     adapters: Optional[dict[str, float]] = None  # a weighted mix of adapters (this server's own)
+    cache_salt: Optional[str] = None  # vLLM's: prefix-cache KV shared only with the same salt
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
