@@ -99,6 +99,20 @@ def test_a_full_pool_evicts_the_least_recently_used_ends_first() -> None:
     assert cache.stats.held_blocks == 4
 
 
+def test_a_prefix_in_use_outlives_its_old_continuation() -> None:
+    """A shared prefix whose last use came after other blocks' stays when its own old
+    continuation is evicted (matching it touches blocks that other blocks continue)."""
+    cache = PrefixCache(filled_memory(), tokens=4 * BLOCK)
+    first, other = list(range(3 * BLOCK)), list(range(1000, 1000 + BLOCK))
+    cache.store("a", first, row=0)
+    cache.store("a", other, row=1)
+    assert cache.match("a", first[:2 * BLOCK] + [0]).tokens == 2 * BLOCK  # the shared part, in use
+    cache.store("a", list(range(2000, 2000 + 2 * BLOCK)), row=2)  # 2 blocks: first's end, other
+    assert cache.stats.evicted_blocks == 2
+    assert cache.match("a", other + [0]).tokens == 0
+    assert cache.match("a", first + [0]).tokens == 2 * BLOCK
+
+
 def test_a_prefix_longer_than_the_pool_keeps_what_fits() -> None:
     cache = PrefixCache(filled_memory(), tokens=2 * BLOCK)
     tokens = list(range(5 * BLOCK))

@@ -15,9 +15,12 @@ a prefix some request computed. Lookups match whole blocks only, and leave at le
 prompt's last token to compute (its logits give the first output token).
 
 When the pool is full, the least recently used block that no other block continues is evicted
-first (so a path stays whole from its root). Keys and values move by one gather or one scatter
-per layer tensor (:meth:`PrefixCache.load` / :meth:`PrefixCache.store`); the engine thread
-alone uses the cache.
+first (so a path stays whole from its root). A block that no longer has a continuation takes
+the place its own last use gives it: the newest if it was used after the oldest other such
+block, else the oldest (a prefix many prompts share, whose old continuations went, stays).
+
+Keys and values move by one gather or one scatter per layer tensor (:meth:`PrefixCache.load` /
+:meth:`PrefixCache.store`); the engine thread alone uses the cache.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class _Block:
     index: int  # in the pool
     parent: _Block | None
     children: int = 0
+    last_used: int = 0  # the cache's clock at its last match or store
 
 
 @dataclass
@@ -90,6 +94,7 @@ class PrefixCache:
         self._blocks: dict[tuple, _Block] = {}
         self._leaves: OrderedDict[int, _Block] = OrderedDict()  # by block index, least recent first
         self._free = list(range(blocks - 1, -1, -1))
+        self._clock = 0
         self.stats = PrefixCacheStats(capacity_blocks=blocks)
 
     @property
@@ -150,7 +155,7 @@ class PrefixCache:
         for (key, start), index in zip(new, indices):
             if key is None:  # continues the block just added
                 key = (last.index, tuple(tokens[start:start + BLOCK]))
-            block = _Block(key, index, last)
+            block = _Block(key, index, last, last_used=self._clock)
             if last is not None:
                 last.children += 1
                 self._leaves.pop(last.index, None)
@@ -174,7 +179,9 @@ class PrefixCache:
 
     # ------------------------------------------------------------------------------ internals
     def _touch(self, path: list[_Block]) -> None:
+        self._clock += 1
         for block in path:
+            block.last_used = self._clock
             if block.index in self._leaves:
                 self._leaves.move_to_end(block.index)
 
@@ -200,8 +207,10 @@ class PrefixCache:
         if parent is not None:
             parent.children -= 1
             if parent.children == 0:
-                self._leaves[parent.index] = parent
-                self._leaves.move_to_end(parent.index, last=False)  # older than what was used since
+                oldest = next(iter(self._leaves.values()), None)
+                self._leaves[parent.index] = parent  # the newest ...
+                if oldest is not None and parent.last_used < oldest.last_used:
+                    self._leaves.move_to_end(parent.index, last=False)  # ... or the oldest
 
 
 def _blocked(tensor: torch.Tensor, row: int, first: int, count: int) -> torch.Tensor:
