@@ -572,3 +572,30 @@ def test_prefix_cache_tokens_from_the_command_line_sizes_or_turns_off_the_cache(
         assert texts[0] == texts[1]
     with pytest.raises(ValueError, match="prefix_cache_tokens"):
         ServeConfig(prefix_cache_tokens=-1)
+
+
+def test_a_chats_next_turns_reuse_the_earlier_turns_kv() -> None:
+    """Each turn resends the conversation: its earlier turns' KV (prompt and reply) comes from
+    the prefix cache, and every reply is what a server without the cache gives."""
+    replies, cached = {}, {}
+    for tokens in (None, 0):
+        config = ServeConfig(compile=False, max_rank=8, prefix_cache_tokens=tokens)
+        with BackgroundServer(build_app(config)) as url, httpx.Client(base_url=url, timeout=60) as client:
+            messages = [{"role": "system", "content": "You answer briefly, in the adapter's language."},
+                        {"role": "user", "content": "Say hello to everyone in the room"}]
+            replies[tokens], cached[tokens] = [], []
+            for turn in range(3):
+                body = chat(client, "english", "", messages=messages, max_tokens=12, temperature=0).json()
+                text = body["choices"][0]["message"]["content"]
+                replies[tokens].append(text)
+                cached[tokens].append((body["usage"]["prompt_tokens"],
+                                       body["usage"]["prompt_tokens_details"]["cached_tokens"]))
+                messages += [{"role": "assistant", "content": text},
+                             {"role": "user", "content": f"Again ({turn})"}]
+    assert replies[None] == replies[0]
+    assert [c for _, c in cached[0]] == [0, 0, 0]
+    (prompt1, zero), (prompt2, second), (_, third) = cached[None]
+    # at least every whole block of the previous turn's prompt (its reply's blocks are kept too,
+    # but the chat template may render the reply's end differently from how it was generated)
+    assert zero == 0 and second >= (prompt1 - 1) // 16 * 16 > 0
+    assert third >= (prompt2 - 1) // 16 * 16 > second
