@@ -98,6 +98,18 @@ def test_a_switch_between_resident_adapters_does_not_wait_for_queued_forwards(ad
     torch.testing.assert_close(out_b, peft_logits(reference, "b", ids), atol=1e-4, rtol=1e-4)
 
 
+def cuda_engine(base, paths, max_adapters_per_row: int | None = None, **config) -> GenerationEngine:
+    """A fresh runtime on CUDA with adapters ``paths`` loaded, and its engine (4 sequences of at
+    most 64 tokens; ``config`` sets or overrides the rest of the :class:`EngineConfig`)."""
+    torch._dynamo.reset()
+    rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(
+        TARGETS, max_rank=8, device_slots=2, max_batch_size=4, max_adapters_per_row=max_adapters_per_row))
+    for name, path in paths.items():
+        rt.load(name, path)
+    settings = dict(max_seqs=4, max_model_len=64, max_prefill_seqs=2, prefill_chunk=16, decode_buckets=(4,))
+    return GenerationEngine(rt, IdTokenizer(), EngineConfig(**{**settings, **config}))
+
+
 def test_engine_cuda_graph_buckets_equal_the_eager_engine_without_rerecording(adapters) -> None:
     base, paths, _ = adapters
     prompts = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
@@ -106,14 +118,8 @@ def test_engine_cuda_graph_buckets_equal_the_eager_engine_without_rerecording(ad
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     outputs = {}
     for compiled in (False, True):
-        torch._dynamo.reset()
-        rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2,
-                                                               max_batch_size=4))
-        for name, path in paths.items():
-            rt.load(name, path)
-        engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
-            max_seqs=4, max_model_len=64, max_prefill_seqs=2, prefill_chunk=16, decode_buckets=(4,),
-            compile=compiled))
+        engine = cuda_engine(base, paths, compile=compiled)
+        rt = engine.rt
         engine.start()
         try:
             handles = [engine.submit(p, adapter, params) for p, adapter in zip(prompts, rows)]
@@ -138,14 +144,9 @@ def test_engine_serving_while_compiling_on_cuda_answers_the_same_before_and_afte
                for n in (5, 11, 3, 17)]
     rows = ["a", "b", None, "a"]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    torch._dynamo.reset()
-    rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2,
-                                                           max_batch_size=4, max_adapters_per_row=2))
-    for name, path in paths.items():
-        rt.load(name, path)
-    engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
-        max_seqs=4, max_model_len=64, max_prefill_seqs=2, prefill_chunk=16, decode_buckets=(1, 4),
-        serve_while_compiling=True, compile_mode="default"))
+    engine = cuda_engine(base, paths, max_adapters_per_row=2, decode_buckets=(1, 4),
+                         serve_while_compiling=True, compile_mode="default")
+    rt = engine.rt
     engine.start()
     try:
         assert engine.compile_state == "compiling"
@@ -297,14 +298,8 @@ def test_prefix_cache_with_cuda_graphs_answers_as_without_it(adapters) -> None:
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     outputs, cached = {}, {}
     for tokens in (0, 128):
-        torch._dynamo.reset()
-        rt = HotswapRuntime(base.clone().cuda(), RuntimeConfig(TARGETS, max_rank=8, device_slots=2,
-                                                               max_batch_size=4))
-        for name, path in paths.items():
-            rt.load(name, path)
-        engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
-            max_seqs=4, max_model_len=64, max_prefill_seqs=2, prefill_chunk=16, decode_buckets=(4,),
-            prefix_cache_tokens=tokens))
+        engine = cuda_engine(base, paths, prefix_cache_tokens=tokens)
+        rt = engine.rt
         engine.start()
         try:
             results = [engine.submit(p, "a", params).text() for p in prompts]  # one after the other
