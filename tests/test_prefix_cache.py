@@ -16,7 +16,7 @@ from hotswap_rt.engine import EngineConfig, GenerationEngine, RequestError, Samp
 from hotswap_rt.engine.kv_cache import KVMemory
 from hotswap_rt.engine.prefix_cache import BLOCK, PrefixCache
 
-from .conftest import ATTENTION_TARGETS, BaseModel, IdTokenizer
+from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, IdTokenizer
 from .test_engine import GREEDY, abc_adapters, prompt, reference_tokens, tokens_of
 
 
@@ -281,3 +281,49 @@ def test_no_prefix_cache_when_asked(tmp_path) -> None:
         engine.stop()
     default = GenerationEngine(rt, IdTokenizer(), EngineConfig(max_seqs=2, max_prefill_seqs=1, compile=False))
     assert default.prefix_cache.stats.capacity_blocks == default.memory.rows * 129 // 8 // BLOCK
+
+
+def test_random_requests_with_shared_prefixes_answer_as_without_the_cache(tmp_path) -> None:
+    """60 requests whose prompts begin with parts of 3 prefixes, random adapters and mixes,
+    6 at a time through a pool that must evict: each equals the same request alone on an
+    engine without a prefix cache (eager engines)."""
+    import random
+
+    base = BaseModel("llama", seed=11)
+    paths = abc_adapters(base, tmp_path)
+
+    def eager_engine(prefix_tokens: int) -> GenerationEngine:
+        rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16,
+                                                        device_slots=3, max_batch_size=4))
+        for name, path in paths.items():
+            rt.load(name, path)
+        engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
+            max_seqs=4, max_prefill_seqs=2, prefill_chunk=8, compile=False,
+            prefix_cache_tokens=prefix_tokens))
+        engine.start()
+        return engine
+
+    rng = random.Random(0)
+    prefixes = [[rng.randrange(VOCAB) for _ in range(rng.randint(20, 60))] for _ in range(3)]
+    requests = []
+    for _ in range(60):
+        suffix = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 20))]
+        ids = rng.choice(prefixes)[:rng.randint(10, 60)] + suffix
+        requests.append((ids, rng.choice(["a", "b", "c", None, {"a": 0.5, "b": 1.0}]), rng.randint(1, 8)))
+    alone = eager_engine(0)
+    try:
+        expected = [run(alone, ids, adapter, new)[0] for ids, adapter, new in requests]
+    finally:
+        alone.stop()
+    engine = eager_engine(40 * BLOCK)
+    got = []
+    try:
+        for wave in range(0, len(requests), 6):
+            handles = [engine.submit(ids, adapter, SamplingParams(max_tokens=new, **GREEDY))
+                       for ids, adapter, new in requests[wave:wave + 6]]
+            got += [tokens_of(handle)[0] for handle in handles]
+    finally:
+        engine.stop()
+    assert got == expected
+    stats = engine.prefix_cache.stats
+    assert stats.hit >= 20 * BLOCK and stats.evicted_blocks > 0  # it was used, and it was full
