@@ -220,6 +220,9 @@ def test_no_replica_recompiled(cluster) -> None:
     assert {s["compile_cache"] for s in stats.values()} == {str(Path(COMPILE_CACHE).resolve())}
     metrics = client.get("/metrics").text
     assert "hotswap_replica_recompiles" in metrics and "hotswap_requests_total" in metrics
+    hits = [line for line in metrics.splitlines() if line.startswith("hotswap_replica_prefix_cache_hits{")]
+    assert len(hits) == len(stats)  # one per replica, as each reported it
+    assert all(s["prefix_cache"]["capacity_blocks"] > 0 for s in stats.values())
     info = [line for line in metrics.splitlines() if line.startswith("hotswap_rt:lora_requests_info{")]
     assert len(info) >= 2 and all('max_lora="2"' in line for line in info)  # one per replica
 

@@ -148,6 +148,10 @@ class ReplicaStatsCollector(Collector):
                                   labels=["replica"])
         tiers = GaugeMetricFamily("hotswap_replica_adapters_resident", "Adapters by tier, per replica",
                                   labels=["replica", "tier"])
+        prefix = {name: GaugeMetricFamily(f"hotswap_replica_prefix_cache_{name}",
+                                          f"{what} the prefix cache, per replica", labels=["replica"])
+                  for name, what in (("queries", "Prompt tokens looked up in"),
+                                     ("hits", "Prompt tokens whose KV came from"))}
         info = GaugeMetricFamily(
             "hotswap_rt:lora_requests_info", "Running/waiting adapters per replica, as vLLM's "
             "lora_requests_info", labels=["replica", "running_lora_adapters",
@@ -158,7 +162,11 @@ class ReplicaStatsCollector(Collector):
                             stats.get("reported_at", 0.0))
             recompiles.add_metric([replica], stats.get("recompiles", 0))
             swaps.add_metric([replica], stats.get("swaps", 0))
+            cache = stats.get("prefix_cache")
+            if cache is not None:
+                prefix["queries"].add_metric([replica], cache["queried"])
+                prefix["hits"].add_metric([replica], cache["hit"])
             adapters = stats.get("adapters", {}).values()
             for tier, count in tier_counts(a["tier"] for a in adapters).items():
                 tiers.add_metric([replica, tier], count)
-        yield from (recompiles, swaps, tiers, info)
+        yield from (recompiles, swaps, tiers, *prefix.values(), info)
