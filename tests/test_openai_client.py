@@ -109,7 +109,7 @@ def test_a_symlinked_file_cannot_escape_the_adapter_root(server, tmp_path) -> No
 
 @pytest.mark.parametrize("field, value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("response_format", {"type": "json_object"}), ("user", "me"), ("best_of", 2),
+    ("tool_choice", "auto"), ("user", "me"), ("best_of", 2),
 ])
 def test_parameters_the_server_does_not_implement_are_named(server, field, value) -> None:
     client, _, _ = server
@@ -268,3 +268,21 @@ def test_a_cache_salt_keeps_prefix_cache_hits_within_its_tenant(server) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         complete(client, "english", extra_body={"cache_salt": ""})
     assert "cache_salt" in str(error.value)
+
+
+def test_response_format_json_schema_with_the_client(server) -> None:
+    """A compiled server constrains the output to the schema (the sampler masks, the graphs
+    are the same: nothing recompiles)."""
+    client, url, _ = server
+    schema = {"type": "object", "properties": {"lang": {"enum": ["en", "fr", "pirate"]},
+                                               "loud": {"type": "boolean"}},
+              "required": ["lang", "loud"], "additionalProperties": False}
+    for model in ("english", "pirate"):
+        out = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=60, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "greeting", "schema": schema}})
+        answer = json.loads(out.choices[0].message.content)
+        assert set(answer) == {"lang", "loud"} and answer["lang"] in ("en", "fr", "pirate")
+        assert isinstance(answer["loud"], bool) and out.choices[0].finish_reason == "stop"
+    stats = httpx.get(f"{url}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert stats["recompiles"] == 0

@@ -43,6 +43,7 @@ from ..selection import Activation, row_spec
 from .config import EngineConfig, bucket_for, context_length
 from .kv_cache import KVMemory, rows_for_budget
 from .prefix_cache import BLOCK, PrefixCache
+from .structured import Grammars
 from .leases import AdapterLeases
 from .sampling import RequestError, RowSampling, Sampler, SamplingParams
 from .sequence import Event, RequestHandle, Sequence, Tokenizer
@@ -120,6 +121,8 @@ class GenerationEngine:
         self._leases = AdapterLeases(rt)
         self._commands: deque[tuple[Callable[[HotswapRuntime], Any], Future]] = deque()
         self._prefetching: dict[str, Future] = {}
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
         self._wake = threading.Condition()
         self._stopping = False
         self._ready = threading.Event()
@@ -217,7 +220,8 @@ class GenerationEngine:
         adapter = self._check_adapter(adapter)
         handle = RequestHandle(request_id or f"req-{next(self._ids)}", sink, self.notify)
         banned = tuple(sorted(self.eos_ids | set(params.stop_token_ids)))
-        sampling_state = RowSampling(params, prompt, self.vocab_size, self.device, banned)
+        grammar = None if params.structured is None else self.grammars().row(params.structured)
+        sampling_state = RowSampling(params, prompt, self.vocab_size, self.device, banned, grammar)
         sequence = Sequence(handle, prompt, adapter, params, sampling_state, self.tokenizer,
                             self.eos_ids, self.max_len)
         sequence.cache_salt = cache_salt
@@ -229,6 +233,24 @@ class GenerationEngine:
             self._waiting.append(sequence)
             self._wake.notify_all()
         return handle
+
+    def grammars(self) -> Grammars:
+        """Structured output's compiler over this engine's vocabulary (built at the first use;
+        ``grammars().index(spec)`` compiles a spec ahead, e.g. on a worker thread, since a
+        large vocabulary takes a while).
+
+        Raises:
+            RequestError: the tokenizer does not give its tokens' bytes (``token_bytes()``) or
+                an end-of-sequence id, or outlines-core is missing.
+        """
+        with self._grammars_lock:
+            if self._grammars is None:
+                token_bytes = getattr(self.tokenizer, "token_bytes", None)
+                if token_bytes is None or self.tokenizer.eos_token_id is None:
+                    raise RequestError("response_format", "structured output needs a tokenizer that "
+                                                          "gives its tokens' bytes and an end-of-sequence id")
+                self._grammars = Grammars(token_bytes(), self.tokenizer.eos_token_id, self.vocab_size)
+            return self._grammars
 
     def call(self, fn: Callable[[HotswapRuntime], Any]) -> Future:
         """Run ``fn(rt)`` on the engine thread between steps; its result or error in a Future."""

@@ -3,7 +3,8 @@
 ::
 
     logits [B, V] --raw logprobs (if asked)----------------------------------------> logprobs
-                  --repetition / frequency / presence penalties, logit_bias, bans
+                  --repetition / frequency / presence penalties, logit_bias, bans,
+                    structured output (tokens its grammar does not allow next: -inf)
                   --greedy rows: argmax                                          --> token [B]
                   --sampling rows: / temperature, top-k, top-p, min-p, then
                     argmax(probs / Exp(1))   (Exp noise from the row's own generator)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -54,6 +55,9 @@ class SamplingParams:
         min_tokens: end-of-sequence and stop tokens are banned before this many tokens.
         logprobs: None, or how many alternatives (0..20) to report next to each chosen
             token's log-probability (raw: the model's distribution before any processing).
+        structured: a :class:`~hotswap_rt.engine.structured.StructuredOutput` the output must
+            match (a JSON schema, any JSON object, a regex); not with ``ignore_eos`` or
+            ``min_tokens`` (the output ends where the grammar does).
     """
 
     max_tokens: int | None = 16
@@ -71,6 +75,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    structured: Any = None  # StructuredOutput | None (see .structured)
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None:
@@ -105,6 +110,14 @@ class SamplingParams:
         _int_in("min_tokens", self.min_tokens, 0, self.max_tokens)
         if self.logprobs is not None:
             _int_in("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.structured is not None:
+            from .structured import StructuredOutput
+
+            if not isinstance(self.structured, StructuredOutput):
+                raise RequestError("response_format", f"must be a StructuredOutput, got {self.structured!r}")
+            if self.ignore_eos or self.min_tokens:
+                raise RequestError("response_format", "structured output ends where its grammar does: "
+                                                      "not with ignore_eos or min_tokens")
 
     @property
     def greedy(self) -> bool:
@@ -144,8 +157,9 @@ class RowSampling:
     """One sequence's sampling state: its parameters, generator and token counts."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int,
-                 device: torch.device, banned_until_min: tuple[int, ...]) -> None:
+                 device: torch.device, banned_until_min: tuple[int, ...], grammar: Any = None) -> None:
         self.params = params
+        self.grammar = grammar  # a RowGrammar for structured output, else None
         self.generator: torch.Generator | None = None
         if not params.greedy and params.seed is not None:
             self.generator = torch.Generator(device=device)
@@ -164,6 +178,8 @@ class RowSampling:
         self.generated += 1
         if self.counts is not None:
             self.counts[token] += 1.0
+        if self.grammar is not None:
+            self.grammar.advance(token)
 
 
 @dataclass(frozen=True)
@@ -223,6 +239,8 @@ class Sampler:
                 scores[i, ids] += torch.tensor(list(params.logit_bias.values()), device=self.device)
             if row.generated < params.min_tokens and row.banned_until_min:
                 scores[i, torch.tensor(row.banned_until_min, device=self.device)] = float("-inf")
+            if row.grammar is not None:
+                scores[i].masked_fill_(~row.grammar.allowed().to(self.device), float("-inf"))
         return scores
 
     def _draw(self, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:

@@ -14,6 +14,7 @@ import time
 from typing import Any, AsyncIterator
 
 from ..engine import FinishEvent, GenerationEngine, RequestError, SamplingParams
+from ..engine.structured import StructuredOutput
 from ..errors import HotswapError, SelectionError, UnknownAdapterError
 from .config import ServeConfig
 from .metrics import RuntimeCollector, StepMetrics
@@ -55,6 +56,14 @@ def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         logprobs = body.logprobs
+    structured = None
+    response_format = body.response_format
+    if response_format is not None and response_format.type == "json_object":
+        structured = StructuredOutput.json_object()
+    elif response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None:
+            raise ApiError(400, "response_format json_schema needs its json_schema", "response_format")
+        structured = StructuredOutput.json_schema(response_format.json_schema.schema_)
     try:
         bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
     except ValueError:
@@ -67,7 +76,7 @@ def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, seed=body.seed, logit_bias=bias, stop=body.stop_strings(),
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-            min_tokens=body.min_tokens, logprobs=logprobs,
+            min_tokens=body.min_tokens, logprobs=logprobs, structured=structured,
             **{name: defaults[name] if value is None else value for name, value in given.items()})
     except RequestError as exc:
         raise ApiError(400, str(exc), exc.param) from exc
@@ -183,6 +192,11 @@ class LocalBackend:
         adapter = self.adapter_of(body)
         params = sampling_of(body, self.served)
         prompts = prompts_of(body, self.served)
+        if params.structured is not None:  # compiled off the event loop (a large vocabulary: seconds)
+            try:
+                await asyncio.to_thread(lambda: self.engine.grammars().index(params.structured))
+            except RequestError as exc:
+                raise ApiError(400, str(exc), exc.param) from exc
         echo = not isinstance(body, ChatCompletionRequest) and body.echo
         loop = asyncio.get_running_loop()
         if self._relay is None or self._relay.loop is not loop:

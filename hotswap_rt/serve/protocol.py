@@ -36,6 +36,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``; the output always matches ``schema`` (as with
+    ``strict``: true, whatever ``strict`` says)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: Optional[bool] = None
+    description: Optional[str] = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON
+    object) or ``json_schema`` (the output matches its schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat; ranges are checked by the engine's
     :class:`~hotswap_rt.engine.SamplingParams` (a 400 naming the parameter)."""
@@ -62,6 +84,7 @@ class SamplingFields(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     adapters: Optional[dict[str, float]] = None  # a weighted mix of adapters (this server's own)
     cache_salt: Optional[str] = None  # vLLM's: prefix-cache KV shared only with the same salt
+    response_format: Optional[ResponseFormat] = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -3,6 +3,8 @@ built-in model's) and :class:`HFTokenizer` (any ``transformers`` tokenizer)."""
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from typing import Any, Protocol
 
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
@@ -34,6 +36,10 @@ class ByteTokenizer:
         """Token ids -> text; special ids are dropped, broken UTF-8 becomes U+FFFD."""
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each token id's bytes (None for the special ids): what structured output constrains."""
+        return [bytes([i]) for i in range(256)] + [None, None, None]
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The chat template: one ``role: content`` line per message, then ``assistant:``."""
         lines = [f"{m['role']}: {m['content']}" for m in messages]
@@ -55,7 +61,51 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each token id's bytes (None for special and added tokens), for byte-level BPE
+        vocabularies (GPT-2, Llama 3, Qwen: each character of a token stands for one byte) and
+        SentencePiece ones (``▁`` for a space, ``<0xAB>`` for a byte).
+
+        Raises:
+            RequestError: another kind of vocabulary (its tokens' bytes are not known).
+        """
+        from ..engine.sampling import RequestError
+
+        tokenizer = self._tokenizer
+        decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        if "ByteLevel" in kinds:
+            table = {char: byte for byte, char in _bytes_to_unicode().items()}
+            to_bytes = lambda piece: bytes(table[c] for c in piece) if all(c in table for c in piece) else None  # noqa: E731
+        elif "ByteFallback" in kinds or "Metaspace" in kinds or "Replace" in kinds:
+            def to_bytes(piece: str) -> bytes:
+                if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                    return bytes([int(piece[3:5], 16)])
+                return piece.replace("▁", " ").encode("utf-8")
+        else:
+            raise RequestError("response_format", f"structured output does not know this tokenizer's "
+                                                  f"token bytes (decoder {sorted(k for k in kinds if k)})")
+        return [None if token in special or piece is None else to_bytes(piece)
+                for token, piece in enumerate(pieces)]
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         if getattr(self._tokenizer, "chat_template", None):
             return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return ByteTokenizer().chat_prompt(messages)
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table of byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table

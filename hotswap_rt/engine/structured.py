@@ -1,0 +1,171 @@
+"""Structured output: every generated token of a request constrained so that its output matches
+a JSON schema, is a JSON object, or matches a regular expression.
+
+::
+
+    StructuredOutput --regex--> Index (outlines-core: an automaton over the vocabulary's bytes,
+                                       compiled once per spec and vocabulary, then cached)
+    per request:     RowGrammar (the automaton's state)
+    per step:        allowed [V] bool -> the row's logits outside it are -inf; the sampled
+                     token advances the state; in a final state only end-of-sequence is allowed
+
+The vocabulary is the tokenizer's: each token id's bytes (``token_bytes()``; special tokens
+have none and are never allowed, end-of-sequence excepted). JSON schemas become regular
+expressions (``outlines_core.json_schema``): objects, arrays, strings, numbers, booleans, null,
+``enum``, ``const``, ``required``, ``anyOf`` ...; compact JSON (at most one space between
+tokens of the syntax). Needs ``outlines-core`` (in the ``serve`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+
+from .sampling import RequestError
+
+KINDS = ("json_object", "json_schema", "regex")
+_ANY_OBJECT = '{"type": "object"}'
+_CACHED_INDEXES = 64
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's output must match. Build with :meth:`json_schema`,
+    :meth:`json_object` or :meth:`regex`.
+
+    Attributes:
+        kind: "json_schema", "json_object" (any JSON object) or "regex".
+        spec: the schema as JSON text, or the regular expression ("" for json_object).
+    """
+
+    kind: Literal["json_object", "json_schema", "regex"]
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise RequestError("response_format", f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.spec, str) or (self.kind != "json_object" and not self.spec):
+            raise RequestError("response_format", f"{self.kind} needs a non-empty spec, got {self.spec!r}")
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any] | str) -> StructuredOutput:
+        """Output matching ``schema`` (a dict, or its JSON text)."""
+        if isinstance(schema, str):
+            text = schema
+        elif isinstance(schema, Mapping):
+            text = json.dumps(schema, sort_keys=True)
+        else:
+            raise RequestError("response_format", f"a JSON schema must be an object, got {schema!r}")
+        return cls("json_schema", text)
+
+    @classmethod
+    def json_object(cls) -> StructuredOutput:
+        """Output that is one JSON object (any keys and values)."""
+        return cls("json_object")
+
+    @classmethod
+    def regex(cls, pattern: str) -> StructuredOutput:
+        """Output matching the regular expression ``pattern`` (whole)."""
+        return cls("regex", pattern)
+
+    def pattern(self) -> str:
+        """The regular expression the output must match.
+
+        Raises:
+            RequestError: a schema that is not JSON or that outlines-core cannot express.
+        """
+        if self.kind == "regex":
+            return self.spec
+        from outlines_core.json_schema import build_regex_from_schema
+
+        text = _ANY_OBJECT if self.kind == "json_object" else self.spec
+        try:
+            json.loads(text)
+            return build_regex_from_schema(text)
+        except (ValueError, TypeError) as exc:
+            raise RequestError("response_format", f"unsupported JSON schema: {exc}") from None
+
+
+class Grammars:
+    """Compiles :class:`StructuredOutput` specs over one vocabulary, and caches them (any thread).
+
+    Args:
+        token_bytes: each token id's bytes (None: a special token, never generated).
+        eos_token_id: the end-of-sequence token, allowed once the output is complete.
+        vocab_size: the width of the logits (ids past ``token_bytes`` are never allowed).
+
+    Raises:
+        RequestError: outlines-core is not installed.
+    """
+
+    def __init__(self, token_bytes: Sequence[bytes | None], eos_token_id: int, vocab_size: int) -> None:
+        try:
+            import outlines_core
+        except ImportError:
+            raise RequestError("response_format", "structured output needs outlines-core (pip install "
+                                                  "'hotswap_rt[serve]')") from None
+        self._outlines = outlines_core
+        tokens: dict[bytes, list[int]] = {}
+        for token, data in enumerate(token_bytes):
+            if data and token != eos_token_id:
+                tokens.setdefault(bytes(data), []).append(token)
+        self._vocabulary = outlines_core.Vocabulary(eos_token_id, tokens)
+        self.eos_token_id, self.vocab_size = eos_token_id, vocab_size
+        self._indexes: OrderedDict[StructuredOutput, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def index(self, spec: StructuredOutput) -> Any:
+        """``spec`` compiled over the vocabulary (cached; the least recently used go first).
+
+        Raises:
+            RequestError: the spec cannot be compiled (a bad schema or regex).
+        """
+        with self._lock:
+            index = self._indexes.get(spec)
+            if index is not None:
+                self._indexes.move_to_end(spec)
+                return index
+        try:
+            index = self._outlines.Index(spec.pattern(), self._vocabulary)
+        except (ValueError, TypeError) as exc:
+            raise RequestError("response_format", f"cannot constrain output to it: {exc}") from None
+        with self._lock:
+            self._indexes[spec] = index
+            while len(self._indexes) > _CACHED_INDEXES:
+                self._indexes.popitem(last=False)
+        return index
+
+    def row(self, spec: StructuredOutput) -> RowGrammar:
+        """A fresh state for one request."""
+        return RowGrammar(self._outlines.Guide(self.index(spec)), self.vocab_size, self.eos_token_id)
+
+
+class RowGrammar:
+    """One request's place in its grammar: which tokens may come next."""
+
+    def __init__(self, guide: Any, vocab_size: int, eos_token_id: int) -> None:
+        self._guide = guide
+        self._vocab_size = vocab_size
+        self._eos = eos_token_id
+        self._words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self._bits = torch.arange(32, dtype=torch.int32)
+
+    def allowed(self) -> torch.Tensor:
+        """``[V]`` bool (CPU): the tokens that may come next."""
+        self._words.zero_()
+        self._guide.write_mask_into(self._words.data_ptr(), self._words.numel(), 4)
+        return ((self._words.unsqueeze(1) >> self._bits) & 1).flatten()[:self._vocab_size].bool()
+
+    def advance(self, token: int) -> None:
+        """Take the sampled ``token`` (end-of-sequence ends the output: nothing to advance)."""
+        if token != self._eos:
+            self._guide.advance(token)
+
+    @property
+    def finished(self) -> bool:
+        return self._guide.is_finished()

@@ -1,0 +1,213 @@
+"""Structured output: outputs constrained to a JSON schema, any JSON object or a regex.
+
+The grammar is checked on its own (random walks through the allowed tokens always end in text
+the schema accepts, checked with ``json.loads`` and the schema's own rules), the tokenizers'
+token bytes against their own encodings, and the server end to end (eager, the built-in model
+and its demo adapters): every answer parses and matches the schema, bad requests are 400s.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import pytest
+
+from hotswap_rt.engine import RequestError, SamplingParams
+from hotswap_rt.engine.structured import Grammars, StructuredOutput
+from hotswap_rt.serve import ServeConfig, build_app
+from hotswap_rt.serve.background import BackgroundServer
+from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer, HFTokenizer
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["mood", "ok", "tags"],
+          "properties": {"mood": {"enum": ["happy", "sad", "calm"]}, "ok": {"type": "boolean"},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}}
+
+
+def matches_schema(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"mood", "ok", "tags"}
+            and value["mood"] in ("happy", "sad", "calm") and isinstance(value["ok"], bool)
+            and isinstance(value["tags"], list) and len(value["tags"]) <= 3
+            and all(t in ("a", "b") for t in value["tags"]))
+
+
+def random_walk(grammars: Grammars, spec: StructuredOutput, token_bytes, seed: int, limit: int = 400) -> bytes:
+    """Tokens drawn at random among those the grammar allows, until it allows the end."""
+    rng = random.Random(seed)
+    row = grammars.row(spec)
+    out = b""
+    for _ in range(limit):
+        allowed = row.allowed().nonzero().flatten().tolist()
+        if EOS_ID in allowed and (row.finished or rng.random() < 0.5):
+            return out
+        token = rng.choice([t for t in allowed if t != EOS_ID])
+        row.advance(token)
+        out += token_bytes[token]
+    raise AssertionError(f"no end after {limit} tokens: {out!r}")
+
+
+def test_every_walk_through_a_schema_grammar_is_valid_json_of_that_schema() -> None:
+    tokens = ByteTokenizer().token_bytes()
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens) + 5)  # logits wider than the vocab
+    spec = StructuredOutput.json_schema(SCHEMA)
+    row = grammars.row(spec)
+    assert row.allowed().shape == (len(tokens) + 5,)
+    assert row.allowed().nonzero().flatten().tolist() == [ord("{")]
+    for seed in range(30):
+        assert matches_schema(json.loads(random_walk(grammars, spec, tokens, seed))), seed
+    same = StructuredOutput.json_schema(json.dumps(SCHEMA, sort_keys=True))
+    assert grammars.index(spec) is grammars.index(same)  # compiled once
+    digits = StructuredOutput.regex(r"[0-9]{2,4}-(x|y)")
+    for seed in range(10):
+        text = random_walk(grammars, digits, tokens, seed).decode()
+        head, tail = text.split("-")
+        assert head.isdigit() and 2 <= len(head) <= 4 and tail in ("x", "y")
+
+
+def test_bad_specs_and_combinations_are_request_errors() -> None:
+    grammars = Grammars(ByteTokenizer().token_bytes(), EOS_ID, vocab_size=259)
+    for spec in (StructuredOutput.json_schema({"type": "nonsense"}), StructuredOutput.json_schema("{not json"),
+                 StructuredOutput.regex("(unclosed")):
+        with pytest.raises(RequestError, match="response_format"):
+            grammars.index(spec)
+    with pytest.raises(RequestError, match="response_format"):
+        StructuredOutput.regex("")
+    with pytest.raises(RequestError, match="response_format"):
+        StructuredOutput("yaml", "x")
+    for combination in (dict(ignore_eos=True), dict(min_tokens=2)):
+        with pytest.raises(RequestError, match="ignore_eos or min_tokens"):
+            SamplingParams(structured=StructuredOutput.json_object(), **combination)
+    with pytest.raises(RequestError, match="StructuredOutput"):
+        SamplingParams(structured={"type": "json_object"})
+
+
+def trained_tokenizer(kind: str):
+    """A real fast tokenizer with merged (multi-byte) tokens: byte-level BPE (GPT-2 / Llama 3
+    style) or SentencePiece-style BPE (``\u2581`` for spaces)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["the quick brown fox jumps over the lazy dog", '{"mood": "happy", "ok": true}',
+             "naïve café — 東京 to the moon"] * 20
+    backend = Tokenizer(models.BPE())
+    if kind == "byte-level":
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        backend.decoder = decoders.Metaspace()
+        ascii_ = {chr(c) for c in range(33, 127)}  # as a real vocabulary has (or bytes to fall back on)
+        alphabet = sorted({c for t in texts for c in t.replace(" ", "\u2581")} | {"\u2581"} | ascii_)
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
+                                                           special_tokens=["<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_hf_token_bytes_spell_what_the_tokenizer_encodes(kind) -> None:
+    tokenizer = HFTokenizer(trained_tokenizer(kind))
+    token_bytes = tokenizer.token_bytes()
+    text = 'the lazy fox: {"mood": "calm", "ok": false} naïve 東京'
+    ids = tokenizer.encode(text)
+    assert any(len(token_bytes[i]) > 1 for i in ids)  # merged tokens, not single bytes
+    spelled = b"".join(token_bytes[i] for i in ids)
+    assert spelled.decode("utf-8").strip() == text
+    assert token_bytes[tokenizer.eos_token_id] is None
+    grammars = Grammars(token_bytes, tokenizer.eos_token_id, len(token_bytes))
+    spec = StructuredOutput.json_schema(SCHEMA)
+    for seed in range(10):
+        walk = random_walk_ids(grammars, spec, tokenizer.eos_token_id, seed)
+        assert matches_schema(json.loads(b"".join(token_bytes[t] for t in walk)))
+
+
+def random_walk_ids(grammars: Grammars, spec: StructuredOutput, eos: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    row, ids = grammars.row(spec), []
+    for _ in range(400):
+        allowed = row.allowed().nonzero().flatten().tolist()
+        if eos in allowed and (row.finished or rng.random() < 0.5):
+            return ids
+        ids.append(rng.choice([t for t in allowed if t != eos]))
+        row.advance(ids[-1])
+    raise AssertionError("no end")
+
+
+def test_a_tokenizer_of_unknown_bytes_is_refused() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2, "[SEP]": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()
+    tokenizer = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="[SEP]"))
+    with pytest.raises(RequestError, match="does not know this tokenizer"):
+        tokenizer.token_bytes()
+
+
+# ------------------------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def client():
+    with BackgroundServer(build_app(ServeConfig(compile=False, max_rank=8))) as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        yield http
+
+
+def json_schema_format(schema=SCHEMA) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+
+@pytest.mark.parametrize("model", ["pirate", "english", "hotswap-tiny-llama"])
+def test_every_answer_matches_the_schema(client, model) -> None:
+    from hotswap_rt.serve.default_model import MODEL_NAME
+
+    model = MODEL_NAME if model == "hotswap-tiny-llama" else model
+    for temperature, seed in ((0.0, None), (1.0, 1), (1.0, 2)):
+        chat = client.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "How are you?"}], "max_tokens": 80,
+            "temperature": temperature, "seed": seed, "response_format": json_schema_format()}).json()
+        assert chat["choices"][0]["finish_reason"] == "stop"
+        assert matches_schema(json.loads(chat["choices"][0]["message"]["content"]))
+        completion = client.post("/v1/completions", json={
+            "model": model, "prompt": "Hello", "max_tokens": 80, "temperature": temperature, "seed": seed,
+            "n": 2, "response_format": json_schema_format()}).json()
+        for choice in completion["choices"]:
+            assert choice["finish_reason"] == "stop" and matches_schema(json.loads(choice["text"]))
+
+
+def test_a_streamed_answer_and_a_json_object_parse(client) -> None:
+    text = ""
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "french", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 80,
+            "temperature": 0, "stream": True, "response_format": json_schema_format()}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line[6:])["choices"]:
+                    text += choice["delta"].get("content") or ""
+    assert matches_schema(json.loads(text))
+    body = client.post("/v1/chat/completions", json={
+        "model": "english", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 80,
+        "temperature": 0, "response_format": {"type": "json_object"}}).json()
+    assert isinstance(json.loads(body["choices"][0]["message"]["content"]), dict)
+    plain = client.post("/v1/completions", json={"model": "english", "prompt": "Hello", "max_tokens": 20,
+                                                 "temperature": 0, "response_format": {"type": "text"}}).json()
+    unconstrained = client.post("/v1/completions", json={"model": "english", "prompt": "Hello",
+                                                         "max_tokens": 20, "temperature": 0}).json()
+    assert plain["choices"][0]["text"] == unconstrained["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("response_format, extra, message", [
+    (json_schema_format({"type": "nonsense"}), {}, "unsupported JSON schema"),
+    ({"type": "json_schema"}, {}, "needs its json_schema"),
+    ({"type": "yaml"}, {}, "response_format"),
+    ({"type": "json_object"}, {"ignore_eos": True}, "ignore_eos"),
+    ({"type": "json_object"}, {"min_tokens": 3}, "min_tokens"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}, {}, "extra"),
+])
+def test_bad_response_formats_are_400s_and_others_still_run(client, response_format, extra, message) -> None:
+    response = client.post("/v1/completions", json={"model": "english", "prompt": "Hello", "max_tokens": 8,
+                                                    "response_format": response_format, **extra})
+    assert response.status_code == 400 and message in response.text
+    ok = client.post("/v1/completions", json={"model": "english", "prompt": "Hello", "max_tokens": 4})
+    assert ok.status_code == 200
