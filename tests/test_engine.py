@@ -26,20 +26,31 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)  # the random model may say its 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    torch._dynamo.reset()
-    root = tmp_path_factory.mktemp("engine")
-    base = BaseModel("llama", seed=11)
-    paths = abc_adapters(base, root)
-    reference = base.peft_reference(paths)
-    rt = HotswapRuntime(base.clone(), RuntimeConfig(
-        ATTENTION_TARGETS["llama"], max_rank=16, device_slots=3, max_batch_size=4))
-    for name, path in paths.items():
-        rt.load(name, path)
-    engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
+    base, paths, reference = abc_scene(tmp_path_factory, "engine")
+    engine = GenerationEngine(loaded_runtime(base, paths), IdTokenizer(), EngineConfig(
         max_seqs=4, max_prefill_seqs=2, prefill_chunk=8, decode_buckets=(1, 2, 4)))
     engine.start()
     yield engine, reference
     engine.stop()
+
+
+def abc_scene(tmp_path_factory, name: str):
+    """dynamo's cache emptied; the tiny Llama (seed 11), its adapters "a", "b", "c"
+    (:func:`abc_adapters`) and PEFT's reference holding them: ``(base, paths, reference)``."""
+    torch._dynamo.reset()
+    base = BaseModel("llama", seed=11)
+    paths = abc_adapters(base, tmp_path_factory.mktemp(name))
+    return base, paths, base.peft_reference(paths)
+
+
+def loaded_runtime(base: BaseModel, paths: dict) -> HotswapRuntime:
+    """A runtime on a copy of ``base`` (its attention projections, max_rank 16, 3 device slots,
+    batches of up to 4 rows) with the adapters ``paths`` (name -> dir) loaded."""
+    rt = HotswapRuntime(base.clone(), RuntimeConfig(
+        ATTENTION_TARGETS["llama"], max_rank=16, device_slots=3, max_batch_size=4))
+    for name, path in paths.items():
+        rt.load(name, path)
+    return rt
 
 
 def abc_adapters(base: BaseModel, root) -> dict:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig
+from hotswap_rt import HotswapError
 from hotswap_rt.engine import EngineConfig, GenerationEngine, RequestError, SamplingParams
 from hotswap_rt.engine.kv_cache import KVMemory
 from hotswap_rt.engine.prefix_cache import BLOCK, PrefixCache
 
-from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, IdTokenizer
-from .test_engine import GREEDY, abc_adapters, prompt, reference_tokens, tokens_of
+from .conftest import VOCAB, BaseModel, IdTokenizer
+from .test_engine import (GREEDY, abc_adapters, abc_scene, loaded_runtime, prompt, reference_tokens,
+                          tokens_of)
 
 
 # ---------------------------------------------------------------------------------- the pool
@@ -134,15 +135,8 @@ def test_sizes_are_checked() -> None:
 # -------------------------------------------------------------------------------- the engine
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    torch._dynamo.reset()
-    root = tmp_path_factory.mktemp("prefix")
-    base = BaseModel("llama", seed=11)
-    paths = abc_adapters(base, root)
-    reference = base.peft_reference(paths)
-    rt = HotswapRuntime(base.clone(), RuntimeConfig(
-        ATTENTION_TARGETS["llama"], max_rank=16, device_slots=3, max_batch_size=4))
-    for name in ("a", "b"):
-        rt.load(name, paths[name])
+    base, paths, reference = abc_scene(tmp_path_factory, "prefix")
+    rt = loaded_runtime(base, {name: paths[name] for name in "ab"})
     engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
         max_seqs=4, max_prefill_seqs=2, prefill_chunk=16, decode_buckets=(1, 4),
         prefix_cache_tokens=8 * BLOCK))
@@ -266,8 +260,7 @@ def test_requests_in_one_batch_share_a_prefix_a_full_pool_evicts(env) -> None:
 
 def test_no_prefix_cache_when_asked(tmp_path) -> None:
     base = BaseModel("llama", seed=11)
-    rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=8,
-                                                    device_slots=1, max_batch_size=4))
+    rt = loaded_runtime(base, {})
     engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(max_seqs=2, max_prefill_seqs=1,
                                                               compile=False, prefix_cache_tokens=0))
     assert engine.prefix_cache is None
@@ -293,11 +286,7 @@ def test_random_requests_with_shared_prefixes_answer_as_without_the_cache(tmp_pa
     paths = abc_adapters(base, tmp_path)
 
     def eager_engine(prefix_tokens: int) -> GenerationEngine:
-        rt = HotswapRuntime(base.clone(), RuntimeConfig(ATTENTION_TARGETS["llama"], max_rank=16,
-                                                        device_slots=3, max_batch_size=4))
-        for name, path in paths.items():
-            rt.load(name, path)
-        engine = GenerationEngine(rt, IdTokenizer(), EngineConfig(
+        engine = GenerationEngine(loaded_runtime(base, paths), IdTokenizer(), EngineConfig(
             max_seqs=4, max_prefill_seqs=2, prefill_chunk=8, compile=False,
             prefix_cache_tokens=prefix_tokens))
         engine.start()

@@ -17,8 +17,8 @@ import torch
 from hotswap_rt import HotswapError, HotswapRuntime, RuntimeConfig
 from hotswap_rt.engine import EngineConfig, GenerationEngine, SamplingParams
 
-from .conftest import ATTENTION_TARGETS, BaseModel, IdTokenizer
-from .test_engine import GREEDY, abc_adapters, prompt, reference_tokens, tokens_of
+from .conftest import ATTENTION_TARGETS, IdTokenizer
+from .test_engine import GREEDY, abc_scene, prompt, reference_tokens, tokens_of
 
 pytestmark = pytest.mark.slow  # compiles two graphs, on a thread of its own
 
@@ -36,11 +36,7 @@ def _meanwhile_runtime(base_model: torch.nn.Module, paths, **config) -> HotswapR
 @pytest.fixture(scope="module")
 def meanwhile_parts(tmp_path_factory):
     """The base model, three adapters, PEFT's reference; dynamo's cache emptied."""
-    torch._dynamo.reset()
-    root = tmp_path_factory.mktemp("meanwhile")
-    base = BaseModel("llama", seed=11)
-    paths = abc_adapters(base, root)
-    return base, paths, base.peft_reference(paths)
+    return abc_scene(tmp_path_factory, "meanwhile")
 
 
 MEANWHILE_CONFIG = dict(max_seqs=4, max_prefill_seqs=2, prefill_chunk=8, decode_buckets=(1, 2, 4),
