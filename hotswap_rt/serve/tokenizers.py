@@ -78,9 +78,11 @@ class HFTokenizer:
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         if "ByteLevel" in kinds:
             table = {char: byte for byte, char in _bytes_to_unicode().items()}
-            to_bytes = lambda piece: bytes(table[c] for c in piece) if all(c in table for c in piece) else None  # noqa: E731
+
+            def to_bytes(piece: str) -> bytes | None:  # a character outside the table: not a byte
+                return bytes(table[c] for c in piece) if all(c in table for c in piece) else None
         elif "ByteFallback" in kinds or "Metaspace" in kinds or "Replace" in kinds:
-            def to_bytes(piece: str) -> bytes:
+            def to_bytes(piece: str) -> bytes | None:
                 if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
                     return bytes([int(piece[3:5], 16)])
                 return piece.replace("▁", " ").encode("utf-8")
