@@ -56,6 +56,8 @@ def test_every_walk_through_a_schema_grammar_is_valid_json_of_that_schema() -> N
     assert row.allowed().nonzero().flatten().tolist() == [ord("{")]
     for seed in range(30):
         assert matches_schema(json.loads(random_walk(grammars, spec, tokens, seed))), seed
+    narrow = Grammars(tokens, EOS_ID, vocab_size=200).row(spec).allowed()  # logits narrower than the vocab
+    assert narrow.shape == (200,) and narrow.nonzero().flatten().tolist() == [ord("{")]
     same = StructuredOutput.json_schema(json.dumps(SCHEMA, sort_keys=True))
     assert grammars.index(spec) is grammars.index(same)  # compiled once
     digits = StructuredOutput.regex(r"[0-9]{2,4}-(x|y)")

@@ -116,6 +116,7 @@ class Grammars:
                 tokens.setdefault(bytes(data), []).append(token)
         self._vocabulary = outlines_core.Vocabulary(eos_token_id, tokens)
         self.eos_token_id, self.vocab_size = eos_token_id, vocab_size
+        self._mask_width = max(vocab_size, len(token_bytes))  # every id the vocabulary may name
         self._indexes: OrderedDict[StructuredOutput, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -142,17 +143,18 @@ class Grammars:
 
     def row(self, spec: StructuredOutput) -> RowGrammar:
         """A fresh state for one request."""
-        return RowGrammar(self._outlines.Guide(self.index(spec)), self.vocab_size, self.eos_token_id)
+        return RowGrammar(self._outlines.Guide(self.index(spec)), self.vocab_size, self.eos_token_id,
+                          self._mask_width)
 
 
 class RowGrammar:
     """One request's place in its grammar: which tokens may come next."""
 
-    def __init__(self, guide: Any, vocab_size: int, eos_token_id: int) -> None:
+    def __init__(self, guide: Any, vocab_size: int, eos_token_id: int, mask_width: int) -> None:
         self._guide = guide
         self._vocab_size = vocab_size
         self._eos = eos_token_id
-        self._words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self._words = torch.zeros((mask_width + 31) // 32, dtype=torch.int32)  # 32 ids a word
         self._bits = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
