@@ -4,6 +4,8 @@ greedy generation of each prompt alone (as in ``test_serve.py``)."""
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import socket
@@ -73,6 +75,19 @@ def test_models_and_answers_through_the_ingress(cluster) -> None:
         assert response.headers["x-hotswap-replica"]
     missing = complete(client, "ghost")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+def test_structured_output_through_the_ingress(cluster) -> None:
+    """``response_format`` reaches the replica (the body crosses Ray as a dict)."""
+    client, _ = cluster
+    schema = {"type": "object", "properties": {"yes": {"type": "boolean"}}, "required": ["yes"],
+              "additionalProperties": False}
+    body = client.post("/v1/chat/completions", json={
+        "model": ADAPTERS[0], "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 40,
+        "temperature": 0, "response_format": {"type": "json_schema",
+                                              "json_schema": {"name": "answer", "schema": schema}}}).json()
+    answer = json.loads(body["choices"][0]["message"]["content"])
+    assert set(answer) == {"yes"} and isinstance(answer["yes"], bool)
 
 
 def test_repeated_requests_go_to_the_replica_that_holds_the_adapter(cluster) -> None:
