@@ -213,3 +213,37 @@ def test_bad_response_formats_are_400s_and_others_still_run(client, response_for
     assert response.status_code == 400 and message in response.text
     ok = client.post("/v1/completions", json={"model": "english", "prompt": "Hello", "max_tokens": 4})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("model", ["pirate", "french"])
+def test_vllms_structured_outputs_choice_regex_and_json(client, model) -> None:
+    choices = ["positive (+1)", "negative", "neutral-ish"]
+    for temperature, seed in ((0.0, None), (1.0, 3), (1.0, 4)):
+        out = client.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "Classify: great!"}], "max_tokens": 30,
+            "temperature": temperature, "seed": seed, "structured_outputs": {"choice": choices}}).json()
+        assert out["choices"][0]["message"]["content"] in choices
+        out = client.post("/v1/completions", json={
+            "model": model, "prompt": "Code:", "max_tokens": 30, "temperature": temperature, "seed": seed,
+            "structured_outputs": {"regex": "[A-Z]{3}-[0-9]{2,3}"}}).json()
+        text = out["choices"][0]["text"]
+        assert len(text) in (6, 7) and text[:3].isupper() and text[3] == "-" and text[4:].isdigit()
+        out = client.post("/v1/completions", json={
+            "model": model, "prompt": "JSON:", "max_tokens": 80, "temperature": temperature, "seed": seed,
+            "structured_outputs": {"json": SCHEMA}}).json()
+        assert matches_schema(json.loads(out["choices"][0]["text"]))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"structured_outputs": {"choice": ["a"], "regex": "b"}}, "exactly one"),
+    ({"structured_outputs": {}}, "exactly one"),
+    ({"structured_outputs": {"choice": []}}, "non-empty"),
+    ({"structured_outputs": {"grammar": "root ::= x"}}, "grammar"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "cannot constrain"),
+    ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "not both"),
+])
+def test_bad_structured_outputs_are_400s_naming_the_field(client, extra, message) -> None:
+    response = client.post("/v1/completions", json={"model": "english", "prompt": "Hi", "max_tokens": 4,
+                                                    **extra})
+    assert response.status_code == 400 and message in response.text
+    assert response.json()["error"]["param"] in ("structured_outputs", "structured_outputs.grammar")

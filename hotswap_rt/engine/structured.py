@@ -1,5 +1,5 @@
 """Structured output: every generated token of a request constrained so that its output matches
-a JSON schema, is a JSON object, or matches a regular expression.
+a JSON schema, is a JSON object, matches a regular expression, or is one of given strings.
 
 ::
 
@@ -73,6 +73,14 @@ class StructuredOutput:
         """Output matching the regular expression ``pattern`` (whole)."""
         return cls("regex", pattern)
 
+    @classmethod
+    def choice(cls, options: Sequence[str]) -> StructuredOutput:
+        """Output that is exactly one of ``options`` (non-empty strings)."""
+        if isinstance(options, str) or not options or not all(isinstance(o, str) and o for o in options):
+            raise RequestError("response_format", f"choices must be a non-empty list of non-empty "
+                                                  f"strings, got {options!r}")
+        return cls("regex", "(" + "|".join(_escape(o) for o in options) + ")")
+
     def pattern(self) -> str:
         """The regular expression the output must match.
 
@@ -89,6 +97,15 @@ class StructuredOutput:
             return build_regex_from_schema(text)
         except (ValueError, TypeError) as exc:
             raise RequestError("response_format", f"unsupported JSON schema: {exc}") from None
+
+
+def _escape(text: str) -> str:
+    """``text`` as a literal of outlines-core's regex dialect (Rust's ``regex``: punctuation
+    escaped, nothing else)."""
+    return "".join("\\" + c if c in _META else c for c in text)
+
+
+_META = set("\\.+*?()|[]{}^$#&-~")
 
 
 class Grammars:

@@ -43,6 +43,34 @@ def prompts_of(body: GenerationRequest, served: Served) -> list[tuple[list[int],
             for p in prompt]
 
 
+def structured_output_of(body: GenerationRequest) -> StructuredOutput | None:
+    """What ``response_format`` or vLLM's ``structured_outputs`` asks the output to match
+    (None: nothing); a 400 for a malformed or double request."""
+    response_format, extra = body.response_format, body.structured_outputs
+    if extra is not None:
+        if response_format is not None and response_format.type != "text":
+            raise ApiError(400, "give response_format or structured_outputs, not both", "structured_outputs")
+        given = {name: value for name, value in (("json", extra.json_), ("regex", extra.regex),
+                                                 ("choice", extra.choice)) if value is not None}
+        if len(given) != 1:
+            raise ApiError(400, f"structured_outputs takes exactly one of json, regex and choice, got "
+                                f"{sorted(given) or 'none'}", "structured_outputs")
+        (kind, value), = given.items()
+        try:
+            if kind == "json":
+                return StructuredOutput.json_schema(value)
+            return StructuredOutput.regex(value) if kind == "regex" else StructuredOutput.choice(value)
+        except RequestError as exc:
+            raise ApiError(400, str(exc), "structured_outputs") from exc
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return StructuredOutput.json_object()
+    if response_format.json_schema is None:
+        raise ApiError(400, "response_format json_schema needs its json_schema", "response_format")
+    return StructuredOutput.json_schema(response_format.json_schema.schema_)
+
+
 def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
     """The engine's sampling parameters for ``body`` (defaults from the model's generation
     config); raises :class:`ApiError` 400 naming a bad parameter."""
@@ -56,14 +84,7 @@ def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         logprobs = body.logprobs
-    structured = None
-    response_format = body.response_format
-    if response_format is not None and response_format.type == "json_object":
-        structured = StructuredOutput.json_object()
-    elif response_format is not None and response_format.type == "json_schema":
-        if response_format.json_schema is None:
-            raise ApiError(400, "response_format json_schema needs its json_schema", "response_format")
-        structured = StructuredOutput.json_schema(response_format.json_schema.schema_)
+    structured = structured_output_of(body)
     try:
         bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
     except ValueError:
@@ -196,7 +217,8 @@ class LocalBackend:
             try:
                 await asyncio.to_thread(lambda: self.engine.grammars().index(params.structured))
             except RequestError as exc:
-                raise ApiError(400, str(exc), exc.param) from exc
+                field = "structured_outputs" if body.structured_outputs is not None else exc.param
+                raise ApiError(400, str(exc), field) from exc
         echo = not isinstance(body, ChatCompletionRequest) and body.echo
         loop = asyncio.get_running_loop()
         if self._relay is None or self._relay.loop is not loop:

@@ -58,6 +58,18 @@ class ResponseFormat(BaseModel):
     json_schema: Optional[JsonSchemaFormat] = None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of ``json`` (a JSON schema), ``regex`` or
+    ``choice`` (the output is one of these strings). vLLM's ``grammar``, ``structural_tag`` and
+    ``whitespace_pattern`` are not implemented (400s naming them)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: Optional[Union[dict[str, Any], str]] = Field(default=None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat; ranges are checked by the engine's
     :class:`~hotswap_rt.engine.SamplingParams` (a 400 naming the parameter)."""
@@ -85,6 +97,7 @@ class SamplingFields(BaseModel):
     adapters: Optional[dict[str, float]] = None  # a weighted mix of adapters (this server's own)
     cache_salt: Optional[str] = None  # vLLM's: prefix-cache KV shared only with the same salt
     response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None  # vLLM's
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
