@@ -14,6 +14,7 @@ from .config import EngineConfig
 from .engine import GenerationEngine
 from .sampling import RequestError, SamplingParams
 from .sequence import Event, FinishEvent, RequestHandle, TokenEvent
+from .structured import StructuredOutput
 
 __all__ = ["EngineConfig", "Event", "FinishEvent", "GenerationEngine", "RequestError",
-           "RequestHandle", "SamplingParams", "TokenEvent"]
+           "RequestHandle", "SamplingParams", "StructuredOutput", "TokenEvent"]
