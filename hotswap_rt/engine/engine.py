@@ -223,8 +223,7 @@ class GenerationEngine:
         grammar = None if params.structured is None else self.grammars().row(params.structured)
         sampling_state = RowSampling(params, prompt, self.vocab_size, self.device, banned, grammar)
         sequence = Sequence(handle, prompt, adapter, params, sampling_state, self.tokenizer,
-                            self.eos_ids, self.max_len)
-        sequence.cache_salt = cache_salt
+                            self.eos_ids, self.max_len, cache_salt=cache_salt)
         for name in sequence.adapter_names:
             self._prefetch_if_cold(name)
         with self._wake:
@@ -466,8 +465,7 @@ class GenerationEngine:
         """The prefix cache's key of ``sequence``'s KV: its cache salt, and what the KV is
         computed with (each adapter's name, mix weight and ``weights_id``); None (never
         cached) while one of them trains, or once one is unloaded."""
-        adapter = sequence.adapter
-        spec = {} if adapter is None else {adapter: 1.0} if isinstance(adapter, str) else adapter
+        spec = {} if sequence.adapter is None else row_spec(sequence.adapter)
         key = []
         for name, weight in sorted(spec.items()):
             if weight == 0.0:
@@ -478,7 +476,7 @@ class GenerationEngine:
                 return None
             if info.trainable:
                 return None
-            key.append((name, float(weight), info.weights_id))
+            key.append((name, weight, info.weights_id))
         return (sequence.cache_salt, tuple(key))
 
     def _reuse_prefix(self, sequence: Sequence, row: int) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Hashable, Iterator, Sequence
 
 import torch
 
@@ -104,14 +104,7 @@ class PrefixCache:
     def match(self, adapters: Hashable, tokens: Sequence[int]) -> PrefixMatch:
         """The longest cached prefix of ``tokens`` under ``adapters``, whole blocks, short of
         the last token; its blocks become the most recently used. Counted in the stats."""
-        found: list[_Block] = []
-        parent: Hashable = ("root", adapters)
-        for start in range(0, len(tokens) - 1 - BLOCK + 1, BLOCK):
-            block = self._blocks.get((parent, tuple(tokens[start:start + BLOCK])))
-            if block is None:
-                break
-            found.append(block)
-            parent = block.index
+        found = self._path(adapters, tokens, len(tokens) - 1)
         self._touch(found)
         self.stats.queried += len(tokens)
         self.stats.hit += len(found) * BLOCK
@@ -123,38 +116,26 @@ class PrefixCache:
         if not match.blocks:
             return
         index = torch.tensor([b.index for b in match.blocks], device=self.keys[0].device)
-        for pool, rows in ((self.keys, self._memory.keys), (self.values, self._memory.values)):
-            for cached, memory in zip(pool, rows):
-                _blocked(memory, row, 0, len(match.blocks)).copy_(cached.index_select(0, index))
+        for cached, memory in self._pool_and_rows():
+            _blocked(memory, row, 0, len(match.blocks)).copy_(cached.index_select(0, index))
 
     @torch.no_grad()
     def store(self, adapters: Hashable, tokens: Sequence[int], row: int) -> None:
         """Keep the KV of ``tokens`` (its whole blocks), which KV row ``row`` holds at positions
         ``0 .. len(tokens) - 1``, for later prompts: the blocks not cached yet are copied, as
         many as free or evictable blocks allow."""
-        path: list[_Block] = []
-        parent: Hashable = ("root", adapters)
-        new: list[tuple[tuple, int]] = []  # (key, position) of blocks to add, in order
-        for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
-            key = (parent, tuple(tokens[start:start + BLOCK]))
-            block = self._blocks.get(key)
-            if block is None:
-                new = [(key, start)]
-                new += [(None, s) for s in range(start + BLOCK, len(tokens) - BLOCK + 1, BLOCK)]
-                break
-            path.append(block)
-            parent = block.index
+        path = self._path(adapters, tokens, len(tokens))
         self._touch(path)
-        if not new:
+        starts = range(len(path) * BLOCK, len(tokens) - BLOCK + 1, BLOCK)  # of the blocks to add
+        if not starts:
             return
-        indices = self._take(len(new), protected=path[-1] if path else None)
+        last = path[-1] if path else None
+        indices = self._take(len(starts), protected=last)
         if not indices:
             return
-        new = new[:len(indices)]
-        last = path[-1] if path else None
-        for (key, start), index in zip(new, indices):
-            if key is None:  # continues the block just added
-                key = (last.index, tuple(tokens[start:start + BLOCK]))
+        for start, index in zip(starts, indices):
+            parent = _root(adapters) if last is None else last.index
+            key = (parent, tuple(tokens[start:start + BLOCK]))
             block = _Block(key, index, last, last_used=self._clock)
             if last is not None:
                 last.children += 1
@@ -162,11 +143,9 @@ class PrefixCache:
             self._blocks[key] = block
             self._leaves[index] = block
             last = block
-        first = new[0][1] // BLOCK
         index = torch.tensor(indices, device=self.keys[0].device)
-        for pool, rows in ((self.keys, self._memory.keys), (self.values, self._memory.values)):
-            for cached, memory in zip(pool, rows):
-                cached.index_copy_(0, index, _blocked(memory, row, first, len(indices)))
+        for cached, memory in self._pool_and_rows():
+            cached.index_copy_(0, index, _blocked(memory, row, len(path), len(indices)))
         self.stats.stored_blocks += len(indices)
         self.stats.held_blocks = len(self._blocks)
 
@@ -178,6 +157,24 @@ class PrefixCache:
         self.stats.held_blocks = 0
 
     # ------------------------------------------------------------------------------ internals
+    def _path(self, adapters: Hashable, tokens: Sequence[int], end: int) -> list[_Block]:
+        """The cached blocks that begin ``tokens[:end]`` under ``adapters`` (whole blocks, in
+        order)."""
+        path: list[_Block] = []
+        parent: Hashable = _root(adapters)
+        for start in range(0, end - BLOCK + 1, BLOCK):
+            block = self._blocks.get((parent, tuple(tokens[start:start + BLOCK])))
+            if block is None:
+                break
+            path.append(block)
+            parent = block.index
+        return path
+
+    def _pool_and_rows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each pool tensor with the KV rows' tensor of the same layer, keys then values."""
+        yield from zip(self.keys, self._memory.keys)
+        yield from zip(self.values, self._memory.values)
+
     def _touch(self, path: list[_Block]) -> None:
         self._clock += 1
         for block in path:
@@ -211,6 +208,11 @@ class PrefixCache:
                 self._leaves[parent.index] = parent  # the newest ...
                 if oldest is not None and parent.last_used < oldest.last_used:
                     self._leaves.move_to_end(parent.index, last=False)  # ... or the oldest
+
+
+def _root(adapters: Hashable) -> tuple:
+    """What a sequence's first block is keyed under (the parent of a root block)."""
+    return ("root", adapters)
 
 
 def _blocked(tensor: torch.Tensor, row: int, first: int, count: int) -> torch.Tensor:

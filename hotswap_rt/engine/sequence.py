@@ -145,7 +145,7 @@ class Sequence:
 
     def __init__(self, handle: RequestHandle, prompt_ids: list[int], adapter: object,
                  params: SamplingParams, sampling: RowSampling, tokenizer: Tokenizer,
-                 eos_ids: frozenset[int], max_len: int) -> None:
+                 eos_ids: frozenset[int], max_len: int, cache_salt: str | None = None) -> None:
         self.handle = handle
         self.prompt_ids = prompt_ids
         self.adapter = adapter
@@ -155,7 +155,7 @@ class Sequence:
         self.max_len = max_len
         self.cached = 0
         self.output_ids: list[int] = []
-        self.cache_salt: str | None = None
+        self.cache_salt = cache_salt
         self.weights_key: tuple | None = None
         self.cached_prompt_tokens = 0
         self.finish_reason: str | None = None

@@ -78,6 +78,12 @@ class StepMetrics:
         return [self.rows, self.adapters, self.seconds]
 
 
+# the prefix cache's counters on /metrics (as vLLM's vllm:prefix_cache_queries / _hits, in
+# tokens): metric suffix, PrefixCacheStats field, what it counts
+PREFIX_CACHE_COUNTS = (("queries", "queried", "Prompt tokens looked up in the prefix cache"),
+                       ("hits", "hit", "Prompt tokens whose KV came from the prefix cache"))
+
+
 class RuntimeCollector(Collector):
     """Runtime and engine figures, read when Prometheus scrapes."""
 
@@ -106,11 +112,10 @@ class RuntimeCollector(Collector):
             compile_state.add_metric([state], float(self.engine.compile_state == state))
         yield compile_state
         prefix = self.engine.prefix_cache
-        if prefix is not None:  # as vLLM's vllm:prefix_cache_queries / _hits, in tokens
-            for name, value, what in (("queries", prefix.stats.queried, "Prompt tokens looked up"),
-                                      ("hits", prefix.stats.hit, "Prompt tokens whose KV came from")):
-                family = CounterMetricFamily(f"hotswap_prefix_cache_{name}", f"{what} the prefix cache")
-                family.add_metric([], value)
+        if prefix is not None:
+            for name, field, what in PREFIX_CACHE_COUNTS:
+                family = CounterMetricFamily(f"hotswap_prefix_cache_{name}", what)
+                family.add_metric([], getattr(prefix.stats, field))
                 yield family
         recompiles = CounterMetricFamily("hotswap_recompiles", "Recompiles after warm-up (guard)")
         recompiles.add_metric([], rt.guard.recompiles)
@@ -148,10 +153,9 @@ class ReplicaStatsCollector(Collector):
                                   labels=["replica"])
         tiers = GaugeMetricFamily("hotswap_replica_adapters_resident", "Adapters by tier, per replica",
                                   labels=["replica", "tier"])
-        prefix = {name: GaugeMetricFamily(f"hotswap_replica_prefix_cache_{name}",
-                                          f"{what} the prefix cache, per replica", labels=["replica"])
-                  for name, what in (("queries", "Prompt tokens looked up in"),
-                                     ("hits", "Prompt tokens whose KV came from"))}
+        prefix = {field: GaugeMetricFamily(f"hotswap_replica_prefix_cache_{name}", f"{what}, per replica",
+                                           labels=["replica"])
+                  for name, field, what in PREFIX_CACHE_COUNTS}
         info = GaugeMetricFamily(
             "hotswap_rt:lora_requests_info", "Running/waiting adapters per replica, as vLLM's "
             "lora_requests_info", labels=["replica", "running_lora_adapters",
@@ -164,8 +168,8 @@ class ReplicaStatsCollector(Collector):
             swaps.add_metric([replica], stats.get("swaps", 0))
             cache = stats.get("prefix_cache")
             if cache is not None:
-                prefix["queries"].add_metric([replica], cache["queried"])
-                prefix["hits"].add_metric([replica], cache["hit"])
+                for field, family in prefix.items():
+                    family.add_metric([replica], cache[field])
             adapters = stats.get("adapters", {}).values()
             for tier, count in tier_counts(a["tier"] for a in adapters).items():
                 tiers.add_metric([replica, tier], count)
