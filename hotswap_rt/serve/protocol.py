@@ -38,14 +38,14 @@ class StreamOptions(BaseModel):
 
 class JsonSchemaFormat(BaseModel):
     """OpenAI's ``response_format.json_schema``; the output always matches ``schema`` (as with
-    ``strict``: true, whatever ``strict`` says)."""
+    ``strict``: true, whatever ``strict`` says; ``name`` labels it). ``description`` (which
+    OpenAI shows the model) is not implemented: a 400 naming it."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str
     schema_: dict[str, Any] = Field(alias="schema")
     strict: Optional[bool] = None
-    description: Optional[str] = None
 
 
 class ResponseFormat(BaseModel):
