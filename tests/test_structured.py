@@ -206,7 +206,8 @@ def test_a_streamed_answer_and_a_json_object_parse(client) -> None:
     ({"type": "json_object"}, {"ignore_eos": True}, "ignore_eos"),
     ({"type": "json_object"}, {"min_tokens": 3}, "min_tokens"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}, {}, "extra"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "description": "d"}}, {}, "description"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "description": "d"}}, {},
+     "description"),
 ])
 def test_bad_response_formats_are_400s_and_others_still_run(client, response_format, extra, message) -> None:
     response = client.post("/v1/completions", json={"model": "english", "prompt": "Hello", "max_tokens": 8,
