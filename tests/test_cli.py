@@ -294,3 +294,22 @@ def test_a_server_stopped_while_compiling_ends_its_compile_process(tmp_path) -> 
         time.sleep(0.1)
     else:
         raise AssertionError(f"the compile process {child} outlived the server")
+
+
+def test_the_tool_calling_flags_are_vllms_pair(capsys) -> None:
+    """``--enable-auto-tool-choice --tool-call-parser hermes`` reach the config; one without
+    the other, or a parser this server does not have, is a usage error (exit 2)."""
+    import argparse
+
+    from hotswap_rt.serve.cli import add_arguments, config_from_args, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]))
+    assert config.auto_tool_parser() == "hermes"
+    assert config_from_args(parser.parse_args([])).auto_tool_parser() is None
+    assert run(parser.parse_args(["--enable-auto-tool-choice"])) == 2
+    assert "go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--tool-call-parser", "mistral"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

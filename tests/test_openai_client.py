@@ -108,8 +108,8 @@ def test_a_symlinked_file_cannot_escape_the_adapter_root(server, tmp_path) -> No
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"), ("user", "me"), ("best_of", 2),
+    ("functions", [{"name": "f", "parameters": {}}]),  # OpenAI's old form of tools
+    ("function_call", "auto"), ("user", "me"), ("best_of", 2),
 ])
 def test_parameters_the_server_does_not_implement_are_named(server, field, value) -> None:
     client, _, _ = server

@@ -40,7 +40,8 @@ def cluster(tmp_path_factory):
     shutil.copytree(demo_adapter_paths()["english"], root / "english-copy")
     config = ServeConfig(adapters={"greeter": str(root / "greeter")}, max_rank=8, device_slots=2,
                          max_num_seqs=4, max_prefill_seqs=1, allow_runtime_adapter_updates=True,
-                         adapter_root=str(root), compile_cache=COMPILE_CACHE)
+                         adapter_root=str(root), compile_cache=COMPILE_CACHE,
+                         enable_auto_tool_choice=True, tool_call_parser="hermes")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -88,6 +89,36 @@ def test_structured_output_through_the_ingress(cluster) -> None:
                                               "json_schema": {"name": "answer", "schema": schema}}}).json()
     answer = json.loads(body["choices"][0]["message"]["content"])
     assert set(answer) == {"yes"} and isinstance(answer["yes"], bool)
+
+
+def test_tool_calls_through_the_ingress(cluster) -> None:
+    """``tools`` reach the replica and its answer becomes calls at the ingress: required (a
+    call of the schema, streamed and whole) and auto (a greeter writes no call: its text as
+    content, as with tool_choice "none")."""
+    client, _ = cluster
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"enum": [1, 2, 3]}}, "required": ["n"],
+        "additionalProperties": False}}}]
+    body = {"model": ADAPTERS[0], "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 100,
+            "temperature": 0, "tools": tools, "parallel_tool_calls": False}
+    required = client.post("/v1/chat/completions",
+                           json={**body, "tool_choice": "required"}).json()["choices"][0]
+    (call,) = required["message"]["tool_calls"]
+    assert required["finish_reason"] == "tool_calls" and call["function"]["name"] == "pick"
+    assert json.loads(call["function"]["arguments"])["n"] in (1, 2, 3)
+    arguments = ""
+    with client.stream("POST", "/v1/chat/completions", json={**body, "tool_choice": "required",
+                                                             "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    for delta in choice["delta"].get("tool_calls", []):
+                        arguments += delta["function"]["arguments"]
+    assert arguments == call["function"]["arguments"]
+    auto = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    plain = client.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).json()["choices"][0]
+    assert "tool_calls" not in auto["message"] and "<tool_call>" not in plain["message"]["content"]
+    assert auto["message"]["content"] == plain["message"]["content"] and auto["message"]["content"]
 
 
 def test_repeated_requests_go_to_the_replica_that_holds_the_adapter(cluster) -> None:

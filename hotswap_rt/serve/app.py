@@ -28,6 +28,7 @@ from .backend import LocalBackend
 from .config import ServeConfig
 from .metrics import RequestMetrics
 from .model import Served, build_runtime
+from .tools import ToolCallStream, ToolPlan, answer_message, tool_plan
 from .protocol import (
     ApiError, Backend, ChatCompletionRequest, CompletionRequest, GenerationRequest, LoadLoraRequest,
     UnloadLoraRequest, error_body)
@@ -165,7 +166,7 @@ def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        where = _field_path(first.get("loc", ())[1:])
         if first.get("type") == "extra_forbidden":
             return JSONResponse(error_body(400, f"{where} is not supported by this server", where), 400)
         return JSONResponse(error_body(400, f"malformed request: {first.get('msg', exc)}", where), 400)
@@ -200,11 +201,19 @@ def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
-        return await _respond(backend, metrics, body, "chat", chat=True)
+        return await _respond(backend, metrics, body, "chat", chat=True,
+                              tool_parser=config.auto_tool_parser())
 
     if config.allow_runtime_adapter_updates:
         _add_adapter_routes(app, backend, Path(config.adapter_root).resolve())
     return app
+
+
+def _field_path(loc: tuple) -> str | None:
+    """A pydantic error location as the request's field path (``messages.0.tool_calls``),
+    without the union members pydantic names in it (``literal['none','auto']``, ``NamedToolChoice``)."""
+    return ".".join(str(part) for part in loc if not (
+        isinstance(part, str) and ("[" in part or part[:1].isupper()))) or None
 
 
 async def _measured(backend: Backend, metrics: RequestMetrics, body: GenerationRequest,
@@ -231,7 +240,7 @@ async def _measured(backend: Backend, metrics: RequestMetrics, body: GenerationR
 
 
 async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRequest,
-                   endpoint: str, chat: bool):
+                   endpoint: str, chat: bool, tool_parser: str | None = None):
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = _measured(backend, metrics, body, endpoint)
@@ -242,6 +251,9 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
         headers[RESIDENT_HEADER] = "true" if first[1]["resident"] else "false"
         first = await _next_event(stream)
     wants_logprobs = (body.logprobs if chat else body.logprobs is not None)
+    tools = tool_plan(body, tool_parser) if chat else None  # the backend checked it: no error here
+    if tools is not None and tools.mode == "none":
+        tools = None
     if not body.stream:
         texts: dict[int, list[str]] = {}
         entries: dict[int, list] = {}
@@ -260,7 +272,10 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
             text = "".join(texts.get(index, []))
             logprobs = _logprobs(entries.get(index, []), chat) if wants_logprobs else None
             reason = finishes[index]["reason"]
-            choices.append({"index": index, "message": {"role": "assistant", "content": text},
+            message = {"role": "assistant", "content": text}
+            if tools is not None:
+                message, reason = answer_message(tools, text, reason)
+            choices.append({"index": index, "message": message,
                             "logprobs": logprobs, "finish_reason": reason} if chat else
                            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
         return JSONResponse({"id": request_id, "object": "chat.completion" if chat else "text_completion",
@@ -269,7 +284,7 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
         _sse(first, stream, request_id, created, body.model, chat, include_usage, wants_logprobs,
-             body.n), media_type="text/event-stream", headers=headers)
+             body.n, tools), media_type="text/event-stream", headers=headers)
 
 
 async def _next_event(stream: AsyncIterator) -> tuple[str, Any] | None:
@@ -310,19 +325,21 @@ def _logprobs(entries: list[dict], chat: bool, offset: int = 0) -> dict:
 
 
 async def _sse(first, stream, request_id: str, created: int, model: str, chat: bool,
-               include_usage: bool, wants_logprobs: bool, n: int):
-    """Server-sent events as OpenAI streams them, one chunk per choice event; with
-    ``include_usage`` a last chunk with empty ``choices`` carries the token counts."""
+               include_usage: bool, wants_logprobs: bool, n: int, tools: ToolPlan | None = None):
+    """Server-sent events as OpenAI streams them, one chunk per choice event (with ``tools``,
+    per delta of its :class:`~.tools.ToolCallStream`); with ``include_usage`` a last chunk with
+    empty ``choices`` carries the token counts."""
     kind_name = "chat.completion.chunk" if chat else "text_completion"
     text_so_far: dict[int, int] = {}
     finishes: list[dict] = []
+    calls: dict[int, ToolCallStream] = {}
 
-    def chunk(index: int, delta: str | None, reason: str | None, entries: list | None = None,
-              role: bool = False) -> str:
+    def chunk(index: int, delta: str | dict | None, reason: str | None, entries: list | None = None) -> str:
+        """``delta``: chat, the delta object (None: empty) or text; completions, the text."""
         logprobs = (_logprobs(entries or [], chat, text_so_far.get(index, 0))
                     if wants_logprobs and entries else None)
         if chat:
-            content = {"role": "assistant"} if role else ({"content": delta} if delta is not None else {})
+            content = delta if isinstance(delta, dict) else ({"content": delta} if delta is not None else {})
             choice = {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": reason}
         else:
             choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": reason}
@@ -338,13 +355,24 @@ async def _sse(first, stream, request_id: str, created: int, model: str, chat: b
             index = value["index"]
             if chat and index not in started:
                 started.add(index)
-                yield chunk(index, None, None, role=True)
-            if kind == "token":
+                yield chunk(index, {"role": "assistant"}, None)
+                if tools is not None:
+                    calls[index] = ToolCallStream(tools)
+            if kind == "token" and index in calls:
+                deltas = calls[index].feed(value["text"]) or ([{}] if value["logprobs"] else [])
+                for i, delta in enumerate(deltas):
+                    yield chunk(index, delta, None, value["logprobs"] if i == 0 else None)
+            elif kind == "token":
                 yield chunk(index, value["text"], None, value["logprobs"])
                 text_so_far[index] = text_so_far.get(index, 0) + len(value["text"])
             else:
                 finishes.append(value)
-                yield chunk(index, None, value["reason"])
+                reason = value["reason"]
+                if index in calls:
+                    deltas, reason = calls[index].finish(reason)
+                    for delta in deltas:
+                        yield chunk(index, delta, None)
+                yield chunk(index, None, reason)
             event = await _next_event(stream)
         if include_usage:
             payload = {"id": request_id, "object": kind_name, "created": created, "model": model,

@@ -21,16 +21,20 @@ from .metrics import RuntimeCollector, StepMetrics
 from .model import Served
 from .precompile import CompileInAnotherProcess
 from .protocol import ApiError, ChatCompletionRequest, GenerationRequest
+from .tools import ToolPlan, tool_plan
 
 log = logging.getLogger(__name__)
 
 
-def prompts_of(body: GenerationRequest, served: Served) -> list[tuple[list[int], str]]:
-    """Every prompt of ``body`` as (token ids, text): the chat template applied to the messages,
-    or each completion prompt (a string, strings, token ids, lists of token ids)."""
+def prompts_of(body: GenerationRequest, served: Served,
+               tools: ToolPlan | None = None) -> list[tuple[list[int], str]]:
+    """Every prompt of ``body`` as (token ids, text): the chat template applied to the messages
+    (and ``tools``' functions), or each completion prompt (a string, strings, token ids, lists
+    of token ids)."""
     tokenizer = served.tokenizer
     if isinstance(body, ChatCompletionRequest):
-        text = tokenizer.chat_prompt([m.rendered() for m in body.messages])
+        text = tokenizer.chat_prompt([m.rendered() for m in body.messages],
+                                     list(tools.tools) if tools is not None else None)
         return [(tokenizer.encode(text), text)]
     prompt = body.prompt
     if isinstance(prompt, str):
@@ -43,10 +47,15 @@ def prompts_of(body: GenerationRequest, served: Served) -> list[tuple[list[int],
             for p in prompt]
 
 
-def structured_output_of(body: GenerationRequest) -> StructuredOutput | None:
-    """What ``response_format`` or vLLM's ``structured_outputs`` asks the output to match
-    (None: nothing); a 400 for a malformed or double request."""
+def structured_output_of(body: GenerationRequest, tools: ToolPlan | None = None) -> StructuredOutput | None:
+    """What ``response_format``, vLLM's ``structured_outputs`` or a required / named tool
+    choice asks the output to match (None: nothing); a 400 for a malformed or double request."""
     response_format, extra = body.response_format, body.structured_outputs
+    if tools is not None and tools.structured is not None:
+        if extra is not None or (response_format is not None and response_format.type != "text"):
+            raise ApiError(400, f"tool_choice {tools.mode!r} constrains the output itself: not with "
+                                f"response_format or structured_outputs", "tool_choice")
+        return tools.structured
     if extra is not None:
         if response_format is not None and response_format.type != "text":
             raise ApiError(400, "give response_format or structured_outputs, not both", "structured_outputs")
@@ -71,9 +80,10 @@ def structured_output_of(body: GenerationRequest) -> StructuredOutput | None:
     return StructuredOutput.json_schema(response_format.json_schema.schema_)
 
 
-def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
+def sampling_of(body: GenerationRequest, served: Served, tools: ToolPlan | None = None) -> SamplingParams:
     """The engine's sampling parameters for ``body`` (defaults from the model's generation
-    config); raises :class:`ApiError` 400 naming a bad parameter."""
+    config; ``tools``' constraint and stop strings); raises :class:`ApiError` 400 naming a bad
+    parameter."""
     chat = isinstance(body, ChatCompletionRequest)
     if not chat and body.echo and body.logprobs is not None:
         raise ApiError(400, "echo with logprobs (prompt log-probabilities) is not supported", "echo")
@@ -84,7 +94,7 @@ def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         logprobs = body.logprobs
-    structured = structured_output_of(body)
+    structured = structured_output_of(body, tools)
     try:
         bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
     except ValueError:
@@ -95,7 +105,8 @@ def sampling_of(body: GenerationRequest, served: Served) -> SamplingParams:
     given = {name: getattr(body, name) for name in defaults}
     try:
         return SamplingParams(
-            max_tokens=max_tokens, seed=body.seed, logit_bias=bias, stop=body.stop_strings(),
+            max_tokens=max_tokens, seed=body.seed, logit_bias=bias,
+            stop=body.stop_strings() + (tools.stop if tools else ()),
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens, logprobs=logprobs, structured=structured,
             **{name: defaults[name] if value is None else value for name, value in given.items()})
@@ -211,13 +222,16 @@ class LocalBackend:
         """Events for every choice of one request (see :mod:`.protocol`); a client that goes
         away (the consumer stops iterating) cancels them at the next step."""
         adapter = self.adapter_of(body)
-        params = sampling_of(body, self.served)
-        prompts = prompts_of(body, self.served)
+        tools = tool_plan(body, self.config.auto_tool_parser()) if isinstance(
+            body, ChatCompletionRequest) else None
+        params = sampling_of(body, self.served, tools)
+        prompts = prompts_of(body, self.served, tools)
         if params.structured is not None:  # compiled off the event loop (a large vocabulary: seconds)
             try:
                 await asyncio.to_thread(lambda: self.engine.grammars().index(params.structured))
             except RequestError as exc:
-                field = "structured_outputs" if body.structured_outputs is not None else exc.param
+                field = ("tools" if tools is not None and tools.structured is not None else
+                         "structured_outputs" if body.structured_outputs is not None else exc.param)
                 raise ApiError(400, str(exc), field) from exc
         echo = not isinstance(body, ChatCompletionRequest) and body.echo
         loop = asyncio.get_running_loop()

@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "comma-separated)")
     parser.add_argument("--admin-api-key", action="append", default=[],
                         help="only these keys may load/unload adapters (repeatable)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='tool_choice "auto" (the default with tools): calls read from the '
+                             'output with --tool-call-parser (vLLM\'s pair of flags)')
+    parser.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+                        help="the model's tool call format: hermes (<tool_call>{...}</tool_call>: "
+                             "Hermes, Qwen 2.5/3, the built-in model)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads (default on CPU: every core but one)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -115,7 +121,8 @@ def config_from_args(args: argparse.Namespace):
         target_parameters=None if args.target_parameters is None else tuple(args.target_parameters),
         modules_to_save=None if args.modules_to_save is None else tuple(args.modules_to_save),
         scale_vectors=args.scale_vectors, compile_cache=args.compile_cache,
-        map_adapter_files=not args.no_map_adapter_files)
+        map_adapter_files=not args.no_map_adapter_files,
+        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import EngineConfig
+from .tools import TOOL_CALL_PARSERS
 
 
 @dataclass
@@ -59,6 +60,9 @@ class ServeConfig:
             read lease that holds writers off meanwhile (``RuntimeConfig.map_adapter_files``:
             faster loads; files that cannot be leased are read). False: read each file into
             memory first.
+        enable_auto_tool_choice, tool_call_parser: vLLM's pair: ``tool_choice`` "auto" (the
+            default with ``tools``) reads the calls the model writes with this parser
+            (``"hermes"``, :mod:`~hotswap_rt.serve.tools`); both or neither.
         compile_cache: inductor's compile cache for ``hotswap-rt serve`` and each Ray replica
             (:mod:`~hotswap_rt.serve.compile_cache`): None is ``$TORCHINDUCTOR_CACHE_DIR`` as the
             process started, else ``~/.cache/hotswap_rt/inductor`` (``$XDG_CACHE_HOME``), which
@@ -95,6 +99,8 @@ class ServeConfig:
     admin_api_keys: tuple[str, ...] = ()
     compile_cache: str | None = None
     map_adapter_files: bool = True
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         self.api_keys, self.admin_api_keys = tuple(self.api_keys), tuple(self.admin_api_keys)
@@ -122,6 +128,12 @@ class ServeConfig:
         if self.serve_while_compiling and self.stacked_mixes:
             raise ValueError("serve_while_compiling cannot be combined with stacked_mixes (a per-row "
                              "and a stacked graph per shape; it compiles one)")
+        if self.enable_auto_tool_choice != (self.tool_call_parser is not None):
+            raise ValueError("enable_auto_tool_choice and tool_call_parser go together (vLLM's "
+                             "--enable-auto-tool-choice --tool-call-parser): give both or neither")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, "
+                             f"got {self.tool_call_parser!r}")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         if self.allow_runtime_adapter_updates and not self.adapter_root:
@@ -129,6 +141,10 @@ class ServeConfig:
                              "adapters may be loaded from)")
         if self.adapter_root is not None and not Path(self.adapter_root).is_dir():
             raise ValueError(f"adapter_root {self.adapter_root!r} is not a directory")
+
+    def auto_tool_parser(self) -> str | None:
+        """The parser "auto" tool choice uses, or None when it is off."""
+        return self.tool_call_parser if self.enable_auto_tool_choice else None
 
     def threads(self) -> int | None:
         """The intra-op thread count to set, or None to leave torch's."""

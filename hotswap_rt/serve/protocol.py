@@ -14,9 +14,10 @@ cannot run raises :class:`ApiError` before its first event.
 
 from __future__ import annotations
 
+import json
 from typing import Any, AsyncIterator, Awaitable, Literal, Optional, Protocol, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ApiError(Exception):
@@ -118,9 +119,72 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionDefinition(BaseModel):
+    """A function the model may call: OpenAI's name rules (letters, digits, ``_``, ``-``, up to
+    64), ``parameters`` a JSON schema of its arguments (absent: any object), ``strict``: its
+    arguments always match ``parameters`` (see :mod:`.tools`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: the answer is a call of that function."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str  # a JSON object, as OpenAI returns it
+
+    @field_validator("arguments")
+    @classmethod
+    def _a_json_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise ValueError("function arguments must be a JSON object")
+        return arguments
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message made (an earlier answer's ``tool_calls``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    """A chat message; ``developer`` is rendered as ``system``, ``tool`` results go through the
-    chat template as they are. Tool calls themselves (``tool_calls``) are not supported."""
+    """A chat message; ``developer`` is rendered as ``system``; an assistant's ``tool_calls``
+    (with their arguments as objects) and ``tool`` results go through the chat template."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -128,16 +192,29 @@ class ChatMessage(BaseModel):
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
     tool_call_id: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
 
-    def rendered(self) -> dict[str, str]:
+    @model_validator(mode="after")
+    def _calls_only_from_the_assistant(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        return self
+
+    def rendered(self) -> dict[str, Any]:
         """The message as a chat template takes it."""
         text = self.content if isinstance(self.content, str) else "".join(
             part.text for part in self.content or [])
-        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": text}
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)}}
+                for call in self.tool_calls]
         return message
 
 
@@ -146,6 +223,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class LoadLoraRequest(BaseModel):

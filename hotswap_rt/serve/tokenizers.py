@@ -20,7 +20,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+        """The prompt for ``messages``; ``tools`` (OpenAI's ``{"type": "function", ...}``) go
+        to the template as ``tools``."""
+        ...
 
 
 class ByteTokenizer:
@@ -40,9 +43,18 @@ class ByteTokenizer:
         """Each token id's bytes (None for the special ids): what structured output constrains."""
         return [bytes([i]) for i in range(256)] + [None, None, None]
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """The chat template: one ``role: content`` line per message, then ``assistant:``."""
-        lines = [f"{m['role']}: {m['content']}" for m in messages]
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+        """The chat template: one ``role: content`` line per message, then ``assistant:``. With
+        tools, a first line names them and their parameters (``tools: get_weather(city) add(a,
+        b)``: the tiny model's context is short); an assistant's calls follow its content as
+        Hermes blocks, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``."""
+        lines = ["tools: " + " ".join(_signature(t["function"]) for t in tools)] if tools else []
+        for m in messages:
+            calls = "".join("<tool_call>" + json.dumps({"name": c["function"]["name"],
+                                                        "arguments": c["function"]["arguments"]},
+                                                       ensure_ascii=False) + "</tool_call>"
+                            for c in m.get("tool_calls") or [])
+            lines.append(f"{m['role']}: {m['content']}{calls}")
         return "\n".join([*lines, "assistant:"])
 
 
@@ -92,10 +104,19 @@ class HFTokenizer:
         return [None if token in special or piece is None else to_bytes(piece)
                 for token, piece in enumerate(pieces)]
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+        """The tokenizer's chat template (``tools`` passed to it); without one, the built-in
+        model's format (:meth:`ByteTokenizer.chat_prompt`)."""
         if getattr(self._tokenizer, "chat_template", None):
-            return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return ByteTokenizer().chat_prompt(messages)
+            return self._tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                       add_generation_prompt=True)
+        return ByteTokenizer().chat_prompt(messages, tools)
+
+
+def _signature(function: dict[str, Any]) -> str:
+    """``name(param, ...)`` of an OpenAI function definition."""
+    properties = (function.get("parameters") or {}).get("properties") or {}
+    return f"{function['name']}({', '.join(properties)})"
 
 
 @lru_cache(maxsize=1)

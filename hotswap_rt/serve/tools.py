@@ -1,0 +1,298 @@
+"""Tool calling on ``/v1/chat/completions`` (OpenAI's ``tools`` / ``tool_choice``, vLLM's rules).
+
+::
+
+    tool_choice   prompt                      output                       becomes
+    "none"        the tools in the template   free text                    content
+    named         the tools in the template   JSON of that function's      one call (its arguments)
+                                              parameters (constrained)
+    "required"    the tools in the template   a JSON array of {"name",     one call per item
+                                              "parameters"} (constrained)
+    "auto"        the tools in the template   free text                    the calls the model wrote in
+                                                                           its format (a parser), the
+                                                                           rest content
+
+"auto" needs a parser for the model's format (``ServeConfig.tool_call_parser``; vLLM's
+``--enable-auto-tool-choice --tool-call-parser``): ``hermes``, the ``<tool_call>{"name": ...,
+"arguments": {...}}</tool_call>`` blocks of Hermes, Qwen 2.5 / 3 and the built-in model's chat
+format. A block that is not a call of a known function (not JSON, an unknown name, arguments
+that are not an object, or with ``strict`` arguments that do not match the schema) stays in
+the content as written; whitespace next to a call is dropped. ``parallel_tool_calls: false``
+makes a required answer one call and ends an auto answer after its first call.
+
+:class:`ToolCallStream` turns a choice's text, as it streams, into OpenAI deltas
+(``{"content": ...}`` / ``{"tool_calls": [...]}``); a whole answer is the same stream fed at
+once (:func:`answer_message`), so streamed and whole answers never differ.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..engine.structured import StructuredOutput
+from .protocol import ApiError, ChatCompletionRequest
+
+TOOL_CALL_PARSERS = ("hermes",)
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How one chat request uses its tools.
+
+    Attributes:
+        mode: "none", "auto", "required" or "named".
+        tools: the tools as chat templates take them (``{"type": "function", "function": ...}``).
+        name: the function a named choice calls.
+        structured: what the output must match (named, required), else None.
+        stop: stop strings the plan adds (auto without parallel calls: the end of a call).
+        schemas: function name -> its parameters schema, for functions marked ``strict``
+            (auto checks their arguments).
+    """
+
+    mode: Literal["none", "auto", "required", "named"]
+    tools: tuple[dict[str, Any], ...]
+    name: str | None = None
+    structured: StructuredOutput | None = None
+    stop: tuple[str, ...] = ()
+    schemas: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(tool["function"]["name"] for tool in self.tools)
+
+
+def tool_plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan | None:
+    """The plan for ``body``'s tools (None: it has none); ``parser``: the server's tool-call
+    parser (None: "auto" is refused). Raises :class:`ApiError` 400 naming the bad field."""
+    choice = body.tool_choice
+    if not body.tools:
+        if body.tools is not None:
+            raise ApiError(400, "tools must not be empty (leave it out instead)", "tools")
+        if choice is not None and choice != "none":
+            raise ApiError(400, "tool_choice needs tools", "tool_choice")
+        if body.parallel_tool_calls is not None:
+            raise ApiError(400, "parallel_tool_calls needs tools", "parallel_tool_calls")
+        return None
+    tools = tuple(tool.model_dump(exclude_none=True) for tool in body.tools)
+    names = [tool.function.name for tool in body.tools]
+    if len(set(names)) != len(names):
+        raise ApiError(400, f"tools name a function twice: {sorted({n for n in names if names.count(n) > 1})}",
+                       "tools")
+    parallel = body.parallel_tool_calls is not False
+    mode = choice if isinstance(choice, str) else ("named" if choice is not None else "auto")
+    if mode == "none":
+        return ToolPlan("none", tools)
+    if mode == "named":
+        name = choice.function.name
+        if name not in names:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not one of the tools {names}",
+                           "tool_choice")
+        parameters = body.tools[names.index(name)].function.parameters
+        return ToolPlan("named", tools, name=name, structured=StructuredOutput.json_schema(
+            parameters if parameters is not None else {"type": "object"}))
+    if mode == "required":
+        return ToolPlan("required", tools, structured=StructuredOutput.json_schema(
+            _calls_schema(body, parallel)))
+    if parser is None:
+        raise ApiError(400, '"auto" tool choice (the default with tools) needs a server started with '
+                            '--enable-auto-tool-choice --tool-call-parser; this one was not: give '
+                            'tool_choice "none", "required" or a function', "tool_choice")
+    schemas = {tool.function.name: tool.function.parameters or {"type": "object"}
+               for tool in body.tools if tool.function.strict}
+    for name, schema in schemas.items():
+        _check_schema(name, schema)
+    return ToolPlan("auto", tools, stop=() if parallel else (CALL_CLOSE,), schemas=schemas)
+
+
+def _calls_schema(body: ChatCompletionRequest, parallel: bool) -> dict:
+    """A JSON array (one item without parallel calls) of ``{"name", "parameters"}`` objects,
+    each a call of one of the tools; their ``$defs`` lifted to the top (one name, one schema)."""
+    items, defs = [], {}
+    for tool in body.tools:
+        parameters = dict(tool.function.parameters or {"type": "object"})
+        for name, schema in (parameters.pop("$defs", None) or {}).items():
+            if defs.setdefault(name, schema) != schema:
+                raise ApiError(400, f"tools define $defs {name!r} twice, differently", "tools")
+        items.append({"type": "object", "properties": {"name": {"const": tool.function.name},
+                                                      "parameters": parameters},
+                      "required": ["name", "parameters"], "additionalProperties": False})
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+    if not parallel:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def _check_schema(name: str, schema: dict) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ApiError(400, f"the parameters of {name!r} are not a valid JSON schema: {exc.message}",
+                       "tools") from None
+
+
+def _matches(schema: dict, value: Any) -> bool:
+    import jsonschema
+
+    return jsonschema.validators.validator_for(schema)(schema).is_valid(value)
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ToolCallStream:
+    """One choice's text -> OpenAI message deltas under ``plan`` (see the module doc).
+
+    :meth:`feed` takes each new piece of text and returns the deltas it completes; text that
+    may still become a call is held back until it is decided. :meth:`finish` returns the last
+    deltas and the finish reason (``"tool_calls"`` when auto or required made calls).
+    """
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.calls = 0
+        self._held = ""  # auto: text not yet decided; required: the whole answer
+        self._in_call = False
+        self._blank = ""  # auto: whitespace held until it is known to be content
+
+    def feed(self, text: str) -> list[dict]:
+        if self.plan.mode == "named":
+            return [self._argument_delta(text)] if text else []
+        if self.plan.mode == "required":
+            self._held += text
+            return []
+        self._held += text
+        out: list[dict] = []
+        while True:
+            if self._in_call:
+                end = self._held.find(CALL_CLOSE)
+                if end < 0:
+                    return out
+                out += self._block(self._held[:end], closed=True)
+                self._held, self._in_call = self._held[end + len(CALL_CLOSE):], False
+                continue
+            start = self._held.find(CALL_OPEN)
+            if start >= 0:
+                out += self._content(self._held[:start])
+                self._held, self._in_call = self._held[start + len(CALL_OPEN):], True
+                continue
+            keep = _open_prefix(self._held)
+            out += self._content(self._held[:len(self._held) - keep])
+            self._held = self._held[len(self._held) - keep:]
+            return out
+
+    def finish(self, reason: str) -> tuple[list[dict], str]:
+        mode = self.plan.mode
+        if mode == "named":
+            return ([self._argument_delta("")] if self.calls == 0 else []), reason
+        if mode == "required":
+            calls = _required_calls(self._held) if reason == "stop" else None
+            if calls is None:  # cut short (length): no calls, the text as it is
+                return ([{"content": self._held}] if self._held else []), reason
+            return [self._call_delta(name, arguments) for name, arguments in calls], "tool_calls"
+        out: list[dict] = []
+        if self._in_call:  # an open block ends the answer: a call only if it stopped there
+            out += self._block(self._held, closed=False, complete=reason == "stop")
+        else:
+            out += self._content(self._held)
+        self._held, self._in_call = "", False
+        if self._blank and not self.calls:
+            out.append({"content": self._blank})
+        self._blank = ""
+        return out, ("tool_calls" if self.calls and reason == "stop" else reason)
+
+    # ---------------------------------------------------------------------------- internals
+    def _content(self, text: str) -> list[dict]:
+        """Auto: content; whitespace at its end waits for what follows (before a call, and
+        after the last one, it is dropped)."""
+        body = text.rstrip()
+        if not body:
+            self._blank += text
+            return []
+        out, self._blank = self._blank + body, text[len(body):]
+        return [{"content": out}]
+
+    def _block(self, body: str, closed: bool, complete: bool = True) -> list[dict]:
+        call = _hermes_call(body, self.plan) if complete else None
+        if call is None:
+            written = CALL_OPEN + body + (CALL_CLOSE if closed else "")
+            text, self._blank = self._blank + written, ""
+            return [{"content": text}]
+        self._blank = ""
+        return [self._call_delta(*call)]
+
+    def _call_delta(self, name: str, arguments: str) -> dict:
+        delta = {"tool_calls": [{"index": self.calls, "id": call_id(), "type": "function",
+                                 "function": {"name": name, "arguments": arguments}}]}
+        self.calls += 1
+        return delta
+
+    def _argument_delta(self, text: str) -> dict:
+        if self.calls == 0:
+            return self._call_delta(self.plan.name, text)
+        return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+
+
+def _open_prefix(text: str) -> int:
+    """Length of the longest end of ``text`` that could begin ``<tool_call>``."""
+    for size in range(min(len(text), len(CALL_OPEN) - 1), 0, -1):
+        if CALL_OPEN.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def _hermes_call(body: str, plan: ToolPlan) -> tuple[str, str] | None:
+    """``{"name": ..., "arguments": {...}}`` -> (name, arguments as JSON), or None when it is
+    not a call of one of ``plan``'s functions (or a strict one's arguments do not match)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or set(value) != {"name", "arguments"}:
+        return None
+    name, arguments = value["name"], value["arguments"]
+    if name not in plan.names or not isinstance(arguments, dict):
+        return None
+    if name in plan.schemas and not _matches(plan.schemas[name], arguments):
+        return None
+    return name, json.dumps(arguments, ensure_ascii=False)
+
+
+def _required_calls(text: str) -> list[tuple[str, str]] | None:
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(items, list) or not all(isinstance(i, dict) and {"name", "parameters"} <= set(i)
+                                              for i in items):
+        return None
+    return [(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in items]
+
+
+def answer_message(plan: ToolPlan, text: str, reason: str) -> tuple[dict[str, Any], str]:
+    """A whole answer's ``message`` (``content``, ``tool_calls``) and finish reason: the same
+    deltas a stream of ``text`` gives, joined."""
+    stream = ToolCallStream(plan)
+    deltas = stream.feed(text)
+    last, reason = stream.finish(reason)
+    content, calls = "", []
+    for delta in [*deltas, *last]:
+        content += delta.get("content", "")
+        for call in delta.get("tool_calls", []):
+            if "id" in call:
+                calls.append({key: dict(value) if isinstance(value, dict) else value
+                              for key, value in call.items() if key != "index"})
+            else:
+                calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    return message, reason

@@ -1,0 +1,322 @@
+"""Tool calling: ``tools``, ``tool_choice`` ("none", "auto", "required", a named function) and
+``parallel_tool_calls`` on ``/v1/chat/completions``.
+
+The Hermes parser is checked on its own (every way of cutting a text into stream pieces gives
+the message the whole text gives; what is not a call of a known function stays content), the
+required-call grammar by random walks (every walk is a list of calls whose arguments match
+their function's schema, checked with ``jsonschema``), and the server end to end with the
+``openai`` client over a socket (eager, the built-in model): the ``weather`` demo adapter was
+trained (``scripts/train_demo_adapters.py``) to write Hermes calls, so "auto" must return
+exactly its calls, and the tool result it is given back must reach it through the chat format.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from hotswap_rt.engine.structured import Grammars
+from hotswap_rt.serve import ServeConfig, build_app
+from hotswap_rt.serve.background import BackgroundServer
+from hotswap_rt.serve.demo_adapters import TOOL_CHATS, WEATHER_TOOLS, tool_adapter_path, weather_call
+from hotswap_rt.serve.protocol import ApiError, ChatCompletionRequest
+from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer
+from hotswap_rt.serve.tools import ToolCallStream, answer_message, tool_plan
+
+ADD = {"type": "function", "function": {"name": "add", "strict": True, "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+NOTE = {"type": "function", "function": {"name": "note", "parameters": {
+    "type": "object", "properties": {
+        "text": {"type": "string", "maxLength": 8},
+        "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 2}},
+    "required": ["text"], "additionalProperties": False, "$defs": {"tag": {"enum": ["x", "y"]}}}}}
+TOOLS = [*WEATHER_TOOLS, ADD, NOTE]
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"]}
+BOUNDED = [{"type": "function", "function": {"name": "get_weather", "parameters": CITY}}, ADD, NOTE]
+BOUNDED_SCHEMAS = {**SCHEMAS, "get_weather": CITY}  # strings that end: random answers end
+
+
+def plan(tool_choice=None, tools=TOOLS, parallel=None, parser="hermes"):
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=tools,
+                                 tool_choice=tool_choice, parallel_tool_calls=parallel)
+    return tool_plan(body, parser)
+
+
+def streamed(tools_plan, text: str, reason: str, cuts: list[int]) -> tuple[dict, str]:
+    """The message a stream of ``text`` cut at ``cuts`` adds up to (as a client joins deltas)."""
+    stream, deltas = ToolCallStream(tools_plan), []
+    for start, end in zip([0, *cuts], [*cuts, len(text)]):
+        deltas += stream.feed(text[start:end])
+    last, reason = stream.finish(reason)
+    content, calls = "", {}
+    for delta in [*deltas, *last]:
+        assert set(delta) in ({"content"}, {"tool_calls"})
+        content += delta.get("content", "")
+        for call in delta.get("tool_calls", []):
+            if call["index"] not in calls:
+                assert call["id"].startswith("call_") and call["type"] == "function"
+                calls[call["index"]] = {"name": call["function"]["name"], "arguments": ""}
+            calls[call["index"]]["arguments"] += call["function"]["arguments"]
+    return {"content": content or None, "calls": [calls[i] for i in sorted(calls)]}, reason
+
+
+def whole(tools_plan, text: str, reason: str) -> tuple[dict, str]:
+    message, reason = answer_message(tools_plan, text, reason)
+    calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+             for c in message.get("tool_calls", [])]
+    return {"content": message["content"], "calls": calls}, reason
+
+
+PARIS = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+HERMES_CASES = [  # (text, finish reason) -> (content, calls, finish reason)
+    (weather_call("Paris"), "stop", None, [PARIS], "tool_calls"),
+    ("Let me look. " + weather_call("Paris") + "\n" + weather_call("Rome"), "stop", "Let me look.",
+     [PARIS, {"name": "get_weather", "arguments": '{"city": "Rome"}'}], "tool_calls"),
+    ("No tools: a <tool and 1 < 2", "stop", "No tools: a <tool and 1 < 2", [], "stop"),
+    ('<tool_call>{"name": "launch", "arguments": {}}</tool_call>', "stop",  # unknown function
+     '<tool_call>{"name": "launch", "arguments": {}}</tool_call>', [], "stop"),
+    ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": "2"}}</tool_call>', "stop",  # strict: no match
+     '<tool_call>{"name": "add", "arguments": {"a": 1, "b": "2"}}</tool_call>', [], "stop"),
+    ('<tool_call>{"name": "note", "arguments": {"text": 3}}</tool_call>', "stop",  # not strict: as written
+     None, [{"name": "note", "arguments": '{"text": 3}'}], "tool_calls"),
+    ('<tool_call>not json</tool_call> then ' + weather_call("Paris"), "stop",
+     "<tool_call>not json</tool_call> then", [PARIS], "tool_calls"),
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}', "stop", None, [PARIS], "tool_calls"),
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Par', "length",  # cut short
+     '<tool_call>{"name": "get_weather", "arguments": {"city": "Par', [], "length"),
+    ("  \n", "stop", "  \n", [], "stop"),
+    (" Hi \n" + weather_call("Paris") + " \n", "stop", " Hi", [PARIS], "tool_calls"),
+]
+
+
+@pytest.mark.parametrize("text, reason, content, calls, final", HERMES_CASES)
+def test_hermes_calls_are_the_same_whole_and_however_the_stream_cuts_them(text, reason, content, calls,
+                                                                          final) -> None:
+    auto = plan()
+    assert whole(auto, text, reason) == ({"content": content, "calls": calls}, final)
+    rng = random.Random(len(text))
+    cuttings = [list(range(1, len(text)))]  # one character at a time
+    cuttings += [sorted(rng.sample(range(1, len(text)), min(len(text) - 1, k)))
+                 for k in (1, 3, 9) for _ in range(5)]
+    for cuts in cuttings:
+        assert streamed(auto, text, reason, cuts) == ({"content": content, "calls": calls}, final), cuts
+
+
+def test_named_and_required_answers_become_calls() -> None:
+    named = plan({"type": "function", "function": {"name": "add"}})
+    assert whole(named, '{"a": 1, "b": 2}', "stop") == (
+        {"content": None, "calls": [{"name": "add", "arguments": '{"a": 1, "b": 2}'}]}, "stop")
+    assert streamed(named, '{"a": 1, "b": 2}', "stop", [1, 5, 9])[0]["calls"] == [
+        {"name": "add", "arguments": '{"a": 1, "b": 2}'}]
+    assert whole(named, "", "length") == ({"content": None, "calls": [{"name": "add", "arguments": ""}]},
+                                          "length")
+    required = plan("required")
+    text = ('[{"name": "add", "parameters": {"a": 1, "b": 2}}, '
+            '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    assert whole(required, text, "stop") == ({"content": None, "calls": [
+        {"name": "add", "arguments": '{"a": 1, "b": 2}'},
+        {"name": "get_weather", "arguments": '{"city": "Oslo"}'}]}, "tool_calls")
+    assert whole(required, text[:30], "length") == ({"content": text[:30], "calls": []}, "length")
+
+
+def random_walk(grammars: Grammars, spec, seed: int) -> str:
+    rng, row, out = random.Random(seed), grammars.row(spec), b""
+    tokens = ByteTokenizer().token_bytes()
+    for _ in range(600):
+        allowed = row.allowed().nonzero().flatten().tolist()
+        if EOS_ID in allowed and (row.finished or rng.random() < 0.3):
+            return out.decode()
+        token = rng.choice([t for t in allowed if t != EOS_ID])
+        row.advance(token)
+        out += tokens[token]
+    raise AssertionError(f"no end: {out!r}")
+
+
+@pytest.mark.parametrize("parallel", [None, False])
+def test_every_required_answer_is_calls_whose_arguments_match_their_schema(parallel) -> None:
+    tokens = ByteTokenizer().token_bytes()
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
+    required = plan("required", tools=BOUNDED, parallel=parallel)
+    counts = set()
+    for seed in range(25):
+        message, reason = answer_message(required, random_walk(grammars, required.structured, seed), "stop")
+        assert reason == "tool_calls" and message["content"] is None
+        counts.add(len(message["tool_calls"]))
+        for call in message["tool_calls"]:
+            name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
+            jsonschema.validate(arguments, BOUNDED_SCHEMAS[name])
+    assert counts == {1} if parallel is False else max(counts) > 1
+    named = plan({"type": "function", "function": {"name": "note"}})
+    for seed in range(15):
+        jsonschema.validate(json.loads(random_walk(grammars, named.structured, seed)), SCHEMAS["note"])
+
+
+@pytest.mark.parametrize("tools, choice, parallel, parser, message, param", [
+    (None, "required", None, "hermes", "tool_choice needs tools", "tool_choice"),
+    (None, None, False, "hermes", "parallel_tool_calls needs tools", "parallel_tool_calls"),
+    ([], None, None, "hermes", "tools must not be empty", "tools"),
+    ([ADD, ADD], None, None, "hermes", "name a function twice", "tools"),
+    (TOOLS, {"type": "function", "function": {"name": "launch"}}, None, "hermes", "not one of the tools",
+     "tool_choice"),
+    (TOOLS, None, None, None, "--enable-auto-tool-choice --tool-call-parser", "tool_choice"),
+    (TOOLS, "auto", None, None, "--enable-auto-tool-choice --tool-call-parser", "tool_choice"),
+    ([{"type": "function", "function": {"name": "x", "strict": True, "parameters": {"type": 5}}}], "auto",
+     None, "hermes", "not a valid JSON schema", "tools"),
+])
+def test_bad_tool_requests_are_400s_naming_the_field(tools, choice, parallel, parser, message, param) -> None:
+    with pytest.raises(ApiError) as error:
+        plan(choice, tools=tools, parallel=parallel, parser=parser)
+    assert error.value.status == 400 and message in error.value.message and error.value.param == param
+
+
+# ------------------------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def server():
+    config = ServeConfig(compile=False, max_rank=8, enable_auto_tool_choice=True, tool_call_parser="hermes",
+                         adapters={"weather": str(tool_adapter_path())})
+    with BackgroundServer(build_app(config)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120), url
+
+
+def calls_of(message) -> list[tuple[str, dict]]:
+    return [(call.function.name, json.loads(call.function.arguments)) for call in message.tool_calls or []]
+
+
+def test_auto_returns_the_calls_the_model_wrote_and_the_result_reaches_it(server) -> None:
+    client, _ = server
+    (one, _), (two, _), (result_chat, result_answer), (hello, hello_answer) = TOOL_CHATS
+    answer = client.chat.completions.create(model="weather", messages=one, tools=WEATHER_TOOLS, temperature=0)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert calls_of(choice.message) == [("get_weather", {"city": "Paris"})]
+    assert choice.message.tool_calls[0].id.startswith("call_")
+    both = client.chat.completions.create(model="weather", messages=two, tools=WEATHER_TOOLS, temperature=0)
+    assert calls_of(both.choices[0].message) == [("get_weather", {"city": "Paris"}),
+                                                 ("get_weather", {"city": "Rome"})]
+    single = client.chat.completions.create(model="weather", messages=two, tools=WEATHER_TOOLS, temperature=0,
+                                            parallel_tool_calls=False)
+    assert calls_of(single.choices[0].message) == [("get_weather", {"city": "Paris"})]
+    assert single.choices[0].finish_reason == "tool_calls"
+    assert single.usage.completion_tokens < both.usage.completion_tokens  # it stopped after one call
+    # the call goes back as the client's SDK sends it, with the tool's result
+    history = [*one, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
+                "content": result_chat[2]["content"]}]
+    final = client.chat.completions.create(model="weather", messages=history, tools=WEATHER_TOOLS,
+                                           temperature=0)
+    assert final.choices[0].message.content == result_answer and final.choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(model="weather", messages=hello, tools=WEATHER_TOOLS, temperature=0)
+    assert chat.choices[0].message.content == hello_answer and not chat.choices[0].message.tool_calls
+    none = client.chat.completions.create(model="weather", messages=one, tools=WEATHER_TOOLS, temperature=0,
+                                          tool_choice="none")
+    assert none.choices[0].message.content == weather_call("Paris")  # written, not read as a call
+    assert none.choices[0].finish_reason == "stop" and not none.choices[0].message.tool_calls
+
+
+def test_a_streamed_answer_gives_the_same_calls(server) -> None:
+    client, _ = server
+    messages = TOOL_CHATS[1][0]
+    calls: dict[int, dict] = {}
+    reasons = []
+    for chunk in client.chat.completions.create(model="weather", messages=messages, tools=WEATHER_TOOLS,
+                                                temperature=0, stream=True, n=2):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                entry = calls.setdefault((choice.index, call.index), {"id": call.id, "name": call.function.name,
+                                                                      "arguments": ""})
+                entry["arguments"] += call.function.arguments or ""
+            assert not choice.delta.content
+            if choice.finish_reason:
+                reasons.append(choice.finish_reason)
+    assert reasons == ["tool_calls", "tool_calls"]
+    for index in (0, 1):
+        assert [(calls[index, i]["name"], json.loads(calls[index, i]["arguments"])) for i in (0, 1)] == [
+            ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+        assert calls[index, 0]["id"] != calls[index, 1]["id"]
+
+
+@pytest.mark.parametrize("model", ["english", "hotswap-rt/tiny-llama"])
+def test_required_and_named_choices_always_call_with_arguments_of_the_schema(server, model) -> None:
+    client, _ = server
+    messages = [{"role": "user", "content": "Add two numbers"}]
+    for seed in range(3):
+        named = client.chat.completions.create(
+            model=model, messages=messages, tools=TOOLS, temperature=1.0, seed=seed, max_tokens=120,
+            tool_choice={"type": "function", "function": {"name": "note"}})
+        choice = named.choices[0]
+        assert choice.finish_reason == "stop" and choice.message.content is None
+        ((name, arguments),) = calls_of(choice.message)
+        assert name == "note"
+        jsonschema.validate(arguments, SCHEMAS["note"])
+        required = client.chat.completions.create(model=model, messages=messages, tools=BOUNDED,
+                                                  temperature=1.0, seed=seed, max_tokens=150,
+                                                  tool_choice="required", parallel_tool_calls=False)
+        choice = required.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        ((name, arguments),) = calls_of(choice.message)
+        jsonschema.validate(arguments, BOUNDED_SCHEMAS[name])
+    streamed_args = ""
+    for chunk in client.chat.completions.create(
+            model=model, messages=messages, tools=TOOLS, temperature=1.0, seed=7, max_tokens=120, stream=True,
+            tool_choice={"type": "function", "function": {"name": "add"}}):
+        for call in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            streamed_args += call.function.arguments or ""
+    jsonschema.validate(json.loads(streamed_args), SCHEMAS["add"])
+
+
+@pytest.mark.parametrize("extra, message, param", [
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "constrains the output itself",
+     "tool_choice"),
+    ({"tool_choice": "required", "structured_outputs": {"regex": "a+"}}, "constrains the output itself",
+     "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "ghost"}}}, "not one of the tools",
+     "tool_choice"),
+    ({"tool_choice": "sometimes"}, "malformed request", "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "only assistant messages",
+     "messages.0"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "get_weather", "arguments": "[1]"}}]}]}, "must be a JSON object",
+     "messages.0.tool_calls.0.function.arguments"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "malformed request",
+     "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "nonsense"}}}],
+      "tool_choice": "required"}, "", "tools"),
+])
+def test_bad_tool_requests_are_400s_and_the_server_goes_on(server, extra, message, param) -> None:
+    _, url = server
+    body = {"model": "weather", "messages": TOOL_CHATS[0][0], "tools": WEATHER_TOOLS, "temperature": 0, **extra}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert message in error["message"] and error["param"] == param
+        good = {k: v for k, v in body.items() if k not in extra} | {"messages": TOOL_CHATS[0][0],
+                                                                     "tools": WEATHER_TOOLS}
+        answer = http.post("/v1/chat/completions", json=good).json()
+        assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_auto_needs_a_server_started_for_it() -> None:
+    with BackgroundServer(build_app(ServeConfig(compile=False, max_rank=8))) as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        body = {"model": "english", "messages": [{"role": "user", "content": "Say hello"}],
+                "tools": WEATHER_TOOLS}
+        refused = http.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+        assert "--enable-auto-tool-choice --tool-call-parser" in refused.json()["error"]["message"]
+        required = http.post("/v1/chat/completions", json={
+            **body, "tools": BOUNDED[:1], "tool_choice": "required", "parallel_tool_calls": False}).json()
+        assert required["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    with pytest.raises(ValueError, match="go together"):
+        ServeConfig(enable_auto_tool_choice=True)
+    with pytest.raises(ValueError, match="go together"):
+        ServeConfig(tool_call_parser="hermes")
+    with pytest.raises(ValueError, match="must be one of"):
+        ServeConfig(enable_auto_tool_choice=True, tool_call_parser="mistral")
