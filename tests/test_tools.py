@@ -176,6 +176,39 @@ def test_bad_tool_requests_are_400s_naming_the_field(tools, choice, parallel, pa
     assert error.value.status == 400 and message in error.value.message and error.value.param == param
 
 
+TEMPLATE = ("{% for t in tools or [] %}<{{ t.function.name }}>{% endfor %}{% for m in messages %}"
+            "{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}"
+            "<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>"
+            "{% endfor %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_a_transformers_template_gets_the_tools_and_calls_and_the_tags_survive_decoding(special) -> None:
+    """Tools and an assistant's calls (arguments as an object, as templates want them) reach a
+    transformers chat template; ``<tool_call>`` tags a vocabulary holds as special tokens are
+    kept in decoded text (skipping special tokens would hide every call from the parser)."""
+    from hotswap_rt.serve.protocol import ChatMessage
+    from hotswap_rt.serve.tokenizers import HFTokenizer
+
+    from .test_structured import trained_tokenizer
+
+    hf = trained_tokenizer("byte-level")
+    hf.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=special)
+    hf.chat_template = TEMPLATE
+    tokenizer = HFTokenizer(hf)
+    messages = [ChatMessage(**m).rendered() for m in TOOL_CHATS[2][0]]
+    assert tokenizer.chat_prompt(messages, WEATHER_TOOLS) == (
+        "<get_weather>user: Weather in Paris?\nassistant: " + weather_call("Paris")
+        + "\ntool: 18C, sunny\nassistant:")
+    text = "Sure. " + weather_call("Rome")
+    ids = tokenizer.encode(text) + [hf.eos_token_id]
+    assert tokenizer.decode(ids) == text
+    assert ("<tool_call>" in hf.decode(ids, skip_special_tokens=True)) is not special  # what we avoid
+    message, reason = answer_message(plan(), tokenizer.decode(ids), "stop")
+    assert message["content"] == "Sure." and reason == "tool_calls"
+    assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
+
+
 # ------------------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def server():

@@ -8,6 +8,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
+KEPT_SPECIAL = ("<tool_call>", "</tool_call>")  # the Hermes tags (``serve.tools``)
 
 
 class Tokenizer(Protocol):
@@ -66,12 +67,25 @@ class HFTokenizer:
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        # tool-call tags a vocabulary made special tokens: kept in the text (the parser reads them)
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self._kept = {token: added[token].content for token in added
+                      if added[token].special and added[token].content in KEPT_SPECIAL}
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer(text)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        """Token ids -> text without special tokens, but with the tool-call tags
+        (``<tool_call>``, ``</tool_call>``) where a vocabulary has them as special tokens."""
+        if not self._kept or not any(token in self._kept for token in ids):
+            return self._tokenizer.decode(ids, skip_special_tokens=True)
+        text, start = "", 0
+        for end, token in enumerate(ids):
+            if token in self._kept:
+                text += self._tokenizer.decode(ids[start:end], skip_special_tokens=True) + self._kept[token]
+                start = end + 1
+        return text + self._tokenizer.decode(ids[start:], skip_special_tokens=True)
 
     def token_bytes(self) -> list[bytes | None]:
         """Each token id's bytes (None for special and added tokens), for byte-level BPE
