@@ -310,3 +310,17 @@ def test_prefix_cache_with_cuda_graphs_answers_as_without_it(adapters) -> None:
         assert rt.guard.recompiles == 0 and rt.guard.rerecords == 0
     assert cached == {0: [0, 0], 128: [0, 32]}
     assert outputs[128] == outputs[0]
+
+
+def test_grammar_bias_on_the_device_equals_the_hosts() -> None:
+    """Structured output's masks go to the GPU packed (pinned, one copy) and are unpacked there."""
+    from hotswap_rt.engine.structured import Grammars, StructuredOutput, grammar_bias
+    from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer
+
+    tokens = ByteTokenizer().token_bytes()
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens) + 1)
+    rows = [grammars.row(StructuredOutput.json_object()), grammars.row(StructuredOutput.regex("[a-c]+"))]
+    rows[1].advance(ord("a"))
+    on_device = grammar_bias(rows, torch.device("cuda"))
+    assert on_device.device.type == "cuda"
+    assert torch.equal(on_device.cpu(), grammar_bias(rows, torch.device("cpu")))

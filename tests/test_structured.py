@@ -249,3 +249,53 @@ def test_bad_structured_outputs_are_400s_naming_the_field(client, extra, message
                                                     **extra})
     assert response.status_code == 400 and message in response.text
     assert response.json()["error"]["param"] in ("structured_outputs", "structured_outputs.grammar")
+
+
+def test_the_batched_bias_allows_exactly_the_grammars_tokens() -> None:
+    """``grammar_bias`` (packed masks unpacked by a byte table) against outlines-core's own
+    list of allowed tokens, for rows at different places in different grammars; the sampler
+    never picks a token outside it."""
+    import outlines_core
+    import torch
+
+    from hotswap_rt.engine.sampling import RowSampling, Sampler
+    from hotswap_rt.engine.structured import grammar_bias
+
+    tokens = ByteTokenizer().token_bytes()
+    vocab = len(tokens) + 3  # logits wider than the vocabulary
+    grammars = Grammars(tokens, EOS_ID, vocab_size=vocab)
+    specs = [StructuredOutput.json_schema(SCHEMA), StructuredOutput.regex(r"[0-9]{2,4}-(x|y)"),
+             StructuredOutput.choice(["yes", "no"])]
+    rows, references = [], []
+    for n, spec in enumerate(specs * 2):
+        row, reference = grammars.row(spec), outlines_core.Guide(grammars.index(spec))
+        rng = random.Random(n)
+        for _ in range(n * 3):  # the second copy of each spec is a few tokens further
+            allowed = [t for t in reference.get_tokens() if t != EOS_ID]
+            if not allowed:
+                break
+            token = rng.choice(allowed)
+            row.advance(token)
+            reference.advance(token)
+        rows.append(row)
+        references.append(set(reference.get_tokens()))
+    bias = grammar_bias(rows, torch.device("cpu"))
+    assert bias.shape == (len(rows), vocab) and bias.dtype == torch.float32
+    for got, expected in zip(bias, references):
+        assert set((got == 0).nonzero().flatten().tolist()) == expected
+        assert bool(torch.isneginf(got[got != 0]).all())
+    states = [RowSampling(SamplingParams(temperature=1.0, seed=i), [1], vocab, torch.device("cpu"), (), row)
+              for i, row in enumerate(rows)]
+    free = RowSampling(SamplingParams(temperature=0.0), [1], vocab, torch.device("cpu"), ())
+    logits = torch.randn(len(rows) + 1, vocab)
+    sampler = Sampler(torch.device("cpu"))
+    for batch in (states, [*states[:2], free, *states[2:]]):  # every row structured, or not
+        scores = sampler.process(logits[:len(batch)], batch)
+        structured = [i for i, row in enumerate(batch) if row is not free]
+        for i, expected in zip(structured, references):
+            assert set(torch.isfinite(scores[i]).nonzero().flatten().tolist()) == expected
+            assert torch.equal(scores[i][torch.isfinite(scores[i])], logits[i][torch.isfinite(scores[i])])
+        if free in batch:  # a row without a grammar is left alone
+            assert torch.equal(scores[2], logits[2])
+    picked = sampler.sample(torch.randn(len(rows) + 2, vocab), states).tokens  # a padded batch
+    assert all(token in expected for token, expected in zip(picked, references))

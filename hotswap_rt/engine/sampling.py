@@ -239,8 +239,15 @@ class Sampler:
                 scores[i, ids] += torch.tensor(list(params.logit_bias.values()), device=self.device)
             if row.generated < params.min_tokens and row.banned_until_min:
                 scores[i, torch.tensor(row.banned_until_min, device=self.device)] = float("-inf")
-            if row.grammar is not None:
-                scores[i].masked_fill_(~row.grammar.allowed().to(self.device), float("-inf"))
+        structured = [i for i, row in enumerate(rows) if row.grammar is not None]
+        if structured:  # the tokens a row's grammar does not allow next: -inf, every row at once
+            from .structured import grammar_bias
+
+            bias = grammar_bias([rows[i].grammar for i in structured], self.device)
+            if len(structured) == len(rows):
+                scores.add_(bias)
+            else:
+                scores.index_add_(0, torch.tensor(structured, device=self.device), bias)
         return scores
 
     def _draw(self, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:

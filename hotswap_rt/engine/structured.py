@@ -6,8 +6,10 @@ a JSON schema, is a JSON object, matches a regular expression, or is one of give
     StructuredOutput --regex--> Index (outlines-core: an automaton over the vocabulary's bytes,
                                        compiled once per spec and vocabulary, then cached)
     per request:     RowGrammar (the automaton's state)
-    per step:        allowed [V] bool -> the row's logits outside it are -inf; the sampled
-                     token advances the state; in a final state only end-of-sequence is allowed
+    per step:        every structured row's mask packed on the host (V / 8 bytes a row), one
+                     copy, unpacked on the device by a byte table into a bias (0 / -inf) that
+                     is added to the rows' scores (grammar_bias); the sampled token advances
+                     the state; in a final state only end-of-sequence is allowed
 
 The vocabulary is the tokenizer's: each token id's bytes (``token_bytes()``; special tokens
 have none and are never allowed, end-of-sequence excepted). JSON schemas become regular
@@ -169,16 +171,19 @@ class RowGrammar:
 
     def __init__(self, guide: Any, vocab_size: int, eos_token_id: int, mask_width: int) -> None:
         self._guide = guide
-        self._vocab_size = vocab_size
+        self.vocab_size = vocab_size
         self._eos = eos_token_id
-        self._words = torch.zeros((mask_width + 31) // 32, dtype=torch.int32)  # 32 ids a word
-        self._bits = torch.arange(32, dtype=torch.int32)
+        self.words = (mask_width + 31) // 32  # the packed mask's width: 32 ids a word
+
+    def write_mask(self, out: torch.Tensor) -> None:
+        """The tokens that may come next, packed into ``out`` (``[words]`` int32, CPU,
+        contiguous): bit ``k`` of word ``w`` is token ``32 w + k``."""
+        out.zero_()
+        self._guide.write_mask_into(out.data_ptr(), out.numel(), 4)
 
     def allowed(self) -> torch.Tensor:
         """``[V]`` bool (CPU): the tokens that may come next."""
-        self._words.zero_()
-        self._guide.write_mask_into(self._words.data_ptr(), self._words.numel(), 4)
-        return ((self._words.unsqueeze(1) >> self._bits) & 1).flatten()[:self._vocab_size].bool()
+        return grammar_bias([self], torch.device("cpu"))[0] == 0
 
     def advance(self, token: int) -> None:
         """Take the sampled ``token`` (end-of-sequence ends the output: nothing to advance)."""
@@ -188,3 +193,29 @@ class RowGrammar:
     @property
     def finished(self) -> bool:
         return self._guide.is_finished()
+
+
+_BYTE_BIAS: dict[torch.device, torch.Tensor] = {}
+
+
+def grammar_bias(grammars: Sequence[RowGrammar], device: torch.device) -> torch.Tensor:
+    """``[G, V]`` float32 on ``device``: 0 for the tokens each row's grammar allows next,
+    -inf for the others; added to the rows' scores.
+
+    The masks are packed on the host (``V / 8`` bytes a row, pinned on an accelerator: one
+    copy for every row) and unpacked where the scores are by one gather from a table of
+    every byte's 8 biases (``[256, 8]``): no bool tensor of the vocabulary's width is built
+    or filled on the host. (Little-endian hosts: the words are read as bytes.)
+    """
+    vocab_size, words = grammars[0].vocab_size, grammars[0].words
+    if any(g.vocab_size != vocab_size or g.words != words for g in grammars):
+        raise ValueError("grammar_bias: the rows' grammars are over different vocabularies")
+    packed = torch.empty((len(grammars), words), dtype=torch.int32, pin_memory=device.type == "cuda")
+    for row, grammar in enumerate(grammars):
+        grammar.write_mask(packed[row])
+    table = _BYTE_BIAS.get(device)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # [256, 8]: byte -> its bits
+        table = _BYTE_BIAS[device] = torch.where(bits.bool(), 0.0, float("-inf")).to(device)
+    data = packed.to(device, non_blocking=True).view(torch.uint8).flatten().long()
+    return table.index_select(0, data).view(len(grammars), -1)[:, :vocab_size]
