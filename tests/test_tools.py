@@ -41,6 +41,8 @@ SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in 
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"]}
 BOUNDED = [{"type": "function", "function": {"name": "get_weather", "parameters": CITY}}, ADD, NOTE]
 BOUNDED_SCHEMAS = {**SCHEMAS, "get_weather": CITY}  # strings that end: random answers end
+CITY_OSLO = {"type": "object", "properties": {"city": {"enum": ["Oslo"]}}, "required": ["city"],
+             "additionalProperties": False}
 
 
 def plan(tool_choice=None, tools=TOOLS, parallel=None, parser="hermes"):
@@ -96,10 +98,32 @@ HERMES_CASES = [  # (text, finish reason) -> (content, calls, finish reason)
 ]
 
 
-@pytest.mark.parametrize("text, reason, content, calls, final", HERMES_CASES)
-def test_hermes_calls_are_the_same_whole_and_however_the_stream_cuts_them(text, reason, content, calls,
-                                                                          final) -> None:
-    auto = plan()
+ROME = {"name": "get_weather", "arguments": '{"city": "Rome"}'}
+LLAMA_CASES = [  # llama3_json: the whole answer is calls, or content
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', "stop", None, [PARIS], "tool_calls"),
+    ('<|python_tag|>{"name": "get_weather", "arguments": {"city": "Paris"}}', "stop", None, [PARIS],
+     "tool_calls"),
+    (' {"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_weather", "parameters": '
+     '{"city": "Rome"}}\n', "stop", None, [PARIS, ROME], "tool_calls"),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}} and then', "stop",  # not only calls
+     '{"name": "get_weather", "parameters": {"city": "Paris"}} and then', [], "stop"),
+    ('{"name": "launch", "parameters": {}}', "stop", '{"name": "launch", "parameters": {}}', [], "stop"),
+    ('{"name": "add", "parameters": {"a": 1, "b": 2.5}}', "stop",  # strict: 2.5 is not an integer
+     '{"name": "add", "parameters": {"a": 1, "b": 2.5}}', [], "stop"),
+    ('{"name": "get_weather", "parameters": {"ci', "length", '{"name": "get_weather", "parameters": {"ci',
+     [], "length"),
+    ("It is sunny {not a call}", "stop", "It is sunny {not a call}", [], "stop"),
+    ("<|py", "stop", "<|py", [], "stop"),
+    ("  <|python_tag|>print(1)", "stop", "  <|python_tag|>print(1)", [], "stop"),
+]
+
+
+@pytest.mark.parametrize("parser, text, reason, content, calls, final",
+                         [("hermes", *case) for case in HERMES_CASES]
+                         + [("llama3_json", *case) for case in LLAMA_CASES])
+def test_auto_calls_are_the_same_whole_and_however_the_stream_cuts_them(parser, text, reason, content, calls,
+                                                                        final) -> None:
+    auto = plan(parser=parser)
     assert whole(auto, text, reason) == ({"content": content, "calls": calls}, final)
     rng = random.Random(len(text))
     cuttings = [list(range(1, len(text)))]  # one character at a time
@@ -167,6 +191,7 @@ def test_every_required_answer_is_calls_whose_arguments_match_their_schema(paral
      "tool_choice"),
     (TOOLS, None, None, None, "--enable-auto-tool-choice --tool-call-parser", "tool_choice"),
     (TOOLS, "auto", None, None, "--enable-auto-tool-choice --tool-call-parser", "tool_choice"),
+    (TOOLS, "auto", False, "llama3_json", "not supported by the llama3_json", "parallel_tool_calls"),
     ([{"type": "function", "function": {"name": "x", "strict": True, "parameters": {"type": 5}}}], "auto",
      None, "hermes", "not a valid JSON schema", "tools"),
 ])
@@ -353,3 +378,26 @@ def test_auto_needs_a_server_started_for_it() -> None:
         ServeConfig(tool_call_parser="hermes")
     with pytest.raises(ValueError, match="must be one of"):
         ServeConfig(enable_auto_tool_choice=True, tool_call_parser="mistral")
+
+
+def test_a_llama3_json_server_reads_json_calls() -> None:
+    """A server started with ``llama3_json`` reads an answer that is a JSON call as a call
+    (the answer is made one by a response_format: the demo models write no Llama calls)."""
+    call = {"type": "object", "properties": {"name": {"const": "get_weather"},
+                                             "parameters": CITY_OSLO}, "required": ["name", "parameters"]}
+    config = ServeConfig(compile=False, max_rank=8, enable_auto_tool_choice=True,
+                         tool_call_parser="llama3_json")
+    with BackgroundServer(build_app(config)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        request = dict(model="english", messages=[{"role": "user", "content": "Weather?"}], tools=WEATHER_TOOLS,
+                       temperature=0, response_format={"type": "json_schema",
+                                                       "json_schema": {"name": "call", "schema": call}})
+        answer = client.chat.completions.create(**request)
+        assert calls_of(answer.choices[0].message) == [("get_weather", {"city": "Oslo"})]
+        assert answer.choices[0].finish_reason == "tool_calls" and answer.choices[0].message.content is None
+        streamed = [delta for chunk in client.chat.completions.create(**request, stream=True)
+                    for delta in (chunk.choices[0].delta.tool_calls or [] if chunk.choices else [])]
+        assert [(d.function.name, json.loads(d.function.arguments)) for d in streamed] == [
+            ("get_weather", {"city": "Oslo"})]
+        plain = client.chat.completions.create(**{**request, "response_format": None}, max_tokens=20)
+        assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls

@@ -77,9 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help='tool_choice "auto" (the default with tools): calls read from the '
                              'output with --tool-call-parser (vLLM\'s pair of flags)')
-    parser.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+    parser.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                         help="the model's tool call format: hermes (<tool_call>{...}</tool_call>: "
-                             "Hermes, Qwen 2.5/3, the built-in model)")
+                             "Hermes, Qwen 2.5/3, the built-in model) or llama3_json (Llama 3.x)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads (default on CPU: every core but one)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -62,7 +62,7 @@ class ServeConfig:
             memory first.
         enable_auto_tool_choice, tool_call_parser: vLLM's pair: ``tool_choice`` "auto" (the
             default with ``tools``) reads the calls the model writes with this parser
-            (``"hermes"``, :mod:`~hotswap_rt.serve.tools`); both or neither.
+            (``"hermes"`` or ``"llama3_json"``, :mod:`~hotswap_rt.serve.tools`); both or neither.
         compile_cache: inductor's compile cache for ``hotswap-rt serve`` and each Ray replica
             (:mod:`~hotswap_rt.serve.compile_cache`): None is ``$TORCHINDUCTOR_CACHE_DIR`` as the
             process started, else ``~/.cache/hotswap_rt/inductor`` (``$XDG_CACHE_HOME``), which

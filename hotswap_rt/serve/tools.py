@@ -15,10 +15,11 @@
 "auto" needs a parser for the model's format (``ServeConfig.tool_call_parser``; vLLM's
 ``--enable-auto-tool-choice --tool-call-parser``): ``hermes``, the ``<tool_call>{"name": ...,
 "arguments": {...}}</tool_call>`` blocks of Hermes, Qwen 2.5 / 3 and the built-in model's chat
-format. A block that is not a call of a known function (not JSON, an unknown name, arguments
-that are not an object, or with ``strict`` arguments that do not match the schema) stays in
-the content as written; whitespace next to a call is dropped. ``parallel_tool_calls: false``
-makes a required answer one call and ends an auto answer after its first call.
+format (:class:`HermesReader`), or ``llama3_json``, Llama 3.x's answers that are JSON calls
+(:class:`JsonReader`). What is not a call of a known function (not JSON, an unknown name,
+arguments that are not an object, or with ``strict`` arguments that do not match the schema)
+stays in the content as written. ``parallel_tool_calls: false`` makes a required answer one
+call and ends a Hermes auto answer after its first call (``llama3_json``: a 400).
 
 :class:`ToolCallStream` turns a choice's text, as it streams, into OpenAI deltas
 (``{"content": ...}`` / ``{"tool_calls": [...]}``); a whole answer is the same stream fed at
@@ -35,7 +36,7 @@ from typing import Any, Literal
 from ..engine.structured import StructuredOutput
 from .protocol import ApiError, ChatCompletionRequest
 
-TOOL_CALL_PARSERS = ("hermes",)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -51,6 +52,7 @@ class ToolPlan:
         stop: stop strings the plan adds (auto without parallel calls: the end of a call).
         schemas: function name -> its parameters schema, for functions marked ``strict``
             (auto checks their arguments).
+        parser: auto's reader of the model's calls (:data:`TOOL_CALL_PARSERS`).
     """
 
     mode: Literal["none", "auto", "required", "named"]
@@ -59,6 +61,7 @@ class ToolPlan:
     structured: StructuredOutput | None = None
     stop: tuple[str, ...] = ()
     schemas: dict[str, dict] = field(default_factory=dict)
+    parser: str | None = None
 
     @property
     def names(self) -> frozenset[str]:
@@ -105,7 +108,10 @@ def tool_plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan | Non
                for tool in body.tools if tool.function.strict}
     for name, schema in schemas.items():
         _check_schema(name, schema)
-    return ToolPlan("auto", tools, stop=() if parallel else (CALL_CLOSE,), schemas=schemas)
+    if not parallel and parser != "hermes":
+        raise ApiError(400, f"parallel_tool_calls false is not supported by the {parser} tool-call parser "
+                            f"(nothing ends its answer after one call)", "parallel_tool_calls")
+    return ToolPlan("auto", tools, stop=() if parallel else (CALL_CLOSE,), schemas=schemas, parser=parser)
 
 
 def _calls_schema(body: ChatCompletionRequest, parallel: bool) -> dict:
@@ -153,22 +159,74 @@ class ToolCallStream:
 
     :meth:`feed` takes each new piece of text and returns the deltas it completes; text that
     may still become a call is held back until it is decided. :meth:`finish` returns the last
-    deltas and the finish reason (``"tool_calls"`` when auto or required made calls).
+    deltas and the finish reason (``"tool_calls"`` when auto or required made calls). "auto"
+    reads the text with the plan's parser (:class:`HermesReader`, :class:`JsonReader`).
     """
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
         self.calls = 0
-        self._held = ""  # auto: text not yet decided; required: the whole answer
-        self._in_call = False
-        self._blank = ""  # auto: whitespace held until it is known to be content
+        self._answer = ""  # required: the whole answer
+        self._reader = None if plan.mode != "auto" else READERS[plan.parser](self)
 
     def feed(self, text: str) -> list[dict]:
         if self.plan.mode == "named":
             return [self._argument_delta(text)] if text else []
         if self.plan.mode == "required":
-            self._held += text
+            self._answer += text
             return []
+        return self._reader.feed(text)
+
+    def finish(self, reason: str) -> tuple[list[dict], str]:
+        mode = self.plan.mode
+        if mode == "named":
+            return ([self._argument_delta("")] if self.calls == 0 else []), reason
+        if mode == "required":
+            calls = _required_calls(self._answer) if reason == "stop" else None
+            if calls is None:  # cut short (length): no calls, the text as it is
+                return ([{"content": self._answer}] if self._answer else []), reason
+            return [self.call_delta(name, arguments) for name, arguments in calls], "tool_calls"
+        out = self._reader.finish(reason)
+        return out, ("tool_calls" if self.calls and reason == "stop" else reason)
+
+    def call_delta(self, name: str, arguments: str) -> dict:
+        """The delta of a new call (the next ``index``, a new ``id``)."""
+        delta = {"tool_calls": [{"index": self.calls, "id": call_id(), "type": "function",
+                                 "function": {"name": name, "arguments": arguments}}]}
+        self.calls += 1
+        return delta
+
+    def known_call(self, value: Any, argument_keys: tuple[str, ...]) -> tuple[str, str] | None:
+        """``{"name": ..., <one of argument_keys>: {...}}`` -> (name, arguments as JSON), or
+        None when it is not a call of one of the plan's functions (or a strict one's arguments
+        do not match its schema)."""
+        if not isinstance(value, dict) or len(value) != 2 or "name" not in value:
+            return None
+        key = next((k for k in argument_keys if k in value), None)
+        name, arguments = value["name"], value.get(key)
+        if key is None or name not in self.plan.names or not isinstance(arguments, dict):
+            return None
+        if name in self.plan.schemas and not _matches(self.plan.schemas[name], arguments):
+            return None
+        return name, json.dumps(arguments, ensure_ascii=False)
+
+    def _argument_delta(self, text: str) -> dict:
+        if self.calls == 0:
+            return self.call_delta(self.plan.name, text)
+        return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+
+
+class HermesReader:
+    """"auto" with ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+    blocks anywhere in the text; the rest is content (whitespace next to a call dropped)."""
+
+    def __init__(self, stream: ToolCallStream) -> None:
+        self.stream = stream
+        self._held = ""  # text not yet decided
+        self._in_call = False
+        self._blank = ""  # whitespace held until it is known to be content
+
+    def feed(self, text: str) -> list[dict]:
         self._held += text
         out: list[dict] = []
         while True:
@@ -189,30 +247,21 @@ class ToolCallStream:
             self._held = self._held[len(self._held) - keep:]
             return out
 
-    def finish(self, reason: str) -> tuple[list[dict], str]:
-        mode = self.plan.mode
-        if mode == "named":
-            return ([self._argument_delta("")] if self.calls == 0 else []), reason
-        if mode == "required":
-            calls = _required_calls(self._held) if reason == "stop" else None
-            if calls is None:  # cut short (length): no calls, the text as it is
-                return ([{"content": self._held}] if self._held else []), reason
-            return [self._call_delta(name, arguments) for name, arguments in calls], "tool_calls"
+    def finish(self, reason: str) -> list[dict]:
         out: list[dict] = []
         if self._in_call:  # an open block ends the answer: a call only if it stopped there
             out += self._block(self._held, closed=False, complete=reason == "stop")
         else:
             out += self._content(self._held)
         self._held, self._in_call = "", False
-        if self._blank and not self.calls:
+        if self._blank and not self.stream.calls:
             out.append({"content": self._blank})
         self._blank = ""
-        return out, ("tool_calls" if self.calls and reason == "stop" else reason)
+        return out
 
-    # ---------------------------------------------------------------------------- internals
     def _content(self, text: str) -> list[dict]:
-        """Auto: content; whitespace at its end waits for what follows (before a call, and
-        after the last one, it is dropped)."""
+        """Content; whitespace at its end waits for what follows (before a call, and after the
+        last one, it is dropped)."""
         body = text.rstrip()
         if not body:
             self._blank += text
@@ -221,24 +270,84 @@ class ToolCallStream:
         return [{"content": out}]
 
     def _block(self, body: str, closed: bool, complete: bool = True) -> list[dict]:
-        call = _hermes_call(body, self.plan) if complete else None
+        call = self.stream.known_call(_json_or_none(body), ("arguments",)) if complete else None
         if call is None:
             written = CALL_OPEN + body + (CALL_CLOSE if closed else "")
             text, self._blank = self._blank + written, ""
             return [{"content": text}]
         self._blank = ""
-        return [self._call_delta(*call)]
+        return [self.stream.call_delta(*call)]
 
-    def _call_delta(self, name: str, arguments: str) -> dict:
-        delta = {"tool_calls": [{"index": self.calls, "id": call_id(), "type": "function",
-                                 "function": {"name": name, "arguments": arguments}}]}
-        self.calls += 1
-        return delta
 
-    def _argument_delta(self, text: str) -> dict:
-        if self.calls == 0:
-            return self._call_delta(self.plan.name, text)
-        return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+class JsonReader:
+    """"auto" with ``llama3_json`` (Llama 3.x): an answer that begins, after whitespace and an
+    optional ``<|python_tag|>``, with ``{`` is one or more ``{"name": ..., "parameters": {...}}``
+    objects (or ``"arguments"``) separated by ``;``: calls if every one is a call of one of the
+    tools, else the whole text is content. It is held to the end; any other answer is content
+    as it streams."""
+
+    TAG = "<|python_tag|>"
+
+    def __init__(self, stream: ToolCallStream) -> None:
+        self.stream = stream
+        self._held = ""
+        self._state: Literal["undecided", "content", "calls"] = "undecided"
+
+    def feed(self, text: str) -> list[dict]:
+        if self._state == "content":
+            return [{"content": text}] if text else []
+        self._held += text
+        if self._state == "undecided":
+            self._state = self._decide(self._held)
+            if self._state == "content":
+                held, self._held = self._held, ""
+                return [{"content": held}]
+        return []
+
+    def finish(self, reason: str) -> list[dict]:
+        held, self._held = self._held, ""
+        calls = _json_calls(held, self.stream) if self._state == "calls" and reason == "stop" else None
+        if calls is None:
+            return [{"content": held}] if held else []
+        return [self.stream.call_delta(*call) for call in calls]
+
+    def _decide(self, text: str) -> Literal["undecided", "content", "calls"]:
+        head = text.lstrip()
+        if head.startswith(self.TAG):
+            head = head[len(self.TAG):].lstrip()
+        elif self.TAG.startswith(head):  # empty, or the tag's beginning
+            return "undecided"
+        if not head:
+            return "undecided"
+        return "calls" if head.startswith("{") else "content"
+
+
+def _json_calls(text: str, stream: ToolCallStream) -> list[tuple[str, str]] | None:
+    """The calls of a Llama 3 JSON answer (see :class:`JsonReader`), or None."""
+    text = text.strip()
+    if text.startswith(JsonReader.TAG):
+        text = text[len(JsonReader.TAG):]
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        call = stream.known_call(value, ("parameters", "arguments"))
+        if call is None:
+            return None
+        calls.append(call)
+        rest = text[at:].lstrip()
+        if not rest:
+            return calls
+        if not rest.startswith(";"):
+            return None
+        at = len(text) - len(rest) + 1
+
+
+READERS = {"hermes": HermesReader, "llama3_json": JsonReader}
 
 
 def _open_prefix(text: str) -> int:
@@ -249,21 +358,11 @@ def _open_prefix(text: str) -> int:
     return 0
 
 
-def _hermes_call(body: str, plan: ToolPlan) -> tuple[str, str] | None:
-    """``{"name": ..., "arguments": {...}}`` -> (name, arguments as JSON), or None when it is
-    not a call of one of ``plan``'s functions (or a strict one's arguments do not match)."""
+def _json_or_none(text: str) -> Any:
     try:
-        value = json.loads(body)
+        return json.loads(text)
     except ValueError:
         return None
-    if not isinstance(value, dict) or set(value) != {"name", "arguments"}:
-        return None
-    name, arguments = value["name"], value["arguments"]
-    if name not in plan.names or not isinstance(arguments, dict):
-        return None
-    if name in plan.schemas and not _matches(plan.schemas[name], arguments):
-        return None
-    return name, json.dumps(arguments, ensure_ascii=False)
 
 
 def _required_calls(text: str) -> list[tuple[str, str]] | None:
