@@ -2,7 +2,7 @@
 with vLLM's own client; one run per workload, medians printed as JSON lines.
 
     .venv/bin/python -m benchmarks.vs_vllm_workloads MODEL_ROOT {ours|vllm} DEVICE_SLOTS WORKLOADS \\
-        [extra hotswap-rt serve flags]
+        [extra flags of that server]
 
 ``MODEL_ROOT``: the output of ``../shared/peers/make_bench_model.py`` (``--adapters 32`` for a
 run with more adapters than slots); ``WORKLOADS``: comma-separated names of :data:`WORKLOADS`.
@@ -52,36 +52,50 @@ def bench(port: int, model_dir: Path, names: list[str], workload: dict, work: Pa
     return {key: round(raw[key], 1) for key in FIGURES}
 
 
-def main() -> int:
-    root, which, slots, names_arg = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    extra = sys.argv[5:]
-    work = Path("/tmp/vv")
-    work.mkdir(exist_ok=True)
+def start_server(which: str, root: Path, slots: int, flags: list[str],
+                 work: Path) -> tuple[int, subprocess.Popen | None]:
+    """Start ``which`` ("ours" or "vllm", with its extra command-line ``flags``) on the bench
+    model under ``root`` with every adapter; returns its port and process (None: vLLM's,
+    stopped by :func:`stop_server`)."""
     model_dir, adapter_root = root / "model", root / "adapters"
     names = sorted(p.name for p in adapter_root.iterdir() if p.is_dir())
     port, started = free_port(), time.monotonic()
     process = None
     if which == "vllm":
         subprocess.run([str(PEERS / "vllm_cpu.sh"), "start", str(model_dir), str(adapter_root), str(port),
-                        "--max-loras", str(slots)], check=True, stdout=subprocess.DEVNULL, timeout=900)
+                        "--max-loras", str(slots), *flags], check=True, stdout=subprocess.DEVNULL,
+                       timeout=900)
     else:
         process = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "hotswap-rt"), "serve", "--model", str(model_dir),
              *[f"--adapter={n}={adapter_root / n}" for n in names], "--max-rank", "16",
-             "--device-slots", str(slots), "--max-model-len", "2048", "--port", str(port), *extra],
+             "--device-slots", str(slots), "--max-model-len", "2048", "--port", str(port), *flags],
             env=cache_env(), stdout=(work / f"{which}.log").open("w"), stderr=subprocess.STDOUT,
             start_new_session=True)
         wait_ready(port, process)
     print(which, "ready", round(time.monotonic() - started, 1), flush=True)
+    return port, process
+
+
+def stop_server(process: subprocess.Popen | None) -> None:
+    if process is None:
+        subprocess.run([str(PEERS / "vllm_cpu.sh"), "stop"], check=False)
+    else:
+        stop(process)
+
+
+def main() -> int:
+    root, which, slots, names_arg = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    work = Path("/tmp/vv")
+    work.mkdir(exist_ok=True)
+    names = sorted(p.name for p in (root / "adapters").iterdir() if p.is_dir())
+    port, process = start_server(which, root, slots, sys.argv[5:], work)
     try:
         for name in names_arg.split(","):
-            figures = bench(port, model_dir, names, WORKLOADS[name], work, f"{which}-{name}")
+            figures = bench(port, root / "model", names, WORKLOADS[name], work, f"{which}-{name}")
             print(which, name, figures, flush=True)
     finally:
-        if process is None:
-            subprocess.run([str(PEERS / "vllm_cpu.sh"), "stop"], check=False)
-        else:
-            stop(process)
+        stop_server(process)
     return 0
 
 
