@@ -1,12 +1,13 @@
 """Tool calling under load, hotswap-rt against vLLM's CPU build on the bench model: chat
 requests with two tools and ``tool_choice`` "required" or a named function (the output
-constrained by each server's structured-output grammar), one adapter per request in turn,
-``C`` at a time. One server per run (never both at once).
+constrained by each server's structured-output grammar; one call, every value bounded, so a
+random model's answers end), one adapter per request in turn, ``C`` at a time. One server per
+run (never both at once).
 
     .venv/bin/python -m benchmarks.tools_vs_vllm MODEL_ROOT {ours|vllm} [CHOICE] [REQUESTS] [C]
 
 ``MODEL_ROOT``: the output of ``../shared/peers/make_bench_model.py``; ``CHOICE``: ``required``
-(default) or ``named``. Greedy, ``max_tokens`` 64. Prints one JSON line: requests whose answer
+(default) or ``named``. Greedy, ``max_tokens`` 96. Prints one JSON line: requests whose answer
 is calls of the tools with arguments of their schema (checked with ``jsonschema``), completion
 tokens per second over the run's wall time, median and p90 request latency.
 """
@@ -32,7 +33,7 @@ TOOLS = [
                                          "unit": {"enum": ["celsius", "fahrenheit"]}},
         "required": ["city", "unit"], "additionalProperties": False}}},
     {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "type": "object", "properties": {"a": {"enum": list(range(10))}, "b": {"enum": list(range(10))}},
         "required": ["a", "b"], "additionalProperties": False}}},
 ]
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
@@ -44,7 +45,7 @@ async def one(client: httpx.AsyncClient, model: str, question: str, choice) -> t
     start = time.perf_counter()
     response = await client.post("/v1/chat/completions", json={
         "model": model, "messages": [{"role": "user", "content": question}], "tools": TOOLS,
-        "tool_choice": choice, "temperature": 0, "max_tokens": 64})
+        "tool_choice": choice, "parallel_tool_calls": False, "temperature": 0, "max_tokens": 96})
     seconds = time.perf_counter() - start
     body = response.json()
     if response.status_code != 200:
@@ -88,7 +89,8 @@ def main() -> int:
     work = Path("/tmp/vv")
     work.mkdir(exist_ok=True)
     models = sorted(p.name for p in (root / "adapters").iterdir() if p.is_dir())
-    port, process = start_server(which, root, len(models), [], work)
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # vLLM 0.32 needs them for both
+    port, process = start_server(which, root, len(models), flags, work)
     try:
         figures = asyncio.run(run(port, models, choice, requests, concurrency))
     finally:
