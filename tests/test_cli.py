@@ -308,6 +308,7 @@ def test_the_tool_calling_flags_are_vllms_pair(capsys) -> None:
     config = config_from_args(parser.parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]))
     assert config.auto_tool_parser() == "hermes"
     assert config_from_args(parser.parse_args([])).auto_tool_parser() is None
+    assert config_from_args(parser.parse_args(["--reasoning-parser", "qwen3"])).reasoning_parser == "qwen3"
     assert run(parser.parse_args(["--enable-auto-tool-choice"])) == 2
     assert "go together" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:

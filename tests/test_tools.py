@@ -26,7 +26,8 @@ from hotswap_rt.serve.background import BackgroundServer
 from hotswap_rt.serve.demo_adapters import TOOL_CHATS, WEATHER_TOOLS, tool_adapter_path, weather_call
 from hotswap_rt.serve.protocol import ApiError, ChatCompletionRequest
 from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer
-from hotswap_rt.serve.tools import ToolCallStream, answer_message, tool_plan
+from hotswap_rt.serve.answers import answer_message
+from hotswap_rt.serve.tools import ToolCallStream, tool_plan
 
 ADD = {"type": "function", "function": {"name": "add", "strict": True, "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
@@ -70,7 +71,7 @@ def streamed(tools_plan, text: str, reason: str, cuts: list[int]) -> tuple[dict,
 
 
 def whole(tools_plan, text: str, reason: str) -> tuple[dict, str]:
-    message, reason = answer_message(tools_plan, text, reason)
+    message, reason = answer_message(text, reason, tools_plan)
     calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
              for c in message.get("tool_calls", [])]
     return {"content": message["content"], "calls": calls}, reason
@@ -170,7 +171,7 @@ def test_every_required_answer_is_calls_whose_arguments_match_their_schema(paral
     required = plan("required", tools=BOUNDED, parallel=parallel)
     counts = set()
     for seed in range(25):
-        message, reason = answer_message(required, random_walk(grammars, required.structured, seed), "stop")
+        message, reason = answer_message(random_walk(grammars, required.structured, seed), "stop", required)
         assert reason == "tool_calls" and message["content"] is None
         counts.add(len(message["tool_calls"]))
         for call in message["tool_calls"]:
@@ -229,7 +230,7 @@ def test_a_transformers_template_gets_the_tools_and_calls_and_the_tags_survive_d
     ids = tokenizer.encode(text) + [hf.eos_token_id]
     assert tokenizer.decode(ids) == text
     assert ("<tool_call>" in hf.decode(ids, skip_special_tokens=True)) is not special  # what we avoid
-    message, reason = answer_message(plan(), tokenizer.decode(ids), "stop")
+    message, reason = answer_message(tokenizer.decode(ids), "stop", plan())
     assert message["content"] == "Sure." and reason == "tool_calls"
     assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
 

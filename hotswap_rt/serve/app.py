@@ -28,7 +28,7 @@ from .backend import LocalBackend
 from .config import ServeConfig
 from .metrics import RequestMetrics
 from .model import Served, build_runtime
-from .tools import ToolCallStream, ToolPlan, answer_message, tool_plan
+from .answers import AnswerPlan, AnswerStream, answer_plan
 from .protocol import (
     ApiError, Backend, ChatCompletionRequest, CompletionRequest, GenerationRequest, LoadLoraRequest,
     UnloadLoraRequest, error_body)
@@ -201,8 +201,8 @@ def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
-        return await _respond(backend, metrics, body, "chat", chat=True,
-                              tool_parser=config.auto_tool_parser())
+        return await _respond(backend, metrics, body, "chat", chat=True, parsers=(
+            config.auto_tool_parser(), config.reasoning_parser))
 
     if config.allow_runtime_adapter_updates:
         _add_adapter_routes(app, backend, Path(config.adapter_root).resolve())
@@ -240,7 +240,9 @@ async def _measured(backend: Backend, metrics: RequestMetrics, body: GenerationR
 
 
 async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRequest,
-                   endpoint: str, chat: bool, tool_parser: str | None = None):
+                   endpoint: str, chat: bool, parsers: tuple[str | None, str | None] = (None, None)):
+    """The response to ``body``: JSON, or server-sent events with ``stream``; a chat answer is
+    read with ``parsers`` (the server's tool-call and reasoning parsers, :mod:`.answers`)."""
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = _measured(backend, metrics, body, endpoint)
@@ -251,9 +253,7 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
         headers[RESIDENT_HEADER] = "true" if first[1]["resident"] else "false"
         first = await _next_event(stream)
     wants_logprobs = (body.logprobs if chat else body.logprobs is not None)
-    tools = tool_plan(body, tool_parser) if chat else None  # the backend checked it: no error here
-    if tools is not None and tools.mode == "none":
-        tools = None
+    answers = answer_plan(body, *parsers) if chat else None  # the backend checked it: no error here
     if not body.stream:
         texts: dict[int, list[str]] = {}
         entries: dict[int, list] = {}
@@ -273,8 +273,8 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
             logprobs = _logprobs(entries.get(index, []), chat) if wants_logprobs else None
             reason = finishes[index]["reason"]
             message = {"role": "assistant", "content": text}
-            if tools is not None:
-                message, reason = answer_message(tools, text, reason)
+            if answers is not None:
+                message, reason = answers.message(text, reason)
             choices.append({"index": index, "message": message,
                             "logprobs": logprobs, "finish_reason": reason} if chat else
                            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
@@ -284,7 +284,7 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
         _sse(first, stream, request_id, created, body.model, chat, include_usage, wants_logprobs,
-             body.n, tools), media_type="text/event-stream", headers=headers)
+             body.n, answers), media_type="text/event-stream", headers=headers)
 
 
 async def _next_event(stream: AsyncIterator) -> tuple[str, Any] | None:
@@ -325,14 +325,14 @@ def _logprobs(entries: list[dict], chat: bool, offset: int = 0) -> dict:
 
 
 async def _sse(first, stream, request_id: str, created: int, model: str, chat: bool,
-               include_usage: bool, wants_logprobs: bool, n: int, tools: ToolPlan | None = None):
-    """Server-sent events as OpenAI streams them, one chunk per choice event (with ``tools``,
-    per delta of its :class:`~.tools.ToolCallStream`); with ``include_usage`` a last chunk with
-    empty ``choices`` carries the token counts."""
+               include_usage: bool, wants_logprobs: bool, n: int, answers: AnswerPlan | None = None):
+    """Server-sent events as OpenAI streams them, one chunk per choice event (with ``answers``,
+    per delta of the choice's :class:`~.answers.AnswerStream`); with ``include_usage`` a last
+    chunk with empty ``choices`` carries the token counts."""
     kind_name = "chat.completion.chunk" if chat else "text_completion"
     text_so_far: dict[int, int] = {}
     finishes: list[dict] = []
-    calls: dict[int, ToolCallStream] = {}
+    readers: dict[int, AnswerStream] = {}
 
     def chunk(index: int, delta: str | dict | None, reason: str | None, entries: list | None = None) -> str:
         """``delta``: chat, the delta object (None: empty) or text; completions, the text."""
@@ -356,10 +356,10 @@ async def _sse(first, stream, request_id: str, created: int, model: str, chat: b
             if chat and index not in started:
                 started.add(index)
                 yield chunk(index, {"role": "assistant"}, None)
-                if tools is not None:
-                    calls[index] = ToolCallStream(tools)
-            if kind == "token" and index in calls:
-                deltas = calls[index].feed(value["text"]) or ([{}] if value["logprobs"] else [])
+                if answers is not None:
+                    readers[index] = answers.stream()
+            if kind == "token" and index in readers:
+                deltas = readers[index].feed(value["text"]) or ([{}] if value["logprobs"] else [])
                 for i, delta in enumerate(deltas):
                     yield chunk(index, delta, None, value["logprobs"] if i == 0 else None)
             elif kind == "token":
@@ -368,8 +368,8 @@ async def _sse(first, stream, request_id: str, created: int, model: str, chat: b
             else:
                 finishes.append(value)
                 reason = value["reason"]
-                if index in calls:
-                    deltas, reason = calls[index].finish(reason)
+                if index in readers:
+                    deltas, reason = readers[index].finish(reason)
                     for delta in deltas:
                         yield chunk(index, delta, None)
                 yield chunk(index, None, reason)

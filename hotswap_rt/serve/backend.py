@@ -26,6 +26,10 @@ from .tools import ToolPlan, tool_plan
 log = logging.getLogger(__name__)
 
 
+TEMPLATE_RESERVED = {"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                     "continue_final_message", "tokenize", "chat_template", "return_dict"}
+
+
 def prompts_of(body: GenerationRequest, served: Served,
                tools: ToolPlan | None = None) -> list[tuple[list[int], str]]:
     """Every prompt of ``body`` as (token ids, text): the chat template applied to the messages
@@ -33,8 +37,16 @@ def prompts_of(body: GenerationRequest, served: Served,
     of token ids)."""
     tokenizer = served.tokenizer
     if isinstance(body, ChatCompletionRequest):
-        text = tokenizer.chat_prompt([m.rendered() for m in body.messages],
-                                     list(tools.tools) if tools is not None else None)
+        variables = body.chat_template_kwargs or {}
+        reserved = sorted(set(variables) & TEMPLATE_RESERVED)
+        if reserved:
+            raise ApiError(400, f"chat_template_kwargs may not set {reserved} (the request's own fields)",
+                           "chat_template_kwargs")
+        try:
+            text = tokenizer.chat_prompt([m.rendered() for m in body.messages],
+                                         list(tools.tools) if tools is not None else None, variables)
+        except RequestError as exc:
+            raise ApiError(400, str(exc), exc.param) from exc
         return [(tokenizer.encode(text), text)]
     prompt = body.prompt
     if isinstance(prompt, str):

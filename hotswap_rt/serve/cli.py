@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                         help="the model's tool call format: hermes (<tool_call>{...}</tool_call>: "
                              "Hermes, Qwen 2.5/3, the built-in model) or llama3_json (Llama 3.x)")
+    parser.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                        help="a reasoning model's <think> block goes to message.reasoning")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads (default on CPU: every core but one)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -122,7 +124,8 @@ def config_from_args(args: argparse.Namespace):
         modules_to_save=None if args.modules_to_save is None else tuple(args.modules_to_save),
         scale_vectors=args.scale_vectors, compile_cache=args.compile_cache,
         map_adapter_files=not args.no_map_adapter_files,
-        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
+        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import EngineConfig
+from .reasoning import REASONING_PARSERS
 from .tools import TOOL_CALL_PARSERS
 
 
@@ -63,6 +64,9 @@ class ServeConfig:
         enable_auto_tool_choice, tool_call_parser: vLLM's pair: ``tool_choice`` "auto" (the
             default with ``tools``) reads the calls the model writes with this parser
             (``"hermes"`` or ``"llama3_json"``, :mod:`~hotswap_rt.serve.tools`); both or neither.
+        reasoning_parser: a reasoning model's ``<think>`` block goes to ``message.reasoning``
+            (``"deepseek_r1"`` or ``"qwen3"``, :mod:`~hotswap_rt.serve.reasoning`; vLLM's
+            ``--reasoning-parser``); None: all text is content.
         compile_cache: inductor's compile cache for ``hotswap-rt serve`` and each Ray replica
             (:mod:`~hotswap_rt.serve.compile_cache`): None is ``$TORCHINDUCTOR_CACHE_DIR`` as the
             process started, else ``~/.cache/hotswap_rt/inductor`` (``$XDG_CACHE_HOME``), which
@@ -101,6 +105,7 @@ class ServeConfig:
     map_adapter_files: bool = True
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         self.api_keys, self.admin_api_keys = tuple(self.api_keys), tuple(self.admin_api_keys)
@@ -134,6 +139,9 @@ class ServeConfig:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, "
                              f"got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, "
+                             f"got {self.reasoning_parser!r}")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         if self.allow_runtime_adapter_updates and not self.adapter_root:

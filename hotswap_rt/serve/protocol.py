@@ -184,7 +184,8 @@ class ToolCall(BaseModel):
 
 class ChatMessage(BaseModel):
     """A chat message; ``developer`` is rendered as ``system``; an assistant's ``tool_calls``
-    (with their arguments as objects) and ``tool`` results go through the chat template."""
+    (with their arguments as objects), its ``reasoning`` (as ``reasoning_content``) and
+    ``tool`` results go through the chat template."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -193,11 +194,13 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
     tool_call_id: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None
+    reasoning: Optional[str] = None  # an earlier answer's (vLLM's field)
 
     @model_validator(mode="after")
     def _calls_only_from_the_assistant(self) -> ChatMessage:
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError("only assistant messages have tool_calls")
+        for field in ("tool_calls", "reasoning"):
+            if getattr(self, field) is not None and self.role != "assistant":
+                raise ValueError(f"only assistant messages have {field}")
         return self
 
     def rendered(self) -> dict[str, Any]:
@@ -210,6 +213,8 @@ class ChatMessage(BaseModel):
             message["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             message["name"] = self.name
+        if self.reasoning is not None:  # as chat templates (Qwen3, DeepSeek-R1) read it
+            message["reasoning_content"] = self.reasoning
         if self.tool_calls:
             message["tool_calls"] = [
                 {"id": call.id, "type": "function",
@@ -226,6 +231,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
+    include_reasoning: bool = True  # vLLM's: False leaves the reasoning out of the answer
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: more variables for the template
 
 
 class LoadLoraRequest(BaseModel):

@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
-KEPT_SPECIAL = ("<tool_call>", "</tool_call>")  # the Hermes tags (``serve.tools``)
+KEPT_SPECIAL = ("<tool_call>", "</tool_call>", "<think>", "</think>")  # tags .tools / .reasoning read
 
 
 class Tokenizer(Protocol):
@@ -21,9 +21,15 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                    variables: dict[str, Any] | None = None) -> str:
         """The prompt for ``messages``; ``tools`` (OpenAI's ``{"type": "function", ...}``) go
-        to the template as ``tools``."""
+        to the template as ``tools``, ``variables`` as more of its variables (vLLM's
+        ``chat_template_kwargs``: ``enable_thinking`` ...).
+
+        Raises:
+            RequestError: ``variables`` for a chat format that has none.
+        """
         ...
 
 
@@ -44,11 +50,17 @@ class ByteTokenizer:
         """Each token id's bytes (None for the special ids): what structured output constrains."""
         return [bytes([i]) for i in range(256)] + [None, None, None]
 
-    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                    variables: dict[str, Any] | None = None) -> str:
         """The chat template: one ``role: content`` line per message, then ``assistant:``. With
         tools, a first line names them and their parameters (``tools: get_weather(city) add(a,
         b)``: the tiny model's context is short); an assistant's calls follow its content as
         Hermes blocks, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``."""
+        if variables:
+            from ..engine.sampling import RequestError
+
+            raise RequestError("chat_template_kwargs", "this chat format (the built-in model's, or a "
+                                                       "tokenizer without a chat template) has no variables")
         lines = ["tools: " + " ".join(_signature(t["function"]) for t in tools)] if tools else []
         for m in messages:
             calls = "".join("<tool_call>" + json.dumps({"name": c["function"]["name"],
@@ -118,13 +130,14 @@ class HFTokenizer:
         return [None if token in special or piece is None else to_bytes(piece)
                 for token, piece in enumerate(pieces)]
 
-    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
-        """The tokenizer's chat template (``tools`` passed to it); without one, the built-in
-        model's format (:meth:`ByteTokenizer.chat_prompt`)."""
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                    variables: dict[str, Any] | None = None) -> str:
+        """The tokenizer's chat template (``tools`` and ``variables`` passed to it); without
+        one, the built-in model's format (:meth:`ByteTokenizer.chat_prompt`)."""
         if getattr(self._tokenizer, "chat_template", None):
             return self._tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                                       add_generation_prompt=True)
-        return ByteTokenizer().chat_prompt(messages, tools)
+                                                       add_generation_prompt=True, **(variables or {}))
+        return ByteTokenizer().chat_prompt(messages, tools, variables)
 
 
 def _signature(function: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ call and ends a Hermes auto answer after its first call (``llama3_json``: a 400)
 
 :class:`ToolCallStream` turns a choice's text, as it streams, into OpenAI deltas
 (``{"content": ...}`` / ``{"tool_calls": [...]}``); a whole answer is the same stream fed at
-once (:func:`answer_message`), so streamed and whole answers never differ.
+once (:func:`~.answers.answer_message`), so streamed and whole answers never differ.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from ..engine.structured import StructuredOutput
 from .protocol import ApiError, ChatCompletionRequest
+from .tags import partial_tag
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -242,7 +243,7 @@ class HermesReader:
                 out += self._content(self._held[:start])
                 self._held, self._in_call = self._held[start + len(CALL_OPEN):], True
                 continue
-            keep = _open_prefix(self._held)
+            keep = partial_tag(self._held, CALL_OPEN)
             out += self._content(self._held[:len(self._held) - keep])
             self._held = self._held[len(self._held) - keep:]
             return out
@@ -350,14 +351,6 @@ def _json_calls(text: str, stream: ToolCallStream) -> list[tuple[str, str]] | No
 READERS = {"hermes": HermesReader, "llama3_json": JsonReader}
 
 
-def _open_prefix(text: str) -> int:
-    """Length of the longest end of ``text`` that could begin ``<tool_call>``."""
-    for size in range(min(len(text), len(CALL_OPEN) - 1), 0, -1):
-        if CALL_OPEN.startswith(text[-size:]):
-            return size
-    return 0
-
-
 def _json_or_none(text: str) -> Any:
     try:
         return json.loads(text)
@@ -374,24 +367,3 @@ def _required_calls(text: str) -> list[tuple[str, str]] | None:
                                               for i in items):
         return None
     return [(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in items]
-
-
-def answer_message(plan: ToolPlan, text: str, reason: str) -> tuple[dict[str, Any], str]:
-    """A whole answer's ``message`` (``content``, ``tool_calls``) and finish reason: the same
-    deltas a stream of ``text`` gives, joined."""
-    stream = ToolCallStream(plan)
-    deltas = stream.feed(text)
-    last, reason = stream.finish(reason)
-    content, calls = "", []
-    for delta in [*deltas, *last]:
-        content += delta.get("content", "")
-        for call in delta.get("tool_calls", []):
-            if "id" in call:
-                calls.append({key: dict(value) if isinstance(value, dict) else value
-                              for key, value in call.items() if key != "index"})
-            else:
-                calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
-    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
-    if calls:
-        message["tool_calls"] = calls
-    return message, reason
