@@ -163,3 +163,32 @@ def test_bad_reasoning_requests_are_400s(servers, extra, message, param) -> None
 def test_the_parser_is_checked_at_start() -> None:
     with pytest.raises(ValueError, match="reasoning_parser must be one of"):
         ServeConfig(reasoning_parser="o1")
+
+
+def test_a_chat_prompt_gets_its_special_tokens_from_the_template_once() -> None:
+    """A template that writes ``<s>`` gets no second one from the tokenizer (transformers'
+    own ``apply_chat_template(tokenize=True)`` is the reference); the built-in format and a
+    tokenizer without a template get ``<bos>`` added, as plain text does."""
+    from tokenizers import processors
+
+    from hotswap_rt.serve.tokenizers import BOS_ID, ByteTokenizer, HFTokenizer
+
+    from .test_structured import trained_tokenizer
+
+    hf = trained_tokenizer("byte-level")
+    bos = hf.bos_token_id
+    hf.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                        special_tokens=[("<s>", bos)])
+    assert hf("hi")["input_ids"][0] == bos  # the tokenizer adds <s> to plain text
+    without_template = HFTokenizer(hf)
+    text = without_template.chat_prompt(HELLO)
+    assert without_template.encode_chat(text) == without_template.encode(text)
+    assert without_template.encode_chat(text).count(bos) == 1
+    hf.chat_template = "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    tokenizer = HFTokenizer(hf)
+    text = tokenizer.chat_prompt(HELLO)
+    ids = tokenizer.encode_chat(text)
+    reference = hf.apply_chat_template(HELLO, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids == list(reference)
+    assert ids.count(bos) == 1 and ids[0] == bos
+    assert ByteTokenizer().encode_chat("user: hi")[0] == BOS_ID

@@ -47,7 +47,7 @@ def prompts_of(body: GenerationRequest, served: Served,
                                          list(tools.tools) if tools is not None else None, variables)
         except RequestError as exc:
             raise ApiError(400, str(exc), exc.param) from exc
-        return [(tokenizer.encode(text), text)]
+        return [(tokenizer.encode_chat(text), text)]
     prompt = body.prompt
     if isinstance(prompt, str):
         return [(tokenizer.encode(prompt), prompt)]

@@ -19,6 +19,10 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_chat(self, text: str) -> list[int]:
+        """The ids of a :meth:`chat_prompt`: special tokens added only where its text has none."""
+        ...
+
     def decode(self, ids: list[int]) -> str: ...
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
@@ -41,6 +45,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         """``text`` -> ``[bos, byte, byte, ...]``."""
         return [BOS_ID, *text.encode("utf-8")]
+
+    def encode_chat(self, text: str) -> list[int]:
+        """A chat prompt's ids: its format writes no ``<bos>``, so it is added as for any text."""
+        return self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text; special ids are dropped, broken UTF-8 becomes U+FFFD."""
@@ -85,7 +93,16 @@ class HFTokenizer:
                       if added[token].special and added[token].content in KEPT_SPECIAL}
 
     def encode(self, text: str) -> list[int]:
+        """``text``'s ids, with the special tokens the tokenizer adds (``<bos>`` ...)."""
         return list(self._tokenizer(text)["input_ids"])
+
+    def encode_chat(self, text: str) -> list[int]:
+        """A chat prompt's ids: a chat template writes its own special tokens (``<s>``,
+        ``<|begin_of_text|>``), so none are added (as vLLM does; adding them gave Llama-style
+        prompts two ``<bos>``); without a template, as :meth:`encode`."""
+        if getattr(self._tokenizer, "chat_template", None):
+            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text without special tokens, but with the tool-call tags
