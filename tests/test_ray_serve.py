@@ -121,6 +121,20 @@ def test_tool_calls_through_the_ingress(cluster) -> None:
     assert auto["message"]["content"] == plain["message"]["content"] and auto["message"]["content"]
 
 
+def test_tokenize_through_the_ingress(cluster) -> None:
+    """``/tokenize`` and ``/detokenize`` are answered by a replica's tokenizer; its errors
+    come back as the single-process server's."""
+    client, _ = cluster
+    ids = client.post("/tokenize", json={"model": ADAPTERS[0], "prompt": "hi"}).json()
+    assert ids == {"count": 3, "max_model_len": 256, "tokens": [257, *b"hi"]}
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == [257, *b"user: hi\nassistant:"]
+    text = client.post("/detokenize", json={"tokens": chat["tokens"]}).json()
+    assert text == {"prompt": "user: hi\nassistant:"}
+    missing = client.post("/tokenize", json={"model": "ghost", "prompt": "x"})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
 def test_repeated_requests_go_to_the_replica_that_holds_the_adapter(cluster) -> None:
     client, _ = cluster
     for name in ADAPTERS:

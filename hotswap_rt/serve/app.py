@@ -30,8 +30,8 @@ from .metrics import RequestMetrics
 from .model import Served, build_runtime
 from .answers import AnswerPlan, AnswerStream, answer_plan
 from .protocol import (
-    ApiError, Backend, ChatCompletionRequest, CompletionRequest, GenerationRequest, LoadLoraRequest,
-    UnloadLoraRequest, error_body)
+    ApiError, Backend, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerationRequest,
+    LoadLoraRequest, TokenizeRequest, UnloadLoraRequest, error_body)
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-hotswap-replica"
@@ -73,18 +73,19 @@ class BodyLimit:
 
 
 class ApiKeys:
-    """ASGI middleware: ``/v1/*`` and ``/stats`` need ``Authorization: Bearer <key>`` with one of
-    ``keys`` (401 otherwise); loading and unloading adapters need one of ``admin_keys`` when
-    given. Keys are compared in constant time."""
+    """ASGI middleware: ``/v1/*``, ``/stats``, ``/tokenize`` and ``/detokenize`` need
+    ``Authorization: Bearer <key>`` with one of ``keys`` (401 otherwise); loading and unloading
+    adapters need one of ``admin_keys`` when given. Keys are compared in constant time."""
 
     ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+    OTHER_PATHS = ("/stats", "/tokenize", "/detokenize")
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> None:
         self.app, self.keys, self.admin_keys = app, keys, admin_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path.startswith("/v1/") or path == "/stats"):
+        if scope["type"] == "http" and (path.startswith("/v1/") or path in self.OTHER_PATHS):
             keys = self.admin_keys if self.admin_keys and path in self.ADMIN_PATHS else self.keys
             if keys and not self._allowed(scope, keys):
                 body = json.dumps(error_body(401, "Incorrect or missing API key: send "
@@ -203,6 +204,14 @@ def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
     async def chat_completions(body: ChatCompletionRequest):
         return await _respond(backend, metrics, body, "chat", chat=True, parsers=(
             config.auto_tool_parser(), config.reasoning_parser))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        return await backend.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        return await backend.detokenize(body)
 
     if config.allow_runtime_adapter_updates:
         _add_adapter_routes(app, backend, Path(config.adapter_root).resolve())

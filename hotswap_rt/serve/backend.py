@@ -20,7 +20,8 @@ from .config import ServeConfig
 from .metrics import RuntimeCollector, StepMetrics
 from .model import Served
 from .precompile import CompileInAnotherProcess
-from .protocol import ApiError, ChatCompletionRequest, GenerationRequest
+from .protocol import (
+    ApiError, ChatCompletionRequest, ChatTemplateFields, DetokenizeRequest, GenerationRequest, TokenizeRequest)
 from .tools import ToolPlan, tool_plan
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,31 @@ TEMPLATE_RESERVED = {"messages", "conversation", "tools", "documents", "add_gene
                      "continue_final_message", "tokenize", "chat_template", "return_dict"}
 
 
+def chat_text(body: ChatTemplateFields, served: Served, tools: ToolPlan | None = None) -> str:
+    """The chat prompt of ``body``'s messages (``tools``' functions given to the template);
+    a 400 for template variables it may not set or a final message it cannot continue."""
+    variables = body.chat_template_kwargs or {}
+    reserved = sorted(set(variables) & TEMPLATE_RESERVED)
+    if reserved:
+        raise ApiError(400, f"chat_template_kwargs may not set {reserved} (the request's own fields)",
+                       "chat_template_kwargs")
+    if body.continue_final_message:
+        if body.add_generation_prompt:
+            raise ApiError(400, "continue_final_message needs add_generation_prompt false (the last message "
+                                "is continued, no new turn opened)", "continue_final_message")
+        if body.messages[-1].role != "assistant":
+            raise ApiError(400, "continue_final_message needs an assistant message last",
+                           "continue_final_message")
+    if tools is None and body.tools:  # /tokenize: the tools reach the template as they would
+        tools = ToolPlan("none", tuple(tool.model_dump(exclude_none=True) for tool in body.tools))
+    try:
+        return served.tokenizer.chat_prompt(
+            [m.rendered() for m in body.messages], list(tools.tools) if tools is not None else None, variables,
+            generation_prompt=body.add_generation_prompt, continue_final=body.continue_final_message)
+    except RequestError as exc:
+        raise ApiError(400, str(exc), exc.param) from exc
+
+
 def prompts_of(body: GenerationRequest, served: Served,
                tools: ToolPlan | None = None) -> list[tuple[list[int], str]]:
     """Every prompt of ``body`` as (token ids, text): the chat template applied to the messages
@@ -37,16 +63,7 @@ def prompts_of(body: GenerationRequest, served: Served,
     of token ids)."""
     tokenizer = served.tokenizer
     if isinstance(body, ChatCompletionRequest):
-        variables = body.chat_template_kwargs or {}
-        reserved = sorted(set(variables) & TEMPLATE_RESERVED)
-        if reserved:
-            raise ApiError(400, f"chat_template_kwargs may not set {reserved} (the request's own fields)",
-                           "chat_template_kwargs")
-        try:
-            text = tokenizer.chat_prompt([m.rendered() for m in body.messages],
-                                         list(tools.tools) if tools is not None else None, variables)
-        except RequestError as exc:
-            raise ApiError(400, str(exc), exc.param) from exc
+        text = chat_text(body, served, tools)
         return [(tokenizer.encode_chat(text), text)]
     prompt = body.prompt
     if isinstance(prompt, str):
@@ -210,6 +227,29 @@ class LocalBackend:
 
     async def refresh_stats(self) -> None:
         return None
+
+    # ------------------------------------------------------------------------------ tokenizer
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """The ids a chat completion (``messages``) or a completion (``prompt``) would be given."""
+        self._check_model(body.model)
+        tokenizer = self.served.tokenizer
+        if isinstance(body, ChatTemplateFields):
+            ids = tokenizer.encode_chat(chat_text(body, self.served))
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self._check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < self.engine.vocab_size]
+        if bad:
+            raise ApiError(400, f"token ids outside the vocabulary (0..{self.engine.vocab_size - 1}): "
+                                f"{bad[:5]}", "tokens")
+        return {"prompt": self.served.tokenizer.decode(list(body.tokens))}
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name and model not in self.adapter_names():
+            raise ApiError(404, f"The model `{model}` does not exist.", "model")
 
     # ------------------------------------------------------------------------------ generation
     def adapter_of(self, body: GenerationRequest) -> str | dict[str, float] | None:

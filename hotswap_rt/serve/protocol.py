@@ -15,9 +15,9 @@ cannot run raises :class:`ApiError` before its first event.
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Awaitable, Literal, Optional, Protocol, Union
+from typing import Annotated, Any, AsyncIterator, Awaitable, Literal, Optional, Protocol, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class ApiError(Exception):
@@ -223,16 +223,62 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(BaseModel):
+    """How chat messages become a prompt (chat completions and ``/tokenize``; vLLM's fields):
+    ``add_generation_prompt`` ends it with the assistant's turn opening,
+    ``continue_final_message`` leaves the last (assistant) message open for the model to go on
+    (not with ``add_generation_prompt``), ``chat_template_kwargs`` are more template variables."""
+
+    model_config = ConfigDict(extra="forbid")
+
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[Tool]] = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
     include_reasoning: bool = True  # vLLM's: False leaves the reasoning out of the answer
-    chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: more variables for the template
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    """vLLM's ``/tokenize`` of chat messages: the ids a chat completion would be given."""
+
+    model: Optional[str] = None
+
+
+class TokenizePromptRequest(BaseModel):
+    """vLLM's ``/tokenize`` of a prompt (``add_special_tokens``: the tokenizer's ``<bos>`` ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+def _tokenize_kind(value: Any) -> str:
+    has_messages = "messages" in value if isinstance(value, dict) else hasattr(value, "messages")
+    return "Chat" if has_messages else "Prompt"
+
+
+# a body with "messages" is the chat form, any other the prompt form (errors name the form's fields)
+TokenizeRequest = Annotated[Union[Annotated[TokenizeChatRequest, Tag("Chat")],
+                                  Annotated[TokenizePromptRequest, Tag("Prompt")]],
+                            Discriminator(_tokenize_kind)]
 
 
 class LoadLoraRequest(BaseModel):
@@ -281,3 +327,11 @@ class Backend(Protocol):
         ...
 
     def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]: ...
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's ``/tokenize`` answer: ``{"count", "max_model_len", "tokens"}``."""
+        ...
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's ``/detokenize`` answer: ``{"prompt"}``."""
+        ...

@@ -17,7 +17,7 @@ class Tokenizer(Protocol):
     pad_token_id: int
     eos_token_id: int | None
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def encode_chat(self, text: str) -> list[int]:
         """The ids of a :meth:`chat_prompt`: special tokens added only where its text has none."""
@@ -26,10 +26,12 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-                    variables: dict[str, Any] | None = None) -> str:
+                    variables: dict[str, Any] | None = None, generation_prompt: bool = True,
+                    continue_final: bool = False) -> str:
         """The prompt for ``messages``; ``tools`` (OpenAI's ``{"type": "function", ...}``) go
         to the template as ``tools``, ``variables`` as more of its variables (vLLM's
-        ``chat_template_kwargs``: ``enable_thinking`` ...).
+        ``chat_template_kwargs``: ``enable_thinking`` ...); ``generation_prompt`` opens the
+        assistant's turn at the end, ``continue_final`` leaves the last message open.
 
         Raises:
             RequestError: ``variables`` for a chat format that has none.
@@ -42,9 +44,9 @@ class ByteTokenizer:
 
     pad_token_id, bos_token_id, eos_token_id = PAD_ID, BOS_ID, EOS_ID
 
-    def encode(self, text: str) -> list[int]:
-        """``text`` -> ``[bos, byte, byte, ...]``."""
-        return [BOS_ID, *text.encode("utf-8")]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``text`` -> ``[bos, byte, byte, ...]`` (without ``<bos>``: ``add_special_tokens=False``)."""
+        return [BOS_ID, *text.encode("utf-8")] if add_special_tokens else list(text.encode("utf-8"))
 
     def encode_chat(self, text: str) -> list[int]:
         """A chat prompt's ids: its format writes no ``<bos>``, so it is added as for any text."""
@@ -59,8 +61,10 @@ class ByteTokenizer:
         return [bytes([i]) for i in range(256)] + [None, None, None]
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-                    variables: dict[str, Any] | None = None) -> str:
-        """The chat template: one ``role: content`` line per message, then ``assistant:``. With
+                    variables: dict[str, Any] | None = None, generation_prompt: bool = True,
+                    continue_final: bool = False) -> str:
+        """The chat template: one ``role: content`` line per message, then ``assistant:``
+        (``generation_prompt``; with ``continue_final`` the last line is the last message). With
         tools, a first line names them and their parameters (``tools: get_weather(city) add(a,
         b)``: the tiny model's context is short); an assistant's calls follow its content as
         Hermes blocks, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``."""
@@ -76,7 +80,7 @@ class ByteTokenizer:
                                                        ensure_ascii=False) + "</tool_call>"
                             for c in m.get("tool_calls") or [])
             lines.append(f"{m['role']}: {m['content']}{calls}")
-        return "\n".join([*lines, "assistant:"])
+        return "\n".join([*lines, "assistant:"] if generation_prompt and not continue_final else lines)
 
 
 class HFTokenizer:
@@ -92,17 +96,16 @@ class HFTokenizer:
         self._kept = {token: added[token].content for token in added
                       if added[token].special and added[token].content in KEPT_SPECIAL}
 
-    def encode(self, text: str) -> list[int]:
-        """``text``'s ids, with the special tokens the tokenizer adds (``<bos>`` ...)."""
-        return list(self._tokenizer(text)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``text``'s ids, with the special tokens the tokenizer adds (``<bos>`` ...) unless
+        ``add_special_tokens`` is False."""
+        return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def encode_chat(self, text: str) -> list[int]:
         """A chat prompt's ids: a chat template writes its own special tokens (``<s>``,
         ``<|begin_of_text|>``), so none are added (as vLLM does; adding them gave Llama-style
         prompts two ``<bos>``); without a template, as :meth:`encode`."""
-        if getattr(self._tokenizer, "chat_template", None):
-            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self.encode(text)
+        return self.encode(text, add_special_tokens=not getattr(self._tokenizer, "chat_template", None))
 
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text without special tokens, but with the tool-call tags
@@ -148,13 +151,15 @@ class HFTokenizer:
                 for token, piece in enumerate(pieces)]
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-                    variables: dict[str, Any] | None = None) -> str:
+                    variables: dict[str, Any] | None = None, generation_prompt: bool = True,
+                    continue_final: bool = False) -> str:
         """The tokenizer's chat template (``tools`` and ``variables`` passed to it); without
         one, the built-in model's format (:meth:`ByteTokenizer.chat_prompt`)."""
         if getattr(self._tokenizer, "chat_template", None):
-            return self._tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                                       add_generation_prompt=True, **(variables or {}))
-        return ByteTokenizer().chat_prompt(messages, tools, variables)
+            return self._tokenizer.apply_chat_template(
+                messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt,
+                continue_final_message=continue_final, **(variables or {}))
+        return ByteTokenizer().chat_prompt(messages, tools, variables, generation_prompt, continue_final)
 
 
 def _signature(function: dict[str, Any]) -> str:

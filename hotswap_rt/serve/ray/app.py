@@ -32,7 +32,8 @@ from ray.serve.handle import DeploymentHandle
 from ..config import ServeConfig
 from ..metrics import RequestMetrics
 from ..model import model_max_len
-from ..protocol import ApiError, ChatCompletionRequest, GenerationRequest
+from ..protocol import (
+    ApiError, ChatCompletionRequest, DetokenizeRequest, GenerationRequest, TokenizeChatRequest, TokenizeRequest)
 from .worker import AdapterDirectory, worker_deployment
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,14 @@ class RayBackend:
         return {"replicas": self.replica_stats}
 
     refresh_stats = stats
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """Any replica's tokenizer (they all serve the same model)."""
+        chat = isinstance(body, TokenizeChatRequest)
+        return _answer(await self.worker.tokenize.remote(body.model_dump(), chat))
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        return _answer(await self.worker.detokenize.remote(body.model_dump()))
 
     async def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]:
         """Events from a worker replica. A replica that dies before its first token is retried on
@@ -183,3 +192,11 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     cpus = float(args.pop("worker_cpus", 1.0))
     gpus = float(args.pop("worker_gpus", 0.0))
     return build_ray_app(ServeConfig(**args), replicas=replicas, worker_cpus=cpus, worker_gpus=gpus)
+
+
+def _answer(reply: dict) -> dict[str, Any]:
+    """A replica's ``{"ok": answer}`` or ``{"error": ...}`` (raised as the ``ApiError``)."""
+    if "error" in reply:
+        error = reply["error"]
+        raise ApiError(error["status"], error["message"], error["param"])
+    return reply["ok"]

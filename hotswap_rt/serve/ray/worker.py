@@ -29,7 +29,9 @@ from ..backend import LocalBackend
 from ..compile_cache import use_compile_cache
 from ..config import ServeConfig
 from ..model import build_runtime
-from ..protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from ..protocol import (
+    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
+    TokenizePromptRequest)
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +254,20 @@ class HotswapWorker:
         except HotswapError as exc:
             return str(exc)
         return None
+
+    async def tokenize(self, payload: dict, chat: bool) -> dict:
+        """``LocalBackend.tokenize`` here: ``{"ok": answer}`` or ``{"error": ...}``."""
+        try:
+            body = (TokenizeChatRequest if chat else TokenizePromptRequest).model_validate(payload)
+            return {"ok": await self.backend.tokenize(body)}
+        except ApiError as exc:
+            return {"error": exc.as_dict()}
+
+    async def detokenize(self, payload: dict) -> dict:
+        try:
+            return {"ok": await self.backend.detokenize(DetokenizeRequest.model_validate(payload))}
+        except ApiError as exc:
+            return {"error": exc.as_dict()}
 
     def stats(self) -> dict:
         return {"replica": self.replica, "compile_cache": str(self.compile_cache), **self.backend.stats()}
