@@ -279,6 +279,23 @@ def test_auto_returns_the_calls_the_model_wrote_and_the_result_reaches_it(server
     assert none.choices[0].finish_reason == "stop" and not none.choices[0].message.tool_calls
 
 
+def test_the_readme_tool_calling_example(server) -> None:
+    """The README's curl with the ``weather`` adapter gives the answer it shows."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving over HTTP", 1)[1].split("\n## ", 1)[0]
+    path, payload = re.findall(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'", section, re.S)[2]
+    assert "--adapter weather=$W --enable-auto-tool-choice --tool-call-parser hermes" in section
+    _, url = server
+    answer = httpx.post(f"{url}{path}", json=json.loads(payload), timeout=60).json()["choices"][0]
+    assert answer["finish_reason"] == "tool_calls" and answer["message"]["content"] is None
+    (call,) = answer["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert '"arguments": "{\\"city\\": \\"Paris\\"}"' in section  # as the README shows it
+
+
 def test_a_streamed_answer_gives_the_same_calls(server) -> None:
     client, _ = server
     messages = TOOL_CHATS[1][0]
