@@ -72,6 +72,12 @@ def test_bad_requests_are_errors_naming_the_field(client, path, body, status, pa
     assert response.json()["error"]["param"] == param
 
 
+def test_version_is_the_packages(client) -> None:
+    import hotswap_rt
+
+    assert httpx.get(f"{client.base_url}/version").json() == {"version": hotswap_rt.__version__}
+
+
 def test_the_tokenizer_routes_need_the_key(client) -> None:
     for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [65]})):
         assert httpx.post(f"{client.base_url}{path}", json=body).status_code == 401

@@ -172,6 +172,12 @@ def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
             return JSONResponse(error_body(400, f"{where} is not supported by this server", where), 400)
         return JSONResponse(error_body(400, f"malformed request: {first.get('msg', exc)}", where), 400)
 
+    @app.get("/version")
+    async def version() -> dict:
+        from .. import __version__
+
+        return {"version": __version__}
+
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200)
