@@ -31,9 +31,9 @@ TEMPLATE_RESERVED = {"messages", "conversation", "tools", "documents", "add_gene
                      "continue_final_message", "tokenize", "chat_template", "return_dict"}
 
 
-def chat_text(body: ChatTemplateFields, served: Served, tools: ToolPlan | None = None) -> str:
-    """The chat prompt of ``body``'s messages (``tools``' functions given to the template);
-    a 400 for template variables it may not set or a final message it cannot continue."""
+def chat_text(body: ChatTemplateFields, served: Served) -> str:
+    """The chat prompt of ``body``'s messages (its tools given to the template); a 400 for
+    template variables it may not set or a final message it cannot continue."""
     variables = body.chat_template_kwargs or {}
     reserved = sorted(set(variables) & TEMPLATE_RESERVED)
     if reserved:
@@ -46,24 +46,20 @@ def chat_text(body: ChatTemplateFields, served: Served, tools: ToolPlan | None =
         if body.messages[-1].role != "assistant":
             raise ApiError(400, "continue_final_message needs an assistant message last",
                            "continue_final_message")
-    if tools is None and body.tools:  # /tokenize: the tools reach the template as they would
-        tools = ToolPlan("none", tuple(tool.model_dump(exclude_none=True) for tool in body.tools))
     try:
         return served.tokenizer.chat_prompt(
-            [m.rendered() for m in body.messages], list(tools.tools) if tools is not None else None, variables,
+            [m.rendered() for m in body.messages], body.tool_dicts(), variables,
             generation_prompt=body.add_generation_prompt, continue_final=body.continue_final_message)
     except RequestError as exc:
         raise ApiError(400, str(exc), exc.param) from exc
 
 
-def prompts_of(body: GenerationRequest, served: Served,
-               tools: ToolPlan | None = None) -> list[tuple[list[int], str]]:
+def prompts_of(body: GenerationRequest, served: Served) -> list[tuple[list[int], str]]:
     """Every prompt of ``body`` as (token ids, text): the chat template applied to the messages
-    (and ``tools``' functions), or each completion prompt (a string, strings, token ids, lists
-    of token ids)."""
+    (and tools), or each completion prompt (a string, strings, token ids, lists of token ids)."""
     tokenizer = served.tokenizer
     if isinstance(body, ChatCompletionRequest):
-        text = chat_text(body, served, tools)
+        text = chat_text(body, served)
         return [(tokenizer.encode_chat(text), text)]
     prompt = body.prompt
     if isinstance(prompt, str):
@@ -277,7 +273,7 @@ class LocalBackend:
         tools = tool_plan(body, self.config.auto_tool_parser()) if isinstance(
             body, ChatCompletionRequest) else None
         params = sampling_of(body, self.served, tools)
-        prompts = prompts_of(body, self.served, tools)
+        prompts = prompts_of(body, self.served)
         if params.structured is not None:  # compiled off the event loop (a large vocabulary: seconds)
             try:
                 await asyncio.to_thread(lambda: self.engine.grammars().index(params.structured))

@@ -237,6 +237,10 @@ class ChatTemplateFields(BaseModel):
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them (``{"type": "function", "function": ...}``)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: Optional[int] = None

@@ -81,7 +81,7 @@ def tool_plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan | Non
         if body.parallel_tool_calls is not None:
             raise ApiError(400, "parallel_tool_calls needs tools", "parallel_tool_calls")
         return None
-    tools = tuple(tool.model_dump(exclude_none=True) for tool in body.tools)
+    tools = tuple(body.tool_dicts())
     names = [tool.function.name for tool in body.tools]
     if len(set(names)) != len(names):
         raise ApiError(400, f"tools name a function twice: {sorted({n for n in names if names.count(n) > 1})}",
