@@ -211,12 +211,20 @@ def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
         return await _respond(backend, metrics, body, "chat", chat=True, parsers=(
             config.auto_tool_parser(), config.reasoning_parser))
 
+    async def known(model: str | None) -> None:
+        """A named ``model`` must be the base model or an adapter (as the backend knows them:
+        with Ray, the adapter directory, not what one replica holds)."""
+        if model is not None and not await backend.knows(model):
+            raise ApiError(404, f"The model `{model}` does not exist.", "model")
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
+        await known(body.model)
         return await backend.tokenize(body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
+        await known(body.model)
         return await backend.detokenize(body)
 
     if config.allow_runtime_adapter_updates:

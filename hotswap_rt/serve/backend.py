@@ -226,8 +226,8 @@ class LocalBackend:
 
     # ------------------------------------------------------------------------------ tokenizer
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
-        """The ids a chat completion (``messages``) or a completion (``prompt``) would be given."""
-        self._check_model(body.model)
+        """The ids a chat completion (``messages``) or a completion (``prompt``) would be given
+        (the route has checked ``model``)."""
         tokenizer = self.served.tokenizer
         if isinstance(body, ChatTemplateFields):
             ids = tokenizer.encode_chat(chat_text(body, self.served))
@@ -236,16 +236,11 @@ class LocalBackend:
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
 
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
-        self._check_model(body.model)
         bad = [t for t in body.tokens if not 0 <= t < self.engine.vocab_size]
         if bad:
             raise ApiError(400, f"token ids outside the vocabulary (0..{self.engine.vocab_size - 1}): "
                                 f"{bad[:5]}", "tokens")
         return {"prompt": self.served.tokenizer.decode(list(body.tokens))}
-
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name and model not in self.adapter_names():
-            raise ApiError(404, f"The model `{model}` does not exist.", "model")
 
     # ------------------------------------------------------------------------------ generation
     def adapter_of(self, body: GenerationRequest) -> str | dict[str, float] | None:

@@ -333,7 +333,8 @@ class Backend(Protocol):
     def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]: ...
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
-        """vLLM's ``/tokenize`` answer: ``{"count", "max_model_len", "tokens"}``."""
+        """vLLM's ``/tokenize`` answer: ``{"count", "max_model_len", "tokens"}`` (``model``
+        already checked)."""
         ...
 
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
