@@ -307,3 +307,60 @@ def test_the_readme_serve_config_builds_an_application(monkeypatch) -> None:
     assert builder(app["args"]) == "app"
     assert built["replicas"] == 4 and built["worker_gpus"] == 1
     assert built["config"].device_slots == 8 and built["config"].adapter_root == "/shared/adapters"
+
+
+def test_the_ingress_holds_the_prompt_event_with_the_replica_until_a_token(monkeypatch) -> None:
+    """A reasoning server's ``("prompt", ...)`` event (what the prompt did to the think block)
+    reaches the app after the replica's, and, like it, does not count as the replica having
+    answered: a replica that dies after it is retried on another (a worker handle stands in
+    for the deployment)."""
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    from hotswap_rt.serve.protocol import ChatCompletionRequest
+    from hotswap_rt.serve.ray.app import RayBackend
+
+    attempts = []
+
+    class Response:
+        def __init__(self, dies: bool) -> None:
+            self.events = [("replica", {"id": len(attempts), "resident": True}),  # replica 1, then 2
+                           ("prompt", {"reasoning": "open"})]
+            self.dies = dies
+
+        def __aiter__(self):
+            return self._events()
+
+        async def _events(self):
+            for event in self.events:
+                yield event
+            if self.dies:
+                raise RayActorError()
+            yield "token", {"index": 0, "text": "hm</think>hi", "logprobs": None}
+
+        def cancel(self) -> None:
+            pass
+
+    class Worker:
+        def options(self, **_):
+            return self
+
+        @property
+        def generate(self):
+            return self
+
+        def remote(self, payload, chat):
+            attempts.append(chat)
+            return Response(dies=len(attempts) == 1)
+
+    backend = RayBackend("m", 64, Worker(), None)
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+
+    async def events():
+        return [event async for event in backend.generate(body)]
+
+    assert asyncio.run(events()) == [("replica", {"id": 2, "resident": True}),
+                                     ("prompt", {"reasoning": "open"}),
+                                     ("token", {"index": 0, "text": "hm</think>hi", "logprobs": None})]
+    assert attempts == [True, True]

@@ -1,16 +1,26 @@
 """Reasoning output (``--reasoning-parser``): a ``<think>`` block goes to ``message.reasoning``.
 
-The split is checked on its own (both parsers; every way of cutting a text into stream pieces
-gives what the whole text gives; with tools, calls are read from the content only), then on
-eager servers of the built-in model with the ``openai`` client and httpx: the demo adapters
-answer without a think block, so their trained reply must come back as content (``qwen3``) or
-as reasoning (``deepseek_r1``, whose template opens the block), streamed and whole.
+The split is checked on its own (both parsers, after prompts that open, close or leave the
+block; every way of cutting a text into stream pieces gives what the whole text gives; with
+tools, calls are read from the content only), then on eager servers of the built-in model with
+the ``openai`` client and httpx: the demo adapters answer without a think block, so their
+trained reply must come back as content (``qwen3``) or as reasoning (``deepseek_r1``, whose
+answers reason until ``</think>``).
+
+A constrained answer (structured output, a required or named tool choice) reasons first: its
+grammar is the reasoning's pattern, then the constraint. The pattern of text without
+``</think>`` is checked against Python's ``in`` on random texts, walks through the combined
+grammars always read back as reasoning plus an answer of the schema, and a server of a tiny
+transformers model whose vocabulary has ``<think>`` / ``</think>`` tokens (as Qwen3's has)
+reasons, closes the block (pushed by ``logit_bias``) and answers as constrained; the reasoning
+itself is not constrained (it is what the unconstrained answer reasons).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 
 import httpx
 import openai
@@ -20,20 +30,28 @@ from hotswap_rt.serve import ServeConfig, build_app
 from hotswap_rt.serve.answers import AnswerStream, answer_message
 from hotswap_rt.serve.background import BackgroundServer
 from hotswap_rt.serve.demo_adapters import REPLIES, WEATHER_TOOLS, weather_call
+from hotswap_rt.engine.structured import Grammars, StructuredOutput
 from hotswap_rt.serve.protocol import ChatCompletionRequest
+from hotswap_rt.serve.reasoning import THINK_CLOSE, THINK_OPEN, prompt_reasoning, reasoning_pattern
+from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer
 from hotswap_rt.serve.tools import tool_plan
 
-CASES = [  # parser, text -> reasoning, content
-    ("deepseek_r1", "<think>plan it</think>\n\nHello", "plan it", "Hello"),
-    ("deepseek_r1", "plan it</think>Hello </think>", "plan it", "Hello </think>"),
-    ("deepseek_r1", "only thoughts, never closed", "only thoughts, never closed", ""),
-    ("deepseek_r1", "<thi", "<thi", ""),
-    ("deepseek_r1", "</think>  \n", "", ""),
-    ("qwen3", "<think>plan it</think>\n\nHello", "plan it", "Hello"),
-    ("qwen3", "Hello </think> there", "", "Hello </think> there"),
-    ("qwen3", "<think>never closed", "never closed", ""),
-    ("qwen3", "<thi", "", "<thi"),
-    ("qwen3", " <think>not at the start</think>", "", " <think>not at the start</think>"),
+CASES = [  # parser, what the prompt did to the block, text -> reasoning, content
+    ("deepseek_r1", None, "<think>plan it</think>\n\nHello", "plan it", "Hello"),
+    ("deepseek_r1", None, "plan it</think>Hello </think>", "plan it", "Hello </think>"),
+    ("deepseek_r1", None, "only thoughts, never closed", "only thoughts, never closed", ""),
+    ("deepseek_r1", None, "<thi", "<thi", ""),
+    ("deepseek_r1", None, "</think>  \n", "", ""),
+    ("qwen3", None, "<think>plan it</think>\n\nHello", "plan it", "Hello"),
+    ("qwen3", None, "Hello </think> there", "", "Hello </think> there"),
+    ("qwen3", None, "<think>never closed", "never closed", ""),
+    ("qwen3", None, "<thi", "", "<thi"),
+    ("qwen3", None, " <think>not at the start</think>", "", " <think>not at the start</think>"),
+    ("qwen3", "open", "plan it</think>\nHello", "plan it", "Hello"),  # the template opened it
+    ("deepseek_r1", "open", "<thi</think>Hello", "<thi", "Hello"),
+    ("qwen3", "open", "never closed", "never closed", ""),
+    ("deepseek_r1", "closed", "Hello </think> there", "", "Hello </think> there"),  # closed it
+    ("qwen3", "closed", "<think>a</think>b", "", "<think>a</think>b"),
 ]
 
 
@@ -46,16 +64,17 @@ def joined(stream: AnswerStream, text: str, cuts: list[int]) -> tuple[str, str]:
     return "".join(d.get("reasoning", "") for d in deltas), "".join(d.get("content", "") for d in deltas)
 
 
-@pytest.mark.parametrize("parser, text, reasoning, content", CASES)
-def test_the_split_is_the_same_whole_and_however_the_stream_cuts_it(parser, text, reasoning, content) -> None:
-    message, reason = answer_message(text, "stop", reasoning=parser)
+@pytest.mark.parametrize("parser, prompt, text, reasoning, content", CASES)
+def test_the_split_is_the_same_whole_and_however_the_stream_cuts_it(parser, prompt, text, reasoning,
+                                                                    content) -> None:
+    message, reason = answer_message(text, "stop", reasoning=parser, prompt=prompt)
     assert (message.get("reasoning", ""), message["content"]) == (reasoning, content) and reason == "stop"
     rng = random.Random(len(text))
     cuttings = [list(range(1, len(text)))] + [sorted(rng.sample(range(1, len(text)), min(len(text) - 1, k)))
                                               for k in (1, 2, 5) for _ in range(4)]
     for cuts in cuttings:
-        assert joined(AnswerStream(parser, None), text, cuts) == (reasoning, content), cuts
-    hidden, _ = answer_message(text, "stop", reasoning=parser, include_reasoning=False)
+        assert joined(AnswerStream(parser, None, prompt=prompt), text, cuts) == (reasoning, content), cuts
+    hidden, _ = answer_message(text, "stop", reasoning=parser, include_reasoning=False, prompt=prompt)
     assert "reasoning" not in hidden and hidden["content"] == content
 
 
@@ -73,6 +92,68 @@ def test_tool_calls_are_read_from_the_content_only() -> None:
             calls += [d for d in stream.feed(text[start:end]) if "tool_calls" in d]
         calls += [d for d in stream.finish("stop")[0] if "tool_calls" in d]
         assert [json.loads(d["tool_calls"][0]["function"]["arguments"]) for d in calls] == [{"city": "Paris"}]
+
+
+def test_only_the_end_of_the_prompt_opens_or_closes_the_block() -> None:
+    assert prompt_reasoning("<|im_start|>assistant\n<think>\n") == "open"
+    assert prompt_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n") == "closed"
+    assert prompt_reasoning("user: what is <think>?\nassistant:") is None
+    assert prompt_reasoning("user: </think>\nassistant:") is None
+
+
+def test_the_reasoning_pattern_takes_exactly_the_texts_without_the_closing_tag() -> None:
+    """Python's ``re`` reads the pattern as outlines-core does (the same dialect here): a text,
+    then ``</think>``, then the answer matches iff the text has no ``</think>`` of its own."""
+    pattern = re.compile(reasoning_pattern("deepseek_r1", "open") + "END", re.S)
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice("</thinkx> \n") for _ in range(rng.randint(0, 16)))
+        at = rng.randint(0, len(text))
+        text = text[:at] + THINK_CLOSE[:rng.randint(0, len(THINK_CLOSE))] + text[at:]
+        assert (pattern.fullmatch(text + THINK_CLOSE + "\nEND") is not None) == (THINK_CLOSE not in text), text
+    opened = re.compile(reasoning_pattern("qwen3", None) + "END", re.S)  # the answer opens the block
+    assert opened.fullmatch("<think>a <b> </thin</think>END") and opened.fullmatch("<think></think>\n\nEND")
+    assert not opened.fullmatch("END") and not opened.fullmatch("a</think>END")
+    assert not opened.fullmatch("<think>a</think>b</think>END")
+    assert reasoning_pattern("qwen3", "closed") is None and reasoning_pattern("deepseek_r1", "closed") is None
+
+
+@pytest.mark.parametrize("parser, prompt", [("deepseek_r1", None), ("qwen3", None), ("qwen3", "open"),
+                                            ("deepseek_r1", "closed")])
+def test_walks_through_a_grammar_after_reasoning_read_back_as_reasoning_and_the_answer(parser, prompt) -> None:
+    """Random walks through the allowed tokens (leaning, now and then, toward spelling the
+    tags) always end in text the parser splits into reasoning without ``</think>`` and
+    content of the schema."""
+    from .test_structured import SCHEMA, matches_schema
+
+    tokens = ByteTokenizer().token_bytes()
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
+    thinking = reasoning_pattern(parser, prompt)
+    spec = StructuredOutput.json_schema(SCHEMA)
+    spec = spec if thinking is None else spec.after(thinking)
+    reasoned = 0
+    for seed in range(16):
+        rng, row, out, planned = random.Random(seed), grammars.row(spec), b"", []
+        if rng.random() < 0.5:
+            planned = list(THINK_OPEN.encode())
+        for _ in range(2000):
+            allowed = set(row.allowed().nonzero().flatten().tolist())
+            if EOS_ID in allowed and (row.finished or rng.random() < 0.5):
+                break
+            if not planned and rng.random() < 0.04:
+                planned = list(THINK_CLOSE.encode())
+            token = planned.pop(0) if planned and planned[0] in allowed else None
+            if token is None:
+                planned, token = [], rng.choice(sorted(allowed - {EOS_ID}))
+            row.advance(token)
+            out += tokens[token]
+        else:
+            raise AssertionError(f"no end: {out!r}")
+        message, _ = answer_message(out.decode(), "stop", reasoning=parser, prompt=prompt)
+        assert matches_schema(json.loads(message["content"])), out
+        assert THINK_CLOSE not in message.get("reasoning", "")
+        reasoned += bool(message.get("reasoning"))
+    assert (reasoned > 0) == (prompt != "closed")
 
 
 def test_a_transformers_template_gets_its_variables_and_the_reasoning_back() -> None:
@@ -134,13 +215,20 @@ def test_answers_without_a_think_block(servers) -> None:
     assert hidden.choices[0].message.content == ""
 
 
-def test_a_constrained_answer_is_content(servers) -> None:
-    """A grammar starts at the first token: the answer has no think block to split."""
+def test_a_constrained_answer_reasons_first_unconstrained(servers) -> None:
+    """``deepseek_r1`` reads everything before ``</think>`` as reasoning, so a JSON answer's
+    grammar starts after it: the reasoning is the adapter's own reply (the model never closes
+    the block, so no JSON follows before ``max_tokens``). ``qwen3`` (the prompt did not open
+    the block) makes the answer open it first, then the same."""
     clients, _ = servers
-    answer = clients["deepseek_r1"].chat.completions.create(model="english", messages=HELLO, max_tokens=80,
-                                                            response_format={"type": "json_object"})
-    assert isinstance(json.loads(answer.choices[0].message.content), dict)
-    assert getattr(answer.choices[0].message, "reasoning", None) is None
+    reply = " " + REPLIES["english"]
+    for parser in ("deepseek_r1", "qwen3"):
+        answer = clients[parser].chat.completions.create(model="english", messages=HELLO, max_tokens=60,
+                                                         response_format={"type": "json_object"})
+        assert answer.choices[0].message.reasoning and not answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "length"
+        if parser == "deepseek_r1":
+            assert answer.choices[0].message.reasoning.startswith(reply)
 
 
 @pytest.mark.parametrize("extra, message, param", [
@@ -192,3 +280,91 @@ def test_a_chat_prompt_gets_its_special_tokens_from_the_template_once() -> None:
     assert ids == list(reference)
     assert ids.count(bos) == 1 and ids[0] == bos
     assert ByteTokenizer().encode_chat("user: hi")[0] == BOS_ID
+
+
+# ------------------------------------------------- a vocabulary with <think> tokens, as Qwen3's
+PICK = [{"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}}}]
+
+
+@pytest.fixture(scope="module")
+def thinker():
+    """Eager servers (``deepseek_r1``, ``qwen3``) of a tiny random Llama whose tokenizer has
+    ``<think>`` and ``</think>`` as added tokens; its template opens the block (``think:
+    "open"``), closes it (``"closed"``) or leaves it to the answer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hotswap_rt.serve import serve_model
+    from hotswap_rt.serve.tokenizers import HFTokenizer
+
+    from .test_structured import trained_tokenizer
+
+    hf = trained_tokenizer("byte-level")
+    hf.add_tokens([THINK_OPEN, THINK_CLOSE])
+    hf.chat_template = ("{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% if think == 'open' %}<think>"
+                        "{% elif think == 'closed' %}<think></think>{% endif %}{% endif %}")
+    ids = {token: hf.convert_tokens_to_ids(token) for token in (
+        THINK_OPEN, THINK_CLOSE, "the", "Ġquick", "Ġbrown", "Ġfox", "Ġlazy")}
+    assert hf.unk_token_id not in ids.values() and len(set(ids.values())) == len(ids)
+
+    def app(parser: str):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(hf), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+            eos_token_id=hf.eos_token_id, bos_token_id=hf.bos_token_id)).eval()
+        config = ServeConfig(compile=False, max_rank=8, reasoning_parser=parser)
+        return build_app(config, serve_model(model, HFTokenizer(hf), "thinker", config, ["q_proj", "v_proj"],
+                                             default_temperature=0.0))
+
+    with BackgroundServer(app("deepseek_r1")) as r1, BackgroundServer(app("qwen3")) as qwen3:
+        yield {name: openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+               for name, url in (("deepseek_r1", r1), ("qwen3", qwen3))}, ids
+
+
+def ask(client, think: str | None, **extra):
+    kwargs = {"think": think} if think else {}
+    return client.chat.completions.create(
+        model="thinker", messages=HELLO, max_tokens=extra.pop("max_tokens", 12),
+        extra_body={"chat_template_kwargs": kwargs, **extra.pop("extra_body", {})}, **extra)
+
+
+@pytest.mark.parametrize("parser, think", [("deepseek_r1", "open"), ("qwen3", "open"), ("deepseek_r1", None),
+                                           ("qwen3", None), ("deepseek_r1", "closed"), ("qwen3", "closed")])
+def test_the_constraint_starts_after_the_reasoning(thinker, parser, think) -> None:
+    """``logit_bias`` pushes the model to write ``<think>`` and ``</think>`` wherever the grammar
+    allows them: the answer closes the block at once (opening it first where the answer must),
+    then answers as constrained. After a prompt that closed the block, neither is allowed."""
+    clients, ids = thinker
+    bias = {str(ids[THINK_CLOSE]): 100, str(ids[THINK_OPEN]): 50}
+    choice = {"structured_outputs": {"choice": ["yes", "no"]}}
+    answer = ask(clients[parser], think, logit_bias=bias, extra_body=choice)
+    message = answer.choices[0].message
+    assert message.content in ("yes", "no") and not getattr(message, "reasoning", None)
+    assert answer.choices[0].finish_reason == "stop"
+    streamed = ask(clients[parser], think, logit_bias=bias, stream=True, extra_body=choice)
+    content = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert content == message.content
+    call = ask(clients[parser], think, logit_bias=bias, tools=PICK,
+               tool_choice={"type": "function", "function": {"name": "pick"}}, max_tokens=24)
+    assert call.choices[0].message.tool_calls[0].function.name == "pick"
+    assert json.loads(call.choices[0].message.tool_calls[0].function.arguments)["answer"] in ("yes", "no")
+
+
+def test_the_reasoning_is_not_constrained(thinker) -> None:
+    """Before ``</think>`` the grammar allows any text: a constrained answer reasons exactly
+    what an unconstrained one (that may not end) does. (``logit_bias`` keeps the random model
+    to words: its favourite tokens are bytes of broken UTF-8, which no grammar of text allows;
+    ``presence_penalty`` makes it use several.)"""
+    clients, ids = thinker
+    words = {str(ids[word]): 30 for word in ("the", "Ġquick", "Ġbrown", "Ġfox", "Ġlazy")}
+    free = ask(clients["deepseek_r1"], "open", max_tokens=8, logit_bias=words, presence_penalty=2.0,
+               extra_body={"ignore_eos": True})
+    constrained = ask(clients["deepseek_r1"], "open", max_tokens=8, logit_bias=words, presence_penalty=2.0,
+                      extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert len(set(free.choices[0].message.reasoning.split())) > 1
+    assert free.choices[0].message.reasoning and not free.choices[0].message.content
+    assert constrained.choices[0].message.reasoning == free.choices[0].message.reasoning
+    assert constrained.choices[0].finish_reason == "length" and not constrained.choices[0].message.content

@@ -81,7 +81,12 @@ class StructuredOutput:
         if isinstance(options, str) or not options or not all(isinstance(o, str) and o for o in options):
             raise RequestError("response_format", f"choices must be a non-empty list of non-empty "
                                                   f"strings, got {options!r}")
-        return cls("regex", "(" + "|".join(_escape(o) for o in options) + ")")
+        return cls("regex", "(" + "|".join(regex_literal(o) for o in options) + ")")
+
+    def after(self, prefix: str) -> StructuredOutput:
+        """The output is ``prefix`` (a regular expression: a reasoning model's think block),
+        then what this spec asks for."""
+        return StructuredOutput("regex", f"{prefix}(?:{self.pattern()})")
 
     def pattern(self) -> str:
         """The regular expression the output must match.
@@ -101,9 +106,9 @@ class StructuredOutput:
             raise RequestError("response_format", f"unsupported JSON schema: {exc}") from None
 
 
-def _escape(text: str) -> str:
-    """``text`` as a literal of outlines-core's regex dialect (Rust's ``regex``: punctuation
-    escaped, nothing else)."""
+def regex_literal(text: str) -> str:
+    """``text`` as a literal of outlines-core's regex dialect (Rust's ``regex``: its
+    metacharacters escaped, nothing else: ``\\<`` would be a word boundary there)."""
     return "".join("\\" + c if c in _META else c for c in text)
 
 

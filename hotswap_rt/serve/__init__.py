@@ -10,9 +10,9 @@ served), :mod:`.tokenizers`, :mod:`.metrics`, :mod:`.config`, :mod:`.cli`, :mod:
 """
 
 from .config import ServeConfig
-from .model import build_runtime
+from .model import Served, build_runtime, serve_model
 
-__all__ = ["ServeConfig", "build_app", "build_runtime"]
+__all__ = ["ServeConfig", "Served", "build_app", "build_runtime", "serve_model"]
 
 
 def __getattr__(name: str):

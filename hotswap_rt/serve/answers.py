@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .protocol import ChatCompletionRequest
-from .reasoning import ReasoningStream
+from .reasoning import PromptReasoning, ReasoningStream
 from .tools import ToolCallStream, ToolPlan, tool_plan
 
 
@@ -21,10 +21,12 @@ class AnswerStream:
         reasoning: the reasoning parser, or None (all text is content).
         tools: the request's tool plan, or None.
         include_reasoning: False drops the reasoning (vLLM's ``include_reasoning``).
+        prompt: what the prompt's end did to the think block (:func:`.reasoning.prompt_reasoning`).
     """
 
-    def __init__(self, reasoning: str | None, tools: ToolPlan | None, include_reasoning: bool = True) -> None:
-        self._reasoning = ReasoningStream(reasoning) if reasoning is not None else None
+    def __init__(self, reasoning: str | None, tools: ToolPlan | None, include_reasoning: bool = True,
+                 prompt: PromptReasoning = None) -> None:
+        self._reasoning = ReasoningStream(reasoning, prompt) if reasoning is not None else None
         self._tools = ToolCallStream(tools) if tools is not None else None
         self._include_reasoning = include_reasoning
 
@@ -53,10 +55,11 @@ class AnswerStream:
 
 
 def answer_message(text: str, reason: str, tools: ToolPlan | None = None, reasoning: str | None = None,
-                   include_reasoning: bool = True) -> tuple[dict[str, Any], str]:
+                   include_reasoning: bool = True,
+                   prompt: PromptReasoning = None) -> tuple[dict[str, Any], str]:
     """A whole answer's ``message`` (``content``, and ``reasoning`` / ``tool_calls`` when there
     are) and finish reason: the deltas a stream of ``text`` gives, joined."""
-    stream = AnswerStream(reasoning, tools, include_reasoning)
+    stream = AnswerStream(reasoning, tools, include_reasoning, prompt)
     deltas = stream.feed(text)
     last, reason = stream.finish(reason)
     content, thought, calls = "", "", []
@@ -79,31 +82,30 @@ def answer_message(text: str, reason: str, tools: ToolPlan | None = None, reason
 
 @dataclass(frozen=True)
 class AnswerPlan:
-    """How a chat request's answers are read: its reasoning parser and tool plan."""
+    """How a chat request's answers are read: its reasoning parser (and what its prompt did to
+    the think block) and tool plan."""
 
     reasoning: str | None
     tools: ToolPlan | None
     include_reasoning: bool = True
+    prompt: PromptReasoning = None
 
     def stream(self) -> AnswerStream:
-        return AnswerStream(self.reasoning, self.tools, self.include_reasoning)
+        return AnswerStream(self.reasoning, self.tools, self.include_reasoning, self.prompt)
 
     def message(self, text: str, reason: str) -> tuple[dict[str, Any], str]:
-        return answer_message(text, reason, self.tools, self.reasoning, self.include_reasoning)
+        return answer_message(text, reason, self.tools, self.reasoning, self.include_reasoning, self.prompt)
 
 
-def answer_plan(body: ChatCompletionRequest, tool_parser: str | None,
-                reasoning_parser: str | None) -> AnswerPlan | None:
-    """The plan for ``body`` on a server with these parsers; None: its answers are plain
-    content. An output a grammar constrains from its first token (a required or named tool
-    choice, a non-text ``response_format``, ``structured_outputs``) has no reasoning block:
-    the reasoning parser is not applied to it. Raises ``ApiError`` 400 for bad tool fields."""
+def answer_plan(body: ChatCompletionRequest, tool_parser: str | None, reasoning_parser: str | None,
+                prompt: PromptReasoning = None) -> AnswerPlan | None:
+    """The plan for ``body`` on a server with these parsers, its prompt ending as ``prompt``
+    says (:func:`.reasoning.prompt_reasoning`); None: its answers are plain content. An answer
+    a grammar constrains reasons first too (its grammar starts after the reasoning: see
+    :func:`.reasoning.reasoning_pattern`). Raises ``ApiError`` 400 for bad tool fields."""
     tools = tool_plan(body, tool_parser)
     if tools is not None and tools.mode == "none":
         tools = None
-    constrained = (tools is not None and tools.structured is not None) or body.structured_outputs is not None \
-        or (body.response_format is not None and body.response_format.type != "text")
-    reasoning = None if constrained else reasoning_parser
-    if tools is None and reasoning is None:
+    if tools is None and reasoning_parser is None:
         return None
-    return AnswerPlan(reasoning, tools, body.include_reasoning)
+    return AnswerPlan(reasoning_parser, tools, body.include_reasoning, prompt)

@@ -275,8 +275,12 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
         headers[REPLICA_HEADER] = str(first[1]["id"])
         headers[RESIDENT_HEADER] = "true" if first[1]["resident"] else "false"
         first = await _next_event(stream)
+    prompt = None  # what the prompt's end did to a reasoning model's think block
+    if first is not None and first[0] == "prompt":
+        prompt = first[1]["reasoning"]
+        first = await _next_event(stream)
     wants_logprobs = (body.logprobs if chat else body.logprobs is not None)
-    answers = answer_plan(body, *parsers) if chat else None  # the backend checked it: no error here
+    answers = answer_plan(body, *parsers, prompt) if chat else None  # the backend checked it: no error here
     if not body.stream:
         texts: dict[int, list[str]] = {}
         entries: dict[int, list] = {}

@@ -22,6 +22,7 @@ from .model import Served
 from .precompile import CompileInAnotherProcess
 from .protocol import (
     ApiError, ChatCompletionRequest, ChatTemplateFields, DetokenizeRequest, GenerationRequest, TokenizeRequest)
+from .reasoning import prompt_reasoning, reasoning_pattern
 from .tools import ToolPlan, tool_plan
 
 log = logging.getLogger(__name__)
@@ -269,8 +270,13 @@ class LocalBackend:
             body, ChatCompletionRequest) else None
         params = sampling_of(body, self.served, tools)
         prompts = prompts_of(body, self.served)
+        parser = self.config.reasoning_parser if isinstance(body, ChatCompletionRequest) else None
+        reasoning = prompt_reasoning(prompts[0][1]) if parser is not None else None
         if params.structured is not None:  # compiled off the event loop (a large vocabulary: seconds)
             try:
+                thinking = reasoning_pattern(parser, reasoning) if parser is not None else None
+                if thinking is not None:  # the grammar starts after the reasoning
+                    params = dataclasses.replace(params, structured=params.structured.after(thinking))
                 await asyncio.to_thread(lambda: self.engine.grammars().index(params.structured))
             except RequestError as exc:
                 field = ("tools" if tools is not None and tools.structured is not None else
@@ -303,6 +309,8 @@ class LocalBackend:
             raise ApiError(400, str(exc), "adapters") from exc
         decode = self.served.tokenizer.decode
         try:
+            if parser is not None:
+                yield "prompt", {"reasoning": reasoning}
             if echo:
                 for index in range(len(handles)):
                     yield "token", {"index": index, "text": prompts[index // body.n][1], "logprobs": None}

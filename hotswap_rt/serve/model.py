@@ -1,10 +1,11 @@
 """Building what a server serves: the model, its tokenizer and the runtime with the start-up
-adapters (:func:`build_runtime`)."""
+adapters (:func:`build_runtime`; :func:`serve_model` for a model already in memory)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
@@ -42,20 +43,29 @@ def sampling_defaults(generation_config) -> dict[str, float]:
 def build_runtime(config: ServeConfig) -> Served:
     """Load (or build) the model and tokenizer, inject, and load the start-up adapters."""
     if config.model is None:  # the demo model answers greedily unless a request samples
-        model, tokenizer, name = build_default_model(), ByteTokenizer(), MODEL_NAME
-        defaults = {"default_temperature": 0.0}
         targets = TARGETS if config.target_modules == "all-linear" else config.target_modules
         adapters = {**{n: str(p) for n, p in demo_adapter_paths().items()}, **config.adapters}
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return serve_model(build_default_model(), ByteTokenizer(), MODEL_NAME, config, targets, adapters,
+                           default_temperature=0.0)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype="auto").eval()
-        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(config.model))
-        name, targets, adapters = config.model, config.target_modules, dict(config.adapters)
-        defaults = sampling_defaults(getattr(model, "generation_config", None))
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype="auto").eval()
+    return serve_model(model, HFTokenizer(AutoTokenizer.from_pretrained(config.model)), config.model, config,
+                       config.target_modules, config.adapters,
+                       **sampling_defaults(getattr(model, "generation_config", None)))
+
+
+def serve_model(model: torch.nn.Module, tokenizer: Tokenizer, name: str, config: ServeConfig,
+                targets: Any = None, adapters: Mapping[str, Any] | None = None,
+                **defaults: float) -> Served:
+    """``model`` (a causal LM already in memory) injected for serving with ``config``'s slots
+    and limits, ``adapters`` (name -> source) loaded: what :func:`build_app` takes as
+    ``served``. ``targets``: the modules to inject (None: ``config.target_modules``);
+    ``defaults``: :class:`Served`'s sampling defaults."""
     model.to(torch.device(config.device))
     rt = HotswapRuntime(model, RuntimeConfig(
-        targets, max_rank=config.max_rank, device_slots=config.device_slots,
+        config.target_modules if targets is None else targets, max_rank=config.max_rank,
+        device_slots=config.device_slots,
         host_slots=max(config.host_slots, config.device_slots),
         max_batch_size=max(config.max_num_seqs, config.max_prefill_seqs),
         max_active_adapters=config.device_slots,
@@ -63,7 +73,7 @@ def build_runtime(config: ServeConfig) -> Served:
         per_row_overflow="stacked" if config.stacked_mixes else "refuse",
         target_parameters=config.target_parameters, modules_to_save=config.modules_to_save,
         scale_vectors=config.scale_vectors, map_adapter_files=config.map_adapter_files))
-    for adapter_name, source in adapters.items():
+    for adapter_name, source in (adapters or {}).items():
         if adapter_name == name:
             raise ValueError(f"adapter name {adapter_name!r} is the base model's name")
         rt.load(adapter_name, os.fspath(source))

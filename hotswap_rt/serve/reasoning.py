@@ -13,26 +13,94 @@ Parsers (``ServeConfig.reasoning_parser``):
 Whitespace after ``</think>`` is dropped. Tool calls (:mod:`.tools`) are read from the content
 only. :class:`ReasoningStream` splits a choice's text as it streams; a whole answer is the
 same stream fed at once, so the two never differ.
+
+The prompt decides first (:func:`prompt_reasoning`): a chat template that ends its prompt
+with ``<think>`` (DeepSeek-R1, Qwen3 2507 thinking) opened the block, so the answer reasons
+until ``</think>`` whatever the parser; one that ends it with ``</think>`` (Qwen3 with
+``enable_thinking: false``) closed it, so the answer is all content.
+
+An answer a grammar constrains (structured output, a required or named tool choice) reasons
+first, unconstrained: :func:`reasoning_pattern` is the regular expression of the reasoning the
+parser reads, which the grammar is prefixed with (the constraint starts after ``</think>``, as
+vLLM starts it after the reasoning ends).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+from ..engine.structured import regex_literal
 from .tags import partial_tag
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+PromptReasoning = Literal["open", "closed"] | None
+_WHITESPACE_AFTER = "[ \\t\\r\\n]{0,4}"  # a grammar's room between </think> and the answer
+
+
+def prompt_reasoning(prompt: str) -> PromptReasoning:
+    """``"open"``: the prompt ends with ``<think>`` (the template opened the block); ``"closed"``:
+    with ``</think>`` (the template closed it: no reasoning); None: neither (trailing
+    whitespace aside). Only the end counts: a tag in a message earlier is not the template's."""
+    tail = prompt.rstrip()
+    if tail.endswith(THINK_CLOSE):
+        return "closed"
+    return "open" if tail.endswith(THINK_OPEN) else None
+
+
+def reasoning_pattern(parser: str, prompt: PromptReasoning) -> str | None:
+    """The regular expression (outlines-core's dialect) of the reasoning ``parser`` reads at
+    the start of an answer to a prompt in state ``prompt``, whitespace after it included:
+    text without ``</think>``, then ``</think>``; for ``qwen3`` after a prompt that did not
+    open the block, ``<think>`` first (Qwen3 opens it itself when it thinks, and writes an
+    empty block when it does not; an optional block would cost outlines-core's index many
+    times the answer's own). None: the answer has no reasoning (the prompt closed it)."""
+    if prompt == "closed":
+        return None
+    block = _without(THINK_CLOSE) + regex_literal(THINK_CLOSE) + _WHITESPACE_AFTER
+    return regex_literal(THINK_OPEN) + block if prompt is None and parser == "qwen3" else block
+
+
+def _without(marker: str) -> str:
+    """A regular expression of every text that does not contain ``marker``, whose first
+    character appears nowhere else in it (so a partial match that fails never hides the start
+    of another). Such a text is runs of other characters and attempts: the first character,
+    then part of the rest; an attempt ends with a character that is neither the next one of
+    ``marker`` nor its first, or is followed by another attempt, or ends the text."""
+    first = marker[0]
+    if len(marker) < 2 or first in marker[1:]:
+        raise ValueError(f"{marker!r}: its first character must not appear again in it")
+    mismatch = f"[^{_in_class(first + marker[-1])}]"  # after all but the last character
+    for char in reversed(marker[1:-1]):  # after fewer: the next character, or a mismatch
+        mismatch = f"[^{_in_class(first + char)}]|{regex_literal(char)}(?:{mismatch})"
+    partial = ""
+    for char in reversed(marker[1:-1]):
+        partial = f"(?:{regex_literal(char)}{partial})?"
+    attempt, other = regex_literal(first) + partial, f"[^{_in_class(first)}]"
+    return f"{other}*(?:(?:{attempt})*{regex_literal(first)}(?:{mismatch}){other}*)*(?:{attempt})*"
+
+
+def _in_class(chars: str) -> str:
+    """``chars`` written inside a character class."""
+    return "".join("\\" + c if c in "\\]^-[&~" else c for c in chars)
 
 
 class ReasoningStream:
-    """One choice's text -> ``{"reasoning": ...}`` and ``{"content": ...}`` deltas."""
+    """One choice's text -> ``{"reasoning": ...}`` and ``{"content": ...}`` deltas.
 
-    def __init__(self, parser: str) -> None:
+    Args:
+        parser: ``"deepseek_r1"`` or ``"qwen3"``.
+        prompt: what the prompt's end did to the block (:func:`prompt_reasoning`): ``"open"``
+            (the answer reasons from its first character), ``"closed"`` (all content) or None
+            (the parser decides).
+    """
+
+    def __init__(self, parser: str, prompt: PromptReasoning = None) -> None:
         if parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning parser must be one of {REASONING_PARSERS}, got {parser!r}")
         self.parser = parser
-        self._state: Literal["start", "reasoning", "after", "content"] = "start"
+        self._state: Literal["start", "reasoning", "after", "content"] = (
+            "reasoning" if prompt == "open" else "content" if prompt == "closed" else "start")
         self._held = ""
 
     def feed(self, text: str) -> list[dict]:

@@ -120,9 +120,11 @@ class HFTokenizer:
         return text + self._tokenizer.decode(ids[start:], skip_special_tokens=True)
 
     def token_bytes(self) -> list[bytes | None]:
-        """Each token id's bytes (None for special and added tokens), for byte-level BPE
-        vocabularies (GPT-2, Llama 3, Qwen: each character of a token stands for one byte) and
-        SentencePiece ones (``▁`` for a space, ``<0xAB>`` for a byte).
+        """Each token id's bytes, as :meth:`decode` writes it, for byte-level BPE vocabularies
+        (GPT-2, Llama 3, Qwen: each character of a token stands for one byte) and SentencePiece
+        ones (``▁`` for a space, ``<0xAB>`` for a byte). An added token's bytes are its text
+        (Qwen3's ``<think>`` / ``</think>``); a special token has none (None: never generated
+        under a grammar), but for the tags :meth:`decode` keeps.
 
         Raises:
             RequestError: another kind of vocabulary (its tokens' bytes are not known).
@@ -132,7 +134,10 @@ class HFTokenizer:
         tokenizer = self._tokenizer
         decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
         kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
-        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        special = set(tokenizer.all_special_ids) | {t for t, entry in added.items() if entry.special}
+        written = {t: entry.content.encode("utf-8") for t, entry in added.items()
+                   if t not in special or t in self._kept}
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         if "ByteLevel" in kinds:
             table = {char: byte for byte, char in _bytes_to_unicode().items()}
@@ -147,8 +152,8 @@ class HFTokenizer:
         else:
             raise RequestError("response_format", f"structured output does not know this tokenizer's "
                                                   f"token bytes (decoder {sorted(k for k in kinds if k)})")
-        return [None if token in special or piece is None else to_bytes(piece)
-                for token, piece in enumerate(pieces)]
+        return [written[token] if token in written else None if token in special or piece is None
+                else to_bytes(piece) for token, piece in enumerate(pieces)]
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
                     variables: dict[str, Any] | None = None, generation_prompt: bool = True,

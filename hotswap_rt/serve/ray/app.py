@@ -112,17 +112,19 @@ class RayBackend:
         payload, chat = body.model_dump(), isinstance(body, ChatCompletionRequest)
         for attempt in range(self.RETRIES + 1):
             response = handle.generate.remote(payload, chat)
-            started, replica = False, None
+            started, held = False, {}
             try:
                 async for kind, value in response:
                     if kind == "error":
                         raise ApiError(value["status"], value["message"], value["param"])
-                    if kind == "replica":  # held back until the replica produced something
-                        replica = value
+                    if kind in ("replica", "prompt"):  # held back until the replica produced something
+                        held[kind] = value
                         continue
                     if not started:
                         started = True
-                        yield "replica", replica
+                        yield "replica", held.get("replica")
+                        if "prompt" in held:
+                            yield "prompt", held["prompt"]
                     yield kind, value
                 return
             except (RayActorError, ReplicaUnavailableError) as exc:
