@@ -299,3 +299,40 @@ def test_the_batched_bias_allows_exactly_the_grammars_tokens() -> None:
             assert torch.equal(scores[2], logits[2])
     picked = sampler.sample(torch.randn(len(rows) + 2, vocab), states).tokens  # a padded batch
     assert all(token in expected for token, expected in zip(picked, references))
+
+
+def test_cached_masks_are_what_the_grammar_writes_and_the_cache_keeps_its_budget() -> None:
+    """Rows that pass through the same automaton states get their masks from the cache, and
+    every one equals the mask outlines-core writes for a row without the cache; the cache drops
+    its least recently used masks past its byte budget."""
+    import torch
+
+    from hotswap_rt.engine.structured import MaskCache
+
+    tokens = ByteTokenizer().token_bytes()
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
+    spec = StructuredOutput.json_schema(SCHEMA)
+    steps = 0
+    for seed in range(4):
+        rng = random.Random(seed)
+        cached, fresh = grammars.row(spec), grammars.row(spec, cache_masks=False)
+        while True:
+            masks = [torch.zeros(cached.words, dtype=torch.int32) for _ in range(2)]
+            cached.write_mask(masks[0])
+            fresh.write_mask(masks[1])
+            assert torch.equal(masks[0], masks[1])
+            steps += 1
+            allowed = [t for t in fresh.allowed().nonzero().flatten().tolist() if t != EOS_ID]
+            if fresh.finished or not allowed:
+                break
+            token = rng.choice(allowed)
+            cached.advance(token)
+            fresh.advance(token)
+    assert 0 < len(grammars.masks) < steps  # states met again were not written again
+    cache = MaskCache(budget_bytes=3 * 16)
+    for key in range(4):
+        cache.put((spec, key), torch.full((4,), key, dtype=torch.int32))  # 16 bytes each
+    assert cache.get((spec, 0)) is None and len(cache) == 3
+    assert torch.equal(cache.get((spec, 3)), torch.full((4,), 3, dtype=torch.int32))
+    cache.put((spec, 9), torch.zeros(16, dtype=torch.int32))  # larger than the whole budget
+    assert cache.get((spec, 9)) is None
