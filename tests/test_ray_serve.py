@@ -121,6 +121,20 @@ def test_tool_calls_through_the_ingress(cluster) -> None:
     assert auto["message"]["content"] == plain["message"]["content"] and auto["message"]["content"]
 
 
+def test_responses_through_the_ingress(cluster) -> None:
+    """``/v1/responses`` runs as a chat completion on a replica; the stored response (kept by
+    the ingress) is continued with ``previous_response_id``."""
+    client, _ = cluster
+    first = client.post("/v1/responses", json={"model": ADAPTERS[0], "input": "Say hello",
+                                               "max_output_tokens": 48}).json()
+    assert first["status"] == "completed"
+    assert first["output"][0]["content"][0]["text"] == " " + EXPECTED[ADAPTERS[0]]
+    second = client.post("/v1/responses", json={"model": ADAPTERS[0], "input": "Hello", "max_output_tokens": 4,
+                                                "previous_response_id": first["id"]}).json()
+    assert second["usage"]["input_tokens"] > first["usage"]["input_tokens"] + first["usage"]["output_tokens"]
+    assert client.get(f"/v1/responses/{second['id']}").json()["output"] == second["output"]
+
+
 def test_tokenize_through_the_ingress(cluster) -> None:
     """``/tokenize`` and ``/detokenize`` are answered by a replica's tokenizer; its errors
     come back as the single-process server's."""

@@ -31,7 +31,8 @@ from .model import Served, build_runtime
 from .answers import AnswerPlan, AnswerStream, answer_plan
 from .protocol import (
     ApiError, Backend, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerationRequest,
-    LoadLoraRequest, TokenizeRequest, UnloadLoraRequest, error_body)
+    LoadLoraRequest, TokenizeRequest, UnloadLoraRequest, error_body, next_event)
+from .responses import ResponsesRequest, ResponseStore, chat_request, respond, responses_error
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-hotswap-replica"
@@ -166,7 +167,8 @@ def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
+        # the deepest error: of a union's members, the one the body came closest to
+        first = max(exc.errors(), key=lambda error: len(error.get("loc", ())), default={})
         where = _field_path(first.get("loc", ())[1:])
         if first.get("type") == "extra_forbidden":
             return JSONResponse(error_body(400, f"{where} is not supported by this server", where), 400)
@@ -210,6 +212,30 @@ def create_app(backend: Backend, config: ServeConfig, metrics: RequestMetrics,
     async def chat_completions(body: ChatCompletionRequest):
         return await _respond(backend, metrics, body, "chat", chat=True, parsers=(
             config.auto_tool_parser(), config.reasoning_parser))
+
+    stored = ResponseStore()
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest):
+        history = stored.conversation(body.previous_response_id, "previous_response_id") \
+            if body.previous_response_id else []
+        chat, conversation = chat_request(body, history)
+        stream = _measured(backend, metrics, chat, "responses")
+        try:
+            first, headers, prompt = await _opening(stream)
+        except ApiError as exc:
+            raise responses_error(exc) from None
+        return await respond(body, chat, conversation, first, stream, prompt, headers, stored,
+                             (config.auto_tool_parser(), config.reasoning_parser))
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict:
+        return stored.response(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        stored.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     async def known(model: str | None) -> None:
         """A named ``model`` must be the base model or an adapter (as the backend knows them:
@@ -269,16 +295,7 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = _measured(backend, metrics, body, endpoint)
-    first = await _next_event(stream)  # errors before the first token are HTTP errors
-    headers = {}
-    if first is not None and first[0] == "replica":  # Ray Serve: which replica, was it warm
-        headers[REPLICA_HEADER] = str(first[1]["id"])
-        headers[RESIDENT_HEADER] = "true" if first[1]["resident"] else "false"
-        first = await _next_event(stream)
-    prompt = None  # what the prompt's end did to a reasoning model's think block
-    if first is not None and first[0] == "prompt":
-        prompt = first[1]["reasoning"]
-        first = await _next_event(stream)
+    first, headers, prompt = await _opening(stream)
     wants_logprobs = (body.logprobs if chat else body.logprobs is not None)
     answers = answer_plan(body, *parsers, prompt) if chat else None  # the backend checked it: no error here
     if not body.stream:
@@ -293,7 +310,7 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
                 entries.setdefault(value["index"], []).extend(value["logprobs"] or [])
             elif kind == "finish":
                 finishes[value["index"]] = value
-            event = await _next_event(stream)
+            event = await next_event(stream)
         choices = []
         for index in sorted(finishes):
             text = "".join(texts.get(index, []))
@@ -314,11 +331,19 @@ async def _respond(backend: Backend, metrics: RequestMetrics, body: GenerationRe
              body.n, answers), media_type="text/event-stream", headers=headers)
 
 
-async def _next_event(stream: AsyncIterator) -> tuple[str, Any] | None:
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
+async def _opening(stream: AsyncIterator) -> tuple[tuple[str, Any] | None, dict[str, str], str | None]:
+    """The first token or finish event of ``stream`` (errors before it are HTTP errors), the
+    headers of the replica event before it (Ray Serve: which replica, was it warm), and what
+    the prompt event says the prompt did to a reasoning model's think block."""
+    first, headers, prompt = await next_event(stream), {}, None
+    if first is not None and first[0] == "replica":
+        headers[REPLICA_HEADER] = str(first[1]["id"])
+        headers[RESIDENT_HEADER] = "true" if first[1]["resident"] else "false"
+        first = await next_event(stream)
+    if first is not None and first[0] == "prompt":
+        prompt = first[1]["reasoning"]
+        first = await next_event(stream)
+    return first, headers, prompt
 
 
 def _usage(finishes: list[dict], n: int) -> dict[str, Any]:
@@ -400,7 +425,7 @@ async def _sse(first, stream, request_id: str, created: int, model: str, chat: b
                     for delta in deltas:
                         yield chunk(index, delta, None)
                 yield chunk(index, None, reason)
-            event = await _next_event(stream)
+            event = await next_event(stream)
         if include_usage:
             payload = {"id": request_id, "object": kind_name, "created": created, "model": model,
                        "choices": [], "usage": _usage(finishes, n)}

@@ -343,3 +343,11 @@ class Backend(Protocol):
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
         """vLLM's ``/detokenize`` answer: ``{"prompt"}``."""
         ...
+
+
+async def next_event(events: AsyncIterator[tuple[str, Any]]) -> tuple[str, Any] | None:
+    """The next backend event, None at the end."""
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None

@@ -1,0 +1,168 @@
+"""OpenAI's Responses API (``/v1/responses``) with the ``openai`` client over a real socket,
+eager servers of the built-in model and its demo adapters.
+
+A response is the chat completion of the same conversation (its text and token counts are
+compared with ``/v1/chat/completions`` and ``/tokenize``); streamed, the SDK's own accumulator
+(``responses.stream(...).get_final_response()``) rebuilds the same response from the events;
+the ``weather`` adapter runs an agent's loop (a ``function_call`` item, its output sent back
+with ``previous_response_id`` or as input items, the trained answer); stored responses are
+retrieved and deleted; what is not implemented is a 400 naming it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from hotswap_rt.serve import ServeConfig, build_app
+from hotswap_rt.serve.background import BackgroundServer
+from hotswap_rt.serve.demo_adapters import REPLIES, TOOL_CHATS, WEATHER_TOOLS, tool_adapter_path
+
+from .test_structured import SCHEMA, matches_schema
+
+TOOLS = [{"type": "function", **WEATHER_TOOLS[0]["function"]}]  # the Responses API's flat shape
+
+
+@pytest.fixture(scope="module")
+def server():
+    config = ServeConfig(compile=False, max_rank=8, enable_auto_tool_choice=True, tool_call_parser="hermes",
+                         adapters={"weather": str(tool_adapter_path())})
+    with BackgroundServer(build_app(config)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120), url
+
+
+def test_a_response_is_the_chat_answer_whole_and_streamed(server) -> None:
+    client, _ = server
+    chat = client.chat.completions.create(model="english", messages=[{"role": "user", "content": "Say hello"}],
+                                          max_tokens=60)
+    response = client.responses.create(model="english", input="Say hello", max_output_tokens=60)
+    assert response.status == "completed" and response.output_text == " " + REPLIES["english"]
+    assert response.output_text == chat.choices[0].message.content
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (
+        chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    (message,) = response.output
+    assert message.type == "message" and message.role == "assistant" and message.status == "completed"
+    with client.responses.stream(model="english", input="Say hello", max_output_tokens=60) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert final.output_text == response.output_text and final.status == "completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
+    assert client.responses.retrieve(response.id).output_text == response.output_text
+
+
+def test_a_response_cut_by_max_output_tokens_is_incomplete(server) -> None:
+    client, _ = server
+    response = client.responses.create(model="english", input="Say hello", max_output_tokens=3)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.output_tokens == 3
+    events = list(client.responses.create(model="english", input="Say hello", max_output_tokens=3, stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == response.output_text
+
+
+def test_an_agent_loop_with_function_calls(server) -> None:
+    """The adapter calls ``get_weather`` (a ``function_call`` item, whole and streamed); the
+    tool's output sent back with ``previous_response_id`` gets its trained answer, and so does
+    the same conversation given whole as input items, as the chat completion of it does."""
+    client, _ = server
+    question = {"model": "weather", "input": "Weather in Paris?", "tools": TOOLS, "max_output_tokens": 150}
+    first = client.responses.create(**question)
+    (call,) = first.output
+    assert (call.type, call.name, json.loads(call.arguments)) == (
+        "function_call", "get_weather", {"city": "Paris"})
+    assert call.call_id and first.status == "completed"
+    with client.responses.stream(**question) as stream:
+        streamed = stream.get_final_response()
+    assert [(o.type, o.name, o.arguments) for o in streamed.output] == [
+        ("function_call", call.name, call.arguments)]
+    result = [{"type": "function_call_output", "call_id": call.call_id, "output": "18C, sunny"}]
+    answer = client.responses.create(model="weather", previous_response_id=first.id, input=result, tools=TOOLS,
+                                     max_output_tokens=60)
+    messages, expected = TOOL_CHATS[2]
+    assert answer.output_text == expected
+    whole = client.responses.create(model="weather", tools=TOOLS, max_output_tokens=60, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C, sunny"}])
+    chat = client.chat.completions.create(model="weather", messages=messages, tools=WEATHER_TOOLS,
+                                          max_tokens=60)
+    assert whole.output_text == chat.choices[0].message.content == expected
+    assert whole.usage.input_tokens == answer.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_instructions_are_not_carried_to_the_next_response(server) -> None:
+    """``instructions`` are a system message of their own response only (OpenAI's rule): the
+    next response's prompt is the earlier conversation without them (token counts against
+    ``/tokenize`` of those messages)."""
+    client, url = server
+    first = client.responses.create(model="english", instructions="Be brief.", input="Say hello",
+                                    max_output_tokens=60)
+    second = client.responses.create(model="english", previous_response_id=first.id, input="Hello",
+                                     max_output_tokens=8)
+
+    def count(messages) -> int:
+        return httpx.post(f"{url}/tokenize", json={"model": "english", "messages": messages}).json()["count"]
+
+    hello = {"role": "user", "content": "Say hello"}
+    assert first.usage.input_tokens == count([{"role": "system", "content": "Be brief."}, hello])
+    assert second.usage.input_tokens == count([hello, {"role": "assistant", "content": first.output_text},
+                                               {"role": "user", "content": "Hello"}])
+
+
+def test_stored_responses_are_retrieved_and_deleted(server) -> None:
+    client, _ = server
+    kept = client.responses.create(model="pirate", input="Say hello", max_output_tokens=40)
+    assert client.responses.retrieve(kept.id).output_text == kept.output_text == " " + REPLIES["pirate"]
+    client.responses.delete(kept.id)
+    for call in (lambda: client.responses.retrieve(kept.id), lambda: client.responses.delete(kept.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    unstored = client.responses.create(model="pirate", input="Say hello", max_output_tokens=40, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.create(model="pirate", input="Hi", previous_response_id=unstored.id)
+    assert missing.value.body["param"] == "previous_response_id"
+
+
+def test_a_json_schema_text_format(server) -> None:
+    client, _ = server
+    response = client.responses.create(model="english", input="Say hello", max_output_tokens=150, text={
+        "format": {"type": "json_schema", "name": "mood", "schema": SCHEMA}})
+    assert matches_schema(json.loads(response.output_text))
+    assert response.text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    ({"reasoning": {"effort": "high"}}, "reasoning", "is not supported"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type", "'function'"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input.0.content", "input_text"),
+    ({"max_output_tokens": 10_000}, "max_output_tokens", "max_output_tokens: 10000 tokens do not fit"),
+    ({"text": {"format": {"type": "json_schema"}}}, "text.format", "needs its name and schema"),
+])
+def test_what_is_not_implemented_is_a_400_naming_it(server, extra, param, message) -> None:
+    _, url = server
+    response = httpx.post(f"{url}/v1/responses", json={"model": "english", "input": "Say hello", **extra})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"].startswith(param) and message in error["message"], error
+
+
+def test_reasoning_becomes_a_reasoning_item() -> None:
+    """With ``--reasoning-parser deepseek_r1`` the demo adapter's reply is reasoning (its
+    answer never closes the block): one ``reasoning`` item, whole and streamed."""
+    config = ServeConfig(compile=False, max_rank=8, reasoning_parser="deepseek_r1")
+    with BackgroundServer(build_app(config)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        response = client.responses.create(model="french", input="Say hello", max_output_tokens=60)
+        with client.responses.stream(model="french", input="Say hello", max_output_tokens=60) as stream:
+            streamed = stream.get_final_response()
+    for answer in (response, streamed):
+        (item,) = answer.output
+        assert item.type == "reasoning" and item.content[0].text == " " + REPLIES["french"]
+        assert answer.output_text == ""
