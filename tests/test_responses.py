@@ -138,7 +138,9 @@ def test_a_json_schema_text_format(server) -> None:
 
 
 @pytest.mark.parametrize("extra, param, message", [
-    ({"reasoning": {"effort": "high"}}, "reasoning", "is not supported"),
+    ({"reasoning": {"effort": "high"}}, "reasoning", "Input should be None"),
+    ({"include": ["reasoning.encrypted_content"]}, "include", "at most 0 items"),
+    ({"user": "u1"}, "user", "is not supported"),
     ({"tools": [{"type": "web_search"}]}, "tools.0.type", "'function'"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input.0.content", "input_text"),
@@ -166,3 +168,12 @@ def test_reasoning_becomes_a_reasoning_item() -> None:
         (item,) = answer.output
         assert item.type == "reasoning" and item.content[0].text == " " + REPLIES["french"]
         assert answer.output_text == ""
+
+
+def test_fields_that_ask_for_nothing_are_accepted(server) -> None:
+    _, url = server
+    response = httpx.post(f"{url}/v1/responses", json={
+        "model": "english", "input": "Say hello", "max_output_tokens": 60, "include": [], "reasoning": None,
+        "truncation": "disabled", "metadata": {"run": "7"}}, timeout=60)
+    assert response.status_code == 200 and response.json()["metadata"] == {"run": "7"}
+    assert response.json()["output"][0]["content"][0]["text"] == " " + REPLIES["english"]

@@ -150,7 +150,8 @@ class TextConfig(_Strict):
 
 
 class ResponsesRequest(_Strict):
-    """The fields this server implements; any other is a 400 naming it."""
+    """The fields this server implements; any other is a 400 naming it (``include`` may be
+    given empty, ``reasoning`` null: what asks for nothing)."""
 
     model: str
     input: Union[str, list[InputItem]]
@@ -168,6 +169,8 @@ class ResponsesRequest(_Strict):
     store: bool = True
     metadata: Optional[dict[str, str]] = None
     truncation: Optional[Literal["disabled"]] = None
+    include: Optional[list[str]] = Field(default=None, max_length=0)  # nothing extra: [] only
+    reasoning: None = None  # effort / summary are not implemented: null only
 
 
 def chat_request(body: ResponsesRequest,
