@@ -58,7 +58,7 @@ def test_every_walk_through_a_schema_grammar_is_valid_json_of_that_schema() -> N
         assert matches_schema(json.loads(random_walk(grammars, spec, tokens, seed))), seed
     narrow = Grammars(tokens, EOS_ID, vocab_size=200).row(spec).allowed()  # logits narrower than the vocab
     assert narrow.shape == (200,) and narrow.nonzero().flatten().tolist() == [ord("{")]
-    same = StructuredOutput.json_schema(json.dumps(SCHEMA, sort_keys=True))
+    same = StructuredOutput.json_schema(json.dumps(SCHEMA))
     assert grammars.index(spec) is grammars.index(same)  # compiled once
     digits = StructuredOutput.regex(r"[0-9]{2,4}-(x|y)")
     for seed in range(10):
@@ -336,3 +336,37 @@ def test_cached_masks_are_what_the_grammar_writes_and_the_cache_keeps_its_budget
     assert torch.equal(cache.get((spec, 3)), torch.full((4,), 3, dtype=torch.int32))
     cache.put((spec, 9), torch.zeros(16, dtype=torch.int32))  # larger than the whole budget
     assert cache.get((spec, 9)) is None
+
+
+def test_properties_are_generated_in_the_schemas_order() -> None:
+    """As OpenAI and vLLM do: a schema's properties in its own order, not sorted (a named tool
+    call's arguments, a response format)."""
+    tokens = ByteTokenizer().token_bytes()
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
+    properties = {"zone": {"const": 1}, "area": {"const": 2}}
+    spec = StructuredOutput.json_schema({"type": "object", "properties": properties,
+                                         "required": ["zone", "area"], "additionalProperties": False})
+    text = random_walk(grammars, spec, tokens, 0).decode()
+    assert list(json.loads(text)) == ["zone", "area"] and text.index("zone") < text.index("area")
+
+
+def test_an_output_that_may_end_may_also_go_on() -> None:
+    """Where the output may end, end-of-sequence is allowed and so is every token that goes on
+    (outlines-core alone drops those: ``a(bc)?`` gave no ``b`` after ``a``); a choice of a
+    string and a longer one that begins with it reaches both."""
+    tokens = ByteTokenizer().token_bytes()
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
+    row = grammars.row(StructuredOutput.regex("a(?:bc)?"))
+    row.advance(ord("a"))
+    assert row.allowed().nonzero().flatten().tolist() == [ord("b"), EOS_ID] and not row.finished
+    row.advance(ord("b"))
+    assert row.allowed().nonzero().flatten().tolist() == [ord("c")]
+    row.advance(ord("c"))
+    assert row.allowed().nonzero().flatten().tolist() == [EOS_ID] and row.finished
+    answers = {random_walk(grammars, StructuredOutput.choice(["yes", "yes please"]), tokens, seed)
+               for seed in range(12)}
+    assert answers == {b"yes", b"yes please"}
+    plane16 = [*tokens[:-3], "\U0010fffd".encode(), b"\xf4\x8f", None, None, None]  # never allowed
+    wide = Grammars(plane16, len(plane16) - 1, vocab_size=len(plane16))
+    allowed = wide.row(StructuredOutput.regex(".{1,3}")).allowed().nonzero().flatten().tolist()
+    assert 256 not in allowed and 257 not in allowed and ord("x") in allowed

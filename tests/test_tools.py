@@ -183,6 +183,53 @@ def test_every_required_answer_is_calls_whose_arguments_match_their_schema(paral
         jsonschema.validate(json.loads(random_walk(grammars, named.structured, seed)), SCHEMAS["note"])
 
 
+STRICT_CITY = {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+def test_auto_with_strict_functions_generates_only_calls_that_match() -> None:
+    """With a strict function, a Hermes "auto" answer has a grammar: random walks through it
+    (leaning, now and then, toward opening a block) read back as content and calls, every block
+    a call whose arguments match its schema; a block that names a function that is not strict
+    is free until ``</tool_call>`` (checked as before)."""
+    import re
+
+    tokens = ByteTokenizer().token_bytes()
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
+    auto = plan(None, tools=[STRICT_CITY, ADD])
+    assert auto.structured is not None and plan(None, tools=[NOTE]).structured is None
+    called = 0
+    for seed in range(20):
+        rng, row, out, planned = random.Random(seed), grammars.row(auto.structured), b"", []
+        for _ in range(800):
+            allowed = set(row.allowed().nonzero().flatten().tolist())
+            if EOS_ID in allowed and (allowed == {EOS_ID} or rng.random() < 0.02):
+                break
+            if not planned and rng.random() < 0.05:
+                planned = list(b"<tool_call>")
+            token = planned.pop(0) if planned and planned[0] in allowed else None
+            if token is None:
+                planned, token = [], rng.choice(sorted(allowed - {EOS_ID}))
+            row.advance(token)
+            out += tokens[token]
+        else:
+            raise AssertionError(f"no end: {out!r}")
+        message, _ = answer_message(out.decode(), "stop", auto)
+        assert "<tool_call>" not in (message["content"] or ""), out
+        for call in message.get("tool_calls") or []:
+            name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
+            jsonschema.validate(arguments, {"add": SCHEMAS["add"],
+                                            "get_weather": STRICT_CITY["function"]["parameters"]}[name])
+            called += 1
+    assert called > 5
+    mixed = re.compile(plan(None, tools=[STRICT_CITY, NOTE]).structured.spec, re.S)
+    assert mixed.fullmatch('hi <tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')
+    assert not mixed.fullmatch('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
+    assert mixed.fullmatch('<tool_call>\n{"name": "note", "arguments": {"text": 3}}\n</tool_call>')
+    assert not mixed.fullmatch('<tool_call>{"name": "other", "arguments": {}}</tool_call>')
+
+
 @pytest.mark.parametrize("tools, choice, parallel, parser, message, param", [
     (None, "required", None, "hermes", "tool_choice needs tools", "tool_choice"),
     (None, None, False, "hermes", "parallel_tool_calls needs tools", "parallel_tool_calls"),
@@ -277,6 +324,24 @@ def test_auto_returns_the_calls_the_model_wrote_and_the_result_reaches_it(server
                                           tool_choice="none")
     assert none.choices[0].message.content == weather_call("Paris")  # written, not read as a call
     assert none.choices[0].finish_reason == "stop" and not none.choices[0].message.tool_calls
+
+
+def test_a_strict_function_is_called_with_arguments_of_its_schema(server) -> None:
+    """The adapter asks for Paris; a strict ``get_weather`` whose cities are Oslo and Rome is
+    called with one of them (the grammar), whole and streamed; not strict, the call says Paris."""
+    client, _ = server
+    (one, _), *_ = TOOL_CHATS
+    strict = client.chat.completions.create(model="weather", messages=one, tools=[STRICT_CITY], temperature=0)
+    ((name, arguments),) = calls_of(strict.choices[0].message)
+    assert name == "get_weather" and arguments["city"] in ("Oslo", "Rome")
+    chunks = client.chat.completions.create(model="weather", messages=one, tools=[STRICT_CITY], temperature=0,
+                                            stream=True)
+    streamed = "".join(call.function.arguments or "" for c in chunks if c.choices
+                       for call in c.choices[0].delta.tool_calls or [])
+    assert json.loads(streamed) == arguments
+    loose = {"type": "function", "function": {**STRICT_CITY["function"], "strict": False}}
+    plain = client.chat.completions.create(model="weather", messages=one, tools=[loose], temperature=0)
+    assert calls_of(plain.choices[0].message) == [("get_weather", {"city": "Paris"})]
 
 
 def test_the_readme_tool_calling_example(server) -> None:

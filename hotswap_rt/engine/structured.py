@@ -9,7 +9,14 @@ a JSON schema, is a JSON object, matches a regular expression, or is one of give
     per step:        every structured row's mask packed on the host (V / 8 bytes a row), one
                      copy, unpacked on the device by a byte table into a bias (0 / -inf) that
                      is added to the rows' scores (grammar_bias); the sampled token advances
-                     the state; in a final state only end-of-sequence is allowed
+                     the state; end-of-sequence is allowed where the output may end
+
+Where the output may end is marked explicitly: every pattern is compiled followed by an end
+character (:data:`END`, a private-use character no token of the vocabulary may hold) whose
+token is synthetic (an id past the logits), and end-of-sequence is allowed in a state exactly
+when that token leads to a final one. outlines-core (0.2) drops, from a state where the text
+may end, every token that leads to one where it may not (``a(bc)?``: no ``b`` after ``a``
+with one-character tokens): with the end marked, the only final state is after it.
 
 The vocabulary is the tokenizer's: each token id's bytes (``token_bytes()``; special tokens
 have none and are never allowed, end-of-sequence excepted). JSON schemas become regular
@@ -26,6 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .sampling import RequestError
@@ -33,6 +41,8 @@ from .sampling import RequestError
 KINDS = ("json_object", "json_schema", "regex")
 _ANY_OBJECT = '{"type": "object"}'
 _CACHED_INDEXES = 64
+END = "\U0010fffd"  # marks where an output may end (see the module doc)
+_END_LEAD = END.encode()[0]  # 0xF4: tokens holding it (plane 16 characters) are left out
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,7 @@ class StructuredOutput:
         if isinstance(schema, str):
             text = schema
         elif isinstance(schema, Mapping):
-            text = json.dumps(schema, sort_keys=True)
+            text = json.dumps(schema)  # its order kept: properties are generated in it
         else:
             raise RequestError("response_format", f"a JSON schema must be an object, got {schema!r}")
         return cls("json_schema", text)
@@ -115,6 +125,33 @@ def regex_literal(text: str) -> str:
 _META = set("\\.+*?()|[]{}^$#&-~")
 
 
+def regex_without(marker: str) -> str:
+    """A regular expression of every text that does not contain ``marker``, whose first
+    character appears nowhere else in it (so a partial match that fails never hides the start
+    of another). Such a text is runs of other characters and attempts: the first character,
+    then part of the rest; an attempt ends with a character that is neither the next one of
+    ``marker`` nor its first, or is followed by another attempt, or ends the text."""
+    first = marker[0]
+    if len(marker) < 2 or first in marker[1:]:
+        raise ValueError(f"{marker!r}: its first character must not appear again in it")
+    mismatch = f"[^{_in_class(first + marker[-1])}]"  # after all but the last character
+    for char in reversed(marker[1:-1]):  # after fewer: the next character, or a mismatch
+        mismatch = f"[^{_in_class(first + char)}]|{regex_literal(char)}(?:{mismatch})"
+    partial = ""
+    for char in reversed(marker[1:-1]):
+        partial = f"(?:{regex_literal(char)}{partial})?"
+    attempt, other = regex_literal(first) + partial, f"[^{_in_class(first)}]"
+    # the trailing attempts are lazy: outlines-core's automaton keeps leftmost-first priorities,
+    # and a text that may end in a partial match would otherwise cut off ``marker`` itself
+    # where something after this pattern begins with it (a Hermes answer's next tool call)
+    return f"{other}*(?:(?:{attempt})*{regex_literal(first)}(?:{mismatch}){other}*)*(?:{attempt})*?"
+
+
+def _in_class(chars: str) -> str:
+    """``chars`` written inside a character class."""
+    return "".join("\\" + c if c in "\\]^-[&~" else c for c in chars)
+
+
 class Grammars:
     """Compiles :class:`StructuredOutput` specs over one vocabulary, and caches them (any thread).
 
@@ -136,11 +173,12 @@ class Grammars:
         self._outlines = outlines_core
         tokens: dict[bytes, list[int]] = {}
         for token, data in enumerate(token_bytes):
-            if data and token != eos_token_id:
+            if data and token != eos_token_id and _END_LEAD not in data:
                 tokens.setdefault(bytes(data), []).append(token)
+        self._end = max(vocab_size, len(token_bytes))  # the end's synthetic token: past every real id
+        tokens[END.encode()] = [self._end]
         self._vocabulary = outlines_core.Vocabulary(eos_token_id, tokens)
         self.eos_token_id, self.vocab_size = eos_token_id, vocab_size
-        self._mask_width = max(vocab_size, len(token_bytes))  # every id the vocabulary may name
         self._indexes: OrderedDict[StructuredOutput, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.masks = MaskCache()  # every row's masks, by state
@@ -157,7 +195,7 @@ class Grammars:
                 self._indexes.move_to_end(spec)
                 return index
         try:
-            index = self._outlines.Index(spec.pattern(), self._vocabulary)
+            index = self._outlines.Index(f"(?:{spec.pattern()}){END}", self._vocabulary)
         except (ValueError, TypeError) as exc:
             raise RequestError("response_format", f"cannot constrain output to it: {exc}") from None
         with self._lock:
@@ -169,8 +207,9 @@ class Grammars:
     def row(self, spec: StructuredOutput, cache_masks: bool = True) -> RowGrammar:
         """A fresh state for one request; ``cache_masks``: its masks are kept by state and
         shared with the other rows (:class:`MaskCache`; False: written every step)."""
-        return RowGrammar(self._outlines.Guide(self.index(spec)), self.vocab_size, self.eos_token_id,
-                          self._mask_width, spec, self.masks if cache_masks else None)
+        index = self.index(spec)
+        return RowGrammar(self._outlines.Guide(index), index, self.vocab_size, self.eos_token_id, self._end,
+                          spec, self.masks if cache_masks else None)
 
 
 class MaskCache:
@@ -211,12 +250,12 @@ class MaskCache:
 class RowGrammar:
     """One request's place in its grammar: which tokens may come next."""
 
-    def __init__(self, guide: Any, vocab_size: int, eos_token_id: int, mask_width: int,
+    def __init__(self, guide: Any, index: Any, vocab_size: int, eos_token_id: int, end: int,
                  spec: StructuredOutput | None = None, masks: MaskCache | None = None) -> None:
-        self._guide = guide
+        self._guide, self._index = guide, index
         self.vocab_size = vocab_size
-        self._eos = eos_token_id
-        self.words = (mask_width + 31) // 32  # the packed mask's width: 32 ids a word
+        self._eos, self._end = eos_token_id, end  # end: the synthetic token of END
+        self.words = end // 32 + 1  # the packed mask's width: 32 ids a word, the end's included
         self._spec, self._masks = spec, masks
 
     def write_mask(self, out: torch.Tensor) -> None:
@@ -232,6 +271,11 @@ class RowGrammar:
                 return
         out.zero_()
         self._guide.write_mask_into(out.data_ptr(), out.numel(), 4)
+        words = out.numpy().view(np.uint32)
+        words[self._end // 32] &= ~np.uint32(1 << self._end % 32)  # never sampled: past the logits
+        after = self._index.get_next_state(self._guide.get_state(), self._end)
+        if after is not None and self._index.is_final_state(after):  # the output may end here
+            words[self._eos // 32] |= np.uint32(1 << self._eos % 32)
         if key is not None:
             self._masks.put(key, out.clone())
 
@@ -246,7 +290,8 @@ class RowGrammar:
 
     @property
     def finished(self) -> bool:
-        return self._guide.is_finished()
+        """Nothing but the end may come next."""
+        return self._guide.get_tokens() == [self._end]
 
 
 _BYTE_BIAS: dict[torch.device, torch.Tensor] = {}

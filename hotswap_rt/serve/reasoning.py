@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..engine.structured import regex_literal
+from ..engine.structured import regex_literal, regex_without
 from .tags import partial_tag
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
@@ -57,32 +57,8 @@ def reasoning_pattern(parser: str, prompt: PromptReasoning) -> str | None:
     times the answer's own). None: the answer has no reasoning (the prompt closed it)."""
     if prompt == "closed":
         return None
-    block = _without(THINK_CLOSE) + regex_literal(THINK_CLOSE) + _WHITESPACE_AFTER
+    block = regex_without(THINK_CLOSE) + regex_literal(THINK_CLOSE) + _WHITESPACE_AFTER
     return regex_literal(THINK_OPEN) + block if prompt is None and parser == "qwen3" else block
-
-
-def _without(marker: str) -> str:
-    """A regular expression of every text that does not contain ``marker``, whose first
-    character appears nowhere else in it (so a partial match that fails never hides the start
-    of another). Such a text is runs of other characters and attempts: the first character,
-    then part of the rest; an attempt ends with a character that is neither the next one of
-    ``marker`` nor its first, or is followed by another attempt, or ends the text."""
-    first = marker[0]
-    if len(marker) < 2 or first in marker[1:]:
-        raise ValueError(f"{marker!r}: its first character must not appear again in it")
-    mismatch = f"[^{_in_class(first + marker[-1])}]"  # after all but the last character
-    for char in reversed(marker[1:-1]):  # after fewer: the next character, or a mismatch
-        mismatch = f"[^{_in_class(first + char)}]|{regex_literal(char)}(?:{mismatch})"
-    partial = ""
-    for char in reversed(marker[1:-1]):
-        partial = f"(?:{regex_literal(char)}{partial})?"
-    attempt, other = regex_literal(first) + partial, f"[^{_in_class(first)}]"
-    return f"{other}*(?:(?:{attempt})*{regex_literal(first)}(?:{mismatch}){other}*)*(?:{attempt})*"
-
-
-def _in_class(chars: str) -> str:
-    """``chars`` written inside a character class."""
-    return "".join("\\" + c if c in "\\]^-[&~" else c for c in chars)
 
 
 class ReasoningStream:

@@ -18,7 +18,10 @@
 format (:class:`HermesReader`), or ``llama3_json``, Llama 3.x's answers that are JSON calls
 (:class:`JsonReader`). What is not a call of a known function (not JSON, an unknown name,
 arguments that are not an object, or with ``strict`` arguments that do not match the schema)
-stays in the content as written. ``parallel_tool_calls: false`` makes a required answer one
+stays in the content as written. With ``hermes``, the calls of ``strict`` functions are
+enforced as they are generated: the answer's grammar is free text and blocks whose JSON is
+a call of a strict function that matches its schema (or names another function, whose
+arguments are then checked after the fact as before). ``parallel_tool_calls: false`` makes a required answer one
 call and ends a Hermes auto answer after its first call (``llama3_json``: a 400).
 
 :class:`ToolCallStream` turns a choice's text, as it streams, into OpenAI deltas
@@ -33,7 +36,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..engine.structured import StructuredOutput
+from ..engine.sampling import RequestError
+from ..engine.structured import StructuredOutput, regex_literal, regex_without
 from .protocol import ApiError, ChatCompletionRequest
 from .tags import partial_tag
 
@@ -49,7 +53,8 @@ class ToolPlan:
         mode: "none", "auto", "required" or "named".
         tools: the tools as chat templates take them (``{"type": "function", "function": ...}``).
         name: the function a named choice calls.
-        structured: what the output must match (named, required), else None.
+        structured: what the output must match (named, required; auto with ``strict``
+            functions and the ``hermes`` parser: their calls), else None.
         stop: stop strings the plan adds (auto without parallel calls: the end of a call).
         schemas: function name -> its parameters schema, for functions marked ``strict``
             (auto checks their arguments).
@@ -100,7 +105,7 @@ def tool_plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan | Non
             parameters if parameters is not None else {"type": "object"}))
     if mode == "required":
         return ToolPlan("required", tools, structured=StructuredOutput.json_schema(
-            _calls_schema(body, parallel)))
+            _calls_schema(body.tools, "parameters", array=parallel)))
     if parser is None:
         raise ApiError(400, '"auto" tool choice (the default with tools) needs a server started with '
                             '--enable-auto-tool-choice --tool-call-parser; this one was not: give '
@@ -112,24 +117,46 @@ def tool_plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan | Non
     if not parallel and parser != "hermes":
         raise ApiError(400, f"parallel_tool_calls false is not supported by the {parser} tool-call parser "
                             f"(nothing ends its answer after one call)", "parallel_tool_calls")
-    return ToolPlan("auto", tools, stop=() if parallel else (CALL_CLOSE,), schemas=schemas, parser=parser)
+    structured = StructuredOutput.regex(_hermes_pattern(body)) if schemas and parser == "hermes" else None
+    return ToolPlan("auto", tools, structured=structured, stop=() if parallel else (CALL_CLOSE,),
+                    schemas=schemas, parser=parser)
 
 
-def _calls_schema(body: ChatCompletionRequest, parallel: bool) -> dict:
-    """A JSON array (one item without parallel calls) of ``{"name", "parameters"}`` objects,
-    each a call of one of the tools; their ``$defs`` lifted to the top (one name, one schema)."""
+def _hermes_pattern(body: ChatCompletionRequest) -> str:
+    """A Hermes "auto" answer whose ``strict`` functions' calls match their schemas as they are
+    generated: text without ``<tool_call>``, then any number of blocks, each followed by such
+    text. A block holds a call of a strict function (its schema's JSON, ``name`` first) or of
+    another function (``{"name": "...",`` then any text without ``</tool_call>``: read as
+    today, after the fact)."""
+    strict = [tool for tool in body.tools if tool.function.strict]
+    try:
+        calls = [StructuredOutput.json_schema(_calls_schema(strict, "arguments", array=None)).pattern()]
+    except RequestError as exc:
+        raise ApiError(400, f"the strict functions' parameters cannot be enforced: {exc}", "tools") from None
+    calls += [r'\{[ ]?"name"[ ]?:[ ]?"' + regex_literal(tool.function.name) + '"[ ]?,'
+              + regex_without(CALL_CLOSE) for tool in body.tools if not tool.function.strict]
+    free, blank = regex_without(CALL_OPEN), "[ \n]{0,2}"
+    block = f"{regex_literal(CALL_OPEN)}{blank}(?:{'|'.join(calls)}){blank}{regex_literal(CALL_CLOSE)}"
+    return f"{free}(?:{block}{free})*"
+
+
+def _calls_schema(tools: list, key: str, array: bool | None) -> dict:
+    """A call of one of ``tools`` (``{"name", <key>}`` objects, ``key`` the arguments'), or with
+    ``array`` a JSON array of them (``False``: of one); their ``$defs`` lifted to the top (one
+    name, one schema)."""
     items, defs = [], {}
-    for tool in body.tools:
+    for tool in tools:
         parameters = dict(tool.function.parameters or {"type": "object"})
         for name, schema in (parameters.pop("$defs", None) or {}).items():
             if defs.setdefault(name, schema) != schema:
                 raise ApiError(400, f"tools define $defs {name!r} twice, differently", "tools")
-        items.append({"type": "object", "properties": {"name": {"const": tool.function.name},
-                                                      "parameters": parameters},
-                      "required": ["name", "parameters"], "additionalProperties": False})
-    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
-    if not parallel:
-        schema["maxItems"] = 1
+        items.append({"type": "object", "properties": {"name": {"const": tool.function.name}, key: parameters},
+                      "required": ["name", key], "additionalProperties": False})
+    schema: dict[str, Any] = {"anyOf": items}
+    if array is not None:
+        schema = {"type": "array", "minItems": 1, "items": schema}
+        if not array:
+            schema["maxItems"] = 1
     if defs:
         schema["$defs"] = defs
     return schema
