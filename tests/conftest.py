@@ -225,3 +225,19 @@ def mapped_reads(monkeypatch) -> list[Path]:
 
     monkeypatch.setattr(safetensors_read, "_mapped", recording)
     return files
+
+
+@pytest.fixture(scope="module")
+def weather_server():
+    """An eager server of the built-in model with the ``weather`` demo adapter and Hermes
+    "auto" tool choice: an ``openai`` client and the URL."""
+    import openai
+
+    from hotswap_rt.serve import ServeConfig, build_app
+    from hotswap_rt.serve.background import BackgroundServer
+    from hotswap_rt.serve.demo_adapters import tool_adapter_path
+
+    config = ServeConfig(compile=False, max_rank=8, enable_auto_tool_choice=True, tool_call_parser="hermes",
+                         adapters={"weather": str(tool_adapter_path())})
+    with BackgroundServer(build_app(config)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120), url

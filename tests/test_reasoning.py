@@ -124,7 +124,7 @@ def test_walks_through_a_grammar_after_reasoning_read_back_as_reasoning_and_the_
     """Random walks through the allowed tokens (leaning, now and then, toward spelling the
     tags) always end in text the parser splits into reasoning without ``</think>`` and
     content of the schema."""
-    from .test_structured import SCHEMA, matches_schema
+    from .test_structured import SCHEMA, leaning_walk, matches_schema
 
     tokens = ByteTokenizer().token_bytes()
     grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
@@ -133,22 +133,8 @@ def test_walks_through_a_grammar_after_reasoning_read_back_as_reasoning_and_the_
     spec = spec if thinking is None else spec.after(thinking)
     reasoned = 0
     for seed in range(16):
-        rng, row, out, planned = random.Random(seed), grammars.row(spec), b"", []
-        if rng.random() < 0.5:
-            planned = list(THINK_OPEN.encode())
-        for _ in range(2000):
-            allowed = set(row.allowed().nonzero().flatten().tolist())
-            if EOS_ID in allowed and (row.finished or rng.random() < 0.5):
-                break
-            if not planned and rng.random() < 0.04:
-                planned = list(THINK_CLOSE.encode())
-            token = planned.pop(0) if planned and planned[0] in allowed else None
-            if token is None:
-                planned, token = [], rng.choice(sorted(allowed - {EOS_ID}))
-            row.advance(token)
-            out += tokens[token]
-        else:
-            raise AssertionError(f"no end: {out!r}")
+        opening = THINK_OPEN.encode() if random.Random(seed).random() < 0.5 else b""
+        out = leaning_walk(grammars, spec, tokens, seed, THINK_CLOSE.encode(), lean=0.04, start=opening)
         message, _ = answer_message(out.decode(), "stop", reasoning=parser, prompt=prompt)
         assert matches_schema(json.loads(message["content"])), out
         assert THINK_CLOSE not in message.get("reasoning", "")

@@ -19,23 +19,15 @@ import pytest
 
 from hotswap_rt.serve import ServeConfig, build_app
 from hotswap_rt.serve.background import BackgroundServer
-from hotswap_rt.serve.demo_adapters import REPLIES, TOOL_CHATS, WEATHER_TOOLS, tool_adapter_path
+from hotswap_rt.serve.demo_adapters import REPLIES, TOOL_CHATS, WEATHER_TOOLS
 
 from .test_structured import SCHEMA, matches_schema
 
 TOOLS = [{"type": "function", **WEATHER_TOOLS[0]["function"]}]  # the Responses API's flat shape
 
 
-@pytest.fixture(scope="module")
-def server():
-    config = ServeConfig(compile=False, max_rank=8, enable_auto_tool_choice=True, tool_call_parser="hermes",
-                         adapters={"weather": str(tool_adapter_path())})
-    with BackgroundServer(build_app(config)) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120), url
-
-
-def test_a_response_is_the_chat_answer_whole_and_streamed(server) -> None:
-    client, _ = server
+def test_a_response_is_the_chat_answer_whole_and_streamed(weather_server) -> None:
+    client, _ = weather_server
     chat = client.chat.completions.create(model="english", messages=[{"role": "user", "content": "Say hello"}],
                                           max_tokens=60)
     response = client.responses.create(model="english", input="Say hello", max_output_tokens=60)
@@ -55,8 +47,8 @@ def test_a_response_is_the_chat_answer_whole_and_streamed(server) -> None:
     assert client.responses.retrieve(response.id).output_text == response.output_text
 
 
-def test_a_response_cut_by_max_output_tokens_is_incomplete(server) -> None:
-    client, _ = server
+def test_a_response_cut_by_max_output_tokens_is_incomplete(weather_server) -> None:
+    client, _ = weather_server
     response = client.responses.create(model="english", input="Say hello", max_output_tokens=3)
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     assert response.usage.output_tokens == 3
@@ -64,11 +56,11 @@ def test_a_response_cut_by_max_output_tokens_is_incomplete(server) -> None:
     assert events[-1].type == "response.incomplete" and events[-1].response.output_text == response.output_text
 
 
-def test_an_agent_loop_with_function_calls(server) -> None:
+def test_an_agent_loop_with_function_calls(weather_server) -> None:
     """The adapter calls ``get_weather`` (a ``function_call`` item, whole and streamed); the
     tool's output sent back with ``previous_response_id`` gets its trained answer, and so does
     the same conversation given whole as input items, as the chat completion of it does."""
-    client, _ = server
+    client, _ = weather_server
     question = {"model": "weather", "input": "Weather in Paris?", "tools": TOOLS, "max_output_tokens": 150}
     first = client.responses.create(**question)
     (call,) = first.output
@@ -94,11 +86,11 @@ def test_an_agent_loop_with_function_calls(server) -> None:
     assert whole.usage.input_tokens == answer.usage.input_tokens == chat.usage.prompt_tokens
 
 
-def test_instructions_are_not_carried_to_the_next_response(server) -> None:
+def test_instructions_are_not_carried_to_the_next_response(weather_server) -> None:
     """``instructions`` are a system message of their own response only (OpenAI's rule): the
     next response's prompt is the earlier conversation without them (token counts against
     ``/tokenize`` of those messages)."""
-    client, url = server
+    client, url = weather_server
     first = client.responses.create(model="english", instructions="Be brief.", input="Say hello",
                                     max_output_tokens=60)
     second = client.responses.create(model="english", previous_response_id=first.id, input="Hello",
@@ -113,8 +105,8 @@ def test_instructions_are_not_carried_to_the_next_response(server) -> None:
                                                {"role": "user", "content": "Hello"}])
 
 
-def test_stored_responses_are_retrieved_and_deleted(server) -> None:
-    client, _ = server
+def test_stored_responses_are_retrieved_and_deleted(weather_server) -> None:
+    client, _ = weather_server
     kept = client.responses.create(model="pirate", input="Say hello", max_output_tokens=40)
     assert client.responses.retrieve(kept.id).output_text == kept.output_text == " " + REPLIES["pirate"]
     client.responses.delete(kept.id)
@@ -129,8 +121,8 @@ def test_stored_responses_are_retrieved_and_deleted(server) -> None:
     assert missing.value.body["param"] == "previous_response_id"
 
 
-def test_a_json_schema_text_format(server) -> None:
-    client, _ = server
+def test_a_json_schema_text_format(weather_server) -> None:
+    client, _ = weather_server
     response = client.responses.create(model="english", input="Say hello", max_output_tokens=150, text={
         "format": {"type": "json_schema", "name": "mood", "schema": SCHEMA}})
     assert matches_schema(json.loads(response.output_text))
@@ -147,8 +139,8 @@ def test_a_json_schema_text_format(server) -> None:
     ({"max_output_tokens": 10_000}, "max_output_tokens", "max_output_tokens: 10000 tokens do not fit"),
     ({"text": {"format": {"type": "json_schema"}}}, "text.format", "needs its name and schema"),
 ])
-def test_what_is_not_implemented_is_a_400_naming_it(server, extra, param, message) -> None:
-    _, url = server
+def test_what_is_not_implemented_is_a_400_naming_it(weather_server, extra, param, message) -> None:
+    _, url = weather_server
     response = httpx.post(f"{url}/v1/responses", json={"model": "english", "input": "Say hello", **extra})
     assert response.status_code == 400
     error = response.json()["error"]
@@ -170,8 +162,8 @@ def test_reasoning_becomes_a_reasoning_item() -> None:
         assert answer.output_text == ""
 
 
-def test_fields_that_ask_for_nothing_are_accepted(server) -> None:
-    _, url = server
+def test_fields_that_ask_for_nothing_are_accepted(weather_server) -> None:
+    _, url = weather_server
     response = httpx.post(f"{url}/v1/responses", json={
         "model": "english", "input": "Say hello", "max_output_tokens": 60, "include": [], "reasoning": None,
         "truncation": "disabled", "metadata": {"run": "7"}}, timeout=60)

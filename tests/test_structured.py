@@ -47,6 +47,27 @@ def random_walk(grammars: Grammars, spec: StructuredOutput, token_bytes, seed: i
     raise AssertionError(f"no end after {limit} tokens: {out!r}")
 
 
+def leaning_walk(grammars: Grammars, spec: StructuredOutput, token_bytes, seed: int, tag: bytes, lean: float,
+                 start: bytes = b"", stop: float = 0.5, limit: int = 2000) -> bytes:
+    """Tokens drawn at random among those the grammar allows (one-byte tokens), leaning toward
+    spelling ``tag``: begun with probability ``lean`` at each step and kept while the grammar
+    allows it; ``start`` is spelled first where allowed. Ends where only the end may come next,
+    or with probability ``stop`` where it may."""
+    rng, row, out, planned = random.Random(seed), grammars.row(spec), b"", list(start)
+    for _ in range(limit):
+        allowed = set(row.allowed().nonzero().flatten().tolist())
+        if EOS_ID in allowed and (allowed == {EOS_ID} or rng.random() < stop):
+            return out
+        if not planned and rng.random() < lean:
+            planned = list(tag)
+        token = planned.pop(0) if planned and planned[0] in allowed else None
+        if token is None:
+            planned, token = [], rng.choice(sorted(allowed - {EOS_ID}))
+        row.advance(token)
+        out += token_bytes[token]
+    raise AssertionError(f"no end after {limit} tokens: {out!r}")
+
+
 def test_every_walk_through_a_schema_grammar_is_valid_json_of_that_schema() -> None:
     tokens = ByteTokenizer().token_bytes()
     grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens) + 5)  # logits wider than the vocab

@@ -23,11 +23,13 @@ import pytest
 from hotswap_rt.engine.structured import Grammars
 from hotswap_rt.serve import ServeConfig, build_app
 from hotswap_rt.serve.background import BackgroundServer
-from hotswap_rt.serve.demo_adapters import TOOL_CHATS, WEATHER_TOOLS, tool_adapter_path, weather_call
+from hotswap_rt.serve.demo_adapters import TOOL_CHATS, WEATHER_TOOLS, weather_call
 from hotswap_rt.serve.protocol import ApiError, ChatCompletionRequest
 from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer
 from hotswap_rt.serve.answers import answer_message
 from hotswap_rt.serve.tools import ToolCallStream, tool_plan
+
+from .test_structured import leaning_walk
 
 ADD = {"type": "function", "function": {"name": "add", "strict": True, "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
@@ -201,20 +203,8 @@ def test_auto_with_strict_functions_generates_only_calls_that_match() -> None:
     assert auto.structured is not None and plan(None, tools=[NOTE]).structured is None
     called = 0
     for seed in range(20):
-        rng, row, out, planned = random.Random(seed), grammars.row(auto.structured), b"", []
-        for _ in range(800):
-            allowed = set(row.allowed().nonzero().flatten().tolist())
-            if EOS_ID in allowed and (allowed == {EOS_ID} or rng.random() < 0.02):
-                break
-            if not planned and rng.random() < 0.05:
-                planned = list(b"<tool_call>")
-            token = planned.pop(0) if planned and planned[0] in allowed else None
-            if token is None:
-                planned, token = [], rng.choice(sorted(allowed - {EOS_ID}))
-            row.advance(token)
-            out += tokens[token]
-        else:
-            raise AssertionError(f"no end: {out!r}")
+        out = leaning_walk(grammars, auto.structured, tokens, seed, b"<tool_call>", lean=0.05, stop=0.02,
+                           limit=800)
         message, _ = answer_message(out.decode(), "stop", auto)
         assert "<tool_call>" not in (message["content"] or ""), out
         for call in message.get("tool_calls") or []:
@@ -284,11 +274,8 @@ def test_a_transformers_template_gets_the_tools_and_calls_and_the_tags_survive_d
 
 # ------------------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
-def server():
-    config = ServeConfig(compile=False, max_rank=8, enable_auto_tool_choice=True, tool_call_parser="hermes",
-                         adapters={"weather": str(tool_adapter_path())})
-    with BackgroundServer(build_app(config)) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120), url
+def server(weather_server):
+    return weather_server
 
 
 def calls_of(message) -> list[tuple[str, dict]]:
