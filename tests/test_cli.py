@@ -312,5 +312,8 @@ def test_the_tool_calling_flags_are_vllms_pair(capsys) -> None:
     assert run(parser.parse_args(["--enable-auto-tool-choice"])) == 2
     assert "go together" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        parser.parse_args(["--tool-call-parser", "mistral"])
+        parser.parse_args(["--tool-call-parser", "granite"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    for name in ("llama3_json", "pythonic", "mistral"):
+        args = parser.parse_args(["--enable-auto-tool-choice", "--tool-call-parser", name])
+        assert config_from_args(args).auto_tool_parser() == name

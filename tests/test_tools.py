@@ -66,7 +66,9 @@ def streamed(tools_plan, text: str, reason: str, cuts: list[int]) -> tuple[dict,
         content += delta.get("content", "")
         for call in delta.get("tool_calls", []):
             if call["index"] not in calls:
-                assert call["id"].startswith("call_") and call["type"] == "function"
+                mistral = tools_plan.parser == "mistral"  # 9 alphanumeric characters, as its templates take
+                assert (len(call["id"]) == 9 and call["id"].isalnum() if mistral
+                        else call["id"].startswith("call_")) and call["type"] == "function"
                 calls[call["index"]] = {"name": call["function"]["name"], "arguments": ""}
             calls[call["index"]]["arguments"] += call["function"]["arguments"]
     return {"content": content or None, "calls": [calls[i] for i in sorted(calls)]}, reason
@@ -121,9 +123,44 @@ LLAMA_CASES = [  # llama3_json: the whole answer is calls, or content
 ]
 
 
+PYTHONIC_CASES = [  # pythonic: the whole answer is a list of calls, or content
+    ('[get_weather(city="Paris")]', "stop", None, [PARIS], "tool_calls"),
+    ("<|python_start|>[get_weather(city='Paris'), get_weather(city='Rome')]<|python_end|>", "stop", None,
+     [PARIS, ROME], "tool_calls"),
+    ('  [note(text="hi", tags=("x",))]\n', "stop", None,  # a tuple is a JSON list
+     [{"name": "note", "arguments": '{"text": "hi", "tags": ["x"]}'}], "tool_calls"),
+    ("[add(a=1, b=2.5)]", "stop", "[add(a=1, b=2.5)]", [], "stop"),  # strict: 2.5 is not an integer
+    ('[get_weather("Paris")]', "stop", '[get_weather("Paris")]', [], "stop"),  # positional
+    ("[launch()]", "stop", "[launch()]", [], "stop"),  # unknown function
+    ("[get_weather(city=Paris)]", "stop", "[get_weather(city=Paris)]", [], "stop"),  # not a literal
+    ('[get_weather(city="Par', "length", '[get_weather(city="Par', [], "length"),
+    ("[1, 2] is a list", "stop", "[1, 2] is a list", [], "stop"),
+    ("It is sunny.", "stop", "It is sunny.", [], "stop"),
+    ("<|python_st", "stop", "<|python_st", [], "stop"),
+]
+MISTRAL_CASES = [  # mistral: content, then [TOOL_CALLS] and calls
+    ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', "stop", None, [PARIS],
+     "tool_calls"),
+    ('Checking. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+     '{"name": "get_weather", "arguments": {"city": "Rome"}}]', "stop", "Checking. ", [PARIS, ROME],
+     "tool_calls"),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]'
+     '{"city": "Rome"}', "stop", None, [PARIS, ROME], "tool_calls"),  # tokenizer v11+
+    ('[TOOL_CALLS][{"name": "launch", "arguments": {}}]', "stop",
+     '[TOOL_CALLS][{"name": "launch", "arguments": {}}]', [], "stop"),
+    ('[TOOL_CALLS]add[ARGS]{"a": 1, "b": "2"}', "stop", '[TOOL_CALLS]add[ARGS]{"a": 1, "b": "2"}', [],
+     "stop"),  # strict: "2" is not an integer
+    ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"ci', "length",
+     '[TOOL_CALLS][{"name": "get_weather", "arguments": {"ci', [], "length"),
+    ("No calls [TOOL_CA", "stop", "No calls [TOOL_CA", [], "stop"),
+]
+
+
 @pytest.mark.parametrize("parser, text, reason, content, calls, final",
                          [("hermes", *case) for case in HERMES_CASES]
-                         + [("llama3_json", *case) for case in LLAMA_CASES])
+                         + [("llama3_json", *case) for case in LLAMA_CASES]
+                         + [("pythonic", *case) for case in PYTHONIC_CASES]
+                         + [("mistral", *case) for case in MISTRAL_CASES])
 def test_auto_calls_are_the_same_whole_and_however_the_stream_cuts_them(parser, text, reason, content, calls,
                                                                         final) -> None:
     auto = plan(parser=parser)
@@ -447,7 +484,7 @@ def test_auto_needs_a_server_started_for_it() -> None:
     with pytest.raises(ValueError, match="go together"):
         ServeConfig(tool_call_parser="hermes")
     with pytest.raises(ValueError, match="must be one of"):
-        ServeConfig(enable_auto_tool_choice=True, tool_call_parser="mistral")
+        ServeConfig(enable_auto_tool_choice=True, tool_call_parser="granite")
 
 
 def test_a_llama3_json_server_reads_json_calls() -> None:
@@ -470,4 +507,33 @@ def test_a_llama3_json_server_reads_json_calls() -> None:
         assert [(d.function.name, json.loads(d.function.arguments)) for d in streamed] == [
             ("get_weather", {"city": "Oslo"})]
         plain = client.chat.completions.create(**{**request, "response_format": None}, max_tokens=20)
+        assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("parser, written", [
+    ("pythonic", '[get_weather(city="Oslo")]'),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}]'),
+])
+def test_pythonic_and_mistral_servers_read_their_calls(parser, written) -> None:
+    """A server started with the parser reads an answer written in its format as a call (the
+    answer is made one by a regex: the demo models write no such calls), whole and streamed;
+    mistral's call ids are 9 alphanumeric characters; free text stays content."""
+    from hotswap_rt.engine.structured import regex_literal
+
+    config = ServeConfig(compile=False, max_rank=8, enable_auto_tool_choice=True, tool_call_parser=parser)
+    with BackgroundServer(build_app(config)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        request = dict(model="english", messages=[{"role": "user", "content": "Weather?"}], tools=WEATHER_TOOLS,
+                       temperature=0, max_tokens=80,
+                       extra_body={"structured_outputs": {"regex": regex_literal(written)}})
+        answer = client.chat.completions.create(**request)
+        assert calls_of(answer.choices[0].message) == [("get_weather", {"city": "Oslo"})]
+        assert answer.choices[0].finish_reason == "tool_calls" and answer.choices[0].message.content is None
+        call_id = answer.choices[0].message.tool_calls[0].id
+        assert (len(call_id) == 9 and call_id.isalnum()) if parser == "mistral" else call_id.startswith("call_")
+        streamed = [delta for chunk in client.chat.completions.create(**request, stream=True)
+                    for delta in (chunk.choices[0].delta.tool_calls or [] if chunk.choices else [])]
+        assert [(d.function.name, json.loads(d.function.arguments)) for d in streamed] == [
+            ("get_weather", {"city": "Oslo"})]
+        plain = client.chat.completions.create(**{**request, "extra_body": {}})
         assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls

@@ -7,6 +7,7 @@ import os
 import sys
 
 from .compile_cache import use_compile_cache
+from .tools import TOOL_CALL_PARSERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help='tool_choice "auto" (the default with tools): calls read from the '
                              'output with --tool-call-parser (vLLM\'s pair of flags)')
-    parser.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+    parser.add_argument("--tool-call-parser", default=None, choices=list(TOOL_CALL_PARSERS),
                         help="the model's tool call format: hermes (<tool_call>{...}</tool_call>: "
-                             "Hermes, Qwen 2.5/3, the built-in model) or llama3_json (Llama 3.x)")
+                             "Hermes, Qwen 2.5/3, the built-in model), llama3_json (Llama 3.x), "
+                             "pythonic (Llama 3.2/4) or mistral ([TOOL_CALLS])")
     parser.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
                         help="a reasoning model's <think> block goes to message.reasoning")
     parser.add_argument("--torch-threads", type=int, default=None,

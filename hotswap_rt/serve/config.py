@@ -63,7 +63,8 @@ class ServeConfig:
             memory first.
         enable_auto_tool_choice, tool_call_parser: vLLM's pair: ``tool_choice`` "auto" (the
             default with ``tools``) reads the calls the model writes with this parser
-            (``"hermes"`` or ``"llama3_json"``, :mod:`~hotswap_rt.serve.tools`); both or neither.
+            (``"hermes"``, ``"llama3_json"``, ``"pythonic"`` or ``"mistral"``,
+            :mod:`~hotswap_rt.serve.tools`); both or neither.
         reasoning_parser: a reasoning model's ``<think>`` block goes to ``message.reasoning``
             (``"deepseek_r1"`` or ``"qwen3"``, :mod:`~hotswap_rt.serve.reasoning`; vLLM's
             ``--reasoning-parser``); None: all text is content.

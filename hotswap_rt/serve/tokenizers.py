@@ -8,7 +8,8 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
-KEPT_SPECIAL = ("<tool_call>", "</tool_call>", "<think>", "</think>")  # tags .tools / .reasoning read
+# tags .tools / .tool_parsers / .reasoning read
+KEPT_SPECIAL = ("<tool_call>", "</tool_call>", "<think>", "</think>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
 
 
 class Tokenizer(Protocol):

@@ -15,14 +15,16 @@
 "auto" needs a parser for the model's format (``ServeConfig.tool_call_parser``; vLLM's
 ``--enable-auto-tool-choice --tool-call-parser``): ``hermes``, the ``<tool_call>{"name": ...,
 "arguments": {...}}</tool_call>`` blocks of Hermes, Qwen 2.5 / 3 and the built-in model's chat
-format (:class:`HermesReader`), or ``llama3_json``, Llama 3.x's answers that are JSON calls
-(:class:`JsonReader`). What is not a call of a known function (not JSON, an unknown name,
-arguments that are not an object, or with ``strict`` arguments that do not match the schema)
-stays in the content as written. With ``hermes``, the calls of ``strict`` functions are
-enforced as they are generated: the answer's grammar is free text and blocks whose JSON is
-a call of a strict function that matches its schema (or names another function, whose
-arguments are then checked after the fact as before). ``parallel_tool_calls: false`` makes a required answer one
-call and ends a Hermes auto answer after its first call (``llama3_json``: a 400).
+format (:class:`HermesReader`), ``llama3_json``, Llama 3.x's answers that are JSON calls
+(:class:`JsonReader`), ``pythonic`` (Llama 3.2 / 4's lists of Python calls) or ``mistral``
+(``[TOOL_CALLS]`` calls; both in :mod:`.tool_parsers`). What is not a call of a known
+function (not JSON, an unknown name, arguments that are not an object, or with ``strict``
+arguments that do not match the schema) stays in the content as written. With ``hermes``,
+the calls of ``strict`` functions are enforced as they are generated: the answer's grammar
+is free text and blocks whose JSON is a call of a strict function that matches its schema
+(or names another function, whose arguments are then checked after the fact as before).
+``parallel_tool_calls: false`` makes a required answer one call and ends a Hermes auto answer
+after its first call (the other parsers: a 400).
 
 :class:`ToolCallStream` turns a choice's text, as it streams, into OpenAI deltas
 (``{"content": ...}`` / ``{"tool_calls": [...]}``); a whole answer is the same stream fed at
@@ -40,8 +42,9 @@ from ..engine.sampling import RequestError
 from ..engine.structured import StructuredOutput, regex_literal, regex_without
 from .protocol import ApiError, ChatCompletionRequest
 from .tags import partial_tag
+from .tool_parsers import MistralReader, PythonicReader
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -178,7 +181,11 @@ def _matches(schema: dict, value: Any) -> bool:
     return jsonschema.validators.validator_for(schema)(schema).is_valid(value)
 
 
-def call_id() -> str:
+def call_id(parser: str | None = None) -> str:
+    """A new call's id: ``call_`` and 24 hex digits; for ``mistral``, 9 alphanumeric characters
+    (all Mistral's chat templates take)."""
+    if parser == "mistral":
+        return uuid.uuid4().hex[:9]
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
@@ -219,7 +226,7 @@ class ToolCallStream:
 
     def call_delta(self, name: str, arguments: str) -> dict:
         """The delta of a new call (the next ``index``, a new ``id``)."""
-        delta = {"tool_calls": [{"index": self.calls, "id": call_id(), "type": "function",
+        delta = {"tool_calls": [{"index": self.calls, "id": call_id(self.plan.parser), "type": "function",
                                  "function": {"name": name, "arguments": arguments}}]}
         self.calls += 1
         return delta
@@ -375,7 +382,8 @@ def _json_calls(text: str, stream: ToolCallStream) -> list[tuple[str, str]] | No
         at = len(text) - len(rest) + 1
 
 
-READERS = {"hermes": HermesReader, "llama3_json": JsonReader}
+READERS = {"hermes": HermesReader, "llama3_json": JsonReader, "pythonic": PythonicReader,
+           "mistral": MistralReader}
 
 
 def _json_or_none(text: str) -> Any:
