@@ -169,3 +169,21 @@ def test_fields_that_ask_for_nothing_are_accepted(weather_server) -> None:
         "truncation": "disabled", "metadata": {"run": "7"}}, timeout=60)
     assert response.status_code == 200 and response.json()["metadata"] == {"run": "7"}
     assert response.json()["output"][0]["content"][0]["text"] == " " + REPLIES["english"]
+
+
+def test_the_readme_responses_example(weather_server) -> None:
+    """The README's ``/v1/responses`` curl with the ``weather`` adapter gives the call it shows."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving over HTTP", 1)[1].split("\n## ", 1)[0]
+    path, payload = re.findall(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'", section, re.S)[3]
+    _, url = weather_server
+    response = httpx.post(f"{url}{path}", json=json.loads(payload), timeout=60).json()
+    assert path == "/v1/responses" and response["status"] == "completed"
+    (call,) = response["output"]
+    assert (call["type"], call["name"], call["arguments"]) == (
+        "function_call", "get_weather", '{"city": "Paris"}')
+    assert '"arguments": "{\\"city\\": \\"Paris\\"}"' in section  # as the README shows it
+

@@ -359,7 +359,7 @@ def test_the_readme_curl_examples(server) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Serving over HTTP", 1)[1].split("\n## ", 1)[0]
     calls = re.findall(r"curl -s localhost:8000(\S+) .*?-d '(.*?)'", section, re.S)
-    assert len(calls) == 3  # the third, tool calling, runs in test_tools.py
+    assert len(calls) == 4  # the third (tool calling) runs in test_tools.py, the fourth in test_responses.py
     client, _ = server
     (path, payload), (chat_path, chat_payload) = calls[:2]
     assert client.post(path, json=json.loads(payload)).json()["choices"][0]["text"] == \
