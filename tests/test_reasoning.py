@@ -188,9 +188,11 @@ def test_answers_without_a_think_block(servers) -> None:
     qwen3 = clients["qwen3"].chat.completions.create(model="french", messages=HELLO, max_tokens=60)
     assert qwen3.choices[0].message.content == reply
     assert getattr(qwen3.choices[0].message, "reasoning", None) is None
+    assert qwen3.usage.completion_tokens_details.reasoning_tokens == 0
     r1 = clients["deepseek_r1"].chat.completions.create(model="french", messages=HELLO, max_tokens=60)
     assert r1.choices[0].message.reasoning == reply and r1.choices[0].message.content == ""
     assert r1.choices[0].finish_reason == "stop"
+    assert r1.usage.completion_tokens_details.reasoning_tokens == len(reply.encode())  # a token a byte
     chunks = clients["deepseek_r1"].chat.completions.create(model="french", messages=HELLO, max_tokens=60,
                                                             stream=True)
     thought = "".join(getattr(c.choices[0].delta, "reasoning", None) or "" for c in chunks if c.choices)
@@ -330,6 +332,9 @@ def test_the_constraint_starts_after_the_reasoning(thinker, parser, think) -> No
     message = answer.choices[0].message
     assert message.content in ("yes", "no") and not getattr(message, "reasoning", None)
     assert answer.choices[0].finish_reason == "stop"
+    opened = think is None and parser == "qwen3"  # the answer wrote <think> before </think>
+    expected = 0 if think == "closed" else 2 if opened else 1
+    assert answer.usage.completion_tokens_details.reasoning_tokens == expected
     streamed = ask(clients[parser], think, logit_bias=bias, stream=True, extra_body=choice)
     content = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert content == message.content

@@ -35,6 +35,7 @@ def test_a_response_is_the_chat_answer_whole_and_streamed(weather_server) -> Non
     assert response.output_text == chat.choices[0].message.content
     assert (response.usage.input_tokens, response.usage.output_tokens) == (
         chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert response.usage.output_tokens_details.reasoning_tokens == 0  # no reasoning parser
     (message,) = response.output
     assert message.type == "message" and message.role == "assistant" and message.status == "completed"
     with client.responses.stream(model="english", input="Say hello", max_output_tokens=60) as stream:
@@ -160,6 +161,7 @@ def test_reasoning_becomes_a_reasoning_item() -> None:
         (item,) = answer.output
         assert item.type == "reasoning" and item.content[0].text == " " + REPLIES["french"]
         assert answer.output_text == ""
+        assert answer.usage.output_tokens_details.reasoning_tokens == len((" " + REPLIES["french"]).encode())
 
 
 def test_fields_that_ask_for_nothing_are_accepted(weather_server) -> None:

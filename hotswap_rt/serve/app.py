@@ -349,12 +349,15 @@ async def _opening(stream: AsyncIterator) -> tuple[tuple[str, Any] | None, dict[
 def _usage(finishes: list[dict], n: int) -> dict[str, Any]:
     """Token counts of a request: each prompt counted once (not once per ``n``), every choice's
     generated tokens; ``prompt_tokens_details.cached_tokens``: prompt tokens whose KV came from
-    the prefix cache."""
+    the prefix cache; ``completion_tokens_details.reasoning_tokens``: generated tokens of think
+    blocks (0 without a reasoning parser)."""
     firsts = [f for f in finishes if f["index"] % n == 0]
     prompt = sum(f["prompt_tokens"] for f in firsts)
     completion = sum(f["completion_tokens"] for f in finishes)
+    reasoning = sum(f.get("reasoning_tokens", 0) for f in finishes)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(f.get("cached_tokens", 0) for f in firsts)}}
+            "prompt_tokens_details": {"cached_tokens": sum(f.get("cached_tokens", 0) for f in firsts)},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 
 def _logprobs(entries: list[dict], chat: bool, offset: int = 0) -> dict:

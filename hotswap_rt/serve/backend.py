@@ -22,7 +22,7 @@ from .model import Served
 from .precompile import CompileInAnotherProcess
 from .protocol import (
     ApiError, ChatCompletionRequest, ChatTemplateFields, DetokenizeRequest, GenerationRequest, TokenizeRequest)
-from .reasoning import prompt_reasoning, reasoning_pattern
+from .reasoning import prompt_reasoning, reasoning_length, reasoning_pattern
 from .tools import ToolPlan, tool_plan
 
 log = logging.getLogger(__name__)
@@ -316,6 +316,7 @@ class LocalBackend:
                     yield "token", {"index": index, "text": prompts[index // body.n][1], "logprobs": None}
             deadline = loop.time() + self.config.request_timeout_s
             running = len(handles)
+            answers: dict[int, list[str]] = {}  # a reasoning server's choices: each token's text
             while running:
                 try:
                     index, event = await asyncio.wait_for(events.get(), deadline - loop.time())
@@ -328,8 +329,12 @@ class LocalBackend:
                     yield "finish", {"index": index, "reason": event.reason,
                                      "prompt_tokens": event.prompt_tokens,
                                      "completion_tokens": event.completion_tokens,
-                                     "cached_tokens": event.cached_tokens}
+                                     "cached_tokens": event.cached_tokens,
+                                     "reasoning_tokens": _reasoning_tokens(answers.pop(index, []), parser,
+                                                                           reasoning)}
                     continue
+                if parser is not None:
+                    answers.setdefault(index, []).append(event.text)
                 logprobs = None
                 if event.logprob is not None:
                     logprobs = [{"token": decode([event.token_id]), "logprob": event.logprob,
@@ -338,6 +343,20 @@ class LocalBackend:
                     yield "token", {"index": index, "text": event.text, "logprobs": logprobs}
         finally:
             _cancel(handles)
+
+
+def _reasoning_tokens(texts: list[str], parser: str | None, prompt: str | None) -> int:
+    """Of an answer's tokens (each one's text), those that begin inside its think block (the
+    closing tag's own included): OpenAI's ``reasoning_tokens``; 0 without a reasoning parser."""
+    if parser is None or not texts:
+        return 0
+    end = reasoning_length("".join(texts), parser, prompt)
+    count, start = 0, 0
+    for text in texts:
+        if start >= end:
+            break
+        count, start = count + 1, start + len(text)
+    return count
 
 
 class LoopRelay:

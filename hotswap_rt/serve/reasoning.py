@@ -61,6 +61,15 @@ def reasoning_pattern(parser: str, prompt: PromptReasoning) -> str | None:
     return regex_literal(THINK_OPEN) + block if prompt is None and parser == "qwen3" else block
 
 
+def reasoning_length(text: str, parser: str, prompt: PromptReasoning = None) -> int:
+    """How many characters at the start of an answer ``text`` are its think block (its tags
+    included): what :class:`ReasoningStream` reads as reasoning, whitespace after it aside."""
+    if prompt == "closed" or (prompt is None and parser == "qwen3" and not text.startswith(THINK_OPEN)):
+        return 0
+    end = text.find(THINK_CLOSE)
+    return len(text) if end < 0 else end + len(THINK_CLOSE)
+
+
 class ReasoningStream:
     """One choice's text -> ``{"reasoning": ...}`` and ``{"content": ...}`` deltas.
 

@@ -376,11 +376,11 @@ def response_object(body: ResponsesRequest, response_id: str, created: int, outp
 
 
 def response_usage(finish: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's usage object from a choice's finish event (``reasoning_tokens`` is not counted:
-    left out)."""
+    """OpenAI's usage object from a choice's finish event."""
     return {"input_tokens": finish["prompt_tokens"], "output_tokens": finish["completion_tokens"],
             "total_tokens": finish["prompt_tokens"] + finish["completion_tokens"],
-            "input_tokens_details": {"cached_tokens": finish.get("cached_tokens", 0)}}
+            "input_tokens_details": {"cached_tokens": finish.get("cached_tokens", 0)},
+            "output_tokens_details": {"reasoning_tokens": finish.get("reasoning_tokens", 0)}}
 
 
 class ResponseStore:
