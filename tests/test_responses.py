@@ -80,7 +80,8 @@ def test_an_agent_loop_with_function_calls(weather_server) -> None:
     whole = client.responses.create(model="weather", tools=TOOLS, max_output_tokens=60, input=[
         {"role": "user", "content": "Weather in Paris?"},
         {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
-        {"type": "function_call_output", "call_id": "call_1", "output": "18C, sunny"}])
+        {"type": "function_call_output", "call_id": "call_1",
+         "output": [{"type": "input_text", "text": "18C, "}, {"type": "input_text", "text": "sunny"}]}])
     chat = client.chat.completions.create(model="weather", messages=messages, tools=WEATHER_TOOLS,
                                           max_tokens=60)
     assert whole.output_text == chat.choices[0].message.content == expected

@@ -76,9 +76,12 @@ class FunctionCallItem(_Strict):
 class FunctionCallOutputItem(_Strict):
     type: Literal["function_call_output"]
     call_id: str
-    output: str
+    output: Union[str, list[TextContent]]  # text, or text parts
     id: Optional[str] = None
     status: Optional[str] = None
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(part.text for part in self.output)
 
 
 class ReasoningText(_Strict):
@@ -251,7 +254,7 @@ def input_messages(items: str | list) -> list[dict[str, Any]]:
             message = last if last is not None and last["role"] == "assistant" else assistant()
             message.setdefault("tool_calls", []).append(_tool_call(item.call_id, item.name, item.arguments))
         else:
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
     return messages
 
 
