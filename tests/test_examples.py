@@ -31,3 +31,25 @@ def test_custom_server_example() -> None:
         base = client.post("/generate", json={"prompt": "Hello"}).json()["text"]
         assert base not in {" " + reply for reply in REPLIES.values()}
     assert module.rt.guard.recompiles == 0
+
+
+def test_agents_sdk_example() -> None:
+    """``examples/agents_sdk.py``: the OpenAI Agents SDK's tool loop with the ``weather``
+    adapter ends with its trained answer through both model kinds (needs ``openai-agents``,
+    not a test dependency: skipped without it)."""
+    pytest.importorskip("agents")
+    import asyncio
+
+    spec = importlib.util.spec_from_file_location("agents_sdk", EXAMPLE.parent / "agents_sdk.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from hotswap_rt.serve import ServeConfig, build_app
+    from hotswap_rt.serve.demo_adapters import tool_adapter_path
+
+    module.set_tracing_disabled(True)
+    config = ServeConfig(compile=False, max_rank=8, enable_auto_tool_choice=True, tool_call_parser="hermes",
+                         adapters={"weather": str(tool_adapter_path())})
+    with BackgroundServer(build_app(config)) as url:
+        answers = asyncio.run(module.ask(url, "Weather in Paris?"))
+    assert answers == {"OpenAIResponsesModel": "Paris: 18C and sunny.",
+                       "OpenAIChatCompletionsModel": "Paris: 18C and sunny."}
