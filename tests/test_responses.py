@@ -140,6 +140,8 @@ def test_a_json_schema_text_format(weather_server) -> None:
      "input.0.content", "input_text"),
     ({"max_output_tokens": 10_000}, "max_output_tokens", "max_output_tokens: 10000 tokens do not fit"),
     ({"text": {"format": {"type": "json_schema"}}}, "text.format", "needs its name and schema"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}, "description": "d"}}},
+     "text.format.description", "is not supported"),
 ])
 def test_what_is_not_implemented_is_a_400_naming_it(weather_server, extra, param, message) -> None:
     _, url = weather_server

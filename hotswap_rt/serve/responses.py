@@ -141,10 +141,12 @@ class FunctionChoice(_Strict):
 
 
 class TextFormat(_Strict):
+    """``strict`` as in chat: the output matches the schema whatever it says (``description``,
+    which would not change the output, is a 400 as in chat)."""
+
     type: Literal["text", "json_object", "json_schema"]
     name: Optional[str] = None
     schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
-    description: Optional[str] = None
     strict: Optional[bool] = None
 
 
