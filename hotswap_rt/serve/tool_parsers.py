@@ -20,12 +20,59 @@ from __future__ import annotations
 
 import ast
 import json
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from .tags import partial_tag
 
 if TYPE_CHECKING:
     from .tools import ToolCallStream
+
+
+Decision = Literal["undecided", "content", "calls"]
+
+
+def decide_by_start(text: str, tag: str, opener: str) -> Decision:
+    """Calls if ``text`` begins (after whitespace and an optional ``tag``) with ``opener``,
+    content if with anything else, undecided while it is empty or may still be ``tag``."""
+    head = text.lstrip()
+    if head.startswith(tag):
+        head = head[len(tag):].lstrip()
+    elif tag.startswith(head):  # empty, or the tag's beginning
+        return "undecided"
+    if not head:
+        return "undecided"
+    return "calls" if head.startswith(opener) else "content"
+
+
+class HeldAnswer:
+    """An answer that is either all calls or all content (``llama3_json``, ``pythonic``):
+    ``decide(text so far)`` says which from its beginning; content streams as it comes, calls
+    are held to the end and read whole by ``read(text)`` (a list of (name, arguments as JSON),
+    or None: the text is content after all)."""
+
+    def __init__(self, stream: ToolCallStream, decide: Callable[[str], Decision],
+                 read: Callable[[str], list[tuple[str, str]] | None]) -> None:
+        self.stream, self._decide, self._read = stream, decide, read
+        self._held = ""
+        self._state: Decision = "undecided"
+
+    def feed(self, text: str) -> list[dict]:
+        if self._state == "content":
+            return [{"content": text}] if text else []
+        self._held += text
+        if self._state == "undecided":
+            self._state = self._decide(self._held)
+            if self._state == "content":
+                held, self._held = self._held, ""
+                return [{"content": held}]
+        return []
+
+    def finish(self, reason: str) -> list[dict]:
+        held, self._held = self._held, ""
+        calls = self._read(held) if self._state == "calls" and reason == "stop" else None
+        if calls is None:
+            return [{"content": held}] if held else []
+        return [self.stream.call_delta(*call) for call in calls]
 
 
 class PythonicReader:
@@ -35,33 +82,13 @@ class PythonicReader:
 
     def __init__(self, stream: ToolCallStream) -> None:
         self.stream = stream
-        self._held = ""
-        self._state: Literal["undecided", "content", "calls"] = "undecided"
+        self._answer = HeldAnswer(stream, lambda text: decide_by_start(text, self.START, "["), self._calls)
 
     def feed(self, text: str) -> list[dict]:
-        if self._state == "content":
-            return [{"content": text}] if text else []
-        self._held += text
-        if self._state == "undecided":
-            head = self._held.lstrip()
-            if head.startswith(self.START):
-                head = head[len(self.START):].lstrip()
-            elif self.START.startswith(head):  # empty, or the tag's beginning
-                return []
-            if not head:
-                return []
-            self._state = "calls" if head.startswith("[") else "content"
-            if self._state == "content":
-                held, self._held = self._held, ""
-                return [{"content": held}]
-        return []
+        return self._answer.feed(text)
 
     def finish(self, reason: str) -> list[dict]:
-        held, self._held = self._held, ""
-        calls = self._calls(held) if self._state == "calls" and reason == "stop" else None
-        if calls is None:
-            return [{"content": held}] if held else []
-        return [self.stream.call_delta(*call) for call in calls]
+        return self._answer.finish(reason)
 
     def _calls(self, text: str) -> list[tuple[str, str]] | None:
         text = text.strip()

@@ -42,7 +42,7 @@ from ..engine.sampling import RequestError
 from ..engine.structured import StructuredOutput, regex_literal, regex_without
 from .protocol import ApiError, ChatCompletionRequest
 from .tags import partial_tag
-from .tool_parsers import MistralReader, PythonicReader
+from .tool_parsers import HeldAnswer, MistralReader, PythonicReader, decide_by_start
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -325,36 +325,14 @@ class JsonReader:
 
     def __init__(self, stream: ToolCallStream) -> None:
         self.stream = stream
-        self._held = ""
-        self._state: Literal["undecided", "content", "calls"] = "undecided"
+        self._answer = HeldAnswer(stream, lambda text: decide_by_start(text, self.TAG, "{"),
+                                  lambda text: _json_calls(text, stream))
 
     def feed(self, text: str) -> list[dict]:
-        if self._state == "content":
-            return [{"content": text}] if text else []
-        self._held += text
-        if self._state == "undecided":
-            self._state = self._decide(self._held)
-            if self._state == "content":
-                held, self._held = self._held, ""
-                return [{"content": held}]
-        return []
+        return self._answer.feed(text)
 
     def finish(self, reason: str) -> list[dict]:
-        held, self._held = self._held, ""
-        calls = _json_calls(held, self.stream) if self._state == "calls" and reason == "stop" else None
-        if calls is None:
-            return [{"content": held}] if held else []
-        return [self.stream.call_delta(*call) for call in calls]
-
-    def _decide(self, text: str) -> Literal["undecided", "content", "calls"]:
-        head = text.lstrip()
-        if head.startswith(self.TAG):
-            head = head[len(self.TAG):].lstrip()
-        elif self.TAG.startswith(head):  # empty, or the tag's beginning
-            return "undecided"
-        if not head:
-            return "undecided"
-        return "calls" if head.startswith("{") else "content"
+        return self._answer.finish(reason)
 
 
 def _json_calls(text: str, stream: ToolCallStream) -> list[tuple[str, str]] | None:
