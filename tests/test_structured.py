@@ -323,12 +323,12 @@ def test_the_batched_bias_allows_exactly_the_grammars_tokens() -> None:
 
 
 def test_cached_masks_are_what_the_grammar_writes_and_the_cache_keeps_its_budget() -> None:
-    """Rows that pass through the same automaton states get their masks from the cache, and
-    every one equals the mask outlines-core writes for a row without the cache; the cache drops
-    its least recently used masks past its byte budget."""
+    """Rows that pass through the same automaton states get their masks (and biases) from the
+    cache, and every one equals what a row without the cache gets from outlines-core; the cache
+    drops its least recently used masks past its byte budget."""
     import torch
 
-    from hotswap_rt.engine.structured import MaskCache
+    from hotswap_rt.engine.structured import MaskCache, grammar_bias
 
     tokens = ByteTokenizer().token_bytes()
     grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
@@ -342,6 +342,8 @@ def test_cached_masks_are_what_the_grammar_writes_and_the_cache_keeps_its_budget
             cached.write_mask(masks[0])
             fresh.write_mask(masks[1])
             assert torch.equal(masks[0], masks[1])
+            both = grammar_bias([cached, fresh, cached], torch.device("cpu"))
+            assert torch.equal(both[0], both[1]) and torch.equal(both[2], both[1])
             steps += 1
             allowed = [t for t in fresh.allowed().nonzero().flatten().tolist() if t != EOS_ID]
             if fresh.finished or not allowed:
@@ -350,6 +352,7 @@ def test_cached_masks_are_what_the_grammar_writes_and_the_cache_keeps_its_budget
             cached.advance(token)
             fresh.advance(token)
     assert 0 < len(grammars.masks) < steps  # states met again were not written again
+    assert len(grammars.biases) == len(grammars.masks)  # each one unpacked once
     cache = MaskCache(budget_bytes=3 * 16)
     for key in range(4):
         cache.put((spec, key), torch.full((4,), key, dtype=torch.int32))  # 16 bytes each

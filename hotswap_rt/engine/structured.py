@@ -181,7 +181,8 @@ class Grammars:
         self.eos_token_id, self.vocab_size = eos_token_id, vocab_size
         self._indexes: OrderedDict[StructuredOutput, Any] = OrderedDict()
         self._lock = threading.Lock()
-        self.masks = MaskCache()  # every row's masks, by state
+        self.masks = MaskCache()  # every row's packed masks, by state
+        self.biases = MaskCache(256 << 20)  # their unpacked biases, by state and device
 
     def index(self, spec: StructuredOutput) -> Any:
         """``spec`` compiled over the vocabulary (cached; the least recently used go first).
@@ -205,37 +206,39 @@ class Grammars:
         return index
 
     def row(self, spec: StructuredOutput, cache_masks: bool = True) -> RowGrammar:
-        """A fresh state for one request; ``cache_masks``: its masks are kept by state and
-        shared with the other rows (:class:`MaskCache`; False: written every step)."""
+        """A fresh state for one request; ``cache_masks``: its masks and their biases are kept
+        by state and shared with the other rows (:class:`MaskCache`; False: written and
+        unpacked every step)."""
         index = self.index(spec)
         return RowGrammar(self._outlines.Guide(index), index, self.vocab_size, self.eos_token_id, self._end,
-                          spec, self.masks if cache_masks else None)
+                          spec, self.masks if cache_masks else None, self.biases if cache_masks else None)
 
 
 class MaskCache:
-    """Packed masks by (spec, automaton state), shared by the rows of one :class:`Grammars`
-    (any thread). A state's mask never changes, and outlines-core writes one in time that
-    grows with the tokens it allows (~70 us at 32k tokens inside a JSON string or a reasoning
-    block, against ~2 us to copy it): the rows of a batch are mostly in a few states, step
+    """Tensors by (spec, automaton state, ...), shared by the rows of one :class:`Grammars`
+    (any thread): packed masks, and their biases on a device. A state's mask never changes,
+    and outlines-core writes one in time that grows with the tokens it allows (~70 us at 32k
+    tokens inside a JSON string or a reasoning block, against ~2 us to copy it); unpacking one
+    into a bias costs about as much again: the rows of a batch are mostly in a few states, step
     after step. The least recently used go first past ``budget_bytes``."""
 
     def __init__(self, budget_bytes: int = 64 << 20) -> None:
         self.budget_bytes = budget_bytes
-        self._masks: OrderedDict[tuple[StructuredOutput, int], torch.Tensor] = OrderedDict()
+        self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._masks)
 
-    def get(self, key: tuple[StructuredOutput, int]) -> torch.Tensor | None:
+    def get(self, key: tuple) -> torch.Tensor | None:
         with self._lock:
             mask = self._masks.get(key)
             if mask is not None:
                 self._masks.move_to_end(key)
             return mask
 
-    def put(self, key: tuple[StructuredOutput, int], mask: torch.Tensor) -> None:
+    def put(self, key: tuple, mask: torch.Tensor) -> None:
         size = mask.numel() * mask.element_size()
         with self._lock:
             if key in self._masks or size > self.budget_bytes:
@@ -251,12 +254,24 @@ class RowGrammar:
     """One request's place in its grammar: which tokens may come next."""
 
     def __init__(self, guide: Any, index: Any, vocab_size: int, eos_token_id: int, end: int,
-                 spec: StructuredOutput | None = None, masks: MaskCache | None = None) -> None:
+                 spec: StructuredOutput | None = None, masks: MaskCache | None = None,
+                 biases: MaskCache | None = None) -> None:
         self._guide, self._index = guide, index
         self.vocab_size = vocab_size
         self._eos, self._end = eos_token_id, end  # end: the synthetic token of END
         self.words = end // 32 + 1  # the packed mask's width: 32 ids a word, the end's included
-        self._spec, self._masks = spec, masks
+        self._spec, self._masks, self._biases = spec, masks, biases
+
+    def cached_bias(self, device: torch.device) -> tuple[torch.Tensor | None, tuple | None]:
+        """The bias of the state the row is in on ``device`` if it was kept, and the key it is
+        kept under (None: this row keeps none)."""
+        if self._biases is None:
+            return None, None
+        key = (self._spec, self._guide.get_state(), str(device))
+        return self._biases.get(key), key
+
+    def keep_bias(self, key: tuple, bias: torch.Tensor) -> None:
+        self._biases.put(key, bias)
 
     def write_mask(self, out: torch.Tensor) -> None:
         """The tokens that may come next, packed into ``out`` (``[words]`` int32, CPU,
@@ -301,20 +316,35 @@ def grammar_bias(grammars: Sequence[RowGrammar], device: torch.device) -> torch.
     """``[G, V]`` float32 on ``device``: 0 for the tokens each row's grammar allows next,
     -inf for the others; added to the rows' scores.
 
-    The masks are packed on the host (``V / 8`` bytes a row, pinned on an accelerator: one
-    copy for every row) and unpacked where the scores are by one gather from a table of
-    every byte's 8 biases (``[256, 8]``): no bool tensor of the vocabulary's width is built
-    or filled on the host. (Little-endian hosts: the words are read as bytes.)
+    A state's bias is kept on the device once built (:class:`MaskCache`, ``Grammars.biases``):
+    rows in states met before are stacked from those. The others' masks are packed on the host
+    (``V / 8`` bytes a row, pinned on an accelerator: one copy for all of them) and unpacked
+    where the scores are by one gather from a table of every byte's 8 biases (``[256, 8]``): no
+    bool tensor of the vocabulary's width is built or filled on the host. (Little-endian hosts:
+    the words are read as bytes.)
     """
     vocab_size, words = grammars[0].vocab_size, grammars[0].words
     if any(g.vocab_size != vocab_size or g.words != words for g in grammars):
         raise ValueError("grammar_bias: the rows' grammars are over different vocabularies")
-    packed = torch.empty((len(grammars), words), dtype=torch.int32, pin_memory=device.type == "cuda")
-    for row, grammar in enumerate(grammars):
-        grammar.write_mask(packed[row])
+    cached = [grammar.cached_bias(device) for grammar in grammars]
+    missing = [row for row, (bias, _) in enumerate(cached) if bias is None]
+    if not missing:  # every row's state was met before: its bias is kept on the device
+        return torch.stack([bias for bias, _ in cached])
+    packed = torch.empty((len(missing), words), dtype=torch.int32, pin_memory=device.type == "cuda")
+    for at, row in enumerate(missing):
+        grammars[row].write_mask(packed[at])
     table = _BYTE_BIAS.get(device)
     if table is None:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # [256, 8]: byte -> its bits
         table = _BYTE_BIAS[device] = torch.where(bits.bool(), 0.0, float("-inf")).to(device)
     data = packed.to(device, non_blocking=True).view(torch.uint8).flatten().long()
-    return table.index_select(0, data).view(len(grammars), -1)[:, :vocab_size]
+    built = table.index_select(0, data).view(len(missing), -1)[:, :vocab_size]
+    if len(missing) == len(grammars) and all(key is None for _, key in cached):
+        return built
+    rows = [bias for bias, _ in cached]
+    for at, row in enumerate(missing):
+        key = cached[row][1]
+        rows[row] = built[at]
+        if key is not None:
+            grammars[row].keep_bias(key, built[at].clone())
+    return torch.stack(rows)
