@@ -69,10 +69,8 @@ class HeldAnswer:
 
     def finish(self, reason: str) -> list[dict]:
         held, self._held = self._held, ""
-        calls = self._read(held) if self._state == "calls" and reason == "stop" else None
-        if calls is None:
-            return [{"content": held}] if held else []
-        return [self.stream.call_delta(*call) for call in calls]
+        return self.stream.calls_or_content(
+            self._read(held) if self._state == "calls" and reason == "stop" else None, held)
 
 
 class PythonicReader:
@@ -154,10 +152,8 @@ class MistralReader:
 
     def finish(self, reason: str) -> list[dict]:
         held, self._held = self._held, ""
-        calls = self._calls(held) if self._in_calls and reason == "stop" else None
-        if calls is None:
-            return [{"content": held}] if held else []
-        return [self.stream.call_delta(*call) for call in calls]
+        return self.stream.calls_or_content(self._calls(held) if self._in_calls and reason == "stop" else None,
+                                            held)
 
     def _calls(self, text: str) -> list[tuple[str, str]] | None:
         """``text`` begins with the marker."""

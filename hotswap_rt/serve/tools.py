@@ -217,12 +217,17 @@ class ToolCallStream:
         if mode == "named":
             return ([self._argument_delta("")] if self.calls == 0 else []), reason
         if mode == "required":
-            calls = _required_calls(self._answer) if reason == "stop" else None
-            if calls is None:  # cut short (length): no calls, the text as it is
-                return ([{"content": self._answer}] if self._answer else []), reason
-            return [self.call_delta(name, arguments) for name, arguments in calls], "tool_calls"
+            calls = _required_calls(self._answer) if reason == "stop" else None  # cut short: none
+            return self.calls_or_content(calls, self._answer), reason if calls is None else "tool_calls"
         out = self._reader.finish(reason)
         return out, ("tool_calls" if self.calls and reason == "stop" else reason)
+
+    def calls_or_content(self, calls: list[tuple[str, str]] | None, text: str) -> list[dict]:
+        """A whole answer read at its end: the deltas of ``calls`` ((name, arguments as JSON)),
+        or with None, ``text`` as content (as it was written)."""
+        if calls is None:
+            return [{"content": text}] if text else []
+        return [self.call_delta(name, arguments) for name, arguments in calls]
 
     def call_delta(self, name: str, arguments: str) -> dict:
         """The delta of a new call (the next ``index``, a new ``id``)."""
