@@ -277,9 +277,9 @@ class RowGrammar:
         """The tokens that may come next, packed into ``out`` (``[words]`` int32, CPU,
         contiguous): bit ``k`` of word ``w`` is token ``32 w + k``. A state's mask is written
         once and copied after (:class:`MaskCache`)."""
-        key = None
+        state, key = self._guide.get_state(), None
         if self._masks is not None:
-            key = (self._spec, self._guide.get_state())
+            key = (self._spec, state)
             cached = self._masks.get(key)
             if cached is not None:
                 out.copy_(cached)
@@ -288,7 +288,7 @@ class RowGrammar:
         self._guide.write_mask_into(out.data_ptr(), out.numel(), 4)
         words = out.numpy().view(np.uint32)
         words[self._end // 32] &= ~np.uint32(1 << self._end % 32)  # never sampled: past the logits
-        after = self._index.get_next_state(self._guide.get_state(), self._end)
+        after = self._index.get_next_state(state, self._end)
         if after is not None and self._index.is_final_state(after):  # the output may end here
             words[self._eos // 32] |= np.uint32(1 << self._eos % 32)
         if key is not None:

@@ -10,7 +10,7 @@ then, for a chat request on a server with a reasoning parser, ``("prompt", {"rea
 (what the prompt's end did to the think block: ``"open"``, ``"closed"`` or None, see
 :func:`.reasoning.prompt_reasoning`), then ``("token", {"index", "text", "logprobs"})`` ...
 and one ``("finish", {"index", "reason", "prompt_tokens", "completion_tokens",
-"cached_tokens"})`` per choice. ``logprobs`` is None or a list with one
+"cached_tokens", "reasoning_tokens"})`` per choice. ``logprobs`` is None or a list with one
 ``{"token", "logprob", "top": [[token, logprob], ...]}`` per generated token. A request that
 cannot run raises :class:`ApiError` before its first event.
 """
