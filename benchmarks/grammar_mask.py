@@ -16,6 +16,7 @@ import argparse
 import random
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -64,6 +65,24 @@ def timed(step, steps: int, device: torch.device) -> float:
         if n >= 5:
             samples.append((time.perf_counter() - start) * 1e6)
     return statistics.median(samples)
+
+
+def interleaved(steps: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median microseconds of each of ``steps`` over ``rounds`` rounds that run every step once
+    in turn (after 5 rounds not counted): a slower or faster spell of the machine falls on all
+    of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for n in range(rounds + 5):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if n >= 5:
+                samples[name].append((time.perf_counter() - start) * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> int:

@@ -11,7 +11,10 @@ vocabulary each time, best of 2), and microseconds per sampling step of 16 rows 
 ``Sampler.sample``) with every row inside the reasoning, and with every row inside the answer,
 next to the step with no grammar, and with each row's mask written and unpacked every step
 ("nothing kept") instead of taken from what is kept per automaton state (``Grammars.masks``,
-``Grammars.biases``).
+``Grammars.biases``); inside the reasoning also with the state kept as a bias of the
+vocabulary's width (as every state was kept before banned ids were) against its banned ids (what
+``mask_scores`` keeps where a state bans few tokens). The cases run in turn, round after
+round (``interleaved``).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import time
 import torch
 
 from hotswap_rt.engine.sampling import RowSampling, Sampler, SamplingParams
+from hotswap_rt.engine import structured
 from hotswap_rt.engine.structured import Grammars, StructuredOutput
 from hotswap_rt.serve.reasoning import THINK_CLOSE, THINK_OPEN, reasoning_pattern
 
-from .grammar_mask import SCHEMA, timed, vocabulary
+from .grammar_mask import SCHEMA, interleaved, vocabulary
 
 ROWS = 16
 
@@ -64,6 +68,7 @@ def main() -> int:
         print(f"| {name} | {value:.2f} | {value / seconds['schema alone']:.2f}x |")
 
     grammars = Grammars(tokens, eos, vocab_size=size)
+    as_bias = Grammars(tokens, eos, vocab_size=size)  # keeps every state as a bias (as before banned ids)
     sampler = Sampler(device)
     logits = torch.randn(ROWS, size)
     params = SamplingParams(temperature=0.0)
@@ -74,28 +79,33 @@ def main() -> int:
             row.observe = lambda token: None
         return rows
 
-    def advanced(spec: StructuredOutput, text: bytes, cache_masks: bool = True) -> object:
-        grammar = grammars.row(spec, cache_masks)
+    def advanced(spec: StructuredOutput, text: bytes, cache_masks: bool = True, within=grammars) -> object:
+        grammar = within.row(spec, cache_masks)
         for byte in text:
             grammar.advance(byte)  # token ids 0..255 are the bytes
         return grammar
 
     reasoning = cases["reasoning, then the schema (deepseek_r1 / an opened block)"]
-    plain = rows_of([None] * ROWS)
+    thinking = b"Let me think about it"
     steps = {
-        "no grammar": plain,
+        "no grammar": rows_of([None] * ROWS),
         "schema alone, inside the answer, nothing kept": rows_of(
             [advanced(schema, b'{"name": "ab', cache_masks=False) for _ in range(ROWS)]),
         "schema alone, inside the answer": rows_of([advanced(schema, b'{"name": "ab') for _ in range(ROWS)]),
         "reasoning grammar, inside the reasoning, nothing kept": rows_of(
-            [advanced(reasoning, b"Let me think about it", cache_masks=False) for _ in range(ROWS)]),
-        "reasoning grammar, inside the reasoning": rows_of(
-            [advanced(reasoning, b"Let me think about it") for _ in range(ROWS)]),
+            [advanced(reasoning, thinking, cache_masks=False) for _ in range(ROWS)]),
+        "reasoning grammar, inside the reasoning, kept as a bias": rows_of(
+            [advanced(reasoning, thinking, within=as_bias) for _ in range(ROWS)]),
+        "reasoning grammar, inside the reasoning, kept as banned ids": rows_of(
+            [advanced(reasoning, thinking) for _ in range(ROWS)]),
         "reasoning grammar, inside the answer": rows_of(
             [advanced(reasoning, b'Done.</think>\n{"name": "ab') for _ in range(ROWS)]),
     }
-    micros = {name: timed(lambda rows=rows: sampler.sample(logits, rows), args.steps, device)
-              for name, rows in steps.items()}
+    sparse_below, structured.SPARSE_BELOW = structured.SPARSE_BELOW, size + 1  # as_bias keeps no ids
+    sampler.sample(logits, steps["reasoning grammar, inside the reasoning, kept as a bias"])
+    structured.SPARSE_BELOW = sparse_below
+    micros = interleaved({name: lambda rows=rows: sampler.sample(logits, rows) for name, rows in steps.items()},
+                         args.steps, device)
     print(f"\n| sampling step, {ROWS} rows | us (median) | vs no grammar |")
     print("|---|---:|---:|")
     for name, value in micros.items():

@@ -322,6 +322,67 @@ def test_the_batched_bias_allows_exactly_the_grammars_tokens() -> None:
     assert all(token in expected for token, expected in zip(picked, references))
 
 
+def test_kept_bans_and_kept_biases_mask_the_same_tokens_as_outlines_core() -> None:
+    """A state that bans few tokens (inside a string, where nearly every word goes) is kept as
+    their ids, others (after ``{``, where one goes) as a bias; rows of both, in any order and
+    among rows without a grammar, get exactly outlines-core's tokens at every step of walks
+    through a schema, and a row met in a kept state again masks as it did."""
+    import outlines_core
+    import torch
+
+    from hotswap_rt.engine.structured import SPARSE_BELOW, mask_scores
+
+    cpu = torch.device("cpu")
+    words = random.Random(7)  # bytes, and words as a real vocabulary has most of its tokens
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    tokens = ByteTokenizer().token_bytes() + sorted({
+        "".join(words.choice(letters if n % 100 else '",}ab') for _ in range(words.randint(2, 5))).encode()
+        for n in range(6000)})
+    vocab = len(tokens) + 5
+    grammars = Grammars(tokens, EOS_ID, vocab_size=vocab)
+    spec = StructuredOutput.json_schema({
+        "type": "object", "required": ["note", "n"], "additionalProperties": False,
+        "properties": {"note": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}}})
+    kinds = set()
+    for seed in range(3):
+        rng = random.Random(seed)
+        rows = [grammars.row(spec) for _ in range(3)]
+        index = grammars.index(spec)
+        references = [outlines_core.Guide(index) for _ in rows]
+
+        def expected_of(reference) -> set[int]:  # the end marker's token means end-of-sequence
+            allowed = set(reference.get_tokens())
+            ends = vocab in allowed and index.is_final_state(index.get_next_state(reference.get_state(), vocab))
+            return {t for t in allowed if t < vocab} | ({EOS_ID} if ends else set())
+
+        for _ in range(200):
+            logits = torch.randn(len(rows) + 2, vocab)
+            scores = logits.clone()
+            order = rng.sample(range(len(rows) + 2), len(rows))  # rows of the scores, shuffled
+            mask_scores(scores, rows, order)
+            for row, at, reference in zip(rows, order, references):
+                expected = expected_of(reference)
+                assert set(torch.isfinite(scores[at]).nonzero().flatten().tolist()) == expected
+                kept, _ = row.kept(cpu)
+                banned = vocab - len(expected)
+                kinds.add(kept.dtype)
+                assert (kept.dtype == torch.int64) == (banned * SPARSE_BELOW < vocab)
+            free = set(range(len(rows) + 2)) - set(order)
+            assert all(torch.equal(scores[i], logits[i]) for i in free)  # rows without a grammar
+            finite = torch.isfinite(scores)
+            assert torch.equal(scores[finite], logits[finite])
+            live = [i for i, r in enumerate(references) if expected_of(r) - {EOS_ID}]
+            if not live:
+                break
+            for i in live:
+                token = rng.choice(sorted(expected_of(references[i]) - {EOS_ID}))
+                rows[i].advance(token)
+                references[i].advance(token)
+            rows = [rows[i] for i in live]
+            references = [references[i] for i in live]
+    assert kinds == {torch.int64, torch.float32}  # both were met
+
+
 def test_cached_masks_are_what_the_grammar_writes_and_the_cache_keeps_its_budget() -> None:
     """Rows that pass through the same automaton states get their masks (and biases) from the
     cache, and every one equals what a row without the cache gets from outlines-core; the cache

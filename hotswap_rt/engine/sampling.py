@@ -241,13 +241,9 @@ class Sampler:
                 scores[i, torch.tensor(row.banned_until_min, device=self.device)] = float("-inf")
         structured = [i for i, row in enumerate(rows) if row.grammar is not None]
         if structured:  # the tokens a row's grammar does not allow next: -inf, every row at once
-            from .structured import grammar_bias
+            from .structured import mask_scores
 
-            bias = grammar_bias([rows[i].grammar for i in structured], self.device)
-            if len(structured) == len(rows):
-                scores.add_(bias)
-            else:
-                scores.index_add_(0, torch.tensor(structured, device=self.device), bias)
+            mask_scores(scores, [rows[i].grammar for i in structured], structured)
         return scores
 
     def _draw(self, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:

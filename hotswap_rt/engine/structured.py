@@ -6,10 +6,12 @@ a JSON schema, is a JSON object, matches a regular expression, or is one of give
     StructuredOutput --regex--> Index (outlines-core: an automaton over the vocabulary's bytes,
                                        compiled once per spec and vocabulary, then cached)
     per request:     RowGrammar (the automaton's state)
-    per step:        every structured row's mask packed on the host (V / 8 bytes a row), one
-                     copy, unpacked on the device by a byte table into a bias (0 / -inf) that
-                     is added to the rows' scores (grammar_bias); the sampled token advances
-                     the state; end-of-sequence is allowed where the output may end
+    per step:        the tokens each structured row's state bans are set to -inf in its scores
+                     (mask_scores): a state met before is kept on the device, as the ids it
+                     bans where they are few, else as a bias (0 / -inf) added to the row; a new
+                     state's mask is packed on the host (V / 8 bytes a row), copied, unpacked
+                     by a byte table; the sampled token advances the state; end-of-sequence is
+                     allowed where the output may end
 
 Where the output may end is marked explicitly: every pattern is compiled followed by an end
 character (:data:`END`, a private-use character no token of the vocabulary may hold) whose
@@ -180,6 +182,7 @@ class Grammars:
         self._vocabulary = outlines_core.Vocabulary(eos_token_id, tokens)
         self.eos_token_id, self.vocab_size = eos_token_id, vocab_size
         self._indexes: OrderedDict[StructuredOutput, Any] = OrderedDict()
+        self._numbers: dict[StructuredOutput, int] = {}
         self._lock = threading.Lock()
         self.masks = MaskCache()  # every row's packed masks, by state
         self.biases = MaskCache(256 << 20)  # their unpacked biases, by state and device
@@ -210,12 +213,14 @@ class Grammars:
         by state and shared with the other rows (:class:`MaskCache`; False: written and
         unpacked every step)."""
         index = self.index(spec)
+        with self._lock:  # a spec's number: what it keeps is looked up by it, step after step
+            number = self._numbers.setdefault(spec, len(self._numbers))
         return RowGrammar(self._outlines.Guide(index), index, self.vocab_size, self.eos_token_id, self._end,
-                          spec, self.masks if cache_masks else None, self.biases if cache_masks else None)
+                          number, self.masks if cache_masks else None, self.biases if cache_masks else None)
 
 
 class MaskCache:
-    """Tensors by (spec, automaton state, ...), shared by the rows of one :class:`Grammars`
+    """Tensors by (spec's number, automaton state, ...), shared by the rows of one :class:`Grammars`
     (any thread): packed masks, and their biases on a device. A state's mask never changes,
     and outlines-core writes one in time that grows with the tokens it allows (~70 us at 32k
     tokens inside a JSON string or a reasoning block, against ~2 us to copy it); unpacking one
@@ -254,24 +259,24 @@ class RowGrammar:
     """One request's place in its grammar: which tokens may come next."""
 
     def __init__(self, guide: Any, index: Any, vocab_size: int, eos_token_id: int, end: int,
-                 spec: StructuredOutput | None = None, masks: MaskCache | None = None,
-                 biases: MaskCache | None = None) -> None:
+                 spec: int = -1, masks: MaskCache | None = None, biases: MaskCache | None = None) -> None:
         self._guide, self._index = guide, index
         self.vocab_size = vocab_size
         self._eos, self._end = eos_token_id, end  # end: the synthetic token of END
         self.words = end // 32 + 1  # the packed mask's width: 32 ids a word, the end's included
-        self._spec, self._masks, self._biases = spec, masks, biases
+        self._spec, self._masks, self._biases = spec, masks, biases  # spec: its number in Grammars
 
-    def cached_bias(self, device: torch.device) -> tuple[torch.Tensor | None, tuple | None]:
-        """The bias of the state the row is in on ``device`` if it was kept, and the key it is
-        kept under (None: this row keeps none)."""
+    def kept(self, device: torch.device) -> tuple[torch.Tensor | None, tuple | None]:
+        """What is kept on ``device`` for the state the row is in (its bias ``[V]`` float32, or
+        the ids of the tokens it bans, int64; None: nothing yet), and the key it is kept under
+        (None: this row keeps nothing)."""
         if self._biases is None:
             return None, None
-        key = (self._spec, self._guide.get_state(), str(device))
+        key = (self._spec, self._guide.get_state(), device)
         return self._biases.get(key), key
 
-    def keep_bias(self, key: tuple, bias: torch.Tensor) -> None:
-        self._biases.put(key, bias)
+    def keep(self, key: tuple, value: torch.Tensor) -> None:
+        self._biases.put(key, value)
 
     def write_mask(self, out: torch.Tensor) -> None:
         """The tokens that may come next, packed into ``out`` (``[words]`` int32, CPU,
@@ -310,41 +315,100 @@ class RowGrammar:
 
 
 _BYTE_BIAS: dict[torch.device, torch.Tensor] = {}
+_NEG_INF: dict[torch.device, torch.Tensor] = {}
+SPARSE_BELOW = 32  # a state that bans fewer than 1 / SPARSE_BELOW of the tokens is kept as their ids
+
+
+def mask_scores(scores: torch.Tensor, grammars: Sequence[RowGrammar],
+                rows: Sequence[int] | None = None) -> None:
+    """Sets to -inf, in place, the tokens each row's grammar does not allow next: in row
+    ``rows[i]`` of ``scores [n, V]`` (float32, contiguous) those of ``grammars[i]`` (``rows``
+    None: row ``i``).
+
+    What a state bans is kept on the device once built (:class:`MaskCache`,
+    ``Grammars.biases``): the ids of the tokens it bans where they are few (inside a reasoning
+    block all but a few hundred tokens are allowed: setting their scores costs a fraction of
+    adding a bias of the vocabulary's width; from about 3% of the vocabulary on, the bias costs
+    less on a CPU), else its bias (0 / -inf). The
+    states met for the first time have their masks packed on the host (``V / 8`` bytes a row,
+    pinned on an accelerator: one copy for all of them) and unpacked where the scores are by
+    one gather from a table of every byte's 8 biases (``[256, 8]``): no bool tensor of the
+    vocabulary's width is built or filled on the host. (Little-endian hosts: the words are read
+    as bytes.)
+    """
+    if not grammars:
+        return
+    vocab_size, words = grammars[0].vocab_size, grammars[0].words
+    if any(g.vocab_size != vocab_size or g.words != words for g in grammars):
+        raise ValueError("mask_scores: the rows' grammars are over different vocabularies")
+    if scores.shape[-1] != vocab_size:
+        raise ValueError(f"mask_scores: scores are {scores.shape[-1]} wide, the grammars' vocabulary "
+                         f"{vocab_size}")
+    device = scores.device
+    rows = range(len(grammars)) if rows is None else rows
+    kept = [grammar.kept(device) for grammar in grammars]
+    missing = [i for i, (value, _) in enumerate(kept) if value is None]
+    if missing:
+        for i, value in zip(missing, _build(grammars, missing, [kept[i][1] for i in missing], device)):
+            kept[i] = (value, kept[i][1])
+    dense: list[int] = []
+    sparse: list[int] = []
+    for i, (value, _) in enumerate(kept):
+        (dense if value.is_floating_point() else sparse).append(i)
+    if dense:
+        bias = torch.stack([kept[i][0] for i in dense])
+        if len(dense) == len(scores) and all(rows[i] == i for i in dense):
+            scores.add_(bias)
+        else:
+            scores.index_add_(0, torch.tensor([rows[i] for i in dense], device=device), bias)
+    if sparse:
+        bans = [kept[i][0] for i in sparse]
+        at = np.repeat(np.array([rows[i] for i in sparse], dtype=np.int64), [ban.shape[0] for ban in bans])
+        at = torch.from_numpy(at).to(device)
+        neg_inf = _NEG_INF.get(device)
+        if neg_inf is None:
+            neg_inf = _NEG_INF[device] = torch.tensor(float("-inf"), device=device)
+        scores.index_put_((at, torch.cat(bans) if len(bans) > 1 else bans[0]), neg_inf)
+
+
+def _build(grammars: Sequence[RowGrammar], missing: list[int], keys: list[tuple | None],
+           device: torch.device) -> list[torch.Tensor]:
+    """What ``grammars[i]`` bans for each ``i`` of ``missing``, on ``device`` (see
+    :func:`mask_scores`), kept under its key where it has one."""
+    vocab_size, words = grammars[0].vocab_size, grammars[0].words
+    packed = torch.empty((len(missing), words), dtype=torch.int32, pin_memory=device.type == "cuda")
+    for at, i in enumerate(missing):
+        grammars[i].write_mask(packed[at])
+    built: list[torch.Tensor | None] = [None] * len(missing)
+    for at, key in enumerate(keys):
+        if key is not None:  # kept: its bans alone where they are few
+            bits = np.unpackbits(packed[at].numpy().view(np.uint8), bitorder="little")[:vocab_size]
+            banned = np.flatnonzero(bits == 0)
+            if len(banned) * SPARSE_BELOW < vocab_size:
+                built[at] = torch.from_numpy(banned).to(device)
+    dense = [at for at, value in enumerate(built) if value is None]
+    if dense:
+        table = _BYTE_BIAS.get(device)
+        if table is None:
+            bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # [256, 8]: byte -> its bits
+            table = _BYTE_BIAS[device] = torch.where(bits.bool(), 0.0, float("-inf")).to(device)
+        data = packed.to(device, non_blocking=True)
+        if len(dense) < len(missing):
+            data = data[torch.tensor(dense, device=device)]
+        biases = table.index_select(0, data.view(torch.uint8).flatten().long()).view(len(dense), -1)
+        for at, bias in zip(dense, biases[:, :vocab_size]):
+            built[at] = bias
+    for at, key in enumerate(keys):
+        if key is not None:
+            if built[at].is_floating_point():
+                built[at] = built[at].clone()  # not a view of the batch's biases
+            grammars[missing[at]].keep(key, built[at])
+    return built
 
 
 def grammar_bias(grammars: Sequence[RowGrammar], device: torch.device) -> torch.Tensor:
     """``[G, V]`` float32 on ``device``: 0 for the tokens each row's grammar allows next,
-    -inf for the others; added to the rows' scores.
-
-    A state's bias is kept on the device once built (:class:`MaskCache`, ``Grammars.biases``):
-    rows in states met before are stacked from those. The others' masks are packed on the host
-    (``V / 8`` bytes a row, pinned on an accelerator: one copy for all of them) and unpacked
-    where the scores are by one gather from a table of every byte's 8 biases (``[256, 8]``): no
-    bool tensor of the vocabulary's width is built or filled on the host. (Little-endian hosts:
-    the words are read as bytes.)
-    """
-    vocab_size, words = grammars[0].vocab_size, grammars[0].words
-    if any(g.vocab_size != vocab_size or g.words != words for g in grammars):
-        raise ValueError("grammar_bias: the rows' grammars are over different vocabularies")
-    cached = [grammar.cached_bias(device) for grammar in grammars]
-    missing = [row for row, (bias, _) in enumerate(cached) if bias is None]
-    if not missing:  # every row's state was met before: its bias is kept on the device
-        return torch.stack([bias for bias, _ in cached])
-    packed = torch.empty((len(missing), words), dtype=torch.int32, pin_memory=device.type == "cuda")
-    for at, row in enumerate(missing):
-        grammars[row].write_mask(packed[at])
-    table = _BYTE_BIAS.get(device)
-    if table is None:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # [256, 8]: byte -> its bits
-        table = _BYTE_BIAS[device] = torch.where(bits.bool(), 0.0, float("-inf")).to(device)
-    data = packed.to(device, non_blocking=True).view(torch.uint8).flatten().long()
-    built = table.index_select(0, data).view(len(missing), -1)[:, :vocab_size]
-    if len(missing) == len(grammars) and all(key is None for _, key in cached):
-        return built
-    rows = [bias for bias, _ in cached]
-    for at, row in enumerate(missing):
-        key = cached[row][1]
-        rows[row] = built[at]
-        if key is not None:
-            grammars[row].keep_bias(key, built[at].clone())
-    return torch.stack(rows)
+    -inf for the others (:func:`mask_scores` on zeros)."""
+    bias = torch.zeros((len(grammars), grammars[0].vocab_size), device=device)
+    mask_scores(bias, grammars)
+    return bias
