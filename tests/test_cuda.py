@@ -324,3 +324,41 @@ def test_grammar_bias_on_the_device_equals_the_hosts() -> None:
     on_device = grammar_bias(rows, torch.device("cuda"))
     assert on_device.device.type == "cuda"
     assert torch.equal(on_device.cpu(), grammar_bias(rows, torch.device("cpu")))
+
+
+def test_sampling_and_sparse_bans_on_the_device_equal_the_hosts() -> None:
+    """The sampler's pieces on the GPU (argmax, nucleus by a sort there, the draw through the
+    whole running sum) pick what the CPU's (blocks, the largest first) pick; a state kept as
+    banned ids masks the same scores there."""
+    import random
+
+    from hotswap_rt.engine.sampling import argmax_rows, draw_from, nucleus
+    from hotswap_rt.engine.structured import Grammars, StructuredOutput, mask_scores
+    from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 5000, generator=generator) * torch.linspace(0.5, 8.0, 8).unsqueeze(1)
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([0.5, 0.9, 0.95, 1.0, 0.8, 0.99, 0.7, 0.6])
+    uniform = torch.rand(8, dtype=torch.float64, generator=generator)
+    gpu = torch.device("cuda")
+    assert torch.equal(argmax_rows(logits.to(gpu)).cpu(), argmax_rows(logits))
+    kept = nucleus(probs, top_p)
+    assert torch.equal(nucleus(probs.to(gpu), top_p.to(gpu)).cpu() > 0, kept > 0)
+    assert torch.equal(draw_from(kept.to(gpu), uniform.to(gpu)).cpu(), draw_from(kept, uniform))
+    words = random.Random(0)
+    tokens = ByteTokenizer().token_bytes() + sorted({
+        "".join(words.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(4)).encode() for _ in range(6000)})
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
+    spec = StructuredOutput.json_schema({"type": "object", "properties": {"a": {"type": "string"}}})
+    row = grammars.row(spec)
+    for byte in b'{"a": "xy':
+        row.advance(byte)
+    scores = torch.randn(2, len(tokens), generator=generator)
+    on_host = scores.clone()
+    mask_scores(on_host, [row], [1])
+    assert row.kept(torch.device("cpu"))[0].dtype == torch.int64  # a string: few banned
+    on_device = scores.to(gpu)
+    mask_scores(on_device, [row], [1])
+    assert row.kept(gpu)[0].dtype == torch.int64
+    assert torch.equal(on_device.cpu(), on_host)

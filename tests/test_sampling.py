@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from hotswap_rt.engine.sampling import RequestError, RowSampling, Sampler, SamplingParams
+from hotswap_rt.engine.sampling import (RequestError, RowSampling, Sampler, SamplingParams, argmax_rows,
+                                        draw_from, nucleus)
 
 CPU = torch.device("cpu")
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -36,6 +37,28 @@ def test_greedy_and_tiny_temperatures_take_the_argmax() -> None:
     assert out.tokens == [1, 0]
 
 
+@pytest.mark.parametrize("width", [1, 300, 511, 512, 513, 767, 768, 4096, 32000, 32001, 151936])
+def test_the_blocked_argmax_is_torchs(width) -> None:
+    """``argmax_rows`` (block maxima first on a CPU) gives ``torch.argmax``'s index for every
+    row: random values, ties (the first wins), rows of -inf, NaN inside a block or in the tail,
+    the largest in the tail, and a view whose rows are strided."""
+    generator = torch.Generator().manual_seed(width)
+    rows = [torch.randn(width, generator=generator),
+            torch.randint(0, 3, (width,), generator=generator).float(),  # many ties
+            torch.full((width,), float("-inf")),
+            torch.randn(width, generator=generator), torch.randn(width, generator=generator),
+            torch.randn(width, generator=generator)]
+    rows[3][width // 3] = float("nan")
+    rows[4][-1] = float("nan")
+    rows[5][-1] = 100.0  # the largest after the last whole block (where there is a tail)
+    if width > 1:
+        rows[1][width // 2] = rows[1][width - 1] = 5.0  # tied: the first one is the answer
+    scores = torch.stack(rows)
+    assert torch.equal(argmax_rows(scores), scores.argmax(dim=-1))
+    wide = torch.cat([scores, torch.randn(len(rows), 7, generator=generator)], dim=1)
+    assert torch.equal(argmax_rows(wide[:, :width]), scores.argmax(dim=-1))  # rows 7 values apart
+
+
 def test_sampling_follows_the_distribution() -> None:
     counts = draws(4000)
     for token, p in enumerate(PROBS.tolist()):
@@ -49,6 +72,88 @@ def test_sampling_follows_the_distribution() -> None:
 def test_filters_keep_exactly_the_allowed_tokens(params, allowed) -> None:
     counts = draws(1500, **params)
     assert set(counts) == allowed
+
+
+def test_rows_with_and_without_top_k_share_a_batch() -> None:
+    """A row with a top-k next to one without: each keeps its own tokens (the batch then
+    carries every token, not the top-k candidates alone)."""
+    sampler, first, second = Sampler(CPU), Counter(), Counter()
+    rows = [row(temperature=1.0, top_k=2), row(temperature=1.0),
+            row(temperature=1.0, top_k=1, top_p=0.5)]
+    for _ in range(600):
+        tokens = sampler.sample(LOGITS.expand(3, 4).clone(), rows).tokens
+        first[tokens[0]] += 1
+        second[tokens[1]] += 1
+        assert tokens[2] == 0
+    assert set(first) == {0, 1} and set(second) == {0, 1, 2, 3}
+
+
+def sorted_nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
+    """The reference: sort, keep while the mass before is at most ``top_p``."""
+    values, order = probs.sort(descending=True)
+    return set(order[(values.cumsum(-1, dtype=torch.float64) - values) <= top_p].tolist())
+
+
+@pytest.mark.parametrize("width", [10, 100, 5000, 40000])
+def test_the_nucleus_is_the_sorted_one(width) -> None:
+    """``nucleus`` (the 64 or 1024 largest first, a sort only where the nucleus is wider) keeps
+    exactly what sorting the whole row keeps: peaked rows (a few tokens), flatter ones (hundreds,
+    thousands), a flat one (nearly all), top_p 1 (all), and rows given already sorted."""
+    generator = torch.Generator().manual_seed(width)
+    spread = torch.tensor([[8.0], [4.0], [2.0], [1.0], [0.0], [3.0]])
+    logits = torch.randn(6, width, generator=generator) * spread
+    logits[4] += torch.rand(width, generator=generator)  # flat (ties at the boundary: unlikely)
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([0.9, 0.95, 0.8, 0.99, 0.5, 1.0])
+    kept = nucleus(probs, top_p)
+    for i in range(len(probs)):
+        expected = sorted_nucleus(probs[i], float(top_p[i])) if top_p[i] < 1 else set(range(width))
+        assert set(kept[i].nonzero().flatten().tolist()) == expected
+        assert torch.equal(kept[i][kept[i] > 0], probs[i][kept[i] > 0])
+    ordered = probs.sort(dim=-1, descending=True).values
+    kept = nucleus(ordered, top_p, ordered=True)
+    for i in range(len(probs)):
+        expected = len(sorted_nucleus(probs[i], float(top_p[i]))) if top_p[i] < 1 else width
+        assert int((kept[i] > 0).sum()) == expected
+
+
+def test_a_draw_follows_the_running_sum_and_never_picks_a_zero() -> None:
+    """``draw_from``: a uniform of 0 picks the first token with probability, one just below 1
+    the last (never a 0 after it); many draws follow the (unnormalized) probabilities."""
+    probs = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0, 0.0]])
+    assert draw_from(probs, torch.tensor([0.0], dtype=torch.float64)).tolist() == [1]
+    almost_one = torch.tensor([1.0 - 2.0**-53], dtype=torch.float64)
+    assert draw_from(probs, almost_one).tolist() == [4]
+    uniform = torch.rand(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    counts = Counter(draw_from(probs.expand(20000, 7), uniform).tolist())
+    assert set(counts) == {1, 3, 4}
+    assert abs(counts[1] / 20000 - 0.5) < 0.02 and abs(counts[3] / 20000 - 0.25) < 0.02
+
+
+@pytest.mark.parametrize("width", [1000, 5000, 32000])
+def test_a_draw_in_blocks_is_the_draw_through_the_whole_running_sum(width) -> None:
+    """On a CPU ``draw_from`` sums blocks first, then runs through the block the draw falls in:
+    the same token as through the running sum of the whole row, for the same uniforms (zeros
+    in patches, at the start and in the last, narrower block); 0 and just below 1 give the
+    first and the last token with probability."""
+    generator = torch.Generator().manual_seed(width)
+    probs = torch.rand(4, width, generator=generator) ** 4
+    probs[:, :300] = 0.0
+    probs[1, 600:900] = 0.0
+    probs[2, width - 37:] = 0.0  # the last tokens (the tail block's) have none
+    probs[3] = 0.0
+    probs[3, 777] = probs[3, width - 1] = 1.0  # two tokens
+    uniform = torch.rand(4, 500, dtype=torch.float64, generator=generator)
+    uniform[:, 0], uniform[:, 1] = 0.0, 1.0 - 2.0**-53
+    for column in range(uniform.shape[1]):
+        got = draw_from(probs, uniform[:, column])
+        running = probs.cumsum(-1, dtype=torch.float64)
+        whole = torch.searchsorted(running, (uniform[:, column] * running[:, -1]).unsqueeze(1), right=True)
+        assert torch.equal(got, torch.minimum(whole.squeeze(1), running.argmax(-1)))
+        assert bool((probs.gather(1, got.unsqueeze(1)) > 0).all())
+    first = draw_from(probs, uniform[:, 0])
+    last = draw_from(probs, uniform[:, 1])
+    assert first.tolist()[1:] == [300, 300, 777] and last.tolist()[2:] == [width - 38, width - 1]
 
 
 def test_top_p_renormalizes_what_it_keeps() -> None:

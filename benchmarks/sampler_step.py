@@ -1,0 +1,97 @@
+"""A sampling step's cost at real vocabulary sizes: ``Sampler.sample`` of 16 rows as it is,
+against the previous sampler in the same run (``torch.argmax``; sampled rows by the
+exponential race ``argmax(p / E)`` with ``E`` drawn for every token, top-p by sorting every
+row whole).
+
+    .venv/bin/python -m benchmarks.sampler_step [--device cpu|cuda] [--rounds 100]
+
+Logits are Zipf-like, as a language model's are (the token of rank ``r`` at ``-1.1 ln r``
+plus noise, shuffled); each case's nucleus size is printed. Microseconds per step (medians of
+interleaved rounds, ``grammar_mask.interleaved``) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from hotswap_rt.engine import sampling
+from hotswap_rt.engine.sampling import RowSampling, Sampler, SamplingParams
+
+from .grammar_mask import interleaved
+
+ROWS = 16
+CASES = {"greedy": {"temperature": 0.0},
+         "temperature 1": {"temperature": 1.0},
+         "temperature 0.8, top_p 0.95": {"temperature": 0.8, "top_p": 0.95},
+         "temperature 0.6, top_p 0.95, top_k 20 (Qwen3's defaults)":
+             {"temperature": 0.6, "top_p": 0.95, "top_k": 20}}
+
+
+def previous_draw(self: Sampler, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """The sampler's draw before the blocked argmax, the nucleus from the largest and the
+    running-sum draw (all of ``sampling`` then)."""
+    params = [row.params for row in rows]
+    temperature = torch.tensor([p.temperature for p in params], device=self.device)
+    scores = scores / temperature.unsqueeze(1)
+    top_k = [p.top_k if p.top_k > 0 else scores.shape[1] for p in params]
+    if min(top_k) < scores.shape[1]:
+        kth = scores.topk(max(top_k), dim=-1).values
+        index = torch.tensor([k - 1 for k in top_k], device=self.device).unsqueeze(1)
+        scores = scores.masked_fill(scores < kth.gather(1, index), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=self.device).unsqueeze(1)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+    noise = torch.empty_like(probs).exponential_(generator=self._generator)
+    return (probs / noise.clamp_(min=1e-20)).argmax(dim=-1)
+
+
+def zipf_logits(rows: int, vocab: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float32)
+    logits = -1.1 * ranks.log() + 0.5 * torch.randn(rows, vocab, generator=generator)
+    order = torch.stack([torch.randperm(vocab, generator=generator) for _ in range(rows)])
+    return logits.gather(1, order).to(device)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=100)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    now_draw, now_argmax = Sampler._draw, sampling.argmax_rows
+
+    def previous(step):
+        def run() -> object:
+            Sampler._draw, sampling.argmax_rows = previous_draw, lambda s: s.argmax(dim=-1)
+            try:
+                return step()
+            finally:
+                Sampler._draw, sampling.argmax_rows = now_draw, now_argmax
+        return run
+
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {ROWS} rows; us per step (median)")
+    print("| vocab | sampling | nucleus (top_p 0.95 at temperature 0.8, median tokens) | previous | now | "
+          "speed-up |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for vocab in (32000, 128000, 151936):
+        logits = zipf_logits(ROWS, vocab, device)
+        probs = torch.softmax(logits / 0.8, dim=-1).sort(dim=-1, descending=True).values
+        size = int(((probs.cumsum(-1) - probs) <= 0.95).sum(-1).float().median())
+        sampler = Sampler(device)
+        for label, params in CASES.items():
+            rows = [RowSampling(SamplingParams(**params), [1], vocab, device, ()) for _ in range(ROWS)]
+            step = lambda rows=rows: sampler.sample(logits, rows)  # noqa: E731
+            micros = interleaved({"previous": previous(step), "now": step}, args.rounds, device)
+            print(f"| {vocab} | {label} | {size} | {micros['previous']:.0f} | {micros['now']:.0f} | "
+                  f"{micros['previous'] / micros['now']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
