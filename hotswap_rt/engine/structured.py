@@ -355,7 +355,10 @@ def mask_scores(scores: torch.Tensor, grammars: Sequence[RowGrammar],
     sparse: list[int] = []
     for i, (value, _) in enumerate(kept):
         (dense if value.is_floating_point() else sparse).append(i)
-    if dense:
+    if dense and device.type == "cpu":  # row by row: stacking them first costs a fresh [n, V] tensor
+        for i in dense:
+            scores[rows[i]].add_(kept[i][0])
+    elif dense:  # one add for all of them (one kernel, not one per row)
         bias = torch.stack([kept[i][0] for i in dense])
         if len(dense) == len(scores) and all(rows[i] == i for i in dense):
             scores.add_(bias)
