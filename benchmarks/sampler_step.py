@@ -3,25 +3,36 @@ against the previous sampler in the same run (``torch.argmax``; sampled rows by 
 exponential race ``argmax(p / E)`` with ``E`` drawn for every token, top-p by sorting every
 row whole).
 
-    .venv/bin/python -m benchmarks.sampler_step [--device cpu|cuda] [--rounds 100]
+    .venv/bin/python -m benchmarks.sampler_step [--device cpu|cuda] [--rounds 100] [--engine]
 
 Logits are Zipf-like, as a language model's are (the token of rank ``r`` at ``-1.1 ln r``
 plus noise, shuffled); each case's nucleus size is printed. Microseconds per step (medians of
-interleaved rounds, ``grammar_mask.interleaved``) and the ratio.
+interleaved rounds, ``grammar_mask.interleaved``) and the ratio. ``--engine`` also times what
+it means for generation: a ``GenerationEngine`` on a random 4-layer hidden-256 Llama with a 32k
+vocabulary (eager: no compile; its ``lm_head`` scaled so that its next-token distribution is
+peaked, as a trained model's is, where a random one's is near uniform), 16 requests of 32
+prompt and 64 generated tokens at once, output tokens per second with each sampler, in turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from typing import Callable
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from hotswap_rt.engine import sampling
+from hotswap_rt import HotswapRuntime, RuntimeConfig
+from hotswap_rt.engine import EngineConfig, GenerationEngine, sampling
 from hotswap_rt.engine.sampling import RowSampling, Sampler, SamplingParams
 
+from .gpu_check import _Tokens
 from .grammar_mask import interleaved
 
 ROWS = 16
+LM_HEAD_SCALE = 12.0  # engine_throughput: the random model's logits spread like a trained model's
 CASES = {"greedy": {"temperature": 0.0},
          "temperature 1": {"temperature": 1.0},
          "temperature 0.8, top_p 0.95": {"temperature": 0.8, "top_p": 0.95},
@@ -58,22 +69,69 @@ def zipf_logits(rows: int, vocab: int, device: torch.device, seed: int = 0) -> t
     return logits.gather(1, order).to(device)
 
 
+def with_previous_sampler(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` run with the previous sampler patched in (``previous_draw``, ``torch.argmax``)."""
+    now_draw, now_argmax = Sampler._draw, sampling.argmax_rows
+
+    def run() -> object:
+        Sampler._draw, sampling.argmax_rows = previous_draw, lambda s: s.argmax(dim=-1)
+        try:
+            return step()
+        finally:
+            Sampler._draw, sampling.argmax_rows = now_draw, now_argmax
+    return run
+
+
+def engine_throughput(rounds: int, vocab: int = 32000) -> None:
+    """Output tokens per second of an engine with each sampler (see the module doc)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
+                                         max_position_embeddings=256)).eval()
+    with torch.no_grad():  # a random model's next token is near uniform: make it as peaked as a trained one's
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
+        logits = model(torch.arange(16 * 32).view(16, 32) % vocab).logits[:, -1]
+    probs = torch.softmax(logits / 0.8, dim=-1).sort(dim=-1, descending=True).values
+    nucleus_size = int(((probs.cumsum(-1) - probs) <= 0.95).sum(-1).float().median())
+    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=16, device_slots=2,
+                                             host_slots=2, max_batch_size=16))
+    engine = GenerationEngine(rt, _Tokens(), EngineConfig(max_seqs=16, max_model_len=128, prefill_chunk=64,
+                                                           compile=False))
+    engine.start()
+    print(f"\n| engine, 16 x (32 + 64) tokens, vocab {vocab}, eager, lm_head x{LM_HEAD_SCALE} (nucleus of "
+          f"top_p 0.95 at temperature 0.8: {nucleus_size} tokens, median) | previous tok/s | now tok/s | "
+          "speed-up |")
+    print("|---|---:|---:|---:|")
+    try:
+        for label, params in CASES.items():
+            sampling_params = SamplingParams(max_tokens=64, ignore_eos=True, **params)
+
+            def generate() -> float:
+                begin = time.perf_counter()
+                handles = [engine.submit([(7 * i + j) % vocab for j in range(32)], None, sampling_params)
+                           for i in range(16)]
+                tokens = sum(sum(1 for event in handle if hasattr(event, "token_id")) for handle in handles)
+                return tokens / (time.perf_counter() - begin)
+
+            previous = with_previous_sampler(generate)
+            generate()
+            rates: dict[str, list[float]] = {"previous": [], "now": []}
+            for _ in range(rounds):
+                rates["previous"].append(previous())
+                rates["now"].append(generate())
+            old, new = statistics.median(rates["previous"]), statistics.median(rates["now"])
+            print(f"| {label} | {old:.0f} | {new:.0f} | {new / old:.2f}x |")
+    finally:
+        engine.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--engine", action="store_true", help="also the engine's tokens per second")
     args = parser.parse_args()
     device = torch.device(args.device)
-    now_draw, now_argmax = Sampler._draw, sampling.argmax_rows
-
-    def previous(step):
-        def run() -> object:
-            Sampler._draw, sampling.argmax_rows = previous_draw, lambda s: s.argmax(dim=-1)
-            try:
-                return step()
-            finally:
-                Sampler._draw, sampling.argmax_rows = now_draw, now_argmax
-        return run
 
     print(f"device {device}, torch threads {torch.get_num_threads()}, {ROWS} rows; us per step (median)")
     print("| vocab | sampling | nucleus (top_p 0.95 at temperature 0.8, median tokens) | previous | now | "
@@ -87,9 +145,11 @@ def main() -> int:
         for label, params in CASES.items():
             rows = [RowSampling(SamplingParams(**params), [1], vocab, device, ()) for _ in range(ROWS)]
             step = lambda rows=rows: sampler.sample(logits, rows)  # noqa: E731
-            micros = interleaved({"previous": previous(step), "now": step}, args.rounds, device)
+            micros = interleaved({"previous": with_previous_sampler(step), "now": step}, args.rounds, device)
             print(f"| {vocab} | {label} | {size} | {micros['previous']:.0f} | {micros['now']:.0f} | "
                   f"{micros['previous'] / micros['now']:.2f}x |")
+    if args.engine:
+        engine_throughput(max(3, args.rounds // 10))
     return 0
 
 
