@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hotswap_rt.engine.sampling import (RequestError, RowSampling, Sampler, SamplingParams, argmax_rows,
-                                        draw_from, nucleus)
+                                        draw_from, keep_at_least, nucleus)
 
 CPU = torch.device("cpu")
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -115,6 +115,21 @@ def test_the_nucleus_is_the_sorted_one(width) -> None:
     for i in range(len(probs)):
         expected = len(sorted_nucleus(probs[i], float(top_p[i]))) if top_p[i] < 1 else width
         assert int((kept[i] > 0).sum()) == expected
+
+
+def test_keeping_values_from_a_floor_on_is_exact() -> None:
+    """``keep_at_least`` (arithmetic on a CPU) is ``masked_fill(p < floor, 0)``: a value equal
+    to the floor, or one float above or below it, on the right side; a floor of 0 keeps all."""
+    probs = torch.rand(3, 1000, generator=torch.Generator().manual_seed(1))
+    probs[:, :10] = 0.0
+    floor = torch.tensor([[0.0], [0.5], [0.999]])
+    probs[1, 20] = 0.5
+    probs[1, 21] = torch.nextafter(torch.tensor(0.5), torch.tensor(0.0))
+    probs[1, 22] = torch.nextafter(torch.tensor(0.5), torch.tensor(1.0))
+    kept = keep_at_least(probs, floor)
+    assert torch.equal(kept, probs.masked_fill(probs < floor, 0.0))
+    assert kept[1, 20] == 0.5 and kept[1, 21] == 0.0 and kept[1, 22] > 0.5
+    assert torch.equal(kept[0], probs[0])
 
 
 def test_a_draw_follows_the_running_sum_and_never_picks_a_zero() -> None:

@@ -77,7 +77,7 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor, ordered: bool = False) -> 
         return probs.masked_fill(outside, 0.0)  # rounded past 1 must not cut the row's tail
     if probs.device.type != "cpu":  # a sort is cheap there, and a loop would wait for the device
         smallest, _ = _smallest_kept(probs.sort(dim=-1, descending=True).values, top_p)
-        return probs.masked_fill(probs < smallest.masked_fill(top_p >= 1.0, 0.0), 0.0)
+        return keep_at_least(probs, smallest.masked_fill(top_p >= 1.0, 0.0))
     width = probs.shape[1]
     smallest = torch.zeros_like(probs[:, :1])  # [m, 1]: the smallest probability each row keeps
     pending = (top_p[:, 0] < 1.0).nonzero().flatten()
@@ -91,7 +91,17 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor, ordered: bool = False) -> 
         found = inside | (count == width)
         smallest[pending[found]] = found_smallest[found]
         pending = pending[~found]
-    return probs.masked_fill(probs < smallest, 0.0)
+    return keep_at_least(probs, smallest)
+
+
+def keep_at_least(probs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``probs [m, V]`` (>= 0, not NaN) with the values below ``floor [m, 1]`` set to 0. On a
+    CPU by arithmetic: ``p * min(sign(p - floor) + 1, 1)`` is ``p`` from the floor on and 0
+    below it, exactly; a comparison into a bool tensor and ``masked_fill`` cost ~1.6 ms over 16
+    rows of 32k there, against ~0.2 ms (ad hoc)."""
+    if probs.device.type != "cpu":
+        return probs.masked_fill(probs < floor, 0.0)
+    return probs * (probs - floor).sign_().add_(1.0).clamp_(max=1.0)
 
 
 def _smallest_kept(largest: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,7 +400,7 @@ class Sampler:
             probs = nucleus(probs, torch.tensor(top_p, device=self.device), ordered=ids is not None)
         min_p = torch.tensor([p.min_p for p in params], device=self.device).unsqueeze(1)
         if any(p.min_p > 0 for p in params):
-            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+            probs = keep_at_least(probs, min_p * probs.amax(dim=-1, keepdim=True))
         uniform = torch.empty(len(rows), dtype=torch.float64, device=self.device)
         unseeded = [i for i, row in enumerate(rows) if row.generator is None]
         if unseeded:
