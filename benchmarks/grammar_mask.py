@@ -54,17 +54,7 @@ def old_mask(scores: torch.Tensor, rows: list[RowGrammar]) -> None:
 
 def timed(step, steps: int, device: torch.device) -> float:
     """Median microseconds of ``step()`` over ``steps`` runs (after 5 not counted)."""
-    samples = []
-    for n in range(steps + 5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if n >= 5:
-            samples.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(samples)
+    return interleaved({"step": step}, steps, device)["step"]
 
 
 def interleaved(steps: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
