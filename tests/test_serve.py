@@ -436,7 +436,7 @@ def test_a_local_model_directory_with_its_own_tokenizer(tmp_path) -> None:
     served = app.state.server.served  # vLLM's defaults: 1.0 unless the generation config says
     assert (served.default_temperature, served.default_top_p, served.default_top_k) == (1.0, 1.0, 0)
     assert sampling_defaults(GenerationConfig(do_sample=True, temperature=0.6, top_k=20)) == {
-        "default_temperature": 0.6, "default_top_p": 1.0, "default_top_k": 20}
+        "default_temperature": 0.6, "default_top_k": 20}  # the others keep Served's
     with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
         assert cards["mine"]["parent"] == str(tmp_path / "model")
@@ -445,6 +445,49 @@ def test_a_local_model_directory_with_its_own_tokenizer(tmp_path) -> None:
         assert body["usage"]["prompt_tokens"] == ids.shape[1]
         base = complete(client, str(tmp_path / "model"), "Hello there", max_tokens=8, temperature=0).json()
         assert base["choices"][0]["text"] != expected  # the adapter changes the answer
+
+
+def test_the_generation_configs_sampling_defaults_are_vllms() -> None:
+    """As vLLM's ``--generation-config auto``: temperature, top_p, top_k, min_p, the three
+    penalties and ``max_new_tokens`` (the default ``max_tokens``, cut to the context) where the
+    model's generation config sets them; a request's own values win."""
+    from transformers import GenerationConfig
+
+    from hotswap_rt.serve.backend import sampling_of
+    from hotswap_rt.serve.model import sampling_defaults
+    from hotswap_rt.serve.protocol import CompletionRequest
+
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, min_p=0.05,
+                              repetition_penalty=1.05, max_new_tokens=5)
+    assert sampling_defaults(config) == {
+        "default_temperature": 0.7, "default_top_p": 0.8, "default_top_k": 20, "default_min_p": 0.05,
+        "default_repetition_penalty": 1.05, "default_max_tokens": 5}
+    assert sampling_defaults(GenerationConfig()) == {} and sampling_defaults(None) == {}
+    app = build_app(ServeConfig(compile=False, max_rank=8, max_model_len=40))
+    served = app.state.server.served
+    for name, value in sampling_defaults(config).items():
+        setattr(served, name, value)
+    served.default_presence_penalty, served.default_frequency_penalty = 0.25, 0.5
+    params = sampling_of(CompletionRequest(model=MODEL_NAME, prompt="Hi"), served)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty,
+            params.presence_penalty, params.frequency_penalty) == (0.7, 0.8, 20, 0.05, 1.05, 0.25, 0.5)
+    own = sampling_of(CompletionRequest(model=MODEL_NAME, prompt="Hi", temperature=0.0, top_k=0,
+                                        repetition_penalty=1.0, presence_penalty=0.0), served)
+    assert (own.temperature, own.top_k, own.repetition_penalty, own.presence_penalty) == (0.0, 0, 1.0, 0.0)
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        def tokens(**extra) -> tuple[int, int, str]:
+            body = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hello",
+                                                        "ignore_eos": True, **extra}).json()
+            usage = body["usage"]
+            return usage["prompt_tokens"], usage["completion_tokens"], body["choices"][0]["finish_reason"]
+
+        assert tokens()[1:] == (5, "length")  # the generation config's max_new_tokens
+        assert tokens(max_tokens=2)[1:] == (2, "length")
+        served.default_max_tokens = 1000  # more than the context holds: cut, not refused
+        prompt, generated, _ = tokens()
+        assert prompt + generated == 40
+        assert client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hello",
+                                                     "max_tokens": 1000}).status_code == 400
 
 
 def test_moe_expert_lora_and_dora_served_side_by_side(tmp_path) -> None:

@@ -126,8 +126,10 @@ def sampling_of(body: GenerationRequest, served: Served, tools: ToolPlan | None 
     except ValueError:
         raise ApiError(400, "logit_bias keys must be token ids", "logit_bias") from None
     defaults = {"temperature": served.default_temperature, "top_p": served.default_top_p,
-                "top_k": served.default_top_k, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                "repetition_penalty": 1.0}
+                "top_k": served.default_top_k, "min_p": served.default_min_p,
+                "presence_penalty": served.default_presence_penalty,
+                "frequency_penalty": served.default_frequency_penalty,
+                "repetition_penalty": served.default_repetition_penalty}
     given = {name: getattr(body, name) for name in defaults}
     try:
         return SamplingParams(
@@ -262,6 +264,13 @@ class LocalBackend:
             return body.model
         raise ApiError(404, f"The model `{body.model}` does not exist.", "model")
 
+    def _default_max_tokens(self, ids: list[int]) -> int | None:
+        """The model's generation config's ``max_new_tokens`` for a request that gave no
+        ``max_tokens``, cut to what remains of the context (as vLLM does; None: nothing
+        remains, the engine says so)."""
+        remaining = self.engine.max_len - len(ids)
+        return min(self.served.default_max_tokens, remaining) if remaining > 0 else None
+
     async def generate(self, body: GenerationRequest) -> AsyncIterator[tuple[str, Any]]:
         """Events for every choice of one request (see :mod:`.protocol`); a client that goes
         away (the consumer stops iterating) cancels them at the next step."""
@@ -295,6 +304,8 @@ class LocalBackend:
                     index = p * body.n + i
                     choice = params if params.seed is None or body.n == 1 else \
                         dataclasses.replace(params, seed=params.seed + i)  # choices differ
+                    if params.max_tokens is None and self.served.default_max_tokens is not None:
+                        choice = dataclasses.replace(choice, max_tokens=self._default_max_tokens(ids))
                     handles.append(self.engine.submit(ids, adapter, choice, cache_salt=body.cache_salt,
                                                       sink=(lambda event, index=index: relay.put(
                                                           events, (index, event)))))

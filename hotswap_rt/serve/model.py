@@ -21,7 +21,8 @@ from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 @dataclass
 class Served:
     """What a server built: the runtime, its tokenizer, the base model's name, and the sampling
-    defaults of requests that do not say (:func:`sampling_defaults`)."""
+    defaults of requests that do not say (:func:`sampling_defaults`; ``default_max_tokens``
+    None: what remains of the context)."""
 
     rt: HotswapRuntime
     tokenizer: Tokenizer
@@ -29,15 +30,35 @@ class Served:
     default_temperature: float = 1.0
     default_top_p: float = 1.0
     default_top_k: int = 0
+    default_min_p: float = 0.0
+    default_repetition_penalty: float = 1.0
+    default_presence_penalty: float = 0.0
+    default_frequency_penalty: float = 0.0
+    default_max_tokens: int | None = None
 
 
-def sampling_defaults(generation_config) -> dict[str, float]:
-    """vLLM's defaults: ``temperature``, ``top_p``, ``top_k`` as the model's generation config
-    sets them (values that differ from transformers' defaults), else 1.0 / 1.0 / off."""
+GENERATION_DEFAULTS = {  # a generation config's field -> (Served's default, its type), as vLLM takes them
+    "temperature": ("default_temperature", float), "top_p": ("default_top_p", float),
+    "top_k": ("default_top_k", int), "min_p": ("default_min_p", float),
+    "repetition_penalty": ("default_repetition_penalty", float),
+    "presence_penalty": ("default_presence_penalty", float),
+    "frequency_penalty": ("default_frequency_penalty", float), "max_new_tokens": ("default_max_tokens", int)}
+
+
+def sampling_defaults(generation_config) -> dict[str, float | int]:
+    """vLLM's defaults (its ``--generation-config auto``): ``temperature``, ``top_p``,
+    ``top_k``, ``min_p``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``
+    and ``max_new_tokens`` (the default ``max_tokens``) where the model's generation config sets
+    them (values that differ from transformers' defaults, not None); the others keep
+    :class:`Served`'s (1.0 / 1.0 / off / 0 / 1.0 / 0 / 0 / the rest of the context)."""
     given = generation_config.to_diff_dict() if generation_config is not None else {}
-    return {"default_temperature": float(given.get("temperature", 1.0)),
-            "default_top_p": float(given.get("top_p", 1.0)),
-            "default_top_k": int(given.get("top_k", 0) or 0)}
+    defaults: dict[str, float | int] = {}
+    for field, (name, kind) in GENERATION_DEFAULTS.items():
+        if given.get(field) is not None:
+            defaults[name] = kind(given[field])
+    if defaults.get("default_top_k", 0) < 0:  # transformers' "off" may be written -1 too
+        defaults["default_top_k"] = 0
+    return defaults
 
 
 def build_runtime(config: ServeConfig) -> Served:
@@ -57,7 +78,7 @@ def build_runtime(config: ServeConfig) -> Served:
 
 def serve_model(model: torch.nn.Module, tokenizer: Tokenizer, name: str, config: ServeConfig,
                 targets: Any = None, adapters: Mapping[str, Any] | None = None,
-                **defaults: float) -> Served:
+                **defaults: float | int | None) -> Served:
     """``model`` (a causal LM already in memory) injected for serving with ``config``'s slots
     and limits, ``adapters`` (name -> source) loaded: what :func:`build_app` takes as
     ``served``. ``targets``: the modules to inject (None: ``config.target_modules``);
