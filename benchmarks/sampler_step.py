@@ -1,7 +1,7 @@
 """A sampling step's cost at real vocabulary sizes: ``Sampler.sample`` of 16 rows as it is,
 against the previous sampler in the same run (``torch.argmax``; sampled rows by the
 exponential race ``argmax(p / E)`` with ``E`` drawn for every token, top-p by sorting every
-row whole).
+row whole; penalties row by row). Rows with penalties have a 100-token prompt.
 
     .venv/bin/python -m benchmarks.sampler_step [--device cpu|cuda] [--rounds 100] [--engine]
 
@@ -37,7 +37,9 @@ CASES = {"greedy": {"temperature": 0.0},
          "temperature 1": {"temperature": 1.0},
          "temperature 0.8, top_p 0.95": {"temperature": 0.8, "top_p": 0.95},
          "temperature 0.6, top_p 0.95, top_k 20 (Qwen3's defaults)":
-             {"temperature": 0.6, "top_p": 0.95, "top_k": 20}}
+             {"temperature": 0.6, "top_p": 0.95, "top_k": 20},
+         "temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05 (Qwen2.5's defaults)":
+             {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}}
 
 
 def previous_draw(self: Sampler, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
@@ -61,6 +63,19 @@ def previous_draw(self: Sampler, scores: torch.Tensor, rows: list[RowSampling]) 
     return (probs / noise.clamp_(min=1e-20)).argmax(dim=-1)
 
 
+def previous_penalize(self: Sampler, scores: torch.Tensor, rows: list[RowSampling], at: list[int]) -> None:
+    """The penalties before they were applied to all rows at once: row by row, by ``where``."""
+    for i, row in zip(at, rows):
+        params = row.params
+        seen = (row.counts > 0) | (row.prompt_mask > 0)
+        penalty = params.repetition_penalty
+        if penalty != 1.0:
+            scores[i] = torch.where(seen, torch.where(scores[i] > 0, scores[i] / penalty, scores[i] * penalty),
+                                    scores[i])
+        scores[i] -= params.frequency_penalty * row.counts
+        scores[i] -= params.presence_penalty * (row.counts > 0).float()
+
+
 def zipf_logits(rows: int, vocab: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     ranks = torch.arange(1, vocab + 1, dtype=torch.float32)
@@ -70,15 +85,17 @@ def zipf_logits(rows: int, vocab: int, device: torch.device, seed: int = 0) -> t
 
 
 def with_previous_sampler(step: Callable[[], object]) -> Callable[[], object]:
-    """``step`` run with the previous sampler patched in (``previous_draw``, ``torch.argmax``)."""
-    now_draw, now_argmax = Sampler._draw, sampling.argmax_rows
+    """``step`` run with the previous sampler patched in (``previous_draw``, ``previous_penalize``,
+    ``torch.argmax``)."""
+    now_draw, now_penalize, now_argmax = Sampler._draw, Sampler._penalize, sampling.argmax_rows
 
     def run() -> object:
-        Sampler._draw, sampling.argmax_rows = previous_draw, lambda s: s.argmax(dim=-1)
+        Sampler._draw, Sampler._penalize = previous_draw, previous_penalize
+        sampling.argmax_rows = lambda s: s.argmax(dim=-1)
         try:
             return step()
         finally:
-            Sampler._draw, sampling.argmax_rows = now_draw, now_argmax
+            Sampler._draw, Sampler._penalize, sampling.argmax_rows = now_draw, now_penalize, now_argmax
     return run
 
 
@@ -143,7 +160,10 @@ def main() -> int:
         size = int(((probs.cumsum(-1) - probs) <= 0.95).sum(-1).float().median())
         sampler = Sampler(device)
         for label, params in CASES.items():
-            rows = [RowSampling(SamplingParams(**params), [1], vocab, device, ()) for _ in range(ROWS)]
+            rows = [RowSampling(SamplingParams(**params), list(range(100)), vocab, device, ())
+                    for _ in range(ROWS)]
+            for row in rows:
+                row.observe = lambda token: None  # the counts stay as they are while timed
             step = lambda rows=rows: sampler.sample(logits, rows)  # noqa: E731
             micros = interleaved({"previous": with_previous_sampler(step), "now": step}, args.rounds, device)
             print(f"| {vocab} | {label} | {size} | {micros['previous']:.0f} | {micros['now']:.0f} | "

@@ -189,6 +189,37 @@ def test_penalties_follow_their_formulas() -> None:
     assert torch.allclose(processed, expected)
 
 
+def test_penalties_of_many_rows_at_once_are_each_rows_formula() -> None:
+    """Penalized rows among unpenalized ones, each with its own penalties, prompt and generated
+    tokens, negative and positive scores: the batch's arithmetic equals the formula row by row
+    (a seen score over the penalty where positive, times it where negative; minus frequency
+    times count; minus presence where generated)."""
+    generator = torch.Generator().manual_seed(0)
+    width = 700
+    settings = [dict(repetition_penalty=1.3, frequency_penalty=0.2), {}, dict(presence_penalty=0.7),
+                dict(repetition_penalty=0.8, presence_penalty=-0.5, frequency_penalty=0.1), {}]
+    rows = []
+    for n, params in enumerate(settings):
+        prompt = torch.randint(0, width, (30,), generator=generator).tolist()
+        state = RowSampling(SamplingParams(temperature=0.0, **params), prompt, width, CPU, ())
+        for token in torch.randint(0, width, (40,), generator=generator).tolist():
+            state.observe(token)
+        rows.append((state, prompt))
+    logits = torch.randn(len(rows), width, generator=generator) * 3
+    processed = Sampler(CPU).process(logits, [state for state, _ in rows])
+    for i, (state, prompt) in enumerate(rows):
+        params, expected = state.params, logits[i].clone()
+        if state.counts is None:
+            assert torch.equal(processed[i], logits[i])
+            continue
+        seen = (state.counts > 0) | torch.isin(torch.arange(width), torch.tensor(prompt))
+        penalty = params.repetition_penalty
+        scaled = torch.where(expected > 0, expected / penalty, expected * penalty)
+        expected = torch.where(seen, scaled, expected) - params.frequency_penalty * state.counts
+        expected -= params.presence_penalty * (state.counts > 0).float()
+        assert torch.allclose(processed[i], expected, rtol=1e-6, atol=1e-6)
+
+
 def test_logit_bias_and_min_tokens_bans() -> None:
     sampler = Sampler(CPU)
     logits = torch.tensor([[5.0, 0.0, 0.0, 0.0]])
