@@ -330,11 +330,11 @@ def test_sampling_and_sparse_bans_on_the_device_equal_the_hosts() -> None:
     """The sampler's pieces on the GPU (argmax, nucleus by a sort there, the draw through the
     whole running sum) pick what the CPU's (blocks, the largest first) pick; a state kept as
     banned ids masks the same scores there."""
-    import random
-
     from hotswap_rt.engine.sampling import argmax_rows, draw_from, nucleus
     from hotswap_rt.engine.structured import Grammars, StructuredOutput, mask_scores
-    from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer
+    from hotswap_rt.serve.tokenizers import EOS_ID
+
+    from .test_structured import word_vocabulary
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 5000, generator=generator) * torch.linspace(0.5, 8.0, 8).unsqueeze(1)
@@ -346,9 +346,7 @@ def test_sampling_and_sparse_bans_on_the_device_equal_the_hosts() -> None:
     kept = nucleus(probs, top_p)
     assert torch.equal(nucleus(probs.to(gpu), top_p.to(gpu)).cpu() > 0, kept > 0)
     assert torch.equal(draw_from(kept.to(gpu), uniform.to(gpu)).cpu(), draw_from(kept, uniform))
-    words = random.Random(0)
-    tokens = ByteTokenizer().token_bytes() + sorted({
-        "".join(words.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(4)).encode() for _ in range(6000)})
+    tokens = word_vocabulary()
     grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
     spec = StructuredOutput.json_schema({"type": "object", "properties": {"a": {"type": "string"}}})
     row = grammars.row(spec)

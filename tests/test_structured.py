@@ -322,6 +322,16 @@ def test_the_batched_bias_allows_exactly_the_grammars_tokens() -> None:
     assert all(token in expected for token, expected in zip(picked, references))
 
 
+def word_vocabulary() -> list[bytes | None]:
+    """The byte tokenizer's tokens, then ~6000 words of letters and spaces (1 in 100 with
+    quotes and braces), as a real vocabulary has most of its tokens: inside a JSON string a
+    state bans under 1/32 of them (``structured.SPARSE_BELOW``)."""
+    words, letters = random.Random(7), "abcdefghijklmnopqrstuvwxyz "
+    return ByteTokenizer().token_bytes() + sorted({
+        "".join(words.choice(letters if n % 100 else '",}ab') for _ in range(words.randint(2, 5))).encode()
+        for n in range(6000)})
+
+
 def test_kept_bans_and_kept_biases_mask_the_same_tokens_as_outlines_core() -> None:
     """A state that bans few tokens (inside a string, where nearly every word goes) is kept as
     their ids, others (after ``{``, where one goes) as a bias; rows of both, in any order and
@@ -333,11 +343,7 @@ def test_kept_bans_and_kept_biases_mask_the_same_tokens_as_outlines_core() -> No
     from hotswap_rt.engine.structured import SPARSE_BELOW, mask_scores
 
     cpu = torch.device("cpu")
-    words = random.Random(7)  # bytes, and words as a real vocabulary has most of its tokens
-    letters = "abcdefghijklmnopqrstuvwxyz "
-    tokens = ByteTokenizer().token_bytes() + sorted({
-        "".join(words.choice(letters if n % 100 else '",}ab') for _ in range(words.randint(2, 5))).encode()
-        for n in range(6000)})
+    tokens = word_vocabulary()
     vocab = len(tokens) + 5
     grammars = Grammars(tokens, EOS_ID, vocab_size=vocab)
     spec = StructuredOutput.json_schema({

@@ -45,10 +45,8 @@ def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
     n, width = scores.shape
     if scores.device.type != "cpu" or width < 2 * _BLOCK:
         return scores.argmax(dim=-1)
-    if scores.stride(1) != 1:
-        scores = scores.contiguous()
-    count = width // _BLOCK
-    blocks = scores.as_strided((n, count, _BLOCK), (scores.stride(0), _BLOCK, 1))
+    scores, blocks = _whole_blocks(scores)
+    count = blocks.shape[1]
     maxima = blocks.amax(dim=-1)  # [n, count]; NaN where a block holds one
     block = maxima.argmax(dim=-1)  # the first block with the largest (or a NaN)
     rows = torch.arange(n)
@@ -60,6 +58,15 @@ def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
     best, tail_best = maxima[rows, block], tail[rows, in_tail]
     later = (tail_best > best) | (tail_best.isnan() & ~best.isnan())  # ties: the earlier index
     return torch.where(later, in_tail + count * _BLOCK, index)
+
+
+def _whole_blocks(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows [n, V]`` (made contiguous along V if they were not) and their whole blocks of
+    :data:`_BLOCK` values as a view ``[n, V // _BLOCK, _BLOCK]`` (the values after the last
+    whole block are left out)."""
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows, rows.as_strided((len(rows), rows.shape[1] // _BLOCK, _BLOCK), (rows.stride(0), _BLOCK, 1))
 
 
 def nucleus(probs: torch.Tensor, top_p: torch.Tensor, ordered: bool = False) -> torch.Tensor:
@@ -126,10 +133,8 @@ def draw_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     if probs.device.type != "cpu" or width < 2 * _BLOCK:
         running = probs.cumsum(-1, dtype=torch.float64)
         return _draw_in(running, uniform * running[:, -1])
-    if probs.stride(1) != 1:
-        probs = probs.contiguous()
-    count = width // _BLOCK
-    blocks = probs.as_strided((len(probs), count, _BLOCK), (probs.stride(0), _BLOCK, 1))
+    probs, blocks = _whole_blocks(probs)
+    count = blocks.shape[1]
     sums = blocks.sum(-1)  # float32 (a float64 sum would copy the row to float64 first)
     if count * _BLOCK < width:  # the values after the last whole block: one more, narrower
         sums = torch.cat([sums, probs[:, count * _BLOCK:].sum(-1, keepdim=True)], dim=1)
