@@ -56,6 +56,11 @@ class EngineConfig:
         mixed_adapters: requests for different adapters run together (False: a request joins
             only while every running request has its adapter; the one-adapter-per-batch
             baseline that benchmarks compare with).
+        keep_freed_memory: at ``start``, set malloc to keep freed memory for reuse, so each
+            step's fresh tensors (logits, the sampler's work) reuse mapped pages instead of
+            faulting in new ones (:func:`hotswap_rt.freed_memory.keep_freed_memory`: the whole
+            process, not undone). None: on a CPU where the C library is glibc; True: required
+            (an error elsewhere); False: malloc as it is.
     """
 
     max_seqs: int = 32
@@ -73,6 +78,7 @@ class EngineConfig:
     mixed_adapters: bool = True
     torch_threads: int | None = None
     prefix_cache_tokens: int | None = None
+    keep_freed_memory: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_seqs", "prefill_chunk", "max_prefill_seqs"):
@@ -90,7 +96,7 @@ class EngineConfig:
                 raise HotswapError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.serve_while_compiling and not self.compile:
             raise HotswapError("EngineConfig.serve_while_compiling needs compile=True")
-        for name in ("dynamic_lengths", "dynamic_batch"):
+        for name in ("dynamic_lengths", "dynamic_batch", "keep_freed_memory"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise HotswapError(f"EngineConfig.{name} must be True, False or None (by device), "
                                    f"got {getattr(self, name)!r}")

@@ -38,6 +38,7 @@ from torch._dynamo.utils import counters
 
 from ..errors import HotswapError, UnknownAdapterError
 from ..forward import check_eager_meanwhile, mode_options
+from ..freed_memory import can_keep_freed_memory, keep_freed_memory
 from ..runtime import HotswapRuntime
 from ..selection import Activation, row_spec
 from .config import EngineConfig, bucket_for, context_length
@@ -87,6 +88,12 @@ class GenerationEngine:
                                   self.max_len + 1, self.device)
         decode_buckets, prefill_buckets = config.buckets(self.max_seqs)
         on_cpu = self.device.type == "cpu"
+        if config.keep_freed_memory and not can_keep_freed_memory():
+            raise HotswapError("EngineConfig.keep_freed_memory=True needs glibc's malloc (Linux); this "
+                               "C library is not glibc (None: only where it is)")
+        # whether start() sets malloc to keep freed memory (see hotswap_rt.freed_memory)
+        self.keeps_freed_memory = (config.keep_freed_memory if config.keep_freed_memory is not None
+                                   else on_cpu and can_keep_freed_memory())
         dynamic = config.dynamic_lengths if config.dynamic_lengths is not None else on_cpu
         dynamic_batch = config.dynamic_batch if config.dynamic_batch is not None else on_cpu
         self.shapes = StepShapes(decode_buckets, prefill_buckets, self.max_len, config.prefill_chunk,
@@ -156,6 +163,8 @@ class GenerationEngine:
             raise HotswapError("before_compile runs only with EngineConfig.serve_while_compiling")
         self._progress = progress
         self._before_compile = before_compile
+        if self.keeps_freed_memory:
+            keep_freed_memory()
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError("the engine did not finish compiling in time")

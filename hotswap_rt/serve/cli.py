@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a reasoning model's <think> block goes to message.reasoning")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads (default on CPU: every core but one)")
+    parser.add_argument("--no-keep-freed-memory", action="store_true",
+                        help="leave malloc as it is (by default on CPU with glibc it keeps freed "
+                             "memory for reuse: each step's fresh tensors then reuse mapped pages)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--ray", action="store_true",
@@ -126,6 +129,7 @@ def config_from_args(args: argparse.Namespace):
         modules_to_save=None if args.modules_to_save is None else tuple(args.modules_to_save),
         scale_vectors=args.scale_vectors, compile_cache=args.compile_cache,
         map_adapter_files=not args.no_map_adapter_files,
+        keep_freed_memory=False if args.no_keep_freed_memory else None,
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser)
 

@@ -57,6 +57,8 @@ class ServeConfig:
         torch_threads: intra-op threads of the engine thread (``torch.set_num_threads`` there);
             default on CPU: every core but one, which the HTTP side keeps (on 2 cores a small model's
             decode step is also faster on one thread than on two).
+        keep_freed_memory: the engine sets malloc to keep freed memory for reuse
+            (``EngineConfig.keep_freed_memory``; None: on a CPU with glibc; False: malloc as it is).
         map_adapter_files: stage adapters from a private memory map of their files under a
             read lease that holds writers off meanwhile (``RuntimeConfig.map_adapter_files``:
             faster loads; files that cannot be leased are read). False: read each file into
@@ -104,6 +106,7 @@ class ServeConfig:
     admin_api_keys: tuple[str, ...] = ()
     compile_cache: str | None = None
     map_adapter_files: bool = True
+    keep_freed_memory: bool | None = None
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
@@ -143,6 +146,8 @@ class ServeConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, "
                              f"got {self.reasoning_parser!r}")
+        if self.keep_freed_memory is not None and not isinstance(self.keep_freed_memory, bool):
+            raise ValueError(f"keep_freed_memory must be True, False or None, got {self.keep_freed_memory!r}")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         if self.allow_runtime_adapter_updates and not self.adapter_root:
@@ -168,7 +173,7 @@ class ServeConfig:
             max_prefill_seqs=self.max_prefill_seqs, prefix_cache_tokens=self.prefix_cache_tokens,
             compile=self.compile,
             serve_while_compiling=self.serve_while_compiling, mixed_adapters=self.mixed_batches,
-            torch_threads=self.threads())
+            torch_threads=self.threads(), keep_freed_memory=self.keep_freed_memory)
 
 
 def _positive(name: str, value: object) -> None:
