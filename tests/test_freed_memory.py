@@ -116,7 +116,7 @@ def _engine(base: BaseModel, **config) -> GenerationEngine:
                                                             compile=False, **config))
 
 
-def test_an_engine_on_cpu_keeps_freed_memory_at_start_unless_told_not_to(base, monkeypatch) -> None:
+def test_an_engine_on_cpu_keeps_freed_memory_before_its_steps_unless_told_not_to(base, monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(engine_module, "keep_freed_memory", lambda: calls.append("kept"))
     default, off = _engine(base), _engine(base, keep_freed_memory=False)

@@ -56,11 +56,12 @@ class EngineConfig:
         mixed_adapters: requests for different adapters run together (False: a request joins
             only while every running request has its adapter; the one-adapter-per-batch
             baseline that benchmarks compare with).
-        keep_freed_memory: at ``start``, set malloc to keep freed memory for reuse, so each
-            step's fresh tensors (logits, the sampler's work) reuse mapped pages instead of
-            faulting in new ones (:func:`hotswap_rt.freed_memory.keep_freed_memory`: the whole
-            process, not undone). None: on a CPU where the C library is glibc; True: required
-            (an error elsewhere); False: malloc as it is.
+        keep_freed_memory: before the first step (after the compile), set malloc to keep freed
+            memory for reuse, so each step's fresh tensors (logits, the sampler's work) reuse
+            mapped pages instead of faulting in new ones
+            (:func:`hotswap_rt.freed_memory.keep_freed_memory`: the whole process, not undone).
+            None: on a CPU where the C library is glibc; True: required (an error elsewhere);
+            False: malloc as it is.
     """
 
     max_seqs: int = 32

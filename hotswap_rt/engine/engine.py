@@ -163,8 +163,6 @@ class GenerationEngine:
             raise HotswapError("before_compile runs only with EngineConfig.serve_while_compiling")
         self._progress = progress
         self._before_compile = before_compile
-        if self.keeps_freed_memory:
-            keep_freed_memory()
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError("the engine did not finish compiling in time")
@@ -341,6 +339,8 @@ class GenerationEngine:
             elif self.config.compile:
                 self._compile(eager_meanwhile=False)
                 self._compiled(start)
+            if self.keeps_freed_memory:  # for the steps (set after a compile, which allocates otherwise)
+                keep_freed_memory()
         except BaseException as exc:  # reported by start()
             self._startup_error, self.compile_error, self.compile_state = exc, exc, "failed"
             self._ready.set()
