@@ -111,7 +111,7 @@ def main() -> int:
             new = timed(lambda: sampler.sample(logits, structured), args.steps, device)
 
             def previous() -> None:
-                scores = sampler.process(logits.float(), plain)
+                scores = sampler.process(logits.float(), plain).clone()  # old_mask writes to it
                 old_mask(scores, rows)
                 scores.argmax(dim=-1).tolist()
 

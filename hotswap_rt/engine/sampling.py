@@ -31,6 +31,7 @@ MAX_LOGPROBS = 20
 
 
 _BLOCK = 256  # argmax_rows: the width of the blocks a CPU reduces first
+_ONE_LEVEL = 1 << 16  # draw_from: one running sum of at most this many values (512 KiB of float64)
 
 
 def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
@@ -128,9 +129,11 @@ def draw_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
     On a CPU the running sum is taken in two levels, of the sums of blocks of :data:`_BLOCK`
     values, then inside the block the draw falls in: a float64 running sum of the whole row is
-    a fresh ``8 V``-byte tensor, and its pages cost 0.35-5 ms per 16 rows of 32k (ad hoc)."""
+    a fresh ``8 V``-byte tensor, and its pages cost 0.35-5 ms per 16 rows of 32k (ad hoc). Up to
+    :data:`_ONE_LEVEL` values in all (a row of a small vocabulary, a few rows of a larger one)
+    one running sum costs less than the two levels' dozen more ops."""
     width = probs.shape[1]
-    if probs.device.type != "cpu" or width < 2 * _BLOCK:
+    if probs.device.type != "cpu" or width < 2 * _BLOCK or probs.numel() <= _ONE_LEVEL:
         running = probs.cumsum(-1, dtype=torch.float64)
         return _draw_in(running, uniform * running[:, -1])
     probs, blocks = _whole_blocks(probs)
@@ -353,7 +356,11 @@ class Sampler:
         return Sampled(token_list, self._logprobs(logprobs, params, token_list))
 
     def process(self, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
-        """Penalties, logit bias and min-tokens bans, applied to a copy of ``scores [n, V]``."""
+        """Penalties, logit bias, min-tokens bans and grammars, applied to a copy of ``scores
+        [n, V]``; ``scores`` itself where no row has any (nothing then writes to it)."""
+        if not any(row.counts is not None or row.params.logit_bias or row.grammar is not None
+                   or (row.generated < row.params.min_tokens and row.banned_until_min) for row in rows):
+            return scores
         scores = scores.clone()
         penalized = [i for i, row in enumerate(rows) if row.counts is not None]
         if penalized:
@@ -418,8 +425,9 @@ class Sampler:
         scores (``topk``, sorted) are carried past it."""
         params = [row.params for row in rows]
         width = scores.shape[1]
-        temperature = torch.tensor([p.temperature for p in params], device=self.device)
-        scores = scores / temperature.unsqueeze(1)
+        if any(p.temperature != 1.0 for p in params):  # (a division by 1 changes nothing)
+            temperature = torch.tensor([p.temperature for p in params], device=self.device)
+            scores = scores / temperature.unsqueeze(1)
         top_k = [p.top_k if 0 < p.top_k < width else width for p in params]
         ids: torch.Tensor | None = None  # the candidates' token ids, where only they are carried
         if max(top_k) < width:
@@ -437,17 +445,21 @@ class Sampler:
         top_p = [p.top_p for p in params]
         if min(top_p) < 1.0:
             probs = nucleus(probs, torch.tensor(top_p, device=self.device), ordered=ids is not None)
-        min_p = torch.tensor([p.min_p for p in params], device=self.device).unsqueeze(1)
         if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=self.device).unsqueeze(1)
             probs = keep_at_least(probs, min_p * probs.amax(dim=-1, keepdim=True))
-        uniform = torch.empty(len(rows), dtype=torch.float64, device=self.device)
         unseeded = [i for i, row in enumerate(rows) if row.generator is None]
-        if unseeded:
-            uniform[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=self.device,
-                                           generator=self._generator)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                uniform[i] = torch.rand(1, dtype=torch.float64, device=self.device, generator=row.generator)[0]
+        if len(unseeded) == len(rows):  # the same draws as filling them in below
+            uniform = torch.rand(len(rows), dtype=torch.float64, device=self.device, generator=self._generator)
+        else:
+            uniform = torch.empty(len(rows), dtype=torch.float64, device=self.device)
+            if unseeded:
+                uniform[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=self.device,
+                                               generator=self._generator)
+            for i, row in enumerate(rows):
+                if row.generator is not None:
+                    uniform[i] = torch.rand(1, dtype=torch.float64, device=self.device,
+                                            generator=row.generator)[0]
         token = draw_from(probs, uniform)
         return token if ids is None else ids.gather(1, token.unsqueeze(1)).squeeze(1)
 
