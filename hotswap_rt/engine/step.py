@@ -101,17 +101,22 @@ class StepInputs:
 def build_inputs(chunks: list[tuple[list[int], int]], rows: int, length: int, kv_length: int,
                  scratch: int, device: torch.device) -> StepInputs:
     """Inputs for ``chunks`` (``(tokens, start position)`` per row) in a ``[rows, length]``
-    batch attending over ``kv_length`` positions."""
-    input_ids = torch.zeros(rows, length, dtype=torch.long)
-    positions = torch.zeros(rows, length, dtype=torch.long)
-    write_at = torch.full((rows, length), scratch, dtype=torch.long)
-    for b, (tokens, start) in enumerate(chunks):
-        n = len(tokens)
-        input_ids[b, length - n:] = torch.tensor(tokens, dtype=torch.long)
-        positions[b, length - n:] = torch.arange(start, start + n)
-        write_at[b, length - n:] = positions[b, length - n:]
-    input_ids, positions, write_at = (t.to(device, non_blocking=True)
-                                      for t in (input_ids, positions, write_at))
+    batch attending over ``kv_length`` positions. Each row is left-padded (token 0 at position
+    0, written to ``scratch``); built as Python lists, one tensor each (writing rows into
+    tensors op by op cost ~1 ms for 16 decode rows on a CPU, ad hoc)."""
+    id_rows, position_rows, write_rows = [], [], []
+    for tokens, start in chunks:
+        pad = length - len(tokens)
+        positions = list(range(start, start + len(tokens)))
+        id_rows.append([0] * pad + list(tokens))
+        position_rows.append([0] * pad + positions)
+        write_rows.append([scratch] * pad + positions)
+    for _ in range(rows - len(chunks)):  # padding rows
+        id_rows.append([0] * length)
+        position_rows.append([0] * length)
+        write_rows.append([scratch] * length)
+    input_ids, positions, write_at = (torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+                                      for values in (id_rows, position_rows, write_rows))
     keys = torch.arange(kv_length, device=device)
     mask = keys.view(1, 1, 1, -1) <= positions.view(rows, 1, length, 1)
     return StepInputs(input_ids, positions, write_at, mask)
