@@ -76,29 +76,12 @@ def sampler_steps(kept: bool, steps: int = 30) -> dict[str, float]:
 
 def engine_throughput(kept: bool, repeats: int = 3) -> dict[str, float]:
     """Child: output tokens per second of an eager engine (see the module doc)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hotswap_rt import HotswapRuntime, RuntimeConfig
-    from hotswap_rt.engine import EngineConfig, GenerationEngine
     from hotswap_rt.engine.sampling import SamplingParams
 
-    from .gpu_check import _Tokens
-    from .sampler_step import LM_HEAD_SCALE
+    from .sampler_step import eager_engine, peaked_llama
 
     vocab = VOCABS[0]
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
-                                         max_position_embeddings=256)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(LM_HEAD_SCALE)
-    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=16, device_slots=2,
-                                             host_slots=2, max_batch_size=ROWS))
-    engine = GenerationEngine(rt, _Tokens(), EngineConfig(
-        max_seqs=ROWS, max_model_len=128, prefill_chunk=64, compile=False, torch_threads=1,
-        keep_freed_memory=None if kept else False))
-    engine.start()
+    engine = eager_engine(peaked_llama(vocab), torch_threads=1, keep_freed_memory=None if kept else False)
     result = {}
     try:
         for label, params in ENGINE_CASES.items():

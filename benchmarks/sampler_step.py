@@ -99,22 +99,37 @@ def with_previous_sampler(step: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def engine_throughput(rounds: int, vocab: int = 32000) -> None:
-    """Output tokens per second of an engine with each sampler (see the module doc)."""
+def peaked_llama(vocab: int) -> LlamaForCausalLM:
+    """A random 4-layer hidden-256 Llama whose ``lm_head`` is scaled by :data:`LM_HEAD_SCALE`: a
+    random model's next token is near uniform; this makes it as peaked as a trained one's."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
                                          max_position_embeddings=256)).eval()
-    with torch.no_grad():  # a random model's next token is near uniform: make it as peaked as a trained one's
+    with torch.no_grad():
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    return model
+
+
+def eager_engine(model: torch.nn.Module, **config) -> GenerationEngine:
+    """An eager engine of 16 rows (``config``: more :class:`EngineConfig` fields) over ``model``
+    with all-linear slots, started."""
+    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=16, device_slots=2,
+                                             host_slots=2, max_batch_size=ROWS))
+    engine = GenerationEngine(rt, _Tokens(), EngineConfig(max_seqs=ROWS, max_model_len=128, prefill_chunk=64,
+                                                           compile=False, **config))
+    engine.start()
+    return engine
+
+
+def engine_throughput(rounds: int, vocab: int = 32000) -> None:
+    """Output tokens per second of an engine with each sampler (see the module doc)."""
+    model = peaked_llama(vocab)
+    with torch.no_grad():
         logits = model(torch.arange(16 * 32).view(16, 32) % vocab).logits[:, -1]
     probs = torch.softmax(logits / 0.8, dim=-1).sort(dim=-1, descending=True).values
     nucleus_size = int(((probs.cumsum(-1) - probs) <= 0.95).sum(-1).float().median())
-    rt = HotswapRuntime(model, RuntimeConfig(target_modules="all-linear", max_rank=16, device_slots=2,
-                                             host_slots=2, max_batch_size=16))
-    engine = GenerationEngine(rt, _Tokens(), EngineConfig(max_seqs=16, max_model_len=128, prefill_chunk=64,
-                                                           compile=False))
-    engine.start()
+    engine = eager_engine(model)
     print(f"\n| engine, 16 x (32 + 64) tokens, vocab {vocab}, eager, lm_head x{LM_HEAD_SCALE} (nucleus of "
           f"top_p 0.95 at temperature 0.8: {nucleus_size} tokens, median) | previous tok/s | now tok/s | "
           "speed-up |")
