@@ -91,7 +91,8 @@ class GenerationEngine:
         if config.keep_freed_memory and not can_keep_freed_memory():
             raise HotswapError("EngineConfig.keep_freed_memory=True needs glibc's malloc (Linux); this "
                                "C library is not glibc (None: only where it is)")
-        # whether start() sets malloc to keep freed memory (see hotswap_rt.freed_memory)
+        # whether the engine thread sets malloc to keep freed memory before its first step
+        # (see hotswap_rt.freed_memory)
         self.keeps_freed_memory = (config.keep_freed_memory if config.keep_freed_memory is not None
                                    else on_cpu and can_keep_freed_memory())
         dynamic = config.dynamic_lengths if config.dynamic_lengths is not None else on_cpu
