@@ -1,8 +1,8 @@
 """Keeping freed host memory for reuse (``hotswap_rt.freed_memory``) and the engine's switch.
 
 What it is for is counted, not timed: the minor page faults a sampler step takes on a thread of
-its own (as the engine's), in a child process each (malloc's settings are the process's), with
-malloc as it is and with freed memory kept.
+its own (as the engine's) in a child process (malloc's settings are the process's) with freed
+memory kept.
 """
 
 from __future__ import annotations
@@ -71,13 +71,28 @@ def _sampler_faults(mode: str) -> dict:
 
 @pytest.mark.skipif(not freed_memory.can_keep_freed_memory(), reason="needs glibc's malloc")
 def test_a_sampler_step_reuses_its_pages_once_freed_memory_is_kept() -> None:
-    as_is, kept = _sampler_faults("as-is"), _sampler_faults("kept")
-    assert not as_is["kept"] and kept["kept"]
-    # malloc as it is: each step's scores and probabilities land on fresh pages (~3 tensors'
-    # worth a step; whether malloc settles into that depends on the allocations before: here
-    # always, after the smaller vocabulary's steps); kept: the freed step's pages serve the next
-    assert as_is["faults_per_step"] >= PAGES_PER_SCORES, as_is
+    """Kept: the freed step's pages serve the next one, every time. Malloc as it is settles into
+    that or not depending on what was allocated before and where (~7,090 faults a step at this
+    vocabulary in 4 of 4 runs by hand before the sampler stopped copying its scores, none in
+    the suite's run after): counted by ``benchmarks.freed_memory``, not asserted here."""
+    kept = _sampler_faults("kept")
+    assert kept["kept"]
     assert kept["faults_per_step"] < PAGES_PER_SCORES / 50, kept
+
+
+def test_keep_freed_memory_sets_both_thresholds_once(monkeypatch) -> None:
+    calls = []
+
+    def recording(parameter: int, value: int) -> int:
+        calls.append((parameter, value))
+        return 1
+
+    monkeypatch.setattr(freed_memory, "glibc_mallopt", lambda: recording)
+    monkeypatch.setattr(freed_memory, "_kept", False)
+    freed_memory.keep_freed_memory()
+    freed_memory.keep_freed_memory()  # idempotent
+    assert calls == [(-3, 32 << 20), (-1, 256 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert freed_memory.keeps_freed_memory()
 
 
 def test_keep_freed_memory_without_glibc_raises_and_changes_nothing(monkeypatch) -> None:
