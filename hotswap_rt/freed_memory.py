@@ -5,9 +5,10 @@ A CPU generation step allocates and frees tensors of megabytes: the logits ``[B,
 sampler's scores and probabilities (16 rows of a 152k vocabulary are 9.7 MB each). glibc's
 malloc serves blocks that large from fresh ``mmap`` s, or gives the top of its heap back to the
 kernel once they are freed, so every step's tensors land on new pages, and each 4 KiB page
-faults when it is first written. On a 2-core VM the sampler of 16 rows then faulted ~1,500
-pages a step at a 32k vocabulary and ~7,000 at 152k, and spent most of its time there
-(``python -m benchmarks.freed_memory``).
+faults when it is first written. Whether it settles into reusing them depends on what was
+allocated before: on a 2-core VM a 16-row sampler step at a 152k vocabulary faulted ~7,000
+pages a step, most of its time (``python -m benchmarks.freed_memory`` at 59afaf6, when the
+sampler still copied its scores each step), and the next build's steps did not.
 
 :func:`keep_freed_memory` tells malloc, through ``mallopt``, to serve blocks below
 :data:`MMAP_THRESHOLD` (32 MiB, the largest glibc takes) from its heap and to give the heap's
