@@ -358,21 +358,22 @@ class Sampler:
     def process(self, scores: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
         """Penalties, logit bias, min-tokens bans and grammars, applied to a copy of ``scores
         [n, V]``; ``scores`` itself where no row has any (nothing then writes to it)."""
-        if not any(row.counts is not None or row.params.logit_bias or row.grammar is not None
-                   or (row.generated < row.params.min_tokens and row.banned_until_min) for row in rows):
+        penalized = [i for i, row in enumerate(rows) if row.counts is not None]
+        biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
+        banned = [i for i, row in enumerate(rows)  # min_tokens not reached yet
+                  if row.generated < row.params.min_tokens and row.banned_until_min]
+        structured = [i for i, row in enumerate(rows) if row.grammar is not None]
+        if not (penalized or biased or banned or structured):
             return scores
         scores = scores.clone()
-        penalized = [i for i, row in enumerate(rows) if row.counts is not None]
         if penalized:
             self._penalize(scores, [rows[i] for i in penalized], penalized)
-        for i, row in enumerate(rows):
-            params = row.params
-            if params.logit_bias:
-                ids = torch.tensor(list(params.logit_bias), device=self.device)
-                scores[i, ids] += torch.tensor(list(params.logit_bias.values()), device=self.device)
-            if row.generated < params.min_tokens and row.banned_until_min:
-                scores[i, torch.tensor(row.banned_until_min, device=self.device)] = float("-inf")
-        structured = [i for i, row in enumerate(rows) if row.grammar is not None]
+        for i in biased:
+            bias = rows[i].params.logit_bias
+            ids = torch.tensor(list(bias), device=self.device)
+            scores[i, ids] += torch.tensor(list(bias.values()), device=self.device)
+        for i in banned:
+            scores[i, torch.tensor(rows[i].banned_until_min, device=self.device)] = float("-inf")
         if structured:  # the tokens a row's grammar does not allow next: -inf, every row at once
             from .structured import mask_scores
 
