@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 import threading
@@ -44,6 +45,7 @@ _lock = threading.Lock()
 _kept = False
 
 
+@functools.cache  # finding the C library may run a process (ldconfig): once
 def glibc_mallopt() -> Callable[[int, int], int] | None:
     """glibc's ``mallopt``, or None where the C library is not glibc (another OS, musl)."""
     if not sys.platform.startswith("linux"):

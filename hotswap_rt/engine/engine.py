@@ -88,13 +88,13 @@ class GenerationEngine:
                                   self.max_len + 1, self.device)
         decode_buckets, prefill_buckets = config.buckets(self.max_seqs)
         on_cpu = self.device.type == "cpu"
-        if config.keep_freed_memory and not can_keep_freed_memory():
-            raise HotswapError("EngineConfig.keep_freed_memory=True needs glibc's malloc (Linux); this "
-                               "C library is not glibc (None: only where it is)")
         # whether the engine thread sets malloc to keep freed memory before its first step
         # (see hotswap_rt.freed_memory)
         self.keeps_freed_memory = (config.keep_freed_memory if config.keep_freed_memory is not None
-                                   else on_cpu and can_keep_freed_memory())
+                                   else on_cpu) and can_keep_freed_memory()
+        if config.keep_freed_memory and not self.keeps_freed_memory:
+            raise HotswapError("EngineConfig.keep_freed_memory=True needs glibc's malloc (Linux); this "
+                               "C library is not glibc (None: only where it is)")
         dynamic = config.dynamic_lengths if config.dynamic_lengths is not None else on_cpu
         dynamic_batch = config.dynamic_batch if config.dynamic_batch is not None else on_cpu
         self.shapes = StepShapes(decode_buckets, prefill_buckets, self.max_len, config.prefill_chunk,
