@@ -29,11 +29,10 @@ ROWS, VOCAB = 16, 151936  # Qwen's vocabulary
 PAGES_PER_SCORES = ROWS * VOCAB * 4 // 4096  # one [16, V] float32 tensor: 2374 pages
 
 SAMPLER_FAULTS = textwrap.dedent("""
-    import json, resource, sys, threading, torch
+    import json, resource, threading, torch
     from hotswap_rt.engine.sampling import RowSampling, Sampler, SamplingParams
     from hotswap_rt.freed_memory import keep_freed_memory, keeps_freed_memory
-    if sys.argv[1] == "kept":
-        keep_freed_memory()
+    keep_freed_memory()
     result = {}
 
     def steps():  # as an engine thread samples: temperature 1, 16 rows
@@ -62,9 +61,8 @@ SAMPLER_FAULTS = textwrap.dedent("""
 """)
 
 
-def _sampler_faults(mode: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", SAMPLER_FAULTS, mode], capture_output=True, text=True,
-                          timeout=300)
+def _sampler_faults() -> dict:
+    done = subprocess.run([sys.executable, "-c", SAMPLER_FAULTS], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -75,7 +73,7 @@ def test_a_sampler_step_reuses_its_pages_once_freed_memory_is_kept() -> None:
     that or not depending on what was allocated before and where (~7,090 faults a step at this
     vocabulary in 4 of 4 runs by hand before the sampler stopped copying its scores, none in
     the suite's run after): counted by ``benchmarks.freed_memory``, not asserted here."""
-    kept = _sampler_faults("kept")
+    kept = _sampler_faults()
     assert kept["kept"]
     assert kept["faults_per_step"] < PAGES_PER_SCORES / 50, kept
 
