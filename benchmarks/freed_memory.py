@@ -78,7 +78,7 @@ def engine_throughput(kept: bool, repeats: int = 3) -> dict[str, float]:
     """Child: output tokens per second of an eager engine (see the module doc)."""
     from hotswap_rt.engine.sampling import SamplingParams
 
-    from .sampler_step import eager_engine, peaked_llama
+    from .sampler_step import eager_engine, peaked_llama, tokens_per_second
 
     vocab = VOCABS[0]
     engine = eager_engine(peaked_llama(vocab), torch_threads=1, keep_freed_memory=None if kept else False)
@@ -86,14 +86,8 @@ def engine_throughput(kept: bool, repeats: int = 3) -> dict[str, float]:
     try:
         for label, params in ENGINE_CASES.items():
             sampling_params = SamplingParams(max_tokens=64, ignore_eos=True, **params)
-            rates = []
-            for repeat in range(repeats + 1):  # the first warms up
-                begin = time.perf_counter()
-                handles = [engine.submit([(7 * i + j) % vocab for j in range(32)], None, sampling_params)
-                           for i in range(ROWS)]
-                tokens = sum(sum(1 for event in handle if hasattr(event, "token_id")) for handle in handles)
-                if repeat:
-                    rates.append(tokens / (time.perf_counter() - begin))
+            tokens_per_second(engine, vocab, sampling_params)  # warms up
+            rates = [tokens_per_second(engine, vocab, sampling_params) for _ in range(repeats)]
             result[f"engine, 16 requests, {label}: tok/s"] = statistics.median(rates)
     finally:
         engine.stop()

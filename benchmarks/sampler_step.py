@@ -122,6 +122,14 @@ def eager_engine(model: torch.nn.Module, **config) -> GenerationEngine:
     return engine
 
 
+def tokens_per_second(engine: GenerationEngine, vocab: int, params: SamplingParams) -> float:
+    """Output tokens per second of :data:`ROWS` requests of 32 prompt tokens submitted at once."""
+    begin = time.perf_counter()
+    handles = [engine.submit([(7 * i + j) % vocab for j in range(32)], None, params) for i in range(ROWS)]
+    tokens = sum(sum(1 for event in handle if hasattr(event, "token_id")) for handle in handles)
+    return tokens / (time.perf_counter() - begin)
+
+
 def engine_throughput(rounds: int, vocab: int = 32000) -> None:
     """Output tokens per second of an engine with each sampler (see the module doc)."""
     model = peaked_llama(vocab)
@@ -139,11 +147,7 @@ def engine_throughput(rounds: int, vocab: int = 32000) -> None:
             sampling_params = SamplingParams(max_tokens=64, ignore_eos=True, **params)
 
             def generate() -> float:
-                begin = time.perf_counter()
-                handles = [engine.submit([(7 * i + j) % vocab for j in range(32)], None, sampling_params)
-                           for i in range(16)]
-                tokens = sum(sum(1 for event in handle if hasattr(event, "token_id")) for handle in handles)
-                return tokens / (time.perf_counter() - begin)
+                return tokens_per_second(engine, vocab, sampling_params)
 
             previous = with_previous_sampler(generate)
             generate()
