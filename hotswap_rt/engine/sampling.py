@@ -449,18 +449,12 @@ class Sampler:
         if any(p.min_p > 0 for p in params):
             min_p = torch.tensor([p.min_p for p in params], device=self.device).unsqueeze(1)
             probs = keep_at_least(probs, min_p * probs.amax(dim=-1, keepdim=True))
-        unseeded = [i for i, row in enumerate(rows) if row.generator is None]
-        if len(unseeded) == len(rows):  # the same draws as filling them in below
-            uniform = torch.rand(len(rows), dtype=torch.float64, device=self.device, generator=self._generator)
-        else:
-            uniform = torch.empty(len(rows), dtype=torch.float64, device=self.device)
-            if unseeded:
-                uniform[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=self.device,
-                                               generator=self._generator)
-            for i, row in enumerate(rows):
-                if row.generator is not None:
-                    uniform[i] = torch.rand(1, dtype=torch.float64, device=self.device,
-                                            generator=row.generator)[0]
+        # one uniform per row from the sampler's (randomly seeded) generator, then a seeded
+        # row's own in its place: its draws depend on its seed alone, whatever shares the batch
+        uniform = torch.rand(len(rows), dtype=torch.float64, device=self.device, generator=self._generator)
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                uniform[i] = torch.rand(1, dtype=torch.float64, device=self.device, generator=row.generator)[0]
         token = draw_from(probs, uniform)
         return token if ids is None else ids.gather(1, token.unsqueeze(1)).squeeze(1)
 
