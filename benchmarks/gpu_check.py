@@ -61,7 +61,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 
-STAGES = ("swap", "overlap", "decode_k", "engine", "kernels")
+# Newest measurements first: a run cut short by its time limit still has them (the file is
+# written after every stage).
+STAGES = ("swap", "kernels", "decode_k", "engine", "overlap")
 
 
 @dataclass(frozen=True)
@@ -660,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         results["stages"][stage] = figures
         print(f"[gpu_check] {stage}: {json.dumps(figures, default=str)}", flush=True)
         torch._dynamo.reset()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every stage: a run cut short keeps what it measured
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"[gpu_check] wrote {args.out}")
     return 1 if results["failed"] else 0
 

@@ -84,7 +84,7 @@ print(f"device: {torch.cuda.get_device_name()}, capability {torch.cuda.get_devic
 EOF
 
 status=0
-timeout 240 "$PY" -m pytest "${TESTS[@]}" -q -p no:cacheprovider -o addopts="" -o log_level=WARNING \
+timeout 240 "$PY" -m pytest "${TESTS[@]}" -v --durations=20 -p no:cacheprovider -o addopts="" -o log_level=WARNING \
   --junitxml "$RESULTS-tests.xml" || status=1
 timeout 400 "$PY" -m benchmarks.gpu_check --device cuda --out "$RESULTS.json" || status=1
 if [[ -n "${OUT:-}" ]]; then
