@@ -8,6 +8,7 @@ output) and saved with ``save_pretrained``: exactly what users load.
 from __future__ import annotations
 
 import copy
+import random
 import subprocess
 import sys
 import time
@@ -241,3 +242,16 @@ def weather_server():
                          adapters={"weather": str(tool_adapter_path())})
     with BackgroundServer(build_app(config)) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120), url
+
+
+def word_vocabulary() -> list[bytes | None]:
+    """The byte tokenizer's tokens, then ~6000 words of letters and spaces (1 in 100 with
+    quotes and braces), as a real vocabulary has most of its tokens: inside a JSON string a
+    state bans under 1/32 of them (``structured.SPARSE_BELOW``). (Here, not in test_structured,
+    so that test_cuda needs no HTTP stack on a GPU machine.)"""
+    from hotswap_rt.serve.tokenizers import ByteTokenizer
+
+    words, letters = random.Random(7), "abcdefghijklmnopqrstuvwxyz "
+    return ByteTokenizer().token_bytes() + sorted({
+        "".join(words.choice(letters if n % 100 else '",}ab') for _ in range(words.randint(2, 5))).encode()
+        for n in range(6000)})

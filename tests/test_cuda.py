@@ -15,7 +15,7 @@ import torch
 from hotswap_rt import HotswapRuntime, RuntimeConfig
 from hotswap_rt.engine import EngineConfig, GenerationEngine, SamplingParams
 
-from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, IdTokenizer, logits
+from .conftest import ATTENTION_TARGETS, VOCAB, BaseModel, IdTokenizer, logits, word_vocabulary
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TARGETS = ATTENTION_TARGETS["llama"]
@@ -333,8 +333,6 @@ def test_sampling_and_sparse_bans_on_the_device_equal_the_hosts() -> None:
     from hotswap_rt.engine.sampling import argmax_rows, draw_from, nucleus
     from hotswap_rt.engine.structured import Grammars, StructuredOutput, mask_scores
     from hotswap_rt.serve.tokenizers import EOS_ID
-
-    from .test_structured import word_vocabulary
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 5000, generator=generator) * torch.linspace(0.5, 8.0, 8).unsqueeze(1)

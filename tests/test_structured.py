@@ -19,6 +19,7 @@ from hotswap_rt.engine.structured import Grammars, StructuredOutput
 from hotswap_rt.serve import ServeConfig, build_app
 from hotswap_rt.serve.background import BackgroundServer
 from hotswap_rt.serve.tokenizers import EOS_ID, ByteTokenizer, HFTokenizer
+from .conftest import word_vocabulary
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["mood", "ok", "tags"],
           "properties": {"mood": {"enum": ["happy", "sad", "calm"]}, "ok": {"type": "boolean"},
@@ -320,16 +321,6 @@ def test_the_batched_bias_allows_exactly_the_grammars_tokens() -> None:
             assert torch.equal(scores[2], logits[2])
     picked = sampler.sample(torch.randn(len(rows) + 2, vocab), states).tokens  # a padded batch
     assert all(token in expected for token, expected in zip(picked, references))
-
-
-def word_vocabulary() -> list[bytes | None]:
-    """The byte tokenizer's tokens, then ~6000 words of letters and spaces (1 in 100 with
-    quotes and braces), as a real vocabulary has most of its tokens: inside a JSON string a
-    state bans under 1/32 of them (``structured.SPARSE_BELOW``)."""
-    words, letters = random.Random(7), "abcdefghijklmnopqrstuvwxyz "
-    return ByteTokenizer().token_bytes() + sorted({
-        "".join(words.choice(letters if n % 100 else '",}ab') for _ in range(words.randint(2, 5))).encode()
-        for n in range(6000)})
 
 
 def test_kept_bans_and_kept_biases_mask_the_same_tokens_as_outlines_core() -> None:
