@@ -356,5 +356,5 @@ def test_sampling_and_sparse_bans_on_the_device_equal_the_hosts() -> None:
     assert row.kept(torch.device("cpu"))[0].dtype == torch.int64  # a string: few banned
     on_device = scores.to(gpu)
     mask_scores(on_device, [row], [1])
-    assert row.kept(gpu)[0].dtype == torch.int64
+    assert row.kept(on_device.device)[0].dtype == torch.int64  # kept under the scores' device, cuda:0
     assert torch.equal(on_device.cpu(), on_host)
