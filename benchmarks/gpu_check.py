@@ -30,11 +30,13 @@ Stages (``--stages`` picks some):
 - ``engine``: :class:`~hotswap_rt.engine.GenerationEngine` throughput, 32 requests over 8
   adapters against the same requests on the base model.
 - ``kernels``: the per-row product's one-token forms alone (batch 16, rank 16, one slot a row,
-  8 layers of each of the model's layer shapes, CUDA graphs on CUDA): as
-  ``per_row_decode="reduce"`` computes it, with the rank sum unrolled into one pointwise
-  kernel (a candidate: the first H200 run found that sum ~10x its bytes' time at 11,008
-  outputs), gathered with batched matmuls, and as a segment matmul over the rows grouped by
-  slot (``torch._grouped_mm``, bfloat16 only), against the base linears of the same shape.
+  8 layers of each of the model's layer shapes; on CUDA the device time of a CUDA-graph
+  replay): as ``per_row_decode="reduce"`` computes it (and its two sums alone), with the rank
+  sum unrolled into one pointwise kernel, gathered with batched matmuls, as a segment matmul
+  over the rows grouped by slot (``torch._grouped_mm``, bfloat16 only), every slot's ranks by
+  one matmul with the other slots' masked (``dense``), and as two hand-written Triton kernels
+  (``triton``, :mod:`benchmarks.lora_triton`, CUDA only), against the base linears of the
+  same shape.
 
 ``--quick`` shrinks every shape so that the whole script runs on a CPU in seconds (tests keep the
 code correct on machines without a GPU); ``--no-compile`` skips ``torch.compile``.
@@ -127,6 +129,36 @@ def median_us(fn: Callable[[], object], rounds: int, device: torch.device) -> fl
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
+
+
+def device_us(fn: Callable[[], object], rounds: int, device: torch.device, replays: int = 20) -> float:
+    """Device time of one call of ``fn``: on CUDA, ``fn`` captured once in a CUDA graph (after
+    warm-up on a side stream) and replayed ``replays`` times between two events, the median of
+    ``rounds`` such timings (no host work, no synchronize in the figure: what the kernels cost
+    inside a step that runs as a graph); elsewhere :func:`median_us`."""
+    if device.type != "cuda":
+        return median_us(fn, rounds, device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(max(1, rounds // 5)):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / replays)
+    return statistics.median(times)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -559,26 +591,63 @@ def _rank_sum_forms() -> dict[str, Callable[..., torch.Tensor]]:
             out = out + torch._grouped_mm(h, bt, offs=ends)  # [B, d_out]
         return torch.empty_like(out).index_copy_(0, order, out)  # back in row order
 
-    return {"reduce": reduce, "rank_unrolled": rank_unrolled, "bmm": bmm, "grouped": grouped}
+    def dense(x: torch.Tensor, layers: list, slots: torch.Tensor) -> torch.Tensor:
+        rank = layers[0][0].shape[1]
+        every_slot = torch.arange(layers[0][0].shape[0], device=x.device)
+        mask = (slots == every_slot).to(x.dtype).repeat_interleave(rank, dim=1)  # [B, S*R]: own slot
+        out = torch.zeros((), dtype=x.dtype, device=x.device)
+        for a, bt in layers:
+            h = torch.nn.functional.linear(x, a.flatten(0, 1)) * mask  # every slot's ranks, others zeroed
+            out = out + h @ bt.flatten(0, 1)
+        return out
+
+    return {"reduce": reduce, "rank_unrolled": rank_unrolled, "bmm": bmm, "grouped": grouped, "dense": dense}
+
+
+def _triton_form() -> Callable[..., torch.Tensor] | str:
+    """The two hand-written Triton kernels of :mod:`benchmarks.lora_triton` as a
+    :func:`_rank_sum_forms` form (run as they are, not compiled), or why they cannot run."""
+    try:
+        from benchmarks.lora_triton import lora_delta
+    except ImportError as exc:
+        return f"Triton is not importable ({exc})"
+
+    def triton_form(x: torch.Tensor, layers: list, slots: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((), dtype=x.dtype, device=x.device)
+        for a, bt in layers:
+            out = out + lora_delta(x, a, bt, slots[:, 0])
+        return out
+
+    return triton_form
 
 
 def stage_kernels(setup: Setup) -> dict[str, Any]:
-    """The per-row product's one-token forms alone (:func:`_rank_sum_forms`), batch 16, rank 16,
-    8 distinct slots of 16, over 8 layers of each of the model's layer shapes (``d_in -> d_out``),
-    compiled (CUDA graphs on CUDA), against the 8 base linears of that shape: keys
-    ``<d_in>x<d_out>_<form>_us`` and ``_over_base``, and each form's largest difference from
-    ``bmm`` computed in float32 (``_max_diff``); a form that fails records ``_error`` and the
-    others still run."""
+    """The per-row product's one-token forms alone (:func:`_rank_sum_forms`, and
+    :mod:`benchmarks.lora_triton`'s kernels on CUDA: ``triton``), batch 16, rank 16, 8 distinct
+    slots of 16, over 8 layers of each of the model's layer shapes (``d_in -> d_out``),
+    compiled, against the 8 base linears of that shape; on CUDA each timed as the device time of
+    a CUDA-graph replay (:func:`device_us`: what the kernels cost inside a graphed step; the
+    first run timed each call's wall clock with a synchronize, mostly host time). Keys
+    ``<d_in>x<d_out>_<form>_us`` and ``_over_base``, each form's largest difference from ``bmm``
+    computed in float32 (``_max_diff``), and ``reduce``'s two sums alone
+    (``_reduce_shrink_us``: over ``d_in``; ``_reduce_expand_us``: over the ranks); a form that
+    fails records ``_error`` and the others still run."""
     batch, rank = 16, 16
     generator = torch.Generator().manual_seed(0)
     slots = (torch.arange(batch) % KERNEL_DISTINCT).view(batch, 1).to(setup.device)
-    mode = "reduce-overhead" if setup.device.type == "cuda" else None
     result: dict[str, Any] = {}
     hidden, intermediate = setup.hidden, setup.intermediate
     shapes = {(hidden, hidden), (hidden, intermediate), (intermediate, hidden)}
+    triton_form = _triton_form() if setup.device.type == "cuda" else "Triton kernels run on CUDA only"
 
     def make(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator) * 0.02).to(setup.device, setup.dtype)
+
+    def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return (x.view(batch, 1, 1, -1) * a[slots]).sum(-1)  # [B, 1, R]
+
+    def expand(h: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+        return (h.unsqueeze(-1) * bt[slots]).sum((1, 2))  # [B, d_out]
 
     for d_in, d_out in sorted(shapes):
         layers = [(make(KERNEL_SLOTS, rank, d_in), make(KERNEL_SLOTS, rank, d_out))
@@ -586,26 +655,34 @@ def stage_kernels(setup: Setup) -> dict[str, Any]:
         weights = [make(d_out, d_in) for _ in range(KERNEL_LAYERS)]
         x = make(batch, d_in)
         exact = _rank_sum_forms()["bmm"](x.float(), [(a.float(), bt.float()) for a, bt in layers], slots)
+        ranks = [shrink(x, a) for a, _ in layers]
 
         def base(x: torch.Tensor) -> torch.Tensor:
             return sum(torch.nn.functional.linear(x, weight) for weight in weights)
 
         label = f"{d_in}x{d_out}"
-        timed = {"base": lambda fn=base: fn(x)}
-        for form, fn in _rank_sum_forms().items():
+        timed: dict[str, Callable[[], torch.Tensor]] = {"base": lambda fn=base: fn(x)}
+        forms = dict(_rank_sum_forms())
+        if isinstance(triton_form, str):
+            result[f"{label}_triton_skipped"] = triton_form
+        else:
+            forms["triton"] = triton_form
+        for form, fn in forms.items():
             if form == "grouped" and setup.dtype != torch.bfloat16:  # torch._grouped_mm's meta
                 result[f"{label}_{form}_skipped"] = "torch._grouped_mm compiles in bfloat16 only"
                 continue
             timed[form] = lambda fn=fn: fn(x, layers, slots)
+        timed["reduce_shrink"] = lambda: [shrink(x, a) for a, _ in layers]
+        timed["reduce_expand"] = lambda: [expand(h, bt) for h, (_, bt) in zip(ranks, layers)]
         for form, call in timed.items():
             torch._dynamo.reset()
             try:
-                compiled = torch.compile(call, mode=mode) if setup.compile else call
+                compiled = torch.compile(call) if setup.compile and form != "triton" else call
                 with torch.no_grad():
-                    out = compiled().float()  # before the timing: a CUDA graph's next replay overwrites it
-                    if form != "base":
-                        result[f"{label}_{form}_max_diff"] = (out - exact).abs().max().item()
-                    result[f"{label}_{form}_us"] = median_us(compiled, setup.rounds, setup.device)
+                    out = compiled()
+                    if form in forms:
+                        result[f"{label}_{form}_max_diff"] = (out.float() - exact).abs().max().item()
+                    result[f"{label}_{form}_us"] = device_us(compiled, setup.rounds, setup.device)
             except Exception as exc:  # a candidate that fails here must not hide the others' figures
                 if form == "base":
                     raise
@@ -662,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
         results["stages"][stage] = figures
         print(f"[gpu_check] {stage}: {json.dumps(figures, default=str)}", flush=True)
         torch._dynamo.reset()
-        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every stage: a run cut short keeps what it measured
+        # written after every stage: a run cut short keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"[gpu_check] wrote {args.out}")
     return 1 if results["failed"] else 0

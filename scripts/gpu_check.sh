@@ -7,7 +7,8 @@
 #
 # Python: $PYTHON, else .venv/bin/python if its torch sees CUDA, else python3 (a GPU image's
 # own python with CUDA torch). hotswap_rt is used from this checkout (PYTHONPATH), so nothing is
-# downloaded; wheels in .whl/ (if any) are installed first into a private site directory.
+# downloaded; wheels in .whl/ (if any) are installed first into a private site directory
+# (scripts/gpu_wheels.sh fetches those the CUDA tests need beyond PyTorch, transformers, PEFT).
 # Writes benchmarks/results/<date>-gpu.json (the benchmarks) and <date>-gpu-tests.xml (JUnit);
 # with $OUT set (the device tool), copies both there too. Exit status: non-zero if any step failed.
 set -uo pipefail
@@ -84,6 +85,13 @@ print(f"device: {torch.cuda.get_device_name()}, capability {torch.cuda.get_devic
 EOF
 
 status=0
+# The CUDA tests of grammars and sampling import pydantic and outlines-core (the serve extra),
+# which a GPU image may lack (the 2026-11-30 H200 image did): say so before they fail.
+if ! "$PY" -c "import pydantic, outlines_core" 2>/dev/null; then
+  echo "gpu_check: pydantic or outlines-core is missing: run scripts/gpu_wheels.sh where pip works" \
+       "and carry .whl/ (two CUDA tests will fail without them)" >&2
+  status=1
+fi
 timeout 240 "$PY" -m pytest "${TESTS[@]}" -v --durations=20 -p no:cacheprovider -o addopts="" -o log_level=WARNING \
   --junitxml "$RESULTS-tests.xml" || status=1
 timeout 400 "$PY" -m benchmarks.gpu_check --device cuda --out "$RESULTS.json" || status=1

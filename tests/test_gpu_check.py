@@ -74,12 +74,15 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
     assert stages["engine"]["base_tok_s"] > 0 and stages["engine"]["mixed8_tok_s"] > 0
     kernels = stages["kernels"]
     shapes = ("64x64", "64x128", "128x64")  # --quick: hidden 64, intermediate 128
-    for shape, form in itertools.product(shapes, ("reduce", "rank_unrolled", "bmm")):
+    for shape, form in itertools.product(shapes, ("reduce", "rank_unrolled", "bmm", "dense")):
         assert kernels[f"{shape}_{form}_us"] > 0 and kernels[f"{shape}_base_us"] > 0
         assert kernels[f"{shape}_{form}_max_diff"] < 1e-6  # float32 on CPU: each form computes the delta
+    for shape, part in itertools.product(shapes, ("shrink", "expand")):  # reduce's two sums alone
+        assert kernels[f"{shape}_reduce_{part}_us"] > 0
     assert not [key for key in kernels if key.endswith("_error")]  # a failing form is recorded, not raised
-    for shape in shapes:  # the segment-matmul candidate says why it did not run in float32
+    for shape in shapes:  # the candidates that did not run say why
         assert "bfloat16" in kernels[f"{shape}_grouped_skipped"] and f"{shape}_grouped_us" not in kernels
+        assert "CUDA" in kernels[f"{shape}_triton_skipped"] and f"{shape}_triton_us" not in kernels
 
 
 def test_the_grouped_kernel_form_equals_the_gathered_one_compiled_in_bfloat16() -> None:
