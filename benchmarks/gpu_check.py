@@ -610,6 +610,15 @@ def _rank_sum_forms() -> dict[str, Callable[..., torch.Tensor]]:
     return {"reduce": reduce, "rank_unrolled": rank_unrolled, "bmm": bmm, "grouped": grouped, "dense": dense}
 
 
+def _after_fused(yh: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``y`` plus each row's delta from ``yh = x @ [W; A_0; ...]^T`` (``[B, d_out + S*R]``: the
+    base output and every slot's ranks), ``bt [S, R, d_out]``, ``slots [B, 1]``: ``[B, d_out]``."""
+    batch, (count, rank, d_out) = yh.shape[0], bt.shape
+    every = yh[:, d_out:].view(batch, count, rank)
+    h = torch.gather(every, 1, slots.view(batch, 1, 1).expand(batch, 1, rank))  # [B, 1, R]: own slot
+    return yh[:, :d_out] + (h.view(batch, rank, 1) * bt[slots[:, 0]]).sum(1)
+
+
 def _triton_form() -> Callable[..., torch.Tensor] | str:
     """The two hand-written Triton kernels of :mod:`benchmarks.lora_triton` as a
     :func:`_rank_sum_forms` form (run as they are, not compiled), or why they cannot run."""
@@ -635,9 +644,13 @@ def stage_kernels(setup: Setup) -> dict[str, Any]:
     a CUDA-graph replay (:func:`device_us`: what the kernels cost inside a graphed step; the
     first run timed each call's wall clock with a synchronize, mostly host time). Keys
     ``<d_in>x<d_out>_<form>_us`` and ``_over_base``, each form's largest difference from ``bmm``
-    computed in float32 (``_max_diff``), and ``reduce``'s two sums alone
-    (``_reduce_shrink_us``: over ``d_in``; ``_reduce_expand_us``: over the ranks); a form that
-    fails records ``_error`` and the others still run."""
+    computed in float32 (``_max_diff``), ``reduce``'s two sums alone (``_reduce_shrink_us``:
+    over ``d_in``; ``_reduce_expand_us``: over the ranks), and base and delta together with the
+    ``d_in`` sum folded into the base matmul (every slot's A rows appended to each weight; a probe
+    found that nearly free on an H200), the rank sum then compiled (``fused``) or as a Triton
+    kernel on CUDA (``fused_triton``), their ``_over_base`` the whole layer's time over the base
+    alone and ``_max_diff`` against base and delta in float32; a form that fails records
+    ``_error`` and the others still run."""
     batch, rank = 16, 16
     generator = torch.Generator().manual_seed(0)
     slots = (torch.arange(batch) % KERNEL_DISTINCT).view(batch, 1).to(setup.device)
@@ -680,14 +693,29 @@ def stage_kernels(setup: Setup) -> dict[str, Any]:
             timed[form] = lambda fn=fn: fn(x, layers, slots)
         timed["reduce_shrink"] = lambda: [shrink(x, a) for a, _ in layers]
         timed["reduce_expand"] = lambda: [expand(h, bt) for h, (_, bt) in zip(ranks, layers)]
+        # base and delta together: the d_in sum folded into the base matmul (every slot's A rows
+        # appended to each weight), then the rank sum compiled, or as a Triton kernel on CUDA
+        fused = [torch.cat([weight, a.flatten(0, 1)]) for weight, (a, _) in zip(weights, layers)]
+        timed["fused"] = lambda: sum(_after_fused(torch.nn.functional.linear(x, w), bt, slots)
+                                     for w, (_, bt) in zip(fused, layers))
+        if not isinstance(triton_form, str):
+            from benchmarks.lora_triton import expand_after_fused
+
+            row_slots = slots[:, 0].contiguous()
+            linear = torch.nn.functional.linear
+            timed["fused_triton"] = lambda: sum(expand_after_fused(linear(x, w), bt, row_slots)
+                                                for w, (_, bt) in zip(fused, layers))
+        with_base = sum(torch.nn.functional.linear(x.float(), w.float()) for w in weights) + exact
         for form, call in timed.items():
             torch._dynamo.reset()
             try:
-                compiled = torch.compile(call) if setup.compile and form != "triton" else call
+                compiled = torch.compile(call) if setup.compile and "triton" not in form else call
                 with torch.no_grad():
                     out = compiled()
                     if form in forms:
                         result[f"{label}_{form}_max_diff"] = (out.float() - exact).abs().max().item()
+                    elif form.startswith("fused"):  # base and delta: against both in float32
+                        result[f"{label}_{form}_max_diff"] = (out.float() - with_base).abs().max().item()
                     result[f"{label}_{form}_us"] = device_us(compiled, setup.rounds, setup.device)
             except Exception as exc:  # a candidate that fails here must not hide the others' figures
                 if form == "base":

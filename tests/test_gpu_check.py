@@ -79,6 +79,8 @@ def test_every_benchmark_stage_runs_on_cpu(tmp_path) -> None:
         assert kernels[f"{shape}_{form}_max_diff"] < 1e-6  # float32 on CPU: each form computes the delta
     for shape, part in itertools.product(shapes, ("shrink", "expand")):  # reduce's two sums alone
         assert kernels[f"{shape}_reduce_{part}_us"] > 0
+    for shape in shapes:  # base and delta, the d_in sum folded into the base matmul
+        assert kernels[f"{shape}_fused_us"] > 0 and kernels[f"{shape}_fused_max_diff"] < 1e-4
     assert not [key for key in kernels if key.endswith("_error")]  # a failing form is recorded, not raised
     for shape in shapes:  # the candidates that did not run say why
         assert "bfloat16" in kernels[f"{shape}_grouped_skipped"] and f"{shape}_grouped_us" not in kernels
