@@ -358,3 +358,24 @@ def test_sampling_and_sparse_bans_on_the_device_equal_the_hosts() -> None:
     mask_scores(on_device, [row], [1])
     assert row.kept(on_device.device)[0].dtype == torch.int64  # kept under the scores' device, cuda:0
     assert torch.equal(on_device.cpu(), on_host)
+
+
+def test_device_values_are_queued_behind_the_device_work_without_waiting_for_it() -> None:
+    """The engine's per-step values (:func:`device_values`) reach the GPU equal to
+    ``torch.tensor``'s, and the call returns while a long kernel queued before it still runs;
+    ``torch.tensor(..., device="cuda")`` waits for it (what the engine no longer does)."""
+    from hotswap_rt.engine.device_values import device_values
+
+    cases = (([3, 1, 2], None), ([0.5, 2.0], None), ([True, False], None), ([[1, 2], [3, 4]], torch.long))
+    for values, dtype in cases:
+        got = device_values(values, torch.device("cuda"), dtype)
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), torch.tensor(values, dtype=dtype))
+    busy = torch.cuda.Event()
+    for make, waits in ((lambda: device_values([1, 2, 3], "cuda"), False),
+                        (lambda: torch.tensor([1, 2, 3], device="cuda"), True)):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # about a second of one multiprocessor's cycles
+        busy.record()
+        value = make()
+        assert busy.query() is waits  # still running: the call did not wait for it
+        assert value.tolist() == [1, 2, 3]

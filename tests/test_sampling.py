@@ -268,3 +268,14 @@ def test_bad_parameters_name_themselves(params, name) -> None:
     assert error.value.param == name
     with pytest.raises(RequestError, match="vocabulary"):
         SamplingParams(logit_bias={10: 1.0}).check_vocab(4)
+
+
+def test_device_values_on_a_cpu_are_torch_tensor() -> None:
+    """The engine's per-step values on a CPU: what ``torch.tensor`` makes (dtype inferred or
+    given), not pinned; on CUDA ``tests/test_cuda.py`` checks they are queued without waiting."""
+    from hotswap_rt.engine.device_values import device_values
+
+    for values, dtype in (([3, 1, 2], None), ([0.5, 2.0], None), ([True, False], None),
+                          ([[1, 2], [3, 4]], torch.long), ([1, 2], torch.float32), (7, None)):
+        got, expected = device_values(values, "cpu", dtype), torch.tensor(values, dtype=dtype)
+        assert got.dtype == expected.dtype and torch.equal(got, expected) and not got.is_pinned()

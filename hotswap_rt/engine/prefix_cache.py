@@ -32,6 +32,7 @@ from typing import Hashable, Iterator, Sequence
 import torch
 
 from ..errors import HotswapError
+from .device_values import device_values
 from .kv_cache import KVMemory
 
 BLOCK = 16  # tokens per block: the granularity of a match
@@ -115,7 +116,7 @@ class PrefixCache:
         """Copy the matched blocks' KV into positions ``0 .. match.tokens - 1`` of KV row ``row``."""
         if not match.blocks:
             return
-        index = torch.tensor([b.index for b in match.blocks], device=self.keys[0].device)
+        index = device_values([b.index for b in match.blocks], self.keys[0].device)
         for cached, memory in self._pool_and_rows():
             _blocked(memory, row, 0, len(match.blocks)).copy_(cached.index_select(0, index))
 
@@ -143,7 +144,7 @@ class PrefixCache:
             self._blocks[key] = block
             self._leaves[index] = block
             last = block
-        index = torch.tensor(indices, device=self.keys[0].device)
+        index = device_values(indices, self.keys[0].device)
         for cached, memory in self._pool_and_rows():
             cached.index_copy_(0, index, _blocked(memory, row, len(path), len(indices)))
         self.stats.stored_blocks += len(indices)

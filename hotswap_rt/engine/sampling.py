@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import HotswapError
+from .device_values import device_values
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 MAX_LOGPROBS = 20
@@ -300,7 +301,7 @@ class RowSampling:
         if params.penalized:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
             self.prompt_mask = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-            self.prompt_mask[torch.tensor(prompt_ids, device=device)] = 1.0
+            self.prompt_mask[device_values(prompt_ids, device)] = 1.0
         self.banned_until_min = banned_until_min  # end-of-sequence and stop ids
         self.generated = 0
 
@@ -348,7 +349,7 @@ class Sampler:
         else:
             tokens = argmax_rows(scores)
             if sampling:
-                index = torch.tensor(sampling, device=self.device)
+                index = device_values(sampling, self.device)
                 tokens[index] = self._draw(scores[index], [rows[i] for i in sampling])
         token_list = tokens.tolist()
         for row, token in zip(rows, token_list):
@@ -370,10 +371,10 @@ class Sampler:
             self._penalize(scores, [rows[i] for i in penalized], penalized)
         for i in biased:
             bias = rows[i].params.logit_bias
-            ids = torch.tensor(list(bias), device=self.device)
-            scores[i, ids] += torch.tensor(list(bias.values()), device=self.device)
+            ids = device_values(list(bias), self.device)
+            scores[i, ids] += device_values(list(bias.values()), self.device)
         for i in banned:
-            scores[i, torch.tensor(rows[i].banned_until_min, device=self.device)] = float("-inf")
+            scores[i, device_values(rows[i].banned_until_min, self.device)] = float("-inf")
         if structured:  # the tokens a row's grammar does not allow next: -inf, every row at once
             from .structured import mask_scores
 
@@ -392,7 +393,7 @@ class Sampler:
         part = scores if whole else scores[at]
 
         def column(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=scores.dtype, device=self.device).unsqueeze(1)
+            return device_values(values, self.device, scores.dtype).unsqueeze(1)
 
         if any(p.repetition_penalty != 1.0 for p in params):
             seen = torch.stack([row.prompt_mask for row in rows], out=self._scratch("seen", len(rows), scores))
@@ -427,27 +428,27 @@ class Sampler:
         params = [row.params for row in rows]
         width = scores.shape[1]
         if any(p.temperature != 1.0 for p in params):  # (a division by 1 changes nothing)
-            temperature = torch.tensor([p.temperature for p in params], device=self.device)
+            temperature = device_values([p.temperature for p in params], self.device)
             scores = scores / temperature.unsqueeze(1)
         top_k = [p.top_k if 0 < p.top_k < width else width for p in params]
         ids: torch.Tensor | None = None  # the candidates' token ids, where only they are carried
         if max(top_k) < width:
             scores, ids = scores.topk(max(top_k), dim=-1)  # [m, k_max], descending
             rank = torch.arange(scores.shape[1], device=self.device)
-            scores = scores.masked_fill(rank >= torch.tensor(top_k, device=self.device).unsqueeze(1),
+            scores = scores.masked_fill(rank >= device_values(top_k, self.device).unsqueeze(1),
                                         float("-inf"))
         elif min(top_k) < width:
             kth = scores.topk(max(k for k in top_k if k < width), dim=-1).values  # descending
-            index = torch.tensor([min(k, kth.shape[1]) - 1 for k in top_k], device=self.device).unsqueeze(1)
+            index = device_values([min(k, kth.shape[1]) - 1 for k in top_k], self.device).unsqueeze(1)
             below = scores < kth.gather(1, index)
-            below[torch.tensor([k == width for k in top_k], device=self.device)] = False
+            below[device_values([k == width for k in top_k], self.device)] = False
             scores = scores.masked_fill(below, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         top_p = [p.top_p for p in params]
         if min(top_p) < 1.0:
-            probs = nucleus(probs, torch.tensor(top_p, device=self.device), ordered=ids is not None)
+            probs = nucleus(probs, device_values(top_p, self.device), ordered=ids is not None)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=self.device).unsqueeze(1)
+            min_p = device_values([p.min_p for p in params], self.device).unsqueeze(1)
             probs = keep_at_least(probs, min_p * probs.amax(dim=-1, keepdim=True))
         # one uniform per row from the sampler's (randomly seeded) generator, then a seeded
         # row's own in its place: its draws depend on its seed alone, whatever shares the batch
@@ -464,7 +465,7 @@ class Sampler:
         if logprobs is None:
             return [None] * len(params)
         k = max(p.logprobs or 0 for p in params)
-        chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(1))
+        chosen = logprobs.gather(1, device_values(tokens, logprobs.device).unsqueeze(1))
         chosen_list = chosen.squeeze(1).tolist()
         top_values, top_ids = (logprobs.topk(k, dim=-1) if k else (None, None))
         top_values = top_values.tolist() if k else None

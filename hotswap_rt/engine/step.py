@@ -24,6 +24,7 @@ import torch
 
 from ..runtime import HotswapRuntime
 from ..selection import Activation
+from .device_values import device_values
 from .kv_cache import KVMemory, StepCache
 
 
@@ -115,7 +116,7 @@ def build_inputs(chunks: list[tuple[list[int], int]], rows: int, length: int, kv
         id_rows.append([0] * length)
         position_rows.append([0] * length)
         write_rows.append([scratch] * length)
-    input_ids, positions, write_at = (torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    input_ids, positions, write_at = (device_values(values, device, torch.long)
                                       for values in (id_rows, position_rows, write_rows))
     keys = torch.arange(kv_length, device=device)
     mask = keys.view(1, 1, 1, -1) <= positions.view(rows, 1, length, 1)

@@ -38,6 +38,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from .device_values import device_values
 from .sampling import RequestError
 
 KINDS = ("json_object", "json_schema", "regex")
@@ -363,7 +364,7 @@ def mask_scores(scores: torch.Tensor, grammars: Sequence[RowGrammar],
         if len(dense) == len(scores) and all(rows[i] == i for i in dense):
             scores.add_(bias)
         else:
-            scores.index_add_(0, torch.tensor([rows[i] for i in dense], device=device), bias)
+            scores.index_add_(0, device_values([rows[i] for i in dense], device), bias)
     if sparse:
         bans = [kept[i][0] for i in sparse]
         at = np.repeat(np.array([rows[i] for i in sparse], dtype=np.int64), [ban.shape[0] for ban in bans])
@@ -397,7 +398,7 @@ def _build(grammars: Sequence[RowGrammar], missing: list[int], keys: list[tuple 
             table = _BYTE_BIAS[device] = torch.where(bits.bool(), 0.0, float("-inf")).to(device)
         data = packed.to(device, non_blocking=True)
         if len(dense) < len(missing):
-            data = data[torch.tensor(dense, device=device)]
+            data = data[device_values(dense, device)]
         biases = table.index_select(0, data.view(torch.uint8).flatten().long()).view(len(dense), -1)
         for at, bias in zip(dense, biases[:, :vocab_size]):
             built[at] = bias
