@@ -257,6 +257,54 @@ def test_auto_with_strict_functions_generates_only_calls_that_match() -> None:
     assert not mixed.fullmatch('<tool_call>{"name": "other", "arguments": {}}</tool_call>')
 
 
+@pytest.mark.parametrize("parser, leans", [
+    ("llama3_json", (b'{"name": "get_weather", "parameters": {"city": "', b"<|python_tag|>{",
+                     b'{"name": "add", "parameters": {"a": ')),
+    ("mistral", (b'[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "',
+                 b'[TOOL_CALLS]get_weather[ARGS]{"city": "', b"[TOOL_CALLS]add[ARGS]{")),
+])
+def test_auto_with_strict_functions_is_enforced_for_json_and_mistral_calls(parser, leans) -> None:
+    """``llama3_json`` and ``mistral`` "auto" answers with strict functions have grammars too:
+    random walks through them (leaning now and then toward a call's beginning) read back as the
+    parser reads them, and whatever the parser takes for calls is calls of those functions
+    whose arguments match their schemas (never content after all); content stays possible. A
+    function that is not strict is free after its name (checked after the fact, as before)."""
+    import re
+
+    from hotswap_rt.serve.tool_parsers import decide_by_start
+    from hotswap_rt.serve.tools import JsonReader, MistralReader
+
+    tokens = ByteTokenizer().token_bytes()
+    grammars = Grammars(tokens, EOS_ID, vocab_size=len(tokens))
+    auto = plan(None, tools=[STRICT_CITY, ADD], parser=parser)
+    assert auto.structured is not None and plan(None, tools=[NOTE], parser=parser).structured is None
+    schemas = {"add": SCHEMAS["add"], "get_weather": STRICT_CITY["function"]["parameters"]}
+    called = answered = 0
+    for seed in range(24):
+        out = leaning_walk(grammars, auto.structured, tokens, seed, leans[seed % len(leans)], lean=0.05,
+                           stop=0.1, limit=2000).decode()
+        message, _ = answer_message(out, "stop", auto)
+        if parser == "llama3_json":
+            taken_for_calls = decide_by_start(out, JsonReader.TAG, "{") == "calls"
+        else:
+            taken_for_calls = MistralReader.MARK in out
+            assert (message["content"] or "") == out.partition(MistralReader.MARK)[0], out
+        assert bool(message.get("tool_calls")) == taken_for_calls, out
+        for call in message.get("tool_calls") or []:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+            called += 1
+        answered += not taken_for_calls
+    assert called > 5 and answered > 2
+    mixed = re.compile(plan(None, tools=[STRICT_CITY, NOTE], parser=parser).structured.spec, re.S)
+    key = "parameters" if parser == "llama3_json" else "arguments"
+    call = '{"name": "get_weather", "%s": {"city": "%s"}}'
+    wrap = (lambda text: text) if parser == "llama3_json" else (lambda text: f"[TOOL_CALLS][{text}]")
+    assert mixed.fullmatch(wrap(call % (key, "Rome")))
+    assert not mixed.fullmatch(wrap(call % (key, "Paris")))
+    assert mixed.fullmatch(wrap('{"name": "note", "%s": {"text": 3}}' % key))  # not strict: any arguments
+    assert not mixed.fullmatch(wrap('{"name": "other", "%s": {}}' % key))
+
+
 @pytest.mark.parametrize("tools, choice, parallel, parser, message, param", [
     (None, "required", None, "hermes", "tool_choice needs tools", "tool_choice"),
     (None, None, False, "hermes", "parallel_tool_calls needs tools", "parallel_tool_calls"),

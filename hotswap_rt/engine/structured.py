@@ -137,13 +137,13 @@ def regex_without(marker: str) -> str:
     first = marker[0]
     if len(marker) < 2 or first in marker[1:]:
         raise ValueError(f"{marker!r}: its first character must not appear again in it")
-    mismatch = f"[^{_in_class(first + marker[-1])}]"  # after all but the last character
+    mismatch = regex_other_than(first + marker[-1])  # after all but the last character
     for char in reversed(marker[1:-1]):  # after fewer: the next character, or a mismatch
-        mismatch = f"[^{_in_class(first + char)}]|{regex_literal(char)}(?:{mismatch})"
+        mismatch = f"{regex_other_than(first + char)}|{regex_literal(char)}(?:{mismatch})"
     partial = ""
     for char in reversed(marker[1:-1]):
         partial = f"(?:{regex_literal(char)}{partial})?"
-    attempt, other = regex_literal(first) + partial, f"[^{_in_class(first)}]"
+    attempt, other = regex_literal(first) + partial, regex_other_than(first)
     # the trailing attempts are lazy: outlines-core's automaton keeps leftmost-first priorities,
     # and a text that may end in a partial match would otherwise cut off ``marker`` itself
     # where something after this pattern begins with it (a Hermes answer's next tool call)
@@ -153,6 +153,11 @@ def regex_without(marker: str) -> str:
 def _in_class(chars: str) -> str:
     """``chars`` written inside a character class."""
     return "".join("\\" + c if c in "\\]^-[&~" else c for c in chars)
+
+
+def regex_other_than(chars: str) -> str:
+    """A character class of any one character but those of ``chars``."""
+    return f"[^{_in_class(chars)}]"
 
 
 class Grammars:

@@ -22,7 +22,10 @@ function (not JSON, an unknown name, arguments that are not an object, or with `
 arguments that do not match the schema) stays in the content as written. With ``hermes``,
 the calls of ``strict`` functions are enforced as they are generated: the answer's grammar
 is free text and blocks whose JSON is a call of a strict function that matches its schema
-(or names another function, whose arguments are then checked after the fact as before).
+(or names another function, whose arguments are then checked after the fact as before); with
+``llama3_json`` and ``mistral`` likewise, in their formats (content, or calls of strict
+functions and at most one of another function, last); ``pythonic`` calls are checked after
+the fact only.
 ``parallel_tool_calls: false`` makes a required answer one call and ends a Hermes auto answer
 after its first call (the other parsers: a 400).
 
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..engine.sampling import RequestError
-from ..engine.structured import StructuredOutput, regex_literal, regex_without
+from ..engine.structured import StructuredOutput, regex_literal, regex_other_than, regex_without
 from .protocol import ApiError, ChatCompletionRequest
 from .tags import partial_tag
 from .tool_parsers import HeldAnswer, MistralReader, PythonicReader, decide_by_start
@@ -120,7 +123,8 @@ def tool_plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan | Non
     if not parallel and parser != "hermes":
         raise ApiError(400, f"parallel_tool_calls false is not supported by the {parser} tool-call parser "
                             f"(nothing ends its answer after one call)", "parallel_tool_calls")
-    structured = StructuredOutput.regex(_hermes_pattern(body)) if schemas and parser == "hermes" else None
+    patterns = {"hermes": _hermes_pattern, "llama3_json": _llama3_json_pattern, "mistral": _mistral_pattern}
+    structured = StructuredOutput.regex(patterns[parser](body)) if schemas and parser in patterns else None
     return ToolPlan("auto", tools, structured=structured, stop=() if parallel else (CALL_CLOSE,),
                     schemas=schemas, parser=parser)
 
@@ -131,16 +135,98 @@ def _hermes_pattern(body: ChatCompletionRequest) -> str:
     text. A block holds a call of a strict function (its schema's JSON, ``name`` first) or of
     another function (``{"name": "...",`` then any text without ``</tool_call>``: read as
     today, after the fact)."""
-    strict = [tool for tool in body.tools if tool.function.strict]
-    try:
-        calls = [StructuredOutput.json_schema(_calls_schema(strict, "arguments", array=None)).pattern()]
-    except RequestError as exc:
-        raise ApiError(400, f"the strict functions' parameters cannot be enforced: {exc}", "tools") from None
-    calls += [r'\{[ ]?"name"[ ]?:[ ]?"' + regex_literal(tool.function.name) + '"[ ]?,'
-              + regex_without(CALL_CLOSE) for tool in body.tools if not tool.function.strict]
+    calls = [_strict_call(body, "arguments")]
+    calls += [start + regex_without(CALL_CLOSE) for start in _loose_call_starts(body)]
     free, blank = regex_without(CALL_OPEN), "[ \n]{0,2}"
     block = f"{regex_literal(CALL_OPEN)}{blank}(?:{'|'.join(calls)}){blank}{regex_literal(CALL_CLOSE)}"
     return f"{free}(?:{block}{free})*"
+
+
+_ANY = r"[\s\S]*"  # any text, to the end of the answer
+_SPACE = "[ \n]*"  # between calls (the readers take any whitespace; the grammar these)
+
+
+def _llama3_json_pattern(body: ChatCompletionRequest) -> str:
+    """A ``llama3_json`` "auto" answer whose ``strict`` functions' calls match their schemas as
+    they are generated (:class:`JsonReader`): either calls (after whitespace and an optional
+    ``<|python_tag|>``: calls of strict functions, ``{"name": ..., "parameters": {...}}``
+    separated by ``;``, and at most one call of another function, ``{"name": "...",`` then any
+    text, last: read after the fact as before) or content that does not begin so, as the
+    reader decides."""
+    tag, strict = JsonReader.TAG, _strict_call(body, "parameters")
+    head = f"{_SPACE}(?:{regex_literal(tag)}{_SPACE})?"
+    calls = f"{strict}(?:{_SPACE};{_SPACE}{strict})*"
+    loose = _loose_call_starts(body)
+    if loose:
+        loose_call = f"(?:{'|'.join(loose)}){_ANY}"
+        calls = f"(?:{calls}(?:{_SPACE};{_SPACE}{loose_call}|{_SPACE})|{loose_call})"
+    else:
+        calls += _SPACE
+    # content, as the reader decides it: after the whitespace, a first character that is not
+    # "{" (nor "<", or a "<" the whole tag does not follow), or the tag and then not "{"
+    first, after_tag = r"[^\s\x1c-\x1f{<]", r"[^\s\x1c-\x1f{]"
+    leave, part = "", ""  # after "<": the tag left before its end (then any text), or only begun
+    for at, char in reversed(list(enumerate(tag[1:], 1))):
+        leave = regex_other_than(char) + (f"|{regex_literal(char)}(?:{leave})" if leave else "")
+        if at < len(tag) - 1:
+            part = f"(?:{regex_literal(char)}{part})?"
+    not_tag = f"(?:(?:{leave}){_ANY}|{part})"  # (one _ANY: nested after each branch, it compiled in
+    # time exponential in the tag's length)
+    content = f"{_SPACE}(?:{first}{_ANY}|<{not_tag}|{regex_literal(tag)}{_SPACE}(?:{after_tag}{_ANY})?)?"
+    return f"(?:{head}{calls})|(?:{content})"
+
+
+def _mistral_pattern(body: ChatCompletionRequest) -> str:
+    """A ``mistral`` "auto" answer whose ``strict`` functions' calls match their schemas as
+    they are generated (:class:`MistralReader`): text without ``[TOOL_CALLS]``, then optionally
+    the marker and calls, as a JSON array (``{"name": ..., "arguments": {...}}`` of strict
+    functions, then at most one of another function, ``{"name": "...",`` and any text, last)
+    or named (``name[ARGS]{...}``, joined by the marker; the arguments of another function any
+    text, last): calls of other functions are read after the fact as before."""
+    mark, args = MistralReader.MARK, MistralReader.ARGS
+    strict = _strict_call(body, "arguments")
+    array = f"{strict}(?:{_SPACE},{_SPACE}{strict})*"
+    loose = _loose_call_starts(body)
+    if loose:
+        loose_call = f"(?:{'|'.join(loose)}){_ANY}"
+        array = f"(?:{array}(?:{_SPACE},{_SPACE}{loose_call}|{_SPACE}\\]{_SPACE})|{loose_call})"
+    else:
+        array += f"{_SPACE}\\]{_SPACE}"
+    named_strict, named_loose = [], []
+    for tool in body.tools:
+        name = regex_literal(tool.function.name + args)
+        if tool.function.strict:
+            named_strict.append(name + _enforced(tool.function.parameters or {"type": "object"}))
+        else:
+            named_loose.append(name + _ANY)
+    joined = f"{_SPACE}{regex_literal(mark)}{_SPACE}"
+    named = f"(?:{'|'.join(named_strict)})(?:{joined}(?:{'|'.join(named_strict)}))*"
+    if named_loose:
+        named = f"(?:{named}(?:{joined}(?:{'|'.join(named_loose)})|{_SPACE})|(?:{'|'.join(named_loose)}))"
+    else:
+        named += _SPACE
+    return f"{regex_without(mark)}(?:{regex_literal(mark)}{_SPACE}(?:\\[{_SPACE}{array}|{named}))?"
+
+
+def _strict_call(body: ChatCompletionRequest, key: str) -> str:
+    """The pattern of a call of one of the request's ``strict`` functions: its schema's JSON
+    object, ``name`` first, the arguments under ``key``."""
+    return _enforced(_calls_schema([tool for tool in body.tools if tool.function.strict], key, array=None))
+
+
+def _enforced(schema: dict) -> str:
+    """The pattern of ``schema``'s JSON; a 400 if it cannot be enforced."""
+    try:
+        return StructuredOutput.json_schema(schema).pattern()
+    except RequestError as exc:
+        raise ApiError(400, f"the strict functions' parameters cannot be enforced: {exc}", "tools") from None
+
+
+def _loose_call_starts(body: ChatCompletionRequest) -> list[str]:
+    """How a call of each function that is not ``strict`` begins, ``{"name": "<name>",`` (what
+    follows is read after the fact)."""
+    return [r'\{[ ]?"name"[ ]?:[ ]?"' + regex_literal(tool.function.name) + '"[ ]?,'
+            for tool in body.tools if not tool.function.strict]
 
 
 def _calls_schema(tools: list, key: str, array: bool | None) -> dict:
