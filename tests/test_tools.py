@@ -257,6 +257,42 @@ def test_auto_with_strict_functions_generates_only_calls_that_match() -> None:
     assert not mixed.fullmatch('<tool_call>{"name": "other", "arguments": {}}</tool_call>')
 
 
+@pytest.mark.parametrize("parser, text", [
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+                    '{"name": "get_weather", "parameters": {"city": "Rome"}}'),
+    ("pythonic", '[get_weather(city="Paris"), get_weather(city="Rome")]'),
+    ("mistral", 'Looking. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                '{"name": "get_weather", "arguments": {"city": "Rome"}}]'),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}'),
+])
+def test_parallel_tool_calls_false_keeps_the_first_call_of_the_parsers_reading_at_the_end(parser, text) -> None:
+    """``parallel_tool_calls: false`` with ``llama3_json``, ``pythonic`` and ``mistral`` (a 400
+    before): an answer of two calls gives the first, whole and however the stream cuts it; with
+    parallel calls both. With a strict function the grammar allows one call."""
+    import re
+
+    content = "Looking. " if text.startswith("Looking") else None  # mistral: the text before the marker
+    single, parallel = plan(None, parallel=False, parser=parser), plan(None, parser=parser)
+    assert single.single_call and not parallel.single_call and single.stop == ()
+    first, both = (({"content": content, "calls": calls}, "tool_calls") for calls in ([PARIS], [PARIS, ROME]))
+    for cuts in ([], [3, 17, 40], list(range(1, len(text)))):
+        assert streamed(single, text, "stop", cuts) == first and streamed(parallel, text, "stop", cuts) == both
+    assert whole(single, text, "stop") == first
+    if parser == "pythonic":  # no grammar for its calls
+        return
+    grammar = {p: re.compile(plan(None, tools=[STRICT_CITY, NOTE], parallel=p, parser=parser).structured.spec,
+                             re.S) for p in (False, None)}
+    strict_two = text.replace("Paris", "Oslo")
+    if parser == "llama3_json":
+        strict_one = strict_two.partition("; ")[0]
+    elif "[{" in strict_two:
+        strict_one = strict_two.partition(", {")[0] + "]"
+    else:
+        strict_one = strict_two.rpartition("[TOOL_CALLS]")[0]
+    assert grammar[None].fullmatch(strict_two) and not grammar[False].fullmatch(strict_two)
+    assert grammar[False].fullmatch(strict_one) and grammar[None].fullmatch(strict_one)
+
+
 @pytest.mark.parametrize("parser, leans", [
     ("llama3_json", (b'{"name": "get_weather", "parameters": {"city": "', b"<|python_tag|>{",
                      b'{"name": "add", "parameters": {"a": ')),
@@ -314,7 +350,6 @@ def test_auto_with_strict_functions_is_enforced_for_json_and_mistral_calls(parse
      "tool_choice"),
     (TOOLS, None, None, None, "--enable-auto-tool-choice --tool-call-parser", "tool_choice"),
     (TOOLS, "auto", None, None, "--enable-auto-tool-choice --tool-call-parser", "tool_choice"),
-    (TOOLS, "auto", False, "llama3_json", "not supported by the llama3_json", "parallel_tool_calls"),
     ([{"type": "function", "function": {"name": "x", "strict": True, "parameters": {"type": 5}}}], "auto",
      None, "hermes", "not a valid JSON schema", "tools"),
 ])

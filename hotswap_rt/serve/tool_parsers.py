@@ -12,8 +12,8 @@
   call of one of the tools, else the text as written. Mistral's chat templates take only
   9-character alphanumeric call ids: calls read by this parser get such ids.
 
-Both are read whole at the end of the answer (like ``llama3_json``): ``parallel_tool_calls:
-false`` is a 400 with them (nothing would end the answer after one call).
+Both are read whole at the end of the answer (like ``llama3_json``): with
+``parallel_tool_calls: false`` the first of the calls read is kept.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ is free text and blocks whose JSON is a call of a strict function that matches i
 ``llama3_json`` and ``mistral`` likewise, in their formats (content, or calls of strict
 functions and at most one of another function, last); ``pythonic`` calls are checked after
 the fact only.
-``parallel_tool_calls: false`` makes a required answer one call and ends a Hermes auto answer
-after its first call (the other parsers: a 400).
+``parallel_tool_calls: false`` makes a required answer one call, ends a Hermes auto answer
+after its first call, and with the other parsers keeps an auto answer's first call (the
+grammars of strict functions then allow one).
 
 :class:`ToolCallStream` turns a choice's text, as it streams, into OpenAI deltas
 (``{"content": ...}`` / ``{"tool_calls": [...]}``); a whole answer is the same stream fed at
@@ -61,7 +62,10 @@ class ToolPlan:
         name: the function a named choice calls.
         structured: what the output must match (named, required; auto with ``strict``
             functions and the ``hermes`` parser: their calls), else None.
-        stop: stop strings the plan adds (auto without parallel calls: the end of a call).
+        stop: stop strings the plan adds (auto without parallel calls: the end of a Hermes call).
+        single_call: auto with ``parallel_tool_calls`` false: at most one call (Hermes: the
+            stop ends the answer after it; the parsers that read calls at the end keep the
+            first; the grammars of strict functions allow one).
         schemas: function name -> its parameters schema, for functions marked ``strict``
             (auto checks their arguments).
         parser: auto's reader of the model's calls (:data:`TOOL_CALL_PARSERS`).
@@ -74,6 +78,7 @@ class ToolPlan:
     stop: tuple[str, ...] = ()
     schemas: dict[str, dict] = field(default_factory=dict)
     parser: str | None = None
+    single_call: bool = False
 
     @property
     def names(self) -> frozenset[str]:
@@ -120,13 +125,14 @@ def tool_plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan | Non
                for tool in body.tools if tool.function.strict}
     for name, schema in schemas.items():
         _check_schema(name, schema)
-    if not parallel and parser != "hermes":
-        raise ApiError(400, f"parallel_tool_calls false is not supported by the {parser} tool-call parser "
-                            f"(nothing ends its answer after one call)", "parallel_tool_calls")
-    patterns = {"hermes": _hermes_pattern, "llama3_json": _llama3_json_pattern, "mistral": _mistral_pattern}
-    structured = StructuredOutput.regex(patterns[parser](body)) if schemas and parser in patterns else None
-    return ToolPlan("auto", tools, structured=structured, stop=() if parallel else (CALL_CLOSE,),
-                    schemas=schemas, parser=parser)
+    single = not parallel
+    patterns = {"hermes": lambda: _hermes_pattern(body),
+                "llama3_json": lambda: _llama3_json_pattern(body, single),
+                "mistral": lambda: _mistral_pattern(body, single)}
+    structured = StructuredOutput.regex(patterns[parser]()) if schemas and parser in patterns else None
+    stop = (CALL_CLOSE,) if single and parser == "hermes" else ()
+    return ToolPlan("auto", tools, structured=structured, stop=stop, schemas=schemas, parser=parser,
+                    single_call=single)
 
 
 def _hermes_pattern(body: ChatCompletionRequest) -> str:
@@ -146,20 +152,21 @@ _ANY = r"[\s\S]*"  # any text, to the end of the answer
 _SPACE = "[ \n]*"  # between calls (the readers take any whitespace; the grammar these)
 
 
-def _llama3_json_pattern(body: ChatCompletionRequest) -> str:
+def _llama3_json_pattern(body: ChatCompletionRequest, single: bool) -> str:
     """A ``llama3_json`` "auto" answer whose ``strict`` functions' calls match their schemas as
     they are generated (:class:`JsonReader`): either calls (after whitespace and an optional
     ``<|python_tag|>``: calls of strict functions, ``{"name": ..., "parameters": {...}}``
     separated by ``;``, and at most one call of another function, ``{"name": "...",`` then any
     text, last: read after the fact as before) or content that does not begin so, as the
-    reader decides."""
+    reader decides. ``single``: one call."""
     tag, strict = JsonReader.TAG, _strict_call(body, "parameters")
     head = f"{_SPACE}(?:{regex_literal(tag)}{_SPACE})?"
-    calls = f"{strict}(?:{_SPACE};{_SPACE}{strict})*"
+    calls = strict if single else f"{strict}(?:{_SPACE};{_SPACE}{strict})*"
     loose = _loose_call_starts(body)
     if loose:
         loose_call = f"(?:{'|'.join(loose)}){_ANY}"
-        calls = f"(?:{calls}(?:{_SPACE};{_SPACE}{loose_call}|{_SPACE})|{loose_call})"
+        more = f"{_SPACE}" if single else f"(?:{_SPACE};{_SPACE}{loose_call}|{_SPACE})"
+        calls = f"(?:{calls}{more}|{loose_call})"
     else:
         calls += _SPACE
     # content, as the reader decides it: after the whitespace, a first character that is not
@@ -176,20 +183,23 @@ def _llama3_json_pattern(body: ChatCompletionRequest) -> str:
     return f"(?:{head}{calls})|(?:{content})"
 
 
-def _mistral_pattern(body: ChatCompletionRequest) -> str:
+def _mistral_pattern(body: ChatCompletionRequest, single: bool) -> str:
     """A ``mistral`` "auto" answer whose ``strict`` functions' calls match their schemas as
     they are generated (:class:`MistralReader`): text without ``[TOOL_CALLS]``, then optionally
     the marker and calls, as a JSON array (``{"name": ..., "arguments": {...}}`` of strict
     functions, then at most one of another function, ``{"name": "...",`` and any text, last)
     or named (``name[ARGS]{...}``, joined by the marker; the arguments of another function any
-    text, last): calls of other functions are read after the fact as before."""
+    text, last): calls of other functions are read after the fact as before. ``single``: one
+    call."""
     mark, args = MistralReader.MARK, MistralReader.ARGS
     strict = _strict_call(body, "arguments")
-    array = f"{strict}(?:{_SPACE},{_SPACE}{strict})*"
+    array = strict if single else f"{strict}(?:{_SPACE},{_SPACE}{strict})*"
     loose = _loose_call_starts(body)
     if loose:
         loose_call = f"(?:{'|'.join(loose)}){_ANY}"
-        array = f"(?:{array}(?:{_SPACE},{_SPACE}{loose_call}|{_SPACE}\\]{_SPACE})|{loose_call})"
+        end = f"{_SPACE}\\]{_SPACE}"
+        array = f"(?:{array}(?:{end}|{_SPACE},{_SPACE}{loose_call})|{loose_call})" if not single else (
+            f"(?:{array}{end}|{loose_call})")
     else:
         array += f"{_SPACE}\\]{_SPACE}"
     named_strict, named_loose = [], []
@@ -200,9 +210,10 @@ def _mistral_pattern(body: ChatCompletionRequest) -> str:
         else:
             named_loose.append(name + _ANY)
     joined = f"{_SPACE}{regex_literal(mark)}{_SPACE}"
-    named = f"(?:{'|'.join(named_strict)})(?:{joined}(?:{'|'.join(named_strict)}))*"
+    named = f"(?:{'|'.join(named_strict)})" + ("" if single else f"(?:{joined}(?:{'|'.join(named_strict)}))*")
     if named_loose:
-        named = f"(?:{named}(?:{joined}(?:{'|'.join(named_loose)})|{_SPACE})|(?:{'|'.join(named_loose)}))"
+        more = _SPACE if single else f"(?:{joined}(?:{'|'.join(named_loose)})|{_SPACE})"
+        named = f"(?:{named}{more}|(?:{'|'.join(named_loose)}))"
     else:
         named += _SPACE
     return f"{regex_without(mark)}(?:{regex_literal(mark)}{_SPACE}(?:\\[{_SPACE}{array}|{named}))?"
@@ -313,6 +324,8 @@ class ToolCallStream:
         or with None, ``text`` as content (as it was written)."""
         if calls is None:
             return [{"content": text}] if text else []
+        if self.plan.single_call:  # parallel_tool_calls false: the first call
+            calls = calls[:1]
         return [self.call_delta(name, arguments) for name, arguments in calls]
 
     def call_delta(self, name: str, arguments: str) -> dict:
