@@ -620,3 +620,21 @@ def test_pythonic_and_mistral_servers_read_their_calls(parser, written) -> None:
             ("get_weather", {"city": "Oslo"})]
         plain = client.chat.completions.create(**{**request, "extra_body": {}})
         assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
+
+
+def test_a_plan_is_built_once_for_the_same_tools_and_a_bad_request_raises_every_time() -> None:
+    """Plans are kept by (tools, tool_choice, parallel_tool_calls, parser): two requests with
+    the same tools (parsed apart) get the same plan; any field or the parser differing, another;
+    a bad request is not kept (a 400 each time)."""
+    tools = [STRICT_CITY, ADD, NOTE]
+    first = plan(None, tools=tools, parser="llama3_json")
+    assert plan(None, tools=[dict(t) for t in tools], parser="llama3_json") is first
+    assert first.structured is not None
+    others = [plan(None, tools=tools, parser="mistral"),
+              plan(None, tools=tools, parallel=False, parser="llama3_json"),
+              plan("required", tools=tools, parser="llama3_json"),
+              plan(None, tools=tools[:2], parser="llama3_json")]
+    assert all(other is not first for other in others) and len({id(o) for o in others}) == len(others)
+    for _ in range(2):
+        with pytest.raises(ApiError, match="--enable-auto-tool-choice"):
+            plan(None, tools=tools, parser=None)
