@@ -189,16 +189,10 @@ def _llama3_json_pattern(body: ChatCompletionRequest, single: bool) -> str:
     separated by ``;``, and at most one call of another function, ``{"name": "...",`` then any
     text, last: read after the fact as before) or content that does not begin so, as the
     reader decides. ``single``: one call."""
-    tag, strict = JsonReader.TAG, _strict_call(body, "parameters")
+    tag = JsonReader.TAG
     head = f"{_SPACE}(?:{regex_literal(tag)}{_SPACE})?"
-    calls = strict if single else f"{strict}(?:{_SPACE};{_SPACE}{strict})*"
-    loose = _loose_call_starts(body)
-    if loose:
-        loose_call = f"(?:{'|'.join(loose)}){_ANY}"
-        more = f"{_SPACE}" if single else f"(?:{_SPACE};{_SPACE}{loose_call}|{_SPACE})"
-        calls = f"(?:{calls}{more}|{loose_call})"
-    else:
-        calls += _SPACE
+    loose = [start + _ANY for start in _loose_call_starts(body)]
+    calls = _calls_then_loose(_strict_call(body, "parameters"), loose, f"{_SPACE};{_SPACE}", _SPACE, single)
     # content, as the reader decides it: after the whitespace, a first character that is not
     # "{" (nor "<", or a "<" the whole tag does not follow), or the tag and then not "{"
     first, after_tag = r"[^\s\x1c-\x1f{<]", r"[^\s\x1c-\x1f{]"
@@ -222,31 +216,31 @@ def _mistral_pattern(body: ChatCompletionRequest, single: bool) -> str:
     text, last): calls of other functions are read after the fact as before. ``single``: one
     call."""
     mark, args = MistralReader.MARK, MistralReader.ARGS
-    strict = _strict_call(body, "arguments")
-    array = strict if single else f"{strict}(?:{_SPACE},{_SPACE}{strict})*"
-    loose = _loose_call_starts(body)
-    if loose:
-        loose_call = f"(?:{'|'.join(loose)}){_ANY}"
-        end = f"{_SPACE}\\]{_SPACE}"
-        array = f"(?:{array}(?:{end}|{_SPACE},{_SPACE}{loose_call})|{loose_call})" if not single else (
-            f"(?:{array}{end}|{loose_call})")
-    else:
-        array += f"{_SPACE}\\]{_SPACE}"
-    named_strict, named_loose = [], []
+    loose = [start + _ANY for start in _loose_call_starts(body)]
+    array = _calls_then_loose(_strict_call(body, "arguments"), loose, f"{_SPACE},{_SPACE}",
+                              f"{_SPACE}\\]{_SPACE}", single)
+    named_strict, named_loose = [], []  # name[ARGS]{...}
     for tool in body.tools:
         name = regex_literal(tool.function.name + args)
         if tool.function.strict:
             named_strict.append(name + _enforced(tool.function.parameters or {"type": "object"}))
         else:
             named_loose.append(name + _ANY)
-    joined = f"{_SPACE}{regex_literal(mark)}{_SPACE}"
-    named = f"(?:{'|'.join(named_strict)})" + ("" if single else f"(?:{joined}(?:{'|'.join(named_strict)}))*")
-    if named_loose:
-        more = _SPACE if single else f"(?:{joined}(?:{'|'.join(named_loose)})|{_SPACE})"
-        named = f"(?:{named}{more}|(?:{'|'.join(named_loose)}))"
-    else:
-        named += _SPACE
+    named = _calls_then_loose(f"(?:{'|'.join(named_strict)})", named_loose,
+                              f"{_SPACE}{regex_literal(mark)}{_SPACE}", _SPACE, single)
     return f"{regex_without(mark)}(?:{regex_literal(mark)}{_SPACE}(?:\\[{_SPACE}{array}|{named}))?"
+
+
+def _calls_then_loose(strict: str, loose: list[str], between: str, end: str, single: bool) -> str:
+    """Calls of strict functions (``strict``: one call's pattern) joined by ``between`` (one if
+    ``single``), then ``end``; or, where there are ``loose`` calls (patterns of calls of the
+    other functions, each running to the answer's end), one of them last instead of ``end``
+    (or alone)."""
+    calls = strict if single else f"{strict}(?:{between}{strict})*"
+    if not loose:
+        return calls + end
+    loose_call = f"(?:{'|'.join(loose)})"
+    return f"(?:{calls}{end if single else f'(?:{end}|{between}{loose_call})'}|{loose_call})"
 
 
 def _strict_call(body: ChatCompletionRequest, key: str) -> str:
