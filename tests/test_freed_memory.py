@@ -78,15 +78,22 @@ def test_a_sampler_step_reuses_its_pages_once_freed_memory_is_kept() -> None:
     assert kept["faults_per_step"] < PAGES_PER_SCORES / 50, kept
 
 
-def test_keep_freed_memory_sets_both_thresholds_once(monkeypatch) -> None:
+def _recorded_mallopt(monkeypatch, answer: int) -> list[tuple[int, int]]:
+    """``mallopt`` replaced by one that records its calls (returned) and answers ``answer``
+    (glibc: 1 done, 0 refused); freed memory not kept yet."""
     calls = []
 
     def recording(parameter: int, value: int) -> int:
         calls.append((parameter, value))
-        return 1
+        return answer
 
     monkeypatch.setattr(freed_memory, "glibc_mallopt", lambda: recording)
     monkeypatch.setattr(freed_memory, "_kept", False)
+    return calls
+
+
+def test_keep_freed_memory_sets_both_thresholds_once(monkeypatch) -> None:
+    calls = _recorded_mallopt(monkeypatch, 1)
     freed_memory.keep_freed_memory()
     freed_memory.keep_freed_memory()  # idempotent
     assert calls == [(-3, 32 << 20), (-1, 256 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
@@ -103,14 +110,7 @@ def test_keep_freed_memory_without_glibc_raises_and_changes_nothing(monkeypatch)
 
 
 def test_a_refused_setting_raises(monkeypatch) -> None:
-    calls = []
-
-    def refusing(parameter: int, value: int) -> int:
-        calls.append((parameter, value))
-        return 0
-
-    monkeypatch.setattr(freed_memory, "glibc_mallopt", lambda: refusing)
-    monkeypatch.setattr(freed_memory, "_kept", False)
+    calls = _recorded_mallopt(monkeypatch, 0)
     with pytest.raises(HotswapError, match="M_MMAP_THRESHOLD"):
         freed_memory.keep_freed_memory()
     assert calls == [(-3, freed_memory.MMAP_THRESHOLD)] and not freed_memory.keeps_freed_memory()
