@@ -565,14 +565,13 @@ def _rank_sum_forms() -> dict[str, Callable[..., torch.Tensor]]:
     def reduce(x: torch.Tensor, layers: list, slots: torch.Tensor) -> torch.Tensor:
         out = torch.zeros((), dtype=x.dtype, device=x.device)
         for a, bt in layers:
-            h = (x.view(x.shape[0], 1, 1, -1) * a[slots]).sum(-1)  # [B, 1, R]
-            out = out + (h.unsqueeze(-1) * bt[slots]).sum((1, 2))
+            out = out + _reduce_expand(_reduce_shrink(x, a, slots), bt, slots)
         return out
 
     def rank_unrolled(x: torch.Tensor, layers: list, slots: torch.Tensor) -> torch.Tensor:
         out = torch.zeros((), dtype=x.dtype, device=x.device)
         for a, bt in layers:
-            h = (x.view(x.shape[0], 1, 1, -1) * a[slots]).sum(-1).flatten(1)  # [B, R]
+            h = _reduce_shrink(x, a, slots).flatten(1)  # [B, R]
             rows = bt[slots].flatten(1, 2)  # [B, R, d_out]
             for j in range(h.shape[1]):
                 out = out + h[:, j : j + 1] * rows[:, j]
@@ -610,13 +609,24 @@ def _rank_sum_forms() -> dict[str, Callable[..., torch.Tensor]]:
     return {"reduce": reduce, "rank_unrolled": rank_unrolled, "bmm": bmm, "grouped": grouped, "dense": dense}
 
 
+def _reduce_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``reduce``'s sum over ``d_in``: ``x [B, d_in]``, ``a [S, R, d_in]``, ``slots [B, 1]`` ->
+    ``[B, 1, R]``."""
+    return (x.view(x.shape[0], 1, 1, -1) * a[slots]).sum(-1)
+
+
+def _reduce_expand(h: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``reduce``'s sum over the ranks: ``h [B, 1, R]``, ``bt [S, R, d_out]`` -> ``[B, d_out]``."""
+    return (h.unsqueeze(-1) * bt[slots]).sum((1, 2))
+
+
 def _after_fused(yh: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``y`` plus each row's delta from ``yh = x @ [W; A_0; ...]^T`` (``[B, d_out + S*R]``: the
     base output and every slot's ranks), ``bt [S, R, d_out]``, ``slots [B, 1]``: ``[B, d_out]``."""
     batch, (count, rank, d_out) = yh.shape[0], bt.shape
     every = yh[:, d_out:].view(batch, count, rank)
     h = torch.gather(every, 1, slots.view(batch, 1, 1).expand(batch, 1, rank))  # [B, 1, R]: own slot
-    return yh[:, :d_out] + (h.view(batch, rank, 1) * bt[slots[:, 0]]).sum(1)
+    return yh[:, :d_out] + _reduce_expand(h, bt, slots)
 
 
 def _triton_form() -> Callable[..., torch.Tensor] | str:
@@ -662,19 +672,13 @@ def stage_kernels(setup: Setup) -> dict[str, Any]:
     def make(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator) * 0.02).to(setup.device, setup.dtype)
 
-    def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return (x.view(batch, 1, 1, -1) * a[slots]).sum(-1)  # [B, 1, R]
-
-    def expand(h: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-        return (h.unsqueeze(-1) * bt[slots]).sum((1, 2))  # [B, d_out]
-
     for d_in, d_out in sorted(shapes):
         layers = [(make(KERNEL_SLOTS, rank, d_in), make(KERNEL_SLOTS, rank, d_out))
                   for _ in range(KERNEL_LAYERS)]
         weights = [make(d_out, d_in) for _ in range(KERNEL_LAYERS)]
         x = make(batch, d_in)
         exact = _rank_sum_forms()["bmm"](x.float(), [(a.float(), bt.float()) for a, bt in layers], slots)
-        ranks = [shrink(x, a) for a, _ in layers]
+        ranks = [_reduce_shrink(x, a, slots) for a, _ in layers]
 
         def base(x: torch.Tensor) -> torch.Tensor:
             return sum(torch.nn.functional.linear(x, weight) for weight in weights)
@@ -691,8 +695,8 @@ def stage_kernels(setup: Setup) -> dict[str, Any]:
                 result[f"{label}_{form}_skipped"] = "torch._grouped_mm compiles in bfloat16 only"
                 continue
             timed[form] = lambda fn=fn: fn(x, layers, slots)
-        timed["reduce_shrink"] = lambda: [shrink(x, a) for a, _ in layers]
-        timed["reduce_expand"] = lambda: [expand(h, bt) for h, (_, bt) in zip(ranks, layers)]
+        timed["reduce_shrink"] = lambda: [_reduce_shrink(x, a, slots) for a, _ in layers]
+        timed["reduce_expand"] = lambda: [_reduce_expand(h, bt, slots) for h, (_, bt) in zip(ranks, layers)]
         # base and delta together: the d_in sum folded into the base matmul (every slot's A rows
         # appended to each weight), then the rank sum compiled, or as a Triton kernel on CUDA
         fused = [torch.cat([weight, a.flatten(0, 1)]) for weight, (a, _) in zip(weights, layers)]
